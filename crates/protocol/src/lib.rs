@@ -1,1 +1,46 @@
-//! placeholder
+//! Hutch's host ↔ guest wire protocol.
+//!
+//! One byte stream (virtio-serial on QEMU, vsock on Firecracker) carries many operations at
+//! once. Every unit on the wire is a [frame](frame): a little-endian `u32` length followed by
+//! that many bytes of [postcard](https://docs.rs/postcard)-encoded [`Envelope`]. The envelope
+//! names the operation (`op`) a message belongs to, so an exec's output, a file read and a ping
+//! can interleave freely.
+//!
+//! The host speaks first with [`HostMsg::Hello`]; the guest answers [`GuestMsg::Welcome`] with
+//! the version both will use (see [`handshake`]). Data-carrying messages are flow controlled
+//! by per-operation credit windows ([`STREAM_WINDOW`]), so one slow consumer cannot stall the
+//! channel and neither side buffers more than a window per operation.
+//!
+//! The host treats every guest frame as hostile: lengths are checked before anything is
+//! allocated ([`MAX_FRAME`]), data chunks are bounded ([`MAX_CHUNK`]), and a guest that sends
+//! more than the credit it was given is cut off.
+
+pub mod frame;
+pub mod handshake;
+pub mod host;
+pub mod message;
+
+pub use frame::{decode, encode, FrameError, FrameReader};
+pub use message::*;
+
+/// Protocol version implemented by this crate. Bumped on any incompatible wire change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Oldest protocol version this crate can still speak.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Magic bytes opening the handshake, so a stray peer is recognised at once.
+pub const MAGIC: [u8; 4] = *b"HTCH";
+
+/// Largest frame body accepted from the peer, in bytes. Anything larger is a protocol
+/// violation and ends the connection before a byte of it is buffered.
+pub const MAX_FRAME: usize = 256 * 1024;
+
+/// Largest data payload (stdout, stdin, file chunk) in a single message.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Bytes of data one side may send for one operation before the other grants more credit.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Operation id reserved for connection-level messages (handshake, protocol errors).
+pub const CONNECTION_OP: u32 = 0;

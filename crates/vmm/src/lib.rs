@@ -1,1 +1,188 @@
-//! placeholder
+//! The `Vmm` trait and its backends.
+//!
+//! A [`Vmm`] turns a [`VmSpec`] into a running [`Vm`]; the daemon holds a `Box<dyn Vmm>` and does
+//! not care which virtual machine monitor is behind it. Today the only backend is
+//! [`QemuVmm`] (QEMU `microvm`, host↔guest channel over virtio-serial); a Firecracker backend
+//! (vsock) comes next and must keep the same contracts:
+//!
+//! * every host object a VM owns (its process, sockets, console log, scratch disk) lives in the
+//!   VM's own `run_dir` or is named `hutch-<id>`, and is removed by id/pid, never by a broad name;
+//! * [`Vm::destroy`] leaves nothing behind, and dropping a [`Vm`] without destroying it still kills
+//!   its process and removes its `run_dir` (best effort, synchronously);
+//! * the VMM process dies with the Hutch process that spawned it (`PR_SET_PDEATHSIG`);
+//! * everything the guest can make the host store (its console) is size-capped.
+//!
+//! Which accelerator to use is decided by [`probe_accel`], which boots a real guest under KVM
+//! rather than trusting that `/dev/kvm` exists.
+
+#![warn(missing_docs)]
+
+mod console;
+mod error;
+mod host;
+mod probe;
+mod qemu;
+mod qmp;
+mod spawn;
+pub mod timer;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use error::VmmError;
+pub use host::{find_qemu, host_report, HostReport, KvmStatus, QemuInfo};
+pub use probe::{
+    probe_accel, probe_accel_with, AccelOverride, AccelReport, ProbeKey, PROBE_MARKER,
+    PROBE_TIMEOUT,
+};
+pub use qemu::{QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, SCRATCH_LABEL};
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The VM's id: 1–63 characters of `[a-z0-9-]`, not starting with `-`. It names every host
+    /// object the VM owns (e.g. the QEMU process is started with `-name hutch-<id>`).
+    pub id: String,
+    /// The guest kernel (`vmlinuz`, bzImage).
+    pub kernel: PathBuf,
+    /// The guest initramfs (the agent is PID 1 inside it).
+    pub initrd: PathBuf,
+    /// The shared base image, attached read-only as the first virtio-blk disk (serial
+    /// `hutch-root`).
+    pub rootfs: PathBuf,
+    /// Number of vCPUs (at least 1).
+    pub cpus: u8,
+    /// Guest memory in MiB (at least 64).
+    pub memory_mib: u32,
+    /// Size of the per-VM writable scratch disk in MiB; 0 for none. The disk is a sparse file in
+    /// `run_dir`, formatted ext4 with the label [`SCRATCH_LABEL`], attached as a second
+    /// virtio-blk disk (serial `hutch-scratch`).
+    pub scratch_disk_mib: u64,
+    /// The VM's private directory: created by [`Vmm::start`] (which refuses an existing one) and
+    /// removed by [`Vm::destroy`]. Holds the sockets, console log, pidfile and scratch disk.
+    pub run_dir: PathBuf,
+    /// Extra kernel arguments, appended after Hutch's own (so they win where the kernel takes
+    /// the last occurrence of a parameter).
+    pub extra_cmdline: Vec<String>,
+}
+
+/// The CPU accelerator a VM runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through `/dev/kvm` (`-accel kvm -cpu host`).
+    Kvm,
+    /// QEMU's software emulator (`-accel tcg,thread=multi -cpu max`): slower, but works anywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The lowercase name, as used by `HUTCH_ACCEL` and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A virtual machine monitor backend: boots VMs from specs.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// The backend's name, e.g. `"qemu"`.
+    fn name(&self) -> &'static str;
+
+    /// Boots a VM. Returns once the VMM process is up and the host end of the guest channel
+    /// exists (not when the guest has booted: the caller waits for the agent's hello on the
+    /// channel). On error nothing is left behind: no process, no `run_dir`.
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+}
+
+/// A running VM, owned by exactly one holder.
+///
+/// Dropping it without calling [`Vm::destroy`] still SIGKILLs its process and removes its
+/// `run_dir`, synchronously and best effort.
+#[async_trait]
+pub trait Vm: Send + Sync + std::fmt::Debug {
+    /// The VM's id (from [`VmSpec::id`]).
+    fn id(&self) -> &str;
+
+    /// The VMM process id on the host.
+    fn pid(&self) -> u32;
+
+    /// The accelerator the VM runs under.
+    fn accel(&self) -> Accel;
+
+    /// The VM's private directory.
+    fn run_dir(&self) -> &Path;
+
+    /// The file the guest's serial console is copied into. Guest-controlled content, capped at
+    /// [`CONSOLE_LOG_LIMIT`] bytes.
+    fn console_log(&self) -> &Path;
+
+    /// Whether the VMM process has exited (guest powered off, crashed, or was killed).
+    fn has_exited(&self) -> bool;
+
+    /// Connects to the host end of the guest channel. Everything read from it is
+    /// guest-controlled. Only one connection is served at a time; a second one waits until the
+    /// first is closed.
+    async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError>;
+
+    /// Stops the VM (a clean QMP `quit`, then SIGKILL by pid), reaps its process and removes its
+    /// `run_dir`.
+    async fn destroy(self: Box<Self>) -> Result<(), VmmError>;
+}
+
+/// Checks that `id` is usable in host object names: 1–63 characters of `[a-z0-9-]`, not starting
+/// with `-`.
+pub fn validate_id(id: &str) -> Result<(), VmmError> {
+    let why = if id.is_empty() {
+        Some("empty")
+    } else if id.len() > 63 {
+        Some("longer than 63 characters")
+    } else if id.starts_with('-') {
+        Some("starts with '-'")
+    } else if !id
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Some("only [a-z0-9-] is allowed")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(VmmError::InvalidId {
+            id: id.chars().take(80).collect(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("sbx-01").is_ok());
+        assert!(validate_id("a").is_ok());
+        for bad in ["", "-x", "A", "a_b", "a/b", "a b", "é", &"a".repeat(64)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn trait_objects() {
+        fn takes(_: Option<Box<dyn Vmm>>, _: Option<Box<dyn Vm>>) {}
+        takes(None, None);
+    }
+}

@@ -1,0 +1,326 @@
+//! One connection's life: handshake, then dispatch of host messages to operations.
+
+use std::{
+    collections::HashMap,
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex},
+};
+
+use hutch_protocol::{
+    encode,
+    handshake::{choose_version, HandshakeError},
+    ErrorCode, FrameReader, GuestMsg, HostMsg, OpError, Welcome, CONNECTION_OP, MAGIC,
+    PROTOCOL_VERSION, STREAM_WINDOW,
+};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::{mpsc, oneshot, Semaphore},
+};
+
+use crate::{fdstream::FdStream, files, ops, reaper::Reaper, setup};
+
+/// Why serving a connection stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The channel device or socket could not be opened.
+    #[error("cannot open channel {path}")]
+    Open {
+        /// What we tried to open.
+        path: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reaper could not install its signal handler.
+    #[error("cannot start the child reaper")]
+    Reaper(#[source] std::io::Error),
+}
+
+/// Input the host streams to a running operation.
+pub enum Input {
+    /// Bytes for stdin or the file being written.
+    Data(Vec<u8>),
+    /// End of that stream.
+    Eof,
+}
+
+/// Something for the writer task to do.
+enum Out {
+    Frame(Vec<u8>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Host-side routing state of one operation.
+struct OpEntry {
+    input: mpsc::UnboundedSender<Input>,
+    credit: Arc<Semaphore>,
+    pgid: Option<i32>,
+}
+
+/// Shared state of one connection.
+pub struct Conn {
+    out: mpsc::UnboundedSender<Out>,
+    ops: Mutex<HashMap<u32, OpEntry>>,
+    /// Reaps every child of the agent.
+    pub reaper: Arc<Reaper>,
+    /// Whether the agent is the VM's init (and may touch clock, RNG, hostname, power).
+    pub is_init: bool,
+}
+
+/// What an operation task receives when it starts.
+pub struct OpIo {
+    /// Data the host streams to the operation.
+    pub input: mpsc::UnboundedReceiver<Input>,
+    /// Credit for data the operation sends to the host.
+    pub credit: Arc<Semaphore>,
+}
+
+impl Conn {
+    /// Queues one message for the host.
+    pub fn send(&self, op: u32, msg: GuestMsg) {
+        match encode(op, &msg) {
+            Ok(frame) => {
+                let _ = self.out.send(Out::Frame(frame));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode reply"),
+        }
+    }
+
+    /// Queues a data message once the host has granted credit; false if the host is gone.
+    pub async fn send_data(&self, op: u32, credit: &Semaphore, msg: GuestMsg) -> bool {
+        match credit.acquire_many(msg.data_len() as u32).await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        self.send(op, msg);
+        true
+    }
+
+    /// Sends the final reply of an operation and forgets it.
+    pub fn finish(&self, op: u32, result: Result<GuestMsg, OpError>) {
+        self.ops.lock().expect("ops lock").remove(&op);
+        self.send(op, result.unwrap_or_else(GuestMsg::Error));
+    }
+
+    /// Records the process group that `Signal` messages for `op` go to.
+    pub fn set_pgid(&self, op: u32, pgid: i32) {
+        if let Some(e) = self.ops.lock().expect("ops lock").get_mut(&op) {
+            e.pgid = Some(pgid);
+        }
+    }
+
+    /// Waits until everything queued so far has been written.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.out.send(Out::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    fn register(&self, op: u32) -> Result<OpIo, OpError> {
+        let mut ops = self.ops.lock().expect("ops lock");
+        if ops.contains_key(&op) {
+            return Err(invalid(format!("operation {op} is already running")));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+        ops.insert(
+            op,
+            OpEntry {
+                input: tx,
+                credit: credit.clone(),
+                pgid: None,
+            },
+        );
+        Ok(OpIo { input: rx, credit })
+    }
+
+    fn route(&self, op: u32, input: Input) {
+        if let Some(e) = self.ops.lock().expect("ops lock").get(&op) {
+            let _ = e.input.send(input);
+        }
+    }
+
+    fn grant(&self, op: u32, n: u32) {
+        if let Some(e) = self.ops.lock().expect("ops lock").get(&op) {
+            e.credit.add_permits(n as usize);
+        }
+    }
+
+    fn signal(&self, op: u32, sig: i32) {
+        let pgid = self
+            .ops
+            .lock()
+            .expect("ops lock")
+            .get(&op)
+            .and_then(|e| e.pgid);
+        match (pgid, Signal::try_from(sig)) {
+            (Some(pgid), Ok(sig)) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), sig);
+            }
+            (_, Err(_)) => tracing::warn!(sig, "ignoring invalid signal number"),
+            (None, _) => {}
+        }
+    }
+
+    /// The connection is gone: kill what it started and unblock its tasks.
+    fn abort_all(&self) {
+        for (_, e) in self.ops.lock().expect("ops lock").drain() {
+            e.credit.close();
+            if let Some(pgid) = e.pgid {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, op: u32, msg: HostMsg) {
+        match msg {
+            HostMsg::Hello(_) => self.send(op, GuestMsg::Error(invalid("already handshaken"))),
+            HostMsg::Setup(s) => self.send(
+                op,
+                setup::apply(&s, self.is_init)
+                    .map(|()| GuestMsg::Done)
+                    .unwrap_or_else(GuestMsg::Error),
+            ),
+            HostMsg::Exec(req) => self.start(op, |c, io| ops::exec(c, op, req, io)),
+            HostMsg::WriteFile(req) => self.start(op, |c, io| files::write(c, op, req, io)),
+            HostMsg::ReadFile(req) => self.start(op, |c, io| files::read(c, op, req, io)),
+            HostMsg::Stdin(d) | HostMsg::FileData(d) => self.route(op, Input::Data(d)),
+            HostMsg::StdinEof | HostMsg::FileEof => self.route(op, Input::Eof),
+            HostMsg::Signal(sig) => self.signal(op, sig),
+            HostMsg::Credit(n) => self.grant(op, n),
+            HostMsg::Ping(n) => self.send(op, GuestMsg::Pong(n)),
+            HostMsg::Shutdown => {
+                let c = self.clone();
+                tokio::spawn(async move { setup::shutdown(&c, op).await });
+            }
+        }
+    }
+
+    fn start<F, Fut>(self: &Arc<Self>, op: u32, task: F)
+    where
+        F: FnOnce(Arc<Conn>, OpIo) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.register(op) {
+            Ok(io) => {
+                tokio::spawn(task(self.clone(), io));
+            }
+            Err(e) => self.send(op, GuestMsg::Error(e)),
+        }
+    }
+}
+
+/// An `InvalidRequest` error with this message.
+pub fn invalid(message: impl Into<String>) -> OpError {
+    OpError {
+        code: ErrorCode::InvalidRequest,
+        message: message.into(),
+    }
+}
+
+/// Serves one connection until the host hangs up.
+pub async fn serve<S>(stream: S, reaper: Arc<Reaper>, is_init: bool)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, mut write) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(read);
+    let version = match reader.next::<HostMsg>().await {
+        Ok(Some(env)) => match env.msg {
+            HostMsg::Hello(h) => choose_version(&h),
+            _ => Err(HandshakeError::Unexpected("a request before Hello")),
+        },
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "bad handshake frame");
+            return;
+        }
+    };
+    let reply = match &version {
+        Ok(v) => GuestMsg::Welcome(Welcome {
+            magic: MAGIC,
+            version: *v,
+            agent: format!("hutch-agent {}", env!("CARGO_PKG_VERSION")),
+            kernel_release: kernel_release(),
+        }),
+        Err(e) => GuestMsg::Error(e.to_op_error()),
+    };
+    let frame = encode(CONNECTION_OP, &reply).expect("welcome encodes");
+    if write.write_all(&frame).await.is_err() || version.is_err() {
+        return;
+    }
+    tracing::info!(version = PROTOCOL_VERSION, "host connected");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(write, rx));
+    let conn = Arc::new(Conn {
+        out: tx,
+        ops: Mutex::new(HashMap::new()),
+        reaper,
+        is_init,
+    });
+    loop {
+        match reader.next::<HostMsg>().await {
+            Ok(Some(env)) => conn.dispatch(env.op, env.msg),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad frame from host; dropping connection");
+                break;
+            }
+        }
+    }
+    conn.abort_all();
+    writer.abort();
+    tracing::info!("host disconnected");
+}
+
+async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Out>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Frame(f) => {
+                if w.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+            Out::Flush(done) => {
+                let _ = w.flush().await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// PID 1 mode: serves the virtio-serial port at `path` for one host connection.
+pub async fn serve_port(path: &str) -> Result<(), ServeError> {
+    let reaper = crate::reaper::global().map_err(ServeError::Reaper)?;
+    let open = |e| ServeError::Open {
+        path: path.to_string(),
+        source: e,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(open)?;
+    let stream = FdStream::new(OwnedFd::from(file)).map_err(open)?;
+    serve(stream, reaper, true).await;
+    // A port with no host attached reads as end-of-file; don't spin while waiting.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    Ok(())
+}
+
+/// Test mode: serves connections on an inherited socket until the host hangs up.
+pub async fn serve_host_process(fd: OwnedFd) {
+    let reaper = crate::reaper::global().expect("reaper");
+    match FdStream::new(fd) {
+        Ok(stream) => serve(stream, reaper, false).await,
+        Err(e) => tracing::error!(error = %e, "cannot serve the inherited descriptor"),
+    }
+}

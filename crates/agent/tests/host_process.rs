@@ -1,0 +1,230 @@
+//! The real agent binary, run as a host process serving one end of a socket pair, driven by
+//! the real host channel. Exercises protocol, exec, signals, timeouts and files without a VM.
+
+use std::{
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    process::{Child, Command},
+};
+
+use hutch_protocol::{
+    host::{Channel, ChannelError, Exec, ExecEvent},
+    ErrorCode, ExecRequest, ExitStatus, ReadFileRequest, WriteFileRequest,
+};
+
+struct Agent {
+    child: Child,
+    channel: std::sync::Arc<Channel>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn agent() -> Agent {
+    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = guest.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
+    cmd.args(["--serve-fd", "3"]);
+    // SAFETY: dup2 is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(guest);
+    host.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(host).unwrap();
+    let channel = std::sync::Arc::new(Channel::connect(stream).await.unwrap());
+    Agent { child, channel }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![],
+        cwd: None,
+        uid: None,
+        gid: None,
+        stdin: false,
+        timeout_ms: None,
+    }
+}
+
+/// Collects stdout, stderr and the exit status.
+async fn collect(mut exec: Exec) -> (Vec<u8>, Vec<u8>, hutch_protocol::ExitInfo) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match exec.next_event().await.unwrap() {
+            ExecEvent::Stdout(d) => out.extend(d),
+            ExecEvent::Stderr(d) => err.extend(d),
+            ExecEvent::Exited(info) => return (out, err, info),
+        }
+    }
+}
+
+#[tokio::test]
+async fn handshake_and_ping() {
+    let a = agent().await;
+    assert!(a.channel.welcome().agent.starts_with("hutch-agent"));
+    assert!(!a.channel.welcome().kernel_release.is_empty());
+    a.channel.ping(99).await.unwrap();
+}
+
+#[tokio::test]
+async fn exit_codes_signals_and_separate_streams() {
+    let a = agent().await;
+    let (out, err, info) = collect(
+        a.channel
+            .exec(sh("echo out; echo err >&2; exit 7"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (out.as_slice(), err.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    assert_eq!(info.status, ExitStatus::Code(7));
+    let (_, _, info) = collect(a.channel.exec(sh("kill -SEGV $$")).await.unwrap()).await;
+    assert_eq!(info.status, ExitStatus::Signal(11));
+    assert_eq!(info.status.shell_code(), 139);
+    // A crashing child does not take the agent down.
+    a.channel.ping(1).await.unwrap();
+}
+
+#[tokio::test]
+async fn stdin_round_trip_of_a_megabyte() {
+    let a = agent().await;
+    let mut req = sh("cat");
+    req.stdin = true;
+    let exec = a.channel.exec(req).await.unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let ctl = exec.control();
+    let input = data.clone();
+    let feeder = tokio::spawn(async move {
+        ctl.write_stdin(&input).await.unwrap();
+        ctl.close_stdin().await.unwrap();
+    });
+    let (out, _, info) = collect(exec).await;
+    feeder.await.unwrap();
+    assert_eq!(info.status, ExitStatus::Code(0));
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "stdin came back altered");
+}
+
+#[tokio::test]
+async fn concurrent_execs_do_not_mix() {
+    let a = agent().await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let ch = a.channel.clone();
+        set.spawn(async move {
+            let script = format!("for n in $(seq 1 2000); do echo task{i}-$n; done");
+            (i, collect(ch.exec(sh(&script)).await.unwrap()).await)
+        });
+    }
+    while let Some(res) = set.join_next().await {
+        let (i, (out, _, info)) = res.unwrap();
+        assert_eq!(info.status, ExitStatus::Code(0));
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2000);
+        assert!(lines.iter().all(|l| l.starts_with(&format!("task{i}-"))));
+    }
+}
+
+#[tokio::test]
+async fn timeout_kills_the_process_group() {
+    let a = agent().await;
+    let mut req = sh("sleep 30 & sleep 30");
+    req.timeout_ms = Some(300);
+    let started = std::time::Instant::now();
+    let (_, _, info) = collect(a.channel.exec(req).await.unwrap()).await;
+    assert!(info.timed_out);
+    assert_eq!(info.status, ExitStatus::Signal(9));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn host_signal_reaches_the_process() {
+    let a = agent().await;
+    let exec = a.channel.exec(sh("sleep 30")).await.unwrap();
+    exec.control().signal(15).await.unwrap();
+    let (_, _, info) = collect(exec).await;
+    assert_eq!(info.status, ExitStatus::Signal(15));
+    assert!(!info.timed_out);
+}
+
+#[tokio::test]
+async fn missing_command_and_cwd_are_clear_errors() {
+    let a = agent().await;
+    let mut req = sh("true");
+    req.argv = vec!["definitely-not-a-command".into()];
+    match a.channel.exec(req).await {
+        Err(ChannelError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::NotFound);
+            assert!(e
+                .message
+                .contains("command not found: definitely-not-a-command"));
+        }
+        other => panic!("expected NotFound, got {:?}", other.map(|e| e.pid())),
+    }
+    let mut req = sh("true");
+    req.cwd = Some("/no/such/dir".into());
+    assert!(
+        matches!(a.channel.exec(req).await, Err(ChannelError::Remote(e)) if e.code == ErrorCode::NotFound)
+    );
+    a.channel.ping(2).await.unwrap();
+}
+
+#[tokio::test]
+async fn files_round_trip_and_reads_are_bounded() {
+    let a = agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/dir/file.bin");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 13) as u8).collect();
+    let req = WriteFileRequest {
+        path: path.to_string_lossy().into(),
+        mode: 0o640,
+        make_parents: true,
+    };
+    let n = a.channel.write_file(req, &data[..]).await.unwrap();
+    assert_eq!(n, data.len() as u64);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+
+    let mut back = Vec::new();
+    let read = ReadFileRequest {
+        path: path.to_string_lossy().into(),
+        max_bytes: 1 << 20,
+    };
+    a.channel.read_file(read.clone(), &mut back).await.unwrap();
+    assert!(back == data);
+
+    let small = ReadFileRequest {
+        max_bytes: 1000,
+        ..read
+    };
+    match a.channel.read_file(small, tokio::io::sink()).await {
+        Err(ChannelError::Remote(e)) => assert_eq!(e.code, ErrorCode::TooLarge),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let rel = WriteFileRequest {
+        path: "relative".into(),
+        mode: 0o600,
+        make_parents: false,
+    };
+    assert!(
+        matches!(a.channel.write_file(rel, &b"x"[..]).await, Err(ChannelError::Remote(e)) if e.code == ErrorCode::InvalidRequest)
+    );
+}

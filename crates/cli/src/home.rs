@@ -1,0 +1,40 @@
+//! Where Hutch keeps its state: `$HUTCH_HOME`, `/var/lib/hutch` by default.
+
+use std::path::PathBuf;
+
+use crate::error::CliError;
+
+/// The state directory and the well-known places in it.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `$HUTCH_HOME`, or `/var/lib/hutch`.
+    pub fn from_env() -> Result<Home, CliError> {
+        let root = std::env::var_os("HUTCH_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/hutch"));
+        std::fs::create_dir_all(root.join("vms")).map_err(|source| CliError::Home {
+            path: root.clone(),
+            source,
+        })?;
+        Ok(Home { root })
+    }
+
+    /// Built images and their content-addressed artifacts.
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// One private run dir per live VM.
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// Cached accelerator probe result.
+    pub fn accel_cache(&self) -> PathBuf {
+        self.root.join("accel.json")
+    }
+}

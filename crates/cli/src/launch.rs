@@ -1,0 +1,40 @@
+//! Turning VM flags into a backend and boot options: image lookup and accelerator choice.
+
+use std::time::Duration;
+
+use hutch_core::BootOptions;
+use hutch_vmm::{AccelReport, QemuVmm};
+
+use crate::{args::VmArgs, error::CliError, home::Home};
+
+/// Everything needed to boot sandboxes of one shape.
+pub struct Launcher {
+    /// The backend, set to the probed accelerator.
+    pub vmm: QemuVmm,
+    /// Why that accelerator.
+    pub accel: AccelReport,
+    /// Boot options; callers set a fresh `id` per sandbox.
+    pub options: BootOptions,
+}
+
+/// Opens the image, decides the accelerator (cached probe) and prepares boot options.
+pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
+    let image = hutch_image::open(&home.images(), &vm.image)?;
+    let accel = hutch_vmm::probe_accel(&image.kernel, &image.initrd, &home.accel_cache()).await;
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+    let vmm = QemuVmm::new(accel.accel)?;
+    let options = BootOptions {
+        id: hutch_core::new_id(),
+        image,
+        cpus: vm.cpus,
+        memory_mib: vm.memory,
+        disk_mib: vm.disk,
+        runs_dir: home.vms(),
+        boot_timeout: Duration::from_secs(vm.boot_timeout),
+    };
+    Ok(Launcher {
+        vmm,
+        accel,
+        options,
+    })
+}

@@ -1,0 +1,10 @@
+//! Sandbox lifecycle shared by every front end (`hutch run` today, the daemon next).
+//!
+//! A [`Sandbox`] is a VM booted from an [`Image`](hutch_image::Image) whose agent has completed
+//! the handshake and applied the host's boot facts (entropy, clock, hostname). Booting waits
+//! for the agent, but notices at once when the VM dies instead, and reports the console's
+//! last lines so a failed boot explains itself.
+
+mod sandbox;
+
+pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};

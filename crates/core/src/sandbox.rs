@@ -1,0 +1,200 @@
+//! Boot a VM to a ready agent, and tear it down again.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use hutch_image::Image;
+use hutch_protocol::{
+    host::{Channel, ChannelError},
+    Setup,
+};
+use hutch_vmm::{Vm, VmSpec, Vmm, VmmError};
+use rand::RngCore;
+
+/// How long a clean shutdown through the agent may take before the VM is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Bytes of console tail quoted in a boot failure.
+const CONSOLE_TAIL: usize = 1500;
+/// Bytes of host entropy handed to each guest at boot.
+const SEED_BYTES: usize = 64;
+
+/// Why a sandbox could not boot or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The VMM could not start the VM.
+    #[error("cannot start the VM")]
+    Start(#[source] VmmError),
+    /// The VM exited before its agent answered.
+    #[error("the VM stopped during boot; console ends with:\n{console}")]
+    DiedDuringBoot {
+        /// The last lines of the guest console.
+        console: String,
+    },
+    /// The agent did not answer within the boot timeout.
+    #[error("the guest agent did not answer within {timeout:?}; console ends with:\n{console}")]
+    BootTimeout {
+        /// The timeout that passed.
+        timeout: Duration,
+        /// The last lines of the guest console.
+        console: String,
+    },
+    /// Connecting to the channel or the handshake failed.
+    #[error("cannot talk to the guest agent")]
+    Channel(#[source] ChannelError),
+    /// The VMM failed to stop the VM cleanly.
+    #[error("cannot destroy the VM")]
+    Destroy(#[source] VmmError),
+}
+
+/// How to boot one sandbox.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Sandbox id: names the VM's host objects and its hostname.
+    pub id: String,
+    /// The guest image.
+    pub image: Image,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Size of the writable disk in MiB (the guest cannot write more than this).
+    pub disk_mib: u64,
+    /// Parent of the VM's private run dir (`<runs_dir>/<id>`).
+    pub runs_dir: PathBuf,
+    /// How long to wait for the agent.
+    pub boot_timeout: Duration,
+}
+
+/// A fresh sandbox id: `sb-` and 10 random hex digits.
+pub fn new_id() -> String {
+    format!("sb-{:010x}", rand::thread_rng().next_u64() & 0xff_ffff_ffff)
+}
+
+/// A booted VM with a ready, handshaken agent.
+pub struct Sandbox {
+    id: String,
+    vm: Box<dyn Vm>,
+    channel: Arc<Channel>,
+    boot_time: Duration,
+}
+
+impl Sandbox {
+    /// Boots a VM and waits until its agent is ready and set up. On any failure the VM is
+    /// destroyed before returning.
+    pub async fn boot(vmm: &dyn Vmm, opts: &BootOptions) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let spec = VmSpec {
+            id: opts.id.clone(),
+            kernel: opts.image.kernel.clone(),
+            initrd: opts.image.initrd.clone(),
+            rootfs: opts.image.rootfs.clone(),
+            cpus: opts.cpus,
+            memory_mib: opts.memory_mib,
+            scratch_disk_mib: opts.disk_mib,
+            run_dir: opts.runs_dir.join(&opts.id),
+            extra_cmdline: vec![],
+        };
+        let vm = vmm.start(&spec).await.map_err(SandboxError::Start)?;
+        match connect(vm.as_ref(), &opts.id, opts.boot_timeout).await {
+            Ok(channel) => Ok(Sandbox {
+                id: opts.id.clone(),
+                vm,
+                channel: Arc::new(channel),
+                boot_time: started.elapsed(),
+            }),
+            Err(e) => {
+                let _ = vm.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The channel to the guest agent.
+    pub fn channel(&self) -> &Arc<Channel> {
+        &self.channel
+    }
+
+    /// The underlying VM.
+    pub fn vm(&self) -> &dyn Vm {
+        self.vm.as_ref()
+    }
+
+    /// From VMM start to a ready agent.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    /// Asks the agent to power off (bounded), then destroys the VM and everything it owns.
+    pub async fn destroy(self) -> Result<(), SandboxError> {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.channel.shutdown()).await;
+        drop(self.channel);
+        self.vm.destroy().await.map_err(SandboxError::Destroy)
+    }
+}
+
+/// Connects, handshakes and sends the boot facts, failing fast if the VM dies meanwhile.
+async fn connect(vm: &dyn Vm, id: &str, timeout: Duration) -> Result<Channel, SandboxError> {
+    let handshake = async {
+        let stream = vm.connect_channel().await.map_err(SandboxError::Start)?;
+        let channel = Channel::connect(stream)
+            .await
+            .map_err(SandboxError::Channel)?;
+        channel
+            .setup(boot_facts(id))
+            .await
+            .map_err(SandboxError::Channel)?;
+        Ok(channel)
+    };
+    let died = async {
+        while !vm.has_exited() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, handshake) => match r {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) if vm.has_exited() => {
+                tracing::debug!(error = %e, "channel failed because the VM exited");
+                Err(SandboxError::DiedDuringBoot { console: console_tail(vm) })
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SandboxError::BootTimeout { timeout, console: console_tail(vm) }),
+        },
+        () = died => Err(SandboxError::DiedDuringBoot { console: console_tail(vm) }),
+    }
+}
+
+/// Entropy, wall clock and hostname for a guest, taken at the last moment.
+fn boot_facts(id: &str) -> Setup {
+    let mut entropy = vec![0u8; SEED_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut entropy);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Setup {
+        entropy,
+        unix_secs: now.as_secs(),
+        unix_nanos: now.subsec_nanos(),
+        hostname: id.to_string(),
+    }
+}
+
+/// The end of the guest console, made printable (it is guest-controlled text).
+fn console_tail(vm: &dyn Vm) -> String {
+    let bytes = std::fs::read(vm.console_log()).unwrap_or_default();
+    let tail = &bytes[bytes.len().saturating_sub(CONSOLE_TAIL)..];
+    String::from_utf8_lossy(tail)
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}

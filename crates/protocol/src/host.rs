@@ -1,0 +1,540 @@
+//! The host end of a channel: multiplexes operations over one stream to a guest agent.
+//!
+//! A background task reads guest frames, checks each one (size, operation id, credit) and
+//! routes it to the operation it belongs to. Any violation ends the whole channel: a guest
+//! that breaks the protocol gets no second chance.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{mpsc, Semaphore},
+};
+
+use crate::{
+    frame::{check_chunk, encode, FrameError, FrameReader},
+    handshake::{check_welcome, hello, HandshakeError},
+    ExecRequest, ExitInfo, GuestMsg, HostMsg, OpError, ReadFileRequest, Setup, Welcome,
+    WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
+};
+
+/// Why an operation on the channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The channel is gone; the reason says why.
+    #[error("guest channel closed: {0}")]
+    Closed(String),
+    /// The handshake failed.
+    #[error("handshake with the guest agent failed")]
+    Handshake(#[source] HandshakeError),
+    /// A frame could not be read or decoded.
+    #[error("bad frame from the guest")]
+    Frame(#[source] FrameError),
+    /// Writing to the guest failed.
+    #[error("cannot write to the guest channel")]
+    Write(#[source] std::io::Error),
+    /// The guest reported that the operation failed.
+    #[error("{0}")]
+    Remote(#[source] OpError),
+    /// The guest answered something the protocol does not allow here.
+    #[error("protocol violation by the guest: {0}")]
+    Violation(String),
+    /// A local reader or writer (file contents) failed.
+    #[error("local I/O failed")]
+    Local(#[source] std::io::Error),
+    /// A read exceeded the caller's bound.
+    #[error("guest sent more than the {0} bytes allowed")]
+    TooLarge(u64),
+}
+
+/// An event in the life of a running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Bytes written to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes written to stderr.
+    Stderr(Vec<u8>),
+    /// The process ended; no more events follow.
+    Exited(ExitInfo),
+}
+
+type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// Per-operation routing state.
+struct Slot {
+    tx: mpsc::UnboundedSender<GuestMsg>,
+    /// Data bytes received from the guest and not yet credited back.
+    uncredited: u32,
+    /// Data bytes consumed locally and not yet granted back (batched).
+    to_grant: u32,
+    /// Data bytes sent to the guest and not yet credited back by it.
+    sent_unacked: u32,
+    send_credit: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct OpTable {
+    slots: HashMap<u32, Slot>,
+    closed: Option<String>,
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<Writer>,
+    ops: Mutex<OpTable>,
+    next_op: AtomicU32,
+}
+
+/// A connected, handshaken channel to one guest agent. Cheap to share behind an `Arc`.
+pub struct Channel {
+    inner: Arc<Inner>,
+    welcome: Welcome,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Receiving side of one operation.
+struct OpHandle {
+    op: u32,
+    rx: mpsc::UnboundedReceiver<GuestMsg>,
+    inner: Arc<Inner>,
+    send_credit: Arc<Semaphore>,
+}
+
+impl Channel {
+    /// Performs the handshake over `stream` and starts routing guest frames.
+    pub async fn connect<S>(stream: S) -> Result<Channel, ChannelError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(read);
+        let mut writer: Writer = Box::pin(write);
+        write_msg(&mut writer, CONNECTION_OP, &hello()).await?;
+        let first = reader
+            .next::<GuestMsg>()
+            .await
+            .map_err(ChannelError::Frame)?
+            .ok_or_else(|| ChannelError::Closed("guest hung up during handshake".into()))?;
+        let welcome = check_welcome(first.msg).map_err(ChannelError::Handshake)?;
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(writer),
+            ops: Mutex::new(OpTable::default()),
+            next_op: AtomicU32::new(1),
+        });
+        let reader = tokio::spawn(route(reader, inner.clone()));
+        Ok(Channel {
+            inner,
+            welcome,
+            reader,
+        })
+    }
+
+    /// What the guest said in the handshake.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Sends boot-time entropy, clock and hostname; returns once the guest applied them.
+    pub async fn setup(&self, setup: Setup) -> Result<(), ChannelError> {
+        let mut op = self.start(HostMsg::Setup(setup)).await?;
+        op.expect_done().await
+    }
+
+    /// Round trip to the agent; proves it is alive and serving.
+    pub async fn ping(&self, nonce: u64) -> Result<(), ChannelError> {
+        let mut op = self.start(HostMsg::Ping(nonce)).await?;
+        match op.recv().await? {
+            GuestMsg::Pong(n) if n == nonce => Ok(()),
+            other => Err(unexpected("Pong", &other)),
+        }
+    }
+
+    /// Asks the guest to sync and power off.
+    pub async fn shutdown(&self) -> Result<(), ChannelError> {
+        let mut op = self.start(HostMsg::Shutdown).await?;
+        op.expect_done().await
+    }
+
+    /// Starts a process; returns once the guest reports it running.
+    pub async fn exec(&self, req: ExecRequest) -> Result<Exec, ChannelError> {
+        let mut op = self.start(HostMsg::Exec(req)).await?;
+        match op.recv().await? {
+            GuestMsg::Started(pid) => Ok(Exec { op, pid }),
+            other => Err(unexpected("Started", &other)),
+        }
+    }
+
+    /// Writes `data` to a file in the guest; returns the bytes written.
+    pub async fn write_file<R>(
+        &self,
+        req: WriteFileRequest,
+        mut data: R,
+    ) -> Result<u64, ChannelError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let mut op = self.start(HostMsg::WriteFile(req)).await?;
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = data.read(&mut buf).await.map_err(ChannelError::Local)?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = op.send_data(HostMsg::FileData(buf[..n].to_vec())).await {
+                // The guest may have ended the op early; its reason beats ours.
+                return Err(op.early_error().unwrap_or(e));
+            }
+            total += n as u64;
+        }
+        op.send(&HostMsg::FileEof).await?;
+        op.expect_done().await?;
+        Ok(total)
+    }
+
+    /// Streams a guest file into `sink`, refusing more than `req.max_bytes`.
+    pub async fn read_file<W>(&self, req: ReadFileRequest, mut sink: W) -> Result<u64, ChannelError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let limit = req.max_bytes;
+        let mut op = self.start(HostMsg::ReadFile(req)).await?;
+        let mut total = 0u64;
+        loop {
+            match op.recv().await? {
+                GuestMsg::FileData(d) => {
+                    total += d.len() as u64;
+                    if total > limit {
+                        return Err(ChannelError::TooLarge(limit));
+                    }
+                    sink.write_all(&d).await.map_err(ChannelError::Local)?;
+                    op.consumed(d.len()).await?;
+                }
+                GuestMsg::FileEnd(n) if n == total => break,
+                GuestMsg::FileEnd(n) => {
+                    return Err(ChannelError::Violation(format!(
+                        "file end says {n} bytes, {total} were sent"
+                    )))
+                }
+                other => return Err(unexpected("FileData", &other)),
+            }
+        }
+        sink.flush().await.map_err(ChannelError::Local)?;
+        Ok(total)
+    }
+
+    async fn start(&self, msg: HostMsg) -> Result<OpHandle, ChannelError> {
+        let op = self.inner.next_op.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let send_credit = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+        {
+            let mut table = self.inner.ops.lock().expect("op table poisoned");
+            if let Some(reason) = &table.closed {
+                return Err(ChannelError::Closed(reason.clone()));
+            }
+            table.slots.insert(
+                op,
+                Slot {
+                    tx,
+                    uncredited: 0,
+                    to_grant: 0,
+                    sent_unacked: 0,
+                    send_credit: send_credit.clone(),
+                },
+            );
+        }
+        let handle = OpHandle {
+            op,
+            rx,
+            inner: self.inner.clone(),
+            send_credit,
+        };
+        handle.send(&msg).await?;
+        Ok(handle)
+    }
+}
+
+impl OpHandle {
+    async fn send(&self, msg: &HostMsg) -> Result<(), ChannelError> {
+        self.inner.send(self.op, msg).await
+    }
+
+    async fn send_data(&self, msg: HostMsg) -> Result<(), ChannelError> {
+        self.inner.send_data(self.op, &self.send_credit, msg).await
+    }
+
+    /// Next message for this operation; a closed channel becomes an error.
+    async fn recv(&mut self) -> Result<GuestMsg, ChannelError> {
+        match self.rx.recv().await {
+            Some(GuestMsg::Error(e)) => Err(ChannelError::Remote(e)),
+            Some(msg) => Ok(msg),
+            None => Err(self.inner.closed_error()),
+        }
+    }
+
+    /// The guest's error if it already ended this operation.
+    fn early_error(&mut self) -> Option<ChannelError> {
+        match self.rx.try_recv() {
+            Ok(GuestMsg::Error(e)) => Some(ChannelError::Remote(e)),
+            _ => None,
+        }
+    }
+
+    async fn expect_done(&mut self) -> Result<(), ChannelError> {
+        match self.recv().await? {
+            GuestMsg::Done => Ok(()),
+            other => Err(unexpected("Done", &other)),
+        }
+    }
+
+    /// Records that `n` received data bytes were consumed, granting credit back in batches.
+    async fn consumed(&self, n: usize) -> Result<(), ChannelError> {
+        let grant = {
+            let mut table = self.inner.lock();
+            let Some(slot) = table.slots.get_mut(&self.op) else {
+                return Ok(());
+            };
+            slot.to_grant += n as u32;
+            if slot.to_grant < STREAM_WINDOW / 4 {
+                return Ok(());
+            }
+            let g = slot.to_grant;
+            slot.to_grant = 0;
+            slot.uncredited -= g;
+            g
+        };
+        self.send(&HostMsg::Credit(grant)).await
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpTable> {
+        self.ops.lock().expect("op table poisoned")
+    }
+
+    async fn send(&self, op: u32, msg: &HostMsg) -> Result<(), ChannelError> {
+        let mut w = self.writer.lock().await;
+        write_msg(&mut w, op, msg).await
+    }
+
+    /// Sends a data message once the guest has granted credit for it.
+    async fn send_data(
+        &self,
+        op: u32,
+        credit: &Semaphore,
+        msg: HostMsg,
+    ) -> Result<(), ChannelError> {
+        let len = msg.data_len() as u32;
+        credit
+            .acquire_many(len)
+            .await
+            .map_err(|_| self.closed_error())?
+            .forget();
+        if let Some(slot) = self.lock().slots.get_mut(&op) {
+            slot.sent_unacked += len;
+        }
+        self.send(op, &msg).await
+    }
+
+    fn closed_error(&self) -> ChannelError {
+        let reason = self.lock().closed.clone();
+        ChannelError::Closed(reason.unwrap_or_else(|| "operation abandoned".into()))
+    }
+
+    /// Marks the channel closed and fails every pending operation.
+    fn close(&self, reason: String) {
+        let mut table = self.lock();
+        if table.closed.is_none() {
+            tracing::debug!(%reason, "guest channel closed");
+            table.closed = Some(reason);
+        }
+        for (_, slot) in table.slots.drain() {
+            slot.send_credit.close();
+        }
+    }
+}
+
+async fn write_msg(w: &mut Writer, op: u32, msg: &HostMsg) -> Result<(), ChannelError> {
+    let frame = encode(op, msg).map_err(ChannelError::Frame)?;
+    w.write_all(&frame).await.map_err(ChannelError::Write)?;
+    w.flush().await.map_err(ChannelError::Write)
+}
+
+fn unexpected(wanted: &str, got: &GuestMsg) -> ChannelError {
+    ChannelError::Violation(format!("expected {wanted}, got {}", msg_name(got)))
+}
+
+fn msg_name(m: &GuestMsg) -> &'static str {
+    match m {
+        GuestMsg::Welcome(_) => "Welcome",
+        GuestMsg::Done => "Done",
+        GuestMsg::Error(_) => "Error",
+        GuestMsg::Started(_) => "Started",
+        GuestMsg::Stdout(_) => "Stdout",
+        GuestMsg::Stderr(_) => "Stderr",
+        GuestMsg::Exited(_) => "Exited",
+        GuestMsg::Credit(_) => "Credit",
+        GuestMsg::FileData(_) => "FileData",
+        GuestMsg::FileEnd(_) => "FileEnd",
+        GuestMsg::Pong(_) => "Pong",
+    }
+}
+
+/// Whether this message ends its operation.
+fn is_terminal(m: &GuestMsg) -> bool {
+    matches!(
+        m,
+        GuestMsg::Done
+            | GuestMsg::Error(_)
+            | GuestMsg::Exited(_)
+            | GuestMsg::FileEnd(_)
+            | GuestMsg::Pong(_)
+    )
+}
+
+/// Reads guest frames until the stream ends or the guest misbehaves.
+async fn route<R: AsyncRead + Unpin>(mut reader: FrameReader<R>, inner: Arc<Inner>) {
+    let reason = loop {
+        let env = match reader.next::<GuestMsg>().await {
+            Ok(Some(env)) => env,
+            Ok(None) => break "guest hung up".to_string(),
+            Err(e) => break format!("{e}"),
+        };
+        if let Err(reason) = dispatch(&inner, env.op, env.msg).await {
+            break format!("protocol violation by the guest: {reason}");
+        }
+    };
+    inner.close(reason);
+}
+
+/// Checks one guest message against the operation's state and hands it on.
+async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
+    if op == CONNECTION_OP {
+        return Err(format!("unexpected {} on the connection", msg_name(&msg)));
+    }
+    let len = msg.data_len();
+    check_chunk(len).map_err(|e| e.to_string())?;
+    let mut auto_grant = None;
+    {
+        let mut table = inner.lock();
+        let slot = table
+            .slots
+            .get_mut(&op)
+            .ok_or_else(|| format!("{} for unknown operation {op}", msg_name(&msg)))?;
+        if let GuestMsg::Credit(n) = msg {
+            if n > slot.sent_unacked {
+                return Err(format!(
+                    "credit {n} exceeds {} bytes sent",
+                    slot.sent_unacked
+                ));
+            }
+            slot.sent_unacked -= n;
+            slot.send_credit.add_permits(n as usize);
+            return Ok(());
+        }
+        slot.uncredited += len as u32;
+        if slot.uncredited > STREAM_WINDOW {
+            return Err(format!("operation {op} exceeded its credit window"));
+        }
+        let terminal = is_terminal(&msg);
+        if slot.tx.send(msg).is_err() && len > 0 {
+            // Nobody is listening any more: keep the guest unblocked until the op ends.
+            slot.uncredited -= len as u32;
+            auto_grant = Some(len as u32);
+        }
+        if terminal {
+            if let Some(slot) = table.slots.remove(&op) {
+                // Wake any sender still waiting for credit this op will never grant.
+                slot.send_credit.close();
+            }
+            auto_grant = None;
+        }
+    }
+    if let Some(n) = auto_grant {
+        inner
+            .send(op, &HostMsg::Credit(n))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A running process in the guest.
+pub struct Exec {
+    op: OpHandle,
+    pid: u32,
+}
+
+/// A cloneable handle for feeding a process's stdin and signalling it.
+#[derive(Clone)]
+pub struct ExecControl {
+    op: u32,
+    inner: Arc<Inner>,
+    send_credit: Arc<Semaphore>,
+}
+
+impl Exec {
+    /// The process id inside the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A handle for stdin and signals that can move to another task.
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            op: self.op.op,
+            inner: self.op.inner.clone(),
+            send_credit: self.op.send_credit.clone(),
+        }
+    }
+
+    /// The next output or the exit. After `Exited`, the channel reports the op as over.
+    pub async fn next_event(&mut self) -> Result<ExecEvent, ChannelError> {
+        let ev = match self.op.recv().await? {
+            GuestMsg::Stdout(d) => ExecEvent::Stdout(d),
+            GuestMsg::Stderr(d) => ExecEvent::Stderr(d),
+            GuestMsg::Exited(info) => return Ok(ExecEvent::Exited(info)),
+            other => return Err(unexpected("process output", &other)),
+        };
+        let n = match &ev {
+            ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => d.len(),
+            ExecEvent::Exited(_) => 0,
+        };
+        self.op.consumed(n).await?;
+        Ok(ev)
+    }
+}
+
+impl ExecControl {
+    /// Streams bytes to the process's stdin, respecting the guest's credit.
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ChannelError> {
+        for chunk in data.chunks(MAX_CHUNK) {
+            self.inner
+                .send_data(self.op, &self.send_credit, HostMsg::Stdin(chunk.to_vec()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub async fn close_stdin(&self) -> Result<(), ChannelError> {
+        self.inner.send(self.op, &HostMsg::StdinEof).await
+    }
+
+    /// Sends `signal` to the process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), ChannelError> {
+        self.inner.send(self.op, &HostMsg::Signal(signal)).await
+    }
+}

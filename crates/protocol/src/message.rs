@@ -1,0 +1,230 @@
+//! The messages each side may send. Variant order is part of the wire format (postcard encodes
+//! the variant index); append new variants at the end and bump [`crate::PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+/// What travels inside one frame: an operation id and one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<M> {
+    /// Operation this message belongs to; [`crate::CONNECTION_OP`] for connection-level ones.
+    pub op: u32,
+    /// The message itself.
+    pub msg: M,
+}
+
+/// Messages the host sends to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMsg {
+    /// Opens the connection: the versions the host can speak.
+    Hello(Hello),
+    /// One-time boot setup: entropy, clock and identity from the host. Answered by `Done`.
+    Setup(Setup),
+    /// Starts a process. Answered by `Started` (or `Error`), output, then `Exited`.
+    Exec(ExecRequest),
+    /// Bytes for the process's stdin (at most [`crate::MAX_CHUNK`], within credit).
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Closes the process's stdin.
+    StdinEof,
+    /// Sends a signal to the process's whole process group.
+    Signal(i32),
+    /// Grants the peer this many more bytes of data for this operation.
+    Credit(u32),
+    /// Starts writing a file; followed by `FileData` chunks and `FileEof`, answered by `Done`.
+    WriteFile(WriteFileRequest),
+    /// A chunk of a file being written.
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Ends the file being written.
+    FileEof,
+    /// Reads a file; answered by `FileData` chunks and `FileEnd`, or `Error`.
+    ReadFile(ReadFileRequest),
+    /// Liveness check, answered by `Pong` with the same nonce.
+    Ping(u64),
+    /// Syncs filesystems and powers the VM off; answered by `Done` just before.
+    Shutdown,
+}
+
+/// Messages the guest agent sends to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMsg {
+    /// Answer to `Hello`: the version chosen and who is speaking.
+    Welcome(Welcome),
+    /// The operation succeeded and is over.
+    Done,
+    /// The operation failed and is over.
+    Error(OpError),
+    /// The process is running with this pid (inside the guest).
+    Started(u32),
+    /// Bytes the process wrote to stdout.
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Bytes the process wrote to stderr.
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process ended; the operation is over.
+    Exited(ExitInfo),
+    /// Grants the host this many more bytes of data (stdin, file data) for this operation.
+    Credit(u32),
+    /// A chunk of a file being read.
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The file being read ended after this many bytes; the operation is over.
+    FileEnd(u64),
+    /// Answer to `Ping`.
+    Pong(u64),
+}
+
+/// Opening message of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::MAGIC`].
+    pub magic: [u8; 4],
+    /// Oldest version the host speaks.
+    pub min_version: u16,
+    /// Newest version the host speaks.
+    pub max_version: u16,
+}
+
+/// The guest's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Always [`crate::MAGIC`].
+    pub magic: [u8; 4],
+    /// Version chosen for this connection.
+    pub version: u16,
+    /// The agent's own version string, for diagnostics.
+    pub agent: String,
+    /// The guest kernel's release (`uname -r`).
+    pub kernel_release: String,
+}
+
+/// Boot-time facts only the host can supply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Random bytes to credit to the guest kernel's entropy pool (then reseed).
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Host wall clock: seconds since the Unix epoch.
+    pub unix_secs: u64,
+    /// Host wall clock: nanoseconds within the second.
+    pub unix_nanos: u32,
+    /// Hostname to give the guest.
+    pub hostname: String,
+}
+
+/// A process to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH` when it has no slash.
+    pub argv: Vec<String>,
+    /// Extra environment, applied over the agent's default environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when absent.
+    pub cwd: Option<String>,
+    /// User id to run as; root when absent.
+    pub uid: Option<u32>,
+    /// Group id to run as; the uid's value when absent.
+    pub gid: Option<u32>,
+    /// Whether the host will stream stdin; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+    /// Kill the process group after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// Exited normally with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Final report of an exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// How the process ended.
+    pub status: ExitStatus,
+    /// Whether the agent killed it because its timeout passed.
+    pub timed_out: bool,
+}
+
+/// A file to write in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFileRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Permission bits of the file.
+    pub mode: u32,
+    /// Create missing parent directories.
+    pub make_parents: bool,
+}
+
+/// A file to read from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFileRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Fail with `TooLarge` instead of sending more than this many bytes.
+    pub max_bytes: u64,
+}
+
+/// Stable category of a failed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A file or program does not exist.
+    NotFound,
+    /// Permission denied.
+    PermissionDenied,
+    /// The request was malformed or not allowed in this state.
+    InvalidRequest,
+    /// A size limit was exceeded.
+    TooLarge,
+    /// Any other I/O failure.
+    Io,
+    /// No common protocol version.
+    UnsupportedVersion,
+}
+
+/// A failed operation: a category plus a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError {
+    /// Stable category.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for OpError {}
+
+impl GuestMsg {
+    /// Bytes of flow-controlled data this message carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            GuestMsg::Stdout(d) | GuestMsg::Stderr(d) | GuestMsg::FileData(d) => d.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl HostMsg {
+    /// Bytes of flow-controlled data this message carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            HostMsg::Stdin(d) | HostMsg::FileData(d) => d.len(),
+            _ => 0,
+        }
+    }
+}

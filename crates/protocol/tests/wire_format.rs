@@ -1,0 +1,104 @@
+//! Freezes the wire format: these exact bytes must keep decoding the same way, and encoding
+//! must keep producing them. A failure here means an incompatible protocol change: bump
+//! `PROTOCOL_VERSION` and add new golden frames instead of editing these.
+
+use hutch_protocol::{
+    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, HostMsg, Setup, Welcome,
+    MAGIC,
+};
+
+fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
+    vec![
+        (
+            0,
+            hutch_protocol::handshake::hello(),
+            "080000000000485443480101",
+        ),
+        (7, HostMsg::Ping(42), "03000000070b2a"),
+        (3, HostMsg::Stdin(b"hi".to_vec()), "050000000303026869"),
+        (3, HostMsg::StdinEof, "020000000304"),
+        (3, HostMsg::Signal(15), "0300000003051e"),
+        (3, HostMsg::Credit(65536), "050000000306808004"),
+        (
+            9,
+            HostMsg::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "true".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: Some("/tmp".into()),
+                uid: None,
+                gid: None,
+                stdin: true,
+                timeout_ms: Some(1000),
+            }),
+            "1f000000090203027368022d630474727565010141016201042f746d7000000101e807",
+        ),
+        (
+            1,
+            HostMsg::Setup(Setup {
+                entropy: vec![1, 2, 3],
+                unix_secs: 1_700_000_000,
+                unix_nanos: 5,
+                hostname: "vm".into(),
+            }),
+            "0f00000001010301020380e2cfaa060502766d",
+        ),
+    ]
+}
+
+fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
+    vec![
+        (
+            0,
+            GuestMsg::Welcome(Welcome {
+                magic: MAGIC,
+                version: 1,
+                agent: "a".into(),
+                kernel_release: "k".into(),
+            }),
+            "0b000000000048544348010161016b",
+        ),
+        (4, GuestMsg::Started(77), "0300000004034d"),
+        (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),
+        (4, GuestMsg::Stderr(vec![]), "03000000040500"),
+        (
+            4,
+            GuestMsg::Exited(ExitInfo {
+                status: ExitStatus::Signal(9),
+                timed_out: true,
+            }),
+            "050000000406011201",
+        ),
+        (5, GuestMsg::FileEnd(300), "040000000509ac02"),
+        (6, GuestMsg::Pong(42), "03000000060a2a"),
+    ]
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    hex::decode(s).expect("golden hex")
+}
+
+#[test]
+fn host_messages_have_frozen_encoding() {
+    for (op, msg, wire) in golden_host() {
+        assert_eq!(
+            hex::encode(encode(op, &msg).unwrap()),
+            hex::encode(hex(wire)),
+            "{msg:?}"
+        );
+        let got: Envelope<HostMsg> = decode(&hex(wire)[4..]).unwrap();
+        assert_eq!(got, Envelope { op, msg });
+    }
+}
+
+#[test]
+fn guest_messages_have_frozen_encoding() {
+    for (op, msg, wire) in golden_guest() {
+        assert_eq!(
+            hex::encode(encode(op, &msg).unwrap()),
+            hex::encode(hex(wire)),
+            "{msg:?}"
+        );
+        let got: Envelope<GuestMsg> = decode(&hex(wire)[4..]).unwrap();
+        assert_eq!(got, Envelope { op, msg });
+    }
+}

@@ -1,0 +1,799 @@
+//! The QEMU `microvm` backend.
+//!
+//! One VM is one `qemu-system-x86_64 -M microvm,acpi=on` process, started with `-name
+//! hutch-<id>` so it can be found in `ps`, and owning one directory:
+//!
+//! ```text
+//! RUN_DIR/channel.sock   host end of the virtio-serial port "hutch.0" (the agent's channel)
+//! RUN_DIR/qmp.sock       QMP, used for a clean `quit`
+//! RUN_DIR/console.log    the serial console (ttyS0), copied by Hutch, size-capped
+//! RUN_DIR/qemu.pid       QEMU's pidfile, for a restarted daemon to reconcile
+//! RUN_DIR/scratch.ext4   the writable scratch disk (sparse, ext4 labelled "hutch-scratch")
+//! ```
+//!
+//! virtio-mmio devices are discovered by the guest through ACPI (`acpi=on`), so no
+//! `virtio_mmio.device=` kernel arguments are needed. Disks carry virtio serials (`hutch-root`,
+//! `hutch-scratch`) because their order under ACPI discovery is not a contract.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::process::Child;
+use tokio::task::JoinHandle;
+
+use crate::console::spawn_copier;
+use crate::spawn::{condense, spawn_guarded, StderrTail};
+use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
+use crate::{find_qemu, validate_id, Accel, Vm, VmSpec, Vmm, VmmError};
+
+/// The virtio-serial port name the guest agent looks for (`/sys/class/virtio-ports/*/name`).
+pub const CHANNEL_PORT_NAME: &str = "hutch.0";
+
+/// The ext4 label of the scratch disk; the guest agent mounts the disk by this label.
+pub const SCRATCH_LABEL: &str = "hutch-scratch";
+
+/// The most bytes of guest console kept in `console.log` (8 MiB).
+pub const CONSOLE_LOG_LIMIT: u64 = 8 << 20;
+
+/// How long QEMU gets to create its sockets.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean QMP `quit` may take before SIGKILL.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a SIGKILLed process may take to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `mkfs.ext4` may take.
+const MKFS_TIMEOUT: Duration = Duration::from_secs(60);
+/// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+/// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
+const CMDLINE_MAX: usize = 2047;
+
+/// Seccomp policy for QEMU: no exec/fork, no privilege changes, no obsolete syscalls, no
+/// scheduler/affinity changes. A guest that escapes into QEMU gets less.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The QEMU `microvm` backend.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    qemu: PathBuf,
+    accel: Accel,
+    timer_args: bool,
+}
+
+impl QemuVmm {
+    /// A backend using `qemu-system-x86_64` from `$HUTCH_QEMU` or `$PATH`, running every VM under
+    /// `accel` (decide it with [`crate::probe_accel`]).
+    pub fn new(accel: Accel) -> Result<Self, VmmError> {
+        Ok(Self::with_binary(find_qemu()?, accel))
+    }
+
+    /// A backend using the given QEMU binary.
+    pub fn with_binary(qemu: PathBuf, accel: Accel) -> Self {
+        Self {
+            qemu,
+            accel,
+            timer_args: true,
+        }
+    }
+
+    /// Leaves out the TCG timer-calibration arguments (see [`crate::timer`]); for measuring
+    /// and debugging only: without them TCG boots stall in calibration (3 of 8 measured boots stalled for over 30 s).
+    pub fn without_timer_args(mut self) -> Self {
+        self.timer_args = false;
+        self
+    }
+
+    /// The accelerator VMs run under.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+}
+
+/// The files of one VM inside its run dir.
+#[derive(Debug, Clone)]
+pub(crate) struct RunPaths {
+    pub dir: PathBuf,
+    pub channel: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    pub pidfile: PathBuf,
+    pub scratch: PathBuf,
+}
+
+impl RunPaths {
+    pub(crate) fn new(dir: &Path) -> Result<Self, VmmError> {
+        let dir = std::path::absolute(dir).map_err(|e| VmmError::io("resolve", dir, e))?;
+        let p = RunPaths {
+            channel: dir.join("channel.sock"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.log"),
+            pidfile: dir.join("qemu.pid"),
+            scratch: dir.join("scratch.ext4"),
+            dir,
+        };
+        for sock in [&p.channel, &p.qmp] {
+            let len = sock.as_os_str().len();
+            if len > SUN_PATH_MAX {
+                return Err(VmmError::SocketPathTooLong {
+                    path: sock.clone(),
+                    len,
+                    max: SUN_PATH_MAX,
+                });
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// A path as a QEMU option value: UTF-8 only, with `,` doubled (QEMU's escape).
+fn opt_path(p: &Path) -> Result<String, VmmError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| VmmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))?;
+    Ok(s.replace(',', ",,"))
+}
+
+/// A path as a plain QEMU argument (no option parsing): UTF-8 only.
+fn plain_path(p: &Path) -> Result<String, VmmError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| VmmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))
+}
+
+/// The guest kernel command line: console and panic behaviour, TCG timer arguments, then the
+/// caller's extras.
+pub(crate) fn kernel_cmdline(
+    accel: Accel,
+    tsc: Option<HostTsc>,
+    extra: &[String],
+) -> Result<String, VmmError> {
+    // console=ttyS0: the microvm ISA serial port, captured to console.log.
+    // panic=-1 reboot=t: on panic reboot at once, and with -no-reboot QEMU then exits, so a dead
+    // guest becomes an exited process instead of a hung one; reboot=t uses the triple-fault
+    // method, which needs no firmware support.
+    let mut args: Vec<String> = ["console=ttyS0", "panic=-1", "reboot=t"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if accel == Accel::Tcg {
+        if let Some(tsc) = tsc {
+            args.extend(tcg_timer_args(tsc));
+        }
+    }
+    for a in extra {
+        if a.is_empty() || a.chars().any(|c| c.is_control()) {
+            return Err(VmmError::InvalidSpec(format!(
+                "kernel argument {a:?} is empty or has control characters"
+            )));
+        }
+        args.push(a.clone());
+    }
+    let line = args.join(" ");
+    if line.len() > CMDLINE_MAX {
+        return Err(VmmError::InvalidSpec(format!(
+            "kernel command line is {} bytes, over the {CMDLINE_MAX}-byte limit",
+            line.len()
+        )));
+    }
+    Ok(line)
+}
+
+/// The `-accel`/`-cpu` arguments for `accel`.
+pub(crate) fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+        // `max` (all features TCG can emulate) boots the Debian 6.1 cloud kernel on microvm.
+        Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
+    }
+}
+
+/// The full QEMU argument list for `spec` (without the program name).
+pub(crate) fn qemu_args(
+    spec: &VmSpec,
+    paths: &RunPaths,
+    accel: Accel,
+    cmdline: &str,
+) -> Result<Vec<String>, VmmError> {
+    let mut a: Vec<String> = Vec::with_capacity(64);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("hutch-{}", spec.id)]);
+    push(&["-M", "microvm,acpi=on"]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-sandbox", SANDBOX]);
+    push(&accel_args(accel));
+    push(&[
+        "-smp",
+        &spec.cpus.to_string(),
+        "-m",
+        &spec.memory_mib.to_string(),
+    ]);
+    push(&["-kernel", &plain_path(&spec.kernel)?]);
+    push(&["-initrd", &plain_path(&spec.initrd)?]);
+    push(&["-append", cmdline]);
+    push(&[
+        "-drive",
+        &format!(
+            "id=root,file={},format=raw,if=none,readonly=on",
+            opt_path(&spec.rootfs)?
+        ),
+        "-device",
+        "virtio-blk-device,drive=root,serial=hutch-root",
+    ]);
+    if spec.scratch_disk_mib > 0 {
+        push(&[
+            "-drive",
+            &format!(
+                "id=scratch,file={},format=raw,if=none,discard=unmap",
+                opt_path(&paths.scratch)?
+            ),
+            "-device",
+            "virtio-blk-device,drive=scratch,serial=hutch-scratch",
+        ]);
+    }
+    push(&["-device", "virtio-rng-device"]);
+    push(&[
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        &format!(
+            "socket,id=hutch0,path={},server=on,wait=off",
+            opt_path(&paths.channel)?
+        ),
+        "-device",
+        &format!("virtserialport,chardev=hutch0,name={CHANNEL_PORT_NAME}"),
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            opt_path(&paths.qmp)?
+        ),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    // The console goes to QEMU's stdout and Hutch copies it into console.log with a size cap;
+    // signal=off so a guest's ^C byte is not turned into a signal to QEMU.
+    push(&[
+        "-chardev",
+        "stdio,id=con,signal=off",
+        "-serial",
+        "chardev:con",
+    ]);
+    push(&["-pidfile", &plain_path(&paths.pidfile)?]);
+    Ok(a)
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|source| VmmError::InputFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Removes a run dir on drop unless disarmed: start's cleanup on every error path.
+struct RunDirGuard(Option<PathBuf>);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Creates the sparse scratch file and formats it.
+async fn make_scratch(path: &Path, mib: u64) -> Result<(), VmmError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| VmmError::io("create scratch disk", path, e))?;
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmmError::InvalidSpec(format!("scratch disk of {mib} MiB is too big")))?;
+    file.set_len(bytes)
+        .map_err(|e| VmmError::io("size scratch disk", path, e))?;
+    drop(file);
+    let mkfs = crate::host::find_in_path("mkfs.ext4").ok_or(VmmError::MkfsNotFound)?;
+    let out = tokio::process::Command::new(mkfs)
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            SCRATCH_LABEL,
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+        ])
+        .args(["-E", "root_owner=0:0"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(MKFS_TIMEOUT, out)
+        .await
+        .map_err(|_| VmmError::Mkfs {
+            path: path.to_path_buf(),
+            detail: format!("timed out after {}s", MKFS_TIMEOUT.as_secs()),
+        })?
+        .map_err(|e| VmmError::io("run mkfs.ext4 on", path, e))?;
+    if !out.status.success() {
+        return Err(VmmError::Mkfs {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                condense(&String::from_utf8_lossy(&out.stderr))
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn is_socket(p: &Path) -> bool {
+    std::fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// Kills and reaps a child that failed to start properly (bounded).
+async fn kill_and_reap(child: &mut Child) {
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        validate_id(&spec.id)?;
+        if spec.cpus == 0 {
+            return Err(VmmError::InvalidSpec("cpus must be at least 1".into()));
+        }
+        if spec.memory_mib < 64 {
+            return Err(VmmError::InvalidSpec(
+                "memory_mib must be at least 64".into(),
+            ));
+        }
+        check_readable("kernel", &spec.kernel)?;
+        check_readable("initrd", &spec.initrd)?;
+        check_readable("rootfs", &spec.rootfs)?;
+        let paths = RunPaths::new(&spec.run_dir)?;
+        let tsc = if self.accel == Accel::Tcg && self.timer_args {
+            tokio::task::spawn_blocking(host_tsc).await.ok().flatten()
+        } else {
+            None
+        };
+        let cmdline = kernel_cmdline(self.accel, tsc, &spec.extra_cmdline)?;
+        let args = qemu_args(spec, &paths, self.accel, &cmdline)?;
+
+        if let Some(parent) = paths.dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(VmmError::RunDirExists(paths.dir.clone()))
+            }
+            Err(e) => return Err(VmmError::io("create run dir", &paths.dir, e)),
+        }
+        let mut guard = RunDirGuard(Some(paths.dir.clone()));
+
+        if spec.scratch_disk_mib > 0 {
+            make_scratch(&paths.scratch, spec.scratch_disk_mib).await?;
+        }
+
+        tracing::debug!(id = %spec.id, qemu = %self.qemu.display(), ?args, "starting qemu");
+        let started = Instant::now();
+        let mut child = spawn_guarded(&self.qemu, &args)?;
+        let pid = child.id().unwrap_or(0);
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (stderr, stderr_task) = StderrTail::collect(stderr);
+        let console_task = match spawn_copier(stdout, &paths.console, CONSOLE_LOG_LIMIT) {
+            Ok(t) => t,
+            Err(e) => {
+                kill_and_reap(&mut child).await;
+                return Err(e);
+            }
+        };
+
+        // Ready when both sockets exist and QMP answers, i.e. QEMU has loaded the kernel and
+        // initrd and opened the disks. Sockets alone are not enough: QEMU creates them before
+        // it checks the kernel.
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
+                    console_task.abort();
+                    return Err(VmmError::QemuExited {
+                        status: status.to_string(),
+                        stderr: stderr.one_line(),
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    kill_and_reap(&mut child).await;
+                    console_task.abort();
+                    return Err(VmmError::io("wait for qemu", &self.qemu, e));
+                }
+            }
+            if is_socket(&paths.channel) && is_socket(&paths.qmp) {
+                // A failed check here usually means QEMU is exiting: loop to collect why.
+                let left = START_TIMEOUT.saturating_sub(started.elapsed());
+                if let Ok(Ok(())) = tokio::time::timeout(left, crate::qmp::ready(&paths.qmp)).await
+                {
+                    break;
+                }
+            }
+            if started.elapsed() > START_TIMEOUT {
+                kill_and_reap(&mut child).await;
+                console_task.abort();
+                return Err(VmmError::StartTimeout {
+                    what: format!("{} and {}", paths.channel.display(), paths.qmp.display()),
+                    secs: START_TIMEOUT.as_secs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(id = %spec.id, pid, accel = %self.accel, ms = started.elapsed().as_millis() as u64, "qemu started");
+        guard.0 = None;
+        Ok(Box::new(QemuVm {
+            id: spec.id.clone(),
+            pid,
+            accel: self.accel,
+            paths,
+            child: Mutex::new(Some(child)),
+            tasks: Mutex::new(vec![console_task, stderr_task]),
+            stderr,
+        }))
+    }
+}
+
+/// A VM run by [`QemuVmm`].
+pub struct QemuVm {
+    id: String,
+    pid: u32,
+    accel: Accel,
+    paths: RunPaths,
+    /// `None` once reaped by `destroy` or `Drop`.
+    child: Mutex<Option<Child>>,
+    /// The console copier and stderr collector.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stderr: StderrTail,
+}
+
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("accel", &self.accel)
+            .field("run_dir", &self.paths.dir)
+            .finish()
+    }
+}
+
+impl QemuVm {
+    /// QEMU's stderr so far (first 16 KiB), condensed to one line.
+    pub fn qemu_stderr(&self) -> String {
+        self.stderr.one_line()
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.paths.console
+    }
+
+    fn has_exited(&self) -> bool {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError> {
+        if self.has_exited() {
+            return Err(VmmError::NotRunning(self.id.clone()));
+        }
+        tokio::net::UnixStream::connect(&self.paths.channel)
+            .await
+            .map_err(|source| VmmError::Connect {
+                path: self.paths.channel.clone(),
+                source,
+            })
+    }
+
+    async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut child) = child {
+            if matches!(child.try_wait(), Ok(None)) {
+                // A clean quit first, so QEMU flushes the scratch disk and removes its sockets.
+                let qmp = self.paths.qmp.clone();
+                let clean = tokio::time::timeout(QUIT_TIMEOUT, async {
+                    crate::qmp::quit(&qmp).await?;
+                    child.wait().await
+                })
+                .await;
+                match clean {
+                    Ok(Ok(status)) => tracing::debug!(id = %self.id, %status, "qemu quit"),
+                    Ok(Err(e)) => tracing::debug!(id = %self.id, error = %e, "QMP quit failed"),
+                    Err(_) => tracing::debug!(id = %self.id, "QMP quit timed out"),
+                }
+            }
+            // By exact pid, via the unreaped child handle, so it cannot hit a recycled pid.
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.start_kill();
+                if tokio::time::timeout(REAP_TIMEOUT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    // Leave it for Drop to retry.
+                    *self.child.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(child);
+                    return Err(VmmError::KillFailed { pid: self.pid });
+                }
+            }
+        }
+        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            // Both end at EOF now that QEMU is gone; bounded in case a grandchild holds a pipe.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        match std::fs::remove_dir_all(&self.paths.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmmError::io("remove run dir", &self.paths.dir, e)),
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    /// Best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the run dir.
+    fn drop(&mut self) {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut child) = child else {
+            // Destroyed (or reaped) already; the run dir is gone unless destroy failed.
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
+            let _ = child.start_kill();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.paths.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(run_dir: &str) -> VmSpec {
+        VmSpec {
+            id: "sbx-1".into(),
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd.img".into(),
+            rootfs: "/images/root,v1.img".into(),
+            cpus: 2,
+            memory_mib: 512,
+            scratch_disk_mib: 1024,
+            run_dir: run_dir.into(),
+            extra_cmdline: vec!["hutch.debug=1".into()],
+        }
+    }
+
+    const TSC: HostTsc = HostTsc {
+        khz: 2_596_144,
+        invariant: true,
+    };
+
+    #[test]
+    fn command_line() {
+        let spec = spec("/run/hutch/vms/sbx-1");
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let cmdline = kernel_cmdline(Accel::Tcg, Some(TSC), &spec.extra_cmdline).unwrap();
+        assert_eq!(
+            cmdline,
+            "console=ttyS0 panic=-1 reboot=t tsc_early_khz=2596144 lpj=10384576 tsc=reliable \
+             no_timer_check hutch.debug=1"
+        );
+        let args = qemu_args(&spec, &paths, Accel::Tcg, &cmdline)
+            .unwrap()
+            .join(" ");
+        let want = [
+            "-name hutch-sbx-1 -M microvm,acpi=on -nodefaults -no-user-config -nographic -no-reboot",
+            "-accel tcg,thread=multi -cpu max -smp 2 -m 512",
+            "-kernel /k/vmlinuz -initrd /k/initrd.img -append console=ttyS0",
+            // A comma in a path is doubled for QEMU's option parser.
+            "-drive id=root,file=/images/root,,v1.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root,serial=hutch-root",
+            "-drive id=scratch,file=/run/hutch/vms/sbx-1/scratch.ext4,format=raw,if=none,discard=unmap -device virtio-blk-device,drive=scratch,serial=hutch-scratch",
+            "-device virtio-rng-device",
+            "-device virtio-serial-device -chardev socket,id=hutch0,path=/run/hutch/vms/sbx-1/channel.sock,server=on,wait=off -device virtserialport,chardev=hutch0,name=hutch.0",
+            "-chardev socket,id=qmp,path=/run/hutch/vms/sbx-1/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control",
+            "-chardev stdio,id=con,signal=off -serial chardev:con",
+            "-pidfile /run/hutch/vms/sbx-1/qemu.pid",
+        ];
+        for w in want {
+            assert!(args.contains(w), "missing {w:?} in\n{args}");
+        }
+        assert!(args.contains("-sandbox on,"));
+    }
+
+    #[test]
+    fn kvm_gets_host_cpu_and_no_timer_args() {
+        let spec = spec("/r/x");
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let cmdline = kernel_cmdline(Accel::Kvm, Some(TSC), &[]).unwrap();
+        assert_eq!(cmdline, "console=ttyS0 panic=-1 reboot=t");
+        let args = qemu_args(&spec, &paths, Accel::Kvm, &cmdline)
+            .unwrap()
+            .join(" ");
+        assert!(args.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn no_scratch_disk_when_zero() {
+        let mut spec = spec("/r/x");
+        spec.scratch_disk_mib = 0;
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0").unwrap();
+        assert!(!args.join(" ").contains("scratch"));
+    }
+
+    #[test]
+    fn socket_path_limit() {
+        let long = format!("/tmp/{}", "d".repeat(100));
+        match RunPaths::new(Path::new(&long)) {
+            Err(VmmError::SocketPathTooLong { len, max: 107, .. }) => assert!(len > 107),
+            other => panic!("expected SocketPathTooLong, got {other:?}"),
+        }
+        // 107 bytes exactly fits.
+        let dir = format!("/{}", "d".repeat(107 - "/channel.sock".len() - 1));
+        assert_eq!(Path::new(&dir).join("channel.sock").as_os_str().len(), 107);
+        assert!(RunPaths::new(Path::new(&dir)).is_ok());
+    }
+
+    #[test]
+    fn relative_run_dir_becomes_absolute() {
+        let p = RunPaths::new(Path::new("rel/x")).unwrap();
+        assert!(p.dir.is_absolute());
+        assert!(p.channel.starts_with(&p.dir));
+    }
+
+    #[test]
+    fn bad_kernel_args() {
+        assert!(kernel_cmdline(Accel::Tcg, None, &["a\nb".into()]).is_err());
+        assert!(kernel_cmdline(Accel::Tcg, None, &["".into()]).is_err());
+        assert!(kernel_cmdline(Accel::Tcg, None, &["x".repeat(3000)]).is_err());
+    }
+
+    #[tokio::test]
+    async fn start_validates_before_touching_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = QemuVmm::with_binary("/nonexistent/qemu".into(), Accel::Tcg);
+        let mut s = spec(dir.path().join("vm").to_str().unwrap());
+        s.kernel = dir.path().join("missing-vmlinuz");
+        let err = vmm.start(&s).await.unwrap_err();
+        assert!(
+            matches!(err, VmmError::InputFile { what: "kernel", .. }),
+            "{err:?}"
+        );
+        assert!(!dir.path().join("vm").exists());
+        s.id = "Bad_Id".into();
+        assert!(matches!(
+            vmm.start(&s).await.unwrap_err(),
+            VmmError::InvalidId { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn missing_qemu_is_a_clear_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let vmm = QemuVmm::with_binary(dir.path().join("no-qemu"), Accel::Tcg);
+        let s = VmSpec {
+            id: "t".into(),
+            kernel: f.clone(),
+            initrd: f.clone(),
+            rootfs: f.clone(),
+            cpus: 1,
+            memory_mib: 128,
+            scratch_disk_mib: 0,
+            run_dir: dir.path().join("vm"),
+            extra_cmdline: vec![],
+        };
+        let err = vmm.start(&s).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "qemu-system-x86_64 not found: install it with apt-get install qemu-system-x86"
+        );
+        assert!(!dir.path().join("vm").exists());
+    }
+
+    #[tokio::test]
+    async fn refuses_existing_run_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::create_dir(dir.path().join("vm")).unwrap();
+        std::fs::write(dir.path().join("vm/keep"), b"x").unwrap();
+        let vmm = QemuVmm::with_binary("/bin/false".into(), Accel::Tcg);
+        let s = VmSpec {
+            id: "t".into(),
+            kernel: f.clone(),
+            initrd: f.clone(),
+            rootfs: f.clone(),
+            cpus: 1,
+            memory_mib: 128,
+            scratch_disk_mib: 0,
+            run_dir: dir.path().join("vm"),
+            extra_cmdline: vec![],
+        };
+        assert!(matches!(
+            vmm.start(&s).await.unwrap_err(),
+            VmmError::RunDirExists(_)
+        ));
+        assert!(
+            dir.path().join("vm/keep").exists(),
+            "must not touch a dir it did not create"
+        );
+    }
+}

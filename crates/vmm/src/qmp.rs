@@ -1,0 +1,77 @@
+//! A minimal QMP client: just enough to ask QEMU to `quit`.
+
+use std::path::Path;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Longest QMP line we accept; QEMU's replies to our two commands are tiny.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Connects to QMP at `sock`, negotiates capabilities and runs `query-status`. QEMU serves QMP
+/// only once the machine (kernel, initrd, disks) is set up, so success means QEMU is past
+/// every start-up check, not just that its sockets exist.
+pub(crate) async fn ready(sock: &Path) -> std::io::Result<()> {
+    let stream = UnixStream::connect(sock).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    handshake(&mut rd, &mut wr).await?;
+    wr.write_all(b"{\"execute\":\"query-status\"}\n").await?;
+    expect_return(&mut rd, "query-status").await
+}
+
+async fn handshake<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<()>
+where
+    R: AsyncBufReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    // Greeting: {"QMP": {...}}
+    let greeting = read_line(rd).await?;
+    if !greeting.contains("\"QMP\"") {
+        return Err(std::io::Error::other("no QMP greeting"));
+    }
+    wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .await?;
+    expect_return(rd, "qmp_capabilities").await
+}
+
+/// Reads until the reply to the last command, skipping asynchronous events.
+async fn expect_return<R: AsyncBufReadExt + Unpin>(rd: &mut R, what: &str) -> std::io::Result<()> {
+    loop {
+        let line = read_line(rd).await?;
+        if line.contains("\"return\"") {
+            return Ok(());
+        }
+        if line.contains("\"error\"") {
+            return Err(std::io::Error::other(format!(
+                "{what}: {}",
+                crate::spawn::condense(&line)
+            )));
+        }
+    }
+}
+
+/// Connects to QMP at `sock`, negotiates capabilities and sends `quit`. The caller bounds the
+/// time and then waits for the process to exit.
+pub(crate) async fn quit(sock: &Path) -> std::io::Result<()> {
+    let stream = UnixStream::connect(sock).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    handshake(&mut rd, &mut wr).await?;
+    wr.write_all(b"{\"execute\":\"quit\"}\n").await?;
+    // QEMU replies and closes the socket as it exits; either is fine.
+    let _ = read_line(&mut rd).await;
+    Ok(())
+}
+
+async fn read_line<R: AsyncBufReadExt + Unpin>(rd: &mut R) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    let n = (&mut *rd)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

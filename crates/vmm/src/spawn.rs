@@ -1,0 +1,126 @@
+//! Spawning VMM processes that cannot outlive Hutch, and capturing their stderr with a bound.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::task::JoinHandle;
+
+use crate::VmmError;
+
+/// How much of a VMM's stderr is kept. The guest can provoke QEMU warnings, so this is bounded.
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// Spawns `program args…` with stdin from /dev/null and stdout/stderr piped, in its own process
+/// group (a terminal's Ctrl-C goes to Hutch, which decides), with `kill_on_drop`, and with
+/// `PR_SET_PDEATHSIG(SIGKILL)` so the kernel kills it if Hutch dies.
+///
+/// Note: Linux sends the death signal when the *thread* that forked exits. Tokio's worker threads
+/// and `block_on` threads live as long as the runtime, which is what we want; do not call this
+/// from a short-lived thread.
+pub(crate) fn spawn_guarded(program: &Path, args: &[String]) -> Result<Child, VmmError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody will ever kill us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            VmmError::QemuNotFound
+        } else {
+            VmmError::io("spawn", program, e)
+        }
+    })
+}
+
+/// The first [`STDERR_KEEP`] bytes of a process's stderr, collected in the background.
+#[derive(Clone, Default)]
+pub(crate) struct StderrTail(Arc<Mutex<Vec<u8>>>);
+
+impl StderrTail {
+    /// Starts draining `stderr` (all of it, so the process never blocks), keeping the start.
+    pub(crate) fn collect(stderr: ChildStderr) -> (Self, JoinHandle<()>) {
+        let tail = StderrTail::default();
+        let buf = tail.0.clone();
+        let task = tokio::spawn(async move {
+            let mut stderr = stderr;
+            let mut chunk = [0u8; 4096];
+            loop {
+                match stderr.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+                        let room = STDERR_KEEP.saturating_sub(b.len());
+                        b.extend_from_slice(&chunk[..n.min(room)]);
+                    }
+                }
+            }
+        });
+        (tail, task)
+    }
+
+    /// The collected stderr condensed to one line: QEMU's `qemu-system-x86_64: ` prefixes
+    /// dropped, lines joined with `; `, non-printable characters replaced, at most 400 chars.
+    pub(crate) fn one_line(&self) -> String {
+        let b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        condense(&String::from_utf8_lossy(&b))
+    }
+}
+
+pub(crate) fn condense(text: &str) -> String {
+    let joined = text
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            l.strip_prefix("qemu-system-x86_64: ")
+                .or_else(|| l.strip_prefix("qemu: "))
+                .unwrap_or(l)
+        })
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut out: String = joined
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(400)
+        .collect();
+    if out.is_empty() {
+        out.push_str("no output on stderr");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condenses_qemu_stderr() {
+        let s = "qemu-system-x86_64: could not load kernel '/nope': No such file or directory\n\n";
+        assert_eq!(
+            condense(s),
+            "could not load kernel '/nope': No such file or directory"
+        );
+        assert_eq!(condense("a\nb\x1b[31m\n"), "a; b?[31m");
+        assert_eq!(condense(""), "no output on stderr");
+        assert_eq!(condense(&"x".repeat(1000)).len(), 400);
+    }
+}
