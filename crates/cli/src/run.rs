@@ -42,9 +42,31 @@ pub async fn run(home: &Home, args: RunArgs) -> Result<i32, CliError> {
         }
     };
     let destroyed = sandbox.destroy().await;
-    let code = outcome?;
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) => match shell_code_for(&e) {
+            Some(code) => {
+                eprintln!("hutch: {}", crate::error::chain(&e));
+                code
+            }
+            None => return Err(e),
+        },
+    };
     destroyed?;
     Ok(code)
+}
+
+/// The shell's exit codes for a command that could not start: 127 not found, 126 not executable.
+fn shell_code_for(e: &CliError) -> Option<i32> {
+    use hutch_protocol::{host::ChannelError, ErrorCode};
+    match e {
+        CliError::Channel(ChannelError::Remote(op)) => match op.code {
+            ErrorCode::NotFound => Some(127),
+            ErrorCode::PermissionDenied => Some(126),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Runs `req` with this process's stdin, stdout and stderr attached.

@@ -96,10 +96,13 @@ pub fn fixture(test: &str) -> Option<Fixture> {
         );
         return None;
     }
-    let Some(kernel) = std::env::var_os("HUTCH_TEST_KERNEL").map(PathBuf::from) else {
+    let Some(kernel) = std::env::var_os("HUTCH_TEST_KERNEL")
+        .map(PathBuf::from)
+        .or_else(default_image_kernel)
+    else {
         skip(
             test,
-            "HUTCH_TEST_KERNEL is not set (path to a Debian cloud vmlinuz)",
+            "HUTCH_TEST_KERNEL is not set (path to a Debian cloud vmlinuz) and there is no default image in $HUTCH_HOME",
         );
         return None;
     };
@@ -150,9 +153,22 @@ pub fn fixture(test: &str) -> Option<Fixture> {
     })
 }
 
+/// The kernel of the `default` image built by `hutch image build` (in `$HUTCH_HOME`).
+fn default_image_kernel() -> Option<PathBuf> {
+    let home = std::env::var_os("HUTCH_HOME")
+        .map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from);
+    hutch_image::open(&home.join("images"), "default")
+        .ok()
+        .map(|i| i.kernel)
+}
+
 fn modules_dir(kernel: &Path) -> Option<PathBuf> {
     let dir = match std::env::var_os("HUTCH_TEST_MODULES") {
         Some(d) => PathBuf::from(d),
+        // An image's kernel artifact keeps its modules beside vmlinuz.
+        None if kernel.parent()?.join("modules/kernel").is_dir() => {
+            kernel.parent()?.join("modules")
+        }
         None => {
             let name = kernel.file_name()?.to_str()?;
             let version = name.strip_prefix("vmlinuz-")?;
