@@ -123,3 +123,164 @@ pub fn check_chunk(len: usize) -> Result<(), FrameError> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GuestMsg, HostMsg};
+    use tokio::io::AsyncWriteExt;
+
+    /// Splits a complete frame into its announced length and its body.
+    fn split(frame: &[u8]) -> (usize, &[u8]) {
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+        (len, &frame[4..])
+    }
+
+    #[test]
+    fn round_trips_every_shape() {
+        let msgs = [
+            GuestMsg::Done,
+            GuestMsg::Started(u32::MAX),
+            GuestMsg::Stdout(vec![0xAB; MAX_CHUNK]),
+            GuestMsg::Credit(7),
+            GuestMsg::FileEnd(u64::MAX),
+        ];
+        for (i, msg) in msgs.into_iter().enumerate() {
+            let op = 1000 + i as u32;
+            let frame = encode(op, &msg).unwrap();
+            let (len, body) = split(&frame);
+            assert_eq!(len, body.len(), "length prefix must match the body");
+            let env = decode::<GuestMsg>(body).unwrap();
+            assert_eq!((env.op, env.msg), (op, msg));
+        }
+    }
+
+    #[test]
+    fn decode_rejects_trailing_bytes() {
+        let frame = encode(3, &HostMsg::Ping(9)).unwrap();
+        let mut body = frame[4..].to_vec();
+        body.extend_from_slice(&[0, 0]);
+        assert!(matches!(
+            decode::<HostMsg>(&body),
+            Err(FrameError::Trailing(2))
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_bodies_over_max_frame() {
+        // A valid message followed by padding: the size check must fire before decoding.
+        let mut body = encode(1, &GuestMsg::Done).unwrap()[4..].to_vec();
+        body.resize(MAX_FRAME + 1, 0);
+        assert!(matches!(
+            decode::<GuestMsg>(&body),
+            Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_garbage_and_truncated_bodies() {
+        assert!(matches!(
+            decode::<GuestMsg>(&[]),
+            Err(FrameError::Malformed(_))
+        ));
+        // Op 1, variant index far past the end of GuestMsg.
+        assert!(matches!(
+            decode::<GuestMsg>(&[1, 0x7f]),
+            Err(FrameError::Malformed(_))
+        ));
+        // A Stdout announcing 100 bytes but carrying 3.
+        let frame = encode(1, &GuestMsg::Stdout(vec![1; 100])).unwrap();
+        assert!(matches!(
+            decode::<GuestMsg>(&frame[4..10]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn encode_refuses_bodies_over_max_frame() {
+        let fits = HostMsg::Stdin(vec![0; MAX_FRAME - 16]);
+        assert!(encode(1, &fits).is_ok());
+        let too_big = HostMsg::Stdin(vec![0; MAX_FRAME]);
+        match encode(1, &too_big) {
+            Err(FrameError::TooLarge(n)) => assert!(n > MAX_FRAME),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunk_limit_is_inclusive() {
+        assert!(check_chunk(MAX_CHUNK).is_ok());
+        assert!(matches!(
+            check_chunk(MAX_CHUNK + 1),
+            Err(FrameError::ChunkTooLarge(n)) if n == MAX_CHUNK + 1
+        ));
+    }
+
+    #[tokio::test]
+    async fn reader_reads_frames_then_clean_eof() {
+        let mut wire = encode(1, &GuestMsg::Started(5)).unwrap();
+        wire.extend(encode(2, &GuestMsg::Stdout(b"out".to_vec())).unwrap());
+        let mut r = FrameReader::new(&wire[..]);
+        let a = r.next::<GuestMsg>().await.unwrap().unwrap();
+        assert_eq!((a.op, a.msg), (1, GuestMsg::Started(5)));
+        let b = r.next::<GuestMsg>().await.unwrap().unwrap();
+        assert_eq!((b.op, b.msg), (2, GuestMsg::Stdout(b"out".to_vec())));
+        assert!(r.next::<GuestMsg>().await.unwrap().is_none());
+        // Stays at clean EOF.
+        assert!(r.next_body().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn reader_reports_truncation_mid_header_and_mid_body() {
+        let frame = encode(1, &GuestMsg::Stdout(vec![7; 32])).unwrap();
+        for cut in [1, 3, 4, 5, frame.len() - 1] {
+            let mut r = FrameReader::new(&frame[..cut]);
+            assert!(
+                matches!(r.next_body().await, Err(FrameError::Truncated)),
+                "cut at {cut} must be Truncated"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn reader_handles_bytes_arriving_one_at_a_time() {
+        let frame = encode(9, &GuestMsg::Pong(0xDEAD_BEEF)).unwrap();
+        let (mut tx, rx) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move {
+            for b in frame {
+                tx.write_all(&[b]).await.unwrap();
+            }
+        });
+        let mut r = FrameReader::new(rx);
+        let env = r.next::<GuestMsg>().await.unwrap().unwrap();
+        assert_eq!((env.op, env.msg), (9, GuestMsg::Pong(0xDEAD_BEEF)));
+        writer.await.unwrap();
+        assert!(r.next_body().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn reader_rejects_oversized_header_without_reading_the_body() {
+        for announced in [MAX_FRAME as u32 + 1, u32::MAX] {
+            // The header is followed by more bytes; none of them may be consumed.
+            let mut wire = announced.to_le_bytes().to_vec();
+            wire.extend_from_slice(b"rest-of-stream");
+            let mut src = &wire[..];
+            let mut r = FrameReader::new(&mut src);
+            assert!(matches!(
+                r.next_body().await,
+                Err(FrameError::TooLarge(n)) if n == announced as usize
+            ));
+            assert!(r.buf.capacity() < MAX_FRAME, "nothing may be allocated");
+            drop(r);
+            assert_eq!(src, b"rest-of-stream", "only the header may be read");
+        }
+    }
+
+    #[tokio::test]
+    async fn reader_accepts_a_body_of_exactly_max_frame() {
+        let mut wire = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        wire.resize(4 + MAX_FRAME, 0);
+        let mut r = FrameReader::new(&wire[..]);
+        assert_eq!(r.next_body().await.unwrap().unwrap().len(), MAX_FRAME);
+    }
+}

@@ -92,7 +92,13 @@ mod tests {
     #[test]
     fn picks_newest_common_version() {
         assert_eq!(choose_version(&offer(1, 9)), Ok(PROTOCOL_VERSION));
-        assert_eq!(choose_version(&offer(1, 1)), Ok(1));
+        let v = MIN_PROTOCOL_VERSION;
+        assert_eq!(choose_version(&offer(v, v)), Ok(v));
+        // A host that only speaks versions older than ours is refused.
+        assert!(matches!(
+            choose_version(&offer(1, v - 1)),
+            Err(HandshakeError::NoCommonVersion { .. })
+        ));
     }
 
     #[test]
@@ -101,7 +107,7 @@ mod tests {
             choose_version(&offer(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 5)),
             Err(HandshakeError::NoCommonVersion { .. })
         ));
-        let mut bad = offer(1, 1);
+        let mut bad = offer(PROTOCOL_VERSION, PROTOCOL_VERSION);
         bad.magic = *b"NOPE";
         assert_eq!(choose_version(&bad), Err(HandshakeError::BadMagic));
     }

@@ -76,6 +76,8 @@ struct Slot {
     to_grant: u32,
     /// Data bytes sent to the guest and not yet credited back by it.
     sent_unacked: u32,
+    /// Whether the guest already sent `Started` for this operation.
+    started: bool,
     send_credit: Arc<Semaphore>,
 }
 
@@ -251,6 +253,7 @@ impl Channel {
                     uncredited: 0,
                     to_grant: 0,
                     sent_unacked: 0,
+                    started: false,
                     send_credit: send_credit.clone(),
                 },
             );
@@ -420,12 +423,25 @@ async fn route<R: AsyncRead + Unpin>(mut reader: FrameReader<R>, inner: Arc<Inne
 }
 
 /// Checks one guest message against the operation's state and hands it on.
+///
+/// Every message that reaches an operation's queue is bounded: data messages carry at least
+/// one byte and are charged against the credit window, terminal messages end the operation,
+/// and an operation gets at most one `Started`. Anything else (a second `Welcome`, an empty
+/// data chunk, a repeated `Started`) would let the guest grow the queue of an operation the
+/// host is not reading without limit, so it ends the channel.
 async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
     if op == CONNECTION_OP {
         return Err(format!("unexpected {} on the connection", msg_name(&msg)));
     }
     let len = msg.data_len();
     check_chunk(len).map_err(|e| e.to_string())?;
+    match msg {
+        GuestMsg::Welcome(_) => return Err(format!("Welcome for operation {op}")),
+        GuestMsg::Stdout(_) | GuestMsg::Stderr(_) | GuestMsg::FileData(_) if len == 0 => {
+            return Err(format!("empty {} chunk for operation {op}", msg_name(&msg)))
+        }
+        _ => {}
+    }
     let mut auto_grant = None;
     {
         let mut table = inner.lock();
@@ -443,6 +459,12 @@ async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
             slot.sent_unacked -= n;
             slot.send_credit.add_permits(n as usize);
             return Ok(());
+        }
+        if let GuestMsg::Started(_) = msg {
+            if slot.started {
+                return Err(format!("second Started for operation {op}"));
+            }
+            slot.started = true;
         }
         slot.uncredited += len as u32;
         if slot.uncredited > STREAM_WINDOW {
@@ -536,5 +558,10 @@ impl ExecControl {
     /// Sends `signal` to the process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ChannelError> {
         self.inner.send(self.op, &HostMsg::Signal(signal)).await
+    }
+
+    /// Resizes the process's terminal (when it runs under one).
+    pub async fn resize(&self, size: crate::TtySize) -> Result<(), ChannelError> {
+        self.inner.send(self.op, &HostMsg::Resize(size)).await
     }
 }

@@ -24,10 +24,10 @@ pub use frame::{decode, encode, FrameError, FrameReader};
 pub use message::*;
 
 /// Protocol version implemented by this crate. Bumped on any incompatible wire change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Oldest protocol version this crate can still speak.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Magic bytes opening the handshake, so a stray peer is recognised at once.
 pub const MAGIC: [u8; 4] = *b"HTCH";

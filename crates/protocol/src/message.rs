@@ -41,6 +41,8 @@ pub enum HostMsg {
     Ping(u64),
     /// Syncs filesystems and powers the VM off; answered by `Done` just before.
     Shutdown,
+    /// New terminal size for an exec that runs under a PTY.
+    Resize(TtySize),
 }
 
 /// Messages the guest agent sends to the host.
@@ -125,6 +127,39 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// Kill the process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run under a pseudo-terminal of this size: stdin, stdout and stderr are its slave side,
+    /// and all output arrives as `Stdout`.
+    pub tty: Option<TtySize>,
+}
+
+impl ExecRequest {
+    /// A request for `argv` with defaults: root, `/`, no stdin, no timeout, no terminal.
+    pub fn new(argv: Vec<String>) -> ExecRequest {
+        ExecRequest {
+            argv,
+            env: vec![],
+            cwd: None,
+            uid: None,
+            gid: None,
+            stdin: false,
+            timeout_ms: None,
+            tty: None,
+        }
+    }
+
+    /// `sh -c script`.
+    pub fn shell(script: &str) -> ExecRequest {
+        ExecRequest::new(vec!["sh".into(), "-c".into(), script.into()])
+    }
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// How a process ended.

@@ -1,10 +1,11 @@
 //! Freezes the wire format: these exact bytes must keep decoding the same way, and encoding
 //! must keep producing them. A failure here means an incompatible protocol change: bump
-//! `PROTOCOL_VERSION` and add new golden frames instead of editing these.
+//! `PROTOCOL_VERSION` and add new golden frames instead of editing these. (Version 2 added
+//! `ExecRequest::tty` and `HostMsg::Resize`; nothing speaking version 1 was ever released.)
 
 use hutch_protocol::{
-    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, HostMsg, Setup, Welcome,
-    MAGIC,
+    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, HostMsg, Setup, TtySize,
+    Welcome, MAGIC,
 };
 
 fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
@@ -12,7 +13,7 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
         (
             0,
             hutch_protocol::handshake::hello(),
-            "080000000000485443480101",
+            "080000000000485443480202",
         ),
         (7, HostMsg::Ping(42), "03000000070b2a"),
         (3, HostMsg::Stdin(b"hi".to_vec()), "050000000303026869"),
@@ -22,15 +23,13 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
         (
             9,
             HostMsg::Exec(ExecRequest {
-                argv: vec!["sh".into(), "-c".into(), "true".into()],
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/tmp".into()),
-                uid: None,
-                gid: None,
                 stdin: true,
                 timeout_ms: Some(1000),
+                ..ExecRequest::shell("true")
             }),
-            "1f000000090203027368022d630474727565010141016201042f746d7000000101e807",
+            "20000000090203027368022d630474727565010141016201042f746d7000000101e80700",
         ),
         (
             1,
@@ -42,6 +41,22 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
             }),
             "0f00000001010301020380e2cfaa060502766d",
         ),
+        (
+            9,
+            HostMsg::Exec(ExecRequest {
+                tty: Some(TtySize { rows: 24, cols: 80 }),
+                ..ExecRequest::new(vec!["bash".into()])
+            }),
+            "110000000902010462617368000000000000011850",
+        ),
+        (
+            9,
+            HostMsg::Resize(TtySize {
+                rows: 50,
+                cols: 132,
+            }),
+            "05000000090d328401",
+        ),
     ]
 }
 
@@ -51,11 +66,11 @@ fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
             0,
             GuestMsg::Welcome(Welcome {
                 magic: MAGIC,
-                version: 1,
+                version: 2,
                 agent: "a".into(),
                 kernel_release: "k".into(),
             }),
-            "0b000000000048544348010161016b",
+            "0b000000000048544348020161016b",
         ),
         (4, GuestMsg::Started(77), "0300000004034d"),
         (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),
