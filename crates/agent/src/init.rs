@@ -196,27 +196,20 @@ fn mount_runtime_dirs() -> Result<(), BootError> {
         nosuid_noexec() - MsFlags::MS_NODEV,
         "newinstance,ptmxmode=0666,mode=0620",
     )?;
-    mount_fs(
-        "tmpfs",
-        "/dev/shm",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
-    )?;
-    mount_fs(
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
-    )?;
-    mount_fs(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=0755",
-    )
+    for (target, mode) in [
+        ("/dev/shm", "mode=1777"),
+        ("/tmp", "mode=1777"),
+        ("/run", "mode=0755"),
+    ] {
+        mount_fs(
+            "tmpfs",
+            target,
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            mode,
+        )?;
+    }
+    Ok(())
 }
 
 /// Polls `find` until it yields, for at most [`DEVICE_WAIT`].

@@ -19,6 +19,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(false)
         .without_time()
         .init();
     let args: Vec<String> = std::env::args().collect();

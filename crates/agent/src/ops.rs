@@ -1,21 +1,28 @@
 //! The exec operation: run a process, stream its stdin/stdout/stderr, report how it ended.
 
 use std::{
-    os::{fd::OwnedFd, unix::process::CommandExt},
-    process::{Command, Stdio},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    process::{Child, Command, Stdio},
     sync::Arc,
     time::Duration,
 };
 
-use hutch_protocol::{ErrorCode, ExecRequest, ExitInfo, GuestMsg, OpError, MAX_CHUNK};
+use hutch_protocol::{ErrorCode, ExecRequest, ExitInfo, GuestMsg, OpError, TtySize, MAX_CHUNK};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::unix::pipe,
     sync::{mpsc, Semaphore},
+    task::JoinHandle,
 };
 
-use crate::server::{invalid, Conn, Input, OpIo};
+use crate::{
+    fdstream::FdStream,
+    server::{invalid, Conn, Input, OpIo},
+};
 
 /// How long output may keep arriving after the process exited (from background children
 /// still holding its pipes) before the agent stops reading and reports the exit.
@@ -31,38 +38,21 @@ pub async fn exec(conn: Arc<Conn>, op: u32, req: ExecRequest, io: OpIo) {
 }
 
 async fn run(conn: &Arc<Conn>, op: u32, req: ExecRequest, io: OpIo) -> Result<ExitInfo, OpError> {
-    let mut cmd = command(&req)?;
+    let pty = req.tty.map(open_pty).transpose()?;
+    let mut cmd = command(&req, pty.as_ref().map(|p| &p.slave))?;
     let (mut child, mut exited) = conn
         .reaper
         .spawn(&mut cmd)
         .map_err(|e| spawn_error(&req.argv[0], e))?;
+    // The command holds copies of the terminal's slave side; only the child may keep one.
+    drop(cmd);
     let pid = child.id() as i32;
     conn.set_pgid(op, pid);
     conn.send(op, GuestMsg::Started(pid as u32));
-
-    let stdout = receiver(child.stdout.take().map(OwnedFd::from))?;
-    let stderr = receiver(child.stderr.take().map(OwnedFd::from))?;
-    let pumps = [
-        tokio::spawn(pump(
-            conn.clone(),
-            op,
-            stdout,
-            io.credit.clone(),
-            GuestMsg::Stdout,
-        )),
-        tokio::spawn(pump(
-            conn.clone(),
-            op,
-            stderr,
-            io.credit.clone(),
-            GuestMsg::Stderr,
-        )),
-    ];
-    let stdin = match child.stdin.take() {
-        Some(s) => Some(pipe::Sender::from_owned_fd(OwnedFd::from(s)).map_err(io_error)?),
-        None => None,
+    let pumps = match pty {
+        Some(pty) => wire_pty(conn, op, pty, io)?,
+        None => wire_pipes(conn, op, &mut child, io)?,
     };
-    tokio::spawn(feed(conn.clone(), op, stdin, io.input));
 
     let mut timed_out = false;
     let status = match req.timeout_ms {
@@ -87,8 +77,51 @@ async fn run(conn: &Arc<Conn>, op: u32, req: ExecRequest, io: OpIo) -> Result<Ex
     Ok(ExitInfo { status, timed_out })
 }
 
+/// Streams the child's stdout and stderr pipes to the host and feeds its stdin pipe.
+fn wire_pipes(
+    conn: &Arc<Conn>,
+    op: u32,
+    child: &mut Child,
+    io: OpIo,
+) -> Result<Vec<JoinHandle<()>>, OpError> {
+    let stdout = receiver(child.stdout.take().map(OwnedFd::from))?;
+    let stderr = receiver(child.stderr.take().map(OwnedFd::from))?;
+    let stdin = match child.stdin.take() {
+        Some(s) => Some(pipe::Sender::from_owned_fd(OwnedFd::from(s)).map_err(io_error)?),
+        None => None,
+    };
+    tokio::spawn(feed(conn.clone(), op, stdin, io.input));
+    Ok(vec![
+        tokio::spawn(pump(
+            conn.clone(),
+            op,
+            stdout,
+            io.credit.clone(),
+            GuestMsg::Stdout,
+        )),
+        tokio::spawn(pump(conn.clone(), op, stderr, io.credit, GuestMsg::Stderr)),
+    ])
+}
+
+/// Streams the terminal's master side to the host (as stdout) and feeds it stdin.
+fn wire_pty(conn: &Arc<Conn>, op: u32, pty: Pty, io: OpIo) -> Result<Vec<JoinHandle<()>>, OpError> {
+    drop(pty.slave);
+    let master = Arc::new(pty.master);
+    conn.set_tty(op, master.clone());
+    let stream = FdStream::new(dup(&master)?).map_err(io_error)?;
+    let (read, write) = tokio::io::split(stream);
+    tokio::spawn(feed(conn.clone(), op, Some(write), io.input));
+    Ok(vec![tokio::spawn(pump(
+        conn.clone(),
+        op,
+        Some(read),
+        io.credit,
+        GuestMsg::Stdout,
+    ))])
+}
+
 /// Builds the command: clean environment, own session (so signals reach the whole group).
-fn command(req: &ExecRequest) -> Result<Command, OpError> {
+fn command(req: &ExecRequest, pty: Option<&OwnedFd>) -> Result<Command, OpError> {
     let Some(program) = req.argv.first() else {
         return Err(invalid("exec needs a program"));
     };
@@ -113,23 +146,39 @@ fn command(req: &ExecRequest) -> Result<Command, OpError> {
         )
         .env("LANG", "C.UTF-8")
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(cwd);
+    match pty {
+        Some(slave) => {
+            let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(io_error);
+            cmd.stdin(dup(slave)?)
+                .stdout(dup(slave)?)
+                .stderr(dup(slave)?);
+            cmd.env("TERM", "xterm-256color");
+        }
+        None => {
+            let stdin = if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            };
+            cmd.stdin(stdin)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
     if let Some(uid) = req.uid {
         cmd.uid(uid).gid(req.gid.unwrap_or(uid));
     } else if let Some(gid) = req.gid {
         cmd.gid(gid);
     }
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    let with_tty = pty.is_some();
+    // SAFETY: setsid and ioctl are async-signal-safe and touch no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if with_tty && libc::ioctl(0, libc::TIOCSCTTY as libc::Ioctl, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -168,7 +217,7 @@ async fn pump(
 async fn feed(
     conn: Arc<Conn>,
     op: u32,
-    mut stdin: Option<pipe::Sender>,
+    mut stdin: Option<impl AsyncWrite + Unpin>,
     mut input: mpsc::UnboundedReceiver<Input>,
 ) {
     while let Some(item) = input.recv().await {
@@ -190,12 +239,54 @@ fn spawn_error(program: &str, e: std::io::Error) -> OpError {
     let (code, what) = match e.kind() {
         std::io::ErrorKind::NotFound => (ErrorCode::NotFound, "command not found"),
         std::io::ErrorKind::PermissionDenied => (ErrorCode::PermissionDenied, "permission denied"),
-        _ => (ErrorCode::Io, "cannot start"),
+        _ => {
+            return OpError {
+                code: ErrorCode::Io,
+                message: format!("cannot start {program}: {e}"),
+            }
+        }
     };
     OpError {
         code,
         message: format!("{what}: {program}"),
     }
+}
+
+/// Both ends of a new pseudo-terminal.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+/// Opens a pseudo-terminal of `size`.
+fn open_pty(size: TtySize) -> Result<Pty, OpError> {
+    let ws = nix::pty::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| io_error(e.into()))?;
+    Ok(Pty {
+        master: pty.master,
+        slave: pty.slave,
+    })
+}
+
+/// Sets the size of the terminal whose master side is `master`.
+pub fn resize(master: &OwnedFd, size: TtySize) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize we own from a valid descriptor.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ as libc::Ioctl, &ws) };
+}
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, OpError> {
+    fd.try_clone().map_err(io_error)
 }
 
 /// Maps a local I/O failure to an operation error.

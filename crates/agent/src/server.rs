@@ -56,6 +56,8 @@ struct OpEntry {
     input: mpsc::UnboundedSender<Input>,
     credit: Arc<Semaphore>,
     pgid: Option<i32>,
+    /// Master side of the exec's terminal, when it runs under one.
+    tty: Option<Arc<OwnedFd>>,
 }
 
 /// Shared state of one connection.
@@ -110,6 +112,25 @@ impl Conn {
         }
     }
 
+    /// Records the terminal that `Resize` messages for `op` apply to.
+    pub fn set_tty(&self, op: u32, master: Arc<OwnedFd>) {
+        if let Some(e) = self.ops.lock().expect("ops lock").get_mut(&op) {
+            e.tty = Some(master);
+        }
+    }
+
+    fn resize(&self, op: u32, size: hutch_protocol::TtySize) {
+        let tty = self
+            .ops
+            .lock()
+            .expect("ops lock")
+            .get(&op)
+            .and_then(|e| e.tty.clone());
+        if let Some(master) = tty {
+            ops::resize(&master, size);
+        }
+    }
+
     /// Waits until everything queued so far has been written.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -131,6 +152,7 @@ impl Conn {
                 input: tx,
                 credit: credit.clone(),
                 pgid: None,
+                tty: None,
             },
         );
         Ok(OpIo { input: rx, credit })
@@ -191,6 +213,7 @@ impl Conn {
             HostMsg::Signal(sig) => self.signal(op, sig),
             HostMsg::Credit(n) => self.grant(op, n),
             HostMsg::Ping(n) => self.send(op, GuestMsg::Pong(n)),
+            HostMsg::Resize(size) => self.resize(op, size),
             HostMsg::Shutdown => {
                 let c = self.clone();
                 tokio::spawn(async move { setup::shutdown(&c, op).await });

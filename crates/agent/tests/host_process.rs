@@ -45,18 +45,6 @@ async fn agent() -> Agent {
     Agent { child, channel }
 }
 
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![],
-        cwd: None,
-        uid: None,
-        gid: None,
-        stdin: false,
-        timeout_ms: None,
-    }
-}
-
 /// Collects stdout, stderr and the exit status.
 async fn collect(mut exec: Exec) -> (Vec<u8>, Vec<u8>, hutch_protocol::ExitInfo) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -82,7 +70,7 @@ async fn exit_codes_signals_and_separate_streams() {
     let a = agent().await;
     let (out, err, info) = collect(
         a.channel
-            .exec(sh("echo out; echo err >&2; exit 7"))
+            .exec(ExecRequest::shell("echo out; echo err >&2; exit 7"))
             .await
             .unwrap(),
     )
@@ -92,7 +80,13 @@ async fn exit_codes_signals_and_separate_streams() {
         (&b"out\n"[..], &b"err\n"[..])
     );
     assert_eq!(info.status, ExitStatus::Code(7));
-    let (_, _, info) = collect(a.channel.exec(sh("kill -SEGV $$")).await.unwrap()).await;
+    let (_, _, info) = collect(
+        a.channel
+            .exec(ExecRequest::shell("kill -SEGV $$"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(info.status, ExitStatus::Signal(11));
     assert_eq!(info.status.shell_code(), 139);
     // A crashing child does not take the agent down.
@@ -102,7 +96,7 @@ async fn exit_codes_signals_and_separate_streams() {
 #[tokio::test]
 async fn stdin_round_trip_of_a_megabyte() {
     let a = agent().await;
-    let mut req = sh("cat");
+    let mut req = ExecRequest::shell("cat");
     req.stdin = true;
     let exec = a.channel.exec(req).await.unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -127,7 +121,10 @@ async fn concurrent_execs_do_not_mix() {
         let ch = a.channel.clone();
         set.spawn(async move {
             let script = format!("for n in $(seq 1 2000); do echo task{i}-$n; done");
-            (i, collect(ch.exec(sh(&script)).await.unwrap()).await)
+            (
+                i,
+                collect(ch.exec(ExecRequest::shell(&script)).await.unwrap()).await,
+            )
         });
     }
     while let Some(res) = set.join_next().await {
@@ -143,7 +140,7 @@ async fn concurrent_execs_do_not_mix() {
 #[tokio::test]
 async fn timeout_kills_the_process_group() {
     let a = agent().await;
-    let mut req = sh("sleep 30 & sleep 30");
+    let mut req = ExecRequest::shell("sleep 30 & sleep 30");
     req.timeout_ms = Some(300);
     let started = std::time::Instant::now();
     let (_, _, info) = collect(a.channel.exec(req).await.unwrap()).await;
@@ -155,7 +152,11 @@ async fn timeout_kills_the_process_group() {
 #[tokio::test]
 async fn host_signal_reaches_the_process() {
     let a = agent().await;
-    let exec = a.channel.exec(sh("sleep 30")).await.unwrap();
+    let exec = a
+        .channel
+        .exec(ExecRequest::shell("sleep 30"))
+        .await
+        .unwrap();
     exec.control().signal(15).await.unwrap();
     let (_, _, info) = collect(exec).await;
     assert_eq!(info.status, ExitStatus::Signal(15));
@@ -165,7 +166,7 @@ async fn host_signal_reaches_the_process() {
 #[tokio::test]
 async fn missing_command_and_cwd_are_clear_errors() {
     let a = agent().await;
-    let mut req = sh("true");
+    let mut req = ExecRequest::shell("true");
     req.argv = vec!["definitely-not-a-command".into()];
     match a.channel.exec(req).await {
         Err(ChannelError::Remote(e)) => {
@@ -176,7 +177,7 @@ async fn missing_command_and_cwd_are_clear_errors() {
         }
         other => panic!("expected NotFound, got {:?}", other.map(|e| e.pid())),
     }
-    let mut req = sh("true");
+    let mut req = ExecRequest::shell("true");
     req.cwd = Some("/no/such/dir".into());
     assert!(
         matches!(a.channel.exec(req).await, Err(ChannelError::Remote(e)) if e.code == ErrorCode::NotFound)
@@ -227,4 +228,25 @@ async fn files_round_trip_and_reads_are_bounded() {
     assert!(
         matches!(a.channel.write_file(rel, &b"x"[..]).await, Err(ChannelError::Remote(e)) if e.code == ErrorCode::InvalidRequest)
     );
+}
+
+#[tokio::test]
+async fn a_pty_exec_sees_a_terminal_of_the_requested_size() {
+    let a = agent().await;
+    let mut req = ExecRequest::shell("tty; stty size; read line; echo got:$line");
+    req.tty = Some(hutch_protocol::TtySize {
+        rows: 33,
+        cols: 101,
+    });
+    req.stdin = true;
+    let exec = a.channel.exec(req).await.unwrap();
+    let ctl = exec.control();
+    ctl.write_stdin(b"typed\n").await.unwrap();
+    let (out, err, info) = collect(exec).await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(info.status, ExitStatus::Code(0), "{text}");
+    assert!(err.is_empty(), "a terminal merges stderr into stdout");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(text.contains("33 101"), "{text}");
+    assert!(text.contains("got:typed"), "{text}");
 }
