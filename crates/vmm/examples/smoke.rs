@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hutch_vmm::{host_report, probe_accel, QemuVmm, VmSpec, Vmm};
+use hutch_vmm::{host_report, probe_accel, Lifetime, QemuVmm, VmSpec, Vmm};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,6 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             scratch_disk_mib: 256,
             run_dir: dir.join("vm"),
             extra_cmdline: vec![],
+            lifetime: Lifetime::Owned,
         })
         .await?;
     println!("pid {} console {}", vm.pid(), vm.console_log().display());

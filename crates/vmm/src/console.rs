@@ -1,9 +1,9 @@
 //! Copying the guest's serial console into a size-capped log file.
 //!
 //! QEMU's own `-chardev file` would let a hostile guest fill the host disk, so QEMU writes the
-//! console to its stdout (`-chardev stdio`) and Hutch copies it, up to a limit. Once the limit is
-//! hit one marker line is appended and the rest is read and discarded, so the guest never
-//! blocks on a full pipe.
+//! console to a stream (its stdout for owned VMs, a socket for detached ones) and Hutch copies
+//! it, up to a limit. Once the limit is hit one marker line is appended and the rest is read and
+//! discarded, so the guest never blocks on a full pipe.
 
 use std::path::Path;
 
@@ -12,22 +12,33 @@ use tokio::task::JoinHandle;
 
 use crate::VmmError;
 
-/// Creates `path` (which must not exist) and copies `src` into it in the background, keeping at
-/// most `limit` bytes. The task ends when `src` reaches EOF (the VMM exited).
-pub(crate) fn spawn_copier<R>(src: R, path: &Path, limit: u64) -> Result<JoinHandle<()>, VmmError>
+/// Creates `path` (which must not exist; with `append`, continues an existing log instead) and
+/// copies `src` into it in the background, keeping the file at most `limit` bytes plus one
+/// marker line. The task ends when `src` reaches EOF (the VMM exited or closed the stream).
+pub(crate) fn spawn_copier<R>(
+    src: R,
+    path: &Path,
+    limit: u64,
+    append: bool,
+) -> Result<JoinHandle<()>, VmmError>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+        .append(true)
+        .create(append)
+        .create_new(!append)
         .open(path)
-        .map_err(|e| VmmError::io("create console log", path, e))?;
+        .map_err(|e| VmmError::io("open console log", path, e))?;
+    let mut written = file
+        .metadata()
+        .map_err(|e| VmmError::io("open console log", path, e))?
+        .len();
     let mut file = tokio::fs::File::from_std(file);
     Ok(tokio::spawn(async move {
         let mut src = src;
-        let mut written = 0u64;
-        let mut writable = true;
+        // A log that is full already got its marker from an earlier copier.
+        let mut writable = written < limit;
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             let n = match src.read(&mut chunk).await {
@@ -64,12 +75,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         let data = vec![b'x'; 100_000];
-        let task = spawn_copier(std::io::Cursor::new(data), &path, 1000).unwrap();
+        let task = spawn_copier(std::io::Cursor::new(data), &path, 1000, false).unwrap();
         task.await.unwrap();
         let log = std::fs::read_to_string(&path).unwrap();
         assert!(log.starts_with(&"x".repeat(1000)));
         assert!(log.ends_with("[hutch: console log truncated at 1000 bytes]\n"));
         assert!(log.len() < 1100);
+        // A second copier (an adopting daemon) appends nothing to a full log.
+        let task = spawn_copier(std::io::Cursor::new(vec![b'y'; 10]), &path, 1000, true).unwrap();
+        task.await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), log);
+    }
+
+    #[tokio::test]
+    async fn append_continues_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, b"boot\n").unwrap();
+        let task = spawn_copier(std::io::Cursor::new(b"more".to_vec()), &path, 7, true).unwrap();
+        task.await.unwrap();
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            log.starts_with("boot\nmo\n[hutch: console log truncated"),
+            "{log:?}"
+        );
     }
 
     #[tokio::test]
@@ -77,6 +106,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         std::fs::write(&path, b"").unwrap();
-        assert!(spawn_copier(std::io::Cursor::new(vec![]), &path, 10).is_err());
+        assert!(spawn_copier(std::io::Cursor::new(vec![]), &path, 10, false).is_err());
     }
 }

@@ -110,6 +110,34 @@ pub enum VmmError {
     #[error("VM {0} is not running")]
     NotRunning(String),
 
+    /// A detached VM to adopt is not running: no record of it, its process is gone, or the
+    /// recorded pid now belongs to another process.
+    #[error("VM {id} in {run_dir} is not running: {why}")]
+    Gone {
+        /// The VM's id.
+        id: String,
+        /// Its run dir.
+        run_dir: PathBuf,
+        /// What was found instead.
+        why: String,
+    },
+
+    /// The VM to adopt runs, but is an owned VM (its console is its starter's pipe).
+    #[error("VM {0} was not started detached: it cannot be adopted")]
+    NotDetached(String),
+
+    /// A QMP command failed, or did not leave the VM in the expected state.
+    #[error("QMP {command} on VM {id}")]
+    Qmp {
+        /// The VM's id.
+        id: String,
+        /// The command, e.g. `stop`.
+        command: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The VMM process could not be stopped.
     #[error("qemu pid {pid} did not exit after SIGKILL")]
     KillFailed {

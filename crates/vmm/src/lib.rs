@@ -7,9 +7,12 @@
 //!
 //! * every host object a VM owns (its process, sockets, console log, scratch disk) lives in the
 //!   VM's own `run_dir` or is named `hutch-<id>`, and is removed by id/pid, never by a broad name;
-//! * [`Vm::destroy`] leaves nothing behind, and dropping a [`Vm`] without destroying it still kills
-//!   its process and removes its `run_dir` (best effort, synchronously);
-//! * the VMM process dies with the Hutch process that spawned it (`PR_SET_PDEATHSIG`);
+//! * [`Vm::destroy`] leaves nothing behind, and dropping an [`Lifetime::Owned`] [`Vm`] without
+//!   destroying it still kills its process and removes its `run_dir` (best effort, synchronously);
+//! * an owned VM's process dies with the Hutch process that spawned it (`PR_SET_PDEATHSIG`); a
+//!   [`Lifetime::Detached`] one outlives it, and a restarted daemon takes it back with
+//!   [`Vmm::adopt`] (or removes it with [`kill_recorded`]), checking the process's start time so
+//!   that a recycled pid is never mistaken for the VM;
 //! * everything the guest can make the host store (its console) is size-capped.
 //!
 //! Which accelerator to use is decided by [`probe_accel`], which boots a real guest under KVM
@@ -21,6 +24,7 @@ mod console;
 mod error;
 mod host;
 mod probe;
+mod proc;
 mod qemu;
 mod qmp;
 mod spawn;
@@ -37,6 +41,7 @@ pub use probe::{
     probe_accel, probe_accel_with, AccelOverride, AccelReport, ProbeKey, PROBE_MARKER,
     PROBE_TIMEOUT,
 };
+pub use proc::kill_recorded;
 pub use qemu::{QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, SCRATCH_LABEL};
 
 /// Everything needed to boot one VM.
@@ -66,6 +71,24 @@ pub struct VmSpec {
     /// Extra kernel arguments, appended after Hutch's own (so they win where the kernel takes
     /// the last occurrence of a parameter).
     pub extra_cmdline: Vec<String>,
+    /// Whether the VM dies with the process that started it ([`Lifetime::Owned`], for `hutch
+    /// run`) or outlives it ([`Lifetime::Detached`], for the daemon).
+    pub lifetime: Lifetime,
+}
+
+/// How a VM's life is tied to the Hutch process that started it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifetime {
+    /// The VM dies with its starter (`PR_SET_PDEATHSIG`), and dropping its [`Vm`] handle kills it
+    /// and removes its `run_dir`.
+    #[default]
+    Owned,
+    /// The VM runs in a session of its own and survives its starter's death (even `kill -9`);
+    /// dropping its [`Vm`] handle only releases the handle. Only [`Vm::destroy`] (or
+    /// [`kill_recorded`]) stops it; [`Vmm::adopt`] takes it back. Its console is captured only
+    /// while some process holds a handle on it.
+    Detached,
 }
 
 /// The CPU accelerator a VM runs under.
@@ -104,12 +127,20 @@ pub trait Vmm: Send + Sync {
     /// exists (not when the guest has booted: the caller waits for the agent's hello on the
     /// channel). On error nothing is left behind: no process, no `run_dir`.
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Takes back a running [`Lifetime::Detached`] VM, e.g. after a daemon restart: finds its
+    /// process from the record in `run_dir` and checks that it is alive and really that VM (its
+    /// arguments name `id` and `run_dir`, its start time matches the recorded one), so a recycled
+    /// pid is never mistaken for it. Fails with [`VmmError::Gone`] if the VM is not running.
+    /// The returned handle is detached: dropping it releases it, [`Vm::destroy`] removes the VM.
+    async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError>;
 }
 
-/// A running VM, owned by exactly one holder.
+/// A running VM, held by exactly one holder.
 ///
-/// Dropping it without calling [`Vm::destroy`] still SIGKILLs its process and removes its
-/// `run_dir`, synchronously and best effort.
+/// Dropping an owned VM's handle without calling [`Vm::destroy`] still SIGKILLs its process and
+/// removes its `run_dir`, synchronously and best effort; dropping a detached VM's handle leaves
+/// the VM running.
 #[async_trait]
 pub trait Vm: Send + Sync + std::fmt::Debug {
     /// The VM's id (from [`VmSpec::id`]).
@@ -117,6 +148,10 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
 
     /// The VMM process id on the host.
     fn pid(&self) -> u32;
+
+    /// When the VMM process started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+    /// With [`Vm::pid`] it names the process exactly: record both to find or kill it later.
+    fn start_time(&self) -> u64;
 
     /// The accelerator the VM runs under.
     fn accel(&self) -> Accel;
@@ -133,8 +168,19 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
 
     /// Connects to the host end of the guest channel. Everything read from it is
     /// guest-controlled. Only one connection is served at a time; a second one waits until the
-    /// first is closed.
+    /// first is closed, and a new one may be made after the previous one closed (e.g. by a
+    /// restarted daemon).
     async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError>;
+
+    /// Freezes the guest's vCPUs (QMP `stop`) and confirms it with `query-status`. Its memory
+    /// and host objects stay; the guest channel stops answering until [`Vm::resume`].
+    async fn pause(&self) -> Result<(), VmmError>;
+
+    /// Lets a paused guest run again (QMP `cont`) and confirms it with `query-status`.
+    async fn resume(&self) -> Result<(), VmmError>;
+
+    /// Whether the guest is paused, as QEMU reports it (`query-status`).
+    async fn is_paused(&self) -> Result<bool, VmmError>;
 
     /// Stops the VM (a clean QMP `quit`, then SIGKILL by pid), reaps its process and removes its
     /// `run_dir`.

@@ -5,17 +5,27 @@
 //!
 //! ```text
 //! RUN_DIR/channel.sock   host end of the virtio-serial port "hutch.0" (the agent's channel)
-//! RUN_DIR/qmp.sock       QMP, used for a clean `quit`
+//! RUN_DIR/qmp.sock       QMP: readiness, a clean `quit`, pause and resume
+//! RUN_DIR/console.sock   detached VMs only: the serial console, for the handle holder to copy
 //! RUN_DIR/console.log    the serial console (ttyS0), copied by Hutch, size-capped
-//! RUN_DIR/qemu.pid       QEMU's pidfile, for a restarted daemon to reconcile
+//! RUN_DIR/qemu.pid       QEMU's pidfile
+//! RUN_DIR/identity.json  {id, pid, start_time}: how adopt and the reconciler know the process
 //! RUN_DIR/scratch.ext4   the writable scratch disk (sparse, ext4 labelled "hutch-scratch")
 //! ```
+//!
+//! An owned VM's console is QEMU's stdout, a pipe copied into `console.log`. A detached VM must
+//! not depend on a pipe whose reader dies with the daemon, so its console is a listening socket
+//! (`server=on,wait=on`: QEMU does not start the guest until the first reader connects, so the
+//! boot log is complete). Whoever holds the VM's handle copies that socket into `console.log`
+//! under the same cap; while nobody does (the daemon is down), QEMU discards console output
+//! instead of blocking the guest, and [`Vmm::adopt`] reconnects and appends. Either way the guest
+//! cannot make the host store more than [`CONSOLE_LOG_LIMIT`] bytes of console.
 //!
 //! virtio-mmio devices are discovered by the guest through ACPI (`acpi=on`), so no
 //! `virtio_mmio.device=` kernel arguments are needed. Disks carry virtio serials (`hutch-root`,
 //! `hutch-scratch`) because their order under ACPI discovery is not a contract.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -26,9 +36,10 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 use crate::console::spawn_copier;
-use crate::spawn::{condense, spawn_guarded, StderrTail};
+use crate::proc::PidFd;
+use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
-use crate::{find_qemu, validate_id, Accel, Vm, VmSpec, Vmm, VmmError};
+use crate::{find_qemu, validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError};
 
 /// The virtio-serial port name the guest agent looks for (`/sys/class/virtio-ports/*/name`).
 pub const CHANNEL_PORT_NAME: &str = "hutch.0";
@@ -43,6 +54,8 @@ pub const CONSOLE_LOG_LIMIT: u64 = 8 << 20;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a clean QMP `quit` may take before SIGKILL.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a QMP `stop`/`cont`/`query-status` may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed process may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `mkfs.ext4` may take.
@@ -99,8 +112,10 @@ pub(crate) struct RunPaths {
     pub dir: PathBuf,
     pub channel: PathBuf,
     pub qmp: PathBuf,
+    pub console_sock: PathBuf,
     pub console: PathBuf,
     pub pidfile: PathBuf,
+    pub identity: PathBuf,
     pub scratch: PathBuf,
 }
 
@@ -110,12 +125,14 @@ impl RunPaths {
         let p = RunPaths {
             channel: dir.join("channel.sock"),
             qmp: dir.join("qmp.sock"),
+            console_sock: dir.join("console.sock"),
             console: dir.join("console.log"),
             pidfile: dir.join("qemu.pid"),
+            identity: dir.join("identity.json"),
             scratch: dir.join("scratch.ext4"),
             dir,
         };
-        for sock in [&p.channel, &p.qmp] {
+        for sock in [&p.channel, &p.qmp, &p.console_sock] {
             let len = sock.as_os_str().len();
             if len > SUN_PATH_MAX {
                 return Err(VmmError::SocketPathTooLong {
@@ -255,14 +272,17 @@ pub(crate) fn qemu_args(
         "-mon",
         "chardev=qmp,mode=control",
     ]);
-    // The console goes to QEMU's stdout and Hutch copies it into console.log with a size cap;
-    // signal=off so a guest's ^C byte is not turned into a signal to QEMU.
-    push(&[
-        "-chardev",
-        "stdio,id=con,signal=off",
-        "-serial",
-        "chardev:con",
-    ]);
+    // The console goes to QEMU's stdout (owned) or a socket (detached), and Hutch copies it into
+    // console.log with a size cap (see the module docs); signal=off so a guest's ^C byte is not
+    // turned into a signal to QEMU.
+    let console = match spec.lifetime {
+        Lifetime::Owned => "stdio,id=con,signal=off".to_string(),
+        Lifetime::Detached => format!(
+            "socket,id=con,path={},server=on,wait=on",
+            opt_path(&paths.console_sock)?
+        ),
+    };
+    push(&["-chardev", &console, "-serial", "chardev:con"]);
     push(&["-pidfile", &plain_path(&paths.pidfile)?]);
     Ok(a)
 }
@@ -397,79 +417,272 @@ impl Vmm for QemuVmm {
 
         tracing::debug!(id = %spec.id, qemu = %self.qemu.display(), ?args, "starting qemu");
         let started = Instant::now();
-        let mut child = spawn_guarded(&self.qemu, &args)?;
+        let mut child = spawn(&self.qemu, &args, spec.lifetime)?;
         let pid = child.id().unwrap_or(0);
-        let stdout = child.stdout.take().expect("stdout is piped");
+        // The child is not reaped yet, so this pid is exactly it. 0 if it is gone already: then
+        // the loop below reports why.
+        let start_time = crate::proc::stat(pid).map_or(0, |s| s.start_time);
+        if let Err(e) = write_identity(&paths, &spec.id, pid, start_time) {
+            kill_and_reap(&mut child).await;
+            return Err(e);
+        }
         let stderr = child.stderr.take().expect("stderr is piped");
         let (stderr, stderr_task) = StderrTail::collect(stderr);
-        let console_task = match spawn_copier(stdout, &paths.console, CONSOLE_LOG_LIMIT) {
-            Ok(t) => t,
-            Err(e) => {
-                kill_and_reap(&mut child).await;
-                return Err(e);
+        let mut console_task = None;
+        if let Some(stdout) = child.stdout.take() {
+            match spawn_copier(stdout, &paths.console, CONSOLE_LOG_LIMIT, false) {
+                Ok(t) => console_task = Some(t),
+                Err(e) => {
+                    kill_and_reap(&mut child).await;
+                    return Err(e);
+                }
             }
-        };
+        }
 
         // Ready when both sockets exist and QMP answers, i.e. QEMU has loaded the kernel and
         // initrd and opened the disks. Sockets alone are not enough: QEMU creates them before
-        // it checks the kernel.
-        loop {
+        // it checks the kernel. A detached VM's QEMU waits for its console reader first.
+        let ready: Result<(), VmmError> = loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
-                    console_task.abort();
+                    if let Some(t) = console_task {
+                        t.abort();
+                    }
                     return Err(VmmError::QemuExited {
                         status: status.to_string(),
                         stderr: stderr.one_line(),
                     });
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    kill_and_reap(&mut child).await;
-                    console_task.abort();
-                    return Err(VmmError::io("wait for qemu", &self.qemu, e));
+                Err(e) => break Err(VmmError::io("wait for qemu", &self.qemu, e)),
+            }
+            if console_task.is_none() && is_socket(&paths.console_sock) {
+                if let Ok(sock) = tokio::net::UnixStream::connect(&paths.console_sock).await {
+                    match spawn_copier(sock, &paths.console, CONSOLE_LOG_LIMIT, false) {
+                        Ok(t) => console_task = Some(t),
+                        Err(e) => break Err(e),
+                    }
                 }
             }
-            if is_socket(&paths.channel) && is_socket(&paths.qmp) {
+            if console_task.is_some() && is_socket(&paths.channel) && is_socket(&paths.qmp) {
                 // A failed check here usually means QEMU is exiting: loop to collect why.
                 let left = START_TIMEOUT.saturating_sub(started.elapsed());
                 if let Ok(Ok(())) = tokio::time::timeout(left, crate::qmp::ready(&paths.qmp)).await
                 {
-                    break;
+                    break Ok(());
                 }
             }
             if started.elapsed() > START_TIMEOUT {
-                kill_and_reap(&mut child).await;
-                console_task.abort();
-                return Err(VmmError::StartTimeout {
+                break Err(VmmError::StartTimeout {
                     what: format!("{} and {}", paths.channel.display(), paths.qmp.display()),
                     secs: START_TIMEOUT.as_secs(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut tasks = vec![stderr_task];
+        tasks.extend(console_task);
+        if let Err(e) = ready {
+            kill_and_reap(&mut child).await;
+            tasks.iter().for_each(JoinHandle::abort);
+            return Err(e);
         }
-        tracing::info!(id = %spec.id, pid, accel = %self.accel, ms = started.elapsed().as_millis() as u64, "qemu started");
+        tracing::info!(id = %spec.id, pid, accel = %self.accel, lifetime = ?spec.lifetime, ms = started.elapsed().as_millis() as u64, "qemu started");
         guard.0 = None;
         Ok(Box::new(QemuVm {
             id: spec.id.clone(),
             pid,
+            start_time,
             accel: self.accel,
+            lifetime: spec.lifetime,
             paths,
-            child: Mutex::new(Some(child)),
-            tasks: Mutex::new(vec![console_task, stderr_task]),
+            proc: Mutex::new(Some(Proc::Child(child))),
+            tasks: Mutex::new(tasks),
             stderr,
+        }))
+    }
+
+    async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        validate_id(id)?;
+        let paths = RunPaths::new(run_dir)?;
+        let gone = |why: String| VmmError::Gone {
+            id: id.to_string(),
+            run_dir: paths.dir.clone(),
+            why,
+        };
+        let identity = match std::fs::read(&paths.identity) {
+            Ok(b) => serde_json::from_slice::<Identity>(&b)
+                .map_err(|e| gone(format!("unreadable identity.json: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(gone("no identity.json".into()))
+            }
+            Err(e) => return Err(VmmError::io("read", &paths.identity, e)),
+        };
+        if identity.id != id {
+            return Err(gone(format!("identity.json names VM {:?}", identity.id)));
+        }
+        let pid = identity.pid;
+        // Open the pidfd first: if the process checks out afterwards, the pidfd is that process.
+        let pidfd = PidFd::open(pid).map_err(|e| gone(format!("pid {pid}: {e}")))?;
+        match crate::proc::stat(pid) {
+            None => return Err(gone(format!("pid {pid} has exited"))),
+            Some(s) if s.zombie => {
+                pidfd.reap();
+                return Err(gone(format!("pid {pid} has exited")));
+            }
+            Some(s) if s.start_time != identity.start_time => {
+                return Err(gone(format!(
+                    "pid {pid} started at tick {}, not at the recorded {}: another process",
+                    s.start_time, identity.start_time
+                )))
+            }
+            Some(_) => {}
+        }
+        let args = crate::proc::cmdline(pid).unwrap_or_default();
+        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+        let name = format!("hutch-{id}");
+        if !has("-name", &name) || !has("-pidfile", &plain_path(&paths.pidfile)?) {
+            return Err(gone(format!(
+                "pid {pid} is not {name} with run dir {}",
+                paths.dir.display()
+            )));
+        }
+        if !has("-serial", "chardev:con") || !is_socket(&paths.console_sock) {
+            return Err(VmmError::NotDetached(id.to_string()));
+        }
+        let accel = match args
+            .windows(2)
+            .any(|w| w[0] == "-accel" && w[1].starts_with("kvm"))
+        {
+            true => Accel::Kvm,
+            false => Accel::Tcg,
+        };
+        let console = tokio::net::UnixStream::connect(&paths.console_sock)
+            .await
+            .map_err(|source| VmmError::Connect {
+                path: paths.console_sock.clone(),
+                source,
+            })?;
+        let copier = spawn_copier(console, &paths.console, CONSOLE_LOG_LIMIT, true)?;
+        tracing::info!(id, pid, %accel, "adopted qemu");
+        Ok(Box::new(QemuVm {
+            id: id.to_string(),
+            pid,
+            start_time: identity.start_time,
+            accel,
+            lifetime: Lifetime::Detached,
+            paths,
+            proc: Mutex::new(Some(Proc::Adopted(pidfd))),
+            tasks: Mutex::new(vec![copier]),
+            stderr: StderrTail::default(),
         }))
     }
 }
 
-/// A VM run by [`QemuVmm`].
+/// The record in `identity.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Identity {
+    id: String,
+    pid: u32,
+    start_time: u64,
+}
+
+/// Writes `identity.json` (mode 0600) atomically.
+fn write_identity(paths: &RunPaths, id: &str, pid: u32, start_time: u64) -> Result<(), VmmError> {
+    let json = serde_json::to_vec(&Identity {
+        id: id.to_string(),
+        pid,
+        start_time,
+    })
+    .expect("serializes");
+    let tmp = paths.dir.join("identity.json.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &paths.identity)
+    };
+    write().map_err(|e| VmmError::io("write", &paths.identity, e))
+}
+
+/// The VMM process of a [`QemuVm`]: our child, or a pidfd for an adopted one.
+enum Proc {
+    Child(Child),
+    Adopted(PidFd),
+}
+
+impl Proc {
+    fn running(&mut self) -> bool {
+        match self {
+            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Proc::Adopted(p) => !p.exited(),
+        }
+    }
+
+    /// SIGKILL, exactly to this process (an unreaped child or a pidfd cannot hit a recycled pid).
+    fn kill(&mut self) {
+        let _ = match self {
+            Proc::Child(c) => c.start_kill(),
+            Proc::Adopted(p) => p.kill(),
+        };
+    }
+
+    /// Waits up to `limit` for the process to exit, and reaps it if it is our child.
+    async fn wait(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
+            Proc::Adopted(p) => {
+                let deadline = Instant::now() + limit;
+                while !p.exited() {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                p.reap();
+                true
+            }
+        }
+    }
+
+    /// As [`Proc::wait`], blocking the thread (for `Drop`).
+    fn wait_blocking(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => {
+                let deadline = Instant::now() + limit;
+                while matches!(c.try_wait(), Ok(None)) {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                true
+            }
+            Proc::Adopted(p) => {
+                let exited = p.wait_exit(limit);
+                p.reap();
+                exited
+            }
+        }
+    }
+}
+
+/// A VM run (or adopted) by [`QemuVmm`].
 pub struct QemuVm {
     id: String,
     pid: u32,
+    start_time: u64,
     accel: Accel,
+    lifetime: Lifetime,
     paths: RunPaths,
     /// `None` once reaped by `destroy` or `Drop`.
-    child: Mutex<Option<Child>>,
+    proc: Mutex<Option<Proc>>,
     /// The console copier and stderr collector.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stderr: StderrTail,
@@ -480,16 +693,58 @@ impl std::fmt::Debug for QemuVm {
         f.debug_struct("QemuVm")
             .field("id", &self.id)
             .field("pid", &self.pid)
+            .field("start_time", &self.start_time)
             .field("accel", &self.accel)
+            .field("lifetime", &self.lifetime)
             .field("run_dir", &self.paths.dir)
             .finish()
     }
 }
 
 impl QemuVm {
-    /// QEMU's stderr so far (first 16 KiB), condensed to one line.
+    /// QEMU's stderr so far (first 16 KiB), condensed to one line. Empty for an adopted VM.
     pub fn qemu_stderr(&self) -> String {
         self.stderr.one_line()
+    }
+
+    /// Runs a QMP `command` (none for just a query) and returns the status it leaves.
+    async fn qmp_status(&self, command: &'static str) -> Result<String, VmmError> {
+        let what = if command.is_empty() {
+            "query-status"
+        } else {
+            command
+        };
+        let err = |source| VmmError::Qmp {
+            id: self.id.clone(),
+            command: what,
+            source,
+        };
+        if self.has_exited() {
+            return Err(VmmError::NotRunning(self.id.clone()));
+        }
+        let run = crate::qmp::command_then_status(&self.paths.qmp, command);
+        match tokio::time::timeout(QMP_TIMEOUT, run).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(e)) if self.has_exited() => {
+                tracing::debug!(id = %self.id, error = %e, "QMP failed: VM gone");
+                Err(VmmError::NotRunning(self.id.clone()))
+            }
+            Ok(Err(e)) => Err(err(e)),
+            Err(_) => Err(err(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    /// Runs `command` and checks that QEMU then reports `want`.
+    async fn set_status(&self, command: &'static str, want: &str) -> Result<(), VmmError> {
+        let status = self.qmp_status(command).await?;
+        if status != want {
+            return Err(VmmError::Qmp {
+                id: self.id.clone(),
+                command,
+                source: std::io::Error::other(format!("status is {status:?}, not {want:?}")),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -501,6 +756,10 @@ impl Vm for QemuVm {
 
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn start_time(&self) -> u64 {
+        self.start_time
     }
 
     fn accel(&self) -> Accel {
@@ -516,11 +775,8 @@ impl Vm for QemuVm {
     }
 
     fn has_exited(&self) -> bool {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        match child.as_mut() {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => true,
-        }
+        let mut proc = self.proc.lock().unwrap_or_else(|p| p.into_inner());
+        !proc.as_mut().is_some_and(Proc::running)
     }
 
     async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError> {
@@ -535,39 +791,46 @@ impl Vm for QemuVm {
             })
     }
 
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.set_status("stop", "paused").await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.set_status("cont", "running").await
+    }
+
+    async fn is_paused(&self) -> Result<bool, VmmError> {
+        Ok(self.qmp_status("").await? == "paused")
+    }
+
     async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
-        let child = self
-            .child
+        let proc = self
+            .proc
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(mut child) = child {
-            if matches!(child.try_wait(), Ok(None)) {
+        if let Some(mut proc) = proc {
+            if proc.running() {
                 // A clean quit first, so QEMU flushes the scratch disk and removes its sockets.
-                let qmp = self.paths.qmp.clone();
-                let clean = tokio::time::timeout(QUIT_TIMEOUT, async {
-                    crate::qmp::quit(&qmp).await?;
-                    child.wait().await
-                })
-                .await;
-                match clean {
-                    Ok(Ok(status)) => tracing::debug!(id = %self.id, %status, "qemu quit"),
+                match tokio::time::timeout(QUIT_TIMEOUT, crate::qmp::quit(&self.paths.qmp)).await {
+                    Ok(Ok(())) if proc.wait(QUIT_TIMEOUT).await => {
+                        tracing::debug!(id = %self.id, "qemu quit")
+                    }
+                    Ok(Ok(())) => tracing::debug!(id = %self.id, "qemu did not exit after quit"),
                     Ok(Err(e)) => tracing::debug!(id = %self.id, error = %e, "QMP quit failed"),
                     Err(_) => tracing::debug!(id = %self.id, "QMP quit timed out"),
                 }
             }
-            // By exact pid, via the unreaped child handle, so it cannot hit a recycled pid.
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.start_kill();
-                if tokio::time::timeout(REAP_TIMEOUT, child.wait())
-                    .await
-                    .is_err()
-                {
-                    // Leave it for Drop to retry.
-                    *self.child.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(child);
+            if proc.running() {
+                proc.kill();
+                if !proc.wait(REAP_TIMEOUT).await {
+                    // Leave it for Drop (owned) or a later destroy to retry.
+                    *self.proc.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(proc);
                     return Err(VmmError::KillFailed { pid: self.pid });
                 }
             }
+            // Reap an exited child (or adopted child of ours) that was not waited for yet.
+            proc.wait(Duration::ZERO).await;
         }
         let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
@@ -589,26 +852,9 @@ impl Vm for QemuVm {
 }
 
 impl Drop for QemuVm {
-    /// Best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the run dir.
+    /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the run dir.
+    /// Detached: releases the handle only (stops copying the console); the VM keeps running.
     fn drop(&mut self) {
-        let child = self
-            .child
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(mut child) = child else {
-            // Destroyed (or reaped) already; the run dir is gone unless destroy failed.
-            let _ = std::fs::remove_dir_all(&self.paths.dir);
-            return;
-        };
-        if matches!(child.try_wait(), Ok(None)) {
-            tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
-            let _ = child.start_kill();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
         for t in self
             .tasks
             .get_mut()
@@ -616,6 +862,22 @@ impl Drop for QemuVm {
             .drain(..)
         {
             t.abort();
+        }
+        let proc = self
+            .proc
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if self.lifetime == Lifetime::Detached {
+            // An un-waited tokio Child (no kill_on_drop) is reaped by tokio once it exits.
+            return;
+        }
+        if let Some(mut proc) = proc {
+            if proc.running() {
+                tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
+                proc.kill();
+                proc.wait_blocking(Duration::from_secs(2));
+            }
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
     }
@@ -636,6 +898,23 @@ mod tests {
             scratch_disk_mib: 1024,
             run_dir: run_dir.into(),
             extra_cmdline: vec!["hutch.debug=1".into()],
+            lifetime: Lifetime::Owned,
+        }
+    }
+
+    /// A minimal spec whose kernel, initrd and rootfs are all the readable file `f`.
+    fn file_spec(f: &Path, run_dir: &Path) -> VmSpec {
+        VmSpec {
+            id: "t".into(),
+            kernel: f.into(),
+            initrd: f.into(),
+            rootfs: f.into(),
+            cpus: 1,
+            memory_mib: 128,
+            scratch_disk_mib: 0,
+            run_dir: run_dir.into(),
+            extra_cmdline: vec![],
+            lifetime: Lifetime::Owned,
         }
     }
 
@@ -749,17 +1028,7 @@ mod tests {
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").unwrap();
         let vmm = QemuVmm::with_binary(dir.path().join("no-qemu"), Accel::Tcg);
-        let s = VmSpec {
-            id: "t".into(),
-            kernel: f.clone(),
-            initrd: f.clone(),
-            rootfs: f.clone(),
-            cpus: 1,
-            memory_mib: 128,
-            scratch_disk_mib: 0,
-            run_dir: dir.path().join("vm"),
-            extra_cmdline: vec![],
-        };
+        let s = file_spec(&f, &dir.path().join("vm"));
         let err = vmm.start(&s).await.unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -776,17 +1045,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("vm")).unwrap();
         std::fs::write(dir.path().join("vm/keep"), b"x").unwrap();
         let vmm = QemuVmm::with_binary("/bin/false".into(), Accel::Tcg);
-        let s = VmSpec {
-            id: "t".into(),
-            kernel: f.clone(),
-            initrd: f.clone(),
-            rootfs: f.clone(),
-            cpus: 1,
-            memory_mib: 128,
-            scratch_disk_mib: 0,
-            run_dir: dir.path().join("vm"),
-            extra_cmdline: vec![],
-        };
+        let s = file_spec(&f, &dir.path().join("vm"));
         assert!(matches!(
             vmm.start(&s).await.unwrap_err(),
             VmmError::RunDirExists(_)
@@ -795,5 +1054,76 @@ mod tests {
             dir.path().join("vm/keep").exists(),
             "must not touch a dir it did not create"
         );
+    }
+
+    #[test]
+    fn detached_console_is_a_waiting_socket() {
+        let mut spec = spec("/r/x");
+        spec.lifetime = Lifetime::Detached;
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0")
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains(
+                "-chardev socket,id=con,path=/r/x/console.sock,server=on,wait=on -serial chardev:con"
+            ),
+            "{args}"
+        );
+        assert!(!args.contains("stdio"));
+    }
+
+    #[tokio::test]
+    async fn adopt_refuses_what_is_not_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("vm");
+        std::fs::create_dir(&run_dir).unwrap();
+        let vmm = QemuVmm::with_binary("/nonexistent/qemu".into(), Accel::Tcg);
+        let adopt = |vmm: QemuVmm, run_dir: PathBuf| async move {
+            match vmm.adopt("sbx-1", &run_dir).await {
+                Ok(vm) => panic!("adopted {vm:?}"),
+                Err(e) => e,
+            }
+        };
+        let write = |pid: u32, start_time: u64| {
+            let id = Identity {
+                id: "sbx-1".into(),
+                pid,
+                start_time,
+            };
+            std::fs::write(
+                run_dir.join("identity.json"),
+                serde_json::to_vec(&id).unwrap(),
+            )
+            .unwrap();
+        };
+        let why = |e: VmmError| match e {
+            VmmError::Gone { why, .. } => why,
+            other => panic!("expected Gone, got {other:?}"),
+        };
+        assert_eq!(
+            why(adopt(vmm.clone(), run_dir.clone()).await),
+            "no identity.json"
+        );
+
+        // A dead pid: a child of ours, reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        write(dead, 1);
+        let w = why(adopt(vmm.clone(), run_dir.clone()).await);
+        assert!(w.starts_with(&format!("pid {dead}")), "{w}");
+
+        // A live process with the right start time that is not the VM (this test).
+        let me = std::process::id();
+        let start = crate::proc::stat(me).unwrap().start_time;
+        write(me, start);
+        let w = why(adopt(vmm.clone(), run_dir.clone()).await);
+        assert!(w.contains("is not hutch-sbx-1"), "{w}");
+        // … and with a wrong start time.
+        write(me, start + 1);
+        let w = why(adopt(vmm.clone(), run_dir.clone()).await);
+        assert!(w.contains("not at the recorded"), "{w}");
+        assert!(run_dir.exists(), "adopt never removes anything");
     }
 }

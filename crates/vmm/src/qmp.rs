@@ -1,11 +1,11 @@
-//! A minimal QMP client: just enough to ask QEMU to `quit`.
+//! A minimal QMP client: readiness, `quit`, and pausing (`stop`/`cont`/`query-status`).
 
 use std::path::Path;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-/// Longest QMP line we accept; QEMU's replies to our two commands are tiny.
+/// Longest QMP line we accept; QEMU's replies to our few commands are tiny.
 const MAX_LINE: usize = 64 * 1024;
 
 /// Connects to QMP at `sock`, negotiates capabilities and runs `query-status`. QEMU serves QMP
@@ -17,7 +17,7 @@ pub(crate) async fn ready(sock: &Path) -> std::io::Result<()> {
     let mut rd = BufReader::new(rd);
     handshake(&mut rd, &mut wr).await?;
     wr.write_all(b"{\"execute\":\"query-status\"}\n").await?;
-    expect_return(&mut rd, "query-status").await
+    expect_return(&mut rd, "query-status").await.map(drop)
 }
 
 async fn handshake<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<()>
@@ -32,23 +32,48 @@ where
     }
     wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
         .await?;
-    expect_return(rd, "qmp_capabilities").await
+    expect_return(rd, "qmp_capabilities").await.map(drop)
 }
 
-/// Reads until the reply to the last command, skipping asynchronous events.
-async fn expect_return<R: AsyncBufReadExt + Unpin>(rd: &mut R, what: &str) -> std::io::Result<()> {
+/// Reads until the reply to the last command, skipping asynchronous events, and returns it.
+async fn expect_return<R: AsyncBufReadExt + Unpin>(
+    rd: &mut R,
+    what: &str,
+) -> std::io::Result<serde_json::Value> {
     loop {
         let line = read_line(rd).await?;
-        if line.contains("\"return\"") {
-            return Ok(());
+        let reply: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::other(format!("{what}: bad QMP reply: {e}")))?;
+        if reply.get("return").is_some() {
+            return Ok(reply);
         }
-        if line.contains("\"error\"") {
+        if reply.get("error").is_some() {
             return Err(std::io::Error::other(format!(
                 "{what}: {}",
                 crate::spawn::condense(&line)
             )));
         }
     }
+}
+
+/// Runs `command` (no arguments), then `query-status`, and returns the status it reports
+/// (e.g. `running`, `paused`).
+pub(crate) async fn command_then_status(sock: &Path, command: &str) -> std::io::Result<String> {
+    let stream = UnixStream::connect(sock).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    handshake(&mut rd, &mut wr).await?;
+    if !command.is_empty() {
+        wr.write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes())
+            .await?;
+        expect_return(&mut rd, command).await?;
+    }
+    wr.write_all(b"{\"execute\":\"query-status\"}\n").await?;
+    let reply = expect_return(&mut rd, "query-status").await?;
+    reply["return"]["status"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other("query-status: no status in the reply"))
 }
 
 /// Connects to QMP at `sock`, negotiates capabilities and sends `quit`. The caller bounds the

@@ -1,4 +1,5 @@
-//! Spawning VMM processes that cannot outlive Hutch, and capturing their stderr with a bound.
+//! Spawning VMM processes (tied to Hutch, or detached from it), and capturing their stderr with a
+//! bound.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -8,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::task::JoinHandle;
 
-use crate::VmmError;
+use crate::{Lifetime, VmmError};
 
 /// How much of a VMM's stderr is kept. The guest can provoke QEMU warnings, so this is bounded.
 const STDERR_KEEP: usize = 16 * 1024;
@@ -21,26 +22,53 @@ const STDERR_KEEP: usize = 16 * 1024;
 /// and `block_on` threads live as long as the runtime, which is what we want; do not call this
 /// from a short-lived thread.
 pub(crate) fn spawn_guarded(program: &Path, args: &[String]) -> Result<Child, VmmError> {
+    spawn(program, args, Lifetime::Owned)
+}
+
+/// Spawns a VMM process. [`Lifetime::Owned`]: as [`spawn_guarded`]. [`Lifetime::Detached`]: in a
+/// session of its own (no terminal, no signals meant for Hutch's group), no death signal, no
+/// `kill_on_drop`, stdin and stdout on /dev/null; only stderr is piped, for start-up errors
+/// (QEMU ignores SIGPIPE, so a write there after Hutch is gone fails harmlessly).
+pub(crate) fn spawn(
+    program: &Path,
+    args: &[String],
+    lifetime: Lifetime,
+) -> Result<Child, VmmError> {
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe syscalls.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
+    match lifetime {
+        Lifetime::Owned => {
+            cmd.stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .process_group(0);
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: runs between fork and exec and only makes async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died between fork and prctl: then nobody will ever
+                    // kill us.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
             }
-            // The parent may have died between fork and prctl: then nobody will ever kill us.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Lifetime::Detached => {
+            cmd.stdout(Stdio::null());
+            // SAFETY: as above.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
-            Ok(())
-        });
+        }
     }
     cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{fixture, pids_named, skip, wait_for_console};
 use hutch_vmm::{
-    probe_accel_with, Accel, AccelOverride, QemuVmm, VmSpec, Vmm, VmmError, PROBE_MARKER,
+    probe_accel_with, Accel, AccelOverride, Lifetime, QemuVmm, VmSpec, Vmm, VmmError, PROBE_MARKER,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -26,6 +26,7 @@ fn spec(fx: &common::Fixture, id: &str) -> VmSpec {
         scratch_disk_mib: 64,
         run_dir: fx.dir.path().join(id),
         extra_cmdline: vec![],
+        lifetime: Lifetime::Owned,
     }
 }
 

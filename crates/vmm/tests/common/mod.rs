@@ -22,8 +22,8 @@ const MODULES: &[(&str, &str)] = &[
 ];
 
 /// The test guest's /init. With `hutch.probe=1` it behaves like the agent's probe mode;
-/// otherwise it prints the marker, reports its disks, answers one line on the `hutch.0` port
-/// with `pong:<line>`, and idles.
+/// otherwise it prints the marker, reports its disks, then answers every line on the `hutch.0`
+/// port with `pong:<line>` (and prints `hutch-echo <line>` on the console), forever.
 const INIT: &str = r#"#!/bin/busybox sh
 B=/bin/busybox
 $B mount -t proc proc /proc
@@ -53,8 +53,17 @@ done
 [ -e /dev/vdb ] && echo "hutch-label vdb=$($B dd if=/dev/vdb bs=1 skip=1144 count=16 2>/dev/null | $B tr -d '\000')"
 if [ -n "$port" ]; then
   echo "hutch-port $port"
-  read line < $port
-  echo "pong:$line" > $port
+  # One descriptor for good: the guest kernel discards unread port data when it is closed.
+  exec 3<>$port
+  while true; do
+    # Without a host connection read gets EOF at once: wait a little and retry.
+    if read line <&3; then
+      echo "pong:$line" >&3
+      echo "hutch-echo $line"
+    else
+      $B sleep 0.2
+    fi
+  done
 fi
 while true; do $B sleep 3600; done
 "#;

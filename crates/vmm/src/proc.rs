@@ -1,0 +1,188 @@
+//! Processes by exact identity: `/proc/<pid>/stat` start times and pidfds, so that a recorded
+//! (pid, start time) pair never reaches a recycled pid.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::VmmError;
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stat {
+    /// Field 22: when the process started, in clock ticks since boot.
+    pub start_time: u64,
+    /// State `Z`: exited, not yet reaped.
+    pub zombie: bool,
+}
+
+/// Reads `/proc/<pid>/stat`; `None` if there is no such process.
+pub(crate) fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `comm` (field 2) may contain spaces and parentheses: fields 3… follow the last ')'.
+    let rest = text.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        zombie: *fields.first()? == "Z",
+        start_time: fields.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+/// The arguments of a live process (empty for a zombie); `None` if there is no such process.
+pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// A pidfd: a handle on one process that stays valid (and never points elsewhere) after the
+/// process exits and its pid is reused.
+#[derive(Debug)]
+pub(crate) struct PidFd(OwnedFd);
+
+impl PidFd {
+    /// Opens a pidfd for `pid`. Check the process's identity *after* this: if it still matches
+    /// then, the pidfd refers to that very process.
+    pub(crate) fn open(pid: u32) -> std::io::Result<Self> {
+        // SAFETY: plain syscall; on success it returns a new fd that we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self(fd))
+    }
+
+    /// Whether the process has exited (reaped or not), waiting up to `timeout` for it.
+    pub(crate) fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    }
+
+    /// Whether the process has exited.
+    pub(crate) fn exited(&self) -> bool {
+        self.wait_exit(Duration::ZERO)
+    }
+
+    /// Sends SIGKILL to exactly this process (a no-op once it has exited).
+    pub(crate) fn kill(&self) -> std::io::Result<()> {
+        // SAFETY: plain syscall on a valid pidfd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        match r {
+            0 => Ok(()),
+            _ => match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Reaps the process if it has exited and is our child; otherwise does nothing (its parent,
+    /// or init, reaps it).
+    pub(crate) fn reap(&self) {
+        // SAFETY: a zeroed siginfo is a valid out-parameter; P_PIDFD waits for exactly this one.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PIDFD,
+                self.0.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            );
+        }
+    }
+}
+
+/// SIGKILLs the process `pid` only if it is still the one that started at `start_time` (clock
+/// ticks since boot, as from [`crate::Vm::start_time`]), waits for it to exit (up to 5 s), and
+/// reaps it if it is this process's child. Returns whether it killed it; `Ok(false)` means that
+/// process no longer runs (the pid is gone or belongs to another process now).
+///
+/// For the reconciler, to remove a VM it decides not to adopt. Blocks for as long as the process
+/// takes to die: call it from `spawn_blocking` in async code.
+pub fn kill_recorded(pid: u32, start_time: u64) -> Result<bool, VmmError> {
+    let proc_path = format!("/proc/{pid}");
+    let fd = match PidFd::open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+        Err(e) => return Err(VmmError::io("open pidfd for", proc_path, e)),
+    };
+    match stat(pid) {
+        Some(s) if s.start_time == start_time && s.zombie => {
+            fd.reap();
+            return Ok(false);
+        }
+        Some(s) if s.start_time == start_time => {}
+        _ => return Ok(false),
+    }
+    fd.kill()
+        .map_err(|e| VmmError::io("SIGKILL", &proc_path, e))?;
+    if !fd.wait_exit(Duration::from_secs(5)) {
+        return Err(VmmError::KillFailed { pid });
+    }
+    fd.reap();
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn stat_of_self_and_of_nothing() {
+        let me = stat(std::process::id()).unwrap();
+        assert!(me.start_time > 0 && !me.zombie);
+        assert_eq!(stat(u32::MAX / 2), None);
+        assert!(cmdline(std::process::id()).unwrap()[0].contains("hutch_vmm"));
+    }
+
+    #[test]
+    fn kill_recorded_checks_the_start_time() {
+        let mut child = sleeper();
+        let pid = child.id();
+        let start = stat(pid).unwrap().start_time;
+        assert!(!kill_recorded(pid, start + 1).unwrap(), "wrong start time");
+        assert!(stat(pid).is_some_and(|s| !s.zombie), "must still run");
+        assert!(kill_recorded(pid, start).unwrap());
+        // Reaped by kill_recorded: the pid is gone and our handle finds no child.
+        assert_eq!(stat(pid), None);
+        assert!(child.try_wait().is_err());
+        assert!(!kill_recorded(pid, start).unwrap(), "gone now");
+    }
+
+    #[test]
+    fn pidfd_sees_exit() {
+        let mut child = sleeper();
+        let fd = PidFd::open(child.id()).unwrap();
+        assert!(!fd.exited());
+        fd.kill().unwrap();
+        assert!(fd.wait_exit(Duration::from_secs(5)));
+        let _ = child.wait();
+        fd.kill().unwrap();
+    }
+}
