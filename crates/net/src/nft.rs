@@ -1,0 +1,819 @@
+//! nftables rules, built as the `nftables` crate's JSON schema and applied in one transaction.
+//!
+//! The JSON goes to libnftables in-process (loaded with `dlopen`, no fork) when the library is
+//! present, otherwise to `nft -j -f -`. Either way it runs on the calling thread, so an ns worker
+//! thread applies rules inside its namespace.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use nftables::expr::{
+    Expression as E, Meta, MetaKey, NamedExpression as N, Payload, PayloadField, Prefix, SetItem,
+    CT,
+};
+use nftables::schema::{
+    Chain, Element, FlushObject, NfCmd, NfListObject as L, NfObject, Nftables, Rule, Set, SetFlag,
+    SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{
+    AnonymousCounter, Counter, JumpTarget, Limit, Log, Match, Operator, Reject, RejectType,
+    Statement as S, NAT,
+};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
+
+use crate::events::{RuleName, LOG_GROUP};
+use crate::plan::{GATEWAY_ADDR, GUEST_ADDR};
+use crate::{NetError, Policy};
+
+const FAM: NfFamily = NfFamily::INet;
+
+/// Which nft implementation applies rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NftBackend {
+    /// libnftables in-process if it loads, else the `nft` binary.
+    #[default]
+    Auto,
+    /// Always the `nft` binary (`nft -j -f -`).
+    Binary,
+}
+
+// ---------- expression helpers ----------
+
+fn s(v: impl Into<String>) -> E<'static> {
+    E::String(Cow::Owned(v.into()))
+}
+fn payload(proto: &'static str, field: &'static str) -> E<'static> {
+    E::Named(N::Payload(Payload::PayloadField(PayloadField {
+        protocol: proto.into(),
+        field: field.into(),
+    })))
+}
+fn meta(key: MetaKey) -> E<'static> {
+    E::Named(N::Meta(Meta { key }))
+}
+fn ct_state() -> E<'static> {
+    E::Named(N::CT(CT {
+        key: "state".into(),
+        family: None,
+        dir: None,
+    }))
+}
+fn m(left: E<'static>, op: Operator, right: E<'static>) -> S<'static> {
+    S::Match(Match { left, right, op })
+}
+fn eq(left: E<'static>, right: E<'static>) -> S<'static> {
+    m(left, Operator::EQ, right)
+}
+fn anon_set(items: Vec<E<'static>>) -> E<'static> {
+    E::Named(N::Set(items.into_iter().map(SetItem::Element).collect()))
+}
+fn prefix(addr: String, len: u8) -> E<'static> {
+    E::Named(N::Prefix(Prefix {
+        addr: Box::new(s(addr)),
+        len: len.into(),
+    }))
+}
+fn counter() -> S<'static> {
+    S::Counter(Counter::Anonymous(Some(AnonymousCounter::default())))
+}
+fn goto(target: &str) -> S<'static> {
+    S::Goto(JumpTarget {
+        target: Cow::Owned(target.into()),
+    })
+}
+fn jump(target: &str) -> S<'static> {
+    S::Jump(JumpTarget {
+        target: Cow::Owned(target.into()),
+    })
+}
+fn accept() -> S<'static> {
+    S::Accept(None)
+}
+fn established() -> S<'static> {
+    m(
+        ct_state(),
+        Operator::IN,
+        E::List(vec![s("established"), s("related")]),
+    )
+}
+fn tcp_udp() -> S<'static> {
+    eq(meta(MetaKey::L4proto), anon_set(vec![s("tcp"), s("udp")]))
+}
+
+fn net4(n: &Ipv4Net) -> E<'static> {
+    if n.prefix_len() == 32 {
+        s(n.addr().to_string())
+    } else {
+        prefix(n.network().to_string(), n.prefix_len())
+    }
+}
+fn net6(n: &Ipv6Net) -> E<'static> {
+    if n.prefix_len() == 128 {
+        s(n.addr().to_string())
+    } else {
+        prefix(n.network().to_string(), n.prefix_len())
+    }
+}
+
+// ---------- object helpers ----------
+
+struct Tx {
+    table: String,
+    cmds: Vec<NfObject<'static>>,
+}
+
+impl Tx {
+    fn new(table: &str) -> Tx {
+        Tx {
+            table: table.into(),
+            cmds: Vec::new(),
+        }
+    }
+    fn add(&mut self, o: L<'static>) {
+        self.cmds.push(NfObject::CmdObject(NfCmd::Add(o)));
+    }
+    fn table(&self) -> Table<'static> {
+        Table {
+            family: FAM,
+            name: Cow::Owned(self.table.clone()),
+            handle: None,
+        }
+    }
+    fn chain(&self, name: &str) -> Chain<'static> {
+        Chain {
+            family: FAM,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Owned(name.into()),
+            ..Chain::default()
+        }
+    }
+    fn base_chain(
+        &mut self,
+        name: &str,
+        ty: NfChainType,
+        hook: NfHook,
+        prio: i32,
+        pol: NfChainPolicy,
+    ) {
+        let c = Chain {
+            _type: Some(ty),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(pol),
+            ..self.chain(name)
+        };
+        self.add(L::Chain(c));
+    }
+    fn regular_chain(&mut self, name: &str) {
+        let c = self.chain(name);
+        self.add(L::Chain(c));
+    }
+    fn rule(&mut self, chain: &str, comment: Option<&str>, expr: Vec<S<'static>>) {
+        self.add(L::Rule(Rule {
+            family: FAM,
+            table: Cow::Owned(self.table.clone()),
+            chain: Cow::Owned(chain.into()),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: comment.map(|c| Cow::Owned(c.to_string())),
+        }));
+    }
+    fn set_obj(&self, name: &str, ty: SetType, flags: &[SetFlag]) -> Set<'static> {
+        Set {
+            family: FAM,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Owned(name.into()),
+            handle: None,
+            set_type: SetTypeValue::Single(ty),
+            policy: None,
+            flags: (!flags.is_empty()).then(|| flags.iter().copied().collect::<HashSet<_>>()),
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }
+    }
+    fn set(&mut self, name: &str, ty: SetType, flags: &[SetFlag]) {
+        let o = self.set_obj(name, ty, flags);
+        self.add(L::Set(Box::new(o)));
+    }
+    fn elements(&mut self, set: &str, elem: Vec<E<'static>>) {
+        if elem.is_empty() {
+            return;
+        }
+        self.add(L::Element(Element {
+            family: FAM,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Owned(set.into()),
+            elem: Cow::Owned(elem),
+        }));
+    }
+    fn flush_chain(&mut self, name: &str) {
+        let c = self.chain(name);
+        self.cmds
+            .push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(c))));
+    }
+    fn flush_set(&mut self, name: &str, ty: SetType) {
+        let o = self.set_obj(name, ty, &[]);
+        self.cmds
+            .push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Set(
+                Box::new(o),
+            ))));
+    }
+    fn json(self) -> String {
+        serde_json::to_string(&Nftables {
+            objects: Cow::Owned(self.cmds),
+        })
+        .expect("nft JSON serializes")
+    }
+}
+
+/// Everything the sandbox table needs to know.
+pub struct SandboxRules<'a> {
+    /// `hutch-<id>`.
+    pub table: &'a str,
+    /// Guest-facing device in the namespace (TAP or its stand-in).
+    pub tap: &'a str,
+    /// Namespace end of the transit veth.
+    pub ns_veth: &'a str,
+    /// Source address guest traffic is rewritten to on its way out.
+    pub transit_ns: Ipv4Addr,
+    /// Merged IPv4 deny list.
+    pub deny4: &'a [Ipv4Net],
+    /// Merged IPv6 deny list.
+    pub deny6: &'a [Ipv6Net],
+}
+
+fn verdict_chain(tx: &mut Tx, rule: RuleName) {
+    let name = rule.as_str();
+    tx.regular_chain(name);
+    // `limit` first: over the limit the rule stops matching and evaluation goes on to the verdict,
+    // so logging is rate-limited but the verdict never is.
+    tx.rule(
+        name,
+        Some(name),
+        vec![
+            S::Limit(Limit {
+                rate: 20,
+                rate_unit: None,
+                per: Some("second".into()),
+                burst: Some(40),
+                burst_unit: None,
+                inv: None,
+            }),
+            S::Log(Some(Log {
+                prefix: Some(Cow::Owned(rule.log_prefix())),
+                ..Log::new(Some(LOG_GROUP))
+            })),
+        ],
+    );
+    match rule.verdict() {
+        crate::Verdict::Allow => tx.rule(name, Some(name), vec![accept()]),
+        crate::Verdict::Deny => {
+            tx.rule(
+                name,
+                Some(name),
+                vec![
+                    eq(meta(MetaKey::L4proto), s("tcp")),
+                    S::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+                ],
+            );
+            tx.rule(
+                name,
+                Some(name),
+                vec![S::Reject(Some(Reject::new(
+                    Some(RejectType::ICMPX),
+                    Some(RejectCode::AdminProhibited),
+                )))],
+            );
+        }
+    }
+}
+
+fn deny_elements(tx: &mut Tx, deny4: &[Ipv4Net], deny6: &[Ipv6Net]) {
+    tx.elements("deny4", deny4.iter().map(net4).collect());
+    tx.elements("deny6", deny6.iter().map(net6).collect());
+}
+
+fn policy_rules(tx: &mut Tx, policy: &Policy) {
+    match policy {
+        // A running sandbox switched to `none`: its NIC stays, everything is rejected.
+        Policy::None => {}
+        Policy::Open => tx.rule(
+            "policy",
+            Some("allow_open"),
+            vec![counter(), goto(RuleName::AllowOpen.as_str())],
+        ),
+        Policy::Allow { cidrs, ports, .. } => {
+            let v4: Vec<Ipv4Net> = cidrs
+                .iter()
+                .filter_map(|c| match c {
+                    ipnet::IpNet::V4(n) => Some(n.trunc()),
+                    _ => None,
+                })
+                .collect();
+            let v6: Vec<Ipv6Net> = cidrs
+                .iter()
+                .filter_map(|c| match c {
+                    ipnet::IpNet::V6(n) => Some(n.trunc()),
+                    _ => None,
+                })
+                .collect();
+            tx.elements(
+                "allow_net4",
+                Ipv4Net::aggregate(&v4).iter().map(net4).collect(),
+            );
+            tx.elements(
+                "allow_net6",
+                Ipv6Net::aggregate(&v6).iter().map(net6).collect(),
+            );
+            let mut ports_sorted: Vec<u16> = ports.clone();
+            ports_sorted.sort_unstable();
+            ports_sorted.dedup();
+            tx.elements(
+                "allow_ports",
+                ports_sorted
+                    .iter()
+                    .map(|p| E::Number(u32::from(*p)))
+                    .collect(),
+            );
+            let port_match = |mut v: Vec<S<'static>>| {
+                if !ports.is_empty() {
+                    v.push(tcp_udp());
+                    v.push(eq(payload("th", "dport"), s("@allow_ports")));
+                }
+                v
+            };
+            for (fam, set, rule) in [
+                ("ip", "allow_net4", RuleName::AllowCidr),
+                ("ip6", "allow_net6", RuleName::AllowCidr),
+                ("ip", "allow4", RuleName::AllowDomain),
+                ("ip6", "allow6", RuleName::AllowDomain),
+            ] {
+                let mut v = port_match(vec![eq(payload(fam, "daddr"), s(format!("@{set}")))]);
+                v.push(counter());
+                v.push(goto(rule.as_str()));
+                tx.rule("policy", Some(rule.as_str()), v);
+            }
+        }
+    }
+}
+
+/// The whole table inside a sandbox's namespace, policy included, as one transaction.
+pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
+    let mut tx = Tx::new(r.table);
+    let t = tx.table();
+    tx.add(L::Table(t));
+    tx.set("deny4", SetType::Ipv4Addr, &[SetFlag::Interval]);
+    tx.set("deny6", SetType::Ipv6Addr, &[SetFlag::Interval]);
+    tx.set("allow_net4", SetType::Ipv4Addr, &[SetFlag::Interval]);
+    tx.set("allow_net6", SetType::Ipv6Addr, &[SetFlag::Interval]);
+    // Filled by the DNS filter (phase 2) with each answer's TTL.
+    tx.set("allow4", SetType::Ipv4Addr, &[SetFlag::Timeout]);
+    tx.set("allow6", SetType::Ipv6Addr, &[SetFlag::Timeout]);
+    tx.set("allow_ports", SetType::InetService, &[]);
+    deny_elements(&mut tx, r.deny4, r.deny6);
+    for rule in RuleName::ALL {
+        verdict_chain(&mut tx, rule);
+    }
+    tx.regular_chain("policy");
+    policy_rules(&mut tx, policy);
+
+    let tap = || s(r.tap);
+    // input: the namespace itself answers only DNS on the gateway address.
+    tx.base_chain(
+        "input",
+        NfChainType::Filter,
+        NfHook::Input,
+        0,
+        NfChainPolicy::Drop,
+    );
+    tx.rule("input", None, vec![established(), accept()]);
+    tx.rule(
+        "input",
+        None,
+        vec![eq(meta(MetaKey::Iifname), s("lo")), accept()],
+    );
+    tx.rule(
+        "input",
+        Some("allow_dns"),
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            eq(payload("ip", "daddr"), s(GATEWAY_ADDR.to_string())),
+            tcp_udp(),
+            eq(payload("th", "dport"), E::Number(53)),
+            counter(),
+            goto(RuleName::Dns.as_str()),
+        ],
+    );
+    tx.rule(
+        "input",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            counter(),
+            goto(RuleName::DenyHost.as_str()),
+        ],
+    );
+    tx.rule(
+        "input",
+        None,
+        vec![counter(), goto(RuleName::DenyInbound.as_str())],
+    );
+
+    // forward: guest → world.
+    tx.base_chain(
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        0,
+        NfChainPolicy::Drop,
+    );
+    tx.rule("forward", None, vec![established(), accept()]);
+    tx.rule(
+        "forward",
+        None,
+        vec![eq(ct_state(), s("invalid")), S::Drop(None)],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            m(meta(MetaKey::Iifname), Operator::NEQ, tap()),
+            counter(),
+            goto(RuleName::DenyInbound.as_str()),
+        ],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            eq(meta(MetaKey::Nfproto), s("ipv4")),
+            m(
+                payload("ip", "saddr"),
+                Operator::NEQ,
+                s(GUEST_ADDR.to_string()),
+            ),
+            counter(),
+            goto(RuleName::DenySpoof.as_str()),
+        ],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            tcp_udp(),
+            eq(payload("th", "dport"), E::Number(53)),
+            counter(),
+            goto(RuleName::DenyDns.as_str()),
+        ],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            eq(payload("ip", "daddr"), s("@deny4")),
+            counter(),
+            goto(RuleName::DenyReserved.as_str()),
+        ],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            eq(payload("ip6", "daddr"), s("@deny6")),
+            counter(),
+            goto(RuleName::DenyReserved.as_str()),
+        ],
+    );
+    tx.rule("forward", None, vec![jump("policy")]);
+    tx.rule(
+        "forward",
+        None,
+        vec![counter(), goto(RuleName::DenyPolicy.as_str())],
+    );
+
+    // The namespace originates nothing but replies (and, in phase 2, nothing else either).
+    tx.base_chain(
+        "output",
+        NfChainType::Filter,
+        NfHook::Output,
+        0,
+        NfChainPolicy::Accept,
+    );
+
+    // SNAT at the namespace edge: every guest looks like its transit address outside.
+    tx.base_chain(
+        "postrouting",
+        NfChainType::NAT,
+        NfHook::Postrouting,
+        100,
+        NfChainPolicy::Accept,
+    );
+    tx.rule(
+        "postrouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Oifname), s(r.ns_veth)),
+            eq(payload("ip", "saddr"), s(GUEST_ADDR.to_string())),
+            S::SNAT(Some(NAT {
+                addr: Some(s(r.transit_ns.to_string())),
+                family: Some(nftables::stmt::NATFamily::IP),
+                port: None,
+                flags: None,
+            })),
+        ],
+    );
+    tx.json()
+}
+
+/// Atomically replaces a running sandbox's policy (and refreshes its deny lists).
+pub fn sandbox_policy(
+    table: &str,
+    deny4: &[Ipv4Net],
+    deny6: &[Ipv6Net],
+    policy: &Policy,
+) -> String {
+    let mut tx = Tx::new(table);
+    tx.flush_chain("policy");
+    for (set, ty) in [
+        ("deny4", SetType::Ipv4Addr),
+        ("deny6", SetType::Ipv6Addr),
+        ("allow_net4", SetType::Ipv4Addr),
+        ("allow_net6", SetType::Ipv6Addr),
+        ("allow4", SetType::Ipv4Addr),
+        ("allow6", SetType::Ipv6Addr),
+        ("allow_ports", SetType::InetService),
+    ] {
+        tx.flush_set(set, ty);
+    }
+    deny_elements(&mut tx, deny4, deny6);
+    policy_rules(&mut tx, policy);
+    tx.json()
+}
+
+/// The host-side table: masquerade towards the uplink, and nothing from this sandbox's veth may
+/// reach the host itself or any other interface.
+pub fn host_table(table: &str, host_veth: &str, uplink: &str, transit_ns: Ipv4Addr) -> String {
+    let mut tx = Tx::new(table);
+    let t = tx.table();
+    tx.add(L::Table(t));
+    let veth = || s(host_veth);
+    tx.base_chain(
+        "postrouting",
+        NfChainType::NAT,
+        NfHook::Postrouting,
+        100,
+        NfChainPolicy::Accept,
+    );
+    tx.rule(
+        "postrouting",
+        None,
+        vec![
+            eq(payload("ip", "saddr"), s(transit_ns.to_string())),
+            eq(meta(MetaKey::Oifname), s(uplink)),
+            S::Masquerade(None),
+        ],
+    );
+    tx.base_chain(
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        0,
+        NfChainPolicy::Accept,
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), veth()),
+            eq(meta(MetaKey::Oifname), s(uplink)),
+            eq(payload("ip", "saddr"), s(transit_ns.to_string())),
+            accept(),
+        ],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![eq(meta(MetaKey::Iifname), veth()), counter(), reject_any()],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![eq(meta(MetaKey::Oifname), veth()), established(), accept()],
+    );
+    tx.rule(
+        "forward",
+        None,
+        vec![eq(meta(MetaKey::Oifname), veth()), counter(), reject_any()],
+    );
+    tx.base_chain(
+        "input",
+        NfChainType::Filter,
+        NfHook::Input,
+        0,
+        NfChainPolicy::Accept,
+    );
+    tx.rule(
+        "input",
+        None,
+        vec![eq(meta(MetaKey::Iifname), veth()), established(), accept()],
+    );
+    tx.rule(
+        "input",
+        None,
+        vec![eq(meta(MetaKey::Iifname), veth()), counter(), reject_any()],
+    );
+    tx.json()
+}
+
+fn reject_any() -> S<'static> {
+    S::Reject(Some(Reject::new(
+        Some(RejectType::ICMPX),
+        Some(RejectCode::AdminProhibited),
+    )))
+}
+
+/// Deletes a table whether or not it exists (`add` then `delete` in one transaction).
+pub fn delete_table(table: &str) -> String {
+    let mut tx = Tx::new(table);
+    let t = tx.table();
+    tx.add(L::Table(t.clone()));
+    tx.cmds
+        .push(NfObject::CmdObject(NfCmd::Delete(L::Table(t))));
+    tx.json()
+}
+
+// ---------- runner ----------
+
+type NewFn = unsafe extern "C" fn(c_uint) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type SetFlagsFn = unsafe extern "C" fn(*mut c_void, c_uint);
+type BufFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type GetBufFn = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type RunFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+
+struct Lib {
+    new: NewFn,
+    free: FreeFn,
+    set_output_flags: SetFlagsFn,
+    buffer_output: BufFn,
+    buffer_error: BufFn,
+    get_output: GetBufFn,
+    get_error: GetBufFn,
+    run: RunFn,
+}
+
+const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
+
+fn lib() -> Option<&'static Lib> {
+    static LIB: OnceLock<Option<Lib>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        // SAFETY: dlopen/dlsym with valid C strings; symbols are cast to the signatures
+        // documented in libnftables(3).
+        unsafe {
+            let h = libc::dlopen(
+                c"libnftables.so.1".as_ptr(),
+                libc::RTLD_NOW | libc::RTLD_LOCAL,
+            );
+            if h.is_null() {
+                return None;
+            }
+            let sym = |n: &CStr| {
+                let p = libc::dlsym(h, n.as_ptr());
+                (!p.is_null()).then_some(p)
+            };
+            Some(Lib {
+                new: std::mem::transmute::<*mut c_void, NewFn>(sym(c"nft_ctx_new")?),
+                free: std::mem::transmute::<*mut c_void, FreeFn>(sym(c"nft_ctx_free")?),
+                set_output_flags: std::mem::transmute::<*mut c_void, SetFlagsFn>(sym(
+                    c"nft_ctx_output_set_flags",
+                )?),
+                buffer_output: std::mem::transmute::<*mut c_void, BufFn>(sym(
+                    c"nft_ctx_buffer_output",
+                )?),
+                buffer_error: std::mem::transmute::<*mut c_void, BufFn>(sym(
+                    c"nft_ctx_buffer_error",
+                )?),
+                get_output: std::mem::transmute::<*mut c_void, GetBufFn>(sym(
+                    c"nft_ctx_get_output_buffer",
+                )?),
+                get_error: std::mem::transmute::<*mut c_void, GetBufFn>(sym(
+                    c"nft_ctx_get_error_buffer",
+                )?),
+                run: std::mem::transmute::<*mut c_void, RunFn>(sym(c"nft_run_cmd_from_buffer")?),
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// True if rules go through libnftables in-process.
+pub fn uses_library(backend: NftBackend) -> bool {
+    backend == NftBackend::Auto && lib().is_some()
+}
+
+/// Runs one nft command buffer (JSON, or text such as `list tables`) in the calling thread's
+/// network namespace, returning JSON output. One buffer is one kernel transaction.
+pub fn run(backend: NftBackend, what: &str, cmd: &str) -> Result<String, NetError> {
+    let fail = |message: String| NetError::Nft {
+        what: what.to_string(),
+        message,
+    };
+    if let (NftBackend::Auto, Some(l)) = (backend, lib()) {
+        // libnftables keeps some process-global state; one call at a time.
+        static LOCK: Mutex<()> = Mutex::new(());
+        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let c = CString::new(cmd).map_err(|_| fail("NUL in command".into()))?;
+        // SAFETY: ctx is created, used and freed on this thread; buffers are read before free.
+        unsafe {
+            let ctx = (l.new)(0);
+            if ctx.is_null() {
+                return Err(fail("nft_ctx_new failed".into()));
+            }
+            (l.set_output_flags)(ctx, NFT_CTX_OUTPUT_JSON);
+            (l.buffer_output)(ctx);
+            (l.buffer_error)(ctx);
+            let rc = (l.run)(ctx, c.as_ptr());
+            let out = CStr::from_ptr((l.get_output)(ctx))
+                .to_string_lossy()
+                .into_owned();
+            let err = CStr::from_ptr((l.get_error)(ctx))
+                .to_string_lossy()
+                .into_owned();
+            (l.free)(ctx);
+            if rc != 0 {
+                return Err(fail(err.trim().to_string()));
+            }
+            return Ok(out);
+        }
+    }
+    let json_in = cmd.trim_start().starts_with('{');
+    let mut c = Command::new("nft");
+    c.arg("-j");
+    if json_in {
+        c.args(["-f", "-"]);
+    } else {
+        c.args(cmd.split_whitespace());
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Io {
+            what: "spawn nft".into(),
+            source: e,
+        })?;
+    if json_in {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(cmd.as_bytes()).map_err(|e| NetError::Io {
+            what: "write to nft".into(),
+            source: e,
+        })?;
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().map_err(|e| NetError::Io {
+        what: "wait for nft".into(),
+        source: e,
+    })?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Names of the `inet` tables in the calling thread's namespace starting with `prefix`.
+pub fn list_tables(backend: NftBackend, prefix: &str) -> Result<Vec<String>, NetError> {
+    let out = run(backend, "list tables", "list tables")?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| NetError::Nft {
+        what: "parse nft output".into(),
+        message: e.to_string(),
+    })?;
+    let mut names = Vec::new();
+    if let Some(arr) = v.get("nftables").and_then(|a| a.as_array()) {
+        for o in arr {
+            if let Some(t) = o.get("table") {
+                if t.get("family").and_then(|f| f.as_str()) == Some("inet") {
+                    if let Some(n) = t.get("name").and_then(|n| n.as_str()) {
+                        if n.starts_with(prefix) {
+                            names.push(n.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(names)
+}

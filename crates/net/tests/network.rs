@@ -1,0 +1,453 @@
+//! Real kernel objects, run as root. A test "world" is three namespaces the test creates:
+//! `H` plays the host (the Network's host side runs there, via `NetConfig::host_netns`),
+//! `I` the internet (203.0.113.10 and .20, plus 169.254.169.254, behind H's uplink
+//! 198.51.100.1/24) and `L` a LAN (192.168.77.10/24 on a second H interface). Nothing leaves
+//! these namespaces. Every server listens on 0.0.0.0, so without the rules every address would
+//! be reachable: a rejected connection is the rules' doing.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hutch_net::{
+    in_netns, tap_info, GuestDevice, NetConfig, Network, OwnedObject, Policy, SandboxNet,
+    GUEST_ADDR, TAP_FLAGS,
+};
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Test namespaces and every sandbox id used; all removed on drop, even after a failed assert.
+struct World {
+    tag: String,
+    host: String,
+    inet: String,
+    lan: String,
+    ids: Mutex<Vec<String>>,
+}
+
+impl World {
+    fn new(name: &str) -> World {
+        let tag = format!("{name}{}", std::process::id() % 100_000);
+        let w = World {
+            host: format!("hn-h-{tag}"),
+            inet: format!("hn-i-{tag}"),
+            lan: format!("hn-l-{tag}"),
+            tag,
+            ids: Mutex::new(Vec::new()),
+        };
+        let (h, i, l) = (w.host.as_str(), w.inet.as_str(), w.lan.as_str());
+        for n in [h, i, l] {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        sh(&[
+            "ip", "-n", h, "link", "add", "hn-up", "type", "veth", "peer", "name", "hn-upi",
+            "netns", i,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "hn-up",
+        ]);
+        sh(&["ip", "-n", h, "link", "set", "hn-up", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            i,
+            "addr",
+            "add",
+            "198.51.100.2/24",
+            "dev",
+            "hn-upi",
+        ]);
+        sh(&["ip", "-n", i, "link", "set", "hn-upi", "up"]);
+        for a in ["203.0.113.10/32", "203.0.113.20/32", "169.254.169.254/32"] {
+            sh(&["ip", "-n", i, "addr", "add", a, "dev", "lo"]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.2",
+        ]);
+        sh(&[
+            "ip", "-n", h, "link", "add", "hn-lan", "type", "veth", "peer", "name", "hn-lanl",
+            "netns", l,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "addr",
+            "add",
+            "192.168.77.1/24",
+            "dev",
+            "hn-lan",
+        ]);
+        sh(&["ip", "-n", h, "link", "set", "hn-lan", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            l,
+            "addr",
+            "add",
+            "192.168.77.10/24",
+            "dev",
+            "hn-lanl",
+        ]);
+        sh(&["ip", "-n", l, "link", "set", "hn-lanl", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            l,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.77.1",
+        ]);
+        for p in [53, 8080, 8081] {
+            serve(i, p, "inet");
+        }
+        serve(l, 8080, "lan");
+        serve(h, 8080, "host");
+        w
+    }
+
+    fn id(&self, n: &str) -> String {
+        let id = format!("hn-{}-{n}", self.tag);
+        self.ids.lock().unwrap().push(id.clone());
+        id
+    }
+
+    fn cfg(&self, dev: GuestDevice) -> NetConfig {
+        NetConfig {
+            host_netns: Some(self.host.clone()),
+            guest_device: dev,
+            ..NetConfig::default()
+        }
+    }
+
+    /// Asserts that nothing of this world's sandboxes is left, by every means available.
+    async fn assert_clean(&self, net: &Network) {
+        let owned: Vec<OwnedObject> = net.list_owned().await.unwrap();
+        let prefix = format!("hn-{}-", self.tag);
+        let ours: Vec<_> = owned
+            .iter()
+            .filter(|o| match o {
+                OwnedObject::Link { .. } => true, // host ns belongs to this test alone
+                _ => o.sandbox_id().is_some_and(|i| i.starts_with(&prefix)),
+            })
+            .collect();
+        assert!(ours.is_empty(), "left behind: {ours:?}");
+        let nslist = sh_out(&["ip", "netns", "list"]);
+        assert!(!nslist.contains(&format!("hutch-{prefix}")), "{nslist}");
+        let links = sh_out(&["ip", "-n", &self.host, "-o", "link"]);
+        assert!(!links.contains(": hv"), "{links}");
+        let tables = sh_out(&["ip", "netns", "exec", &self.host, "nft", "list", "tables"]);
+        assert!(!tables.contains("hutch"), "{tables}");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for id in self.ids.lock().unwrap().iter() {
+            for n in [format!("hutch-{id}"), format!("hutch-{id}.guest")] {
+                let _ = Command::new("ip").args(["netns", "del", &n]).output();
+            }
+        }
+        for n in [&self.host, &self.inet, &self.lan] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// A TCP server in namespace `ns` answering every connection with `reply`.
+fn serve(ns: &str, port: u16, reply: &'static str) {
+    let l: TcpListener = in_netns(ns, move || {
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind".into(),
+            source: e,
+        })
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+}
+
+/// Connects from namespace `ns`; returns the server's greeting or the connect error.
+fn connect(ns: &str, ip: Ipv4Addr, port: u16) -> io::Result<String> {
+    let t = Instant::now();
+    let r = in_netns(ns, move || {
+        let addr = SocketAddr::from((ip, port));
+        Ok((|| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })())
+    })
+    .unwrap();
+    eprintln!("{ns} -> {ip}:{port}: {r:?} in {:?}", t.elapsed());
+    r
+}
+
+fn guest(n: &SandboxNet) -> String {
+    n.guest_netns.clone().unwrap()
+}
+
+#[track_caller]
+fn refused(r: io::Result<String>) {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        other => panic!("expected an immediate rejection (ECONNREFUSED), got {other:?}"),
+    }
+}
+
+const INET1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const INET2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
+const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reaches_internet_but_never_lan_metadata_or_host() {
+    let w = World::new("open");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    assert_eq!(net.uplink(), "hn-up");
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    let g = guest(&n);
+    // Control: the LAN and host servers are up and reachable for someone else.
+    assert_eq!(connect(&w.host, LAN, 8080).unwrap(), "lan");
+    assert_eq!(connect(&w.inet, HOST, 8080).unwrap(), "host");
+
+    assert_eq!(connect(&g, INET1, 8080).unwrap(), "inet");
+    assert_eq!(connect(&g, INET2, 8081).unwrap(), "inet");
+    refused(connect(&g, LAN, 8080));
+    refused(connect(&g, METADATA, 8080));
+    refused(connect(&g, HOST, 8080));
+    refused(connect(&g, n.transit.host, 8080));
+    refused(connect(&g, hutch_net::GATEWAY_ADDR, 8080));
+    // DNS anywhere but Hutch's resolver is refused, even to an allowed address.
+    refused(connect(&g, INET1, 53));
+
+    net.destroy(&id).await.unwrap();
+    net.destroy(&id).await.unwrap(); // idempotent
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_limits_cidrs_and_ports_and_policy_changes_apply_to_next_connection() {
+    let w = World::new("allow");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let allow10 = Policy::Allow {
+        cidrs: vec!["203.0.113.10/32".parse().unwrap()],
+        ports: vec![8080],
+        domains: vec![],
+    };
+    let n = net.create(&id, &allow10).await.unwrap().unwrap();
+    let g = guest(&n);
+    assert_eq!(connect(&g, INET1, 8080).unwrap(), "inet");
+    refused(connect(&g, INET1, 8081));
+    refused(connect(&g, INET2, 8080));
+    refused(connect(&g, LAN, 8080));
+
+    net.set_policy(&id, &Policy::Open).await.unwrap();
+    assert_eq!(connect(&g, INET2, 8080).unwrap(), "inet");
+    assert_eq!(connect(&g, INET1, 8081).unwrap(), "inet");
+    refused(connect(&g, LAN, 8080));
+
+    // A CIDR that covers private space does not open it: the deny list comes first.
+    let allow20 = Policy::Allow {
+        cidrs: vec![
+            "203.0.113.20/32".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+        ],
+        ports: vec![],
+        domains: vec![],
+    };
+    net.set_policy(&id, &allow20).await.unwrap();
+    assert_eq!(connect(&g, INET2, 8081).unwrap(), "inet");
+    refused(connect(&g, LAN, 8080));
+    refused(connect(&g, METADATA, 8080));
+
+    let only20 = Policy::Allow {
+        cidrs: vec!["203.0.113.20/32".parse().unwrap()],
+        ports: vec![],
+        domains: vec!["example.com".into()],
+    };
+    net.set_policy(&id, &only20).await.unwrap();
+    refused(connect(&g, INET1, 8080));
+    assert_eq!(connect(&g, INET2, 8081).unwrap(), "inet");
+
+    net.set_policy(&id, &Policy::None).await.unwrap();
+    refused(connect(&g, INET2, 8080));
+
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sandboxes_share_the_guest_address_but_cannot_reach_each_other() {
+    let w = World::new("two");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let (ia, ib) = (w.id("a"), w.id("b"));
+    let a = net.create(&ia, &Policy::Open).await.unwrap().unwrap();
+    let b = net.create(&ib, &Policy::Open).await.unwrap().unwrap();
+    assert_eq!(a.guest, b.guest);
+    assert_ne!(a.transit, b.transit);
+    assert_ne!(a.tap_name, b.tap_name);
+    for n in [&a, &b] {
+        let out = sh_out(&["ip", "-n", &guest(n), "-4", "-o", "addr"]);
+        assert!(out.contains(&format!("{GUEST_ADDR}/30")), "{out}");
+    }
+    serve(&guest(&a), 8080, "guest-a");
+    serve(&guest(&b), 8080, "guest-b");
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let g = guest(from);
+        refused(connect(&g, to.transit.ns, 8080));
+        refused(connect(&g, to.transit.host, 8080));
+        assert_eq!(connect(&g, INET1, 8080).unwrap(), "inet");
+    }
+    // Nothing outside reaches a guest either (not even the host).
+    assert!(connect(&w.host, a.transit.ns, 8080).is_err());
+
+    net.destroy(&ia).await.unwrap();
+    // b is unaffected by a's teardown.
+    assert_eq!(connect(&guest(&b), INET2, 8080).unwrap(), "inet");
+    net.destroy(&ib).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_none_creates_nothing() {
+    let w = World::new("none");
+    let net = Network::new(w.cfg(GuestDevice::Tap)).await.unwrap();
+    let id = w.id("a");
+    assert!(net.create(&id, &Policy::None).await.unwrap().is_none());
+    w.assert_clean(&net).await;
+    assert!(matches!(
+        net.set_policy(&id, &Policy::Open).await,
+        Err(hutch_net::NetError::NoNic(_))
+    ));
+    net.destroy(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_is_created_in_the_namespace_and_opened_from_outside() {
+    let w = World::new("tap");
+    let net = Network::new(w.cfg(GuestDevice::Tap)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    assert!(matches!(
+        net.create(&id, &Policy::Open).await,
+        Err(hutch_net::NetError::AlreadyExists(_))
+    ));
+    let fd = net.open_tap(&n).unwrap();
+    let (name, flags) = tap_info(&fd).unwrap();
+    assert_eq!(name, n.tap_name);
+    assert_eq!(flags & TAP_FLAGS, TAP_FLAGS);
+    let out = sh_out(&[
+        "ip",
+        "-n",
+        &n.netns,
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        &n.tap_name,
+    ]);
+    assert!(out.contains("172.16.0.1/30"), "{out}");
+    // Not in the host namespace, nor in ours.
+    assert!(!sh_out(&["ip", "-n", &w.host, "-o", "link"]).contains(&n.tap_name));
+    assert!(!sh_out(&["ip", "-o", "link"]).contains(&n.tap_name));
+    let owned = net.list_owned().await.unwrap();
+    for want in [
+        OwnedObject::Netns {
+            name: n.netns.clone(),
+            id: id.clone(),
+        },
+        OwnedObject::Link {
+            name: n.host_veth.clone(),
+            id: Some(id.clone()),
+        },
+        OwnedObject::NftTable {
+            name: format!("hutch-{id}"),
+            id: id.clone(),
+        },
+    ] {
+        assert!(owned.contains(&want), "{want:?} not in {owned:?}");
+    }
+    // A restarted daemon adopts the transit slot instead of handing it out again.
+    let net2 = Network::new(w.cfg(GuestDevice::Tap)).await.unwrap();
+    let id2 = w.id("b");
+    let n2 = net2.create(&id2, &Policy::Open).await.unwrap().unwrap();
+    assert_ne!(n2.transit, n.transit);
+    net2.destroy(&id2).await.unwrap();
+    drop(fd);
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sandboxes_at_once_without_collision() {
+    let w = World::new("fifty");
+    let net = Network::new(w.cfg(GuestDevice::Tap)).await.unwrap();
+    let ids: Vec<String> = (0..50).map(|i| w.id(&i.to_string())).collect();
+    let t = Instant::now();
+    let nets = futures::future::join_all(ids.iter().map(|id| net.create(id, &Policy::Open))).await;
+    eprintln!("50 concurrent creates: {:?}", t.elapsed());
+    let nets: Vec<SandboxNet> = nets.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    let mut seen = std::collections::HashSet::new();
+    for n in &nets {
+        assert!(seen.insert(n.transit.net.to_string()));
+        assert!(seen.insert(n.tap_name.clone()));
+        assert!(seen.insert(n.host_veth.clone()));
+        assert!(seen.insert(n.netns.clone()));
+    }
+    let owned = net.list_owned().await.unwrap();
+    let links = owned
+        .iter()
+        .filter(|o| matches!(o, OwnedObject::Link { .. }))
+        .count();
+    let tables = owned
+        .iter()
+        .filter(|o| matches!(o, OwnedObject::NftTable { .. }))
+        .count();
+    assert_eq!((links, tables), (50, 50));
+    let t = Instant::now();
+    for r in futures::future::join_all(ids.iter().map(|id| net.destroy(id))).await {
+        r.unwrap();
+    }
+    eprintln!("50 concurrent destroys: {:?}", t.elapsed());
+    w.assert_clean(&net).await;
+}
