@@ -24,6 +24,183 @@ pub enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve the sandbox API on a Unix socket (and optionally TCP with tokens).
+    Daemon(DaemonArgs),
+    /// Create a sandbox through the daemon and print its id.
+    Create(CreateArgs),
+    /// List sandboxes.
+    Ls(ListArgs),
+    /// Show one sandbox.
+    Inspect(IdArgs),
+    /// Run a command in a sandbox, stdio attached.
+    Exec(ExecArgs),
+    /// Open an interactive shell (a PTY) in a sandbox.
+    Shell(ShellArgs),
+    /// Copy a file or directory tree into or out of a sandbox (`ID:/path` names the guest side).
+    Cp(CpArgs),
+    /// Print a sandbox's console log.
+    Logs(IdArgs),
+    /// Freeze a sandbox's vCPUs.
+    Pause(IdArgs),
+    /// Thaw a paused sandbox.
+    Resume(IdArgs),
+    /// Power a sandbox off, keeping its record.
+    Stop(IdArgs),
+    /// Destroy a sandbox and everything it owns.
+    Rm(IdArgs),
+    /// Manage API tokens for TCP access.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How to reach the daemon.
+#[derive(Debug, Args, Clone)]
+pub struct ConnArgs {
+    /// Daemon address over TCP (`host:port`); the local Unix socket otherwise.
+    #[arg(long, env = "HUTCH_HOST", global = true)]
+    pub host: Option<String>,
+    /// Bearer token for TCP.
+    #[arg(long, env = "HUTCH_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `hutch daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Unix socket path (default `$HUTCH_HOME/hutch.sock`).
+    #[arg(long)]
+    pub socket: Option<std::path::PathBuf>,
+    /// Also serve on TCP at this address; every request then needs a bearer token.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_tcp: Option<String>,
+    /// Most sandboxes alive at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_sandboxes: usize,
+    /// Most guest memory in MiB over all live sandboxes.
+    #[arg(long, default_value_t = 16384)]
+    pub memory_budget_mib: u64,
+    /// Seconds a boot may take.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+}
+
+/// `hutch create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM shape.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Environment for every command in the sandbox (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Label (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Destroy the sandbox after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<u64>,
+    /// A repeated create with the same key returns the first sandbox.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Print the sandbox as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `hutch ls`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Only this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only sandboxes with this label (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Commands that take one sandbox id.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Sandbox id.
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `hutch exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Sandbox id.
+    pub id: String,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Run under a pseudo-terminal.
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `hutch shell`.
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Sandbox id.
+    pub id: String,
+}
+
+/// `hutch cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Source: a host path, or `ID:/guest/path`.
+    pub src: String,
+    /// Destination: a host path, or `ID:/guest/path`.
+    pub dst: String,
+}
+
+/// `hutch token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once (only its hash is stored).
+    Create {
+        /// Limit the token to sandboxes with this label; admin otherwise.
+        #[arg(long, value_name = "K=V", value_parser = parse_label)]
+        label: Option<(String, String)>,
+    },
 }
 
 /// VM shape shared by commands that boot one.
@@ -114,6 +291,16 @@ pub struct BenchBootArgs {
     /// Exec round trips per boot.
     #[arg(long, default_value_t = 50)]
     pub execs: usize,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not K=V"))?;
+    if !hutch_types::valid_label_key(k) {
+        return Err(format!("{k:?} is not a valid label key"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

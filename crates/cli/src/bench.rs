@@ -44,15 +44,7 @@ pub async fn boot(home: &Home, args: BenchBootArgs) -> Result<i32, CliError> {
 async fn run_true(sandbox: &Sandbox) -> Result<(), CliError> {
     let mut exec = sandbox
         .channel()
-        .exec(ExecRequest {
-            argv: vec!["true".into()],
-            env: vec![],
-            cwd: None,
-            uid: None,
-            gid: None,
-            stdin: false,
-            timeout_ms: None,
-        })
+        .exec(ExecRequest::new(vec!["true".into()]))
         .await?;
     while !matches!(exec.next_event().await?, ExecEvent::Exited(_)) {}
     Ok(())

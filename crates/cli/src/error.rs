@@ -35,22 +35,45 @@ pub enum CliError {
     /// The image build task panicked or was cancelled.
     #[error("image build was interrupted")]
     Interrupted,
+    /// The state database failed.
+    #[error(transparent)]
+    Store(hutch_store::StoreError),
+    /// A sandbox manager action failed.
+    #[error(transparent)]
+    Core(Box<hutch_core::CoreError>),
+    /// A daemon API call failed.
+    #[error(transparent)]
+    Client(Box<hutch_api::client::ClientError>),
+    /// An archive was refused or could not be unpacked.
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address or socket path.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command line is inconsistent.
+    #[error("{0}")]
+    Usage(String),
     /// Local terminal I/O failed.
     #[error("terminal I/O failed")]
     Io(#[source] std::io::Error),
 }
 
-/// `error: cause: cause…` on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        src = s.source();
+pub use hutch_core::chain;
+
+impl From<hutch_api::client::ClientError> for CliError {
+    fn from(e: hutch_api::client::ClientError) -> CliError {
+        CliError::Client(Box::new(e))
     }
-    out
+}
+
+impl From<hutch_core::CoreError> for CliError {
+    fn from(e: hutch_core::CoreError) -> CliError {
+        CliError::Core(Box::new(e))
+    }
 }

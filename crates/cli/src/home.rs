@@ -33,6 +33,16 @@ impl Home {
         self.root.join("vms")
     }
 
+    /// The daemon's state database.
+    pub fn state_db(&self) -> PathBuf {
+        self.root.join("state.db")
+    }
+
+    /// The daemon's Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("hutch.sock")
+    }
+
     /// Cached accelerator probe result.
     pub fn accel_cache(&self) -> PathBuf {
         self.root.join("accel.json")

@@ -17,12 +17,26 @@ pub struct Launcher {
     pub options: BootOptions,
 }
 
+/// The QEMU backend with the accelerator probed by booting `image`'s kernel (cached).
+async fn probed(
+    home: &Home,
+    image: &hutch_image::Image,
+) -> Result<(QemuVmm, AccelReport), CliError> {
+    let accel = hutch_vmm::probe_accel(&image.kernel, &image.initrd, &home.accel_cache()).await;
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+    Ok((QemuVmm::new(accel.accel)?, accel))
+}
+
+/// The backend for the daemon, probed with the image `name` (which must exist).
+pub async fn backend(home: &Home, name: &str) -> Result<QemuVmm, CliError> {
+    let image = hutch_image::open(&home.images(), name)?;
+    Ok(probed(home, &image).await?.0)
+}
+
 /// Opens the image, decides the accelerator (cached probe) and prepares boot options.
 pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
     let image = hutch_image::open(&home.images(), &vm.image)?;
-    let accel = hutch_vmm::probe_accel(&image.kernel, &image.initrd, &home.accel_cache()).await;
-    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
-    let vmm = QemuVmm::new(accel.accel)?;
+    let (vmm, accel) = probed(home, &image).await?;
     let options = BootOptions {
         id: hutch_core::new_id(),
         image,
@@ -31,6 +45,7 @@ pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
         disk_mib: vm.disk,
         runs_dir: home.vms(),
         boot_timeout: Duration::from_secs(vm.boot_timeout),
+        detached: false,
     };
     Ok(Launcher {
         vmm,

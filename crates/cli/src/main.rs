@@ -1,14 +1,18 @@
 //! `hutch`: give every coding agent its own disposable microVM.
 
 mod agent_bin;
+mod archive;
 mod args;
 mod bench;
+mod daemon;
 mod doctor;
 mod error;
 mod home;
 mod image_cmd;
 mod launch;
+mod remote;
 mod run;
+mod token;
 
 use clap::Parser;
 
@@ -46,5 +50,47 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Image(args::ImageCommand::Ls) => image_cmd::list(&home),
         args::Command::Doctor => doctor::doctor(&home).await,
         args::Command::Bench(args::BenchCommand::Boot(a)) => bench::boot(&home, a).await,
+        args::Command::Daemon(a) => daemon::run(&home, a).await,
+        args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
+        args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,
+        args::Command::Inspect(a) => {
+            remote::inspect(&remote::client(&home, &a.conn), &a.id, a.json).await
+        }
+        args::Command::Exec(a) => {
+            let tty = a.tty;
+            remote::exec(&remote::client(&home, &a.conn), a, tty).await
+        }
+        args::Command::Shell(a) => {
+            let exec = args::ExecArgs {
+                conn: a.conn,
+                id: a.id,
+                env: vec![],
+                workdir: None,
+                timeout: None,
+                tty: true,
+                command: vec!["/bin/bash".into(), "-l".into()],
+            };
+            remote::exec(&remote::client(&home, &exec.conn), exec, true).await
+        }
+        args::Command::Cp(a) => remote::cp(&remote::client(&home, &a.conn), a).await,
+        args::Command::Logs(a) => remote::logs(&remote::client(&home, &a.conn), &a.id).await,
+        args::Command::Pause(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "pause", a.json).await
+        }
+        args::Command::Resume(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "resume", a.json).await
+        }
+        args::Command::Stop(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "stop", a.json).await
+        }
+        args::Command::Rm(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "rm", a.json).await
+        }
+        args::Command::Token(args::TokenCommand::Create { label }) => token::create(&home, label),
+        args::Command::Completions { shell } => {
+            let mut cmd = <args::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hutch", &mut std::io::stdout());
+            Ok(0)
+        }
     }
 }

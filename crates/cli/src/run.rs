@@ -17,13 +17,11 @@ const INTERRUPTED: i32 = 130;
 pub async fn run(home: &Home, args: RunArgs) -> Result<i32, CliError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     let req = ExecRequest {
-        argv: args.command,
         env: args.env,
         cwd: args.workdir,
-        uid: None,
-        gid: None,
         stdin: true,
         timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+        ..ExecRequest::new(args.command)
     };
     let boot = Sandbox::boot(&launcher.vmm, &launcher.options);
     let sandbox = tokio::select! {

@@ -82,6 +82,7 @@ fn main() {
                 disk_mib: 1024,
                 runs_dir: home.join("vms"),
                 boot_timeout: Duration::from_secs(120),
+                detached: false,
             };
             let shared = boot(&vmm, &options).await;
             (vmm, options, shared)
@@ -129,40 +130,29 @@ async fn boot(vmm: &QemuVmm, template: &BootOptions) -> Sandbox {
     Sandbox::boot(vmm, &options).await.expect("boot a VM")
 }
 
+/// One trial per case function, named after it.
+macro_rules! trials {
+    ($($case:ident),* $(,)?) => {
+        vec![$(Trial::test(stringify!($case), $case)),*]
+    };
+}
+
 fn trials() -> Vec<Trial> {
-    vec![
-        Trial::test("guest_reports_its_own_kernel", guest_reports_its_own_kernel),
-        Trial::test(
-            "exit_codes_and_signals_propagate",
-            exit_codes_and_signals_propagate,
-        ),
-        Trial::test("stdin_round_trip", stdin_round_trip),
-        Trial::test("four_concurrent_execs", four_concurrent_execs),
-        Trial::test("timeout_kills_the_command", timeout_kills_the_command),
-        Trial::test("guest_clock_matches_host", guest_clock_matches_host),
-        Trial::test(
-            "identity_and_writable_overlay",
-            identity_and_writable_overlay,
-        ),
-        Trial::test("orphans_are_reaped", orphans_are_reaped),
-        Trial::test("files_round_trip", files_round_trip),
-        Trial::test("two_vms_do_not_share_files", two_vms_do_not_share_files),
-        Trial::test(
-            "cli_run_passes_stdio_and_exit_codes",
-            cli_run_passes_stdio_and_exit_codes,
-        ),
-        Trial::test(
-            "cli_64mib_stdout_intact_with_bounded_memory",
-            cli_64mib_stdout_intact_with_bounded_memory,
-        ),
-        Trial::test(
-            "cli_bad_input_gives_one_line_errors",
-            cli_bad_input_gives_one_line_errors,
-        ),
-        Trial::test(
-            "cli_ctrl_c_removes_everything",
-            cli_ctrl_c_removes_everything,
-        ),
+    trials![
+        guest_reports_its_own_kernel,
+        exit_codes_and_signals_propagate,
+        stdin_round_trip,
+        four_concurrent_execs,
+        timeout_kills_the_command,
+        guest_clock_matches_host,
+        identity_and_writable_overlay,
+        orphans_are_reaped,
+        files_round_trip,
+        two_vms_do_not_share_files,
+        cli_run_passes_stdio_and_exit_codes,
+        cli_64mib_stdout_intact_with_bounded_memory,
+        cli_bad_input_gives_one_line_errors,
+        cli_ctrl_c_removes_everything,
     ]
 }
 
@@ -177,18 +167,6 @@ where
     suite()
         .rt
         .block_on(async { tokio::spawn(f).await.expect("case task panicked") })
-}
-
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![],
-        cwd: None,
-        uid: None,
-        gid: None,
-        stdin: false,
-        timeout_ms: None,
-    }
 }
 
 /// Runs `req` and collects stdout, stderr and the exit.
@@ -212,7 +190,7 @@ async fn output(
 }
 
 async fn stdout_of(ch: &Channel, script: &str) -> std::result::Result<String, Failed> {
-    let (out, err, info) = output(ch, sh(script)).await?;
+    let (out, err, info) = output(ch, ExecRequest::shell(script)).await?;
     if info.status != ExitStatus::Code(0) {
         return Err(format!(
             "{script:?} ended {info:?}; stderr: {}",
@@ -286,18 +264,18 @@ fn guest_reports_its_own_kernel() -> Result {
 fn exit_codes_and_signals_propagate() -> Result {
     let ch = suite().channel.clone();
     on_rt(async move {
-        let (_, _, info) = output(&ch, sh("exit 42")).await?;
+        let (_, _, info) = output(&ch, ExecRequest::shell("exit 42")).await?;
         check(
             info.status == ExitStatus::Code(42),
             format!("exit 42 gave {info:?}"),
         )?;
-        let (_, _, info) = output(&ch, sh("kill -KILL $$")).await?;
+        let (_, _, info) = output(&ch, ExecRequest::shell("kill -KILL $$")).await?;
         check(
             info.status == ExitStatus::Signal(9),
             format!("SIGKILL gave {info:?}"),
         )?;
         check(info.status.shell_code() == 137, "128+9")?;
-        let (_, _, info) = output(&ch, sh("kill -SEGV $$")).await?;
+        let (_, _, info) = output(&ch, ExecRequest::shell("kill -SEGV $$")).await?;
         check(
             info.status == ExitStatus::Signal(11),
             format!("SIGSEGV gave {info:?}"),
@@ -313,7 +291,7 @@ fn exit_codes_and_signals_propagate() -> Result {
 fn stdin_round_trip() -> Result {
     let ch = suite().channel.clone();
     on_rt(async move {
-        let mut req = sh("sha256sum | cut -d' ' -f1");
+        let mut req = ExecRequest::shell("sha256sum | cut -d' ' -f1");
         req.stdin = true;
         let data: Vec<u8> = (0..5_000_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
@@ -355,7 +333,7 @@ fn four_concurrent_execs() -> Result {
                 let script = format!(
                     "sleep 1; for n in $(seq 1 500); do echo exec{i}-$n; done; echo err{i} >&2"
                 );
-                (i, output(&ch, sh(&script)).await)
+                (i, output(&ch, ExecRequest::shell(&script)).await)
             });
         }
         while let Some(joined) = set.join_next().await {
@@ -381,7 +359,7 @@ fn four_concurrent_execs() -> Result {
 fn timeout_kills_the_command() -> Result {
     let ch = suite().channel.clone();
     on_rt(async move {
-        let mut req = sh("sleep 60");
+        let mut req = ExecRequest::shell("sleep 60");
         req.timeout_ms = Some(500);
         let (_, _, info) = output(&ch, req).await?;
         check(

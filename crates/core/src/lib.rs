@@ -5,6 +5,10 @@
 //! for the agent, but notices at once when the VM dies instead, and reports the console's
 //! last lines so a failed boot explains itself.
 
+pub mod lifecycle;
+mod manager;
+mod orphans;
 mod sandbox;
 
+pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};

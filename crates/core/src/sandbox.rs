@@ -11,7 +11,7 @@ use hutch_protocol::{
     host::{Channel, ChannelError},
     Setup,
 };
-use hutch_vmm::{Vm, VmSpec, Vmm, VmmError};
+use hutch_vmm::{Lifetime, Vm, VmSpec, Vmm, VmmError};
 use rand::RngCore;
 
 /// How long a clean shutdown through the agent may take before the VM is killed.
@@ -66,6 +66,8 @@ pub struct BootOptions {
     pub runs_dir: PathBuf,
     /// How long to wait for the agent.
     pub boot_timeout: Duration,
+    /// Whether the VM outlives this process (the daemon), to be adopted after a restart.
+    pub detached: bool,
 }
 
 /// A fresh sandbox id: `sb-` and 10 random hex digits.
@@ -96,11 +98,29 @@ impl Sandbox {
             scratch_disk_mib: opts.disk_mib,
             run_dir: opts.runs_dir.join(&opts.id),
             extra_cmdline: vec![],
+            lifetime: if opts.detached {
+                Lifetime::Detached
+            } else {
+                Lifetime::Owned
+            },
         };
         let vm = vmm.start(&spec).await.map_err(SandboxError::Start)?;
-        match connect(vm.as_ref(), &opts.id, opts.boot_timeout).await {
+        let mut sandbox = Sandbox::attach(&opts.id, vm, opts.boot_timeout).await?;
+        sandbox.boot_time = started.elapsed();
+        Ok(sandbox)
+    }
+
+    /// Connects to the agent of an already running VM (just booted, or adopted after a
+    /// daemon restart) and sends it fresh boot facts. On failure the VM is destroyed.
+    pub async fn attach(
+        id: &str,
+        vm: Box<dyn Vm>,
+        timeout: Duration,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        match connect(vm.as_ref(), id, timeout).await {
             Ok(channel) => Ok(Sandbox {
-                id: opts.id.clone(),
+                id: id.to_string(),
                 vm,
                 channel: Arc::new(channel),
                 boot_time: started.elapsed(),

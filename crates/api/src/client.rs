@@ -1,0 +1,394 @@
+//! The typed client of the daemon's API, over its Unix socket or TCP (with a bearer token).
+
+use std::path::PathBuf;
+
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hutch_types::{ErrorCode, SandboxInfo};
+use hyper::{body::Bytes, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpStream, UnixStream},
+};
+use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
+
+use crate::{
+    ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart,
+    API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
+};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon is not reachable.
+    #[error("cannot reach the hutch daemon at {endpoint} (is `hutch daemon` running?)")]
+    Connect {
+        /// Where we tried.
+        endpoint: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange with the daemon failed")]
+    Http(#[source] hyper::Error),
+    /// The daemon answered with an error.
+    #[error("{}", .error.message)]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        error: ApiError,
+    },
+    /// The answer did not decode.
+    #[error("unexpected answer from the daemon")]
+    Decode(#[source] serde_json::Error),
+    /// The WebSocket failed.
+    #[error("exec stream failed")]
+    WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The exec stream broke the protocol.
+    #[error("exec stream: {0}")]
+    Stream(String),
+}
+
+impl ClientError {
+    /// The API error code, when the daemon sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { error, .. } => Some(error.code),
+            _ => None,
+        }
+    }
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Its Unix socket.
+    Unix(PathBuf),
+    /// `host:port` over TCP.
+    Tcp(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// A connection-per-request client; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoint: Endpoint,
+    token: Option<String>,
+}
+
+/// Something both a Unix and a TCP stream are.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+impl Client {
+    /// A client of `endpoint`, sending `token` as a bearer token when given.
+    pub fn new(endpoint: Endpoint, token: Option<String>) -> Client {
+        Client { endpoint, token }
+    }
+
+    /// Where this client connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        let err = |source| ClientError::Connect {
+            endpoint: self.endpoint.to_string(),
+            source,
+        };
+        Ok(match &self.endpoint {
+            Endpoint::Unix(p) => Box::new(UnixStream::connect(p).await.map_err(err)?),
+            Endpoint::Tcp(a) => Box::new(TcpStream::connect(a).await.map_err(err)?),
+        })
+    }
+
+    /// Sends one request; returns the status and the whole body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let io = TokioIo::new(self.connect().await?);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(ClientError::Http)?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "hutch")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        let resp = sender.send_request(req).await.map_err(ClientError::Http)?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::Http)?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Sends a request and decodes a JSON answer (or the API error).
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let bytes = self.ok(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
+    }
+
+    /// Sends a request; any non-2xx answer becomes [`ClientError::Api`].
+    async fn ok(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let error = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiError {
+            code: ErrorCode::Internal,
+            message: format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        });
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            error,
+        })
+    }
+
+    /// Creates a sandbox and waits until it runs.
+    pub async fn create(&self, req: &CreateSandbox) -> Result<SandboxInfo, ClientError> {
+        let body = serde_json::to_vec(req).expect("serializable");
+        self.call(Method::POST, &format!("{API_PREFIX}/sandboxes"), body)
+            .await
+    }
+
+    /// Lists sandboxes, optionally by state and labels (`key=value`).
+    pub async fn list(
+        &self,
+        state: Option<&str>,
+        labels: &[String],
+    ) -> Result<Vec<SandboxInfo>, ClientError> {
+        let mut query: Vec<String> = labels
+            .iter()
+            .map(|l| format!("label={}", encode(l)))
+            .collect();
+        query.extend(state.map(|s| format!("state={}", encode(s))));
+        let path = format!("{API_PREFIX}/sandboxes?{}", query.join("&"));
+        self.call(Method::GET, &path, vec![]).await
+    }
+
+    /// One sandbox.
+    pub async fn inspect(&self, id: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::GET, &sandbox_path(id, ""), vec![]).await
+    }
+
+    /// Runs a short command and returns its whole output.
+    pub async fn exec(&self, id: &str, body: &ExecBody) -> Result<ExecResult, ClientError> {
+        let body = serde_json::to_vec(body).expect("serializable");
+        self.call(Method::POST, &sandbox_path(id, "/exec"), body)
+            .await
+    }
+
+    /// `pause`, `resume` or `stop`.
+    pub async fn lifecycle(&self, id: &str, action: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &sandbox_path(id, &format!("/{action}")),
+            vec![],
+        )
+        .await
+    }
+
+    /// Destroys a sandbox.
+    pub async fn destroy(&self, id: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::DELETE, &sandbox_path(id, ""), vec![])
+            .await
+    }
+
+    /// The guest console log.
+    pub async fn console(&self, id: &str) -> Result<Vec<u8>, ClientError> {
+        Ok(self
+            .ok(Method::GET, &sandbox_path(id, "/console"), vec![])
+            .await?
+            .to_vec())
+    }
+
+    /// Writes one file in the guest.
+    pub async fn put_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        data: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let url = format!(
+            "{}?path={}&mode={mode:o}",
+            sandbox_path(id, "/files"),
+            encode(path)
+        );
+        self.ok(Method::PUT, &url, data).await.map(drop)
+    }
+
+    /// Reads one file from the guest.
+    pub async fn get_file(&self, id: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}?path={}", sandbox_path(id, "/files"), encode(path));
+        Ok(self.ok(Method::GET, &url, vec![]).await?.to_vec())
+    }
+
+    /// Unpacks a tar archive into `dir` in the guest (the daemon checks every entry first).
+    pub async fn put_archive(&self, id: &str, dir: &str, tar: Vec<u8>) -> Result<(), ClientError> {
+        let url = format!("{}?path={}", sandbox_path(id, "/archive"), encode(dir));
+        self.ok(Method::PUT, &url, tar).await.map(drop)
+    }
+
+    /// Packs `dir` in the guest as a tar archive (guest-made: check before unpacking).
+    pub async fn get_archive(&self, id: &str, dir: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}?path={}", sandbox_path(id, "/archive"), encode(dir));
+        Ok(self.ok(Method::GET, &url, vec![]).await?.to_vec())
+    }
+
+    /// The OpenAPI document.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, "/openapi.json", vec![]).await
+    }
+
+    /// Starts a streaming exec over a WebSocket.
+    pub async fn exec_stream(
+        &self,
+        id: &str,
+        start: &ExecStart,
+    ) -> Result<(ExecSender, ExecReceiver), ClientError> {
+        let io = self.connect().await?;
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://hutch{}", sandbox_path(id, "/exec/ws")),
+            )
+            .map_err(ClientError::WebSocket)?;
+        if let Some(t) = &self.token {
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("header value"),
+            );
+        }
+        let (mut ws, _) = tokio_tungstenite::client_async(req, io)
+            .await
+            .map_err(ClientError::WebSocket)?;
+        let first = serde_json::to_string(start).expect("serializable");
+        ws.send(Message::text(first))
+            .await
+            .map_err(ClientError::WebSocket)?;
+        let (tx, rx) = ws.split();
+        Ok((ExecSender { tx }, ExecReceiver { rx }))
+    }
+}
+
+/// One event of a streaming exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Output on stdout (or the terminal).
+    Stdout(Vec<u8>),
+    /// Output on stderr.
+    Stderr(Vec<u8>),
+    /// A control event (started, exit, error).
+    Event(ExecEventMsg),
+}
+
+type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Sending half of a streaming exec: stdin and control messages.
+pub struct ExecSender {
+    tx: futures::stream::SplitSink<Ws, Message>,
+}
+
+impl ExecSender {
+    /// Sends stdin bytes.
+    pub async fn stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.send(Message::binary(data.to_vec())).await
+    }
+
+    /// Sends a control message (EOF, resize, signal).
+    pub async fn control(&mut self, msg: &ExecControl) -> Result<(), ClientError> {
+        self.send(Message::text(
+            serde_json::to_string(msg).expect("serializable"),
+        ))
+        .await
+    }
+
+    async fn send(&mut self, msg: Message) -> Result<(), ClientError> {
+        self.tx.send(msg).await.map_err(ClientError::WebSocket)
+    }
+}
+
+/// Receiving half of a streaming exec: output and events.
+pub struct ExecReceiver {
+    rx: futures::stream::SplitStream<Ws>,
+}
+
+impl ExecReceiver {
+    /// The next event; `None` once the daemon closed the stream.
+    pub async fn next(&mut self) -> Option<Result<StreamEvent, ClientError>> {
+        loop {
+            let msg = match self.rx.next().await? {
+                Ok(m) => m,
+                Err(e) => return Some(Err(ClientError::WebSocket(e))),
+            };
+            return Some(match msg {
+                Message::Binary(b) => match b.split_first() {
+                    Some((&STREAM_STDOUT, rest)) => Ok(StreamEvent::Stdout(rest.to_vec())),
+                    Some((&STREAM_STDERR, rest)) => Ok(StreamEvent::Stderr(rest.to_vec())),
+                    _ => Err(ClientError::Stream(
+                        "output frame without a stream byte".into(),
+                    )),
+                },
+                Message::Text(t) => serde_json::from_str(t.as_str())
+                    .map(StreamEvent::Event)
+                    .map_err(ClientError::Decode),
+                Message::Close(_) => return None,
+                _ => continue,
+            });
+        }
+    }
+}
+
+fn sandbox_path(id: &str, rest: &str) -> String {
+    format!("{API_PREFIX}/sandboxes/{}{rest}", encode(id))
+}
+
+/// Percent-encodes everything but unreserved characters.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

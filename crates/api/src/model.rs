@@ -1,0 +1,145 @@
+//! Request and response bodies.
+
+use std::collections::BTreeMap;
+
+use hutch_types::{ErrorCode, SandboxSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// API version prefix of every route.
+pub const API_PREFIX: &str = "/v1";
+
+/// Most bytes of stdout (and of stderr) a JSON exec returns; more is cut and flagged.
+pub const JSON_EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// The sandbox's shape and metadata.
+    #[serde(flatten)]
+    pub spec: SandboxSpec,
+    /// Repeating a create with the same key returns the first sandbox instead of a new one.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`: run a short command and get its whole output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment for this command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the guest.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes for stdin, as UTF-8 text.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill the command after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Result of a JSON exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Exit code, when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// Whether its timeout killed it.
+    pub timed_out: bool,
+    /// Stdout (UTF-8, lossy), at most [`JSON_EXEC_OUTPUT_LIMIT`] bytes.
+    pub stdout: String,
+    /// Stderr (UTF-8, lossy), at most [`JSON_EXEC_OUTPUT_LIMIT`] bytes.
+    pub stderr: String,
+    /// Whether output beyond the limit was dropped.
+    pub truncated: bool,
+}
+
+/// First message of an exec WebSocket: what to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecStart {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Run under a pseudo-terminal of this size (stdout and stderr merge).
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+    /// Kill the command after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// Control messages a client sends on an exec WebSocket (as text frames; stdin goes as
+/// binary frames).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecControl {
+    /// End of stdin.
+    Eof,
+    /// New terminal size.
+    Resize(TtySize),
+    /// Send a signal to the process group.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+}
+
+/// Events the daemon sends on an exec WebSocket as text frames. Output goes as binary frames
+/// whose first byte is the stream: 1 stdout, 2 stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEventMsg {
+    /// The process started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// The process ended; the socket closes next.
+    Exit {
+        /// Exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Signal, when one killed it.
+        signal: Option<i32>,
+        /// Whether the timeout killed it.
+        timed_out: bool,
+    },
+    /// The exec failed.
+    Error(ApiError),
+}
+
+/// Stream byte that prefixes stdout data on an exec WebSocket.
+pub const STREAM_STDOUT: u8 = 1;
+/// Stream byte that prefixes stderr data on an exec WebSocket.
+pub const STREAM_STDERR: u8 = 2;
+
+/// Every error response: a stable code and a human message (the cause chain).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Stable category.
+    pub code: ErrorCode,
+    /// What went wrong, with its causes.
+    pub message: String,
+}

@@ -1,0 +1,79 @@
+//! Errors as HTTP responses: a status and an [`ApiError`] body with a stable code.
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use hutch_api::ApiError;
+use hutch_core::CoreError;
+use hutch_types::ErrorCode;
+
+/// An error a handler returns.
+#[derive(Debug)]
+pub struct HttpError(pub ApiError);
+
+impl HttpError {
+    /// An error with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> HttpError {
+        HttpError(ApiError {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl From<CoreError> for HttpError {
+    fn from(e: CoreError) -> HttpError {
+        HttpError::new(e.code(), hutch_core::chain(&e))
+    }
+}
+
+impl From<hutch_protocol::host::ChannelError> for HttpError {
+    fn from(e: hutch_protocol::host::ChannelError) -> HttpError {
+        use hutch_protocol::{host::ChannelError, ErrorCode as Guest};
+        let code = match &e {
+            ChannelError::Remote(op) if op.code == Guest::NotFound => ErrorCode::NotFound,
+            ChannelError::Remote(op) if op.code == Guest::InvalidRequest => ErrorCode::BadRequest,
+            ChannelError::Remote(op) if op.code == Guest::TooLarge => ErrorCode::BadRequest,
+            ChannelError::Remote(_) | ChannelError::TooLarge(_) => ErrorCode::ExecFailed,
+            _ => ErrorCode::Internal,
+        };
+        HttpError::new(code, hutch_core::chain(&e))
+    }
+}
+
+/// The HTTP status for each stable code.
+pub fn status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::InvalidSpec | ErrorCode::UnsafePath => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::OverCapacity => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::ExecFailed | ErrorCode::CommandNotFound => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An exec that could not start: the guest's reason, with a code saying whether the command
+/// is missing (shells exit 127) or could not run (126).
+pub fn exec_start_error(e: hutch_protocol::host::ChannelError) -> HttpError {
+    use hutch_protocol::{host::ChannelError, ErrorCode as Guest};
+    match &e {
+        ChannelError::Remote(op) if op.code == Guest::NotFound => {
+            HttpError::new(ErrorCode::CommandNotFound, op.message.clone())
+        }
+        ChannelError::Remote(op) => HttpError::new(ErrorCode::ExecFailed, op.message.clone()),
+        _ => e.into(),
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (status(self.0.code), Json(self.0)).into_response()
+    }
+}

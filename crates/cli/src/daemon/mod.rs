@@ -1,0 +1,123 @@
+//! `hutch daemon`: the sandbox service.
+//!
+//! Serves the HTTP API on a Unix socket (mode 0660: file permissions are the access control,
+//! every caller is admin) and, when asked, on TCP where every request needs a bearer token.
+//! Handlers only parse requests and map results; the [`Manager`] decides what is legal.
+
+mod auth;
+mod error;
+mod files;
+mod routes;
+mod ws;
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+
+use hutch_core::{Limits, Manager, ManagerConfig};
+use hutch_store::{SqliteStore, Store};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::{args::DaemonArgs, error::CliError, home::Home};
+
+pub use auth::{token_hash, Scope};
+
+/// Shared by every handler.
+pub struct AppState {
+    /// Drives the sandboxes.
+    pub manager: Arc<Manager>,
+    /// Token lookups.
+    pub store: Arc<dyn Store>,
+}
+
+/// How often TTLs are checked.
+const TTL_TICK: Duration = Duration::from_secs(1);
+
+/// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running when it stops; the next
+/// start adopts them.
+pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
+    let vmm = crate::launch::backend(home, "default").await?;
+    let cfg = ManagerConfig {
+        images_dir: home.images(),
+        runs_dir: home.vms(),
+        limits: Limits {
+            max_sandboxes: args.max_sandboxes,
+            memory_budget_mib: args.memory_budget_mib,
+        },
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+    };
+    let manager = Manager::new(cfg, store.clone(), Arc::new(vmm));
+    let report = manager.reconcile().await?;
+    tracing::info!(?report, "reconciled");
+    eprintln!(
+        "hutch daemon: adopted {}, failed {}, removed {} stray VMM(s) and {} stray run dir(s)",
+        report.adopted.len(),
+        report.failed.len(),
+        report.killed_processes,
+        report.removed_dirs
+    );
+    let state = Arc::new(AppState {
+        manager: manager.clone(),
+        store,
+    });
+    tokio::spawn(expire_loop(manager));
+
+    let socket = args.socket.clone().unwrap_or_else(|| home.socket());
+    let unix = bind_unix(&socket)?;
+    let unix_app = routes::router(state.clone(), Scope::Admin);
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(async move { axum::serve(unix, unix_app).await });
+    if let Some(addr) = &args.listen_tcp {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| CliError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let tcp_app = routes::router_with_tokens(state.clone());
+        servers.spawn(async move { axum::serve(tcp, tcp_app).await });
+        eprintln!("hutch daemon: listening on tcp://{addr} (bearer token required)");
+    }
+    eprintln!("hutch daemon: listening on {}", socket.display());
+    tokio::select! {
+        _ = crate::run::interrupted() => {}
+        Some(r) = servers.join_next() => {
+            if let Ok(Err(e)) = r {
+                return Err(CliError::Io(e));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
+    Ok(0)
+}
+
+/// Binds the Unix socket with mode 0660, replacing a stale socket file but never a live one.
+fn bind_unix(path: &Path) -> Result<UnixListener, CliError> {
+    let err = |source| CliError::Bind {
+        addr: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another hutch daemon is serving it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Destroys sandboxes whose TTL passed, also those that expired while the daemon was down.
+async fn expire_loop(manager: Arc<Manager>) {
+    loop {
+        if let Err(e) = manager.expire_due().await {
+            tracing::warn!(error = %hutch_core::chain(&e), "TTL check failed");
+        }
+        tokio::time::sleep(TTL_TICK).await;
+    }
+}

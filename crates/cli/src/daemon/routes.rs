@@ -1,0 +1,536 @@
+//! Routes: each handler parses its request, checks the caller's scope, calls the manager and
+//! maps the result. The OpenAPI document is generated from these same annotations.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    extract::{rejection::JsonRejection, DefaultBodyLimit, Path, Query, State},
+    http::StatusCode,
+    middleware,
+    response::IntoResponse,
+    Extension, Json, Router,
+};
+use hutch_api::{ApiError, CreateSandbox, ExecBody, ExecResult, JSON_EXEC_OUTPUT_LIMIT};
+use hutch_protocol::{
+    host::{Channel, ExecEvent},
+    ExecRequest, ExitInfo, ExitStatus,
+};
+use hutch_store::ListFilter;
+use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec};
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::{auth::Scope, error::HttpError, files, ws, AppState};
+
+type Result<T> = std::result::Result<T, HttpError>;
+type AppStateRef = State<Arc<AppState>>;
+
+/// Largest upload body (one file or one archive).
+pub const MAX_UPLOAD: usize = 256 << 20;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Hutch",
+        description = "Disposable microVM sandboxes for coding agents."
+    ),
+    components(schemas(ApiError, SandboxInfo, SandboxSpec))
+)]
+struct ApiDoc;
+
+/// Routes plus their OpenAPI document.
+fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_sandbox, list_sandboxes))
+        .routes(routes!(get_sandbox, destroy_sandbox))
+        .routes(routes!(exec))
+        .routes(routes!(ws::exec_stream))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(stop))
+        .routes(routes!(console))
+        .routes(routes!(files::put_file, files::get_file))
+        .routes(routes!(files::put_archive, files::get_archive))
+}
+
+/// The generated OpenAPI document.
+#[cfg(test)]
+fn api_doc() -> utoipa::openapi::OpenApi {
+    api().split_for_parts().1
+}
+
+fn build(state: Arc<AppState>) -> Router {
+    let (router, doc) = api().split_for_parts();
+    let doc = Arc::new(doc);
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD))
+        .with_state(state)
+}
+
+/// The API where every caller has `scope` (the Unix socket: admin).
+pub fn router(state: Arc<AppState>, scope: Scope) -> Router {
+    build(state).layer(Extension(scope))
+}
+
+/// The API where each request's scope comes from its bearer token (TCP).
+pub fn router_with_tokens(state: Arc<AppState>) -> Router {
+    build(state.clone()).layer(middleware::from_fn_with_state(
+        state,
+        super::auth::require_token,
+    ))
+}
+
+/// Loads a sandbox the caller may act on: 404 if unknown, 403 if out of scope.
+pub fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInfo> {
+    if !hutch_types::valid_sandbox_id(id) {
+        return Err(HttpError::new(
+            ErrorCode::NotFound,
+            format!("no such sandbox: {id:.40}"),
+        ));
+    }
+    let info = state.manager.get(id)?;
+    scope.allows(&info)?;
+    Ok(info)
+}
+
+/// A JSON body, or 400 with the parser's reason.
+pub fn json<T>(body: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
+    body.map(|Json(v)| v)
+        .map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
+    responses((status = 201, description = "created and running", body = SandboxInfo),
+              (status = 200, description = "an earlier create with the same idempotency key", body = SandboxInfo),
+              (status = 400, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
+async fn create_sandbox(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    body: std::result::Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<impl IntoResponse> {
+    let mut req = json(body)?;
+    if let Scope::Label { key, value } = &scope {
+        match req.spec.labels.get(key) {
+            Some(v) if v != value => {
+                return Err(HttpError::new(
+                    ErrorCode::Forbidden,
+                    format!("this token may only create sandboxes labelled {key}={value}"),
+                ))
+            }
+            _ => {
+                req.spec.labels.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let (info, created) = state
+        .manager
+        .create(req.spec, req.idempotency_key.as_deref())
+        .await?;
+    scope.allows(&info)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(("state" = Option<String>, Query, description = "only this state"),
+           ("label" = Option<String>, Query, description = "key=value; repeatable")),
+    responses((status = 200, body = Vec<SandboxInfo>)))]
+async fn list_sandboxes(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Vec<SandboxInfo>>> {
+    let mut filter = ListFilter::default();
+    for (k, v) in query {
+        match k.as_str() {
+            "state" => filter.state = Some(v),
+            "label" => {
+                let (lk, lv) = v.split_once('=').ok_or_else(|| {
+                    HttpError::new(
+                        ErrorCode::BadRequest,
+                        format!("label filter {v:.60} is not key=value"),
+                    )
+                })?;
+                filter.labels.push((lk.to_string(), lv.to_string()));
+            }
+            other => {
+                return Err(HttpError::new(
+                    ErrorCode::BadRequest,
+                    format!("unknown filter {other:.40}"),
+                ))
+            }
+        }
+    }
+    if let Scope::Label { key, value } = &scope {
+        filter.labels.push((key.clone(), value.clone()));
+    }
+    Ok(Json(state.manager.list(&filter).await?))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "state confirmed by a health check", body = SandboxInfo),
+              (status = 404, body = ApiError)))]
+async fn get_sandbox(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>> {
+    authorize(&state, &scope, &id)?;
+    Ok(Json(state.manager.inspect(&id).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError)))]
+async fn destroy_sandbox(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>> {
+    authorize(&state, &scope, &id)?;
+    Ok(Json(state.manager.destroy(&id).await?))
+}
+
+macro_rules! lifecycle_route {
+    ($name:ident, $path:literal, $method:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "sandboxes", params(("id" = String, Path)),
+                    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError),
+                              (status = 409, body = ApiError)))]
+        async fn $name(
+            State(state): AppStateRef,
+            Extension(scope): Extension<Scope>,
+            Path(id): Path<String>,
+        ) -> Result<Json<SandboxInfo>> {
+            authorize(&state, &scope, &id)?;
+            Ok(Json(state.manager.$method(&id).await?))
+        }
+    };
+}
+
+lifecycle_route!(
+    pause,
+    "/v1/sandboxes/{id}/pause",
+    pause,
+    "Freezes the sandbox's vCPUs."
+);
+lifecycle_route!(
+    resume,
+    "/v1/sandboxes/{id}/resume",
+    resume,
+    "Thaws a paused sandbox."
+);
+lifecycle_route!(
+    stop,
+    "/v1/sandboxes/{id}/stop",
+    stop,
+    "Powers the sandbox off, keeping its record."
+);
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/console", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "guest console log (guest-controlled bytes)", content_type = "application/octet-stream")))]
+async fn console(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Vec<u8>> {
+    authorize(&state, &scope, &id)?;
+    Ok(state.manager.console_log(&id)?)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = ExecBody,
+    params(("id" = String, Path)),
+    responses((status = 200, body = ExecResult), (status = 422, description = "command could not start", body = ApiError)))]
+async fn exec(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+    body: std::result::Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Json<ExecResult>> {
+    let body = json(body)?;
+    let info = authorize(&state, &scope, &id)?;
+    let channel = state.manager.channel(&id)?;
+    let stdin = body.stdin.map(String::into_bytes);
+    let req = exec_request(
+        &info,
+        body.argv,
+        body.env,
+        body.cwd,
+        body.timeout_secs,
+        stdin.is_some(),
+    )?;
+    let out = collect(&channel, req, stdin, JSON_EXEC_OUTPUT_LIMIT).await?;
+    let (exit_code, signal) = split_status(out.exit.status);
+    Ok(Json(ExecResult {
+        exit_code,
+        signal,
+        timed_out: out.exit.timed_out,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        truncated: out.truncated,
+    }))
+}
+
+/// A finished command's output, each stream cut at a limit.
+pub struct Collected {
+    /// Stdout, at most the limit.
+    pub stdout: Vec<u8>,
+    /// Stderr, at most the limit.
+    pub stderr: Vec<u8>,
+    /// Whether either stream was cut.
+    pub truncated: bool,
+    /// How it ended.
+    pub exit: ExitInfo,
+}
+
+/// Runs `req`, feeding `stdin`, and collects at most `limit` bytes of each stream (the rest
+/// is read and dropped, so the guest never blocks).
+pub async fn collect(
+    channel: &Channel,
+    req: ExecRequest,
+    stdin: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<Collected> {
+    let mut exec = channel
+        .exec(req)
+        .await
+        .map_err(super::error::exec_start_error)?;
+    if let Some(input) = stdin {
+        let ctl = exec.control();
+        tokio::spawn(async move {
+            let _ = ctl.write_stdin(&input).await;
+            let _ = ctl.close_stdin().await;
+        });
+    }
+    let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
+    loop {
+        match exec.next_event().await? {
+            ExecEvent::Stdout(d) => truncated |= append_capped(&mut stdout, &d, limit),
+            ExecEvent::Stderr(d) => truncated |= append_capped(&mut stderr, &d, limit),
+            ExecEvent::Exited(exit) => {
+                return Ok(Collected {
+                    stdout,
+                    stderr,
+                    truncated,
+                    exit,
+                })
+            }
+        }
+    }
+}
+
+/// Appends up to `limit` bytes in all; true if something was dropped.
+fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize) -> bool {
+    let room = limit.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
+}
+
+/// (exit code, signal) of a status.
+pub fn split_status(status: ExitStatus) -> (Option<i32>, Option<i32>) {
+    match status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    }
+}
+
+/// Builds the guest request: the sandbox's env, then the command's own on top.
+pub fn exec_request(
+    info: &SandboxInfo,
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    timeout_secs: Option<u64>,
+    stdin: bool,
+) -> Result<ExecRequest> {
+    if argv.is_empty() || argv.iter().any(|a| a.contains('\0')) {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            "argv must be non-empty and free of NUL",
+        ));
+    }
+    if let Some(bad) = env.keys().find(|k| !hutch_types::valid_env_name(k)) {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            format!("invalid variable name {bad:.40}"),
+        ));
+    }
+    let mut merged = info.spec.env.clone();
+    merged.extend(env);
+    Ok(ExecRequest {
+        env: merged.into_iter().collect(),
+        cwd,
+        stdin,
+        timeout_ms: timeout_secs.map(|s| s.saturating_mul(1000)),
+        ..ExecRequest::new(argv)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::{body::Body, http::Request};
+    use hutch_core::{Limits, Manager, ManagerConfig};
+    use hutch_store::SqliteStore;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Every operation the API offers, as (method, path).
+    const OPERATIONS: &[(&str, &str)] = &[
+        ("post", "/v1/sandboxes"),
+        ("get", "/v1/sandboxes"),
+        ("get", "/v1/sandboxes/{id}"),
+        ("delete", "/v1/sandboxes/{id}"),
+        ("post", "/v1/sandboxes/{id}/exec"),
+        ("get", "/v1/sandboxes/{id}/exec/ws"),
+        ("post", "/v1/sandboxes/{id}/pause"),
+        ("post", "/v1/sandboxes/{id}/resume"),
+        ("post", "/v1/sandboxes/{id}/stop"),
+        ("get", "/v1/sandboxes/{id}/console"),
+        ("put", "/v1/sandboxes/{id}/files"),
+        ("get", "/v1/sandboxes/{id}/files"),
+        ("put", "/v1/sandboxes/{id}/archive"),
+        ("get", "/v1/sandboxes/{id}/archive"),
+    ];
+
+    fn state() -> (tempfile::TempDir, Arc<AppState>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn hutch_store::Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let cfg = ManagerConfig {
+            images_dir: dir.path().join("images"),
+            runs_dir: dir.path().join("vms"),
+            limits: Limits {
+                max_sandboxes: 1,
+                memory_budget_mib: 1024,
+            },
+            boot_timeout: Duration::from_secs(1),
+        };
+        let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
+            "/nonexistent".into(),
+            hutch_vmm::Accel::Tcg,
+        ));
+        let manager = Manager::new(cfg, store.clone(), vmm);
+        (dir, Arc::new(AppState { manager, store }))
+    }
+
+    #[test]
+    fn the_openapi_document_covers_every_route() {
+        let doc = api_doc();
+        let mut documented = Vec::new();
+        for (path, item) in &doc.paths.paths {
+            for (method, op) in [
+                ("get", &item.get),
+                ("post", &item.post),
+                ("put", &item.put),
+                ("delete", &item.delete),
+            ] {
+                if op.is_some() {
+                    documented.push((method.to_string(), path.clone()));
+                }
+            }
+        }
+        documented.sort();
+        let mut expected: Vec<_> = OPERATIONS
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        expected.sort();
+        assert_eq!(documented, expected);
+    }
+
+    #[tokio::test]
+    async fn every_documented_route_is_served() {
+        let (_dir, state) = state();
+        let app = router(state, Scope::Admin);
+        for (method, path) in OPERATIONS {
+            let mut uri = path.replace("{id}", "sb-0123456789");
+            if path.ends_with("/files") || path.ends_with("/archive") {
+                uri.push_str("?path=/x");
+            }
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(if *path == "/v1/sandboxes" {
+                    "{\"cpus\":0}"
+                } else {
+                    "{\"argv\":[\"true\"]}"
+                }))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            // Our handlers answer with an ApiError body; the router's own 404/405 has none.
+            let parsed: std::result::Result<ApiError, _> = serde_json::from_slice(&body);
+            if *path == "/v1/sandboxes" && *method == "get" {
+                assert_eq!(status, StatusCode::OK, "{method} {path}");
+                continue;
+            }
+            let err = parsed
+                .unwrap_or_else(|_| panic!("{method} {path}: {status} without an API error body"));
+            let want = if *path == "/v1/sandboxes" {
+                ErrorCode::InvalidSpec
+            } else {
+                ErrorCode::NotFound
+            };
+            assert_eq!(err.code, want, "{method} {path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_json_is_a_400_with_a_stable_code() {
+        let (_dir, state) = state();
+        let app = router(state, Scope::Admin);
+        for body in ["{not json", "{\"cpus\":1,\"gpus\":4}", "[]"] {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/v1/sandboxes")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let err: ApiError = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(err.code, ErrorCode::BadRequest);
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_requires_a_known_token() {
+        let (_dir, state) = state();
+        let app = router_with_tokens(state);
+        for auth in [None, Some("Bearer nope")] {
+            let mut req = Request::builder().uri("/v1/sandboxes");
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = app
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Streaming exec over a WebSocket: stdin, stdout, stderr, exit, terminal resize and signals.
+//!
+//! The client's first text frame is an [`ExecStart`]; then binary frames are stdin and text
+//! frames are [`ExecControl`]. The daemon sends binary frames `[stream byte] ++ data` and text
+//! [`ExecEventMsg`]s, the last one `exit` (or `error`), then closes.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{
+        ws::{rejection::WebSocketUpgradeRejection, Message, WebSocket, WebSocketUpgrade},
+        Path, State,
+    },
+    response::Response,
+    Extension,
+};
+use hutch_api::{ApiError, ExecControl, ExecEventMsg, ExecStart, STREAM_STDERR, STREAM_STDOUT};
+use hutch_protocol::{
+    host::{ExecControl as Control, ExecEvent},
+    TtySize,
+};
+use hutch_types::ErrorCode;
+
+use super::{
+    auth::Scope,
+    error::HttpError,
+    routes::{authorize, exec_request, split_status},
+    AppState,
+};
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path)),
+    responses((status = 101, description = "WebSocket: first text frame ExecStart; binary frames stdin/output; text frames ExecControl/ExecEventMsg")))]
+pub async fn exec_stream(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    authorize(&state, &scope, &id)?;
+    let upgrade = upgrade.map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))?;
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let mut socket = socket;
+        if let Err(e) = serve(&state, &id, &mut socket).await {
+            let _ = send_event(&mut socket, &ExecEventMsg::Error(e.0)).await;
+        }
+        let _ = socket.send(Message::Close(None)).await;
+    }))
+}
+
+async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(), HttpError> {
+    let start: ExecStart = match socket.recv().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(t.as_str())
+            .map_err(|e| HttpError::new(ErrorCode::BadRequest, format!("bad ExecStart: {e}")))?,
+        _ => {
+            return Err(HttpError::new(
+                ErrorCode::BadRequest,
+                "the first frame must be an ExecStart text frame",
+            ))
+        }
+    };
+    let info = state.manager.get(id)?;
+    let channel = state.manager.channel(id)?;
+    let mut req = exec_request(
+        &info,
+        start.argv,
+        start.env,
+        start.cwd,
+        start.timeout_secs,
+        true,
+    )?;
+    req.tty = start.tty.map(|t| TtySize {
+        rows: t.rows,
+        cols: t.cols,
+    });
+    let mut exec = channel
+        .exec(req)
+        .await
+        .map_err(super::error::exec_start_error)?;
+    let control = exec.control();
+    send_event(socket, &ExecEventMsg::Started { pid: exec.pid() }).await?;
+    // Stops reading the client once it is gone; output still drains until the exit.
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            event = exec.next_event() => match event? {
+                ExecEvent::Stdout(d) => send_output(socket, STREAM_STDOUT, d).await?,
+                ExecEvent::Stderr(d) => send_output(socket, STREAM_STDERR, d).await?,
+                ExecEvent::Exited(exit) => {
+                    let (exit_code, signal) = split_status(exit.status);
+                    let msg = ExecEventMsg::Exit { exit_code, signal, timed_out: exit.timed_out };
+                    return send_event(socket, &msg).await;
+                }
+            },
+            msg = socket.recv(), if stdin_open => match msg {
+                Some(Ok(Message::Binary(data))) => control.write_stdin(&data).await?,
+                Some(Ok(Message::Text(t))) => apply(&control, t.as_str()).await?,
+                Some(Ok(_)) => {}
+                // The client went away: kill what it started.
+                None | Some(Err(_)) => {
+                    let _ = control.signal(libc::SIGKILL).await;
+                    stdin_open = false;
+                }
+            },
+        }
+    }
+}
+
+/// Applies one client control message.
+async fn apply(control: &Control, text: &str) -> Result<(), HttpError> {
+    let msg: ExecControl = serde_json::from_str(text)
+        .map_err(|e| HttpError::new(ErrorCode::BadRequest, format!("bad control message: {e}")))?;
+    match msg {
+        ExecControl::Eof => control.close_stdin().await?,
+        ExecControl::Resize(size) => {
+            control
+                .resize(TtySize {
+                    rows: size.rows,
+                    cols: size.cols,
+                })
+                .await?
+        }
+        ExecControl::Signal { signal } => control.signal(signal).await?,
+    }
+    Ok(())
+}
+
+async fn send_output(
+    socket: &mut WebSocket,
+    stream: u8,
+    mut data: Vec<u8>,
+) -> Result<(), HttpError> {
+    data.insert(0, stream);
+    socket
+        .send(Message::Binary(data.into()))
+        .await
+        .map_err(gone)
+}
+
+async fn send_event(socket: &mut WebSocket, msg: &ExecEventMsg) -> Result<(), HttpError> {
+    let text = serde_json::to_string(msg).expect("serializable");
+    socket.send(Message::Text(text.into())).await.map_err(gone)
+}
+
+fn gone(e: axum::Error) -> HttpError {
+    HttpError(ApiError {
+        code: ErrorCode::Internal,
+        message: format!("client connection lost: {e}"),
+    })
+}

@@ -1,0 +1,332 @@
+//! CLI commands that drive sandboxes through the daemon's API (via the one typed client).
+
+use std::{io::IsTerminal, path::Path};
+
+use hutch_api::{
+    client::{Client, ClientError, Endpoint, ExecReceiver, ExecSender, StreamEvent},
+    CreateSandbox, ExecControl, ExecEventMsg, ExecStart, TtySize,
+};
+use hutch_types::{SandboxInfo, SandboxSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    args::{ConnArgs, CpArgs, CreateArgs, ExecArgs, ListArgs},
+    error::CliError,
+    home::Home,
+};
+
+/// The client for `--host`/`$HUTCH_HOST` (TCP, with `$HUTCH_TOKEN`), else the local socket.
+pub fn client(home: &Home, conn: &ConnArgs) -> Client {
+    match &conn.host {
+        Some(addr) => Client::new(Endpoint::Tcp(addr.clone()), conn.token.clone()),
+        None => Client::new(Endpoint::Unix(home.socket()), None),
+    }
+}
+
+/// `hutch create`.
+pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> {
+    let req = CreateSandbox {
+        spec: SandboxSpec {
+            image: args.vm.image,
+            cpus: args.vm.cpus,
+            memory_mib: args.vm.memory,
+            disk_mib: args.vm.disk,
+            env: args.env.into_iter().collect(),
+            labels: args.labels.into_iter().collect(),
+            ttl_secs: args.ttl,
+        },
+        idempotency_key: args.idempotency_key,
+    };
+    let info = client.create(&req).await?;
+    if args.json {
+        print_json(&info);
+    } else {
+        println!("{}", info.id);
+    }
+    Ok(0)
+}
+
+/// `hutch ls`.
+pub async fn list(client: &Client, args: ListArgs) -> Result<i32, CliError> {
+    let labels: Vec<String> = args
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let all = client.list(args.state.as_deref(), &labels).await?;
+    if args.json {
+        print_json(&all);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:<10} {:<10} {:>4} {:>7}  LABELS",
+        "ID", "STATE", "IMAGE", "CPUS", "MEM"
+    );
+    for s in all {
+        let labels: Vec<String> = s
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "{:<16} {:<10} {:<10} {:>4} {:>6}M  {}",
+            s.id,
+            s.state.name(),
+            s.spec.image,
+            s.spec.cpus,
+            s.spec.memory_mib,
+            labels.join(",")
+        );
+    }
+    Ok(0)
+}
+
+/// `hutch inspect`.
+pub async fn inspect(client: &Client, id: &str, json: bool) -> Result<i32, CliError> {
+    let info = client.inspect(id).await?;
+    if json {
+        print_json(&info);
+    } else {
+        print_info(&info);
+    }
+    Ok(0)
+}
+
+/// `hutch pause | resume | stop | rm`: one lifecycle action, printing the new state.
+pub async fn lifecycle(
+    client: &Client,
+    id: &str,
+    action: &str,
+    json: bool,
+) -> Result<i32, CliError> {
+    let info = match action {
+        "rm" => client.destroy(id).await?,
+        _ => client.lifecycle(id, action).await?,
+    };
+    if json {
+        print_json(&info);
+    } else {
+        println!("{} {}", info.id, info.state.name());
+    }
+    Ok(0)
+}
+
+/// `hutch logs`: the guest console (guest-controlled bytes, written as they are).
+pub async fn logs(client: &Client, id: &str) -> Result<i32, CliError> {
+    let log = client.console(id).await?;
+    let mut out = tokio::io::stdout();
+    out.write_all(&log).await.map_err(CliError::Io)?;
+    out.flush().await.map_err(CliError::Io)?;
+    Ok(0)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn print_info(info: &SandboxInfo) {
+    println!("id:       {}", info.id);
+    match &info.state {
+        hutch_types::SandboxState::Failed(r) => println!("state:    failed ({r})"),
+        s => println!("state:    {}", s.name()),
+    }
+    println!("image:    {}", info.spec.image);
+    println!("cpus:     {}", info.spec.cpus);
+    println!("memory:   {} MiB", info.spec.memory_mib);
+    println!("disk:     {} MiB", info.spec.disk_mib);
+    for (k, v) in &info.spec.labels {
+        println!("label:    {k}={v}");
+    }
+    if let Some(t) = info.expires_at_ms {
+        println!("expires:  {t} (unix ms)");
+    }
+}
+
+/// `hutch exec` and `hutch shell`: a streaming exec with this terminal attached.
+pub async fn exec(client: &Client, args: ExecArgs, tty: bool) -> Result<i32, CliError> {
+    let size = if tty { terminal_size() } else { None };
+    let start = ExecStart {
+        argv: args.command,
+        env: args.env.into_iter().collect(),
+        cwd: args.workdir,
+        tty: tty.then(|| size.unwrap_or(TtySize { rows: 24, cols: 80 })),
+        timeout_secs: args.timeout,
+    };
+    let (tx, rx) = client.exec_stream(&args.id, &start).await?;
+    let _raw = if tty && std::io::stdin().is_terminal() {
+        Some(RawMode::enter()?)
+    } else {
+        None
+    };
+    attach(tx, rx, tty).await
+}
+
+/// Pumps stdin to the exec and its output to stdout/stderr; returns the shell exit code.
+pub async fn attach(mut tx: ExecSender, mut rx: ExecReceiver, tty: bool) -> Result<i32, CliError> {
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = stdin_tx.send(None).await;
+                    return;
+                }
+                Ok(n) => {
+                    if stdin_tx.send(Some(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        .map_err(CliError::Io)?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut sending = true;
+    loop {
+        tokio::select! {
+            ev = rx.next() => match ev {
+                None => return Err(ClientError::Stream("daemon closed the stream before the exit".into()).into()),
+                Some(ev) => match ev? {
+                    StreamEvent::Stdout(d) => write_flush(&mut stdout, &d).await?,
+                    StreamEvent::Stderr(d) => write_flush(&mut stderr, &d).await?,
+                    StreamEvent::Event(ExecEventMsg::Started { .. }) => {}
+                    StreamEvent::Event(ExecEventMsg::Exit { exit_code, signal, .. }) => {
+                        return Ok(exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
+                    }
+                    StreamEvent::Event(ExecEventMsg::Error(e)) => {
+                        let code = match e.code {
+                            hutch_types::ErrorCode::CommandNotFound => 127,
+                            hutch_types::ErrorCode::ExecFailed => 126,
+                            _ => return Err(ClientError::Api { status: 0, error: e }.into()),
+                        };
+                        eprintln!("hutch: {}", e.message);
+                        return Ok(code);
+                    }
+                },
+            },
+            // A send can fail once the process has exited and the daemon closed the stream;
+            // the receiving side reports the real outcome, so stop sending instead.
+            input = stdin_rx.recv(), if sending => match input.flatten() {
+                Some(data) => sending = tx.stdin(&data).await.is_ok(),
+                None => {
+                    // With a TTY, EOF is the terminal's business (Ctrl-D); don't close it.
+                    if !tty {
+                        let _ = tx.control(&ExecControl::Eof).await;
+                    }
+                    sending = false;
+                }
+            },
+            _ = winch.recv(), if tty && sending => {
+                if let Some(size) = terminal_size() {
+                    sending = tx.control(&ExecControl::Resize(size)).await.is_ok();
+                }
+            }
+        }
+    }
+}
+
+async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    d: &[u8],
+) -> Result<(), CliError> {
+    w.write_all(d).await.map_err(CliError::Io)?;
+    w.flush().await.map_err(CliError::Io)
+}
+
+/// The controlling terminal's size, if stdout is a terminal.
+fn terminal_size() -> Option<TtySize> {
+    // SAFETY: TIOCGWINSZ fills a winsize we own.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_row > 0).then_some(TtySize {
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
+/// Puts the local terminal in raw mode until dropped.
+struct RawMode(nix::sys::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Result<RawMode, CliError> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).map_err(|e| CliError::Io(e.into()))?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).map_err(|e| CliError::Io(e.into()))?;
+        Ok(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.0,
+        );
+    }
+}
+
+/// `hutch cp SRC DST`: one side is `ID:/guest/path`. Files go as files, directories as tar
+/// archives (checked by the daemon on the way in, and here on the way out).
+pub async fn cp(client: &Client, args: CpArgs) -> Result<i32, CliError> {
+    match (split_remote(&args.src), split_remote(&args.dst)) {
+        (None, Some((id, guest))) => upload(client, Path::new(&args.src), id, guest).await,
+        (Some((id, guest)), None) => download(client, id, guest, Path::new(&args.dst)).await,
+        _ => Err(CliError::Usage(
+            "exactly one of SRC and DST must be ID:/path".into(),
+        )),
+    }
+}
+
+fn split_remote(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (hutch_types::valid_sandbox_id(id) && path.starts_with('/')).then_some((id, path))
+}
+
+async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i32, CliError> {
+    let meta = std::fs::symlink_metadata(src).map_err(CliError::Io)?;
+    if meta.is_dir() {
+        let mut builder = tar::Builder::new(Vec::new());
+        builder.follow_symlinks(false);
+        builder.append_dir_all(".", src).map_err(CliError::Io)?;
+        let tar = builder.into_inner().map_err(CliError::Io)?;
+        client.put_archive(id, guest, tar).await?;
+    } else if meta.is_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let data = std::fs::read(src).map_err(CliError::Io)?;
+        client
+            .put_file(id, guest, meta.permissions().mode() & 0o7777, data)
+            .await?;
+    } else {
+        return Err(CliError::Usage(format!(
+            "{} is neither a file nor a directory",
+            src.display()
+        )));
+    }
+    Ok(0)
+}
+
+async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<i32, CliError> {
+    match client.get_file(id, guest).await {
+        Ok(data) => {
+            std::fs::write(dst, data).map_err(CliError::Io)?;
+            return Ok(0);
+        }
+        // Not a regular file: fetch the directory as an archive.
+        Err(ClientError::Api { error, .. }) if error.code == hutch_types::ErrorCode::BadRequest => {
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let tar = client.get_archive(id, guest).await?;
+    std::fs::create_dir_all(dst).map_err(CliError::Io)?;
+    crate::archive::unpack(&tar, dst)?;
+    Ok(0)
+}

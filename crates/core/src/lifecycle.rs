@@ -1,0 +1,77 @@
+//! Which actions are legal in which lifecycle state. Front ends never decide this themselves.
+
+use hutch_types::SandboxState;
+
+/// Something a client asks of an existing sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    /// Run a command, read or write files.
+    Use,
+    /// Freeze the vCPUs.
+    Pause,
+    /// Thaw the vCPUs.
+    Resume,
+    /// Power off, keep the record.
+    Stop,
+    /// Remove everything.
+    Destroy,
+    /// Read the console log.
+    Console,
+}
+
+/// Why an action is refused in a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a sandbox that is {state}")]
+pub struct IllegalAction {
+    /// The action, in words.
+    pub action: &'static str,
+    /// The state's name.
+    pub state: &'static str,
+}
+
+/// Checks `action` against `state`.
+pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalAction> {
+    use ActionKind::*;
+    use SandboxState as S;
+    let ok = match action {
+        Use => matches!(state, S::Running),
+        Pause => matches!(state, S::Running),
+        Resume => matches!(state, S::Paused),
+        Stop => matches!(state, S::Running | S::Paused),
+        Destroy => !matches!(state, S::Destroyed),
+        Console => !matches!(state, S::Destroyed),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(IllegalAction {
+            action: match action {
+                Use => "use",
+                Pause => "pause",
+                Resume => "resume",
+                Stop => "stop",
+                Destroy => "destroy",
+                Console => "read the console of",
+            },
+            state: state.name(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hutch_types::SandboxState as S;
+
+    #[test]
+    fn the_table_allows_only_sensible_moves() {
+        assert!(check(&S::Running, ActionKind::Use).is_ok());
+        assert!(check(&S::Paused, ActionKind::Use).is_err());
+        assert!(check(&S::Paused, ActionKind::Resume).is_ok());
+        assert!(check(&S::Running, ActionKind::Resume).is_err());
+        assert!(check(&S::Creating, ActionKind::Pause).is_err());
+        assert!(check(&S::Failed("x".into()), ActionKind::Destroy).is_ok());
+        let e = check(&S::Destroyed, ActionKind::Destroy).unwrap_err();
+        assert_eq!(e.to_string(), "cannot destroy a sandbox that is destroyed");
+    }
+}

@@ -1,0 +1,561 @@
+//! The sandbox manager: admission, lifecycle, health, TTLs and reconciliation.
+//!
+//! Every front end (HTTP daemon, tests) drives sandboxes through [`Manager`]; it alone decides
+//! which action is legal in which state ([`crate::lifecycle`]), and it records every host
+//! object in the [`Store`] before creating it, so [`Manager::reconcile`] can adopt or remove
+//! whatever a killed daemon left behind.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use hutch_image::ImageError;
+use hutch_protocol::host::{Channel, ChannelError};
+use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
+use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, SandboxState, SpecError};
+use hutch_vmm::{Vmm, VmmError};
+
+use crate::{
+    lifecycle::{check, ActionKind, IllegalAction},
+    sandbox::{BootOptions, Sandbox, SandboxError},
+};
+
+/// How long a health-check ping may take before the sandbox counts as unresponsive.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Host-wide admission limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most sandboxes alive at once (creating, running or paused).
+    pub max_sandboxes: usize,
+    /// Most guest memory, in MiB, summed over live sandboxes.
+    pub memory_budget_mib: u64,
+}
+
+/// Where the manager keeps things and how it boots.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Built images.
+    pub images_dir: PathBuf,
+    /// Parent of every sandbox's run dir.
+    pub runs_dir: PathBuf,
+    /// Admission limits.
+    pub limits: Limits,
+    /// How long a boot may take.
+    pub boot_timeout: Duration,
+}
+
+/// Why a manager action failed. [`CoreError::code`] gives the stable API category.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The spec breaks a bound.
+    #[error(transparent)]
+    InvalidSpec(#[from] SpecError),
+    /// No such sandbox.
+    #[error("no such sandbox: {0}")]
+    NotFound(String),
+    /// The image is missing or unreadable.
+    #[error("image unavailable")]
+    Image(#[source] ImageError),
+    /// The action is not legal in the sandbox's state.
+    #[error(transparent)]
+    Illegal(#[from] IllegalAction),
+    /// Admission refused the sandbox.
+    #[error("over capacity: {0}")]
+    OverCapacity(String),
+    /// The state store failed.
+    #[error("state store failed")]
+    Store(#[from] StoreError),
+    /// Booting or stopping the VM failed.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The guest channel failed.
+    #[error("guest channel failed")]
+    Channel(#[from] ChannelError),
+    /// The VMM failed.
+    #[error("vmm failed")]
+    Vmm(#[from] VmmError),
+    /// A recorded run dir could not be removed.
+    #[error("cannot remove run dir {path}")]
+    RemoveDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CoreError {
+    /// The stable API category of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::InvalidSpec(_) => ErrorCode::InvalidSpec,
+            CoreError::NotFound(_) => ErrorCode::NotFound,
+            CoreError::Image(ImageError::NotFound { .. }) => ErrorCode::NotFound,
+            CoreError::Illegal(_) => ErrorCode::Conflict,
+            CoreError::OverCapacity(_) => ErrorCode::OverCapacity,
+            CoreError::Channel(ChannelError::Remote(_)) => ErrorCode::ExecFailed,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What [`Manager::reconcile`] found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Sandboxes whose VMs were running and are managed again.
+    pub adopted: Vec<String>,
+    /// Sandboxes marked failed because their VM was gone or mid-creation.
+    pub failed: Vec<String>,
+    /// VMM processes killed because no sandbox owns them any more.
+    pub killed_processes: usize,
+    /// Run dirs removed because no sandbox owns them any more.
+    pub removed_dirs: usize,
+}
+
+/// A sandbox with a VM under this daemon's control.
+struct Live {
+    sandbox: tokio::sync::Mutex<Option<Sandbox>>,
+    channel: Arc<Channel>,
+}
+
+/// Drives every sandbox on this host.
+pub struct Manager {
+    cfg: ManagerConfig,
+    store: Arc<dyn Store>,
+    vmm: Arc<dyn Vmm>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    admission: tokio::sync::Mutex<()>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Manager {
+    /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving.
+    pub fn new(cfg: ManagerConfig, store: Arc<dyn Store>, vmm: Arc<dyn Vmm>) -> Arc<Manager> {
+        Arc::new(Manager {
+            cfg,
+            store,
+            vmm,
+            live: Mutex::new(HashMap::new()),
+            admission: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.cfg.runs_dir.join(id)
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.lock().expect("live lock").get(id).cloned()
+    }
+
+    /// Creates a sandbox and returns once it is running. With an `idempotency_key` that was
+    /// used before, returns that sandbox instead (`false`: nothing new was created).
+    pub async fn create(
+        &self,
+        spec: SandboxSpec,
+        idempotency_key: Option<&str>,
+    ) -> Result<(SandboxInfo, bool), CoreError> {
+        spec.validate()?;
+        if let Some(existing) =
+            idempotency_key.and_then(|k| self.store.by_idempotency_key(k).transpose())
+        {
+            return Ok((self.info(&existing?)?, false));
+        }
+        let image =
+            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let id = crate::new_id();
+        {
+            let _admit = self.admission.lock().await;
+            self.admit(&spec)?;
+            let (id, created) = self
+                .store
+                .insert_sandbox(&id, &spec, idempotency_key, now_ms())?;
+            if !created {
+                return Ok((self.info(&id)?, false));
+            }
+            self.store.intend_object(&self.run_dir_object(&id, false))?;
+        }
+        let opts = BootOptions {
+            id: id.clone(),
+            image,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            runs_dir: self.cfg.runs_dir.clone(),
+            boot_timeout: self.cfg.boot_timeout,
+            detached: true,
+        };
+        match Sandbox::boot(self.vmm.as_ref(), &opts).await {
+            Ok(sandbox) => {
+                self.record_running(&id, sandbox)?;
+                Ok((self.info(&id)?, true))
+            }
+            Err(e) => {
+                self.store.forget_object(
+                    &id,
+                    ObjectKind::RunDir,
+                    &self.run_dir(&id).display().to_string(),
+                )?;
+                self.store
+                    .set_state(&id, &SandboxState::Failed(chain(&e)), now_ms())?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Refuses a spec that would exceed the host's limits.
+    fn admit(&self, spec: &SandboxSpec) -> Result<(), CoreError> {
+        let active: Vec<SandboxInfo> = self
+            .store
+            .list(&ListFilter::default())?
+            .into_iter()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    SandboxState::Creating | SandboxState::Running | SandboxState::Paused
+                )
+            })
+            .collect();
+        let limits = self.cfg.limits;
+        if active.len() >= limits.max_sandboxes {
+            return Err(CoreError::OverCapacity(format!(
+                "{} sandboxes are live, the limit is {}",
+                active.len(),
+                limits.max_sandboxes
+            )));
+        }
+        let used: u64 = active.iter().map(|s| u64::from(s.spec.memory_mib)).sum();
+        if used + u64::from(spec.memory_mib) > limits.memory_budget_mib {
+            return Err(CoreError::OverCapacity(format!(
+                "{} MiB asked, {} of {} MiB memory budget in use",
+                spec.memory_mib, used, limits.memory_budget_mib
+            )));
+        }
+        Ok(())
+    }
+
+    fn run_dir_object(&self, id: &str, confirmed: bool) -> HostObject {
+        HostObject {
+            sandbox_id: id.to_string(),
+            kind: ObjectKind::RunDir,
+            name: self.run_dir(id).display().to_string(),
+            detail: String::new(),
+            confirmed,
+        }
+    }
+
+    /// Records a booted (or adopted) sandbox's objects and makes it live and running.
+    fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
+        let vm = sandbox.vm();
+        self.store.confirm_object(&self.run_dir_object(id, true))?;
+        self.store.confirm_object(&HostObject {
+            sandbox_id: id.to_string(),
+            kind: ObjectKind::VmProcess,
+            name: vm.pid().to_string(),
+            detail: vm.start_time().to_string(),
+            confirmed: true,
+        })?;
+        let live = Arc::new(Live {
+            channel: sandbox.channel().clone(),
+            sandbox: tokio::sync::Mutex::new(Some(sandbox)),
+        });
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id.to_string(), live);
+        self.store.set_state(id, &SandboxState::Running, now_ms())?;
+        Ok(())
+    }
+
+    /// One sandbox as recorded (no health check; see [`Manager::inspect`]).
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.info(id)
+    }
+
+    fn info(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.store
+            .get(id)?
+            .ok_or_else(|| CoreError::NotFound(id.to_string()))
+    }
+
+    /// One sandbox, its state confirmed by a health check.
+    pub async fn inspect(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        let info = self.info(id)?;
+        self.checked(info).await
+    }
+
+    /// Sandboxes matching `filter`, each running one confirmed by a health check.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SandboxInfo>, CoreError> {
+        let infos = self.store.list(filter)?;
+        let checks = infos.into_iter().map(|i| self.checked(i));
+        let checked = futures::future::join_all(checks).await;
+        checked.into_iter().collect()
+    }
+
+    /// Replaces a stored `running`/`paused` with `failed` when the VM does not answer.
+    async fn checked(&self, info: SandboxInfo) -> Result<SandboxInfo, CoreError> {
+        if !matches!(info.state, SandboxState::Running | SandboxState::Paused) {
+            return Ok(info);
+        }
+        let verdict = match self.live(&info.id) {
+            None => Some("not managed by this daemon".to_string()),
+            Some(live) => health(&live, &info.state).await,
+        };
+        match verdict {
+            None => Ok(info),
+            Some(reason) => {
+                self.store
+                    .set_state(&info.id, &SandboxState::Failed(reason), now_ms())?;
+                self.info(&info.id)
+            }
+        }
+    }
+
+    /// The channel to a running sandbox's agent, for exec and file operations.
+    pub fn channel(&self, id: &str) -> Result<Arc<Channel>, CoreError> {
+        let info = self.info(id)?;
+        check(&info.state, ActionKind::Use)?;
+        self.live(id)
+            .map(|l| l.channel.clone())
+            .ok_or_else(|| CoreError::NotFound(id.to_string()))
+    }
+
+    /// Freezes a running sandbox; its processes keep their state.
+    pub async fn pause(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.transition(id, ActionKind::Pause, SandboxState::Paused)
+            .await
+    }
+
+    /// Thaws a paused sandbox.
+    pub async fn resume(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.transition(id, ActionKind::Resume, SandboxState::Running)
+            .await
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        action: ActionKind,
+        to: SandboxState,
+    ) -> Result<SandboxInfo, CoreError> {
+        let info = self.info(id)?;
+        check(&info.state, action)?;
+        let live = self
+            .live(id)
+            .ok_or_else(|| CoreError::NotFound(id.to_string()))?;
+        let guard = live.sandbox.lock().await;
+        let sandbox = guard
+            .as_ref()
+            .ok_or_else(|| CoreError::NotFound(id.to_string()))?;
+        match action {
+            ActionKind::Pause => sandbox.vm().pause().await?,
+            _ => sandbox.vm().resume().await?,
+        }
+        self.store.set_state(id, &to, now_ms())?;
+        self.info(id)
+    }
+
+    /// Powers a sandbox off; its record stays (state `stopped`).
+    pub async fn stop(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.teardown(id, ActionKind::Stop, SandboxState::Stopped)
+            .await
+    }
+
+    /// Removes a sandbox and everything it owns on the host.
+    pub async fn destroy(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.teardown(id, ActionKind::Destroy, SandboxState::Destroyed)
+            .await
+    }
+
+    async fn teardown(
+        &self,
+        id: &str,
+        action: ActionKind,
+        to: SandboxState,
+    ) -> Result<SandboxInfo, CoreError> {
+        let info = self.info(id)?;
+        check(&info.state, action)?;
+        if action == ActionKind::Stop {
+            self.store
+                .set_state(id, &SandboxState::Stopping, now_ms())?;
+        }
+        let live = self.live.lock().expect("live lock").remove(id);
+        if let Some(live) = live {
+            if let Some(sandbox) = live.sandbox.lock().await.take() {
+                if let Err(e) = sandbox.destroy().await {
+                    tracing::warn!(%id, error = %chain(&e), "VM teardown failed; removing by record");
+                }
+            }
+        }
+        self.remove_recorded(id).await?;
+        self.store.set_state(id, &to, now_ms())?;
+        self.info(id)
+    }
+
+    /// Removes every recorded host object of `id` (by exact pid + start time, by path).
+    async fn remove_recorded(&self, id: &str) -> Result<usize, CoreError> {
+        let mut removed = 0;
+        for obj in self
+            .store
+            .objects()?
+            .into_iter()
+            .filter(|o| o.sandbox_id == id)
+        {
+            match obj.kind {
+                ObjectKind::VmProcess => {
+                    if let (Ok(pid), Ok(start)) = (obj.name.parse(), obj.detail.parse()) {
+                        // Waits (bounded) for the process to die: keep it off async workers.
+                        let killed = tokio::task::spawn_blocking(move || {
+                            hutch_vmm::kill_recorded(pid, start)
+                        })
+                        .await
+                        .expect("kill task panicked")?;
+                        removed += usize::from(killed);
+                    }
+                }
+                ObjectKind::RunDir => {
+                    if Path::new(&obj.name).exists() {
+                        std::fs::remove_dir_all(&obj.name).map_err(|source| {
+                            CoreError::RemoveDir {
+                                path: obj.name.clone(),
+                                source,
+                            }
+                        })?;
+                        removed += 1;
+                    }
+                }
+            }
+            self.store.forget_object(id, obj.kind, &obj.name)?;
+        }
+        Ok(removed)
+    }
+
+    /// The console log of a sandbox (guest-controlled text, size-capped by the VMM).
+    pub fn console_log(&self, id: &str) -> Result<Vec<u8>, CoreError> {
+        let info = self.info(id)?;
+        check(&info.state, ActionKind::Console)?;
+        let path = self.run_dir(id).join("console.log");
+        Ok(std::fs::read(path).unwrap_or_default())
+    }
+
+    /// Destroys every sandbox whose TTL has passed; returns their ids.
+    pub async fn expire_due(&self) -> Result<Vec<String>, CoreError> {
+        let due = self.store.expired(now_ms())?;
+        for id in &due {
+            tracing::info!(%id, "TTL expired; destroying");
+            if let Err(e) = self.destroy(id).await {
+                tracing::warn!(%id, error = %chain(&e), "TTL destroy failed");
+            }
+        }
+        Ok(due)
+    }
+
+    /// After a (re)start: adopts sandboxes whose VMs still run, fails the rest, and removes
+    /// every VMM process and run dir that no sandbox owns.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, CoreError> {
+        let mut report = ReconcileReport::default();
+        for info in self.store.list(&ListFilter::default())? {
+            let adoptable = matches!(info.state, SandboxState::Running | SandboxState::Paused);
+            let outcome = if adoptable {
+                self.adopt(&info).await
+            } else {
+                Err(format!(
+                    "interrupted while {} by a daemon restart",
+                    info.state.name()
+                ))
+            };
+            match outcome {
+                Ok(()) => report.adopted.push(info.id.clone()),
+                Err(reason) => {
+                    self.remove_recorded(&info.id).await?;
+                    if !matches!(info.state, SandboxState::Stopped | SandboxState::Failed(_)) {
+                        self.store
+                            .set_state(&info.id, &SandboxState::Failed(reason), now_ms())?;
+                        report.failed.push(info.id.clone());
+                    }
+                }
+            }
+        }
+        let owned: Vec<String> = self
+            .live
+            .lock()
+            .expect("live lock")
+            .keys()
+            .cloned()
+            .collect();
+        report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
+        report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned);
+        Ok(report)
+    }
+
+    /// Re-attaches to a sandbox's VM after a restart and restores its recorded state.
+    async fn adopt(&self, info: &SandboxInfo) -> Result<(), String> {
+        let vm = self
+            .vmm
+            .adopt(&info.id, &self.run_dir(&info.id))
+            .await
+            .map_err(|e| format!("VM lost across a daemon restart: {}", chain(&e)))?;
+        let paused = info.state == SandboxState::Paused;
+        if paused {
+            vm.resume().await.map_err(|e| chain(&e))?;
+        }
+        let sandbox = Sandbox::attach(&info.id, vm, self.cfg.boot_timeout)
+            .await
+            .map_err(|e| format!("agent lost across a daemon restart: {}", chain(&e)))?;
+        if paused {
+            sandbox.vm().pause().await.map_err(|e| chain(&e))?;
+        }
+        self.record_running(&info.id, sandbox)
+            .map_err(|e| chain(&e))?;
+        if paused {
+            self.store
+                .set_state(&info.id, &SandboxState::Paused, now_ms())
+                .map_err(|e| chain(&e))?;
+        }
+        Ok(())
+    }
+}
+
+/// `None` when healthy, else why not.
+async fn health(live: &Live, state: &SandboxState) -> Option<String> {
+    let guard = live.sandbox.lock().await;
+    let sandbox = guard.as_ref()?;
+    if sandbox.vm().has_exited() {
+        return Some("the VM exited".into());
+    }
+    if *state == SandboxState::Paused {
+        return None;
+    }
+    match tokio::time::timeout(HEALTH_TIMEOUT, live.channel.ping(now_ms() as u64)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("agent unreachable: {}", chain(&e))),
+        Err(_) => Some(format!("agent did not answer within {HEALTH_TIMEOUT:?}")),
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = s.source();
+    }
+    out
+}

@@ -1,0 +1,156 @@
+//! Durable state of the daemon.
+//!
+//! Every host object a sandbox owns is recorded *before* it is created (`intended`) and
+//! confirmed after (`created`), so a daemon killed at any point can find, on restart, both what
+//! exists and what might exist, and reconcile. [`Store`] is the interface the core uses;
+//! [`SqliteStore`] implements it on SQLite in WAL mode with versioned migrations.
+
+mod migrations;
+mod sqlite;
+
+use hutch_types::{SandboxInfo, SandboxSpec, SandboxState};
+
+pub use sqlite::SqliteStore;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open the state database {path}")]
+    Open {
+        /// Database file.
+        path: String,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer Hutch.
+    #[error("state database is at schema version {found}, newer than this hutch ({supported})")]
+    TooNew {
+        /// Version found.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+    /// A query failed.
+    #[error("state database query failed")]
+    Query(#[from] rusqlite::Error),
+    /// A stored row could not be decoded.
+    #[error("corrupt state row for {0}")]
+    Corrupt(String),
+    /// The idempotency key is taken by another sandbox.
+    #[error("idempotency key already used by sandbox {0}")]
+    KeyTaken(String),
+}
+
+/// What kind of host object a sandbox owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// The VMM process: `name` is the pid, `detail` its start time (clock ticks since boot).
+    VmProcess,
+    /// The VM's private run directory: `name` is the path.
+    RunDir,
+}
+
+impl ObjectKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::VmProcess => "vm-process",
+            ObjectKind::RunDir => "run-dir",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ObjectKind> {
+        match s {
+            "vm-process" => Some(ObjectKind::VmProcess),
+            "run-dir" => Some(ObjectKind::RunDir),
+            _ => None,
+        }
+    }
+}
+
+/// One recorded host object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostObject {
+    /// Owner.
+    pub sandbox_id: String,
+    /// What it is.
+    pub kind: ObjectKind,
+    /// Its name (pid, path).
+    pub name: String,
+    /// Extra identity (e.g. process start time), to never mistake a recycled pid.
+    pub detail: String,
+    /// `false` while only intended, `true` once confirmed created.
+    pub confirmed: bool,
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenScope {
+    /// Everything.
+    Admin,
+    /// Only sandboxes carrying this label (and creating sandboxes that carry it).
+    Label {
+        /// Label key.
+        key: String,
+        /// Label value.
+        value: String,
+    },
+}
+
+/// Filter for listing sandboxes.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this state (by name).
+    pub state: Option<String>,
+    /// Only sandboxes carrying all these labels.
+    pub labels: Vec<(String, String)>,
+    /// Include destroyed sandboxes.
+    pub include_destroyed: bool,
+}
+
+/// The daemon's durable state. One implementation per database; one shared test suite.
+pub trait Store: Send + Sync {
+    /// Records a new sandbox in state `creating`. With an idempotency key already used, returns
+    /// the existing sandbox's id instead (and `false`).
+    fn insert_sandbox(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        idempotency_key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(String, bool), StoreError>;
+    /// The sandbox created with this idempotency key, if any.
+    fn by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Sets a sandbox's state.
+    fn set_state(&self, id: &str, state: &SandboxState, now_ms: i64) -> Result<(), StoreError>;
+    /// One sandbox.
+    fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError>;
+    /// Sandboxes matching `filter`, oldest first.
+    fn list(&self, filter: &ListFilter) -> Result<Vec<SandboxInfo>, StoreError>;
+    /// Live sandboxes whose TTL has passed at `now_ms`.
+    fn expired(&self, now_ms: i64) -> Result<Vec<String>, StoreError>;
+    /// Records that a host object is about to be created.
+    fn intend_object(&self, obj: &HostObject) -> Result<(), StoreError>;
+    /// Confirms that a host object exists (and updates its detail).
+    fn confirm_object(&self, obj: &HostObject) -> Result<(), StoreError>;
+    /// Forgets a host object once it is removed.
+    fn forget_object(
+        &self,
+        sandbox_id: &str,
+        kind: ObjectKind,
+        name: &str,
+    ) -> Result<(), StoreError>;
+    /// Every recorded host object.
+    fn objects(&self) -> Result<Vec<HostObject>, StoreError>;
+    /// Stores a token (by its hash) with a scope.
+    fn insert_token(
+        &self,
+        id: &str,
+        hash: &str,
+        scope: &TokenScope,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Looks a token up by its hash.
+    fn token_scope(&self, hash: &str) -> Result<Option<TokenScope>, StoreError>;
+}

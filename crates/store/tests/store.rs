@@ -1,0 +1,142 @@
+//! The store's behaviour; written against the `Store` trait so a Postgres store can reuse it.
+
+use hutch_store::{HostObject, ListFilter, ObjectKind, SqliteStore, Store, TokenScope};
+use hutch_types::{SandboxSpec, SandboxState};
+
+fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+    (dir, s)
+}
+
+fn labelled(k: &str, v: &str) -> SandboxSpec {
+    SandboxSpec {
+        labels: [(k.to_string(), v.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn sandboxes_round_trip_and_filter() {
+    let (_d, s) = store();
+    s.insert_sandbox("sb-1", &labelled("team", "a"), None, 1_000)
+        .unwrap();
+    s.insert_sandbox("sb-2", &labelled("team", "b"), None, 2_000)
+        .unwrap();
+    s.set_state("sb-2", &SandboxState::Failed("boot".into()), 3_000)
+        .unwrap();
+    let one = s.get("sb-1").unwrap().unwrap();
+    assert_eq!(one.state, SandboxState::Creating);
+    assert_eq!(one.spec.labels["team"], "a");
+    let failed = s.get("sb-2").unwrap().unwrap();
+    assert_eq!(failed.state, SandboxState::Failed("boot".into()));
+    assert_eq!(failed.updated_at_ms, 3_000);
+    let team_b = ListFilter {
+        labels: vec![("team".into(), "b".into())],
+        ..Default::default()
+    };
+    assert_eq!(s.list(&team_b).unwrap().len(), 1);
+    s.set_state("sb-1", &SandboxState::Destroyed, 4_000)
+        .unwrap();
+    assert_eq!(s.list(&ListFilter::default()).unwrap().len(), 1);
+    let all = ListFilter {
+        include_destroyed: true,
+        ..Default::default()
+    };
+    assert_eq!(s.list(&all).unwrap().len(), 2);
+    assert!(s.get("sb-none").unwrap().is_none());
+}
+
+#[test]
+fn idempotency_key_returns_the_first_sandbox() {
+    let (_d, s) = store();
+    assert_eq!(
+        s.insert_sandbox("sb-1", &SandboxSpec::default(), Some("k"), 1)
+            .unwrap(),
+        ("sb-1".into(), true)
+    );
+    assert_eq!(
+        s.insert_sandbox("sb-2", &SandboxSpec::default(), Some("k"), 2)
+            .unwrap(),
+        ("sb-1".into(), false)
+    );
+    assert!(s.get("sb-2").unwrap().is_none());
+}
+
+#[test]
+fn ttl_expiry_is_durable_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        let spec = SandboxSpec {
+            ttl_secs: Some(5),
+            ..Default::default()
+        };
+        s.insert_sandbox("sb-1", &spec, None, 10_000).unwrap();
+        s.insert_sandbox("sb-2", &SandboxSpec::default(), None, 10_000)
+            .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert!(s.expired(14_999).unwrap().is_empty());
+    assert_eq!(s.expired(15_000).unwrap(), vec!["sb-1".to_string()]);
+    s.set_state("sb-1", &SandboxState::Destroyed, 15_001)
+        .unwrap();
+    assert!(s.expired(99_999).unwrap().is_empty());
+}
+
+#[test]
+fn host_objects_are_intended_then_confirmed_then_forgotten() {
+    let (_d, s) = store();
+    s.insert_sandbox("sb-1", &SandboxSpec::default(), None, 1)
+        .unwrap();
+    let mut obj = HostObject {
+        sandbox_id: "sb-1".into(),
+        kind: ObjectKind::RunDir,
+        name: "/run/x".into(),
+        detail: String::new(),
+        confirmed: false,
+    };
+    s.intend_object(&obj).unwrap();
+    assert_eq!(s.objects().unwrap(), vec![obj.clone()]);
+    obj.confirmed = true;
+    obj.detail = "started".into();
+    s.confirm_object(&obj).unwrap();
+    assert_eq!(s.objects().unwrap(), vec![obj.clone()]);
+    s.forget_object("sb-1", ObjectKind::RunDir, "/run/x")
+        .unwrap();
+    assert!(s.objects().unwrap().is_empty());
+}
+
+#[test]
+fn tokens_keep_their_scope() {
+    let (_d, s) = store();
+    s.insert_token("t1", "hash-a", &TokenScope::Admin, 1)
+        .unwrap();
+    let scope = TokenScope::Label {
+        key: "team".into(),
+        value: "a".into(),
+    };
+    s.insert_token("t2", "hash-b", &scope, 1).unwrap();
+    assert_eq!(s.token_scope("hash-a").unwrap(), Some(TokenScope::Admin));
+    assert_eq!(s.token_scope("hash-b").unwrap(), Some(scope));
+    assert_eq!(s.token_scope("nope").unwrap(), None);
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = rusqlite_conn(&path);
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(hutch_store::StoreError::TooNew { found: 99, .. })
+    ));
+}
+
+fn rusqlite_conn(path: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).unwrap()
+}
