@@ -24,6 +24,9 @@ use hutch_vmm::QemuVmm;
 use libtest_mimic::{Arguments, Failed, Trial};
 use sha2::{Digest, Sha256};
 
+mod common;
+use common::{hutch_home, leaks};
+
 type Result = std::result::Result<(), Failed>;
 
 /// State shared by every case: a runtime whose worker threads outlive each case (a VM dies
@@ -42,10 +45,6 @@ static SUITE: OnceLock<Suite> = OnceLock::new();
 
 fn suite() -> &'static Suite {
     SUITE.get().expect("suite initialised in main")
-}
-
-fn hutch_home() -> PathBuf {
-    std::env::var_os("HUTCH_HOME").map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from)
 }
 
 fn main() {
@@ -207,34 +206,6 @@ fn check(cond: bool, msg: impl Into<String>) -> Result {
     } else {
         Err(msg.into().into())
     }
-}
-
-/// Everything of Hutch's under `home` still on the host: VMM processes (their command lines
-/// name their run dir), run dirs and the sockets in them.
-fn leaks(home: &std::path::Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let marker = home.join("vms").display().to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.starts_with("qemu-system") && cmdline.contains(&marker) {
-            // A zombie has an empty cmdline, so anything here is alive.
-            found.push(format!(
-                "process {}: {cmdline}",
-                entry.file_name().to_string_lossy()
-            ));
-        }
-    }
-    for entry in std::fs::read_dir(home.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        found.push(format!("run dir {}", entry.path().display()));
-    }
-    found
 }
 
 fn hutch() -> Command {

@@ -1,0 +1,62 @@
+//! Helpers shared by the real-VM suites.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// `$HUTCH_HOME`, or the default.
+pub fn hutch_home() -> PathBuf {
+    std::env::var_os("HUTCH_HOME").map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from)
+}
+
+/// A private `HUTCH_HOME` that shares the real one's images and accelerator probe, so a case
+/// sees only the VMs and state it made itself.
+pub fn private_home() -> tempfile::TempDir {
+    let home = tempfile::Builder::new()
+        .prefix("hh")
+        .tempdir_in("/tmp")
+        .expect("temp home");
+    let real = hutch_home();
+    std::os::unix::fs::symlink(real.join("images"), home.path().join("images"))
+        .expect("link images");
+    let _ = std::fs::copy(real.join("accel.json"), home.path().join("accel.json"));
+    home
+}
+
+/// Everything of Hutch's under `home` still on the host: VMM processes (their command lines
+/// name their run dir) and run dirs.
+pub fn leaks(home: &Path) -> Vec<String> {
+    let marker = home.join("vms").display().to_string();
+    let mut found: Vec<String> = vmm_processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(&marker))
+        .map(|(pid, cmdline)| format!("process {pid}: {cmdline}"))
+        .collect();
+    for entry in std::fs::read_dir(home.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        found.push(format!("run dir {}", entry.path().display()));
+    }
+    found
+}
+
+/// Live QEMU processes: (pid, command line). Zombies have an empty command line and are
+/// not listed.
+pub fn vmm_processes() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.starts_with("qemu-system") {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
