@@ -151,6 +151,7 @@ fn trials() -> Vec<Trial> {
         ttl_expires,
         tokens_are_scoped,
         bad_input_gets_stable_4xx_codes,
+        clients_that_hang_up_leave_nothing_half_done,
         kill9_during_concurrent_creates_then_restart_reconciles,
     ]
 }
@@ -579,6 +580,66 @@ fn bad_input_gets_stable_4xx_codes() -> Result {
             api_code(c.lifecycle(&id, "resume").await) == Some(ErrorCode::Conflict),
             "resume a destroyed sandbox",
         )
+    })
+}
+
+fn clients_that_hang_up_leave_nothing_half_done() -> Result {
+    use std::io::Write;
+    let c = suite().client.clone();
+    let before: Vec<String> =
+        on_rt(async move { c.list(None, &[("purpose=hangup".to_string())]).await })
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+    check(before.is_empty(), "stale sandboxes")?;
+    // A create whose client disappears mid-boot still completes: nothing is half made.
+    let body = r#"{"memory_mib":256,"disk_mib":256,"labels":{"purpose":"hangup"}}"#;
+    let mut raw = std::os::unix::net::UnixStream::connect(suite().home.join("hutch.sock"))?;
+    write!(raw, "POST /v1/sandboxes HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    std::thread::sleep(Duration::from_millis(300));
+    drop(raw);
+    on_rt(async {
+        let c = suite().client.clone();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let id = loop {
+            let found = c
+                .list(None, &["purpose=hangup".to_string()])
+                .await
+                .map_err(|e| e.to_string())?;
+            match found.first() {
+                Some(s) if s.state == SandboxState::Running => break s.id.clone(),
+                Some(s) if s.state != SandboxState::Creating => {
+                    return Err(format!("create ended {:?}", s.state).into())
+                }
+                _ => {}
+            }
+            check(Instant::now() < deadline, "abandoned create never finished")?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // A streaming exec whose client disappears gets its process killed.
+        let start = ExecStart {
+            argv: vec!["sleep".into(), "4242".into()],
+            ..Default::default()
+        };
+        let (tx, rx) = c
+            .exec_stream(&id, &start)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop((tx, rx));
+        // `424[2]` matches the sleep but not this script itself.
+        let count = "grep -l '424[2]' /proc/[0-9]*/cmdline 2>/dev/null | wc -l";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sh(&c, &id, count).await? != "0" {
+            check(
+                Instant::now() < deadline,
+                "process of a vanished client still runs",
+            )?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        c.destroy(&id).await.map_err(|e| e.to_string())?;
+        Ok(())
     })
 }
 

@@ -100,6 +100,19 @@ pub fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInf
     Ok(info)
 }
 
+/// Runs a state-changing manager call to completion even if the client hangs up meanwhile,
+/// so a disconnect never leaves a sandbox half created or half destroyed.
+async fn completed<T: Send + 'static>(
+    call: impl std::future::Future<Output = std::result::Result<T, hutch_core::CoreError>>
+        + Send
+        + 'static,
+) -> Result<T> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| HttpError::new(ErrorCode::Internal, format!("manager task failed: {e}")))?
+        .map_err(HttpError::from)
+}
+
 /// A JSON body, or 400 with the parser's reason.
 pub fn json<T>(body: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
     body.map(|Json(v)| v)
@@ -129,10 +142,13 @@ async fn create_sandbox(
             }
         }
     }
-    let (info, created) = state
-        .manager
-        .create(req.spec, req.idempotency_key.as_deref())
-        .await?;
+    let manager = state.manager.clone();
+    let (info, created) = completed(async move {
+        manager
+            .create(req.spec, req.idempotency_key.as_deref())
+            .await
+    })
+    .await?;
     scope.allows(&info)?;
     let status = if created {
         StatusCode::CREATED
@@ -200,7 +216,10 @@ async fn destroy_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
     authorize(&state, &scope, &id)?;
-    Ok(Json(state.manager.destroy(&id).await?))
+    let manager = state.manager.clone();
+    Ok(Json(
+        completed(async move { manager.destroy(&id).await }).await?,
+    ))
 }
 
 macro_rules! lifecycle_route {
@@ -215,7 +234,8 @@ macro_rules! lifecycle_route {
             Path(id): Path<String>,
         ) -> Result<Json<SandboxInfo>> {
             authorize(&state, &scope, &id)?;
-            Ok(Json(state.manager.$method(&id).await?))
+            let manager = state.manager.clone();
+            Ok(Json(completed(async move { manager.$method(&id).await }).await?))
         }
     };
 }
