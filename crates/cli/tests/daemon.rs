@@ -16,9 +16,10 @@ use hutch_api::{
     CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecStart, TtySize,
 };
 use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, SandboxState};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 
 mod common;
+use common::check;
 
 type Result<T = ()> = std::result::Result<T, Failed>;
 
@@ -138,11 +139,7 @@ fn main() {
     conclusion.exit();
 }
 
-macro_rules! trials {
-    ($($case:ident),* $(,)?) => { vec![$(Trial::test(stringify!($case), $case)),*] };
-}
-
-fn trials() -> Vec<Trial> {
+fn trials() -> Vec<libtest_mimic::Trial> {
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -202,14 +199,6 @@ async fn sh(client: &Client, id: &str, script: &str) -> Result<String> {
         .into());
     }
     Ok(out.stdout.trim().to_string())
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> Result {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
 }
 
 fn api_code<T: std::fmt::Debug>(r: std::result::Result<T, ClientError>) -> Option<ErrorCode> {

@@ -21,11 +21,11 @@ use hutch_protocol::{
     ExecRequest, ExitInfo, ExitStatus, ReadFileRequest, WriteFileRequest,
 };
 use hutch_vmm::QemuVmm;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{hutch_home, leaks};
+use common::{check, hutch_home, leaks};
 
 type Result = std::result::Result<(), Failed>;
 
@@ -129,14 +129,7 @@ async fn boot(vmm: &QemuVmm, template: &BootOptions) -> Sandbox {
     Sandbox::boot(vmm, &options).await.expect("boot a VM")
 }
 
-/// One trial per case function, named after it.
-macro_rules! trials {
-    ($($case:ident),* $(,)?) => {
-        vec![$(Trial::test(stringify!($case), $case)),*]
-    };
-}
-
-fn trials() -> Vec<Trial> {
+fn trials() -> Vec<libtest_mimic::Trial> {
     trials![
         guest_reports_its_own_kernel,
         exit_codes_and_signals_propagate,
@@ -198,14 +191,6 @@ async fn stdout_of(ch: &Channel, script: &str) -> std::result::Result<String, Fa
         .into());
     }
     Ok(String::from_utf8_lossy(&out).trim().to_string())
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> Result {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
 }
 
 fn hutch() -> Command {

@@ -10,8 +10,8 @@ use axum::{
     http::StatusCode,
     Extension,
 };
-use hutch_protocol::{ExitStatus, ReadFileRequest, WriteFileRequest};
-use hutch_types::ErrorCode;
+use hutch_protocol::{host::Channel, ExitStatus, ReadFileRequest, WriteFileRequest};
+use hutch_types::{ErrorCode, SandboxInfo};
 use serde::Deserialize;
 
 use super::{
@@ -33,6 +33,20 @@ pub struct PathQuery {
     path: String,
     /// Octal permission bits for an uploaded file (default 644).
     mode: Option<String>,
+}
+
+/// What every file route needs: the sandbox (in the caller's scope), the checked guest path,
+/// and the channel to its agent.
+fn target(
+    state: &AppState,
+    scope: &Scope,
+    id: &str,
+    raw: &str,
+) -> Result<(SandboxInfo, String, Arc<Channel>)> {
+    let info = authorize(state, scope, id)?;
+    let path = guest_path(raw)?;
+    let channel = state.manager.channel(id)?;
+    Ok((info, path, channel))
 }
 
 /// An absolute, normalised guest path without `..`.
@@ -63,8 +77,7 @@ pub async fn put_file(
     Query(q): Query<PathQuery>,
     body: Bytes,
 ) -> Result<StatusCode> {
-    authorize(&state, &scope, &id)?;
-    let path = guest_path(&q.path)?;
+    let (_, path, channel) = target(&state, &scope, &id, &q.path)?;
     let mode = match q.mode.as_deref() {
         None => 0o644,
         Some(m) => u32::from_str_radix(m, 8)
@@ -77,7 +90,6 @@ pub async fn put_file(
                 )
             })?,
     };
-    let channel = state.manager.channel(&id)?;
     channel
         .write_file(
             WriteFileRequest {
@@ -100,9 +112,7 @@ pub async fn get_file(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Vec<u8>> {
-    authorize(&state, &scope, &id)?;
-    let path = guest_path(&q.path)?;
-    let channel = state.manager.channel(&id)?;
+    let (_, path, channel) = target(&state, &scope, &id, &q.path)?;
     let mut out = Vec::new();
     channel
         .read_file(
@@ -126,11 +136,9 @@ pub async fn put_archive(
     Query(q): Query<PathQuery>,
     body: Bytes,
 ) -> Result<StatusCode> {
-    let info = authorize(&state, &scope, &id)?;
-    let dir = guest_path(&q.path)?;
+    let (info, dir, channel) = target(&state, &scope, &id, &q.path)?;
     crate::archive::check(&body)
         .map_err(|e| HttpError::new(ErrorCode::UnsafePath, hutch_core::chain(&e)))?;
-    let channel = state.manager.channel(&id)?;
     let script = "mkdir -p -- \"$1\" && exec tar -x -p --no-same-owner -C \"$1\" -f -";
     let argv = ["sh", "-c", script, "sh", &dir].map(String::from).to_vec();
     let req = exec_request(&info, argv, Default::default(), None, None, true)?;
@@ -148,9 +156,7 @@ pub async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Vec<u8>> {
-    let info = authorize(&state, &scope, &id)?;
-    let dir = guest_path(&q.path)?;
-    let channel = state.manager.channel(&id)?;
+    let (info, dir, channel) = target(&state, &scope, &id, &q.path)?;
     let argv = ["tar", "-c", "-C", &dir, "."].map(String::from).to_vec();
     let req = exec_request(&info, argv, Default::default(), None, None, false)?;
     let out = collect(&channel, req, None, MAX_DOWNLOAD as usize).await?;

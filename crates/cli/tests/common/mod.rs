@@ -4,6 +4,25 @@
 
 use std::path::{Path, PathBuf};
 
+use libtest_mimic::Failed;
+
+/// One libtest-mimic trial per case function, named after it.
+#[macro_export]
+macro_rules! trials {
+    ($($case:ident),* $(,)?) => {
+        vec![$(libtest_mimic::Trial::test(stringify!($case), $case)),*]
+    };
+}
+
+/// `Ok` if `cond`, else a failure with `msg`.
+pub fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
 /// `$HUTCH_HOME`, or the default.
 pub fn hutch_home() -> PathBuf {
     std::env::var_os("HUTCH_HOME").map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from)
