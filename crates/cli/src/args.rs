@@ -223,12 +223,18 @@ pub struct VmArgs {
     pub boot_timeout: u64,
 }
 
-/// `hutch run`.
+/// `hutch run`: through the daemon when one answers (or `--host` is given), else locally.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// VM shape.
     #[command(flatten)]
     pub vm: VmArgs,
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Boot the VM in this process, even when a daemon is running or `--host` names one.
+    #[arg(long)]
+    pub local: bool,
     /// Environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -277,6 +283,8 @@ pub struct ImageBuildArgs {
 pub enum BenchCommand {
     /// Boot time (process start → agent ready) and exec round trip, p50/p95.
     Boot(BenchBootArgs),
+    /// Exec round trip through a daemon vs straight over the channel; parallel creates.
+    Daemon(BenchDaemonArgs),
 }
 
 /// `hutch bench boot`.
@@ -291,6 +299,20 @@ pub struct BenchBootArgs {
     /// Exec round trips per boot.
     #[arg(long, default_value_t = 50)]
     pub execs: usize,
+}
+
+/// `hutch bench daemon`.
+#[derive(Debug, Args)]
+pub struct BenchDaemonArgs {
+    /// VM shape of the exec sandboxes.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Exec round trips per way (direct, JSON through the daemon, streaming through it).
+    #[arg(long, default_value_t = 50)]
+    pub execs: usize,
+    /// Sandboxes created at once through the daemon.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub parallel: u16,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -16,10 +16,12 @@ impl Home {
         let root = std::env::var_os("HUTCH_HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/hutch"));
-        std::fs::create_dir_all(root.join("vms")).map_err(|source| CliError::Home {
-            path: root.clone(),
-            source,
-        })?;
+        for dir in ["vms", "local"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|source| CliError::Home {
+                path: root.clone(),
+                source,
+            })?;
+        }
         Ok(Home { root })
     }
 
@@ -28,9 +30,15 @@ impl Home {
         self.root.join("images")
     }
 
-    /// One private run dir per live VM.
+    /// One private run dir per daemon-managed VM. The daemon owns everything here: at start it
+    /// removes what no sandbox of its own owns.
     pub fn vms(&self) -> PathBuf {
         self.root.join("vms")
+    }
+
+    /// Run dirs of VMs that one `hutch run` owns (kept apart, so a daemon never touches them).
+    pub fn local_vms(&self) -> PathBuf {
+        self.root.join("local")
     }
 
     /// The daemon's state database.

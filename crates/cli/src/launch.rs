@@ -43,7 +43,7 @@ pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
         cpus: vm.cpus,
         memory_mib: vm.memory,
         disk_mib: vm.disk,
-        runs_dir: home.vms(),
+        runs_dir: home.local_vms(),
         boot_timeout: Duration::from_secs(vm.boot_timeout),
         detached: false,
     };

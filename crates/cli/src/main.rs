@@ -50,7 +50,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Image(args::ImageCommand::Build(a)) => image_cmd::build(&home, a).await,
         args::Command::Image(args::ImageCommand::Ls) => image_cmd::list(&home),
         args::Command::Doctor => doctor::doctor(&home).await,
-        args::Command::Bench(args::BenchCommand::Boot(a)) => bench::boot(&home, a).await,
+        args::Command::Bench(a) => bench::bench(&home, a).await,
         args::Command::Daemon(a) => daemon::run(&home, a).await,
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
         args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,

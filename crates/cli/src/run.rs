@@ -1,20 +1,128 @@
-//! `hutch run`: boot, run one command with stdio passed through, tear down.
+//! `hutch run`: boot, run one command with stdio passed through, tear down. Through the
+//! daemon when one answers (or `--host` names one), in this process otherwise (or `--local`).
 
+use std::time::Duration;
+
+use hutch_api::{client::Client, CreateSandbox, ExecStart};
 use hutch_core::Sandbox;
 use hutch_protocol::{
     host::{ExecControl, ExecEvent},
     ExecRequest, ExitInfo,
 };
+use hutch_types::SandboxSpec;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{args::RunArgs, error::CliError, home::Home, launch};
 
 /// Exit code when hutch itself is interrupted (SIGINT convention).
-const INTERRUPTED: i32 = 130;
+pub const INTERRUPTED: i32 = 130;
+
+/// TTL of a daemon sandbox whose command has no timeout: the safety net should `hutch run`
+/// die without removing it (SIGKILL). With `--timeout`, that plus the boot timeout and a minute.
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the command in a fresh VM and returns its shell-style exit code. The VM is removed
 /// on every path: success, failure, or a signal to `hutch`.
 pub async fn run(home: &Home, args: RunArgs) -> Result<i32, CliError> {
+    let daemon = !args.local
+        && (args.conn.host.is_some()
+            || std::os::unix::net::UnixStream::connect(home.socket()).is_ok());
+    if daemon {
+        let client = crate::remote::client(home, &args.conn);
+        tracing::info!(endpoint = %client.endpoint(), "running through the daemon");
+        return run_remote(&client, args).await;
+    }
+    run_local(home, args).await
+}
+
+/// `hutch run` through the daemon: create, stream one exec, destroy (also after a signal).
+async fn run_remote(client: &Client, args: RunArgs) -> Result<i32, CliError> {
+    let (req, start) = remote_request(args);
+    let (id, outcome) = match create_remote(client, &req).await? {
+        Created::Abandoned => return Ok(INTERRUPTED),
+        Created::Interrupted(id) => (id, Ok(INTERRUPTED)),
+        Created::Ready(id) => {
+            let outcome = tokio::select! {
+                r = exec_remote(client, &id, &start) => r,
+                sig = interrupted() => {
+                    // Dropping the stream makes the daemon kill the process.
+                    tracing::info!(signal = sig, "interrupted");
+                    Ok(INTERRUPTED)
+                }
+            };
+            (id, outcome)
+        }
+    };
+    let destroyed = client.destroy(&id).await;
+    let code = outcome?;
+    destroyed?;
+    Ok(code)
+}
+
+/// The create request (TTL as a safety net) and the exec for `hutch run`'s flags.
+fn remote_request(args: RunArgs) -> (CreateSandbox, ExecStart) {
+    let ttl = args.timeout.map_or(DEFAULT_TTL.as_secs(), |t| {
+        t.saturating_add(args.vm.boot_timeout).saturating_add(60)
+    });
+    let req = CreateSandbox {
+        spec: SandboxSpec {
+            image: args.vm.image,
+            cpus: args.vm.cpus,
+            memory_mib: args.vm.memory,
+            disk_mib: args.vm.disk,
+            ttl_secs: Some(ttl.min(hutch_types::bounds::MAX_TTL_SECS)),
+            ..SandboxSpec::default()
+        },
+        idempotency_key: None,
+    };
+    let start = ExecStart {
+        argv: args.command,
+        env: args.env.into_iter().collect(),
+        cwd: args.workdir,
+        tty: None,
+        timeout_secs: args.timeout,
+    };
+    (req, start)
+}
+
+/// How a create through the daemon ended.
+enum Created {
+    /// The sandbox runs.
+    Ready(String),
+    /// It runs, but a signal came meanwhile: destroy it and stop.
+    Interrupted(String),
+    /// A second signal came before it was up; its TTL will remove it.
+    Abandoned,
+}
+
+/// Creates the sandbox. A first signal lets the create finish, so that what it made can be
+/// destroyed (the daemon completes a create even when its client hangs up).
+async fn create_remote(client: &Client, req: &CreateSandbox) -> Result<Created, CliError> {
+    let create = client.create(req);
+    tokio::pin!(create);
+    tokio::select! {
+        r = &mut create => return Ok(Created::Ready(r?.id)),
+        sig = interrupted() => tracing::info!(signal = sig, "interrupted during create"),
+    }
+    eprintln!("hutch: interrupted; removing the sandbox once it is up");
+    tokio::select! {
+        r = create => Ok(Created::Interrupted(r?.id)),
+        _ = interrupted() => {
+            let ttl = req.spec.ttl_secs.unwrap_or_default();
+            eprintln!("hutch: interrupted again; the daemon removes the sandbox in {ttl}s (its TTL)");
+            Ok(Created::Abandoned)
+        }
+    }
+}
+
+/// One streaming exec with this process's stdio attached; the shell-style exit code.
+async fn exec_remote(client: &Client, id: &str, start: &ExecStart) -> Result<i32, CliError> {
+    let (tx, rx) = client.exec_stream(id, start).await?;
+    crate::remote::attach(tx, rx, false).await
+}
+
+/// `hutch run` in this process: the VM is owned here and dies with it.
+async fn run_local(home: &Home, args: RunArgs) -> Result<i32, CliError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     let req = ExecRequest {
         env: args.env,

@@ -79,7 +79,7 @@ fn main() {
                 cpus: 2,
                 memory_mib: 512,
                 disk_mib: 1024,
-                runs_dir: home.join("vms"),
+                runs_dir: home.join("local"),
                 boot_timeout: Duration::from_secs(120),
                 detached: false,
             };

@@ -38,7 +38,9 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
         Pause => matches!(state, S::Running),
         Resume => matches!(state, S::Paused),
         Stop => matches!(state, S::Running | S::Paused),
-        Destroy => !matches!(state, S::Destroyed),
+        // A create in flight always ends (running or failed, within the boot timeout); tearing
+        // it down meanwhile would race the boot, which would bring the sandbox back.
+        Destroy => !matches!(state, S::Destroyed | S::Creating),
         Console => !matches!(state, S::Destroyed),
     };
     if ok {
@@ -71,6 +73,7 @@ mod tests {
         assert!(check(&S::Running, ActionKind::Resume).is_err());
         assert!(check(&S::Creating, ActionKind::Pause).is_err());
         assert!(check(&S::Failed("x".into()), ActionKind::Destroy).is_ok());
+        assert!(check(&S::Creating, ActionKind::Destroy).is_err());
         let e = check(&S::Destroyed, ActionKind::Destroy).unwrap_err();
         assert_eq!(e.to_string(), "cannot destroy a sandbox that is destroyed");
     }

@@ -43,20 +43,20 @@ pub fn private_home() -> tempfile::TempDir {
 }
 
 /// Everything of Hutch's under `home` still on the host: VMM processes (their command lines
-/// name their run dir) and run dirs.
+/// name their run dir) and run dirs, of daemon-managed and of local VMs.
 pub fn leaks(home: &Path) -> Vec<String> {
-    let marker = home.join("vms").display().to_string();
-    let mut found: Vec<String> = vmm_processes()
-        .into_iter()
-        .filter(|(_, cmdline)| cmdline.contains(&marker))
-        .map(|(pid, cmdline)| format!("process {pid}: {cmdline}"))
-        .collect();
-    for entry in std::fs::read_dir(home.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        found.push(format!("run dir {}", entry.path().display()));
+    let mut found = Vec::new();
+    for dir in ["vms", "local"].map(|d| home.join(d)) {
+        let marker = format!("{}/", dir.display());
+        found.extend(
+            vmm_processes()
+                .into_iter()
+                .filter(|(_, cmdline)| cmdline.contains(&marker))
+                .map(|(pid, cmdline)| format!("process {pid}: {cmdline}")),
+        );
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            found.push(format!("run dir {}", entry.path().display()));
+        }
     }
     found
 }
