@@ -35,10 +35,17 @@ pub enum RuleName {
     AllowCidr,
     /// Allowed because a resolved name of policy `allow` put the address in `allow4`/`allow6`.
     AllowDomain,
+    /// The DNS filter answered an allowed name (from the upstream's answer).
+    DnsAnswer,
+    /// The DNS filter refused a name the policy does not allow (NXDOMAIN).
+    DnsRefused,
 }
 
 impl RuleName {
-    /// All rule names.
+    /// The DNS filter's decisions (not nft rules).
+    pub const DNS_FILTER: [RuleName; 2] = [RuleName::DnsAnswer, RuleName::DnsRefused];
+
+    /// Every nft rule name (each is a verdict chain in the sandbox's table).
     pub const ALL: [RuleName; 10] = [
         RuleName::Dns,
         RuleName::DenyInbound,
@@ -65,15 +72,19 @@ impl RuleName {
             RuleName::AllowOpen => "allow_open",
             RuleName::AllowCidr => "allow_cidr",
             RuleName::AllowDomain => "allow_domain",
+            RuleName::DnsAnswer => "dns_answer",
+            RuleName::DnsRefused => "dns_refused",
         }
     }
 
     /// The verdict this rule gives.
     pub fn verdict(self) -> Verdict {
         match self {
-            RuleName::Dns | RuleName::AllowOpen | RuleName::AllowCidr | RuleName::AllowDomain => {
-                Verdict::Allow
-            }
+            RuleName::Dns
+            | RuleName::AllowOpen
+            | RuleName::AllowCidr
+            | RuleName::AllowDomain
+            | RuleName::DnsAnswer => Verdict::Allow,
             _ => Verdict::Deny,
         }
     }
@@ -125,6 +136,11 @@ pub struct FlowEvent {
     pub dst: IpAddr,
     /// Destination port (0 where the protocol has none).
     pub dst_port: u16,
+    /// The name the sandbox resolved through its DNS filter to reach `dst` (flows), or the
+    /// name asked for (DNS decisions).
+    pub domain: Option<String>,
+    /// For [`RuleName::DnsAnswer`]: the addresses answered (and added to the allow sets).
+    pub answers: Vec<IpAddr>,
     /// Allowed or denied.
     pub verdict: Verdict,
     /// Which rule decided.
@@ -204,6 +220,62 @@ impl<S: EventSink> EventSink for RateLimitedSink<S> {
     }
 }
 
+impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
+    fn emit(&self, event: FlowEvent) {
+        (**self).emit(event)
+    }
+}
+
+/// Events kept per sandbox by [`EventRing`].
+pub const RING_CAPACITY: usize = 1024;
+
+/// A bounded in-memory log per sandbox (the newest [`RING_CAPACITY`] events each), optionally
+/// passing every event on to another sink (the daemon's record).
+#[derive(Default)]
+pub struct EventRing {
+    rings: Mutex<HashMap<String, std::collections::VecDeque<FlowEvent>>>,
+    forward: Mutex<Option<std::sync::Arc<dyn EventSink>>>,
+}
+
+impl EventRing {
+    /// Also passes every event to `sink` from now on.
+    pub fn set_forward(&self, sink: Option<std::sync::Arc<dyn EventSink>>) {
+        *self.forward.lock().unwrap() = sink;
+    }
+
+    /// The sandbox's events at or after `since`, oldest first.
+    pub fn since(&self, sandbox: &str, since: SystemTime) -> Vec<FlowEvent> {
+        self.rings
+            .lock()
+            .unwrap()
+            .get(sandbox)
+            .map(|r| r.iter().filter(|e| e.time >= since).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Drops a sandbox's events.
+    pub fn forget(&self, sandbox: &str) {
+        self.rings.lock().unwrap().remove(sandbox);
+    }
+}
+
+impl EventSink for EventRing {
+    fn emit(&self, event: FlowEvent) {
+        let fwd = self.forward.lock().unwrap().clone();
+        {
+            let mut map = self.rings.lock().unwrap();
+            let r = map.entry(event.sandbox.clone()).or_default();
+            if r.len() >= RING_CAPACITY {
+                r.pop_front();
+            }
+            r.push_back(event.clone());
+        }
+        if let Some(f) = fwd {
+            f.emit(event);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +296,8 @@ mod tests {
             proto: Proto::Tcp,
             dst: "203.0.113.10".parse().unwrap(),
             dst_port: 80,
+            domain: None,
+            answers: vec![],
             verdict: Verdict::Deny,
             rule: RuleName::DenyPolicy,
         }

@@ -1,4 +1,4 @@
-//! Per-sandbox networking for Hutch (issue #4, phase 1).
+//! Per-sandbox networking for Hutch (issue #4, phases 1 and 2).
 //!
 //! Each sandbox with a NIC gets, following Firecracker's "network for clones" layout:
 //!
@@ -11,13 +11,21 @@
 //! * an nft table `hutch-<id>` inside the namespace holding the egress policy, and one of the
 //!   same name on the host that confines the veth to the uplink.
 //!
+//! * a DNS filter on `172.16.0.1:53` (UDP and TCP) inside the namespace that answers only names
+//!   the policy allows and puts their addresses into the table's `allow4`/`allow6` sets with the
+//!   record's TTL before replying, and an NFLOG reader turning the verdict rules' log lines into
+//!   [`FlowEvent`]s ([`Network::events`]); see `filter.rs`.
+//!
 //! Links, addresses and routes go through rtnetlink; rules through libnftables (or `nft -j`);
 //! namespace switching only on dedicated OS threads (never on a tokio worker).
 
 #![warn(missing_docs)]
 
+pub mod dns;
 pub mod events;
+mod filter;
 pub mod names;
+pub mod nflog;
 pub mod nft;
 mod ns;
 pub mod plan;
@@ -25,10 +33,12 @@ mod tap;
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
@@ -37,7 +47,8 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute,
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
-pub use events::{EventSink, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict};
+pub use events::{EventRing, EventSink, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict};
+pub use filter::{first_nameserver, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TTL};
 pub use names::{validate_id, Names};
 pub use nft::NftBackend;
 pub use plan::{Transit, DEFAULT_TRANSIT_POOL, GATEWAY_ADDR, GUEST_ADDR, GUEST_MAC, GUEST_PREFIX};
@@ -122,8 +133,10 @@ pub enum Policy {
         cidrs: Vec<IpNet>,
         /// Allowed TCP/UDP destination ports; empty means any port (and any protocol).
         ports: Vec<u16>,
-        /// Allowed names. Phase 2: the DNS filter resolves them into the `allow4`/`allow6` sets;
-        /// until then they allow nothing (fail closed).
+        /// Allowed names: exact (`api.example.com`) or `*.suffix` (every name strictly below
+        /// `suffix`). The sandbox's DNS filter answers only these, and puts each answer's
+        /// addresses into the `allow4`/`allow6` sets for the record's TTL, so a destination
+        /// is reachable only after it was resolved through the policy.
         domains: Vec<String>,
     },
     /// Every public address.
@@ -157,6 +170,15 @@ pub struct NetConfig {
     pub guest_device: GuestDevice,
     /// How nft rules are applied.
     pub nft: NftBackend,
+    /// Where the DNS filter forwards allowed names (from the host namespace). `None` = the
+    /// first `nameserver` of the host's `/etc/resolv.conf`; if there is none, allowed names
+    /// get SERVFAIL.
+    pub upstream_dns: Option<SocketAddr>,
+    /// Decision-log events per second per sandbox passed on (after nft's own limit of 20/s per
+    /// rule); bursts up to [`NetConfig::event_burst`]. The rest are counted, not kept.
+    pub event_rate: u32,
+    /// See [`NetConfig::event_rate`].
+    pub event_burst: u32,
 }
 
 impl Default for NetConfig {
@@ -167,6 +189,9 @@ impl Default for NetConfig {
             host_netns: None,
             guest_device: GuestDevice::Tap,
             nft: NftBackend::Auto,
+            upstream_dns: None,
+            event_rate: 20,
+            event_burst: 100,
         }
     }
 }
@@ -259,6 +284,9 @@ impl OwnedObject {
 struct Entry {
     transit: Transit,
     has_nic: bool,
+    /// DNS filter and decision-log reader; absent for sandboxes without a NIC and for ones
+    /// adopted from a previous daemon.
+    rt: Option<filter::Runtime>,
 }
 
 struct State {
@@ -276,6 +304,9 @@ pub struct Network {
     /// The kernel runs one dump at a time per netlink socket (`EBUSY` otherwise), and every
     /// request on `host` shares one socket: dumps on it take this lock.
     dump_lock: tokio::sync::Mutex<()>,
+    upstream: Option<SocketAddr>,
+    ring: Arc<EventRing>,
+    sink: Arc<RateLimitedSink<Arc<EventRing>>>,
 }
 
 /// Runs `f` on a dedicated OS thread inside the named namespace and returns its result (for
@@ -456,12 +487,25 @@ impl Network {
                             Entry {
                                 transit: pool.transit(slot),
                                 has_nic: true,
+                                rt: None,
                             },
                         );
                     }
                 }
             }
         }
+        let upstream = match cfg.upstream_dns {
+            Some(u) => Some(u),
+            None => std::fs::read_to_string("/etc/resolv.conf")
+                .ok()
+                .and_then(|s| first_nameserver(&s)),
+        };
+        let ring = Arc::new(EventRing::default());
+        let sink = Arc::new(RateLimitedSink::new(
+            ring.clone(),
+            cfg.event_rate,
+            cfg.event_burst,
+        ));
         Ok(Network {
             cfg,
             host_ns,
@@ -469,12 +513,38 @@ impl Network {
             uplink,
             state: Mutex::new(State { pool, sandboxes }),
             dump_lock: tokio::sync::Mutex::new(()),
+            upstream,
+            ring,
+            sink,
         })
     }
 
     /// The uplink interface in use.
     pub fn uplink(&self) -> &str {
         &self.uplink
+    }
+
+    /// The resolver the DNS filters forward to.
+    pub fn upstream_dns(&self) -> Option<SocketAddr> {
+        self.upstream
+    }
+
+    /// Passes every decision-log event (after rate limiting) to `sink` as well, e.g. the
+    /// daemon's record of the sandbox. `None` stops that.
+    pub fn set_event_sink(&self, sink: Option<Arc<dyn EventSink>>) {
+        self.ring.set_forward(sink);
+    }
+
+    /// The sandbox's decision log at or after `since`, oldest first: flows (from the nft
+    /// verdict rules) and DNS answers and refusals. A bounded ring of the newest
+    /// [`events::RING_CAPACITY`] events per sandbox, emptied by [`Network::destroy`].
+    pub fn events(&self, id: &str, since: SystemTime) -> Vec<FlowEvent> {
+        self.ring.since(id, since)
+    }
+
+    /// Events of the sandbox the rate limit has dropped so far.
+    pub fn events_dropped(&self, id: &str) -> u64 {
+        self.sink.dropped(id)
     }
 
     /// Creates a sandbox's network. Returns `None` for [`Policy::None`] (nothing is created).
@@ -495,6 +565,7 @@ impl Network {
                     Entry {
                         transit,
                         has_nic: false,
+                        rt: None,
                     },
                 );
                 return Ok(None);
@@ -505,11 +576,30 @@ impl Network {
                 Entry {
                     transit: t,
                     has_nic: true,
+                    rt: None,
                 },
             );
             t
         };
-        match self.create_inner(id, &n, transit, policy).await {
+        let made = async {
+            let net = self.create_inner(id, &n, transit, policy).await?;
+            let rt = filter::start(filter::Params {
+                id: id.to_string(),
+                netns: n.netns.clone(),
+                table: n.table.clone(),
+                backend: self.cfg.nft,
+                policy: policy.clone(),
+                upstream: self.upstream,
+                host_ns: self.host_ns.clone(),
+                sink: self.sink.clone(),
+            })
+            .await?;
+            if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+                e.rt = Some(rt);
+            }
+            Ok(net)
+        };
+        match made.await {
             Ok(net) => Ok(Some(net)),
             Err(e) => {
                 if let Err(e2) = self.destroy(id).await {
@@ -676,11 +766,12 @@ impl Network {
     }
 
     /// Replaces a sandbox's policy in one nft transaction (the deny lists are refreshed with the
-    /// host's current addresses at the same time). Takes effect for the next connection;
-    /// established connections keep going.
+    /// host's current addresses at the same time, and the resolved-address sets are emptied).
+    /// Takes effect for the next connection and the next DNS query; established connections
+    /// keep going.
     pub async fn set_policy(&self, id: &str, policy: &Policy) -> Result<()> {
         let n = Names::new(id)?;
-        {
+        let shared = {
             let st = self.state.lock().unwrap();
             let e = st
                 .sandboxes
@@ -693,14 +784,25 @@ impl Network {
                     Err(NetError::NoNic(id.into()))
                 };
             }
-        }
+            e.rt.as_ref().map(|rt| rt.policy.clone())
+        };
         let (d4, d6) = self.deny_lists().await?;
         let json = nft::sandbox_policy(&n.table, &d4, &d6, policy);
         let backend = self.cfg.nft;
+        // Held across the transaction: the filter cannot add an answer for the old policy
+        // after the sets were flushed for the new one.
+        let mut guard = match &shared {
+            Some(p) => Some(p.lock().await),
+            None => None,
+        };
         ns::run_in(Some(&ns::netns_path(&n.netns)), move || {
             nft::run(backend, "replace policy", &json).map(drop)
         })
-        .await
+        .await?;
+        if let Some(g) = guard.as_mut() {
+            **g = policy.clone();
+        }
+        Ok(())
     }
 
     /// Removes everything the sandbox owns, by id: the host nft table, the host veth (taking its
@@ -708,19 +810,35 @@ impl Network {
     /// holds the TAP) and the stand-in guest namespace. Idempotent.
     pub async fn destroy(&self, id: &str) -> Result<()> {
         let n = Names::new(id)?;
+        // Stop the DNS filter and log reader first: their sockets hold the namespace.
+        let rt = self
+            .state
+            .lock()
+            .unwrap()
+            .sandboxes
+            .get_mut(id)
+            .and_then(|e| e.rt.take());
+        drop(rt);
         let backend = self.cfg.nft;
         let del = nft::delete_table(&n.table);
-        ns::run_in(self.host_ns.as_deref(), move || {
+        // The two slow kernel operations (each waits for an RCU grace period) run side by side:
+        // the host table's removal on an ns thread, the veth's over netlink.
+        let table = ns::run_in(self.host_ns.as_deref(), move || {
             nft::run(backend, "delete host table", &del).map(drop)
-        })
-        .await?;
-        if let Some(i) = link_index(&self.host, &n.host_veth).await? {
-            match self.host.link().del(i).execute().await {
-                Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
-                Err(e) => return Err(nl(format!("delete {}", n.host_veth))(e)),
+        });
+        let veth = async {
+            if let Some(i) = link_index(&self.host, &n.host_veth).await? {
+                match self.host.link().del(i).execute().await {
+                    Ok(()) => {}
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+                    Err(e) => return Err(nl(format!("delete {}", n.host_veth))(e)),
+                }
             }
-        }
+            Ok(())
+        };
+        let (t, v) = tokio::join!(table, veth);
+        t?;
+        v?;
         ns::remove(&n.netns)?;
         ns::remove(&n.guest_netns)?;
         let mut st = self.state.lock().unwrap();
@@ -729,6 +847,9 @@ impl Network {
                 st.pool.free(e.transit.slot);
             }
         }
+        drop(st);
+        self.ring.forget(id);
+        self.sink.forget(id);
         Ok(())
     }
 

@@ -14,8 +14,8 @@ use std::sync::{Mutex, OnceLock};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use nftables::expr::{
-    Expression as E, Meta, MetaKey, NamedExpression as N, Payload, PayloadField, Prefix, SetItem,
-    CT,
+    Elem, Expression as E, Meta, MetaKey, NamedExpression as N, Payload, PayloadField, Prefix,
+    SetItem, CT,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject as L, NfObject, Nftables, Rule, Set, SetFlag,
@@ -557,6 +557,41 @@ pub fn sandbox_policy(
     }
     deny_elements(&mut tx, deny4, deny6);
     policy_rules(&mut tx, policy);
+    tx.json()
+}
+
+/// Puts resolved addresses into the `allow4`/`allow6` sets with their TTL clamped to
+/// `min..=max` seconds. Each element is added, deleted and added again in one transaction, so an
+/// address already present gets the new timeout instead of keeping the old one.
+pub fn add_resolved(table: &str, addrs: &[(std::net::IpAddr, u32)], min: u32, max: u32) -> String {
+    let mut tx = Tx::new(table);
+    let mut seen = HashSet::new();
+    for (ip, ttl) in addrs {
+        if !seen.insert(*ip) {
+            continue;
+        }
+        let set = if ip.is_ipv4() { "allow4" } else { "allow6" };
+        let elem = |timeout| {
+            vec![E::Named(N::Elem(Elem {
+                val: Box::new(s(ip.to_string())),
+                timeout,
+                expires: None,
+                comment: None,
+                counter: None,
+            }))]
+        };
+        let ttl = (*ttl).clamp(min, max);
+        tx.elements(set, elem(Some(ttl)));
+        let del = Element {
+            family: FAM,
+            table: Cow::Owned(tx.table.clone()),
+            name: Cow::Owned(set.into()),
+            elem: Cow::Owned(elem(None)),
+        };
+        tx.cmds
+            .push(NfObject::CmdObject(NfCmd::Delete(L::Element(del))));
+        tx.elements(set, elem(Some(ttl)));
+    }
     tx.json()
 }
 

@@ -6,14 +6,14 @@
 //! be reachable: a rejected connection is the rules' doing.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hutch_net::{
-    in_netns, tap_info, GuestDevice, NetConfig, Network, OwnedObject, Policy, SandboxNet,
-    GUEST_ADDR, TAP_FLAGS,
+    dns, in_netns, tap_info, FlowEvent, GuestDevice, NetConfig, Network, OwnedObject, Policy,
+    Proto, RuleName, SandboxNet, Verdict, GATEWAY_ADDR, GUEST_ADDR, TAP_FLAGS,
 };
 
 fn sh(args: &[&str]) {
@@ -132,6 +132,7 @@ impl World {
         for p in [53, 8080, 8081] {
             serve(i, p, "inet");
         }
+        serve_dns(i);
         serve(l, 8080, "lan");
         serve(h, 8080, "host");
         w
@@ -147,6 +148,7 @@ impl World {
         NetConfig {
             host_netns: Some(self.host.clone()),
             guest_device: dev,
+            upstream_dns: Some(SocketAddr::from((INET1, 53))),
             ..NetConfig::default()
         }
     }
@@ -449,5 +451,340 @@ async fn fifty_sandboxes_at_once_without_collision() {
         r.unwrap();
     }
     eprintln!("50 concurrent destroys: {:?}", t.elapsed());
+    w.assert_clean(&net).await;
+}
+
+/// The "internet" resolver on 203.0.113.10, UDP port 53 (bound to that address, so its answers
+/// come from it): `allowed.test` and every name
+/// under `wild.test` → 203.0.113.20, `other.test` → 203.0.113.10, anything else NXDOMAIN.
+fn serve_dns(ns: &str) {
+    let sock: UdpSocket = in_netns(ns, || {
+        UdpSocket::bind((INET1, 53)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind dns".into(),
+            source: e,
+        })
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let Ok(q) = dns::parse_query(&buf[..n]) else {
+                continue;
+            };
+            let addrs: Vec<IpAddr> = match q.name.as_str() {
+                "allowed.test" => vec![INET2.into()],
+                "other.test" => vec![INET1.into()],
+                n if n.ends_with(".wild.test") => vec![INET2.into()],
+                _ => vec![],
+            };
+            let _ = sock.send_to(&dns::build_answer(&buf[..n], &q, &addrs, 30), from);
+        }
+    });
+}
+
+/// Asks `server` for `name`'s A records from namespace `ns`; `(rcode, addresses)`.
+fn resolve_at(
+    ns: &str,
+    server: SocketAddr,
+    name: &str,
+    tcp: bool,
+) -> io::Result<(u8, Vec<IpAddr>)> {
+    let owned = name.to_string();
+    let r = in_netns(ns, move || {
+        let name = owned;
+        Ok((|| -> io::Result<(u8, Vec<IpAddr>)> {
+            let id = (std::process::id() & 0xffff) as u16;
+            let qb = dns::build_query(id, &name, dns::TYPE_A).unwrap();
+            let q = dns::parse_query(&qb).unwrap();
+            let resp = if tcp {
+                let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut m = (qb.len() as u16).to_be_bytes().to_vec();
+                m.extend_from_slice(&qb);
+                s.write_all(&m)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut r)?;
+                r
+            } else {
+                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                s.connect(server)?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.send(&qb)?;
+                let mut r = vec![0u8; 4096];
+                let n = s.recv(&mut r)?;
+                r.truncate(n);
+                r
+            };
+            let a = dns::parse_answer(&resp, &q).map_err(|e| io::Error::other(format!("{e:?}")))?;
+            Ok((a.rcode, a.addrs.into_iter().map(|(ip, _)| ip).collect()))
+        })())
+    })
+    .unwrap();
+    eprintln!("{ns}: {name:?} via {server}: {r:?}");
+    r
+}
+
+fn resolve(ns: &str, name: &str) -> io::Result<(u8, Vec<IpAddr>)> {
+    resolve_at(ns, SocketAddr::from((GATEWAY_ADDR, 53)), name, false)
+}
+
+/// Sockets of this process that live in the network namespace with inode `ino`
+/// (`SIOCGSKNS` on every socket fd).
+fn sockets_in_netns(ino: u64) -> usize {
+    const SIOCGSKNS: libc::c_ulong = 0x894c;
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_sock = std::fs::read_link(e.path())
+            .map(|l| l.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        if !is_sock {
+            continue;
+        }
+        // SAFETY: ioctl on a (possibly already closed) fd; a returned ns fd is closed below.
+        let nsfd = unsafe { libc::ioctl(fd, SIOCGSKNS) };
+        if nsfd < 0 {
+            continue;
+        }
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(nsfd, &mut st) } == 0 && st.st_ino == ino {
+            n += 1;
+        }
+        unsafe { libc::close(nsfd) };
+    }
+    n
+}
+
+fn netns_inode(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{name}"))
+        .unwrap()
+        .ino()
+}
+
+/// Polls the decision log until `pred` holds for some event (2 s at most).
+async fn wait_event(
+    net: &Network,
+    id: &str,
+    since: SystemTime,
+    pred: impl Fn(&FlowEvent) -> bool,
+) -> FlowEvent {
+    for _ in 0..40 {
+        if let Some(e) = net.events(id, since).into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no such event; log: {:#?}", net.events(id, since));
+}
+
+fn v4(ip: Ipv4Addr) -> IpAddr {
+    IpAddr::V4(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_allowlist_is_honest_and_logged() {
+    let w = World::new("dns");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let since = SystemTime::now();
+    let policy = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec!["allowed.test".into(), "*.wild.test".into()],
+    };
+    let n = net.create(&id, &policy).await.unwrap().unwrap();
+    let g = guest(&n);
+    let ino = netns_inode(&n.netns);
+    assert!(
+        sockets_in_netns(ino) >= 3,
+        "the filter's sockets live in the sandbox namespace"
+    );
+
+    // Before resolution the address is rejected at once.
+    refused(connect(&g, INET2, 8080));
+    assert_eq!(
+        resolve(&g, "allowed.test").unwrap(),
+        (dns::RCODE_NOERROR, vec![v4(INET2)])
+    );
+    assert_eq!(connect(&g, INET2, 8080).unwrap(), "inet");
+    // Another address of the same server, never resolved through the policy: rejected.
+    refused(connect(&g, INET1, 8080));
+    // Unlisted names, including the wildcard's own apex: NXDOMAIN.
+    assert_eq!(
+        resolve(&g, "other.test").unwrap(),
+        (dns::RCODE_NXDOMAIN, vec![])
+    );
+    assert_eq!(
+        resolve(&g, "wild.test").unwrap(),
+        (dns::RCODE_NXDOMAIN, vec![])
+    );
+    let via_tcp = resolve_at(
+        &g,
+        SocketAddr::from((GATEWAY_ADDR, 53)),
+        "x.Wild.test",
+        true,
+    );
+    assert_eq!(via_tcp.unwrap(), (dns::RCODE_NOERROR, vec![v4(INET2)]));
+    // Other resolvers are unreachable (control: the same query works from the host side).
+    let upstream = SocketAddr::from((INET1, 53));
+    assert_eq!(
+        resolve_at(&w.host, upstream, "other.test", false)
+            .unwrap()
+            .0,
+        dns::RCODE_NOERROR
+    );
+    // Rejected at once (ICMP admin-prohibited reads as EHOSTUNREACH), not left to time out.
+    let direct = resolve_at(&g, upstream, "other.test", false);
+    assert!(
+        matches!(&direct, Err(e) if e.raw_os_error() == Some(libc::EHOSTUNREACH)),
+        "{direct:?}"
+    );
+    refused(resolve_at(&g, upstream, "other.test", true).map(|_| String::new()));
+
+    // The decision log.
+    let e = wait_event(&net, &id, since, |e| e.rule == RuleName::AllowDomain).await;
+    assert_eq!((e.dst, e.dst_port, e.proto), (v4(INET2), 8080, Proto::Tcp));
+    assert_eq!(e.domain.as_deref(), Some("allowed.test"));
+    assert_eq!(e.verdict, Verdict::Allow);
+    // Both rejections: the resolved address before it was resolved, and the other one.
+    for ip in [INET2, INET1] {
+        let e = wait_event(&net, &id, since, |e| {
+            e.rule == RuleName::DenyPolicy && e.dst == v4(ip)
+        })
+        .await;
+        assert_eq!(
+            (e.dst_port, e.verdict, e.proto),
+            (8080, Verdict::Deny, Proto::Tcp)
+        );
+    }
+    let e = wait_event(&net, &id, since, |e| e.rule == RuleName::DnsRefused).await;
+    assert_eq!(e.domain.as_deref(), Some("other.test"));
+    let e = wait_event(&net, &id, since, |e| e.rule == RuleName::DnsAnswer).await;
+    assert_eq!(
+        (e.domain.as_deref(), e.answers.clone()),
+        (Some("allowed.test"), vec![v4(INET2)])
+    );
+    let e = wait_event(&net, &id, since, |e| e.rule == RuleName::DenyDns).await;
+    assert_eq!((e.dst, e.dst_port, e.proto), (v4(INET1), 53, Proto::Udp));
+    wait_event(&net, &id, since, |e| e.rule == RuleName::Dns).await;
+
+    // A policy change applies to the next query, and forgets what the old one resolved.
+    let policy2 = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![8081],
+        domains: vec!["other.test".into()],
+    };
+    net.set_policy(&id, &policy2).await.unwrap();
+    assert_eq!(
+        resolve(&g, "allowed.test").unwrap(),
+        (dns::RCODE_NXDOMAIN, vec![])
+    );
+    refused(connect(&g, INET2, 8081));
+    assert_eq!(
+        resolve(&g, "other.test").unwrap(),
+        (dns::RCODE_NOERROR, vec![v4(INET1)])
+    );
+    assert_eq!(connect(&g, INET1, 8081).unwrap(), "inet");
+    refused(connect(&g, INET1, 8080)); // the policy's ports still apply
+
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+    assert!(net.events(&id, since).is_empty());
+    let mut left = usize::MAX;
+    for _ in 0..40 {
+        left = sockets_in_netns(ino);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(left, 0, "sockets still hold the destroyed namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_resolves_anything_and_none_resolves_nothing() {
+    let w = World::new("dnsopen");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    let g = guest(&n);
+    assert_eq!(
+        resolve(&g, "other.test").unwrap(),
+        (dns::RCODE_NOERROR, vec![v4(INET1)])
+    );
+    assert_eq!(
+        resolve(&g, "q.wild.test").unwrap(),
+        (dns::RCODE_NOERROR, vec![v4(INET2)])
+    );
+    // The upstream's own NXDOMAIN passes through.
+    assert_eq!(
+        resolve(&g, "nope.test").unwrap(),
+        (dns::RCODE_NXDOMAIN, vec![])
+    );
+    net.set_policy(&id, &Policy::None).await.unwrap();
+    assert_eq!(
+        resolve(&g, "other.test").unwrap(),
+        (dns::RCODE_NXDOMAIN, vec![])
+    );
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_denied_connections_gives_a_bounded_log() {
+    let w = World::new("flood");
+    let cfg = NetConfig {
+        event_rate: 5,
+        event_burst: 20,
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let net = Network::new(cfg).await.unwrap();
+    let id = w.id("a");
+    let none = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec![],
+    };
+    let n = net.create(&id, &none).await.unwrap().unwrap();
+    let g = guest(&n);
+    let since = SystemTime::now();
+    let t = Instant::now();
+    let refusals = in_netns(&g, || {
+        let mut refused = 0;
+        for port in 0..500u16 {
+            let addr = SocketAddr::from((INET1, 10_000 + port));
+            if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    refused += 1;
+                }
+            }
+        }
+        Ok(refused)
+    })
+    .unwrap();
+    let flood = t.elapsed();
+    assert_eq!(refusals, 500, "every connection is rejected, logged or not");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let secs = t.elapsed().as_secs_f64();
+    let got = net
+        .events(&id, since)
+        .into_iter()
+        .filter(|e| e.rule == RuleName::DenyPolicy)
+        .count();
+    eprintln!(
+        "flood of 500 in {flood:?}: {got} events, {} dropped",
+        net.events_dropped(&id)
+    );
+    assert!(got >= 10, "{got}");
+    assert!(
+        got as f64 <= 20.0 + 5.0 * secs + 1.0,
+        "{got} events in {secs:.1} s"
+    );
+    net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }

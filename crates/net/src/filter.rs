@@ -1,0 +1,469 @@
+//! Per-sandbox runtime: the DNS filter and the decision-log reader.
+//!
+//! * **DNS filter.** UDP and TCP sockets bound to the gateway address `172.16.0.1:53`, created
+//!   inside the sandbox's namespace on an ns worker thread and served from tokio. A name the
+//!   policy allows is forwarded to the upstream resolver (through a socket made in the host
+//!   namespace, so a host-local upstream such as `127.0.0.53` works); the answer is checked
+//!   against the question, its A/AAAA addresses go into the sandbox's `allow4`/`allow6` nft
+//!   sets with their TTL (under policy `allow`), and only then is it passed to the guest. Any
+//!   other name gets NXDOMAIN. Both are events.
+//! * **Decision log.** An NFLOG socket in the namespace, bound to the group the verdict chains
+//!   log to; each record becomes a [`FlowEvent`], annotated with the name the destination was
+//!   resolved from.
+//!
+//! Everything is torn down by dropping the [`Runtime`] (its tasks are aborted, closing every
+//! socket), which [`crate::Network::destroy`] does before removing the namespace.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::dns::{self, Query};
+use crate::events::{EventSink, FlowEvent, Proto, RuleName};
+use crate::nft::{self, NftBackend};
+use crate::plan::GATEWAY_ADDR;
+use crate::{nflog, ns, NetError, Policy};
+
+/// Shortest lifetime of an address in the allow sets, whatever the record's TTL.
+pub const MIN_TTL: u32 = 5;
+/// Longest lifetime of an address in the allow sets.
+pub const MAX_TTL: u32 = 86_400;
+/// How long the filter waits for the upstream.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Queries in flight per sandbox (UDP); more are dropped, as a busy resolver would.
+const MAX_INFLIGHT: usize = 64;
+/// TCP connections per sandbox.
+const MAX_TCP: usize = 16;
+/// Idle limit of a TCP connection.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Remembered (address → name) pairs per sandbox, for annotating flows.
+const MAX_NAMES: usize = 4096;
+
+/// The policy a sandbox's filter answers by. The async lock is held across "check the name,
+/// add its addresses to nft" and across `set_policy`'s nft transaction, so an answer for the
+/// old policy can never land in the sets after the new policy flushed them.
+pub(crate) type SharedPolicy = Arc<tokio::sync::Mutex<Policy>>;
+
+struct Names {
+    map: HashMap<IpAddr, (String, Instant)>,
+}
+
+impl Names {
+    fn insert(&mut self, ip: IpAddr, name: &str, ttl: u32) {
+        let now = Instant::now();
+        if self.map.len() >= MAX_NAMES && !self.map.contains_key(&ip) {
+            self.map.retain(|_, (_, exp)| *exp > now);
+            if self.map.len() >= MAX_NAMES {
+                return;
+            }
+        }
+        let exp = now + Duration::from_secs(u64::from(ttl));
+        self.map.insert(ip, (name.to_string(), exp));
+    }
+
+    fn get(&self, ip: &IpAddr) -> Option<String> {
+        self.map.get(ip).map(|(n, _)| n.clone())
+    }
+}
+
+struct Upstream {
+    sock: UdpSocket,
+    pending: Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>,
+}
+
+struct Shared {
+    id: String,
+    netns: PathBuf,
+    table: String,
+    backend: NftBackend,
+    policy: SharedPolicy,
+    names: Mutex<Names>,
+    sink: Arc<dyn EventSink>,
+    upstream: Option<Upstream>,
+}
+
+/// A running sandbox's filter and log reader. Dropping it stops both.
+pub(crate) struct Runtime {
+    pub(crate) policy: SharedPolicy,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Everything [`start`] needs.
+pub(crate) struct Params {
+    pub id: String,
+    pub netns: String,
+    pub table: String,
+    pub backend: NftBackend,
+    pub policy: Policy,
+    pub upstream: Option<SocketAddr>,
+    pub host_ns: Option<PathBuf>,
+    pub sink: Arc<dyn EventSink>,
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
+    move |source| NetError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Starts the DNS filter and the log reader of one sandbox.
+pub(crate) async fn start(p: Params) -> Result<Runtime, NetError> {
+    let netns = ns::netns_path(&p.netns);
+    let (udp, tcp, log) = ns::run_in(Some(&netns), || {
+        let addr = SocketAddr::from((GATEWAY_ADDR, 53));
+        let udp = std::net::UdpSocket::bind(addr).map_err(io_err("bind DNS filter (udp)"))?;
+        udp.set_nonblocking(true)
+            .map_err(io_err("DNS socket nonblocking"))?;
+        let tcp = std::net::TcpListener::bind(addr).map_err(io_err("bind DNS filter (tcp)"))?;
+        tcp.set_nonblocking(true)
+            .map_err(io_err("DNS socket nonblocking"))?;
+        Ok((udp, tcp, nflog::open_socket()?))
+    })
+    .await?;
+    let upstream = match p.upstream {
+        Some(up) => {
+            let s = ns::run_in(p.host_ns.as_deref(), move || {
+                let any: SocketAddr = if up.is_ipv4() {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = std::net::UdpSocket::bind(any).map_err(io_err("bind upstream socket"))?;
+                s.connect(up).map_err(io_err("connect upstream socket"))?;
+                s.set_nonblocking(true)
+                    .map_err(io_err("upstream socket nonblocking"))?;
+                Ok(s)
+            })
+            .await?;
+            Some(Upstream {
+                sock: UdpSocket::from_std(s).map_err(io_err("register upstream socket"))?,
+                pending: Mutex::new(HashMap::new()),
+            })
+        }
+        None => None,
+    };
+    let udp = UdpSocket::from_std(udp).map_err(io_err("register DNS socket"))?;
+    let tcp = TcpListener::from_std(tcp).map_err(io_err("register DNS socket"))?;
+    // SAFETY: `log` is an OwnedFd moved into the AsyncFd: it stays open and the same for the
+    // AsyncFd's whole life.
+    let log = unsafe { AsyncFd::register(log) }
+        .map_err(|e| io_err("register NFLOG socket")(e.into_parts().1))?;
+    let policy: SharedPolicy = Arc::new(tokio::sync::Mutex::new(p.policy));
+    let sh = Arc::new(Shared {
+        id: p.id,
+        netns,
+        table: p.table,
+        backend: p.backend,
+        policy: policy.clone(),
+        names: Mutex::new(Names {
+            map: HashMap::new(),
+        }),
+        sink: p.sink,
+        upstream,
+    });
+    let mut tasks = vec![
+        tokio::spawn(serve_udp(sh.clone(), udp)),
+        tokio::spawn(serve_tcp(sh.clone(), tcp)),
+        tokio::spawn(read_log(sh.clone(), log)),
+    ];
+    if sh.upstream.is_some() {
+        tasks.push(tokio::spawn(read_upstream(sh.clone())));
+    }
+    Ok(Runtime { policy, tasks })
+}
+
+async fn serve_udp(sh: Arc<Shared>, sock: UdpSocket) {
+    let sock = Arc::new(sock);
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut buf = vec![0u8; dns::MAX_QUERY + 1];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        if n > dns::MAX_QUERY {
+            continue;
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (sh, sock, q) = (sh.clone(), sock.clone(), buf[..n].to_vec());
+        tokio::spawn(async move {
+            if let Some(r) = answer(&sh, &q, Proto::Udp).await {
+                let _ = sock.send_to(&r, from).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(sh: Arc<Shared>, l: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP));
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // dropping `s` closes it
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(60), tcp_conn(&sh, s)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_conn(sh: &Shared, mut s: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; dns::MAX_QUERY];
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let n = u16::from_be_bytes(len) as usize;
+        if n == 0 || n > dns::MAX_QUERY {
+            return Ok(());
+        }
+        tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf[..n]))
+            .await
+            .map_err(|_| io::ErrorKind::TimedOut)??;
+        let Some(r) = answer(sh, &buf[..n], Proto::Tcp).await else {
+            return Ok(());
+        };
+        let mut out = Vec::with_capacity(2 + r.len());
+        out.extend_from_slice(&(r.len() as u16).to_be_bytes());
+        out.extend_from_slice(&r);
+        s.write_all(&out).await?;
+    }
+}
+
+fn allowed(policy: &Policy, name: &str) -> bool {
+    match policy {
+        Policy::Open => true,
+        Policy::None => false,
+        Policy::Allow { domains, .. } => dns::name_allowed(domains, name),
+    }
+}
+
+fn event(sh: &Shared, proto: Proto, rule: RuleName, q: &Query, answers: Vec<IpAddr>) -> FlowEvent {
+    FlowEvent {
+        time: SystemTime::now(),
+        sandbox: sh.id.clone(),
+        proto,
+        dst: IpAddr::V4(GATEWAY_ADDR),
+        dst_port: 53,
+        domain: Some(q.name.clone()),
+        answers,
+        verdict: rule.verdict(),
+        rule,
+    }
+}
+
+/// Answers one guest message; `None` drops it (not a query this filter serves).
+async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
+    let q = dns::parse_query(msg).ok()?;
+    if !allowed(&*sh.policy.lock().await, &q.name) {
+        sh.sink
+            .emit(event(sh, proto, RuleName::DnsRefused, &q, Vec::new()));
+        return Some(dns::reply_with_rcode(msg, &q, dns::RCODE_NXDOMAIN));
+    }
+    let servfail = || Some(dns::reply_with_rcode(msg, &q, dns::RCODE_SERVFAIL));
+    let Some(up) = &sh.upstream else {
+        return servfail();
+    };
+    let Some((mut resp, ans)) = ask(up, msg, &q).await else {
+        return servfail();
+    };
+    resp[0..2].copy_from_slice(&q.id.to_be_bytes());
+    // Under the policy lock: re-check (the policy may have changed while we waited), then make
+    // the addresses reachable before the guest learns them.
+    let pol = sh.policy.lock().await;
+    if !allowed(&pol, &q.name) {
+        drop(pol);
+        sh.sink
+            .emit(event(sh, proto, RuleName::DnsRefused, &q, Vec::new()));
+        return Some(dns::reply_with_rcode(msg, &q, dns::RCODE_NXDOMAIN));
+    }
+    if !ans.addrs.is_empty() {
+        if matches!(*pol, Policy::Allow { .. }) {
+            let json = nft::add_resolved(&sh.table, &ans.addrs, MIN_TTL, MAX_TTL);
+            let backend = sh.backend;
+            let r = ns::run_in(Some(&sh.netns), move || {
+                nft::run(backend, "add resolved addresses", &json).map(drop)
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(sandbox = %sh.id, error = %e, "DNS filter: allow set update failed");
+                return servfail();
+            }
+        }
+        let mut names = sh.names.lock().unwrap();
+        for (ip, ttl) in &ans.addrs {
+            names.insert(*ip, &q.name, (*ttl).clamp(MIN_TTL, MAX_TTL));
+        }
+    }
+    drop(pol);
+    let ips = ans.addrs.iter().map(|(ip, _)| *ip).collect();
+    sh.sink.emit(event(sh, proto, RuleName::DnsAnswer, &q, ips));
+    Some(resp)
+}
+
+fn random_u16() -> u16 {
+    let mut b = [0u8; 2];
+    // SAFETY: valid buffer; a short read leaves zeros, which is still a usable id.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 2, 0) };
+    u16::from_be_bytes(b)
+}
+
+/// Forwards `msg` upstream under a fresh random id; returns the checked response (still with
+/// the upstream id) and its addresses.
+async fn ask(up: &Upstream, msg: &[u8], q: &Query) -> Option<(Vec<u8>, dns::Answer)> {
+    let (tx, rx) = oneshot::channel();
+    let uid = {
+        let mut p = up.pending.lock().unwrap();
+        if p.len() >= MAX_INFLIGHT {
+            return None;
+        }
+        let mut uid = random_u16();
+        while p.contains_key(&uid) {
+            uid = random_u16();
+        }
+        p.insert(uid, tx);
+        uid
+    };
+    let mut out = msg.to_vec();
+    out[0..2].copy_from_slice(&uid.to_be_bytes());
+    let uq = Query {
+        id: uid,
+        ..q.clone()
+    };
+    let r = async {
+        up.sock.send(&out).await.ok()?;
+        let resp = tokio::time::timeout(UPSTREAM_TIMEOUT, rx)
+            .await
+            .ok()?
+            .ok()?;
+        let ans = dns::parse_answer(&resp, &uq).ok()?;
+        Some((resp, ans))
+    }
+    .await;
+    up.pending.lock().unwrap().remove(&uid);
+    r
+}
+
+async fn read_upstream(sh: Arc<Shared>) {
+    let Some(up) = &sh.upstream else { return };
+    let mut buf = vec![0u8; dns::MAX_RESPONSE];
+    loop {
+        let n = match up.sock.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => {
+                // e.g. ECONNREFUSED from an ICMP error: waiters time out.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if n < 2 || n >= buf.len() {
+            continue;
+        }
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        if let Some(tx) = up.pending.lock().unwrap().remove(&id) {
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    }
+}
+
+async fn read_log(sh: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok(mut g) = fd.readable().await else {
+            return;
+        };
+        let r = g.try_io(|fd| {
+            // SAFETY: valid buffer.
+            let n = unsafe {
+                libc::recv(
+                    fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        let n = match r {
+            Ok(Ok(n)) => n,
+            // ENOBUFS: the kernel dropped log lines for us; keep reading.
+            Ok(Err(_)) | Err(_) => continue,
+        };
+        for rec in nflog::parse_datagram(&buf[..n]) {
+            let domain = sh.names.lock().unwrap().get(&rec.dst);
+            sh.sink.emit(FlowEvent {
+                time: SystemTime::now(),
+                sandbox: sh.id.clone(),
+                proto: rec.proto,
+                dst: rec.dst,
+                dst_port: rec.dst_port,
+                domain,
+                answers: Vec::new(),
+                verdict: rec.rule.verdict(),
+                rule: rec.rule,
+            });
+        }
+    }
+}
+
+/// The first `nameserver` of a resolv.conf, on port 53.
+pub fn first_nameserver(resolv_conf: &str) -> Option<SocketAddr> {
+    resolv_conf.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next()? == "nameserver")
+            .then(|| w.next()?.split('%').next()?.parse::<IpAddr>().ok())
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_first_nameserver() {
+        let s = "# c\nsearch x\nnameserver 10.255.255.53\nnameserver 1.1.1.1\n";
+        assert_eq!(
+            first_nameserver(s),
+            Some("10.255.255.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            first_nameserver("nameserver fe80::1%eth0\n"),
+            Some("[fe80::1]:53".parse().unwrap())
+        );
+        assert_eq!(first_nameserver("nameserver bogus\n"), None);
+    }
+}
