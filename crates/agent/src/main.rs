@@ -8,6 +8,7 @@
 mod fdstream;
 mod files;
 mod init;
+mod net;
 mod ops;
 mod reaper;
 mod server;

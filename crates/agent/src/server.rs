@@ -18,7 +18,7 @@ use tokio::{
     sync::{mpsc, oneshot, Semaphore},
 };
 
-use crate::{fdstream::FdStream, files, ops, reaper::Reaper, setup};
+use crate::{fdstream::FdStream, files, net, ops, reaper::Reaper, setup};
 
 /// Why serving a connection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +214,17 @@ impl Conn {
             HostMsg::Credit(n) => self.grant(op, n),
             HostMsg::Ping(n) => self.send(op, GuestMsg::Pong(n)),
             HostMsg::Resize(size) => self.resize(op, size),
+            HostMsg::Network(cfg) => {
+                // May wait for the NIC to appear: off the reader task.
+                let c = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let r = net::apply(&cfg, c.is_init);
+                    c.send(
+                        op,
+                        r.map(|()| GuestMsg::Done).unwrap_or_else(GuestMsg::Error),
+                    );
+                });
+            }
             HostMsg::Shutdown => {
                 let c = self.clone();
                 tokio::spawn(async move { setup::shutdown(&c, op).await });

@@ -250,3 +250,31 @@ async fn a_pty_exec_sees_a_terminal_of_the_requested_size() {
     assert!(text.contains("33 101"), "{text}");
     assert!(text.contains("got:typed"), "{text}");
 }
+
+#[tokio::test]
+async fn network_requests_are_validated_and_not_applied_on_the_host() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let a = agent().await;
+    let good = hutch_protocol::NetworkConfig {
+        mac: [0x06, 0x00, 0xac, 0x10, 0x00, 0x02],
+        address: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 2)),
+        prefix_len: 30,
+        gateway: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 1)),
+        dns: vec![IpAddr::V4(Ipv4Addr::new(172, 16, 0, 1))],
+    };
+    // Host-process mode only validates: the host's network is left alone.
+    a.channel.network(good.clone()).await.unwrap();
+    let mut bad = good.clone();
+    bad.gateway = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    match a.channel.network(bad).await {
+        Err(ChannelError::Remote(e)) => assert_eq!(e.code, ErrorCode::InvalidRequest),
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    let mut bad = good;
+    bad.dns = vec![IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)); 1000];
+    assert!(matches!(
+        a.channel.network(bad).await,
+        Err(ChannelError::Remote(e)) if e.code == ErrorCode::InvalidRequest
+    ));
+    a.channel.ping(3).await.unwrap();
+}

@@ -21,8 +21,8 @@ use tokio::{
 use crate::{
     frame::{check_chunk, encode, FrameError, FrameReader},
     handshake::{check_welcome, hello, HandshakeError},
-    ExecRequest, ExitInfo, GuestMsg, HostMsg, OpError, ReadFileRequest, Setup, Welcome,
-    WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
+    ExecRequest, ExitInfo, GuestMsg, HostMsg, NetworkConfig, OpError, ReadFileRequest, Setup,
+    Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
 };
 
 /// Why an operation on the channel failed.
@@ -151,6 +151,13 @@ impl Channel {
     /// Sends boot-time entropy, clock and hostname; returns once the guest applied them.
     pub async fn setup(&self, setup: Setup) -> Result<(), ChannelError> {
         let mut op = self.start(HostMsg::Setup(setup)).await?;
+        op.expect_done().await
+    }
+
+    /// Configures the guest's NIC (found by `config.mac`), default route and resolver; returns
+    /// once the guest applied them.
+    pub async fn network(&self, config: NetworkConfig) -> Result<(), ChannelError> {
+        let mut op = self.start(HostMsg::Network(config)).await?;
         op.expect_done().await
     }
 

@@ -23,11 +23,12 @@ pub mod message;
 pub use frame::{decode, encode, FrameError, FrameReader};
 pub use message::*;
 
-/// Protocol version implemented by this crate. Bumped on any incompatible wire change.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Protocol version implemented by this crate. Bumped on any incompatible wire change
+/// (3: `HostMsg::Network`).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest protocol version this crate can still speak.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 
 /// Magic bytes opening the handshake, so a stray peer is recognised at once.
 pub const MAGIC: [u8; 4] = *b"HTCH";

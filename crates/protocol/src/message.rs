@@ -1,6 +1,8 @@
 //! The messages each side may send. Variant order is part of the wire format (postcard encodes
 //! the variant index); append new variants at the end and bump [`crate::PROTOCOL_VERSION`].
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 /// What travels inside one frame: an operation id and one message.
@@ -43,6 +45,9 @@ pub enum HostMsg {
     Shutdown,
     /// New terminal size for an exec that runs under a PTY.
     Resize(TtySize),
+    /// Configures the guest's NIC, default route and resolver (version 3). Answered by `Done`
+    /// once applied, or `Error`.
+    Network(NetworkConfig),
 }
 
 /// Messages the guest agent sends to the host.
@@ -108,6 +113,26 @@ pub struct Setup {
     pub unix_nanos: u32,
     /// Hostname to give the guest.
     pub hostname: String,
+}
+
+/// The guest's network configuration, pushed by the host (no DHCP in the guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// MAC address of the NIC to configure (the one the VMM gave the guest).
+    pub mac: [u8; 6],
+    /// The guest's address on that NIC.
+    pub address: IpAddr,
+    /// Prefix length of `address`'s subnet.
+    pub prefix_len: u8,
+    /// Default gateway, inside that subnet.
+    pub gateway: IpAddr,
+    /// Name servers for `/etc/resolv.conf`, in order (at most [`NetworkConfig::MAX_DNS`]).
+    pub dns: Vec<IpAddr>,
+}
+
+impl NetworkConfig {
+    /// Most name servers a resolver uses (glibc's `MAXNS`); more are refused.
+    pub const MAX_DNS: usize = 3;
 }
 
 /// A process to run in the guest.

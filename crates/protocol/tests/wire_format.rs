@@ -1,19 +1,46 @@
 //! Freezes the wire format: these exact bytes must keep decoding the same way, and encoding
 //! must keep producing them. A failure here means an incompatible protocol change: bump
 //! `PROTOCOL_VERSION` and add new golden frames instead of editing these. (Version 2 added
-//! `ExecRequest::tty` and `HostMsg::Resize`; nothing speaking version 1 was ever released.)
+//! `ExecRequest::tty` and `HostMsg::Resize`; version 3 added `HostMsg::Network`; nothing
+//! speaking version 1 or 2 was ever released.)
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hutch_protocol::{
-    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, HostMsg, Setup, TtySize,
-    Welcome, MAGIC,
+    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, Hello, HostMsg,
+    NetworkConfig, Setup, TtySize, Welcome, MAGIC,
 };
 
 fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
     vec![
         (
             0,
-            hutch_protocol::handshake::hello(),
+            HostMsg::Hello(Hello {
+                magic: MAGIC,
+                min_version: 2,
+                max_version: 2,
+            }),
             "080000000000485443480202",
+        ),
+        // Version 3.
+        (
+            0,
+            hutch_protocol::handshake::hello(),
+            "080000000000485443480303",
+        ),
+        (
+            2,
+            HostMsg::Network(NetworkConfig {
+                mac: [0x06, 0x00, 0xac, 0x10, 0x00, 0x02],
+                address: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 2)),
+                prefix_len: 30,
+                gateway: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 1)),
+                dns: vec![
+                    IpAddr::V4(Ipv4Addr::new(172, 16, 0, 1)),
+                    IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ],
+            }),
+            "2a000000020e0600ac10000200ac1000021e00ac1000010200ac1000010100000000000000000000000000000001",
         ),
         (7, HostMsg::Ping(42), "03000000070b2a"),
         (3, HostMsg::Stdin(b"hi".to_vec()), "050000000303026869"),
@@ -71,6 +98,16 @@ fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
                 kernel_release: "k".into(),
             }),
             "0b000000000048544348020161016b",
+        ),
+        (
+            0,
+            GuestMsg::Welcome(Welcome {
+                magic: MAGIC,
+                version: 3,
+                agent: "a".into(),
+                kernel_release: "k".into(),
+            }),
+            "0b000000000048544348030161016b",
         ),
         (4, GuestMsg::Started(77), "0300000004034d"),
         (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),
