@@ -30,6 +30,7 @@ mod initramfs;
 mod kernel;
 mod rootfs;
 mod tools;
+pub mod vmlinux;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -144,6 +144,10 @@ pub enum VmmError {
         /// Its pid.
         pid: u32,
     },
+
+    /// The Firecracker backend failed (its API's `fault_message` is in the chain).
+    #[error(transparent)]
+    Firecracker(#[from] crate::firecracker::FirecrackerError),
 }
 
 impl VmmError {

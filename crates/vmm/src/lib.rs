@@ -22,6 +22,7 @@
 
 mod console;
 mod error;
+pub mod firecracker;
 mod host;
 mod probe;
 mod proc;
@@ -30,19 +31,24 @@ mod qmp;
 mod spawn;
 pub mod timer;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use error::VmmError;
+pub use firecracker::{FirecrackerVm, FirecrackerVmm};
 pub use host::{find_qemu, host_report, HostReport, KvmStatus, QemuInfo};
 pub use probe::{
     probe_accel, probe_accel_with, AccelOverride, AccelReport, ProbeKey, PROBE_MARKER,
     PROBE_TIMEOUT,
 };
 pub use proc::kill_recorded;
-pub use qemu::{QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, SCRATCH_LABEL};
+pub use qemu::{
+    format_mac, QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, NIC_NETDEV_ID, SCRATCH_LABEL,
+};
 
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +81,29 @@ pub struct VmSpec {
     /// run`) or outlives it ([`Lifetime::Detached`], for the daemon).
     pub lifetime: Lifetime,
 }
+
+/// A network interface for the guest: a TAP device the caller opened (e.g. inside the sandbox's
+/// network namespace, with `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`) and the MAC the guest sees.
+///
+/// The VMM process gets its own copy of the descriptor, and only that process: the caller's
+/// descriptor is never inherited by anything else, and the caller may drop it once
+/// [`Vmm::start_with_nic`] has returned. On QEMU the NIC is a `virtio-net-device` on a
+/// `-netdev tap,fd=N,vhost=off`.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The open TAP device.
+    pub tap: Arc<OwnedFd>,
+    /// The guest NIC's MAC address (unicast).
+    pub mac: [u8; 6],
+}
+
+impl PartialEq for Nic {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.tap, &other.tap) && self.mac == other.mac
+    }
+}
+
+impl Eq for Nic {}
 
 /// How a VM's life is tied to the Hutch process that started it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,6 +156,25 @@ pub trait Vmm: Send + Sync {
     /// exists (not when the guest has booted: the caller waits for the agent's hello on the
     /// channel). On error nothing is left behind: no process, no `run_dir`.
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// As [`Vmm::start`], with a network interface when `nic` is given (without one the guest
+    /// has no network device at all, as with [`Vmm::start`]). The NIC lives inside the VMM
+    /// process from then on: it survives the caller's descriptor being closed, a detached VM's
+    /// starter dying, and [`Vmm::adopt`] (which has nothing to do for it). Backends without
+    /// NIC support refuse a `Some` with [`VmmError::InvalidSpec`].
+    async fn start_with_nic(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        match nic {
+            None => self.start(spec).await,
+            Some(_) => Err(VmmError::InvalidSpec(format!(
+                "the {} backend does not support NICs",
+                self.name()
+            ))),
+        }
+    }
 
     /// Takes back a running [`Lifetime::Detached`] VM, e.g. after a daemon restart: finds its
     /// process from the record in `run_dir` and checks that it is alive and really that VM (its

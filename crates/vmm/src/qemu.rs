@@ -13,6 +13,11 @@
 //! RUN_DIR/scratch.ext4   the writable scratch disk (sparse, ext4 labelled "hutch-scratch")
 //! ```
 //!
+//! A VM started with a [`Nic`] gets `-netdev tap,id=net0,fd=N,vhost=off -device
+//! virtio-net-device,netdev=net0,mac=…`: `N` is a close-on-exec duplicate of the caller's TAP
+//! descriptor that only the QEMU child inherits. Without one there is no network device at all
+//! (`-nodefaults`).
+//!
 //! An owned VM's console is QEMU's stdout, a pipe copied into `console.log`. A detached VM must
 //! not depend on a pipe whose reader dies with the daemon, so its console is a listening socket
 //! (`server=on,wait=on`: QEMU does not start the guest until the first reader connects, so the
@@ -25,6 +30,7 @@
 //! `virtio_mmio.device=` kernel arguments are needed. Disks carry virtio serials (`hutch-root`,
 //! `hutch-scratch`) because their order under ACPI discovery is not a contract.
 
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -39,13 +45,24 @@ use crate::console::spawn_copier;
 use crate::proc::PidFd;
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
-use crate::{find_qemu, validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError};
+use crate::{find_qemu, validate_id, Accel, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
 
 /// The virtio-serial port name the guest agent looks for (`/sys/class/virtio-ports/*/name`).
 pub const CHANNEL_PORT_NAME: &str = "hutch.0";
 
 /// The ext4 label of the scratch disk; the guest agent mounts the disk by this label.
 pub const SCRATCH_LABEL: &str = "hutch-scratch";
+
+/// The QEMU `-netdev` id of the guest's NIC.
+pub const NIC_NETDEV_ID: &str = "net0";
+
+/// `aa:bb:cc:dd:ee:ff`, as QEMU's `mac=` property and sysfs write it.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 /// The most bytes of guest console kept in `console.log` (8 MiB).
 pub const CONSOLE_LOG_LIMIT: u64 = 8 << 20;
@@ -208,12 +225,14 @@ pub(crate) fn accel_args(accel: Accel) -> [&'static str; 4] {
     }
 }
 
-/// The full QEMU argument list for `spec` (without the program name).
+/// The full QEMU argument list for `spec` (without the program name). `nic`: the descriptor
+/// number QEMU inherits the TAP under, and the guest MAC.
 pub(crate) fn qemu_args(
     spec: &VmSpec,
     paths: &RunPaths,
     accel: Accel,
     cmdline: &str,
+    nic: Option<(RawFd, [u8; 6])>,
 ) -> Result<Vec<String>, VmmError> {
     let mut a: Vec<String> = Vec::with_capacity(64);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -252,6 +271,17 @@ pub(crate) fn qemu_args(
         ]);
     }
     push(&["-device", "virtio-rng-device"]);
+    if let Some((fd, mac)) = nic {
+        push(&[
+            "-netdev",
+            &format!("tap,id={NIC_NETDEV_ID},fd={fd},vhost=off"),
+            "-device",
+            &format!(
+                "virtio-net-device,netdev={NIC_NETDEV_ID},mac={}",
+                format_mac(&mac)
+            ),
+        ]);
+    }
     push(&[
         "-device",
         "virtio-serial-device",
@@ -285,6 +315,20 @@ pub(crate) fn qemu_args(
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     push(&["-pidfile", &plain_path(&paths.pidfile)?]);
     Ok(a)
+}
+
+/// A close-on-exec duplicate of `fd` numbered 3 or above (never a standard stream).
+fn cloexec_dup(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, VmmError> {
+    // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open descriptor returns a new one we own.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if n < 0 {
+        return Err(VmmError::InvalidSpec(format!(
+            "cannot duplicate the NIC's TAP descriptor: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `n` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
@@ -377,7 +421,23 @@ impl Vmm for QemuVmm {
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        self.start_with_nic(spec, None).await
+    }
+
+    async fn start_with_nic(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
         validate_id(&spec.id)?;
+        if let Some(nic) = nic {
+            if nic.mac == [0; 6] || nic.mac[0] & 1 != 0 {
+                return Err(VmmError::InvalidSpec(format!(
+                    "NIC MAC {} is not a unicast address",
+                    format_mac(&nic.mac)
+                )));
+            }
+        }
         if spec.cpus == 0 {
             return Err(VmmError::InvalidSpec("cpus must be at least 1".into()));
         }
@@ -396,7 +456,17 @@ impl Vmm for QemuVmm {
             None
         };
         let cmdline = kernel_cmdline(self.accel, tsc, &spec.extra_cmdline)?;
-        let args = qemu_args(spec, &paths, self.accel, &cmdline)?;
+        // QEMU's own copy of the TAP: close-on-exec here, so no other child of this process
+        // ever inherits it; `spawn` clears the flag in the QEMU child only. Dropped (in this
+        // process) when `start` returns.
+        let tap = nic.map(|n| cloexec_dup(n.tap.as_fd())).transpose()?;
+        let args = qemu_args(
+            spec,
+            &paths,
+            self.accel,
+            &cmdline,
+            nic.zip(tap.as_ref()).map(|(n, fd)| (fd.as_raw_fd(), n.mac)),
+        )?;
 
         if let Some(parent) = paths.dir.parent() {
             std::fs::create_dir_all(parent)
@@ -417,7 +487,13 @@ impl Vmm for QemuVmm {
 
         tracing::debug!(id = %spec.id, qemu = %self.qemu.display(), ?args, "starting qemu");
         let started = Instant::now();
-        let mut child = spawn(&self.qemu, &args, spec.lifetime)?;
+        let mut child = spawn(
+            &self.qemu,
+            &args,
+            spec.lifetime,
+            tap.as_ref().map(|t| t.as_fd()),
+        )?;
+        drop(tap);
         let pid = child.id().unwrap_or(0);
         // The child is not reaped yet, so this pid is exactly it. 0 if it is gone already: then
         // the loop below reports why.
@@ -933,7 +1009,7 @@ mod tests {
             "console=ttyS0 panic=-1 reboot=t tsc_early_khz=2596144 lpj=10384576 tsc=reliable \
              no_timer_check hutch.debug=1"
         );
-        let args = qemu_args(&spec, &paths, Accel::Tcg, &cmdline)
+        let args = qemu_args(&spec, &paths, Accel::Tcg, &cmdline, None)
             .unwrap()
             .join(" ");
         let want = [
@@ -961,10 +1037,54 @@ mod tests {
         let paths = RunPaths::new(&spec.run_dir).unwrap();
         let cmdline = kernel_cmdline(Accel::Kvm, Some(TSC), &[]).unwrap();
         assert_eq!(cmdline, "console=ttyS0 panic=-1 reboot=t");
-        let args = qemu_args(&spec, &paths, Accel::Kvm, &cmdline)
+        let args = qemu_args(&spec, &paths, Accel::Kvm, &cmdline, None)
             .unwrap()
             .join(" ");
         assert!(args.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn nic_is_a_tap_netdev_with_the_inherited_fd() {
+        let spec = spec("/r/x");
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let mac = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", Some((7, mac)))
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains(
+                "-netdev tap,id=net0,fd=7,vhost=off -device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02"
+            ),
+            "{args}"
+        );
+        // Without a NIC: no network device at all (-nodefaults leaves none).
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None)
+            .unwrap()
+            .join(" ");
+        assert!(args.contains("-nodefaults"));
+        assert!(
+            !args.contains("-netdev") && !args.contains("virtio-net"),
+            "{args}"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_with_nic_refuses_a_multicast_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let vmm = QemuVmm::with_binary("/nonexistent/qemu".into(), Accel::Tcg);
+        let s = file_spec(&f, &dir.path().join("vm"));
+        let tap = std::sync::Arc::new(OwnedFd::from(std::fs::File::open(&f).unwrap()));
+        for mac in [[1, 0, 0, 0, 0, 1], [0; 6]] {
+            let nic = Nic {
+                tap: tap.clone(),
+                mac,
+            };
+            let err = vmm.start_with_nic(&s, Some(&nic)).await.unwrap_err();
+            assert!(matches!(err, VmmError::InvalidSpec(_)), "{err:?}");
+        }
+        assert!(!dir.path().join("vm").exists());
     }
 
     #[test]
@@ -972,7 +1092,7 @@ mod tests {
         let mut spec = spec("/r/x");
         spec.scratch_disk_mib = 0;
         let paths = RunPaths::new(&spec.run_dir).unwrap();
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0").unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None).unwrap();
         assert!(!args.join(" ").contains("scratch"));
     }
 
@@ -1061,7 +1181,7 @@ mod tests {
         let mut spec = spec("/r/x");
         spec.lifetime = Lifetime::Detached;
         let paths = RunPaths::new(&spec.run_dir).unwrap();
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0")
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None)
             .unwrap()
             .join(" ");
         assert!(

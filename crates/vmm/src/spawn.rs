@@ -1,6 +1,7 @@
 //! Spawning VMM processes (tied to Hutch, or detached from it), and capturing their stderr with a
 //! bound.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -22,20 +23,38 @@ const STDERR_KEEP: usize = 16 * 1024;
 /// and `block_on` threads live as long as the runtime, which is what we want; do not call this
 /// from a short-lived thread.
 pub(crate) fn spawn_guarded(program: &Path, args: &[String]) -> Result<Child, VmmError> {
-    spawn(program, args, Lifetime::Owned)
+    spawn(program, args, Lifetime::Owned, None)
 }
 
 /// Spawns a VMM process. [`Lifetime::Owned`]: as [`spawn_guarded`]. [`Lifetime::Detached`]: in a
 /// session of its own (no terminal, no signals meant for Hutch's group), no death signal, no
 /// `kill_on_drop`, stdin and stdout on /dev/null; only stderr is piped, for start-up errors
 /// (QEMU ignores SIGPIPE, so a write there after Hutch is gone fails harmlessly).
+///
+/// `inherit`: a descriptor the program must inherit under the same number. It must be
+/// close-on-exec in this process (so no other child, spawned by any thread, ever gets it); only
+/// the child clears the flag, between fork and exec.
 pub(crate) fn spawn(
     program: &Path,
     args: &[String],
     lifetime: Lifetime,
+    inherit: Option<BorrowedFd<'_>>,
 ) -> Result<Child, VmmError> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
+    if let Some(fd) = inherit {
+        let fd = fd.as_raw_fd();
+        // SAFETY: runs between fork and exec and only makes an async-signal-safe syscall on a
+        // descriptor the caller keeps open across the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     match lifetime {
         Lifetime::Owned => {
             cmd.stdout(Stdio::piped())
@@ -138,7 +157,28 @@ pub(crate) fn condense(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
+
+    /// The descriptor reaches the spawned program under its number, and only that program.
+    #[tokio::test]
+    async fn inherits_exactly_the_named_descriptor() {
+        let (a, b) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let check = |fd: i32| vec!["-c".to_string(), format!("test -e /proc/self/fd/{fd}")];
+        let sh = Path::new("/bin/sh");
+        let status = |mut c: Child| async move { c.wait().await.unwrap().code() };
+        let fd = a.as_raw_fd();
+        let with = spawn(sh, &check(fd), Lifetime::Owned, Some(a.as_fd())).unwrap();
+        assert_eq!(status(with).await, Some(0), "fd {fd} not inherited");
+        // A sibling spawned without it (e.g. by another thread at the same time) never has it.
+        let without = spawn(sh, &check(fd), Lifetime::Detached, None).unwrap();
+        assert_eq!(status(without).await, Some(1), "fd {fd} leaked");
+        // The flag was cleared in the child only.
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        drop(b);
+    }
 
     #[test]
     fn condenses_qemu_stderr() {

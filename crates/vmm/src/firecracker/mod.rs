@@ -1,0 +1,1257 @@
+//! The Firecracker backend: a typed client for its v1.16 HTTP API ([`FirecrackerClient`],
+//! bodies in [`api`]), launch directly or through the jailer ([`JailerConfig`]), and the guest
+//! channel over hybrid vsock ([`connect_hybrid_vsock`], guest port [`GUEST_CHANNEL_PORT`]).
+//!
+//! One VM is one `firecracker --api-sock … --id <id>` process owning one run dir:
+//!
+//! ```text
+//! RUN_DIR/api.sock        the API socket (jailed: a symlink to the jail's /api.sock)
+//! RUN_DIR/vsock.sock      the hybrid vsock socket (jailed: a symlink to the jail's /v.sock)
+//! RUN_DIR/console.log     the serial console (firecracker's stdout), copied by Hutch, capped
+//! RUN_DIR/identity.json   {id, pid, start_time, jail}: how adopt and destroy find everything
+//! RUN_DIR/scratch.ext4    the writable scratch disk (jailed: in the jail instead)
+//! ```
+//!
+//! Firecracker's kernel must be an ELF `vmlinux` (v1.16 refuses a bzImage); x86_64 guests find
+//! the virtio-mmio devices through ACPI. The guest kernel needs (built in, or as modules loaded by
+//! the initramfs): `VIRTIO_MMIO`, `VIRTIO_BLK`, `VIRTIO_VSOCKETS` (+ `VSOCKETS`), `HW_RANDOM_VIRTIO`,
+//! `EXT4_FS`, `OVERLAY_FS`, `SERIAL_8250_CONSOLE`, `ACPI`; `SERIO_I8042` and `KEYBOARD_ATKBD` for
+//! a clean stop by Ctrl-Alt-Del; `PVH` for the faster PVH boot entry.
+//!
+//! The process is tracked by exact pid (a child handle, or a pidfd for a jailed or adopted one)
+//! and stopped through the API (`SendCtrlAltDel`; with `reboot=k` the guest's reset ends
+//! Firecracker), then SIGKILL by pid — never by name. Destroy removes the run dir, the jail and
+//! its cgroups.
+
+pub mod api;
+mod client;
+mod error;
+mod jailer;
+mod vsock;
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio::task::JoinHandle;
+
+pub use client::{FirecrackerClient, RawResponse};
+pub use error::{ApiFault, FirecrackerError, VsockError};
+pub use jailer::{detect_cgroup_version, CgroupVersion, JailerConfig};
+pub use vsock::connect_hybrid_vsock;
+
+use crate::console::spawn_copier;
+use crate::proc::PidFd;
+use crate::spawn::{condense, StderrTail};
+use crate::{validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError, CONSOLE_LOG_LIMIT};
+
+/// The guest vsock port the agent listens on for the host's channel (the host dials it with
+/// `CONNECT 1024`). Ports below 1024 are privileged in the guest; this is the first free one.
+pub const GUEST_CHANNEL_PORT: u32 = 1024;
+
+/// The guest's vsock context id. Every VM may use the same one: each Firecracker process has its
+/// own vsock device, and the host side is a per-VM Unix socket, not the host's vsock namespace.
+pub const GUEST_CID: u32 = 3;
+
+/// The kernel command line before the caller's extras: serial console (captured), reset on
+/// panic, `reboot=k` so a guest reboot ends Firecracker, no PCI probing, no i8042 probing delays.
+/// It replaces Firecracker's default, which has `nomodule` (our initramfs loads modules).
+pub const BASE_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// How long Firecracker gets to answer on its API socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean stop (Ctrl-Alt-Del) may take before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a SIGKILLed process may take to go.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one hybrid-vsock CONNECT may take.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
+/// How long `connect_channel` keeps dialling a guest whose agent is not listening yet.
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `mkfs.ext4` may take.
+const MKFS_TIMEOUT: Duration = Duration::from_secs(60);
+/// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+/// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
+const CMDLINE_MAX: usize = 2047;
+
+/// `firecracker` from `$FIRECRACKER_BIN`, else from `$PATH`.
+pub fn find_firecracker() -> Result<PathBuf, FirecrackerError> {
+    find_binary("FIRECRACKER_BIN", "firecracker")
+}
+
+/// `jailer` from `$JAILER_BIN`, else from `$PATH`.
+pub fn find_jailer() -> Result<PathBuf, FirecrackerError> {
+    find_binary("JAILER_BIN", "jailer")
+}
+
+fn find_binary(env: &'static str, what: &'static str) -> Result<PathBuf, FirecrackerError> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return match p.is_file() {
+            true => Ok(p),
+            false => Err(FirecrackerError::BinaryNotFound { what, env }),
+        };
+    }
+    crate::host::find_in_path(what).ok_or(FirecrackerError::BinaryNotFound { what, env })
+}
+
+/// Per-VM launch settings beyond the [`VmSpec`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// The network namespace to run the VM in (jailer `--netns`; ignored without the jailer).
+    pub netns: Option<PathBuf>,
+    /// Network interfaces (TAPs, which must exist in that namespace).
+    pub network_interfaces: Vec<api::NetworkInterface>,
+}
+
+/// The Firecracker backend.
+#[derive(Debug, Clone)]
+pub struct FirecrackerVmm {
+    firecracker: PathBuf,
+    jailer: Option<JailerConfig>,
+    channel_timeout: Duration,
+}
+
+impl FirecrackerVmm {
+    /// Direct (no jailer) launches of `firecracker` from `$FIRECRACKER_BIN` or `$PATH`; for
+    /// development. Add the jailer with [`FirecrackerVmm::with_jailer`].
+    pub fn new() -> Result<Self, VmmError> {
+        Ok(Self::with_binary(find_firecracker()?))
+    }
+
+    /// Direct launches of the given binary.
+    pub fn with_binary(firecracker: impl Into<PathBuf>) -> Self {
+        Self {
+            firecracker: firecracker.into(),
+            jailer: None,
+            channel_timeout: CHANNEL_TIMEOUT,
+        }
+    }
+
+    /// Launches through the jailer.
+    pub fn with_jailer(mut self, jailer: JailerConfig) -> Self {
+        self.jailer = Some(jailer);
+        self
+    }
+
+    /// Bounds how long [`Vm::connect_channel`] dials a guest that does not listen yet.
+    pub fn with_channel_timeout(mut self, t: Duration) -> Self {
+        self.channel_timeout = t;
+        self
+    }
+
+    /// The firecracker binary.
+    pub fn binary(&self) -> &Path {
+        &self.firecracker
+    }
+
+    /// Boots a VM as [`Vmm::start`] does, with per-VM network settings.
+    pub async fn start_with(
+        &self,
+        spec: &VmSpec,
+        opts: &LaunchOptions,
+    ) -> Result<FirecrackerVm, VmmError> {
+        validate_id(&spec.id)?;
+        if !(1..=32).contains(&spec.cpus) {
+            return Err(VmmError::InvalidSpec("cpus must be 1 to 32".into()));
+        }
+        if spec.memory_mib < 64 {
+            return Err(VmmError::InvalidSpec(
+                "memory_mib must be at least 64".into(),
+            ));
+        }
+        check_readable("kernel", &spec.kernel)?;
+        check_readable("initrd", &spec.initrd)?;
+        check_readable("rootfs", &spec.rootfs)?;
+        if !is_elf(&spec.kernel) {
+            return Err(FirecrackerError::KernelNotElf(spec.kernel.clone()).into());
+        }
+        let boot_args = boot_args(&spec.extra_cmdline)?;
+        let paths = RunPaths::new(&spec.run_dir)?;
+        if let Some(parent) = paths.dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(VmmError::RunDirExists(paths.dir.clone()))
+            }
+            Err(e) => return Err(VmmError::io("create run dir", &paths.dir, e)),
+        }
+        let mut guard = RunDirGuard(Some(paths.dir.clone()));
+        let started = Instant::now();
+
+        let mut vm = match &self.jailer {
+            None => self.launch_direct(spec, &paths).await?,
+            Some(j) => self.launch_jailed(j, spec, &paths, opts).await?,
+        };
+        if let Err(e) = vm.configure(spec, &boot_args, opts).await {
+            vm.kill_now().await;
+            return Err(e);
+        }
+        tracing::info!(id = %spec.id, pid = vm.pid, jailed = vm.identity.jail.is_some(), ms = started.elapsed().as_millis() as u64, "firecracker started");
+        guard.0 = None;
+        Ok(vm)
+    }
+
+    /// Spawns firecracker itself and waits for its API.
+    async fn launch_direct(
+        &self,
+        spec: &VmSpec,
+        paths: &RunPaths,
+    ) -> Result<FirecrackerVm, VmmError> {
+        let args = vec![
+            "--api-sock".to_string(),
+            path_str(&paths.api)?,
+            "--id".to_string(),
+            spec.id.clone(),
+        ];
+        let mut child = spawn_vmm(&self.firecracker, &args, spec.lifetime, "firecracker")?;
+        let pid = child.id().unwrap_or(0);
+        let start_time = crate::proc::stat(pid).map_or(0, |s| s.start_time);
+        let identity = Identity {
+            id: spec.id.clone(),
+            pid,
+            start_time,
+            jail: None,
+        };
+        let (stderr, tasks) = match capture(&mut child, paths) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+                return Err(e);
+            }
+        };
+        let mut vm = FirecrackerVm::new(
+            spec,
+            paths.clone(),
+            identity,
+            Proc::Child(child),
+            tasks,
+            stderr,
+            self.channel_timeout,
+        );
+        let ready = async {
+            write_identity(paths, &vm.identity)?;
+            vm.wait_api().await
+        };
+        if let Err(e) = ready.await {
+            vm.kill_now().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Runs the jailer, then finds firecracker by the jail's pid file and waits for its API.
+    async fn launch_jailed(
+        &self,
+        j: &JailerConfig,
+        spec: &VmSpec,
+        paths: &RunPaths,
+        opts: &LaunchOptions,
+    ) -> Result<FirecrackerVm, VmmError> {
+        let jail_dir = j.jail_dir(&self.firecracker, &spec.id);
+        if jail_dir.exists() {
+            return Err(FirecrackerError::Jailer(format!(
+                "jail {} exists already (a leak, or another VM with id {})",
+                jail_dir.display(),
+                spec.id
+            ))
+            .into());
+        }
+        let version = j.cgroup_version.unwrap_or_else(detect_cgroup_version);
+        let fc_args = vec!["--api-sock".to_string(), "/api.sock".to_string()];
+        let args = j.args(
+            &self.firecracker,
+            &spec.id,
+            spec.memory_mib,
+            opts.netns.as_deref(),
+            version,
+            &fc_args,
+        );
+        let jail = JailRecord {
+            dir: jail_dir.clone(),
+            root: j.jail_root(&self.firecracker, &spec.id),
+            cgroups: j.cgroup_dirs(&self.firecracker, &spec.id, spec.memory_mib, version),
+            uid: j.uid,
+            gid: j.gid,
+        };
+        // Record the jail before it exists, so that a crash from here on leaves a record to
+        // clean by.
+        let mut identity = Identity {
+            id: spec.id.clone(),
+            pid: 0,
+            start_time: 0,
+            jail: Some(jail.clone()),
+        };
+        write_identity(paths, &identity)?;
+        let mut jailer = spawn_vmm(&j.jailer, &args, spec.lifetime, "jailer")?;
+        let (stderr, tasks) = match capture(&mut jailer, paths) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = jailer.start_kill();
+                let _ = tokio::time::timeout(REAP_TIMEOUT, jailer.wait()).await;
+                remove_jail(&jail);
+                return Err(e);
+            }
+        };
+        let pid_file = jail.root.join(format!(
+            "{}.pid",
+            JailerConfig::exec_name(&self.firecracker)
+        ));
+        let started = Instant::now();
+        let mut jailer_status = None;
+        // The jailer's exit code is no evidence: wait for the pid file naming a live firecracker.
+        let found = loop {
+            if jailer_status.is_none() {
+                if let Ok(Some(s)) = jailer.try_wait() {
+                    jailer_status = Some(s);
+                }
+            }
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                match (PidFd::open(pid), crate::proc::stat(pid)) {
+                    (Ok(fd), Some(st)) if !st.zombie => break Ok((pid, st.start_time, fd)),
+                    _ => {
+                        break Err(FirecrackerError::Exited {
+                            status: format!("pid {pid} from {} is gone", pid_file.display()),
+                            stderr: stderr.one_line(),
+                        })
+                    }
+                }
+            }
+            if let Some(s) = jailer_status {
+                // Exited without a pid file after a grace for the write to land.
+                if started.elapsed() > Duration::from_millis(500) && !pid_file.exists() {
+                    break Err(FirecrackerError::Jailer(format!(
+                        "exited ({s}) without writing {}: {}",
+                        pid_file.display(),
+                        stderr.one_line()
+                    )));
+                }
+            }
+            if started.elapsed() > START_TIMEOUT {
+                break Err(FirecrackerError::StartTimeout {
+                    what: format!("write {}", pid_file.display()),
+                    ms: START_TIMEOUT.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // The jailer (parent of the namespace's init) exits on its own; reap it, bounded.
+        let _ = tokio::time::timeout(Duration::from_secs(2), jailer.wait()).await;
+        let (pid, start_time, pidfd) = match found {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = jailer.start_kill();
+                tasks.iter().for_each(JoinHandle::abort);
+                remove_jail(&jail);
+                return Err(e.into());
+            }
+        };
+        identity.pid = pid;
+        identity.start_time = start_time;
+        let mut vm = FirecrackerVm::new(
+            spec,
+            paths.clone(),
+            identity,
+            Proc::Pid(pidfd),
+            tasks,
+            stderr,
+            self.channel_timeout,
+        );
+        let ready = async {
+            write_identity(paths, &vm.identity)?;
+            symlink(&jail.root.join("api.sock"), &paths.api)?;
+            symlink(&jail.root.join("v.sock"), &paths.vsock)?;
+            vm.wait_api().await?;
+            // Resources go into the jail once it exists (the jailer makes it).
+            let link = |src: &Path, name: &str| {
+                jailer::link_into_jail(src, &jail.root.join(name), jail.uid, jail.gid, false)
+                    .map_err(|e| VmmError::io("put into jail", src, e))
+            };
+            link(&spec.kernel, "vmlinux")?;
+            link(&spec.initrd, "initrd")?;
+            link(&spec.rootfs, "rootfs")?;
+            Ok::<(), VmmError>(())
+        };
+        if let Err(e) = ready.await {
+            vm.kill_now().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+}
+
+#[async_trait]
+impl Vmm for FirecrackerVmm {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(
+            self.start_with(spec, &LaunchOptions::default()).await?,
+        ))
+    }
+
+    async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        validate_id(id)?;
+        let paths = RunPaths::new(run_dir)?;
+        let gone = |why: String| VmmError::Gone {
+            id: id.to_string(),
+            run_dir: paths.dir.clone(),
+            why,
+        };
+        let identity = match std::fs::read(&paths.identity) {
+            Ok(b) => serde_json::from_slice::<Identity>(&b)
+                .map_err(|e| gone(format!("unreadable identity.json: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(gone("no identity.json".into()))
+            }
+            Err(e) => return Err(VmmError::io("read", &paths.identity, e)),
+        };
+        if identity.id != id {
+            return Err(gone(format!("identity.json names VM {:?}", identity.id)));
+        }
+        let pid = identity.pid;
+        let pidfd = PidFd::open(pid).map_err(|e| gone(format!("pid {pid}: {e}")))?;
+        match crate::proc::stat(pid) {
+            Some(s) if s.zombie => {
+                pidfd.reap();
+                return Err(gone(format!("pid {pid} has exited")));
+            }
+            Some(s) if s.start_time != identity.start_time => {
+                return Err(gone(format!(
+                    "pid {pid} started at tick {}, not at the recorded {}: another process",
+                    s.start_time, identity.start_time
+                )))
+            }
+            Some(_) => {}
+            None => return Err(gone(format!("pid {pid} has exited"))),
+        }
+        let args = crate::proc::cmdline(pid).unwrap_or_default();
+        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+        let sock = match identity.jail {
+            Some(_) => "/api.sock".to_string(),
+            None => path_str(&paths.api)?,
+        };
+        if !has("--id", id) || !has("--api-sock", &sock) {
+            return Err(gone(format!(
+                "pid {pid} is not firecracker --id {id} with run dir {}",
+                paths.dir.display()
+            )));
+        }
+        tracing::info!(id, pid, "adopted firecracker");
+        let vm = FirecrackerVm {
+            id: id.to_string(),
+            lifetime: Lifetime::Detached,
+            pid,
+            start_time: identity.start_time,
+            client: FirecrackerClient::new(&paths.api),
+            identity,
+            paths,
+            proc: Mutex::new(Some(Proc::Pid(pidfd))),
+            tasks: Mutex::new(Vec::new()),
+            stderr: StderrTail::default(),
+            channel_timeout: self.channel_timeout,
+        };
+        Ok(Box::new(vm))
+    }
+}
+
+/// The files of one VM inside its run dir.
+#[derive(Debug, Clone)]
+struct RunPaths {
+    dir: PathBuf,
+    api: PathBuf,
+    vsock: PathBuf,
+    console: PathBuf,
+    identity: PathBuf,
+    scratch: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: &Path) -> Result<Self, VmmError> {
+        let dir = std::path::absolute(dir).map_err(|e| VmmError::io("resolve", dir, e))?;
+        let p = RunPaths {
+            api: dir.join("api.sock"),
+            vsock: dir.join("vsock.sock"),
+            console: dir.join("console.log"),
+            identity: dir.join("identity.json"),
+            scratch: dir.join("scratch.ext4"),
+            dir,
+        };
+        for sock in [&p.api, &p.vsock] {
+            let len = sock.as_os_str().len();
+            if len > SUN_PATH_MAX {
+                return Err(VmmError::SocketPathTooLong {
+                    path: sock.clone(),
+                    len,
+                    max: SUN_PATH_MAX,
+                });
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// A jail to clean up: recorded in `identity.json` before the jailer runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct JailRecord {
+    /// `<chroot_base>/<exec>/<id>`, removed whole.
+    dir: PathBuf,
+    /// `dir/root`.
+    root: PathBuf,
+    /// The cgroup dirs the jailer made, removed (rmdir) once the VM is dead.
+    cgroups: Vec<PathBuf>,
+    uid: u32,
+    gid: u32,
+}
+
+/// The record in `identity.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    id: String,
+    pid: u32,
+    start_time: u64,
+    #[serde(default)]
+    jail: Option<JailRecord>,
+}
+
+/// Writes `identity.json` (mode 0600) atomically.
+fn write_identity(paths: &RunPaths, id: &Identity) -> Result<(), VmmError> {
+    let json = serde_json::to_vec(id).expect("serializes");
+    let tmp = paths.dir.join("identity.json.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &paths.identity)
+    };
+    write().map_err(|e| VmmError::io("write", &paths.identity, e))
+}
+
+fn symlink(target: &Path, link: &Path) -> Result<(), VmmError> {
+    std::os::unix::fs::symlink(target, link).map_err(|e| VmmError::io("symlink", link, e))
+}
+
+/// Removes a jail: its directory tree and its cgroups (best effort; the VM must be dead).
+fn remove_jail(jail: &JailRecord) {
+    if let Err(e) = std::fs::remove_dir_all(&jail.dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %jail.dir.display(), error = %e, "could not remove jail");
+        }
+    }
+    for cg in &jail.cgroups {
+        if let Err(e) = std::fs::remove_dir(cg) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(cgroup = %cg.display(), error = %e, "could not remove cgroup");
+            }
+        }
+    }
+}
+
+fn path_str(p: &Path) -> Result<String, VmmError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| VmmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|source| VmmError::InputFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Whether `path` starts with the ELF magic.
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
+/// Hutch's boot arguments plus the caller's, checked.
+fn boot_args(extra: &[String]) -> Result<String, VmmError> {
+    let mut line = BASE_BOOT_ARGS.to_string();
+    for a in extra {
+        if a.is_empty() || a.chars().any(|c| c.is_control()) {
+            return Err(VmmError::InvalidSpec(format!(
+                "kernel argument {a:?} is empty or has control characters"
+            )));
+        }
+        line.push(' ');
+        line.push_str(a);
+    }
+    if line.len() > CMDLINE_MAX {
+        return Err(VmmError::InvalidSpec(format!(
+            "kernel command line is {} bytes, over the {CMDLINE_MAX}-byte limit",
+            line.len()
+        )));
+    }
+    Ok(line)
+}
+
+/// Spawns firecracker or the jailer with stdin from /dev/null and stderr piped. Owned: stdout
+/// (the serial console) piped, own process group, `kill_on_drop`, `PR_SET_PDEATHSIG(SIGKILL)`
+/// (which reaches a direct firecracker, not one the jailer forked). Detached: a session of its
+/// own, stdout on /dev/null (the console of a detached VM is not captured yet).
+fn spawn_vmm(
+    program: &Path,
+    args: &[String],
+    lifetime: Lifetime,
+    what: &'static str,
+) -> Result<Child, VmmError> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
+    match lifetime {
+        Lifetime::Owned => {
+            cmd.stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .process_group(0);
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: runs between fork and exec and only makes async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Lifetime::Detached => {
+            cmd.stdout(Stdio::null());
+            // SAFETY: as above.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            let env = if what == "jailer" {
+                "JAILER_BIN"
+            } else {
+                "FIRECRACKER_BIN"
+            };
+            FirecrackerError::BinaryNotFound { what, env }.into()
+        } else {
+            VmmError::io("spawn", program, e)
+        }
+    })
+}
+
+/// Starts collecting a spawned process's stderr and (owned VMs) copying its stdout, the serial
+/// console, into `console.log`.
+fn capture(
+    child: &mut Child,
+    paths: &RunPaths,
+) -> Result<(StderrTail, Vec<JoinHandle<()>>), VmmError> {
+    let (stderr, stderr_task) = match child.stderr.take() {
+        Some(s) => {
+            let (t, task) = StderrTail::collect(s);
+            (t, Some(task))
+        }
+        None => (StderrTail::default(), None),
+    };
+    let mut tasks: Vec<JoinHandle<()>> = stderr_task.into_iter().collect();
+    if let Some(stdout) = child.stdout.take() {
+        match spawn_copier(stdout, &paths.console, CONSOLE_LOG_LIMIT, false) {
+            Ok(t) => tasks.push(t),
+            Err(e) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                return Err(e);
+            }
+        }
+    }
+    Ok((stderr, tasks))
+}
+
+/// Creates the sparse scratch file, formats it, and (jailed) gives it to the jail's user.
+async fn make_scratch(path: &Path, mib: u64, owner: Option<(u32, u32)>) -> Result<(), VmmError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| VmmError::io("create scratch disk", path, e))?;
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmmError::InvalidSpec(format!("scratch disk of {mib} MiB is too big")))?;
+    file.set_len(bytes)
+        .map_err(|e| VmmError::io("size scratch disk", path, e))?;
+    drop(file);
+    let mkfs = crate::host::find_in_path("mkfs.ext4").ok_or(VmmError::MkfsNotFound)?;
+    let out = tokio::process::Command::new(mkfs)
+        .args(["-q", "-F", "-L", crate::SCRATCH_LABEL])
+        .args(["-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(MKFS_TIMEOUT, out)
+        .await
+        .map_err(|_| VmmError::Mkfs {
+            path: path.to_path_buf(),
+            detail: format!("timed out after {}s", MKFS_TIMEOUT.as_secs()),
+        })?
+        .map_err(|e| VmmError::io("run mkfs.ext4 on", path, e))?;
+    if !out.status.success() {
+        return Err(VmmError::Mkfs {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                condense(&String::from_utf8_lossy(&out.stderr))
+            ),
+        });
+    }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| VmmError::io("chown scratch disk", path, e))?;
+    }
+    Ok(())
+}
+
+fn is_socket(p: &Path) -> bool {
+    // Follows a symlink: the jailed VM's run dir links to the jail's sockets.
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// Removes a run dir on drop unless disarmed: start's cleanup on every error path.
+struct RunDirGuard(Option<PathBuf>);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The Firecracker process: our child (direct), or a pidfd (jailed: the jailer's child in its
+/// own PID namespace; or adopted).
+enum Proc {
+    Child(Child),
+    Pid(PidFd),
+}
+
+impl Proc {
+    fn running(&mut self) -> bool {
+        match self {
+            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Proc::Pid(p) => !p.exited(),
+        }
+    }
+
+    /// SIGKILL, exactly to this process (an unreaped child or a pidfd cannot hit a recycled pid).
+    fn kill(&mut self) {
+        let _ = match self {
+            Proc::Child(c) => c.start_kill(),
+            Proc::Pid(p) => p.kill(),
+        };
+    }
+
+    /// Waits up to `limit` for the process to exit, and reaps it if it is our child.
+    async fn wait(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
+            Proc::Pid(p) => {
+                let deadline = Instant::now() + limit;
+                while !p.exited() {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                p.reap();
+                true
+            }
+        }
+    }
+
+    fn wait_blocking(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => {
+                let deadline = Instant::now() + limit;
+                while matches!(c.try_wait(), Ok(None)) {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                true
+            }
+            Proc::Pid(p) => {
+                let exited = p.wait_exit(limit);
+                p.reap();
+                exited
+            }
+        }
+    }
+}
+
+/// A VM run (or adopted) by [`FirecrackerVmm`].
+pub struct FirecrackerVm {
+    id: String,
+    lifetime: Lifetime,
+    pid: u32,
+    start_time: u64,
+    identity: Identity,
+    paths: RunPaths,
+    client: FirecrackerClient,
+    /// `None` once reaped by `destroy` or `Drop`.
+    proc: Mutex<Option<Proc>>,
+    /// The console copier and stderr collector.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stderr: StderrTail,
+    channel_timeout: Duration,
+}
+
+impl std::fmt::Debug for FirecrackerVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirecrackerVm")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("start_time", &self.start_time)
+            .field("lifetime", &self.lifetime)
+            .field("run_dir", &self.paths.dir)
+            .field("jail", &self.identity.jail.as_ref().map(|j| &j.dir))
+            .finish()
+    }
+}
+
+impl FirecrackerVm {
+    fn new(
+        spec: &VmSpec,
+        paths: RunPaths,
+        identity: Identity,
+        proc: Proc,
+        tasks: Vec<JoinHandle<()>>,
+        stderr: StderrTail,
+        channel_timeout: Duration,
+    ) -> Self {
+        Self {
+            id: spec.id.clone(),
+            lifetime: spec.lifetime,
+            pid: identity.pid,
+            start_time: identity.start_time,
+            client: FirecrackerClient::new(&paths.api),
+            identity,
+            paths,
+            proc: Mutex::new(Some(proc)),
+            tasks: Mutex::new(tasks),
+            stderr,
+            channel_timeout,
+        }
+    }
+
+    /// The API client for this VM (snapshots, balloon, rate limiters, metrics, …).
+    pub fn client(&self) -> &FirecrackerClient {
+        &self.client
+    }
+
+    /// The hybrid vsock Unix socket (in the run dir; a symlink into the jail when jailed).
+    pub fn vsock_path(&self) -> &Path {
+        &self.paths.vsock
+    }
+
+    /// The jail directory, when launched through the jailer.
+    pub fn jail_dir(&self) -> Option<&Path> {
+        self.identity.jail.as_ref().map(|j| j.dir.as_path())
+    }
+
+    /// Firecracker's stderr so far (first 16 KiB), condensed to one line.
+    pub fn vmm_stderr(&self) -> String {
+        self.stderr.one_line()
+    }
+
+    /// A path as Firecracker sees it: inside the jail, `name` at the jail's root.
+    fn vm_path(&self, host: &Path, name: &str) -> PathBuf {
+        match self.identity.jail {
+            Some(_) => Path::new("/").join(name),
+            None => host.to_path_buf(),
+        }
+    }
+
+    /// Waits until the API socket answers, failing early if the process exits.
+    async fn wait_api(&mut self) -> Result<(), VmmError> {
+        let started = Instant::now();
+        let probe = self.client.clone().with_timeout(Duration::from_millis(500));
+        loop {
+            if self.has_exited() {
+                // Let the stderr collector catch up.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut why = self.stderr.one_line();
+                if why == "no output on stderr" {
+                    if let Ok(c) = std::fs::read(&self.paths.console) {
+                        why = condense(&String::from_utf8_lossy(&c[..c.len().min(2000)]));
+                    }
+                }
+                return Err(FirecrackerError::Exited {
+                    status: "before its API answered".into(),
+                    stderr: why,
+                }
+                .into());
+            }
+            if is_socket(&self.paths.api) && probe.describe_instance().await.is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(FirecrackerError::StartTimeout {
+                    what: format!("answer on {}", self.paths.api.display()),
+                    ms: START_TIMEOUT.as_millis() as u64,
+                }
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Configures the machine, boot source, disks, network, vsock and entropy, and starts it.
+    async fn configure(
+        &self,
+        spec: &VmSpec,
+        boot_args: &str,
+        opts: &LaunchOptions,
+    ) -> Result<(), VmmError> {
+        let c = &self.client;
+        let jail = self.identity.jail.as_ref();
+        c.put_machine_config(&api::MachineConfig::new(spec.cpus, spec.memory_mib))
+            .await?;
+        c.put_boot_source(&api::BootSource {
+            kernel_image_path: self.vm_path(&spec.kernel, "vmlinux"),
+            boot_args: Some(boot_args.to_string()),
+            initrd_path: Some(self.vm_path(&spec.initrd, "initrd")),
+        })
+        .await?;
+        c.put_drive(&api::Drive::file(
+            "root",
+            self.vm_path(&spec.rootfs, "rootfs"),
+            true,
+        ))
+        .await?;
+        if spec.scratch_disk_mib > 0 {
+            let (host, owner) = match jail {
+                Some(j) => (j.root.join("scratch.ext4"), Some((j.uid, j.gid))),
+                None => (self.paths.scratch.clone(), None),
+            };
+            make_scratch(&host, spec.scratch_disk_mib, owner).await?;
+            c.put_drive(&api::Drive::file(
+                "scratch",
+                self.vm_path(&host, "scratch.ext4"),
+                false,
+            ))
+            .await?;
+        }
+        for n in &opts.network_interfaces {
+            c.put_network_interface(n).await?;
+        }
+        c.put_vsock(&api::Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: self.vm_path(&self.paths.vsock, "v.sock"),
+        })
+        .await?;
+        c.put_entropy(&api::EntropyDevice::default()).await?;
+        c.instance_start().await?;
+        Ok(())
+    }
+
+    /// SIGKILLs the process, reaps it (bounded), stops the tasks and removes the jail: for a
+    /// start that failed half-way.
+    async fn kill_now(&mut self) {
+        let proc = self
+            .proc
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut p) = proc {
+            p.kill();
+            p.wait(REAP_TIMEOUT).await;
+        }
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        if let Some(j) = &self.identity.jail {
+            remove_jail(j);
+        }
+    }
+}
+
+#[async_trait]
+impl Vm for FirecrackerVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    fn accel(&self) -> Accel {
+        Accel::Kvm
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.paths.console
+    }
+
+    fn has_exited(&self) -> bool {
+        let mut proc = self.proc.lock().unwrap_or_else(|p| p.into_inner());
+        !proc.as_mut().is_some_and(Proc::running)
+    }
+
+    /// Dials [`GUEST_CHANNEL_PORT`] over hybrid vsock until the guest's agent listens (bounded
+    /// by the backend's channel timeout, and failing as soon as the VM exits).
+    async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError> {
+        let started = Instant::now();
+        loop {
+            if self.has_exited() {
+                return Err(VmmError::NotRunning(self.id.clone()));
+            }
+            let left = self.channel_timeout.saturating_sub(started.elapsed());
+            let attempt = CONNECT_ATTEMPT.min(left).max(Duration::from_millis(1));
+            match connect_hybrid_vsock(&self.paths.vsock, GUEST_CHANNEL_PORT, attempt).await {
+                Ok(s) => return Ok(s),
+                Err(FirecrackerError::Vsock {
+                    source: VsockError::BadAnswer(a),
+                    path,
+                    port,
+                }) => {
+                    return Err(FirecrackerError::Vsock {
+                        source: VsockError::BadAnswer(a),
+                        path,
+                        port,
+                    }
+                    .into())
+                }
+                Err(e) if started.elapsed() >= self.channel_timeout => return Err(e.into()),
+                Err(e) => tracing::trace!(id = %self.id, error = %e, "guest not listening yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        if self.has_exited() {
+            return Err(VmmError::NotRunning(self.id.clone()));
+        }
+        self.client.set_vm_state(api::VmState::Paused).await?;
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        if self.has_exited() {
+            return Err(VmmError::NotRunning(self.id.clone()));
+        }
+        self.client.set_vm_state(api::VmState::Resumed).await?;
+        Ok(())
+    }
+
+    async fn is_paused(&self) -> Result<bool, VmmError> {
+        if self.has_exited() {
+            return Err(VmmError::NotRunning(self.id.clone()));
+        }
+        let info = self.client.describe_instance().await?;
+        Ok(info.state == api::InstanceState::Paused)
+    }
+
+    async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
+        let proc = self
+            .proc
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut proc) = proc {
+            if proc.running() {
+                // Through the API first: Ctrl-Alt-Del, and with reboot=k the guest's reset ends
+                // Firecracker. A paused or hung guest ignores it; then SIGKILL by pid.
+                let quick = self.client.clone().with_timeout(Duration::from_secs(1));
+                match quick.action(api::ActionType::SendCtrlAltDel).await {
+                    Ok(()) if proc.wait(STOP_GRACE).await => {
+                        tracing::debug!(id = %self.id, "firecracker stopped by Ctrl-Alt-Del")
+                    }
+                    Ok(()) => tracing::debug!(id = %self.id, "no exit after Ctrl-Alt-Del"),
+                    Err(e) => tracing::debug!(id = %self.id, error = %e, "SendCtrlAltDel failed"),
+                }
+            }
+            if proc.running() {
+                proc.kill();
+                if !proc.wait(REAP_TIMEOUT).await {
+                    *self.proc.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(proc);
+                    return Err(FirecrackerError::KillFailed { pid: self.pid }.into());
+                }
+            }
+            proc.wait(Duration::ZERO).await;
+        }
+        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        if let Some(j) = &self.identity.jail {
+            remove_jail(j);
+        }
+        match std::fs::remove_dir_all(&self.paths.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmmError::io("remove run dir", &self.paths.dir, e)),
+        }
+    }
+}
+
+impl Drop for FirecrackerVm {
+    /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the jail and the
+    /// run dir. Detached: releases the handle only.
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        let proc = self
+            .proc
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if self.lifetime == Lifetime::Detached {
+            return;
+        }
+        if let Some(mut proc) = proc {
+            if proc.running() {
+                tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
+                proc.kill();
+                proc.wait_blocking(Duration::from_secs(2));
+            }
+        }
+        if let Some(j) = &self.identity.jail {
+            remove_jail(j);
+        }
+        let _ = std::fs::remove_dir_all(&self.paths.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_args_are_checked() {
+        assert_eq!(boot_args(&[]).unwrap(), BASE_BOOT_ARGS);
+        assert!(boot_args(&["hutch.debug=1".into()])
+            .unwrap()
+            .ends_with(" pci=off i8042.noaux i8042.nomux i8042.dumbkbd hutch.debug=1"));
+        assert!(!BASE_BOOT_ARGS.contains("nomodule"));
+        assert!(boot_args(&["a\nb".into()]).is_err());
+        assert!(boot_args(&["".into()]).is_err());
+        assert!(boot_args(&["x".repeat(3000)]).is_err());
+    }
+
+    #[test]
+    fn socket_path_limit() {
+        let long = format!("/tmp/{}", "d".repeat(100));
+        assert!(matches!(
+            RunPaths::new(Path::new(&long)),
+            Err(VmmError::SocketPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn elf_check() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("k");
+        std::fs::write(&f, b"MZ\0\0bzImage").unwrap();
+        assert!(!is_elf(&f));
+        std::fs::write(&f, b"\x7fELF\x02\x01\x01").unwrap();
+        assert!(is_elf(&f));
+        assert!(!is_elf(&d.path().join("none")));
+    }
+
+    #[test]
+    fn finds_binaries_by_env_only_if_they_exist() {
+        // Not touching the environment (tests run in parallel): only the PATH lookup's shape.
+        match find_binary("HUTCH_TEST_UNSET_VARIABLE", "surely-not-a-binary-name") {
+            Err(FirecrackerError::BinaryNotFound { what, env }) => {
+                assert_eq!(what, "surely-not-a-binary-name");
+                assert_eq!(env, "HUTCH_TEST_UNSET_VARIABLE");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn identity_round_trips_with_and_without_a_jail() {
+        let old: Identity = serde_json::from_str(r#"{"id":"a","pid":1,"start_time":2}"#).unwrap();
+        assert!(old.jail.is_none());
+        let j = Identity {
+            id: "a".into(),
+            pid: 1,
+            start_time: 2,
+            jail: Some(JailRecord {
+                dir: "/srv/jailer/firecracker/a".into(),
+                root: "/srv/jailer/firecracker/a/root".into(),
+                cgroups: vec!["/sys/fs/cgroup/firecracker/a".into()],
+                uid: 10,
+                gid: 10,
+            }),
+        };
+        let back: Identity = serde_json::from_slice(&serde_json::to_vec(&j).unwrap()).unwrap();
+        assert_eq!(back.jail, j.jail);
+    }
+}
