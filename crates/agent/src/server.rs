@@ -101,8 +101,10 @@ impl Conn {
 
     /// Sends the final reply of an operation and forgets it.
     pub fn finish(&self, op: u32, result: Result<GuestMsg, OpError>) {
-        self.ops.lock().expect("ops lock").remove(&op);
-        self.send(op, result.unwrap_or_else(GuestMsg::Error));
+        // An op aborted by a new host's Hello must not answer that host.
+        if self.ops.lock().expect("ops lock").remove(&op).is_some() {
+            self.send(op, result.unwrap_or_else(GuestMsg::Error));
+        }
     }
 
     /// Records the process group that `Signal` messages for `op` go to.
@@ -198,7 +200,16 @@ impl Conn {
 
     fn dispatch(self: &Arc<Self>, op: u32, msg: HostMsg) {
         match msg {
-            HostMsg::Hello(_) => self.send(op, GuestMsg::Error(invalid("already handshaken"))),
+            // A new host (e.g. a restarted daemon) whose connection began before we saw the old
+            // one end: start over, so its Welcome follows nothing of the old host's.
+            HostMsg::Hello(h) if op == CONNECTION_OP => {
+                self.abort_all();
+                self.send(CONNECTION_OP, welcome(&h));
+            }
+            HostMsg::Hello(_) => self.send(
+                op,
+                GuestMsg::Error(invalid("Hello belongs on the connection")),
+            ),
             HostMsg::Setup(s) => self.send(
                 op,
                 setup::apply(&s, self.is_init)
@@ -261,10 +272,12 @@ where
 {
     let (read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read);
-    let version = match reader.next::<HostMsg>().await {
+    let reply = match reader.next::<HostMsg>().await {
         Ok(Some(env)) => match env.msg {
-            HostMsg::Hello(h) => choose_version(&h),
-            _ => Err(HandshakeError::Unexpected("a request before Hello")),
+            HostMsg::Hello(h) => welcome(&h),
+            _ => {
+                GuestMsg::Error(HandshakeError::Unexpected("a request before Hello").to_op_error())
+            }
         },
         Ok(None) => return,
         Err(e) => {
@@ -272,17 +285,9 @@ where
             return;
         }
     };
-    let reply = match &version {
-        Ok(v) => GuestMsg::Welcome(Welcome {
-            magic: MAGIC,
-            version: *v,
-            agent: format!("hutch-agent {}", env!("CARGO_PKG_VERSION")),
-            kernel_release: kernel_release(),
-        }),
-        Err(e) => GuestMsg::Error(e.to_op_error()),
-    };
+    let accepted = matches!(reply, GuestMsg::Welcome(_));
     let frame = encode(CONNECTION_OP, &reply).expect("welcome encodes");
-    if write.write_all(&frame).await.is_err() || version.is_err() {
+    if write.write_all(&frame).await.is_err() || !accepted {
         return;
     }
     tracing::info!(version = PROTOCOL_VERSION, "host connected");
@@ -307,6 +312,19 @@ where
     conn.abort_all();
     writer.abort();
     tracing::info!("host disconnected");
+}
+
+/// The answer to `hello`: a Welcome with the chosen version, or why not.
+fn welcome(hello: &hutch_protocol::Hello) -> GuestMsg {
+    match choose_version(hello) {
+        Ok(version) => GuestMsg::Welcome(Welcome {
+            magic: MAGIC,
+            version,
+            agent: format!("hutch-agent {}", env!("CARGO_PKG_VERSION")),
+            kernel_release: kernel_release(),
+        }),
+        Err(e) => GuestMsg::Error(e.to_op_error()),
+    }
 }
 
 async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Out>) {

@@ -278,3 +278,98 @@ async fn network_requests_are_validated_and_not_applied_on_the_host() {
     ));
     a.channel.ping(3).await.unwrap();
 }
+
+/// Raw frames on a socket to a fresh agent process (for sequences `Channel` never sends).
+struct RawHost {
+    _agent: Child,
+    reader: hutch_protocol::FrameReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl RawHost {
+    async fn send(&mut self, op: u32, msg: &hutch_protocol::HostMsg) {
+        use tokio::io::AsyncWriteExt;
+        self.writer
+            .write_all(&hutch_protocol::encode(op, msg).unwrap())
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> hutch_protocol::Envelope<hutch_protocol::GuestMsg> {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), self.reader.next());
+        next.await
+            .expect("agent answered in time")
+            .unwrap()
+            .expect("agent still connected")
+    }
+}
+
+#[tokio::test]
+async fn a_second_hello_starts_over_and_kills_the_old_hosts_processes() {
+    use hutch_protocol::{GuestMsg, HostMsg};
+    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = guest.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
+    cmd.args(["--serve-fd", "3"]);
+    // SAFETY: dup2 is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let agent = cmd.spawn().unwrap();
+    drop(guest);
+    host.set_nonblocking(true).unwrap();
+    let (rd, wr) = tokio::net::UnixStream::from_std(host).unwrap().into_split();
+    let mut h = RawHost {
+        _agent: agent,
+        reader: hutch_protocol::FrameReader::new(rd),
+        writer: wr,
+    };
+
+    h.send(0, &hutch_protocol::handshake::hello()).await;
+    assert!(matches!(h.recv().await.msg, GuestMsg::Welcome(_)));
+    h.send(
+        1,
+        &HostMsg::Exec(ExecRequest::new(vec!["sleep".into(), "30".into()])),
+    )
+    .await;
+    let GuestMsg::Started(pid) = h.recv().await.msg else {
+        panic!("no Started")
+    };
+
+    // A new host speaks on the same stream: it gets a Welcome, the old process dies.
+    h.send(0, &hutch_protocol::handshake::hello()).await;
+    let env = h.recv().await;
+    assert_eq!(
+        (env.op, matches!(env.msg, GuestMsg::Welcome(_))),
+        (0, true),
+        "{env:?}"
+    );
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while proc_dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old host's process survived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The new host is served, and hears nothing about the old host's operation.
+    h.send(2, &HostMsg::Exec(ExecRequest::new(vec!["true".into()])))
+        .await;
+    loop {
+        let env = h.recv().await;
+        assert_eq!(
+            env.op, 2,
+            "a frame of the old host's op reached the new host: {env:?}"
+        );
+        if let GuestMsg::Exited(info) = env.msg {
+            assert_eq!(info.status, ExitStatus::Code(0));
+            break;
+        }
+    }
+}

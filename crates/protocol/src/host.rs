@@ -124,12 +124,8 @@ impl Channel {
         let mut reader = FrameReader::new(read);
         let mut writer: Writer = Box::pin(write);
         write_msg(&mut writer, CONNECTION_OP, &hello()).await?;
-        let first = reader
-            .next::<GuestMsg>()
-            .await
-            .map_err(ChannelError::Frame)?
-            .ok_or_else(|| ChannelError::Closed("guest hung up during handshake".into()))?;
-        let welcome = check_welcome(first.msg).map_err(ChannelError::Handshake)?;
+        let first = first_on_connection(&mut reader).await?;
+        let welcome = check_welcome(first).map_err(ChannelError::Handshake)?;
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(writer),
             ops: Mutex::new(OpTable::default()),
@@ -374,6 +370,29 @@ impl Inner {
             slot.send_credit.close();
         }
     }
+}
+
+/// Most frames of a previous host's operations skipped while waiting for the Welcome.
+const MAX_STALE_FRAMES: usize = 4096;
+
+/// The first connection-level message, skipping (a bounded number of) frames addressed to
+/// operations: before our Welcome they can only be leftovers meant for a previous host.
+async fn first_on_connection<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+) -> Result<GuestMsg, ChannelError> {
+    for _ in 0..=MAX_STALE_FRAMES {
+        let env = reader
+            .next::<GuestMsg>()
+            .await
+            .map_err(ChannelError::Frame)?
+            .ok_or_else(|| ChannelError::Closed("guest hung up during handshake".into()))?;
+        if env.op == CONNECTION_OP {
+            return Ok(env.msg);
+        }
+    }
+    Err(ChannelError::Violation(format!(
+        "more than {MAX_STALE_FRAMES} frames before the handshake"
+    )))
 }
 
 async fn write_msg(w: &mut Writer, op: u32, msg: &HostMsg) -> Result<(), ChannelError> {

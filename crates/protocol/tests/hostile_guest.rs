@@ -847,3 +847,26 @@ async fn slow_consumer_receives_8_mib_intact_under_credit() {
         "the guest should have needed credit many times, got {credits}"
     );
 }
+
+#[tokio::test]
+async fn stale_operation_frames_before_the_welcome_are_skipped_but_bounded() {
+    // Leftovers meant for a previous host (e.g. before a daemon restart), then the Welcome.
+    let mut reply = Vec::new();
+    for op in [3u32, 3, 9] {
+        reply.extend(encode(op, &GuestMsg::Stdout(b"old".to_vec())).unwrap());
+    }
+    reply.extend(encode(0, &GuestMsg::Welcome(welcome(PROTOCOL_VERSION))).unwrap());
+    let (r, _guest, _) = handshake(&reply).await;
+    assert!(r.is_ok(), "stale frames broke the handshake: {:?}", r.err());
+    // Without a Welcome in sight, the skipping stops.
+    let mut flood = Vec::new();
+    for _ in 0..5000 {
+        flood.extend(encode(1, &GuestMsg::Pong(1)).unwrap());
+    }
+    let (r, _guest, _) = handshake(&flood).await;
+    assert!(
+        matches!(r, Err(ChannelError::Violation(_))),
+        "{:?}",
+        r.err()
+    );
+}
