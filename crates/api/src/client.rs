@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hutch_types::{ErrorCode, SandboxInfo};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo};
 use hyper::{body::Bytes, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -15,7 +15,7 @@ use tokio::{
 use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 
 use crate::{
-    ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart,
+    ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart, NetEvent,
     API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
 };
 
@@ -228,6 +228,23 @@ impl Client {
     /// Destroys a sandbox.
     pub async fn destroy(&self, id: &str) -> Result<SandboxInfo, ClientError> {
         self.call(Method::DELETE, &sandbox_path(id, ""), vec![])
+            .await
+    }
+
+    /// Changes a sandbox's network policy.
+    pub async fn set_network(
+        &self,
+        id: &str,
+        policy: &NetworkPolicy,
+    ) -> Result<SandboxInfo, ClientError> {
+        let body = serde_json::to_vec(policy).expect("serializable");
+        self.call(Method::PUT, &sandbox_path(id, "/network"), body)
+            .await
+    }
+
+    /// The sandbox's recent network decisions.
+    pub async fn network_log(&self, id: &str) -> Result<Vec<NetEvent>, ClientError> {
+        self.call(Method::GET, &sandbox_path(id, "/network/log"), vec![])
             .await
     }
 

@@ -143,3 +143,22 @@ pub struct ApiError {
     /// What went wrong, with its causes.
     pub message: String,
 }
+
+/// One network decision about a sandbox's traffic (`GET /v1/sandboxes/{id}/network/log`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetEvent {
+    /// When, in Unix milliseconds.
+    pub time_ms: i64,
+    /// `tcp`, `udp`, `icmp` or the protocol number.
+    pub proto: String,
+    /// Destination address.
+    pub dst: String,
+    /// Destination port (0 where the protocol has none).
+    pub dst_port: u16,
+    /// The name resolved to reach it, or the name asked for (DNS decisions).
+    pub domain: Option<String>,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The rule that decided.
+    pub rule: String,
+}

@@ -48,6 +48,9 @@ pub enum Command {
     Stop(IdArgs),
     /// Destroy a sandbox and everything it owns.
     Rm(IdArgs),
+    /// Show or change a sandbox's network policy and decisions.
+    #[command(subcommand)]
+    Net(NetCommand),
     /// Manage API tokens for TCP access.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -87,6 +90,24 @@ pub struct DaemonArgs {
     /// Seconds a boot may take.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
+    /// Run the host side of sandbox networks inside this network namespace instead of the
+    /// host's own (for tests that must not touch the host).
+    #[arg(long, hide = true)]
+    pub net_host_netns: Option<String>,
+}
+
+/// A network policy on the command line.
+#[derive(Debug, Args, Clone)]
+pub struct NetArgs {
+    /// Network: none (no NIC), open (every public address) or allow (only --allow targets).
+    #[arg(long = "net", default_value = "none", value_parser = ["none", "open", "allow"])]
+    pub mode: String,
+    /// With --net allow: a CIDR, an address or a domain (`*.suffix` for every name below it).
+    #[arg(long = "allow", value_name = "TARGET")]
+    pub allow: Vec<String>,
+    /// With --net allow: only these destination ports (repeatable; any if none given).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
 }
 
 /// `hutch create`.
@@ -110,6 +131,9 @@ pub struct CreateArgs {
     /// A repeated create with the same key returns the first sandbox.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Network policy.
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Print the sandbox as JSON.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +214,24 @@ pub struct CpArgs {
     pub src: String,
     /// Destination: a host path, or `ID:/guest/path`.
     pub dst: String,
+}
+
+/// `hutch net …`.
+#[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// Change a running sandbox's policy; the next connection follows it.
+    Set {
+        /// Daemon connection.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Sandbox id.
+        id: String,
+        /// The new policy.
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Print the sandbox's allowed and denied flows and DNS decisions.
+    Log(IdArgs),
 }
 
 /// `hutch token …`.

@@ -46,6 +46,7 @@ pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
         runs_dir: home.local_vms(),
         boot_timeout: Duration::from_secs(vm.boot_timeout),
         detached: false,
+        network: None,
     };
     Ok(Launcher {
         vmm,

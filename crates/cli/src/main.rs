@@ -87,6 +87,12 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Rm(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "rm", a.json).await
         }
+        args::Command::Net(args::NetCommand::Set { conn, id, net }) => {
+            remote::net_set(&remote::client(&home, &conn), &id, &net).await
+        }
+        args::Command::Net(args::NetCommand::Log(a)) => {
+            remote::net_log(&remote::client(&home, &a.conn), &a.id, a.json).await
+        }
         args::Command::Token(args::TokenCommand::Create { label }) => token::create(&home, label),
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();

@@ -6,11 +6,11 @@ use hutch_api::{
     client::{Client, ClientError, Endpoint, ExecReceiver, ExecSender, StreamEvent},
     CreateSandbox, ExecControl, ExecEventMsg, ExecStart, TtySize,
 };
-use hutch_types::{SandboxInfo, SandboxSpec};
+use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    args::{ConnArgs, CpArgs, CreateArgs, ExecArgs, ListArgs},
+    args::{ConnArgs, CpArgs, CreateArgs, ExecArgs, ListArgs, NetArgs},
     error::CliError,
     home::Home,
 };
@@ -34,6 +34,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
             env: args.env.into_iter().collect(),
             labels: args.labels.into_iter().collect(),
             ttl_secs: args.ttl,
+            network: policy(&args.net),
         },
         idempotency_key: args.idempotency_key,
     };
@@ -42,6 +43,63 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
         print_json(&info);
     } else {
         println!("{}", info.id);
+    }
+    Ok(0)
+}
+
+/// The policy the `--net`, `--allow` and `--port` flags describe.
+pub fn policy(net: &NetArgs) -> NetworkPolicy {
+    match net.mode.as_str() {
+        "open" => NetworkPolicy::Open,
+        "allow" => {
+            let (cidrs, domains): (Vec<String>, Vec<String>) = net
+                .allow
+                .iter()
+                .cloned()
+                .partition(|t| t.contains('/') || t.parse::<std::net::IpAddr>().is_ok());
+            // A bare address is a one-address network.
+            let cidrs = cidrs
+                .into_iter()
+                .map(|c| match c.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(_)) => format!("{c}/32"),
+                    Ok(std::net::IpAddr::V6(_)) => format!("{c}/128"),
+                    Err(_) => c,
+                })
+                .collect();
+            NetworkPolicy::Allow {
+                cidrs,
+                ports: net.ports.clone(),
+                domains,
+            }
+        }
+        _ => NetworkPolicy::None,
+    }
+}
+
+/// `hutch net set`.
+pub async fn net_set(client: &Client, id: &str, net: &NetArgs) -> Result<i32, CliError> {
+    let info = client.set_network(id, &policy(net)).await?;
+    println!(
+        "{} network {}",
+        info.id,
+        serde_json::to_string(&info.spec.network).expect("serializable")
+    );
+    Ok(0)
+}
+
+/// `hutch net log`.
+pub async fn net_log(client: &Client, id: &str, json: bool) -> Result<i32, CliError> {
+    let events = client.network_log(id).await?;
+    if json {
+        print_json(&events);
+        return Ok(0);
+    }
+    for e in events {
+        let domain = e.domain.map(|d| format!(" ({d})")).unwrap_or_default();
+        println!(
+            "{} {:<5} {:<5} {}:{}{} {}",
+            e.time_ms, e.verdict, e.proto, e.dst, e.dst_port, domain, e.rule
+        );
     }
     Ok(0)
 }

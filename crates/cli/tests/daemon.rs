@@ -15,7 +15,7 @@ use hutch_api::{
     client::{Client, ClientError, Endpoint, StreamEvent},
     CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecStart, TtySize,
 };
-use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, SandboxState};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState};
 use libtest_mimic::{Arguments, Failed};
 
 mod common;
@@ -32,10 +32,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: tempfile::TempDir) -> Daemon {
+        Daemon::start_with(home, &[])
+    }
+
+    fn start_with(home: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
         let child = hutch(home.path())
             .args(["daemon", "--listen-tcp", &tcp, "--max-sandboxes", "16"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -150,6 +155,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         bad_input_gets_stable_4xx_codes,
         clients_that_hang_up_leave_nothing_half_done,
         kill9_during_concurrent_creates_then_restart_reconciles,
+        network_policy_is_enforced_and_changeable,
     ]
 }
 
@@ -731,4 +737,121 @@ fn kill9_during_concurrent_creates_then_restart_reconciles() -> Result {
     let leaks = common::leaks(&home);
     check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
     result
+}
+
+/// `curl` from inside the sandbox: (body, curl's exit code). Exit 7 is "connection refused or
+/// unreachable" (a rejected connection), 28 would be a timeout (a silently dropped one).
+async fn curl(client: &Client, id: &str, url: &str) -> Result<(String, i32)> {
+    let out = client
+        .exec(
+            id,
+            &ExecBody {
+                argv: vec![
+                    "curl".into(),
+                    "-s".into(),
+                    "--connect-timeout".into(),
+                    "8".into(),
+                    url.into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((out.stdout, out.exit_code.unwrap_or(-1)))
+}
+
+fn network_policy_is_enforced_and_changeable() -> Result {
+    use hutch_net::testbed::{World, INET, LAN, METADATA};
+    let world = World::new("dmn");
+    let mut daemon = Daemon::start_with(common::private_home(), &["--net-host-netns", &world.host]);
+    let home = daemon.home.path().to_path_buf();
+    let client = daemon.client();
+    let result = on_rt(async move {
+        let mut req = spec(&[]);
+        req.spec.network = NetworkPolicy::Open;
+        let id = client.create(&req).await.map_err(|e| e.to_string())?.id;
+        let inet = format!("http://{INET}:8080/");
+        check(
+            curl(&client, &id, &inet).await? == ("inet".into(), 0),
+            "open: internet unreachable",
+        )?;
+        for target in [format!("http://{LAN}:8080/"), format!("http://{METADATA}/")] {
+            let (_, rc) = curl(&client, &id, &target).await?;
+            check(
+                rc == 7,
+                format!("open: {target} gave curl exit {rc}, want 7 (rejected at once)"),
+            )?;
+        }
+        // Narrow the policy while it runs: the next connection follows it.
+        let elsewhere = NetworkPolicy::Allow {
+            cidrs: vec!["198.18.0.0/15".into()],
+            ports: vec![],
+            domains: vec![],
+        };
+        client
+            .set_network(&id, &elsewhere)
+            .await
+            .map_err(|e| e.to_string())?;
+        check(
+            curl(&client, &id, &inet).await?.1 == 7,
+            "internet still reachable after narrowing",
+        )?;
+        let just_inet = NetworkPolicy::Allow {
+            cidrs: vec![format!("{INET}/32")],
+            ports: vec![8080],
+            domains: vec![],
+        };
+        let info = client
+            .set_network(&id, &just_inet)
+            .await
+            .map_err(|e| e.to_string())?;
+        check(info.spec.network == just_inet, "policy not recorded")?;
+        check(
+            curl(&client, &id, &inet).await?.0 == "inet",
+            "allowed CIDR unreachable",
+        )?;
+        check(
+            curl(&client, &id, &format!("http://{LAN}:8080/")).await?.1 == 7,
+            "LAN reachable under allow",
+        )?;
+        let log = client.network_log(&id).await.map_err(|e| e.to_string())?;
+        check(
+            log.iter().any(|e| e.verdict == "deny" && e.dst == LAN),
+            format!("no LAN denial in the log: {log:?}"),
+        )?;
+        check(
+            log.iter().any(|e| e.verdict == "allow" && e.dst == INET),
+            "no allowed flow in the log",
+        )?;
+        // A sandbox without a network has no NIC at all.
+        let bare = client
+            .create(&spec(&[]))
+            .await
+            .map_err(|e| e.to_string())?
+            .id;
+        check(
+            sh(&client, &bare, "ls /sys/class/net").await? == "lo",
+            "a sandbox without network has a NIC",
+        )?;
+        let refused = api_code(client.set_network(&bare, &NetworkPolicy::Open).await);
+        check(
+            refused == Some(ErrorCode::Conflict),
+            "a NIC appeared on a sandbox created without one",
+        )?;
+        destroy_all(&client).await.map_err(Failed::from)
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let _ = daemon.child.wait();
+    let namespaces =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .into_owned();
+    let leaks = common::leaks(&home);
+    result?;
+    check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
+    check(
+        !namespaces.contains("hutch-sb-"),
+        format!("sandbox namespaces left: {namespaces}"),
+    )
 }

@@ -82,6 +82,7 @@ fn main() {
                 runs_dir: home.join("local"),
                 boot_timeout: Duration::from_secs(120),
                 detached: false,
+                network: None,
             };
             let shared = boot(&vmm, &options).await;
             (vmm, options, shared)

@@ -7,6 +7,7 @@
 
 pub mod lifecycle;
 mod manager;
+mod network;
 mod orphans;
 mod sandbox;
 

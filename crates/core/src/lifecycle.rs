@@ -17,6 +17,8 @@ pub enum ActionKind {
     Destroy,
     /// Read the console log.
     Console,
+    /// Change the network policy.
+    Network,
 }
 
 /// Why an action is refused in a state.
@@ -42,6 +44,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
         // it down meanwhile would race the boot, which would bring the sandbox back.
         Destroy => !matches!(state, S::Destroyed | S::Creating),
         Console => !matches!(state, S::Destroyed),
+        Network => matches!(state, S::Running | S::Paused),
     };
     if ok {
         Ok(())
@@ -54,6 +57,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
                 Stop => "stop",
                 Destroy => "destroy",
                 Console => "read the console of",
+                Network => "change the network of",
             },
             state: state.name(),
         })

@@ -13,13 +13,15 @@ use std::{
 };
 
 use hutch_image::ImageError;
+use hutch_net::{FlowEvent, NetError, Network};
 use hutch_protocol::host::{Channel, ChannelError};
 use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
-use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, SandboxState, SpecError};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
 use hutch_vmm::{Vmm, VmmError};
 
 use crate::{
     lifecycle::{check, ActionKind, IllegalAction},
+    network,
     sandbox::{BootOptions, Sandbox, SandboxError},
 };
 
@@ -78,6 +80,12 @@ pub enum CoreError {
     /// The VMM failed.
     #[error("vmm failed")]
     Vmm(#[from] VmmError),
+    /// The sandbox asks for a network this host cannot give.
+    #[error("networking is unavailable on this host: {0}")]
+    NoNetwork(String),
+    /// The host network failed.
+    #[error("sandbox network failed")]
+    Net(#[from] NetError),
     /// A recorded run dir could not be removed.
     #[error("cannot remove run dir {path}")]
     RemoveDir {
@@ -98,6 +106,7 @@ impl CoreError {
             CoreError::Image(ImageError::NotFound { .. }) => ErrorCode::NotFound,
             CoreError::Illegal(_) => ErrorCode::Conflict,
             CoreError::OverCapacity(_) => ErrorCode::OverCapacity,
+            CoreError::NoNetwork(_) => ErrorCode::Conflict,
             CoreError::Channel(ChannelError::Remote(_)) => ErrorCode::ExecFailed,
             _ => ErrorCode::Internal,
         }
@@ -115,6 +124,8 @@ pub struct ReconcileReport {
     pub killed_processes: usize,
     /// Run dirs removed because no sandbox owns them any more.
     pub removed_dirs: usize,
+    /// Sandbox networks removed because no sandbox owns them any more.
+    pub removed_networks: usize,
 }
 
 /// A sandbox with a VM under this daemon's control.
@@ -128,6 +139,8 @@ pub struct Manager {
     cfg: ManagerConfig,
     store: Arc<dyn Store>,
     vmm: Arc<dyn Vmm>,
+    /// Sandbox networking, or why this host cannot offer it.
+    net: Result<Arc<Network>, String>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     admission: tokio::sync::Mutex<()>,
 }
@@ -142,11 +155,17 @@ pub fn now_ms() -> i64 {
 
 impl Manager {
     /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving.
-    pub fn new(cfg: ManagerConfig, store: Arc<dyn Store>, vmm: Arc<dyn Vmm>) -> Arc<Manager> {
+    pub fn new(
+        cfg: ManagerConfig,
+        store: Arc<dyn Store>,
+        vmm: Arc<dyn Vmm>,
+        net: Result<Arc<Network>, String>,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
             cfg,
             store,
             vmm,
+            net,
             live: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
         })
@@ -168,6 +187,12 @@ impl Manager {
         idempotency_key: Option<&str>,
     ) -> Result<(SandboxInfo, bool), CoreError> {
         spec.validate()?;
+        let policy = network::to_policy(&spec.network)?;
+        let net = match (&spec.network, &self.net) {
+            (NetworkPolicy::None, _) => None,
+            (_, Ok(net)) => Some(net.clone()),
+            (_, Err(why)) => return Err(CoreError::NoNetwork(why.clone())),
+        };
         if let Some(existing) =
             idempotency_key.and_then(|k| self.store.by_idempotency_key(k).transpose())
         {
@@ -186,33 +211,77 @@ impl Manager {
                 return Ok((self.info(&id)?, false));
             }
             self.store.intend_object(&self.run_dir_object(&id, false))?;
+            if net.is_some() {
+                self.store.intend_object(&netns_object(&id, false))?;
+            }
         }
-        let opts = BootOptions {
-            id: id.clone(),
-            image,
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            disk_mib: spec.disk_mib,
-            runs_dir: self.cfg.runs_dir.clone(),
-            boot_timeout: self.cfg.boot_timeout,
-            detached: true,
+        let booted = async {
+            let network = match &net {
+                Some(net) => network::attach(net, &id, &policy).await?,
+                None => None,
+            };
+            let opts = BootOptions {
+                id: id.clone(),
+                image,
+                cpus: spec.cpus,
+                memory_mib: spec.memory_mib,
+                disk_mib: spec.disk_mib,
+                runs_dir: self.cfg.runs_dir.clone(),
+                boot_timeout: self.cfg.boot_timeout,
+                detached: true,
+                network,
+            };
+            Ok::<_, CoreError>(Sandbox::boot(self.vmm.as_ref(), &opts).await?)
         };
-        match Sandbox::boot(self.vmm.as_ref(), &opts).await {
+        match booted.await {
             Ok(sandbox) => {
+                if net.is_some() {
+                    self.store.confirm_object(&netns_object(&id, true))?;
+                }
                 self.record_running(&id, sandbox)?;
                 Ok((self.info(&id)?, true))
             }
             Err(e) => {
-                self.store.forget_object(
-                    &id,
-                    ObjectKind::RunDir,
-                    &self.run_dir(&id).display().to_string(),
-                )?;
+                self.remove_recorded(&id).await?;
                 self.store
                     .set_state(&id, &SandboxState::Failed(chain(&e)), now_ms())?;
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// Changes a sandbox's egress policy; the next connection (and DNS query) follows it.
+    pub async fn set_network(
+        &self,
+        id: &str,
+        policy: NetworkPolicy,
+    ) -> Result<SandboxInfo, CoreError> {
+        let mut info = self.info(id)?;
+        check(&info.state, ActionKind::Network)?;
+        let host_policy = network::to_policy(&policy)?;
+        if !info.spec.network.has_nic() {
+            return Err(CoreError::Illegal(IllegalAction {
+                action: "change the network of",
+                state: "created without a network",
+            }));
+        }
+        let net = self
+            .net
+            .as_ref()
+            .map_err(|why| CoreError::NoNetwork(why.clone()))?;
+        net.set_policy(id, &host_policy).await?;
+        info.spec.network = policy;
+        self.store.set_spec(id, &info.spec, now_ms())?;
+        self.info(id)
+    }
+
+    /// The sandbox's recent network decisions (allowed and denied flows, DNS answers).
+    pub fn network_events(&self, id: &str) -> Result<Vec<FlowEvent>, CoreError> {
+        self.info(id)?;
+        Ok(match &self.net {
+            Ok(net) => net.events(id, SystemTime::UNIX_EPOCH),
+            Err(_) => Vec::new(),
+        })
     }
 
     /// Refuses a spec that would exceed the host's limits.
@@ -425,6 +494,12 @@ impl Manager {
                         removed += usize::from(killed);
                     }
                 }
+                ObjectKind::Netns => {
+                    if let Ok(net) = &self.net {
+                        net.destroy(&obj.sandbox_id).await?;
+                        removed += 1;
+                    }
+                }
                 ObjectKind::RunDir => {
                     if Path::new(&obj.name).exists() {
                         std::fs::remove_dir_all(&obj.name).map_err(|source| {
@@ -497,6 +572,15 @@ impl Manager {
             .collect();
         report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
         report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned);
+        if let Ok(net) = &self.net {
+            for obj in net.list_owned().await? {
+                if let Some(id) = obj.sandbox_id().filter(|id| !owned.iter().any(|o| o == id)) {
+                    tracing::warn!(%id, "removing a sandbox network no sandbox owns");
+                    net.destroy(id).await?;
+                    report.removed_networks += 1;
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -525,6 +609,17 @@ impl Manager {
                 .map_err(|e| chain(&e))?;
         }
         Ok(())
+    }
+}
+
+/// The record of a sandbox's network (named by the sandbox id).
+fn netns_object(id: &str, confirmed: bool) -> HostObject {
+    HostObject {
+        sandbox_id: id.to_string(),
+        kind: ObjectKind::Netns,
+        name: id.to_string(),
+        detail: String::new(),
+        confirmed,
     }
 }
 

@@ -9,9 +9,9 @@ use std::{
 use hutch_image::Image;
 use hutch_protocol::{
     host::{Channel, ChannelError},
-    Setup,
+    NetworkConfig, Setup,
 };
-use hutch_vmm::{Lifetime, Vm, VmSpec, Vmm, VmmError};
+use hutch_vmm::{Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
 use rand::RngCore;
 
 /// How long a clean shutdown through the agent may take before the VM is killed.
@@ -68,6 +68,8 @@ pub struct BootOptions {
     pub boot_timeout: Duration,
     /// Whether the VM outlives this process (the daemon), to be adopted after a restart.
     pub detached: bool,
+    /// A network device backed by this TAP, and the configuration the guest gives it.
+    pub network: Option<(Nic, NetworkConfig)>,
 }
 
 /// A fresh sandbox id: `sb-` and 10 random hex digits.
@@ -104,8 +106,18 @@ impl Sandbox {
                 Lifetime::Owned
             },
         };
-        let vm = vmm.start(&spec).await.map_err(SandboxError::Start)?;
+        let nic = opts.network.as_ref().map(|(nic, _)| nic);
+        let vm = vmm
+            .start_with_nic(&spec, nic)
+            .await
+            .map_err(SandboxError::Start)?;
         let mut sandbox = Sandbox::attach(&opts.id, vm, opts.boot_timeout).await?;
+        if let Some((_, config)) = &opts.network {
+            if let Err(e) = sandbox.channel.network(config.clone()).await {
+                let _ = sandbox.destroy().await;
+                return Err(SandboxError::Channel(e));
+            }
+        }
         sandbox.boot_time = started.elapsed();
         Ok(sandbox)
     }

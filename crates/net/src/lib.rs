@@ -47,6 +47,8 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute,
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+#[cfg(feature = "testbed")]
+pub mod testbed;
 pub use events::{EventRing, EventSink, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict};
 pub use filter::{first_nameserver, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TTL};
 pub use names::{validate_id, Names};

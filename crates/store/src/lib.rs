@@ -50,6 +50,8 @@ pub enum ObjectKind {
     VmProcess,
     /// The VM's private run directory: `name` is the path.
     RunDir,
+    /// The sandbox's network (netns, veth, TAP, nft tables): `name` is the sandbox id.
+    Netns,
 }
 
 impl ObjectKind {
@@ -57,6 +59,7 @@ impl ObjectKind {
         match self {
             ObjectKind::VmProcess => "vm-process",
             ObjectKind::RunDir => "run-dir",
+            ObjectKind::Netns => "netns",
         }
     }
 
@@ -64,6 +67,7 @@ impl ObjectKind {
         match s {
             "vm-process" => Some(ObjectKind::VmProcess),
             "run-dir" => Some(ObjectKind::RunDir),
+            "netns" => Some(ObjectKind::Netns),
             _ => None,
         }
     }
@@ -124,6 +128,8 @@ pub trait Store: Send + Sync {
     fn by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets a sandbox's state.
     fn set_state(&self, id: &str, state: &SandboxState, now_ms: i64) -> Result<(), StoreError>;
+    /// Replaces a sandbox's spec (e.g. after a policy change).
+    fn set_spec(&self, id: &str, spec: &SandboxSpec, now_ms: i64) -> Result<(), StoreError>;
     /// One sandbox.
     fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError>;
     /// Sandboxes matching `filter`, oldest first.

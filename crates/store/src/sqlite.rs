@@ -149,6 +149,15 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_spec(&self, id: &str, spec: &SandboxSpec, now_ms: i64) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(spec).expect("spec serializes");
+        self.conn().execute(
+            "UPDATE sandboxes SET spec = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, spec, now_ms],
+        )?;
+        Ok(())
+    }
+
     fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1");

@@ -36,6 +36,40 @@ pub struct SandboxSpec {
     /// Destroy the sandbox this many seconds after creation.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// What the sandbox may reach on the network.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+}
+
+/// A sandbox's egress policy. Whatever it says, the host, private and link-local ranges,
+/// cloud metadata and other sandboxes stay unreachable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetworkPolicy {
+    /// No network device at all.
+    #[default]
+    None,
+    /// Every public address.
+    Open,
+    /// Only these destinations.
+    Allow {
+        /// Allowed networks, e.g. `203.0.113.0/24`.
+        #[serde(default)]
+        cidrs: Vec<String>,
+        /// Allowed ports; empty means any.
+        #[serde(default)]
+        ports: Vec<u16>,
+        /// Allowed names: exact or `*.suffix`; reachable once resolved through Hutch's DNS.
+        #[serde(default)]
+        domains: Vec<String>,
+    },
+}
+
+impl NetworkPolicy {
+    /// Whether the sandbox gets a network device.
+    pub fn has_nic(&self) -> bool {
+        !matches!(self, NetworkPolicy::None)
+    }
 }
 
 fn default_image() -> String {
@@ -61,6 +95,7 @@ impl Default for SandboxSpec {
             env: BTreeMap::new(),
             labels: Labels::new(),
             ttl_secs: None,
+            network: NetworkPolicy::None,
         }
     }
 }

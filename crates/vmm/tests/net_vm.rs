@@ -13,15 +13,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{pids_named, skip};
-use hutch_net::{in_netns, NetConfig, Network, OwnedObject, Policy, SandboxNet};
+use hutch_net::testbed::{World, INET, LAN, METADATA};
+use hutch_net::{Network, OwnedObject, Policy, SandboxNet};
 use hutch_protocol::{
     host::{Channel, ExecEvent},
     ExecRequest, ExitStatus, NetworkConfig, Setup,
@@ -30,19 +30,6 @@ use hutch_vmm::{kill_recorded, Accel, Lifetime, Nic, QemuVmm, Vm, VmSpec, Vmm};
 
 /// TCG boots are slow, and tests run in parallel on small hosts.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-
-const INET: &str = "203.0.113.10";
-const LAN: &str = "192.168.77.10";
-const METADATA: &str = "169.254.169.254";
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn sh_out(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -73,111 +60,6 @@ fn prerequisites() -> Result<hutch_image::Image, String> {
         .map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from);
     hutch_image::open(&home.join("images"), "default")
         .map_err(|e| format!("no default image in {}: {e}", home.display()))
-}
-
-/// The test's namespaces; removed on drop with everything of the sandbox, even after a failed
-/// assert.
-struct World {
-    host: String,
-    inet: String,
-    lan: String,
-    sandbox: String,
-}
-
-impl World {
-    fn new(tag: &str) -> World {
-        let w = World {
-            host: format!("nv-h-{tag}"),
-            inet: format!("nv-i-{tag}"),
-            lan: format!("nv-l-{tag}"),
-            sandbox: format!("nv-{tag}"),
-        };
-        let (h, i, l) = (w.host.as_str(), w.inet.as_str(), w.lan.as_str());
-        for n in [h, i, l] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        let ip = |ns: &str, rest: &str| {
-            let mut args = vec!["ip", "-n", ns];
-            args.extend(rest.split_whitespace());
-            sh(&args);
-        };
-        ip(
-            h,
-            &format!("link add nv-up type veth peer name nv-upi netns {i}"),
-        );
-        ip(h, "addr add 198.51.100.1/24 dev nv-up");
-        ip(h, "link set nv-up up");
-        ip(i, "addr add 198.51.100.2/24 dev nv-upi");
-        ip(i, "link set nv-upi up");
-        for a in [INET, METADATA] {
-            ip(i, &format!("addr add {a}/32 dev lo"));
-        }
-        ip(h, "route add default via 198.51.100.2");
-        ip(
-            h,
-            &format!("link add nv-lan type veth peer name nv-lanl netns {l}"),
-        );
-        ip(h, "addr add 192.168.77.1/24 dev nv-lan");
-        ip(h, "link set nv-lan up");
-        ip(l, "addr add 192.168.77.10/24 dev nv-lanl");
-        ip(l, "link set nv-lanl up");
-        ip(l, "route add default via 192.168.77.1");
-        http(i, 8080, "inet");
-        http(i, 80, "metadata");
-        http(l, 8080, "lan");
-        w
-    }
-
-    fn cfg(&self) -> NetConfig {
-        NetConfig {
-            host_netns: Some(self.host.clone()),
-            ..NetConfig::default()
-        }
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        for n in [
-            format!("hutch-{}", self.sandbox),
-            format!("hutch-{}.guest", self.sandbox),
-            self.host.clone(),
-            self.inet.clone(),
-            self.lan.clone(),
-        ] {
-            let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        }
-    }
-}
-
-/// A minimal HTTP server in namespace `ns`: reads the request head (bounded), answers `body`.
-fn http(ns: &str, port: u16, body: &'static str) {
-    let l: TcpListener = in_netns(ns, move || {
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| hutch_net::NetError::Io {
-            what: "bind".into(),
-            source: e,
-        })
-    })
-    .unwrap();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
 }
 
 /// Kills a detached VM when the test fails half-way (dropping its handle leaves it running).

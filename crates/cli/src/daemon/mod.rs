@@ -46,7 +46,8 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
         },
         boot_timeout: Duration::from_secs(args.boot_timeout),
     };
-    let manager = Manager::new(cfg, store.clone(), Arc::new(vmm));
+    let net = network(&args).await;
+    let manager = Manager::new(cfg, store.clone(), Arc::new(vmm), net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(
@@ -90,6 +91,23 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     let _ = std::fs::remove_file(&socket);
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
     Ok(0)
+}
+
+/// Sandbox networking on this host, or why it is unavailable (sandboxes asking for a network
+/// are then refused with that reason; those without one still work).
+async fn network(args: &DaemonArgs) -> Result<Arc<hutch_net::Network>, String> {
+    let cfg = hutch_net::NetConfig {
+        host_netns: args.net_host_netns.clone(),
+        ..Default::default()
+    };
+    match hutch_net::Network::new(cfg).await {
+        Ok(net) => Ok(Arc::new(net)),
+        Err(e) => {
+            let why = hutch_core::chain(&e);
+            eprintln!("hutch daemon: sandbox networking unavailable: {why}");
+            Err(why)
+        }
+    }
 }
 
 /// Binds the Unix socket with mode 0660, replacing a stale socket file but never a live one.

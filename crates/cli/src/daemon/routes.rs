@@ -10,13 +10,13 @@ use axum::{
     response::IntoResponse,
     Extension, Json, Router,
 };
-use hutch_api::{ApiError, CreateSandbox, ExecBody, ExecResult, JSON_EXEC_OUTPUT_LIMIT};
+use hutch_api::{ApiError, CreateSandbox, ExecBody, ExecResult, NetEvent, JSON_EXEC_OUTPUT_LIMIT};
 use hutch_protocol::{
     host::{Channel, ExecEvent},
     ExecRequest, ExitInfo, ExitStatus,
 };
 use hutch_store::ListFilter;
-use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -49,6 +49,8 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(resume))
         .routes(routes!(stop))
         .routes(routes!(console))
+        .routes(routes!(set_network))
+        .routes(routes!(network_log))
         .routes(routes!(files::put_file, files::get_file))
         .routes(routes!(files::put_archive, files::get_archive))
 }
@@ -271,6 +273,62 @@ async fn console(
     Ok(state.manager.console_log(&id)?)
 }
 
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network", request_body = NetworkPolicy,
+    params(("id" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 409, body = ApiError)))]
+async fn set_network(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+    body: std::result::Result<Json<NetworkPolicy>, JsonRejection>,
+) -> Result<Json<SandboxInfo>> {
+    let policy = json(body)?;
+    authorize(&state, &scope, &id)?;
+    let manager = state.manager.clone();
+    Ok(Json(
+        completed(async move { manager.set_network(&id, policy).await }).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/network/log", tag = "network",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Vec<NetEvent>)))]
+async fn network_log(
+    State(state): AppStateRef,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<NetEvent>>> {
+    authorize(&state, &scope, &id)?;
+    let events = state.manager.network_events(&id)?;
+    Ok(Json(events.into_iter().map(net_event).collect()))
+}
+
+/// The API form of a flow decision.
+fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
+    let time_ms = e
+        .time
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    NetEvent {
+        time_ms,
+        proto: match e.proto {
+            hutch_net::Proto::Tcp => "tcp".into(),
+            hutch_net::Proto::Udp => "udp".into(),
+            hutch_net::Proto::Icmp => "icmp".into(),
+            hutch_net::Proto::Other(n) => n.to_string(),
+        },
+        dst: e.dst.to_string(),
+        dst_port: e.dst_port,
+        domain: e.domain,
+        verdict: match e.verdict {
+            hutch_net::Verdict::Allow => "allow".into(),
+            hutch_net::Verdict::Deny => "deny".into(),
+        },
+        rule: e.rule.as_str().into(),
+    }
+}
+
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = ExecBody,
     params(("id" = String, Path)),
     responses((status = 200, body = ExecResult), (status = 422, description = "command could not start", body = ApiError)))]
@@ -422,6 +480,8 @@ mod tests {
         ("post", "/v1/sandboxes/{id}/resume"),
         ("post", "/v1/sandboxes/{id}/stop"),
         ("get", "/v1/sandboxes/{id}/console"),
+        ("put", "/v1/sandboxes/{id}/network"),
+        ("get", "/v1/sandboxes/{id}/network/log"),
         ("put", "/v1/sandboxes/{id}/files"),
         ("get", "/v1/sandboxes/{id}/files"),
         ("put", "/v1/sandboxes/{id}/archive"),
@@ -445,7 +505,7 @@ mod tests {
             "/nonexistent".into(),
             hutch_vmm::Accel::Tcg,
         ));
-        let manager = Manager::new(cfg, store.clone(), vmm);
+        let manager = Manager::new(cfg, store.clone(), vmm, Err("not in unit tests".into()));
         (dir, Arc::new(AppState { manager, store }))
     }
 
@@ -487,10 +547,10 @@ mod tests {
                 .method(method.to_uppercase().as_str())
                 .uri(uri)
                 .header("content-type", "application/json")
-                .body(Body::from(if *path == "/v1/sandboxes" {
-                    "{\"cpus\":0}"
-                } else {
-                    "{\"argv\":[\"true\"]}"
+                .body(Body::from(match *path {
+                    "/v1/sandboxes" => "{\"cpus\":0}",
+                    p if p.ends_with("/network") => "{\"mode\":\"open\"}",
+                    _ => "{\"argv\":[\"true\"]}",
                 }))
                 .unwrap();
             let resp = app.clone().oneshot(req).await.unwrap();
