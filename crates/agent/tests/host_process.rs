@@ -23,7 +23,8 @@ impl Drop for Agent {
     }
 }
 
-async fn agent() -> Agent {
+/// Starts the agent binary serving one end of a socket pair; returns it and the other end.
+fn spawn_agent() -> (Child, tokio::net::UnixStream) {
     let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = guest.as_raw_fd();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
@@ -40,7 +41,11 @@ async fn agent() -> Agent {
     let child = cmd.spawn().unwrap();
     drop(guest);
     host.set_nonblocking(true).unwrap();
-    let stream = tokio::net::UnixStream::from_std(host).unwrap();
+    (child, tokio::net::UnixStream::from_std(host).unwrap())
+}
+
+async fn agent() -> Agent {
+    let (child, stream) = spawn_agent();
     let channel = std::sync::Arc::new(Channel::connect(stream).await.unwrap());
     Agent { child, channel }
 }
@@ -307,23 +312,8 @@ impl RawHost {
 #[tokio::test]
 async fn a_second_hello_starts_over_and_kills_the_old_hosts_processes() {
     use hutch_protocol::{GuestMsg, HostMsg};
-    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
-    let fd = guest.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
-    cmd.args(["--serve-fd", "3"]);
-    // SAFETY: dup2 is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let agent = cmd.spawn().unwrap();
-    drop(guest);
-    host.set_nonblocking(true).unwrap();
-    let (rd, wr) = tokio::net::UnixStream::from_std(host).unwrap().into_split();
+    let (agent, stream) = spawn_agent();
+    let (rd, wr) = stream.into_split();
     let mut h = RawHost {
         _agent: agent,
         reader: hutch_protocol::FrameReader::new(rd),

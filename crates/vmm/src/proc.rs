@@ -2,7 +2,9 @@
 //! (pid, start time) pair never reaches a recycled pid.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::process::Child;
 
 use crate::VmmError;
 
@@ -140,6 +142,71 @@ pub fn kill_recorded(pid: u32, start_time: u64) -> Result<bool, VmmError> {
     }
     fd.reap();
     Ok(true)
+}
+
+/// A VMM process: our child, or a pidfd (adopted after a restart, or a jailed Firecracker that
+/// is the jailer's child in its own PID namespace). Either way, signals reach exactly it.
+pub(crate) enum Proc {
+    /// Spawned by us.
+    Child(Child),
+    /// Known by pidfd.
+    Pid(PidFd),
+}
+
+impl Proc {
+    pub(crate) fn running(&mut self) -> bool {
+        match self {
+            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Proc::Pid(p) => !p.exited(),
+        }
+    }
+
+    /// SIGKILL, exactly to this process (an unreaped child or a pidfd cannot hit a recycled pid).
+    pub(crate) fn kill(&mut self) {
+        let _ = match self {
+            Proc::Child(c) => c.start_kill(),
+            Proc::Pid(p) => p.kill(),
+        };
+    }
+
+    /// Waits up to `limit` for the process to exit, and reaps it if it is our child.
+    pub(crate) async fn wait(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
+            Proc::Pid(p) => {
+                let deadline = Instant::now() + limit;
+                while !p.exited() {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                p.reap();
+                true
+            }
+        }
+    }
+
+    /// As [`Proc::wait`], blocking the thread (for `Drop`).
+    pub(crate) fn wait_blocking(&mut self, limit: Duration) -> bool {
+        match self {
+            Proc::Child(c) => {
+                let deadline = Instant::now() + limit;
+                while matches!(c.try_wait(), Ok(None)) {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                true
+            }
+            Proc::Pid(p) => {
+                let exited = p.wait_exit(limit);
+                p.reap();
+                exited
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 use crate::console::spawn_copier;
-use crate::proc::PidFd;
+use crate::proc::{PidFd, Proc};
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
 use crate::{find_qemu, validate_id, Accel, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
@@ -649,7 +649,7 @@ impl Vmm for QemuVmm {
             accel,
             lifetime: Lifetime::Detached,
             paths,
-            proc: Mutex::new(Some(Proc::Adopted(pidfd))),
+            proc: Mutex::new(Some(Proc::Pid(pidfd))),
             tasks: Mutex::new(vec![copier]),
             stderr: StderrTail::default(),
         }))
@@ -685,68 +685,6 @@ fn write_identity(paths: &RunPaths, id: &str, pid: u32, start_time: u64) -> Resu
         std::fs::rename(&tmp, &paths.identity)
     };
     write().map_err(|e| VmmError::io("write", &paths.identity, e))
-}
-
-/// The VMM process of a [`QemuVm`]: our child, or a pidfd for an adopted one.
-enum Proc {
-    Child(Child),
-    Adopted(PidFd),
-}
-
-impl Proc {
-    fn running(&mut self) -> bool {
-        match self {
-            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
-            Proc::Adopted(p) => !p.exited(),
-        }
-    }
-
-    /// SIGKILL, exactly to this process (an unreaped child or a pidfd cannot hit a recycled pid).
-    fn kill(&mut self) {
-        let _ = match self {
-            Proc::Child(c) => c.start_kill(),
-            Proc::Adopted(p) => p.kill(),
-        };
-    }
-
-    /// Waits up to `limit` for the process to exit, and reaps it if it is our child.
-    async fn wait(&mut self, limit: Duration) -> bool {
-        match self {
-            Proc::Child(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
-            Proc::Adopted(p) => {
-                let deadline = Instant::now() + limit;
-                while !p.exited() {
-                    if Instant::now() >= deadline {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                p.reap();
-                true
-            }
-        }
-    }
-
-    /// As [`Proc::wait`], blocking the thread (for `Drop`).
-    fn wait_blocking(&mut self, limit: Duration) -> bool {
-        match self {
-            Proc::Child(c) => {
-                let deadline = Instant::now() + limit;
-                while matches!(c.try_wait(), Ok(None)) {
-                    if Instant::now() >= deadline {
-                        return false;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                true
-            }
-            Proc::Adopted(p) => {
-                let exited = p.wait_exit(limit);
-                p.reap();
-                exited
-            }
-        }
-    }
 }
 
 /// A VM run (or adopted) by [`QemuVmm`].

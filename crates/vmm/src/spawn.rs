@@ -55,40 +55,7 @@ pub(crate) fn spawn(
             });
         }
     }
-    match lifetime {
-        Lifetime::Owned => {
-            cmd.stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .process_group(0);
-            let parent = std::process::id() as libc::pid_t;
-            // SAFETY: runs between fork and exec and only makes async-signal-safe syscalls.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent may have died between fork and prctl: then nobody will ever
-                    // kill us.
-                    if libc::getppid() != parent {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                    Ok(())
-                });
-            }
-        }
-        Lifetime::Detached => {
-            cmd.stdout(Stdio::null());
-            // SAFETY: as above.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setsid() < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-    }
+    apply_lifetime(&mut cmd, lifetime);
     cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             VmmError::QemuNotFound
@@ -153,6 +120,46 @@ pub(crate) fn condense(text: &str) -> String {
         out.push_str("no output on stderr");
     }
     out
+}
+
+/// Ties a VMM process's life to `lifetime`: an owned one dies with the process that spawned it
+/// (death signal, its own process group, killed when its handle drops) and its stdout is piped
+/// for the console; a detached one gets its own session and outlives us.
+pub(crate) fn apply_lifetime(cmd: &mut tokio::process::Command, lifetime: Lifetime) {
+    match lifetime {
+        Lifetime::Owned => {
+            cmd.stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .process_group(0);
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: runs between fork and exec and only makes async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died between fork and prctl: then nobody will ever
+                    // kill us.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Lifetime::Detached => {
+            cmd.stdout(Stdio::null());
+            // SAFETY: as above.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
 }
 
 #[cfg(test)]

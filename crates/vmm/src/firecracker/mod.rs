@@ -46,7 +46,7 @@ pub use jailer::{detect_cgroup_version, CgroupVersion, JailerConfig};
 pub use vsock::connect_hybrid_vsock;
 
 use crate::console::spawn_copier;
-use crate::proc::PidFd;
+use crate::proc::{PidFd, Proc};
 use crate::spawn::{condense, StderrTail};
 use crate::{validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError, CONSOLE_LOG_LIMIT};
 
@@ -628,38 +628,7 @@ fn spawn_vmm(
 ) -> Result<Child, VmmError> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
-    match lifetime {
-        Lifetime::Owned => {
-            cmd.stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .process_group(0);
-            let parent = std::process::id() as libc::pid_t;
-            // SAFETY: runs between fork and exec and only makes async-signal-safe syscalls.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                    Ok(())
-                });
-            }
-        }
-        Lifetime::Detached => {
-            cmd.stdout(Stdio::null());
-            // SAFETY: as above.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setsid() < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-    }
+    crate::spawn::apply_lifetime(&mut cmd, lifetime);
     cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             let env = if what == "jailer" {
@@ -760,68 +729,6 @@ impl Drop for RunDirGuard {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
             let _ = std::fs::remove_dir_all(&dir);
-        }
-    }
-}
-
-/// The Firecracker process: our child (direct), or a pidfd (jailed: the jailer's child in its
-/// own PID namespace; or adopted).
-enum Proc {
-    Child(Child),
-    Pid(PidFd),
-}
-
-impl Proc {
-    fn running(&mut self) -> bool {
-        match self {
-            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
-            Proc::Pid(p) => !p.exited(),
-        }
-    }
-
-    /// SIGKILL, exactly to this process (an unreaped child or a pidfd cannot hit a recycled pid).
-    fn kill(&mut self) {
-        let _ = match self {
-            Proc::Child(c) => c.start_kill(),
-            Proc::Pid(p) => p.kill(),
-        };
-    }
-
-    /// Waits up to `limit` for the process to exit, and reaps it if it is our child.
-    async fn wait(&mut self, limit: Duration) -> bool {
-        match self {
-            Proc::Child(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
-            Proc::Pid(p) => {
-                let deadline = Instant::now() + limit;
-                while !p.exited() {
-                    if Instant::now() >= deadline {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                p.reap();
-                true
-            }
-        }
-    }
-
-    fn wait_blocking(&mut self, limit: Duration) -> bool {
-        match self {
-            Proc::Child(c) => {
-                let deadline = Instant::now() + limit;
-                while matches!(c.try_wait(), Ok(None)) {
-                    if Instant::now() >= deadline {
-                        return false;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                true
-            }
-            Proc::Pid(p) => {
-                let exited = p.wait_exit(limit);
-                p.reap();
-                exited
-            }
         }
     }
 }
