@@ -209,6 +209,42 @@ impl Proc {
     }
 }
 
+/// What dropping a VM handle does first: stops its background tasks; for an owned VM, SIGKILLs
+/// and reaps its process (up to 2 s). Returns whether the caller should go on removing the VM's
+/// files (owned) or leave everything to a later adopter (detached). An un-waited detached tokio
+/// child is reaped by tokio once it exits.
+pub(crate) fn release_on_drop(
+    id: &str,
+    pid: u32,
+    lifetime: crate::Lifetime,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    proc: Option<Proc>,
+) -> bool {
+    for t in tasks.drain(..) {
+        t.abort();
+    }
+    if lifetime == crate::Lifetime::Detached {
+        return false;
+    }
+    if let Some(mut proc) = proc {
+        if proc.running() {
+            tracing::warn!(%id, pid, "VM dropped without destroy: killing it");
+            proc.kill();
+            proc.wait_blocking(Duration::from_secs(2));
+        }
+    }
+    true
+}
+
+/// Removes a VM's run dir; one already gone is fine.
+pub(crate) fn remove_run_dir(dir: &std::path::Path) -> Result<(), VmmError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::io("remove run dir", dir, e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

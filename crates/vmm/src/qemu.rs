@@ -42,7 +42,7 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 use crate::console::spawn_copier;
-use crate::proc::{PidFd, Proc};
+use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
 use crate::{find_qemu, validate_id, Accel, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
@@ -857,11 +857,7 @@ impl Vm for QemuVm {
                 abort.abort();
             }
         }
-        match std::fs::remove_dir_all(&self.paths.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VmmError::io("remove run dir", &self.paths.dir, e)),
-        }
+        remove_run_dir(&self.paths.dir)
     }
 }
 
@@ -869,29 +865,14 @@ impl Drop for QemuVm {
     /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the run dir.
     /// Detached: releases the handle only (stops copying the console); the VM keeps running.
     fn drop(&mut self) {
-        for t in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
+        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
         let proc = self
             .proc
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if self.lifetime == Lifetime::Detached {
-            // An un-waited tokio Child (no kill_on_drop) is reaped by tokio once it exits.
+        if !release_on_drop(&self.id, self.pid, self.lifetime, tasks, proc) {
             return;
-        }
-        if let Some(mut proc) = proc {
-            if proc.running() {
-                tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
-                proc.kill();
-                proc.wait_blocking(Duration::from_secs(2));
-            }
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
     }

@@ -46,7 +46,7 @@ pub use jailer::{detect_cgroup_version, CgroupVersion, JailerConfig};
 pub use vsock::connect_hybrid_vsock;
 
 use crate::console::spawn_copier;
-use crate::proc::{PidFd, Proc};
+use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
 use crate::spawn::{condense, StderrTail};
 use crate::{validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError, CONSOLE_LOG_LIMIT};
 
@@ -1052,11 +1052,7 @@ impl Vm for FirecrackerVm {
         if let Some(j) = &self.identity.jail {
             remove_jail(j);
         }
-        match std::fs::remove_dir_all(&self.paths.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VmmError::io("remove run dir", &self.paths.dir, e)),
-        }
+        remove_run_dir(&self.paths.dir)
     }
 }
 
@@ -1064,28 +1060,14 @@ impl Drop for FirecrackerVm {
     /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the jail and the
     /// run dir. Detached: releases the handle only.
     fn drop(&mut self) {
-        for t in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
+        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
         let proc = self
             .proc
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if self.lifetime == Lifetime::Detached {
+        if !release_on_drop(&self.id, self.pid, self.lifetime, tasks, proc) {
             return;
-        }
-        if let Some(mut proc) = proc {
-            if proc.running() {
-                tracing::warn!(id = %self.id, pid = self.pid, "VM dropped without destroy: killing it");
-                proc.kill();
-                proc.wait_blocking(Duration::from_secs(2));
-            }
         }
         if let Some(j) = &self.identity.jail {
             remove_jail(j);
