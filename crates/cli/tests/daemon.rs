@@ -161,14 +161,13 @@ fn trials() -> Vec<libtest_mimic::Trial> {
 
 // ---------------------------------------------------------------- helpers
 
+/// [`common::on_rt`] on this suite's runtime.
 fn on_rt<F, T>(f: F) -> T
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    suite()
-        .rt
-        .block_on(async { tokio::spawn(f).await.expect("case task panicked") })
+    common::on_rt(&suite().rt, f)
 }
 
 fn spec(labels: &[(&str, &str)]) -> CreateSandbox {

@@ -151,15 +151,13 @@ fn trials() -> Vec<libtest_mimic::Trial> {
 
 // ---------------------------------------------------------------- helpers
 
-/// Runs a future on the suite's runtime (on a worker thread, so VMs outlive nothing).
+/// [`common::on_rt`] on this suite's runtime.
 fn on_rt<F, T>(f: F) -> T
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    suite()
-        .rt
-        .block_on(async { tokio::spawn(f).await.expect("case task panicked") })
+    common::on_rt(&suite().rt, f)
 }
 
 /// Runs `req` and collects stdout, stderr and the exit.

@@ -14,6 +14,16 @@ macro_rules! trials {
     };
 }
 
+/// Runs `f` to completion as a task on `rt`, so it (and any VM it starts) lives on a runtime
+/// worker thread rather than the test's own thread (a VM dies with the thread that spawned it).
+pub fn on_rt<F, T>(rt: &tokio::runtime::Runtime, f: F) -> T
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    rt.block_on(async { tokio::spawn(f).await.expect("case task panicked") })
+}
+
 /// `Ok` if `cond`, else a failure with `msg`.
 pub fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
     if cond {
