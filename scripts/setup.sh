@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Host packages: the VMM, the image pipeline's tools, and the Debian archive key.
-packages=(qemu-system-x86 debootstrap e2fsprogs dpkg apt debian-archive-keyring ca-certificates xz-utils zstd nftables iproute2)
+packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs dpkg apt debian-archive-keyring ca-certificates xz-utils zstd nftables iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

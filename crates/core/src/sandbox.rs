@@ -11,7 +11,7 @@ use hutch_protocol::{
     host::{Channel, ChannelError},
     NetworkConfig, Setup,
 };
-use hutch_vmm::{Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
+use hutch_vmm::{GuestMemory, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
 use rand::RngCore;
 
 /// How long a clean shutdown through the agent may take before the VM is killed.
@@ -105,6 +105,7 @@ impl Sandbox {
             } else {
                 Lifetime::Owned
             },
+            memory: GuestMemory::Anonymous,
         };
         let nic = opts.network.as_ref().map(|(nic, _)| nic);
         let vm = vmm

@@ -37,6 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             run_dir: dir.join("vm"),
             extra_cmdline: vec![],
             lifetime: Lifetime::Owned,
+            memory: hutch_vmm::GuestMemory::Anonymous,
         })
         .await?;
     println!("pid {} console {}", vm.pid(), vm.console_log().display());

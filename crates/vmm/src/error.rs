@@ -26,6 +26,19 @@ pub enum VmmError {
         why: &'static str,
     },
 
+    /// The backend cannot do this.
+    #[error("this VMM backend does not support {0}")]
+    Unsupported(&'static str),
+
+    /// Saving or restoring a snapshot failed.
+    #[error("snapshot of VM {id} failed: {detail}")]
+    Snapshot {
+        /// The VM.
+        id: String,
+        /// What went wrong.
+        detail: String,
+    },
+
     /// Some other field of the spec is unusable.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),

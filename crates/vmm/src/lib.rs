@@ -28,6 +28,7 @@ mod probe;
 mod proc;
 mod qemu;
 mod qmp;
+mod snapshot;
 mod spawn;
 pub mod timer;
 
@@ -49,6 +50,7 @@ pub use proc::kill_recorded;
 pub use qemu::{
     format_mac, QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, NIC_NETDEV_ID, SCRATCH_LABEL,
 };
+pub use snapshot::copy_sparse;
 
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +82,79 @@ pub struct VmSpec {
     /// Whether the VM dies with the process that started it ([`Lifetime::Owned`], for `hutch
     /// run`) or outlives it ([`Lifetime::Detached`], for the daemon).
     pub lifetime: Lifetime,
+    /// Where the guest's RAM lives.
+    pub memory: GuestMemory,
+}
+
+/// Where a VM's guest RAM lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMemory {
+    /// Anonymous memory private to the VMM process. A snapshot of such a VM carries its RAM.
+    #[default]
+    Anonymous,
+    /// A file the caller owns (e.g. on `/dev/shm`), created if missing and mapped shared: what
+    /// the guest writes lands in the file. A template boots this way so that its snapshot can
+    /// leave RAM out, and its clones map the file copy-on-write instead of copying it. The VM
+    /// never removes the file.
+    SharedFile(PathBuf),
+}
+
+/// Where a snapshot keeps the guest's RAM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotMemory {
+    /// Inside the state file: each restore reads (copies) it.
+    InState,
+    /// In this file (the VM's [`GuestMemory::SharedFile`]), which must stay unchanged while
+    /// the snapshot is in use: each restore maps it private, copy-on-write, so clones share the
+    /// pages none of them has written.
+    File(PathBuf),
+}
+
+/// A VM saved by [`Vm::snapshot`], restorable any number of times by [`Vmm::restore`].
+///
+/// Its files live in [`Snapshot::dir`], owned by the caller: `vmstate` (device state, and the
+/// RAM for [`SnapshotMemory::InState`]), `disk` (the writable disk as it was, never written
+/// again: restores put a copy-on-write overlay over it) and `snapshot.json` (this record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The backend that wrote it (only the same backend restores it).
+    pub backend: String,
+    /// The directory holding its files.
+    pub dir: PathBuf,
+    /// Where the guest RAM is.
+    pub memory: SnapshotMemory,
+    /// vCPUs: a restore must ask for the same.
+    pub cpus: u8,
+    /// Guest memory in MiB: a restore must ask for the same.
+    pub memory_mib: u32,
+    /// The MAC of the guest's NIC, if it had one: a restore must give it a NIC with this MAC.
+    pub nic_mac: Option<[u8; 6]>,
+    /// The format of `disk` (`raw` or `qcow2`), `None` when the VM had no writable disk.
+    pub disk_format: Option<String>,
+}
+
+impl Snapshot {
+    /// The name of the record inside a snapshot's directory.
+    pub const RECORD: &'static str = "snapshot.json";
+
+    /// Reads the record a snapshot left in `dir`.
+    pub fn load(dir: &Path) -> Result<Snapshot, VmmError> {
+        let path = dir.join(Self::RECORD);
+        let bytes = std::fs::read(&path).map_err(|e| VmmError::io("read", &path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            VmmError::InvalidSpec(format!("{} is not a snapshot record: {e}", path.display()))
+        })
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("vmstate")
+    }
+
+    /// The frozen writable disk.
+    pub fn disk_file(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
 }
 
 /// A network interface for the guest: a TAP device the caller opened (e.g. inside the sandbox's
@@ -182,6 +257,23 @@ pub trait Vmm: Send + Sync {
     /// pid is never mistaken for it. Fails with [`VmmError::Gone`] if the VM is not running.
     /// The returned handle is detached: dropping it releases it, [`Vm::destroy`] removes the VM.
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Starts a VM from `snapshot` instead of booting: `spec` gives its new id, run dir and
+    /// lifetime, and must name the same kernel, initrd, rootfs, vCPUs and memory as the VM the
+    /// snapshot came from (`spec.memory` and `spec.scratch_disk_mib` are ignored: the RAM and
+    /// disk come from the snapshot). The VM gets its own copy-on-write overlay of the
+    /// snapshot's disk in its run dir, and comes back **paused**, exactly as it was saved:
+    /// call [`Vm::resume`], then give the guest a fresh identity. `nic` must carry the
+    /// snapshot's MAC. On error nothing is left behind.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+        snapshot: &Snapshot,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        let _ = (spec, nic, snapshot);
+        Err(VmmError::Unsupported("restoring snapshots"))
+    }
 }
 
 /// A running VM, held by exactly one holder.
@@ -229,6 +321,14 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
 
     /// Whether the guest is paused, as QEMU reports it (`query-status`).
     async fn is_paused(&self) -> Result<bool, VmmError>;
+
+    /// Saves the **paused** VM into `dir` (created; must not exist) and leaves it paused. See
+    /// [`Snapshot`] for what is written; RAM is left out when the VM's memory is a
+    /// [`GuestMemory::SharedFile`]. On error `dir` is removed.
+    async fn snapshot(&self, dir: &Path) -> Result<Snapshot, VmmError> {
+        let _ = dir;
+        Err(VmmError::Unsupported("snapshots"))
+    }
 
     /// Stops the VM (a clean QMP `quit`, then SIGKILL by pid), reaps its process and removes its
     /// `run_dir`.

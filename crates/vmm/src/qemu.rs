@@ -43,9 +43,15 @@ use tokio::task::JoinHandle;
 
 use crate::console::spawn_copier;
 use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
+use crate::snapshot::{
+    copy_sparse, create_dir, freeze, make_overlay, receive_stream, send_file, write_record,
+};
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
-use crate::{find_qemu, validate_id, Accel, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
+use crate::{
+    find_qemu, validate_id, Accel, GuestMemory, Lifetime, Nic, Snapshot, SnapshotMemory, Vm,
+    VmSpec, Vmm, VmmError,
+};
 
 /// The virtio-serial port name the guest agent looks for (`/sys/class/virtio-ports/*/name`).
 pub const CHANNEL_PORT_NAME: &str = "hutch.0";
@@ -73,6 +79,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a QMP `stop`/`cont`/`query-status` may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long saving or loading a snapshot's state may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a SIGKILLed process may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `mkfs.ext4` may take.
@@ -134,6 +142,8 @@ pub(crate) struct RunPaths {
     pub pidfile: PathBuf,
     pub identity: PathBuf,
     pub scratch: PathBuf,
+    pub overlay: PathBuf,
+    pub migrate: PathBuf,
 }
 
 impl RunPaths {
@@ -147,9 +157,11 @@ impl RunPaths {
             pidfile: dir.join("qemu.pid"),
             identity: dir.join("identity.json"),
             scratch: dir.join("scratch.ext4"),
+            overlay: dir.join("scratch.qcow2"),
+            migrate: dir.join("migrate.sock"),
             dir,
         };
-        for sock in [&p.channel, &p.qmp, &p.console_sock] {
+        for sock in [&p.channel, &p.qmp, &p.console_sock, &p.migrate] {
             let len = sock.as_os_str().len();
             if len > SUN_PATH_MAX {
                 return Err(VmmError::SocketPathTooLong {
@@ -233,11 +245,12 @@ pub(crate) fn qemu_args(
     accel: Accel,
     cmdline: &str,
     nic: Option<(RawFd, [u8; 6])>,
+    restore: Option<&Snapshot>,
 ) -> Result<Vec<String>, VmmError> {
     let mut a: Vec<String> = Vec::with_capacity(64);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("hutch-{}", spec.id)]);
-    push(&["-M", "microvm,acpi=on"]);
+    push(&["-M", "microvm,acpi=on,memory-backend=ram"]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     push(&["-sandbox", SANDBOX]);
     push(&accel_args(accel));
@@ -247,6 +260,7 @@ pub(crate) fn qemu_args(
         "-m",
         &spec.memory_mib.to_string(),
     ]);
+    push(&["-object", &memory_object(spec, restore)?]);
     push(&["-kernel", &plain_path(&spec.kernel)?]);
     push(&["-initrd", &plain_path(&spec.initrd)?]);
     push(&["-append", cmdline]);
@@ -259,12 +273,19 @@ pub(crate) fn qemu_args(
         "-device",
         "virtio-blk-device,drive=root,serial=hutch-root",
     ]);
-    if spec.scratch_disk_mib > 0 {
+    let scratch = match restore {
+        Some(snap) => snap
+            .disk_format
+            .is_some()
+            .then_some((&paths.overlay, "qcow2")),
+        None => (spec.scratch_disk_mib > 0).then_some((&paths.scratch, "raw")),
+    };
+    if let Some((file, format)) = scratch {
         push(&[
             "-drive",
             &format!(
-                "id=scratch,file={},format=raw,if=none,discard=unmap",
-                opt_path(&paths.scratch)?
+                "id=scratch,file={},format={format},if=none,discard=unmap",
+                opt_path(file)?
             ),
             "-device",
             "virtio-blk-device,drive=scratch,serial=hutch-scratch",
@@ -314,7 +335,32 @@ pub(crate) fn qemu_args(
     };
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     push(&["-pidfile", &plain_path(&paths.pidfile)?]);
+    if restore.is_some() {
+        // Deferred: the x-ignore-shared capability must be set (over QMP) before the stream.
+        push(&["-incoming", "defer"]);
+    }
     Ok(a)
+}
+
+/// The `-object` backing guest RAM (always id `ram`, so every snapshot names its RAM block
+/// the same): anonymous, a shared file, or a snapshot's memory file mapped private.
+fn memory_object(spec: &VmSpec, restore: Option<&Snapshot>) -> Result<String, VmmError> {
+    let size = format!("size={}M", spec.memory_mib);
+    let file = match (restore, &spec.memory) {
+        (Some(snap), _) => match &snap.memory {
+            SnapshotMemory::File(path) => Some((path, "off")),
+            SnapshotMemory::InState => None,
+        },
+        (None, GuestMemory::SharedFile(path)) => Some((path, "on")),
+        (None, GuestMemory::Anonymous) => None,
+    };
+    Ok(match file {
+        Some((path, share)) => format!(
+            "memory-backend-file,id=ram,{size},mem-path={},share={share}",
+            opt_path(path)?
+        ),
+        None => format!("memory-backend-ram,id=ram,{size}"),
+    })
 }
 
 /// A close-on-exec duplicate of `fd` numbered 3 or above (never a standard stream).
@@ -414,20 +460,14 @@ async fn kill_and_reap(child: &mut Child) {
     let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
 }
 
-#[async_trait]
-impl Vmm for QemuVmm {
-    fn name(&self) -> &'static str {
-        "qemu"
-    }
-
-    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
-        self.start_with_nic(spec, None).await
-    }
-
-    async fn start_with_nic(
+impl QemuVmm {
+    /// Starts QEMU for `spec`: a fresh boot, or (with `restore`) an incoming migration from a
+    /// snapshot that leaves the VM paused.
+    async fn launch(
         &self,
         spec: &VmSpec,
         nic: Option<&Nic>,
+        restore: Option<&Snapshot>,
     ) -> Result<Box<dyn Vm>, VmmError> {
         validate_id(&spec.id)?;
         if let Some(nic) = nic {
@@ -466,6 +506,7 @@ impl Vmm for QemuVmm {
             self.accel,
             &cmdline,
             nic.zip(tap.as_ref()).map(|(n, fd)| (fd.as_raw_fd(), n.mac)),
+            restore,
         )?;
 
         if let Some(parent) = paths.dir.parent() {
@@ -481,8 +522,16 @@ impl Vmm for QemuVmm {
         }
         let mut guard = RunDirGuard(Some(paths.dir.clone()));
 
-        if spec.scratch_disk_mib > 0 {
-            make_scratch(&paths.scratch, spec.scratch_disk_mib).await?;
+        match restore {
+            Some(snap) => {
+                if let Some(format) = &snap.disk_format {
+                    make_overlay(&snap.disk_file(), format, &paths.overlay).await?;
+                }
+            }
+            None if spec.scratch_disk_mib > 0 => {
+                make_scratch(&paths.scratch, spec.scratch_disk_mib).await?;
+            }
+            None => {}
         }
 
         tracing::debug!(id = %spec.id, qemu = %self.qemu.display(), ?args, "starting qemu");
@@ -498,7 +547,18 @@ impl Vmm for QemuVmm {
         // The child is not reaped yet, so this pid is exactly it. 0 if it is gone already: then
         // the loop below reports why.
         let start_time = crate::proc::stat(pid).map_or(0, |s| s.start_time);
-        if let Err(e) = write_identity(&paths, &spec.id, pid, start_time) {
+        let shape = Shape {
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            nic_mac: nic.map(|n| n.mac),
+            // A restored VM's RAM is private (anonymous or a private mapping): it travels in
+            // the state of any snapshot taken of it.
+            shared_memory: match (&spec.memory, restore) {
+                (GuestMemory::SharedFile(path), None) => Some(path.clone()),
+                _ => None,
+            },
+        };
+        if let Err(e) = write_identity(&paths, &spec.id, pid, start_time, &shape) {
             kill_and_reap(&mut child).await;
             return Err(e);
         }
@@ -557,6 +617,10 @@ impl Vmm for QemuVmm {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        let ready = match (ready, restore) {
+            (Ok(()), Some(snap)) => incoming(&mut child, &paths, snap, &spec.id, &stderr).await,
+            (ready, _) => ready,
+        };
         let mut tasks = vec![stderr_task];
         tasks.extend(console_task);
         if let Err(e) = ready {
@@ -564,7 +628,7 @@ impl Vmm for QemuVmm {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(e);
         }
-        tracing::info!(id = %spec.id, pid, accel = %self.accel, lifetime = ?spec.lifetime, ms = started.elapsed().as_millis() as u64, "qemu started");
+        tracing::info!(id = %spec.id, pid, accel = %self.accel, lifetime = ?spec.lifetime, restored = restore.is_some(), ms = started.elapsed().as_millis() as u64, "qemu started");
         guard.0 = None;
         Ok(Box::new(QemuVm {
             id: spec.id.clone(),
@@ -573,10 +637,40 @@ impl Vmm for QemuVmm {
             accel: self.accel,
             lifetime: spec.lifetime,
             paths,
+            shape: Some(shape),
             proc: Mutex::new(Some(Proc::Child(child))),
             tasks: Mutex::new(tasks),
             stderr,
         }))
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        self.start_with_nic(spec, None).await
+    }
+
+    async fn start_with_nic(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        self.launch(spec, nic, None).await
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+        snapshot: &Snapshot,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        check_restorable(spec, nic, snapshot)?;
+        self.launch(spec, nic, Some(snapshot)).await
     }
 
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
@@ -649,11 +743,117 @@ impl Vmm for QemuVmm {
             accel,
             lifetime: Lifetime::Detached,
             paths,
+            shape: identity.shape,
             proc: Mutex::new(Some(Proc::Pid(pidfd))),
             tasks: Mutex::new(vec![copier]),
             stderr: StderrTail::default(),
         }))
     }
+}
+
+/// Checks that `snapshot` can be restored as `spec` with `nic`, before touching the host.
+fn check_restorable(spec: &VmSpec, nic: Option<&Nic>, snap: &Snapshot) -> Result<(), VmmError> {
+    let bad = |why: String| {
+        Err(VmmError::InvalidSpec(format!(
+            "cannot restore snapshot {}: {why}",
+            snap.dir.display()
+        )))
+    };
+    if snap.backend != "qemu" {
+        return bad(format!(
+            "it was written by the {:.20} backend",
+            snap.backend
+        ));
+    }
+    if (spec.cpus, spec.memory_mib) != (snap.cpus, snap.memory_mib) {
+        return bad(format!(
+            "it has {} vCPUs and {} MiB, the spec asks for {} and {}",
+            snap.cpus, snap.memory_mib, spec.cpus, spec.memory_mib
+        ));
+    }
+    if nic.map(|n| n.mac) != snap.nic_mac {
+        return bad(match snap.nic_mac {
+            Some(mac) => format!(
+                "its guest has a NIC with MAC {}, which the restore must give it",
+                format_mac(&mac)
+            ),
+            None => "its guest has no NIC, so the restore cannot add one".into(),
+        });
+    }
+    check_readable("snapshot state", &snap.state_file())?;
+    if snap.disk_format.is_some() {
+        check_readable("snapshot disk", &snap.disk_file())?;
+    }
+    if let SnapshotMemory::File(path) = &snap.memory {
+        check_readable("snapshot memory", path)?;
+    }
+    Ok(())
+}
+
+/// `migrate-set-capabilities` arguments: RAM in shared files left out of the stream, or not.
+fn ignore_shared_caps(on: bool) -> serde_json::Value {
+    serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+}
+
+/// Feeds the snapshot's state to a QEMU started with `-incoming`, and waits until the VM is
+/// loaded (paused, as it was saved) or QEMU gives up.
+async fn incoming(
+    child: &mut Child,
+    paths: &RunPaths,
+    snap: &Snapshot,
+    id: &str,
+    stderr: &StderrTail,
+) -> Result<(), VmmError> {
+    let failed = |detail: String| VmmError::Snapshot {
+        id: id.to_string(),
+        detail,
+    };
+    let load = async {
+        let qmp_err = |command, source| VmmError::Qmp {
+            id: id.to_string(),
+            command,
+            source,
+        };
+        let mut qmp = crate::qmp::Session::open(&paths.qmp)
+            .await
+            .map_err(|e| qmp_err("qmp_capabilities", e))?;
+        let ignore_shared = matches!(snap.memory, SnapshotMemory::File(_));
+        qmp.execute(
+            "migrate-set-capabilities",
+            ignore_shared_caps(ignore_shared),
+        )
+        .await
+        .map_err(|e| qmp_err("migrate-set-capabilities", e))?;
+        let uri = format!("unix:{}", plain_path(&paths.migrate)?);
+        qmp.execute("migrate-incoming", serde_json::json!({ "uri": uri }))
+            .await
+            .map_err(|e| qmp_err("migrate-incoming", e))?;
+        send_file(&snap.state_file(), &paths.migrate).await?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(failed(format!(
+                    "qemu exited while loading the state ({status}): {}",
+                    stderr.one_line()
+                )));
+            }
+            // One QMP client at a time: poll on the session that started the load.
+            match qmp.execute("query-status", serde_json::json!({})).await {
+                Ok(s) => match s["status"].as_str().unwrap_or("") {
+                    "inmigrate" => {}
+                    "paused" | "running" => return Ok(()),
+                    other => return Err(failed(format!("after loading, the VM is {other:?}"))),
+                },
+                // QMP fails when QEMU exits: wait for it, and the next round reports why.
+                Err(_) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(MIGRATE_TIMEOUT, load)
+        .await
+        .map_err(|_| failed(format!("loading took over {MIGRATE_TIMEOUT:?}")))?
 }
 
 /// The record in `identity.json`.
@@ -662,14 +862,34 @@ struct Identity {
     id: String,
     pid: u32,
     start_time: u64,
+    /// Absent in records written before snapshots existed.
+    #[serde(default)]
+    shape: Option<Shape>,
+}
+
+/// What a snapshot of the VM must record about it, kept so an adopted VM can be snapshotted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Shape {
+    cpus: u8,
+    memory_mib: u32,
+    nic_mac: Option<[u8; 6]>,
+    /// The [`GuestMemory::SharedFile`] the VM was booted with.
+    shared_memory: Option<PathBuf>,
 }
 
 /// Writes `identity.json` (mode 0600) atomically.
-fn write_identity(paths: &RunPaths, id: &str, pid: u32, start_time: u64) -> Result<(), VmmError> {
+fn write_identity(
+    paths: &RunPaths,
+    id: &str,
+    pid: u32,
+    start_time: u64,
+    shape: &Shape,
+) -> Result<(), VmmError> {
     let json = serde_json::to_vec(&Identity {
         id: id.to_string(),
         pid,
         start_time,
+        shape: Some(shape.clone()),
     })
     .expect("serializes");
     let tmp = paths.dir.join("identity.json.tmp");
@@ -695,6 +915,8 @@ pub struct QemuVm {
     accel: Accel,
     lifetime: Lifetime,
     paths: RunPaths,
+    /// `None` for a VM adopted from a record older than snapshots (it cannot be snapshotted).
+    shape: Option<Shape>,
     /// `None` once reaped by `destroy` or `Drop`.
     proc: Mutex<Option<Proc>>,
     /// The console copier and stderr collector.
@@ -716,6 +938,94 @@ impl std::fmt::Debug for QemuVm {
 }
 
 impl QemuVm {
+    fn snapshot_error(&self, detail: String) -> VmmError {
+        VmmError::Snapshot {
+            id: self.id.clone(),
+            detail,
+        }
+    }
+
+    /// Migrates the paused VM's state into `dir/vmstate` (RAM left out when it lives in a shared
+    /// file), freezes a copy of its writable disk as `dir/disk`, and writes the record.
+    async fn save(&self, dir: &Path, shape: &Shape) -> Result<Snapshot, VmmError> {
+        let snapshot = Snapshot {
+            backend: "qemu".into(),
+            dir: dir.to_path_buf(),
+            memory: match &shape.shared_memory {
+                Some(path) => SnapshotMemory::File(path.clone()),
+                None => SnapshotMemory::InState,
+            },
+            cpus: shape.cpus,
+            memory_mib: shape.memory_mib,
+            nic_mac: shape.nic_mac,
+            disk_format: None,
+        };
+        let _ = std::fs::remove_file(&self.paths.migrate);
+        let listener = tokio::net::UnixListener::bind(&self.paths.migrate)
+            .map_err(|e| VmmError::io("listen on", &self.paths.migrate, e))?;
+        let state = snapshot.state_file();
+        let receive = receive_stream(listener, &state);
+        let migrate = self.migrate_out(shape.shared_memory.is_some());
+        let run = async { tokio::try_join!(receive, migrate) };
+        let (bytes, ()) = tokio::time::timeout(MIGRATE_TIMEOUT, run)
+            .await
+            .map_err(|_| self.snapshot_error(format!("saving took over {MIGRATE_TIMEOUT:?}")))??;
+        freeze(&state)?;
+        let disk = [(&self.paths.overlay, "qcow2"), (&self.paths.scratch, "raw")]
+            .into_iter()
+            .find(|(p, _)| p.exists());
+        let snapshot = Snapshot {
+            disk_format: disk.map(|(_, f)| f.to_string()),
+            ..snapshot
+        };
+        if let Some((disk, _)) = disk {
+            copy_sparse(disk, &snapshot.disk_file()).await?;
+            freeze(&snapshot.disk_file())?;
+        }
+        write_record(&snapshot)?;
+        tracing::info!(id = %self.id, dir = %dir.display(), bytes, "snapshot saved");
+        Ok(snapshot)
+    }
+
+    /// Tells QEMU to migrate to the `migrate.sock` listener and waits until it has finished.
+    async fn migrate_out(&self, ignore_shared: bool) -> Result<(), VmmError> {
+        let qmp_err = |command, source| VmmError::Qmp {
+            id: self.id.clone(),
+            command,
+            source,
+        };
+        let mut qmp = crate::qmp::Session::open(&self.paths.qmp)
+            .await
+            .map_err(|e| qmp_err("qmp_capabilities", e))?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            ignore_shared_caps(ignore_shared),
+        )
+        .await
+        .map_err(|e| qmp_err("migrate-set-capabilities", e))?;
+        let uri = format!("unix:{}", plain_path(&self.paths.migrate)?);
+        qmp.execute("migrate", serde_json::json!({ "uri": uri }))
+            .await
+            .map_err(|e| qmp_err("migrate", e))?;
+        loop {
+            let info = qmp
+                .execute("query-migrate", serde_json::json!({}))
+                .await
+                .map_err(|e| qmp_err("query-migrate", e))?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(self.snapshot_error(format!(
+                        "migration {}: {}",
+                        info["status"],
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     /// QEMU's stderr so far (first 16 KiB), condensed to one line. Empty for an adopted VM.
     pub fn qemu_stderr(&self) -> String {
         self.stderr.one_line()
@@ -814,7 +1124,29 @@ impl Vm for QemuVm {
     }
 
     async fn is_paused(&self) -> Result<bool, VmmError> {
-        Ok(self.qmp_status("").await? == "paused")
+        // After a snapshot QEMU reports `postmigrate`: still stopped, and `cont` resumes it.
+        Ok(matches!(
+            self.qmp_status("").await?.as_str(),
+            "paused" | "postmigrate"
+        ))
+    }
+
+    async fn snapshot(&self, dir: &Path) -> Result<Snapshot, VmmError> {
+        let shape = self.shape.clone().ok_or_else(|| {
+            self.snapshot_error(
+                "the VM was started by an older Hutch that did not record its shape".into(),
+            )
+        })?;
+        if !self.is_paused().await? {
+            return Err(self.snapshot_error("the VM must be paused first".into()));
+        }
+        create_dir(dir)?;
+        let saved = self.save(dir, &shape).await;
+        let _ = std::fs::remove_file(&self.paths.migrate);
+        if saved.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        saved
     }
 
     async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
@@ -894,6 +1226,7 @@ mod tests {
             run_dir: run_dir.into(),
             extra_cmdline: vec!["hutch.debug=1".into()],
             lifetime: Lifetime::Owned,
+            memory: GuestMemory::Anonymous,
         }
     }
 
@@ -910,6 +1243,7 @@ mod tests {
             run_dir: run_dir.into(),
             extra_cmdline: vec![],
             lifetime: Lifetime::Owned,
+            memory: GuestMemory::Anonymous,
         }
     }
 
@@ -928,7 +1262,7 @@ mod tests {
             "console=ttyS0 panic=-1 reboot=t tsc_early_khz=2596144 lpj=10384576 tsc=reliable \
              no_timer_check hutch.debug=1"
         );
-        let args = qemu_args(&spec, &paths, Accel::Tcg, &cmdline, None)
+        let args = qemu_args(&spec, &paths, Accel::Tcg, &cmdline, None, None)
             .unwrap()
             .join(" ");
         let want = [
@@ -956,7 +1290,7 @@ mod tests {
         let paths = RunPaths::new(&spec.run_dir).unwrap();
         let cmdline = kernel_cmdline(Accel::Kvm, Some(TSC), &[]).unwrap();
         assert_eq!(cmdline, "console=ttyS0 panic=-1 reboot=t");
-        let args = qemu_args(&spec, &paths, Accel::Kvm, &cmdline, None)
+        let args = qemu_args(&spec, &paths, Accel::Kvm, &cmdline, None, None)
             .unwrap()
             .join(" ");
         assert!(args.contains("-accel kvm -cpu host"));
@@ -967,9 +1301,16 @@ mod tests {
         let spec = spec("/r/x");
         let paths = RunPaths::new(&spec.run_dir).unwrap();
         let mac = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", Some((7, mac)))
-            .unwrap()
-            .join(" ");
+        let args = qemu_args(
+            &spec,
+            &paths,
+            Accel::Tcg,
+            "console=ttyS0",
+            Some((7, mac)),
+            None,
+        )
+        .unwrap()
+        .join(" ");
         assert!(
             args.contains(
                 "-netdev tap,id=net0,fd=7,vhost=off -device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02"
@@ -977,7 +1318,7 @@ mod tests {
             "{args}"
         );
         // Without a NIC: no network device at all (-nodefaults leaves none).
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None)
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
             .unwrap()
             .join(" ");
         assert!(args.contains("-nodefaults"));
@@ -1011,7 +1352,7 @@ mod tests {
         let mut spec = spec("/r/x");
         spec.scratch_disk_mib = 0;
         let paths = RunPaths::new(&spec.run_dir).unwrap();
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None).unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None).unwrap();
         assert!(!args.join(" ").contains("scratch"));
     }
 
@@ -1100,7 +1441,7 @@ mod tests {
         let mut spec = spec("/r/x");
         spec.lifetime = Lifetime::Detached;
         let paths = RunPaths::new(&spec.run_dir).unwrap();
-        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None)
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
             .unwrap()
             .join(" ");
         assert!(
@@ -1129,6 +1470,7 @@ mod tests {
                 id: "sbx-1".into(),
                 pid,
                 start_time,
+                shape: None,
             };
             std::fs::write(
                 run_dir.join("identity.json"),

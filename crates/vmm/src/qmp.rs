@@ -1,4 +1,5 @@
-//! A minimal QMP client: readiness, `quit`, and pausing (`stop`/`cont`/`query-status`).
+//! A minimal QMP client: readiness, `quit`, pausing (`stop`/`cont`/`query-status`), and
+//! [`Session`]s for multi-command work such as migration.
 
 use std::path::Path;
 
@@ -87,6 +88,40 @@ pub(crate) async fn quit(sock: &Path) -> std::io::Result<()> {
     // QEMU replies and closes the socket as it exits; either is fine.
     let _ = read_line(&mut rd).await;
     Ok(())
+}
+
+/// One QMP connection, for a sequence of commands (e.g. set a capability, then migrate).
+pub(crate) struct Session {
+    rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Session {
+    /// Connects to QMP at `sock` and negotiates capabilities.
+    pub(crate) async fn open(sock: &Path) -> std::io::Result<Session> {
+        let stream = UnixStream::connect(sock).await?;
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        handshake(&mut rd, &mut wr).await?;
+        Ok(Session { rd, wr })
+    }
+
+    /// Runs `command` with `arguments` and returns its `return` value.
+    pub(crate) async fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> std::io::Result<serde_json::Value> {
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "execute": command,
+            "arguments": arguments,
+        }))
+        .map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.wr.write_all(&line).await?;
+        let mut reply = expect_return(&mut self.rd, command).await?;
+        Ok(reply["return"].take())
+    }
 }
 
 async fn read_line<R: AsyncBufReadExt + Unpin>(rd: &mut R) -> std::io::Result<String> {

@@ -29,6 +29,7 @@ fn spec(kernel: &Path, initrd: &Path, rootfs: &Path, id: String, run_dir: PathBu
         run_dir,
         extra_cmdline: vec![],
         lifetime: Lifetime::Detached,
+        memory: hutch_vmm::GuestMemory::Anonymous,
     }
 }
 

@@ -46,6 +46,7 @@ fn spec(kernel: &Path, initrd: &Path, rootfs: &Path, run_dir: &Path) -> VmSpec {
         run_dir: run_dir.into(),
         extra_cmdline: vec![],
         lifetime: Lifetime::Owned,
+        memory: hutch_vmm::GuestMemory::Anonymous,
     }
 }
 

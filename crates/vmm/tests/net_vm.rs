@@ -254,6 +254,7 @@ async fn vm_on_a_sandbox_network(test: &str, tag: &str, lifetime: Lifetime) {
         run_dir: run_dir.clone(),
         extra_cmdline: vec![],
         lifetime,
+        memory: hutch_vmm::GuestMemory::Anonymous,
     };
     let vmm = QemuVmm::new(Accel::Tcg).unwrap();
     let mut vm = vmm.start_with_nic(&spec, Some(&nic)).await.unwrap();

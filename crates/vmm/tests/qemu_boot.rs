@@ -27,6 +27,7 @@ fn spec(fx: &common::Fixture, id: &str) -> VmSpec {
         run_dir: fx.dir.path().join(id),
         extra_cmdline: vec![],
         lifetime: Lifetime::Owned,
+        memory: hutch_vmm::GuestMemory::Anonymous,
     }
 }
 
