@@ -11,6 +11,14 @@ fi
 
 # Host packages: the VMM, the image pipeline's tools, and the Debian archive key.
 packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs dpkg apt debian-archive-keyring ca-certificates xz-utils zstd nftables iproute2)
+# `hutch setup firecracker` downloads with curl; `hutch image kernel --from-source` compiles a
+# kernel (only with HUTCH_KERNEL_TOOLS=1: a compiler toolchain most hosts do not need).
+packages+=(curl tar)
+# Agent tasks: packing a workspace and `task apply --branch` use the host's git.
+packages+=(git)
+if [ "${HUTCH_KERNEL_TOOLS:-0}" = 1 ]; then
+    packages+=(make gcc flex bison bc libelf-dev)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,5 @@
-//! PID 1 boot: mounts, kernel modules, overlay root, loopback, then the channel port.
+//! PID 1 boot: mounts, kernel modules, overlay root, loopback, then the channel: the
+//! virtio-serial port `hutch.0` (QEMU) and/or a vsock listener (Firecracker).
 //!
 //! Initramfs layout (written by `hutch-image`): `/etc/hutch/modules` lists module files in load
 //! order; the root disk is the ext4 filesystem labelled `hutch-root`; an optional writable disk
@@ -6,7 +7,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -22,7 +23,7 @@ const ROOT_LABEL: &str = "hutch-root";
 const SCRATCH_LABEL: &str = "hutch-scratch";
 /// Name of the virtio-serial port that carries the channel.
 const PORT_NAME: &str = "hutch.0";
-/// How long to wait for disks and the port to appear after modules load.
+/// How long to wait for disks and the channel device to appear after modules load.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
 
 /// A failed boot step.
@@ -65,8 +66,10 @@ pub enum BootError {
 
 /// What the boot found out.
 pub struct Boot {
-    /// Device path of the channel port.
-    pub port: String,
+    /// Device path of the virtio-serial channel port, if the VM has one.
+    pub port: Option<String>,
+    /// The vsock listener on [`hutch_protocol::VSOCK_PORT`], if the guest has vsock.
+    pub vsock: Option<OwnedFd>,
     /// Whether the host only asked whether the kernel boots (accelerator probe).
     pub probe: bool,
 }
@@ -86,7 +89,8 @@ pub fn boot() -> Result<Boot, BootError> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|a| a == "hutch.probe=1") {
         return Ok(Boot {
-            port: String::new(),
+            port: None,
+            vsock: None,
             probe: true,
         });
     }
@@ -98,9 +102,33 @@ pub fn boot() -> Result<Boot, BootError> {
         what: "bringing up lo",
         source,
     })?;
-    let port = wait_for(|| find_port(PORT_NAME), "channel port hutch.0")?;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, %port, "hutch-agent ready");
-    Ok(Boot { port, probe: false })
+    // The listener needs only the vsock core (loaded with the modules), not the device.
+    let vsock = match crate::vsock::listen(hutch_protocol::VSOCK_PORT) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::debug!(error = %e, "no vsock listener");
+            None
+        }
+    };
+    // Whichever channel device the VMM gave us: the port, or a vsock transport with a CID.
+    let port = wait_for(
+        || match find_port(PORT_NAME) {
+            Some(p) => Some(Some(p)),
+            None => (vsock.is_some() && crate::vsock::local_cid().is_some()).then_some(None),
+        },
+        "channel (port hutch.0 or a vsock device)",
+    )?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        port = port.as_deref().unwrap_or("-"),
+        vsock_cid = crate::vsock::local_cid(),
+        "hutch-agent ready"
+    );
+    Ok(Boot {
+        port,
+        vsock,
+        probe: false,
+    })
 }
 
 fn nosuid_noexec() -> MsFlags {

@@ -1,9 +1,11 @@
 //! `hutch-agent`: PID 1 inside every Hutch VM.
 //!
 //! As PID 1 it boots the guest's userspace ([`init`]) and then serves the host over the
-//! virtio-serial port named `hutch.0`, forever: it never exits, and no child's crash takes it
-//! down. For tests it can also run as an ordinary host process serving one inherited socket
-//! (`hutch-agent --serve-fd N`), so the protocol and exec logic are exercised without a VM.
+//! virtio-serial port named `hutch.0` (QEMU) and on vsock port 1024 (Firecracker; every
+//! accepted connection), forever: it never exits, and no child's crash takes it down. For tests
+//! it can also run as an ordinary host process serving one inherited socket (`hutch-agent
+//! --serve-fd N`) or every connection on an inherited listening socket (`hutch-agent
+//! --listen-fd N`), so the protocol and exec logic are exercised without a VM.
 
 mod fdstream;
 mod files;
@@ -13,8 +15,12 @@ mod ops;
 mod reaper;
 mod server;
 mod setup;
+mod vsock;
 
-use std::{os::fd::FromRawFd, time::Duration};
+use std::{
+    os::fd::{FromRawFd, OwnedFd},
+    time::Duration,
+};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -32,23 +38,26 @@ fn main() {
     if std::process::id() == 1 {
         runtime.block_on(run_as_init());
     } else if let [_, flag, fd] = args.as_slice() {
-        if flag == "--serve-fd" {
-            let fd: i32 = fd
-                .parse()
-                .expect("--serve-fd takes a file descriptor number");
-            // SAFETY: the caller handed us this descriptor to own.
-            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            runtime.block_on(server::serve_host_process(owned));
-            return;
+        let Ok(fd) = fd.parse::<i32>() else {
+            usage();
+        };
+        // SAFETY: the caller handed us this descriptor to own.
+        let take = || unsafe { OwnedFd::from_raw_fd(fd) };
+        match flag.as_str() {
+            "--serve-fd" => runtime.block_on(server::serve_host_process(take())),
+            "--listen-fd" => runtime.block_on(server::serve_host_listener(take())),
+            _ => usage(),
         }
-        usage();
     } else {
         usage();
     }
 }
 
-fn usage() {
-    eprintln!("hutch-agent runs as PID 1 in a Hutch VM; for tests: hutch-agent --serve-fd FD");
+fn usage() -> ! {
+    eprintln!(
+        "hutch-agent runs as PID 1 in a Hutch VM; for tests: hutch-agent --serve-fd FD \
+         (one connected socket) or --listen-fd FD (a listening socket)"
+    );
     std::process::exit(2);
 }
 
@@ -61,10 +70,22 @@ async fn run_as_init() {
     if boot.probe {
         init::probe_and_power_off();
     }
-    loop {
-        if let Err(e) = server::serve_port(&boot.port).await {
-            tracing::error!(error = %e, "channel failed; reopening");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(listener) = boot.vsock {
+        match reaper::global() {
+            Ok(reaper) => {
+                tokio::spawn(vsock::serve_listener(listener, reaper, true));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the child reaper"),
         }
+    }
+    match boot.port {
+        Some(port) => loop {
+            if let Err(e) = server::serve_port(&port).await {
+                tracing::error!(error = %e, "channel failed; reopening");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+        // Only vsock: its task serves for as long as the VM lives.
+        None => std::future::pending().await,
     }
 }

@@ -368,6 +368,13 @@ pub async fn serve_port(path: &str) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Test mode: serves every connection accepted on an inherited listening socket, as PID 1
+/// serves vsock, until killed.
+pub async fn serve_host_listener(fd: OwnedFd) {
+    let reaper = crate::reaper::global().expect("reaper");
+    crate::vsock::serve_listener(fd, reaper, false).await;
+}
+
 /// Test mode: serves connections on an inherited socket until the host hangs up.
 pub async fn serve_host_process(fd: OwnedFd) {
     let reaper = crate::reaper::global().expect("reaper");

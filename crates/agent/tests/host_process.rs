@@ -363,3 +363,61 @@ async fn a_second_hello_starts_over_and_kills_the_old_hosts_processes() {
         }
     }
 }
+
+/// The agent serving a listening socket, as PID 1 serves vsock port 1024: every connection is
+/// its own host, served at the same time as the others, and one hanging up kills only what it
+/// started.
+#[tokio::test]
+async fn a_listening_socket_serves_independent_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
+    cmd.args(["--listen-fd", "3"]);
+    // SAFETY: dup2 is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    let connect = || async {
+        let s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        Channel::connect(s).await.unwrap()
+    };
+    let first = connect().await;
+    let second = connect().await;
+    let sleeper = first
+        .exec(ExecRequest::new(vec!["sleep".into(), "30".into()]))
+        .await
+        .unwrap();
+    let pid = sleeper.pid();
+    let (out, _, info) = collect(second.exec(ExecRequest::shell("echo two")).await.unwrap()).await;
+    assert_eq!(
+        (out.as_slice(), info.status),
+        (&b"two\n"[..], ExitStatus::Code(0))
+    );
+
+    // The first host goes: its process dies, the second host is still served.
+    drop(sleeper);
+    drop(first);
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while proc_dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first host's process survived its connection"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    second.ping(2).await.unwrap();
+    // And a new host is accepted after that.
+    connect().await.ping(3).await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}

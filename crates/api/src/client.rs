@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, TemplateInfo, TemplateSpec};
 use hyper::{body::Bytes, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -14,9 +14,11 @@ use tokio::{
 };
 use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 
+mod tasks;
+
 use crate::{
-    ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart, NetEvent,
-    API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
+    ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart, ForkBody,
+    NetEvent, PoolBody, PortMapping, PublishPort, API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
 };
 
 /// Why a client call failed.
@@ -231,6 +233,39 @@ impl Client {
             .await
     }
 
+    /// Snapshots a sandbox into `count` running children.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<SandboxInfo>, ClientError> {
+        let body = serde_json::to_vec(&ForkBody { count }).expect("serializable");
+        self.call(Method::POST, &sandbox_path(id, "/fork"), body)
+            .await
+    }
+
+    /// Boots, provisions and saves a template.
+    pub async fn create_template(&self, spec: &TemplateSpec) -> Result<TemplateInfo, ClientError> {
+        let body = serde_json::to_vec(spec).expect("serializable");
+        self.call(Method::POST, &format!("{API_PREFIX}/templates"), body)
+            .await
+    }
+
+    /// Every template.
+    pub async fn templates(&self) -> Result<Vec<TemplateInfo>, ClientError> {
+        self.call(Method::GET, &format!("{API_PREFIX}/templates"), vec![])
+            .await
+    }
+
+    /// Sets how many ready clones of a template the daemon keeps.
+    pub async fn set_pool(&self, name: &str, size: u32) -> Result<TemplateInfo, ClientError> {
+        let path = format!("{API_PREFIX}/templates/{}/pool", encode(name));
+        let body = serde_json::to_vec(&PoolBody { size }).expect("serializable");
+        self.call(Method::PUT, &path, body).await
+    }
+
+    /// Removes a template.
+    pub async fn remove_template(&self, name: &str) -> Result<TemplateInfo, ClientError> {
+        let path = format!("{API_PREFIX}/templates/{}", encode(name));
+        self.call(Method::DELETE, &path, vec![]).await
+    }
+
     /// Changes a sandbox's network policy.
     pub async fn set_network(
         &self,
@@ -245,6 +280,42 @@ impl Client {
     /// The sandbox's recent network decisions.
     pub async fn network_log(&self, id: &str) -> Result<Vec<NetEvent>, ClientError> {
         self.call(Method::GET, &sandbox_path(id, "/network/log"), vec![])
+            .await
+    }
+
+    /// Publishes a guest TCP port on a host loopback port (`None`: any free one).
+    pub async fn publish_port(
+        &self,
+        id: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<PortMapping, ClientError> {
+        let body = serde_json::to_vec(&PublishPort { host_port }).expect("serializable");
+        self.call(
+            Method::PUT,
+            &sandbox_path(id, &format!("/ports/{guest_port}")),
+            body,
+        )
+        .await
+    }
+
+    /// Stops publishing a guest port; returns the ports still published.
+    pub async fn unpublish_port(
+        &self,
+        id: &str,
+        guest_port: u16,
+    ) -> Result<Vec<PortMapping>, ClientError> {
+        self.call(
+            Method::DELETE,
+            &sandbox_path(id, &format!("/ports/{guest_port}")),
+            vec![],
+        )
+        .await
+    }
+
+    /// The sandbox's published ports.
+    pub async fn ports(&self, id: &str) -> Result<Vec<PortMapping>, ClientError> {
+        self.call(Method::GET, &sandbox_path(id, "/ports"), vec![])
             .await
     }
 

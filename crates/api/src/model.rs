@@ -24,6 +24,27 @@ pub struct CreateSandbox {
     pub idempotency_key: Option<String>,
 }
 
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many children to restore from the snapshot.
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+/// `PUT /v1/templates/{name}/pool`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolBody {
+    /// How many restored clones to keep ready (0 turns the pool off).
+    pub size: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// `POST /v1/sandboxes/{id}/exec`: run a short command and get its whole output.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -161,4 +182,24 @@ pub struct NetEvent {
     pub verdict: String,
     /// The rule that decided.
     pub rule: String,
+}
+
+/// Body of `PUT /v1/sandboxes/{id}/ports/{guest_port}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishPort {
+    /// Host loopback port to listen on; absent: any free port.
+    #[serde(default)]
+    pub host_port: Option<u16>,
+}
+
+/// A guest TCP port published on a host loopback port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortMapping {
+    /// The guest's TCP port.
+    pub guest_port: u16,
+    /// Host address it is reachable on (always loopback).
+    pub host_addr: String,
+    /// Host port it is reachable on.
+    pub host_port: u16,
 }

@@ -21,6 +21,9 @@ pub enum Command {
     Image(ImageCommand),
     /// Check what this host has and lacks for running sandboxes.
     Doctor,
+    /// Install optional host components (Firecracker).
+    #[command(subcommand)]
+    Setup(crate::setup_cmd::SetupCommand),
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -42,8 +45,20 @@ pub enum Command {
     Logs(IdArgs),
     /// Freeze a sandbox's vCPUs.
     Pause(IdArgs),
-    /// Thaw a paused sandbox.
+    /// Thaw a paused sandbox, or restore one paused to disk.
     Resume(IdArgs),
+    /// Pause a sandbox to disk: save its memory and disk and stop its VMM (resume restores it,
+    /// also after a daemon restart).
+    Suspend(IdArgs),
+    /// Snapshot a sandbox and restore children from it (they inherit its files and policy,
+    /// not its identity or secrets).
+    Fork(crate::template_cmd::ForkArgs),
+    /// Create, list and remove templates (saved, provisioned VMs that sandboxes restore from).
+    #[command(subcommand)]
+    Template(crate::template_cmd::TemplateCommand),
+    /// Run coding agents on a copy of a workspace and review, diff and apply their changes.
+    #[command(subcommand)]
+    Task(crate::task_cmd::TaskCommand),
     /// Power a sandbox off, keeping its record.
     Stop(IdArgs),
     /// Destroy a sandbox and everything it owns.
@@ -51,6 +66,9 @@ pub enum Command {
     /// Show or change a sandbox's network policy and decisions.
     #[command(subcommand)]
     Net(NetCommand),
+    /// Publish a sandbox's guest TCP port on a host loopback port (127.0.0.1), list
+    /// published ports, or unpublish one (`--remove`).
+    Port(crate::port_cmd::PortArgs),
     /// Manage API tokens for TCP access.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -90,10 +108,17 @@ pub struct DaemonArgs {
     /// Seconds a boot may take.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
+    /// The VMM: firecracker when found and KVM runs guests (`auto`), or as named.
+    #[arg(long, env = "HUTCH_BACKEND", value_enum, default_value_t = crate::launch::BackendChoice::Auto)]
+    pub backend: crate::launch::BackendChoice,
     /// Run the host side of sandbox networks inside this network namespace instead of the
     /// host's own (for tests that must not touch the host).
     #[arg(long, hide = true)]
     pub net_host_netns: Option<String>,
+    /// Run without sandbox networking: only `--net none` sandboxes, and templates without a
+    /// NIC.
+    #[arg(long)]
+    pub no_network: bool,
 }
 
 /// A network policy on the command line.
@@ -134,6 +159,12 @@ pub struct CreateArgs {
     /// Network policy.
     #[command(flatten)]
     pub net: NetArgs,
+    /// Send all allowed egress through this WireGuard tunnel (a wg-quick file; fails closed).
+    #[arg(long, value_name = "FILE")]
+    pub wireguard: Option<String>,
+    /// Restore from this template instead of booting (its image and shape win).
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     /// Print the sandbox as JSON.
     #[arg(long)]
     pub json: bool,
@@ -263,6 +294,9 @@ pub struct VmArgs {
     /// Seconds to wait for the guest agent to come up.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
+    /// The VMM: firecracker when found and KVM runs guests (`auto`), or as named.
+    #[arg(long, env = "HUTCH_BACKEND", value_enum, default_value_t = crate::launch::BackendChoice::Auto)]
+    pub backend: crate::launch::BackendChoice,
 }
 
 /// `hutch run`: through the daemon when one answers (or `--host` is given), else locally.
@@ -298,6 +332,8 @@ pub enum ImageCommand {
     Build(ImageBuildArgs),
     /// List built images.
     Ls,
+    /// Build a minimal microVM kernel (vmlinux + bzImage) into the image cache.
+    Kernel(crate::image_cmd::ImageKernelArgs),
 }
 
 /// `hutch image build`.
@@ -327,6 +363,11 @@ pub enum BenchCommand {
     Boot(BenchBootArgs),
     /// Exec round trip through a daemon vs straight over the channel; parallel creates.
     Daemon(BenchDaemonArgs),
+    /// Firecracker: process start → API ready, snapshot create, snapshot restore.
+    Firecracker(crate::bench_fc::BenchFirecrackerArgs),
+    /// Templates: restore vs cold boot, the VMM's own restore, pool hand-outs, parallel
+    /// clones, memory per idle clone.
+    Clone(crate::bench_clone::BenchCloneArgs),
 }
 
 /// `hutch bench boot`.

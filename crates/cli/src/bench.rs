@@ -34,6 +34,8 @@ pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, CliError> {
     match cmd {
         BenchCommand::Boot(a) => boot(home, a).await,
         BenchCommand::Daemon(a) => daemon(home, a).await,
+        BenchCommand::Firecracker(a) => crate::bench_fc::firecracker(home, a).await,
+        BenchCommand::Clone(a) => crate::bench_clone::clone(home, a).await,
     }
 }
 
@@ -45,7 +47,7 @@ pub async fn boot(home: &Home, args: BenchBootArgs) -> Result<i32, CliError> {
     for _ in 0..args.boots.max(1) {
         launcher.options.id = hutch_core::new_id();
         let started = Instant::now();
-        let sandbox = Sandbox::boot(&launcher.vmm, &launcher.options).await?;
+        let sandbox = Sandbox::boot(&*launcher.vmm, &launcher.options).await?;
         boots.push(started.elapsed());
         for _ in 0..args.execs {
             execs.push(timed(run_true(&sandbox)).await?);
@@ -82,8 +84,8 @@ struct DaemonSamples {
 pub async fn daemon(home: &Home, args: BenchDaemonArgs) -> Result<i32, CliError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     print_accel(&launcher);
-    let sandbox = Sandbox::boot(&launcher.vmm, &launcher.options).await?;
-    let child = match DaemonChild::start(home, &args.vm).await {
+    let sandbox = Sandbox::boot(&*launcher.vmm, &launcher.options).await?;
+    let child = match DaemonChild::start(home, &args.vm, &[]).await {
         Ok(child) => child,
         Err(e) => {
             let _ = sandbox.destroy().await;
@@ -185,7 +187,7 @@ async fn timed(op: impl Future<Output = Result<(), CliError>>) -> Result<Duratio
     Ok(started.elapsed())
 }
 
-async fn run_true(sandbox: &Sandbox) -> Result<(), CliError> {
+pub(crate) async fn run_true(sandbox: &Sandbox) -> Result<(), CliError> {
     let mut exec = sandbox
         .channel()
         .exec(ExecRequest::new(vec!["true".into()]))
@@ -233,14 +235,21 @@ fn unexpected(what: String) -> CliError {
 
 /// A `hutch daemon` child with a private `HUTCH_HOME` (sharing the images and the
 /// accelerator probe), removed with everything in it by [`DaemonChild::stop`].
-struct DaemonChild {
+pub(crate) struct DaemonChild {
     process: tokio::process::Child,
-    dir: PathBuf,
-    client: Client,
+    /// Its private home.
+    pub(crate) dir: PathBuf,
+    /// A client on its socket.
+    pub(crate) client: Client,
 }
 
 impl DaemonChild {
-    async fn start(home: &Home, vm: &VmArgs) -> Result<DaemonChild, CliError> {
+    /// Starts a daemon with `extra` arguments.
+    pub(crate) async fn start(
+        home: &Home,
+        vm: &VmArgs,
+        extra: &[&str],
+    ) -> Result<DaemonChild, CliError> {
         let dir = std::env::temp_dir().join(format!("hutch-bench-{}", hutch_core::new_id()));
         let home_err = |source| CliError::Home {
             path: dir.clone(),
@@ -254,6 +263,7 @@ impl DaemonChild {
                 .arg("--socket")
                 .arg(&socket)
                 .args(["--boot-timeout", &vm.boot_timeout.to_string()])
+                .args(extra)
                 .env("HUTCH_HOME", &dir)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -300,7 +310,7 @@ impl DaemonChild {
 
     /// Destroys every sandbox through the API (VMs outlive a daemon), stops the daemon with
     /// SIGTERM, checks that no run dir is left, and removes the private home.
-    async fn stop(mut self) -> Result<(), CliError> {
+    pub(crate) async fn stop(mut self) -> Result<(), CliError> {
         let destroyed = self.destroy_all().await;
         if let Some(pid) = self.process.id() {
             // SAFETY: kill(2) on our own child, not yet reaped (`id()` is `Some`).
@@ -349,7 +359,7 @@ fn private_home(home: &Home, dir: &std::path::Path) -> std::io::Result<std::fs::
     std::fs::File::create(dir.join("daemon.log"))
 }
 
-fn print_accel(launcher: &launch::Launcher) {
+pub(crate) fn print_accel(launcher: &launch::Launcher) {
     println!(
         "accelerator: {} ({})",
         launcher.accel.accel, launcher.accel.reason
@@ -388,7 +398,7 @@ fn print_daemon(s: &mut DaemonSamples, args: &BenchDaemonArgs) {
 }
 
 /// The `p`th percentile of sorted samples.
-fn pct(sorted: &[Duration], p: usize) -> Duration {
+pub(crate) fn pct(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
@@ -400,7 +410,7 @@ fn ratio(a: &[Duration], b: &[Duration], p: usize) -> f64 {
 }
 
 /// `p50 X  p95 Y  (min Z, max W)`.
-fn summary(samples: &mut [Duration]) -> String {
+pub(crate) fn summary(samples: &mut [Duration]) -> String {
     if samples.is_empty() {
         return "no samples".into();
     }

@@ -51,6 +51,15 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
             agent_bin::find(None).map(|p| p.display().to_string()).map_err(|e| e.to_string()),
         ),
     ];
+    let bin = home.bin();
+    checks.push(Check::new(
+        "firecracker",
+        vmm_version(hutch_vmm::firecracker::find_firecracker_or_in(&bin)).await,
+    ));
+    checks.push(Check::new(
+        "jailer",
+        vmm_version(hutch_vmm::firecracker::find_jailer_or_in(&bin)).await,
+    ));
     match &image {
         Ok(img) => {
             checks.push(Check::new(
@@ -65,7 +74,28 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
                 report.reason,
                 if report.cached { ", cached" } else { "" }
             );
+            let runs_guests = report.accel == hutch_vmm::Accel::Kvm;
             checks.push(Check::new("accelerator", Ok(usable)));
+            checks.push(Check::new(
+                "kvm guests",
+                if runs_guests {
+                    Ok("KVM runs guests: Firecracker VMs can boot".into())
+                } else {
+                    Err("KVM does not run guests here: Firecracker VMs cannot boot (QEMU falls back to TCG)".into())
+                },
+            ));
+            let fc =
+                hutch_vmm::firecracker::find_firecracker_or_in(&bin).map_err(|e| e.to_string());
+            for (what, user) in [
+                ("backend run", crate::launch::User::Run),
+                ("backend daemon", crate::launch::User::Daemon),
+            ] {
+                let (backend, why) = crate::launch::describe_auto(&fc, report.accel, user);
+                checks.push(Check::new(
+                    what,
+                    Ok(format!("{backend} under --backend auto ({why})")),
+                ));
+            }
         }
         Err(e) => {
             checks.push(Check::new("image default", Err(e.to_string())));
@@ -75,8 +105,14 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
                     "not probed: KVM is tested by booting the default image, build it first".into(),
                 ),
             ));
+            checks.push(Check::new(
+                "backend",
+                Err("--backend auto cannot choose before the accelerator is probed".into()),
+            ));
         }
     }
+    // Firecracker is optional (QEMU runs sandboxes without it): its lines inform, they don't
+    // fail the report.
     for c in &checks {
         println!(
             "{:<4} {:<14} {}",
@@ -87,4 +123,17 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
     }
     let can_run = host.qemu.is_ok() && image.is_ok();
     Ok(if can_run { 0 } else { 1 })
+}
+
+/// `<binary> --version` of a found firecracker or jailer, or how to get one.
+async fn vmm_version(
+    found: Result<std::path::PathBuf, hutch_vmm::firecracker::FirecrackerError>,
+) -> Result<String, String> {
+    let path = found.map_err(|e| {
+        format!("{e}, or run `hutch setup firecracker` (optional: QEMU works without it)")
+    })?;
+    hutch_vmm::firecracker::binary_version(&path)
+        .await
+        .map(|v| format!("{v} ({})", path.display()))
+        .map_err(|e| crate::error::chain(&e))
 }

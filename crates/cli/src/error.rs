@@ -56,10 +56,22 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// `hutch setup` failed.
+    #[error(transparent)]
+    Setup(#[from] crate::setup_cmd::SetupError),
     /// The command line is inconsistent.
     #[error("{0}")]
     Usage(String),
     /// Local terminal I/O failed.
+    /// An input file named on the command line is unreadable.
+    #[error("cannot read {path}")]
+    ReadInput {
+        /// The file (`-`: stdin).
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     #[error("terminal I/O failed")]
     Io(#[source] std::io::Error),
 }

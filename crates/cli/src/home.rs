@@ -25,6 +25,11 @@ impl Home {
         Ok(Home { root })
     }
 
+    /// Agent tasks, one directory each (`tasks/<id>/`).
+    pub fn tasks(&self) -> PathBuf {
+        self.root.join("tasks")
+    }
+
     /// Built images and their content-addressed artifacts.
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
@@ -49,6 +54,29 @@ impl Home {
     /// The daemon's Unix socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("hutch.sock")
+    }
+
+    /// Binaries `hutch setup` installs (`firecracker`, `jailer`).
+    pub fn bin(&self) -> PathBuf {
+        self.root.join("bin")
+    }
+
+    /// Saved templates (`<name>.json` and their content-addressed snapshots).
+    pub fn templates(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// Where forks and sandboxes paused to disk keep their snapshots.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The tmpfs directory holding templates' RAM, one per home (named by a hash of its path,
+    /// so two homes never share it).
+    pub fn templates_shm(&self) -> PathBuf {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(self.root.as_os_str().as_encoded_bytes());
+        PathBuf::from(format!("/dev/shm/hutch-{}", hex::encode(&hash[..6])))
     }
 
     /// Cached accelerator probe result.

@@ -1,4 +1,4 @@
-//! `hutch image build | ls`.
+//! `hutch image build | ls | kernel`.
 
 use crate::{agent_bin, args::ImageBuildArgs, error::CliError, home::Home};
 
@@ -20,6 +20,47 @@ pub async fn build(home: &Home, args: ImageBuildArgs) -> Result<i32, CliError> {
         "{}  {}  kernel {}",
         image.name, image.digest, image.kernel_release
     );
+    Ok(0)
+}
+
+/// `hutch image kernel`.
+#[derive(Debug, clap::Args)]
+pub struct ImageKernelArgs {
+    /// Build from the distro's `linux-source` package with Hutch's microVM config fragment
+    /// (the only way for now; takes tens of minutes).
+    #[arg(long, required = true)]
+    pub from_source: bool,
+    /// Debian suite whose `linux-source` to build.
+    #[arg(long, default_value = hutch_image::DEFAULT_SUITE)]
+    pub suite: String,
+    /// Debian mirror URL (default: the Debian archive in this host's apt sources).
+    #[arg(long)]
+    pub mirror: Option<String>,
+    /// Parallel make jobs (default: the number of CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+/// Builds (or finds in the cache) the microVM kernel and prints where it is.
+pub async fn kernel(home: &Home, args: ImageKernelArgs) -> Result<i32, CliError> {
+    let spec = hutch_image::kernel_src::SourceKernelSpec {
+        suite: args.suite,
+        mirror: args.mirror,
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    hutch_image::kernel_src::validate(&spec)?;
+    let images = home.images();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let k = tokio::task::spawn_blocking(move || {
+        hutch_image::kernel_src::build(&images, &spec, progress)
+    })
+    .await
+    .map_err(|_| CliError::Interrupted)??;
+    println!("kernel {}", k.release);
+    println!("vmlinux {}", k.vmlinux.display());
+    println!("bzImage {}", k.bzimage.display());
     Ok(0)
 }
 

@@ -4,15 +4,23 @@ mod agent_bin;
 mod archive;
 mod args;
 mod bench;
+mod bench_clone;
+mod bench_fc;
 mod daemon;
 mod doctor;
 mod error;
 mod home;
 mod image_cmd;
 mod launch;
+mod port_cmd;
 mod remote;
 mod run;
+mod setup_cmd;
+mod task_cmd;
+mod task_many;
+mod template_cmd;
 mod token;
+mod wg_conf;
 
 use clap::Parser;
 
@@ -49,7 +57,9 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Run(a) => run::run(&home, a).await,
         args::Command::Image(args::ImageCommand::Build(a)) => image_cmd::build(&home, a).await,
         args::Command::Image(args::ImageCommand::Ls) => image_cmd::list(&home),
+        args::Command::Image(args::ImageCommand::Kernel(a)) => image_cmd::kernel(&home, a).await,
         args::Command::Doctor => doctor::doctor(&home).await,
+        args::Command::Setup(c) => setup_cmd::run(&home, c).await,
         args::Command::Bench(a) => bench::bench(&home, a).await,
         args::Command::Daemon(a) => daemon::run(&home, a).await,
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
@@ -81,6 +91,23 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Resume(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "resume", a.json).await
         }
+        args::Command::Suspend(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "suspend", a.json).await
+        }
+        args::Command::Fork(a) => template_cmd::fork(&remote::client(&home, &a.conn), a).await,
+        args::Command::Template(c) => {
+            let conn = match &c {
+                template_cmd::TemplateCommand::Create(a) => a.conn.clone(),
+                template_cmd::TemplateCommand::Ls { conn, .. }
+                | template_cmd::TemplateCommand::Rm { conn, .. }
+                | template_cmd::TemplateCommand::Pool { conn, .. } => conn.clone(),
+            };
+            template_cmd::template(&remote::client(&home, &conn), c).await
+        }
+        args::Command::Task(c) => {
+            let client = remote::client(&home, c.conn());
+            task_cmd::run(&client, c).await
+        }
         args::Command::Stop(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "stop", a.json).await
         }
@@ -93,6 +120,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Net(args::NetCommand::Log(a)) => {
             remote::net_log(&remote::client(&home, &a.conn), &a.id, a.json).await
         }
+        args::Command::Port(a) => port_cmd::run(&remote::client(&home, &a.conn), a).await,
         args::Command::Token(args::TokenCommand::Create { label }) => token::create(&home, label),
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();

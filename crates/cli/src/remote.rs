@@ -35,6 +35,13 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
             labels: args.labels.into_iter().collect(),
             ttl_secs: args.ttl,
             network: policy(&args.net),
+            wireguard: args
+                .wireguard
+                .as_deref()
+                .map(crate::wg_conf::load)
+                .transpose()?,
+            template: args.template,
+            origin: None,
         },
         idempotency_key: args.idempotency_key,
     };
@@ -193,6 +200,14 @@ fn print_info(info: &SandboxInfo) {
     println!("cpus:     {}", info.spec.cpus);
     println!("memory:   {} MiB", info.spec.memory_mib);
     println!("disk:     {} MiB", info.spec.disk_mib);
+    if let Some(origin) = &info.spec.origin {
+        if let Some(t) = &origin.template {
+            println!("template: {t}");
+        }
+        if let Some(p) = &origin.parent {
+            println!("parent:   {p}");
+        }
+    }
     for (k, v) in &info.spec.labels {
         println!("label:    {k}={v}");
     }

@@ -131,7 +131,7 @@ async fn run_local(home: &Home, args: RunArgs) -> Result<i32, CliError> {
         timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
         ..ExecRequest::new(args.command)
     };
-    let boot = Sandbox::boot(&launcher.vmm, &launcher.options);
+    let boot = Sandbox::boot(&*launcher.vmm, &launcher.options);
     let sandbox = tokio::select! {
         s = boot => s?,
         sig = interrupted() => {

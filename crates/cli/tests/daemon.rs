@@ -156,6 +156,9 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         clients_that_hang_up_leave_nothing_half_done,
         kill9_during_concurrent_creates_then_restart_reconciles,
         network_policy_is_enforced_and_changeable,
+        published_ports_reach_the_guest_survive_a_restart_and_close_on_rm,
+        wireguard_egress_leaves_through_the_tunnel_or_not_at_all,
+        templates_clones_forks_and_pause_to_disk_survive_a_restart,
     ]
 }
 
@@ -766,6 +769,7 @@ fn network_policy_is_enforced_and_changeable() -> Result {
     let mut daemon = Daemon::start_with(common::private_home(), &["--net-host-netns", &world.host]);
     let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
+    let host_ns = world.host.clone();
     let result = on_rt(async move {
         let mut req = spec(&[]);
         req.spec.network = NetworkPolicy::Open;
@@ -774,6 +778,18 @@ fn network_policy_is_enforced_and_changeable() -> Result {
         check(
             curl(&client, &id, &inet).await? == ("inet".into(), 0),
             "open: internet unreachable",
+        )?;
+        // Another daemon (another home) on the same host side starts and reconciles: it
+        // leaves this daemon's sandbox network alone.
+        let mut other = tokio::task::spawn_blocking(move || {
+            Daemon::start_with(common::private_home(), &["--net-host-netns", &host_ns])
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        other.kill9();
+        check(
+            curl(&client, &id, &inet).await? == ("inet".into(), 0),
+            "another daemon's start took this sandbox's network",
         )?;
         for target in [format!("http://{LAN}:8080/"), format!("http://{METADATA}/")] {
             let (_, rc) = curl(&client, &id, &target).await?;
@@ -838,7 +854,8 @@ fn network_policy_is_enforced_and_changeable() -> Result {
             refused == Some(ErrorCode::Conflict),
             "a NIC appeared on a sandbox created without one",
         )?;
-        destroy_all(&client).await.map_err(Failed::from)
+        destroy_all(&client).await.map_err(Failed::from)?;
+        Ok::<_, Failed>([id, bare])
     });
     // SAFETY: signalling our own child.
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
@@ -847,10 +864,563 @@ fn network_policy_is_enforced_and_changeable() -> Result {
         String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
             .into_owned();
     let leaks = common::leaks(&home);
-    result?;
+    let ids = result?;
     check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
+    // Namespaces are host-wide: look for this test's own (others may be running beside it).
     check(
-        !namespaces.contains("hutch-sb-"),
+        !ids.iter()
+            .any(|id| namespaces.contains(&format!("hutch-{id}"))),
         format!("sandbox namespaces left: {namespaces}"),
     )
+}
+
+/// `curl` run in namespace `ns` (the daemon's host side): (body, curl's exit code).
+fn curl_in(ns: &str, url: &str) -> Result<(String, i32)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "--max-time", "10", url])
+        .output()?;
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code().unwrap_or(-1),
+    ))
+}
+
+fn published_ports_reach_the_guest_survive_a_restart_and_close_on_rm() -> Result {
+    use hutch_net::testbed::World;
+    let world = World::new("prt");
+    let args = ["--net-host-netns", world.host.as_str()];
+    let mut daemon = Daemon::start_with(common::private_home(), &args);
+    let home = daemon.home.path().to_path_buf();
+    let client = daemon.client();
+    // Egress: nothing at all. Published ports still work: they are inbound, from the host.
+    let id = on_rt(async move {
+        let mut req = spec(&[]);
+        req.spec.network = NetworkPolicy::Allow {
+            cidrs: vec![],
+            ports: vec![],
+            domains: vec![],
+        };
+        let id = client.create(&req).await.map_err(|e| e.to_string())?.id;
+        sh(
+            &client,
+            &id,
+            "mkdir -p /tmp/www && echo preview > /tmp/www/index.html && cd /tmp/www && \
+             (python3 -m http.server 8000 >/dev/null 2>&1 &) && \
+             for i in $(seq 100); do curl -s localhost:8000/ >/dev/null && exit 0; sleep 0.2; done; exit 1",
+        )
+        .await?;
+        Ok::<_, Failed>(id)
+    })?;
+    let result = (|| {
+        let client = daemon.client();
+        let p = on_rt({
+            let (client, id) = (client.clone(), id.clone());
+            async move { client.publish_port(&id, 8000, None).await }
+        })
+        .map_err(|e| e.to_string())?;
+        check(
+            p.guest_port == 8000 && p.host_addr == "127.0.0.1",
+            format!("{p:?}"),
+        )?;
+        let url = format!("http://127.0.0.1:{}/", p.host_port);
+        check(
+            curl_in(&world.host, &url)? == ("preview\n".into(), 0),
+            "the published port does not serve the guest's page",
+        )?;
+        // The CLI lists it.
+        let listed = hutch(&home).args(["port", &id]).output()?;
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        check(
+            listed.trim() == format!("8000 -> 127.0.0.1:{}", p.host_port),
+            format!("hutch port lists {listed:?}"),
+        )?;
+
+        // A restarted daemon publishes it again, and the sandbox's DNS filter and decision
+        // log are back.
+        daemon.kill9();
+        let home_dir = std::mem::replace(&mut daemon.home, tempfile::tempdir()?);
+        daemon = Daemon::start_with(home_dir, &args);
+        let client = daemon.client();
+        check(
+            curl_in(&world.host, &url)? == ("preview\n".into(), 0),
+            "the published port is gone after a daemon restart",
+        )?;
+        let log = on_rt({
+            let (client, id) = (client.clone(), id.clone());
+            async move {
+                let out = client
+                    .exec(
+                        &id,
+                        &ExecBody {
+                            argv: vec!["getent".into(), "hosts".into(), "refused.test".into()],
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                check(out.exit_code != Some(0), "an unlisted name resolved")?;
+                client
+                    .network_log(&id)
+                    .await
+                    .map_err(|e| Failed::from(e.to_string()))
+            }
+        })?;
+        check(
+            log.iter()
+                .any(|e| e.domain.as_deref() == Some("refused.test") && e.verdict == "deny"),
+            format!("the adopted sandbox's DNS refusal is not logged: {log:?}"),
+        )?;
+
+        // Unpublished: closed (curl 7: connection refused).
+        let out = hutch(&home)
+            .args(["port", &id, "8000", "--remove"])
+            .output()?;
+        check(out.status.success(), "hutch port --remove failed")?;
+        check(
+            curl_in(&world.host, &url)?.1 == 7,
+            "still open after --remove",
+        )?;
+
+        // Published on a chosen port through the CLI; the sandbox destroyed: closed.
+        let out = hutch(&home)
+            .args(["port", &id, "8000", "--host-port", "18080"])
+            .output()?;
+        check(
+            String::from_utf8_lossy(&out.stdout).trim() == "127.0.0.1:18080",
+            format!(
+                "hutch port printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            ),
+        )?;
+        let chosen = "http://127.0.0.1:18080/";
+        check(
+            curl_in(&world.host, chosen)? == ("preview\n".into(), 0),
+            "the chosen host port does not serve the guest's page",
+        )?;
+        on_rt({
+            let (client, id) = (client.clone(), id.clone());
+            async move { client.destroy(&id).await }
+        })
+        .map_err(|e| e.to_string())?;
+        check(curl_in(&world.host, chosen)?.1 == 7, "still open after rm")
+    })();
+    let client = daemon.client();
+    let left = on_rt(async move { destroy_all(&client).await });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let _ = daemon.child.wait();
+    reap_orphans();
+    let leaks = common::leaks(&home);
+    result?;
+    left?;
+    check(leaks.is_empty(), format!("left behind: {leaks:?}"))
+}
+
+/// An HTTP server in namespace `ns` answering with the client address it sees.
+fn http_who(ns: &str, port: u16) {
+    use std::io::{Read, Write};
+    let l = hutch_net::in_netns(ns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind".into(),
+            source: e,
+        })
+    })
+    .expect("bind who server");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let who = s
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{who}",
+                who.len()
+            );
+        }
+    });
+}
+
+fn wireguard_egress_leaves_through_the_tunnel_or_not_at_all() -> Result {
+    use hutch_net::testbed::{wireguard_peer, World, INET};
+    use hutch_net::wg::{encode_key, public_key};
+    let world = World::new("wgd");
+    http_who(&world.inet, 8090);
+    let mut daemon = Daemon::start_with(common::private_home(), &["--net-host-netns", &world.host]);
+    let home = daemon.home.path().to_path_buf();
+    let client = daemon.client();
+    let inet_ns = world.inet.clone();
+    let result = on_rt(async move {
+        let (sandbox_key, peer_key) = ([3u8; 32], [4u8; 32]);
+        // The peer listens on the internet namespace's uplink address.
+        let endpoint = "198.51.100.2:51820".to_string();
+        let peer = wireguard_peer(
+            &inet_ns,
+            "wgpeer",
+            peer_key,
+            public_key(&sandbox_key),
+            endpoint.parse().unwrap(),
+            "10.99.0.1/24".parse().unwrap(),
+            vec!["10.99.0.2/32".parse().unwrap()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut req = spec(&[]);
+        req.spec.network = NetworkPolicy::Open;
+        req.spec.wireguard = Some(hutch_types::WireGuardSpec {
+            private_key: encode_key(&sandbox_key),
+            peer_public_key: encode_key(&public_key(&peer_key)),
+            preshared_key: None,
+            endpoint,
+            address: "10.99.0.2/32".into(),
+            allowed_ips: vec!["0.0.0.0/0".into()],
+            keepalive: None,
+            dns: None,
+        });
+        let info = client.create(&req).await.map_err(|e| e.to_string())?;
+        let id = info.id.clone();
+        // The key went in; it never comes back out.
+        let shown = client.inspect(&id).await.map_err(|e| e.to_string())?;
+        let w = shown
+            .spec
+            .wireguard
+            .clone()
+            .ok_or("no tunnel in the spec")?;
+        check(
+            w.private_key == hutch_types::REDACTED && info.spec.wireguard == Some(w),
+            "the tunnel's private key is shown",
+        )?;
+        let who = format!("http://{INET}:8090/");
+        let got = curl(&client, &id, &who).await?;
+        check(
+            got == ("10.99.0.2".into(), 0),
+            format!("traffic did not come out of the tunnel: {got:?}"),
+        )?;
+        check(
+            curl(&client, &id, &format!("http://{INET}:8080/")).await? == ("inet".into(), 0),
+            "the internet is unreachable through the tunnel",
+        )?;
+        drop(peer);
+        let (body, rc) = curl(&client, &id, &who).await?;
+        check(
+            rc != 0 && body.is_empty(),
+            format!("with the peer down curl got {body:?} (exit {rc})"),
+        )?;
+        destroy_all(&client).await.map_err(Failed::from)
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let _ = daemon.child.wait();
+    daemon.kill9();
+    reap_orphans();
+    let leaks = common::leaks(&home);
+    result?;
+    check(leaks.is_empty(), format!("left behind: {leaks:?}"))
+}
+
+/// Stops a daemon the way an operator does (SIGTERM); its sandboxes keep running.
+fn sigterm(daemon: &mut Daemon) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let _ = daemon.child.wait();
+}
+
+fn templates_clones_forks_and_pause_to_disk_survive_a_restart() -> Result {
+    let world = hutch_net::testbed::World::new("tpl");
+    let net_args = ["--net-host-netns", world.host.as_str()];
+    let mut daemon = Daemon::start_with(common::private_home(), &net_args);
+    let home = daemon.home.path().to_path_buf();
+    let client = daemon.client();
+    let result = on_rt(clone_scenario(client.clone(), home.clone()));
+    sigterm(&mut daemon);
+    let result = result.and_then(|suspended| {
+        // A new daemon on the same home: the template and the paused-to-disk sandbox remain.
+        let restarted = Daemon::start_with(daemon.home, &net_args);
+        let client = restarted.client();
+        let after = on_rt(after_restart(client.clone(), suspended));
+        let cleanup = on_rt(async move {
+            destroy_all(&client).await?;
+            client
+                .remove_template("tpl")
+                .await
+                .map_err(|e| format!("template rm: {e}"))?;
+            Ok::<_, String>(())
+        });
+        let mut restarted = restarted;
+        sigterm(&mut restarted);
+        after.and(cleanup.map_err(Failed::from))
+    });
+    reap_orphans();
+    let mut leaks = common::leaks(&home);
+    for dir in ["snapshots", "templates/cas"] {
+        for e in std::fs::read_dir(home.join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            leaks.push(format!("{}", e.path().display()));
+        }
+    }
+    check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
+    result
+}
+
+/// Template → 4 clones → a fork → a pause to disk; returns the suspended sandbox's id.
+async fn clone_scenario(client: Client, home: PathBuf) -> Result<String> {
+    let spec = hutch_types::TemplateSpec {
+        name: "tpl".into(),
+        image: "default".into(),
+        cpus: 1,
+        memory_mib: 256,
+        disk_mib: 256,
+        provision: Some("echo provisioned > /root/p".into()),
+        network: NetworkPolicy::None,
+    };
+    let t = client
+        .create_template(&spec)
+        .await
+        .map_err(|e| format!("template create: {e}"))?;
+    check(t.spec.name == "tpl", "template name")?;
+    check(
+        api_code(client.create_template(&spec).await) == Some(ErrorCode::Conflict),
+        "a second template of the same name is refused",
+    )?;
+    let from_template = CreateSandbox {
+        spec: SandboxSpec {
+            template: Some("tpl".into()),
+            ..Default::default()
+        },
+        idempotency_key: None,
+    };
+    // A pool of 2: clones wait, restored, with run dirs no sandbox owns yet; a create hands
+    // one of them out.
+    client
+        .set_pool("tpl", 2)
+        .await
+        .map_err(|e| format!("pool: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pooled = loop {
+        let pooled = unowned_run_dirs(&client, &home).await?;
+        if pooled.len() == 2 {
+            break pooled;
+        }
+        check(Instant::now() < deadline, format!("pool holds {pooled:?}"))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Handed out with `open`: its network, which reached nothing while pooled, follows.
+    let mut open_clone = from_template.clone();
+    open_clone.spec.network = NetworkPolicy::Open;
+    let handed = client
+        .create(&open_clone)
+        .await
+        .map_err(|e| format!("create from a pool: {e}"))?;
+    check(
+        pooled.contains(&handed.id),
+        format!("{} is not one of the pooled {pooled:?}", handed.id),
+    )?;
+    check(
+        sh(&client, &handed.id, "cat /root/p").await? == "provisioned",
+        "pooled clone",
+    )?;
+    check(
+        sh(&client, &handed.id, "hostname").await? == handed.id,
+        "pooled hostname",
+    )?;
+    let inet = format!("http://{}:8080/", hutch_net::testbed::INET);
+    check(
+        curl(&client, &handed.id, &inet).await? == ("inet".into(), 0),
+        "a handed-out open clone cannot reach the internet",
+    )?;
+    client
+        .destroy(&handed.id)
+        .await
+        .map_err(|e| format!("rm: {e}"))?;
+    let creates = (0..4).map(|_| client.create(&from_template));
+    let clones: Vec<SandboxInfo> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("clone: {e}"))?;
+    let ids: Vec<String> = clones.iter().map(|c| c.id.clone()).collect();
+    for c in &clones {
+        let origin = c.spec.origin.as_ref().ok_or("a clone without an origin")?;
+        check(
+            origin.template.as_deref() == Some("tpl"),
+            "origin names the template",
+        )?;
+        check(c.spec.memory_mib == 256, "a clone has the template's shape")?;
+    }
+    let mut seen = Vec::new();
+    for id in &ids {
+        check(
+            sh(&client, id, "cat /root/p").await? == "provisioned",
+            "template file",
+        )?;
+        check(
+            sh(&client, id, "hostname").await? == *id,
+            "hostname is the id",
+        )?;
+        let clock: i64 = sh(&client, id, "date +%s")
+            .await?
+            .parse()
+            .map_err(|_| "date")?;
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        check(
+            (clock - host).abs() <= 2,
+            format!("clock {clock} vs host {host}"),
+        )?;
+        let unique = sh(
+            &client,
+            id,
+            "head -c 32 /dev/urandom | od -An -tx1; cat /etc/machine-id",
+        )
+        .await?;
+        check(
+            !seen.contains(&unique),
+            "two clones share random bytes or a machine-id",
+        )?;
+        seen.push(unique);
+    }
+    // The same guest address in every clone, each behind its own namespace: `none` reaches
+    // nothing.
+    check(
+        curl(&client, &ids[2], &inet).await?.1 == 7,
+        "a clone with policy none reached the internet",
+    )?;
+    sh(&client, &ids[0], "echo mine > /root/a && sync").await?;
+    for other in &ids[1..] {
+        check(
+            sh(&client, other, "test -e /root/a && echo yes || echo no").await? == "no",
+            "a clone sees another clone's file",
+        )?;
+    }
+    // A fork of clone 0: the children have its file from before the fork only.
+    let children = client
+        .fork(&ids[0], 2)
+        .await
+        .map_err(|e| format!("fork: {e}"))?;
+    check(children.len() == 2, "two children")?;
+    sh(&client, &ids[0], "echo later > /root/later && sync").await?;
+    for child in &children {
+        let origin = child
+            .spec
+            .origin
+            .as_ref()
+            .ok_or("a child without an origin")?;
+        check(
+            origin.parent.as_deref() == Some(ids[0].as_str()),
+            "lineage names the parent",
+        )?;
+        check(
+            origin.template.as_deref() == Some("tpl"),
+            "lineage names the template",
+        )?;
+        check(
+            sh(&client, &child.id, "cat /root/a").await? == "mine",
+            "fork lost a file",
+        )?;
+        check(
+            sh(
+                &client,
+                &child.id,
+                "test -e /root/later && echo yes || echo no",
+            )
+            .await?
+                == "no",
+            "a child sees its parent's later write",
+        )?;
+        check(
+            sh(&client, &child.id, "hostname").await? == child.id,
+            "child hostname",
+        )?;
+    }
+    // Pause clone 1 to disk: its VMM goes, its state stays.
+    sh(&client, &ids[1], "echo kept > /root/kept && sync").await?;
+    let s = client
+        .lifecycle(&ids[1], "suspend")
+        .await
+        .map_err(|e| format!("suspend: {e}"))?;
+    check(
+        s.state == SandboxState::Suspended,
+        format!("state {:?}", s.state),
+    )?;
+    let marker = format!("hutch-{} ", ids[1]);
+    check(
+        !common::vmm_processes()
+            .iter()
+            .any(|(_, c)| c.contains(&marker)),
+        "a suspended sandbox still has a VMM",
+    )?;
+    check(
+        api_code(client.remove_template("tpl").await) == Some(ErrorCode::Conflict),
+        "a template in use was removed",
+    )?;
+    Ok(ids[1].clone())
+}
+
+/// Run dirs of VMs no listed sandbox owns (a pool's clones).
+async fn unowned_run_dirs(client: &Client, home: &Path) -> Result<Vec<String>> {
+    let listed: Vec<String> = client
+        .list(None, &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    Ok(std::fs::read_dir(home.join("vms"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|d| !listed.contains(d))
+        .collect())
+}
+
+async fn after_restart(client: Client, suspended: String) -> Result {
+    let templates = client.templates().await.map_err(|e| e.to_string())?;
+    check(
+        templates.len() == 1,
+        format!("{} templates after a restart", templates.len()),
+    )?;
+    let info = client
+        .inspect(&suspended)
+        .await
+        .map_err(|e| e.to_string())?;
+    check(
+        info.state == SandboxState::Suspended,
+        format!("state {:?}", info.state),
+    )?;
+    let resumed = client
+        .lifecycle(&suspended, "resume")
+        .await
+        .map_err(|e| format!("resume from disk: {e}"))?;
+    check(resumed.state == SandboxState::Running, "resumed")?;
+    check(
+        sh(&client, &suspended, "cat /root/kept").await? == "kept",
+        "lost a file",
+    )?;
+    // A clone made after the restart still comes from the template.
+    let c = client
+        .create(&CreateSandbox {
+            spec: SandboxSpec {
+                template: Some("tpl".into()),
+                ..Default::default()
+            },
+            idempotency_key: None,
+        })
+        .await
+        .map_err(|e| format!("clone after restart: {e}"))?;
+    check(
+        sh(&client, &c.id, "cat /root/p").await? == "provisioned",
+        "template file",
+    )?;
+    check(
+        sh(&client, &c.id, "test -e /root/a && echo yes || echo no").await? == "no",
+        "a clone's write reached the template",
+    )?;
+    Ok(())
 }

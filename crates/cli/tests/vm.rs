@@ -1,13 +1,19 @@
-//! Real VMs under QEMU: the walking skeleton's behaviour suite.
+//! Real VMs: the behaviour suite, run once per backend (`qemu::<case>`, `firecracker::<case>`).
 //!
-//! One shared VM serves the in-process cases (booted once: TCG boots take seconds); cases
-//! that need their own VMs (isolation, the `hutch` binary end to end) boot them. After every
-//! case has run, the suite checks that no VM process, run dir or socket of Hutch is left.
+//! Each backend's shared VM serves the in-process cases (booted once: TCG boots take seconds);
+//! cases that need their own VMs (isolation, the `hutch` binary end to end, with `--backend`
+//! set through `HUTCH_BACKEND`) boot them. After every case has run, the suite checks that no
+//! VM process, run dir or socket of Hutch is left.
 //!
 //! Needs the `default` image in `$HUTCH_HOME` (`scripts/test.sh` builds it). Set
-//! `HUTCH_SKIP_VM_TESTS=1` to skip with a printed reason instead.
+//! `HUTCH_SKIP_VM_TESTS=1` to skip with a printed reason instead. `HUTCH_TEST_BACKEND=qemu` or
+//! `=firecracker` runs one backend only. The Firecracker run needs a binary (`FIRECRACKER_BIN`,
+//! `PATH` or `$HUTCH_HOME/bin`) and KVM that really runs guests (not nested PVM, where a stock
+//! kernel cannot boot): without them it prints a `SKIP vm suite [firecracker]: <why>` line, or
+//! fails with `HUTCH_REQUIRE_FIRECRACKER=1`.
 
 use std::{
+    cell::Cell,
     io::Read,
     path::PathBuf,
     process::{Command, Stdio},
@@ -20,8 +26,8 @@ use hutch_protocol::{
     host::{Channel, ExecEvent},
     ExecRequest, ExitInfo, ExitStatus, ReadFileRequest, WriteFileRequest,
 };
-use hutch_vmm::QemuVmm;
-use libtest_mimic::{Arguments, Failed};
+use hutch_vmm::{Accel, FirecrackerVmm, QemuVmm, Vmm};
+use libtest_mimic::{Arguments, Failed, Trial};
 use sha2::{Digest, Sha256};
 
 mod common;
@@ -29,22 +35,47 @@ use common::{check, hutch_home, leaks};
 
 type Result = std::result::Result<(), Failed>;
 
-/// State shared by every case: a runtime whose worker threads outlive each case (a VM dies
-/// with the thread that spawned it), the backend, and the shared VM.
+/// State shared by every case of one backend: a runtime whose worker threads outlive each case
+/// (a VM dies with the thread that spawned it), the backend, and the shared VM.
 struct Suite {
+    /// `qemu` or `firecracker`: the `--backend` the CLI cases pass.
+    backend: &'static str,
     rt: tokio::runtime::Runtime,
-    vmm: QemuVmm,
+    vmm: Arc<dyn Vmm>,
     options: BootOptions,
     shared: Mutex<Option<Sandbox>>,
     channel: Arc<Channel>,
     kernel_release: String,
     home: PathBuf,
+    /// Environment for `hutch` runs (the backend, and where its binary is).
+    env: Env,
 }
 
-static SUITE: OnceLock<Suite> = OnceLock::new();
+static SUITES: OnceLock<Vec<Suite>> = OnceLock::new();
+
+/// Environment variables for `hutch` runs.
+type Env = Vec<(&'static str, String)>;
+
+thread_local! {
+    /// The suite whose case runs on this (test) thread.
+    static CURRENT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
 
 fn suite() -> &'static Suite {
-    SUITE.get().expect("suite initialised in main")
+    let i = CURRENT.with(Cell::get);
+    &SUITES.get().expect("suites initialised in main")[i]
+}
+
+/// Prints why the Firecracker run is skipped, or fails the suite under
+/// `HUTCH_REQUIRE_FIRECRACKER=1`.
+fn skip_firecracker(why: &str) {
+    if std::env::var("HUTCH_REQUIRE_FIRECRACKER").as_deref() == Ok("1") {
+        eprintln!(
+            "vm suite [firecracker]: {why} (HUTCH_REQUIRE_FIRECRACKER=1, so this is a failure)"
+        );
+        std::process::exit(1);
+    }
+    eprintln!("SKIP vm suite [firecracker]: {why}");
 }
 
 fn main() {
@@ -61,61 +92,108 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (vmm, options, shared) = rt.block_on(async {
-        tokio::spawn(async move {
-            let accel =
-                hutch_vmm::probe_accel(&image.kernel, &image.initrd, &home.join("accel.json"))
-                    .await;
-            eprintln!("vm suite: accelerator {} ({})", accel.accel, accel.reason);
-            let vmm = QemuVmm::new(accel.accel).expect("qemu");
-            let options = BootOptions {
-                id: String::new(),
-                image,
-                cpus: 2,
-                memory_mib: 512,
-                disk_mib: 1024,
-                runs_dir: home.join("local"),
-                boot_timeout: Duration::from_secs(120),
-                detached: false,
-                network: None,
-            };
-            let shared = boot(&vmm, &options).await;
-            (vmm, options, shared)
-        })
-        .await
-        .unwrap()
-    });
-    let home = hutch_home();
-    let channel = shared.channel().clone();
-    let kernel_release = options.image.kernel_release.clone();
-    let shared = Mutex::new(Some(shared));
-    let _ = SUITE.set(Suite {
-        rt,
-        vmm,
-        options,
-        shared,
-        channel,
-        kernel_release,
-        home,
-    });
+    let only = std::env::var("HUTCH_TEST_BACKEND").ok();
+    if let Some(b) = only
+        .as_deref()
+        .filter(|b| !matches!(*b, "qemu" | "firecracker"))
+    {
+        eprintln!("HUTCH_TEST_BACKEND={b:?}: want qemu or firecracker");
+        std::process::exit(1);
+    }
+    let wanted = |b: &str| only.as_deref().is_none_or(|o| o == b);
+    let accel = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (k, i, cache) = (
+            image.kernel.clone(),
+            image.initrd.clone(),
+            home.join("accel.json"),
+        );
+        rt.block_on(async move { hutch_vmm::probe_accel(&k, &i, &cache).await })
+    };
+    eprintln!("vm suite: accelerator {} ({})", accel.accel, accel.reason);
+    let mut backends: Vec<(&'static str, Arc<dyn Vmm>, Env)> = Vec::new();
+    if wanted("qemu") {
+        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(accel.accel).expect("qemu"));
+        backends.push(("qemu", vmm, vec![("HUTCH_BACKEND", "qemu".into())]));
+    }
+    if wanted("firecracker") {
+        match hutch_vmm::firecracker::find_firecracker_or_in(&home.join("bin")) {
+            Err(e) => skip_firecracker(&format!("{e}, nor in {}", home.join("bin").display())),
+            Ok(_) if accel.accel != Accel::Kvm => skip_firecracker(&format!(
+                "KVM does not run guests on this host (nested PVM?): the probe fell back to {}: {}",
+                accel.accel, accel.reason
+            )),
+            Ok(fc) => {
+                eprintln!("vm suite: firecracker {}", fc.display());
+                let env = vec![
+                    ("HUTCH_BACKEND", "firecracker".into()),
+                    ("FIRECRACKER_BIN", fc.display().to_string()),
+                ];
+                backends.push((
+                    "firecracker",
+                    Arc::new(FirecrackerVmm::with_binary(fc)),
+                    env,
+                ));
+            }
+        }
+    }
+    let mut suites = Vec::new();
+    for (backend, vmm, env) in backends {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let options = BootOptions {
+            id: String::new(),
+            image: image.clone(),
+            cpus: 2,
+            memory_mib: 512,
+            disk_mib: 1024,
+            runs_dir: home.join("local"),
+            boot_timeout: Duration::from_secs(120),
+            detached: false,
+            network: None,
+            memory: hutch_vmm::GuestMemory::Anonymous,
+        };
+        let shared = rt.block_on({
+            let (vmm, options) = (vmm.clone(), options.clone());
+            async move {
+                tokio::spawn(async move { boot(&*vmm, &options).await })
+                    .await
+                    .unwrap()
+            }
+        });
+        eprintln!("vm suite [{backend}]: shared VM {} is up", shared.id());
+        suites.push(Suite {
+            backend,
+            rt,
+            vmm,
+            channel: shared.channel().clone(),
+            kernel_release: options.image.kernel_release.clone(),
+            options,
+            shared: Mutex::new(Some(shared)),
+            home: home.clone(),
+            env,
+        });
+    }
+    let _ = SUITES.set(suites);
 
     let conclusion = libtest_mimic::run(&args, trials());
 
-    let suite = suite();
-    let shared = suite.shared.lock().unwrap().take().expect("shared VM");
-    let shared_id = shared.id().to_string();
-    suite
-        .rt
-        .block_on(async { shared.destroy().await.expect("destroy the shared VM") });
-    let leaks = leaks(&suite.home);
+    let mut shared_ids = Vec::new();
+    for suite in SUITES.get().unwrap() {
+        let shared = suite.shared.lock().unwrap().take().expect("shared VM");
+        shared_ids.push(format!("{}: {}", suite.backend, shared.id()));
+        suite
+            .rt
+            .block_on(async { shared.destroy().await.expect("destroy the shared VM") });
+    }
+    let leaks = leaks(&home);
     if !leaks.is_empty() {
         eprintln!(
-            "LEAK after the vm suite (shared VM was {shared_id}):\n{}",
+            "LEAK after the vm suite (shared VMs were {}):\n{}",
+            shared_ids.join(", "),
             leaks.join("\n")
         );
         std::process::exit(1);
@@ -124,14 +202,22 @@ fn main() {
     conclusion.exit();
 }
 
-async fn boot(vmm: &QemuVmm, template: &BootOptions) -> Sandbox {
+async fn boot(vmm: &dyn Vmm, template: &BootOptions) -> Sandbox {
     let mut options = template.clone();
     options.id = hutch_core::new_id();
     Sandbox::boot(vmm, &options).await.expect("boot a VM")
 }
 
-fn trials() -> Vec<libtest_mimic::Trial> {
-    trials![
+/// `(name, case)` for each case.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        [$((stringify!($case), $case as fn() -> Result)),*]
+    };
+}
+
+/// Every case once per backend, as `<backend>::<case>`.
+fn trials() -> Vec<Trial> {
+    let cases = cases![
         guest_reports_its_own_kernel,
         exit_codes_and_signals_propagate,
         stdin_round_trip,
@@ -146,7 +232,20 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         cli_64mib_stdout_intact_with_bounded_memory,
         cli_bad_input_gives_one_line_errors,
         cli_ctrl_c_removes_everything,
-    ]
+    ];
+    let mut out = Vec::new();
+    for (i, suite) in SUITES.get().unwrap().iter().enumerate() {
+        for (name, case) in cases {
+            out.push(Trial::test(
+                format!("{}::{name}", suite.backend),
+                move || {
+                    CURRENT.with(|c| c.set(i));
+                    case()
+                },
+            ));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- helpers
@@ -195,6 +294,7 @@ async fn stdout_of(ch: &Channel, script: &str) -> std::result::Result<String, Fa
 fn hutch() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
     cmd.env("HUTCH_HOME", &suite().home).env_remove("HUTCH_LOG");
+    cmd.envs(suite().env.iter().map(|(k, v)| (k, v)));
     cmd
 }
 
@@ -430,9 +530,9 @@ fn files_round_trip() -> Result {
 // ---------------------------------------------------------------- cases with their own VMs
 
 fn two_vms_do_not_share_files() -> Result {
+    let s = suite();
     on_rt(async move {
-        let s = suite();
-        let (a, b) = tokio::join!(boot(&s.vmm, &s.options), boot(&s.vmm, &s.options));
+        let (a, b) = tokio::join!(boot(&*s.vmm, &s.options), boot(&*s.vmm, &s.options));
         let result = async {
             stdout_of(a.channel(), "echo from-a > /root/mark; echo a > /tmp/mark").await?;
             stdout_of(b.channel(), "echo from-b > /root/mark").await?;

@@ -5,11 +5,18 @@
 //! for the agent, but notices at once when the VM dies instead, and reports the console's
 //! last lines so a failed boot explains itself.
 
+mod clones;
 pub mod lifecycle;
 mod manager;
 mod network;
 mod orphans;
+mod pool;
 mod sandbox;
+pub mod task;
+mod template;
 
+pub use clones::MAX_FORK;
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
+pub use pool::MAX_POOL;
 pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};
+pub use template::{TemplateError, TemplateRecord, Templates};

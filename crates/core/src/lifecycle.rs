@@ -19,6 +19,10 @@ pub enum ActionKind {
     Console,
     /// Change the network policy.
     Network,
+    /// Snapshot it into children.
+    Fork,
+    /// Save it to disk and stop its VMM.
+    Suspend,
 }
 
 /// Why an action is refused in a state.
@@ -38,13 +42,14 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
     let ok = match action {
         Use => matches!(state, S::Running),
         Pause => matches!(state, S::Running),
-        Resume => matches!(state, S::Paused),
+        Resume => matches!(state, S::Paused | S::Suspended),
         Stop => matches!(state, S::Running | S::Paused),
         // A create in flight always ends (running or failed, within the boot timeout); tearing
         // it down meanwhile would race the boot, which would bring the sandbox back.
         Destroy => !matches!(state, S::Destroyed | S::Creating),
         Console => !matches!(state, S::Destroyed),
         Network => matches!(state, S::Running | S::Paused),
+        Fork | Suspend => matches!(state, S::Running | S::Paused),
     };
     if ok {
         Ok(())
@@ -58,6 +63,8 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
                 Destroy => "destroy",
                 Console => "read the console of",
                 Network => "change the network of",
+                Fork => "fork",
+                Suspend => "pause to disk",
             },
             state: state.name(),
         })
@@ -71,6 +78,12 @@ mod tests {
 
     #[test]
     fn the_table_allows_only_sensible_moves() {
+        assert!(check(&S::Suspended, ActionKind::Resume).is_ok());
+        assert!(check(&S::Suspended, ActionKind::Use).is_err());
+        assert!(check(&S::Suspended, ActionKind::Suspend).is_err());
+        assert!(check(&S::Suspended, ActionKind::Destroy).is_ok());
+        assert!(check(&S::Paused, ActionKind::Fork).is_ok());
+        assert!(check(&S::Stopped, ActionKind::Fork).is_err());
         assert!(check(&S::Running, ActionKind::Use).is_ok());
         assert!(check(&S::Paused, ActionKind::Use).is_err());
         assert!(check(&S::Paused, ActionKind::Resume).is_ok());

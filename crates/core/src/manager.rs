@@ -13,16 +13,17 @@ use std::{
 };
 
 use hutch_image::ImageError;
-use hutch_net::{FlowEvent, NetError, Network};
+use hutch_net::{FlowEvent, NetError, Network, WireGuardConfig};
 use hutch_protocol::host::{Channel, ChannelError};
 use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
-use hutch_vmm::{Vmm, VmmError};
+use hutch_vmm::{GuestMemory, Snapshot, Vmm, VmmError};
 
 use crate::{
     lifecycle::{check, ActionKind, IllegalAction},
     network,
     sandbox::{BootOptions, Sandbox, SandboxError},
+    template::{TemplateError, Templates},
 };
 
 /// How long a health-check ping may take before the sandbox counts as unresponsive.
@@ -46,6 +47,10 @@ pub struct ManagerConfig {
     pub runs_dir: PathBuf,
     /// Admission limits.
     pub limits: Limits,
+    /// Saved templates.
+    pub templates: Templates,
+    /// Where forks and sandboxes paused to disk keep their snapshots.
+    pub snapshots_dir: PathBuf,
     /// How long a boot may take.
     pub boot_timeout: Duration,
 }
@@ -83,6 +88,9 @@ pub enum CoreError {
     /// The sandbox asks for a network this host cannot give.
     #[error("networking is unavailable on this host: {0}")]
     NoNetwork(String),
+    /// A template operation failed.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
     /// The host network failed.
     #[error("sandbox network failed")]
     Net(#[from] NetError),
@@ -105,8 +113,18 @@ impl CoreError {
             CoreError::NotFound(_) => ErrorCode::NotFound,
             CoreError::Image(ImageError::NotFound { .. }) => ErrorCode::NotFound,
             CoreError::Illegal(_) => ErrorCode::Conflict,
+            CoreError::Template(TemplateError::NotFound(_)) => ErrorCode::NotFound,
+            CoreError::Template(
+                TemplateError::Exists(_)
+                | TemplateError::InUse { .. }
+                | TemplateError::ImageChanged { .. },
+            ) => ErrorCode::Conflict,
+            CoreError::Template(TemplateError::Provision { .. }) => ErrorCode::ExecFailed,
             CoreError::OverCapacity(_) => ErrorCode::OverCapacity,
             CoreError::NoNetwork(_) => ErrorCode::Conflict,
+            CoreError::Net(
+                NetError::PortInUse(_) | NetError::AlreadyPublished { .. } | NetError::NoNic(_),
+            ) => ErrorCode::Conflict,
             CoreError::Channel(ChannelError::Remote(_)) => ErrorCode::ExecFailed,
             _ => ErrorCode::Internal,
         }
@@ -128,21 +146,32 @@ pub struct ReconcileReport {
     pub removed_networks: usize,
 }
 
+/// The network a sandbox is about to get.
+pub(crate) struct NetPlan {
+    pub(crate) net: Arc<Network>,
+    pub(crate) policy: hutch_net::Policy,
+    pub(crate) tunnel: Option<WireGuardConfig>,
+}
+
 /// A sandbox with a VM under this daemon's control.
-struct Live {
-    sandbox: tokio::sync::Mutex<Option<Sandbox>>,
+pub(crate) struct Live {
+    pub(crate) sandbox: tokio::sync::Mutex<Option<Sandbox>>,
     channel: Arc<Channel>,
 }
 
 /// Drives every sandbox on this host.
 pub struct Manager {
-    cfg: ManagerConfig,
+    pub(crate) cfg: ManagerConfig,
     store: Arc<dyn Store>,
-    vmm: Arc<dyn Vmm>,
+    pub(crate) vmm: Arc<dyn Vmm>,
     /// Sandbox networking, or why this host cannot offer it.
     net: Result<Arc<Network>, String>,
     live: Mutex<HashMap<String, Arc<Live>>>,
-    admission: tokio::sync::Mutex<()>,
+    pub(crate) admission: tokio::sync::Mutex<()>,
+    /// Ready clones of templates.
+    pub(crate) pools: crate::pool::Pools,
+    /// This manager, for background tasks it starts (pool refills).
+    pub(crate) me: std::sync::Weak<Manager>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -161,13 +190,15 @@ impl Manager {
         vmm: Arc<dyn Vmm>,
         net: Result<Arc<Network>, String>,
     ) -> Arc<Manager> {
-        Arc::new(Manager {
+        Arc::new_cyclic(|me| Manager {
             cfg,
             store,
             vmm,
             net,
             live: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
+            pools: crate::pool::Pools::default(),
+            me: me.clone(),
         })
     }
 
@@ -175,7 +206,24 @@ impl Manager {
         self.cfg.runs_dir.join(id)
     }
 
-    fn live(&self, id: &str) -> Option<Arc<Live>> {
+    /// The host network, or why this host has none (for `network.rs`).
+    pub(crate) fn net(&self) -> Result<&Arc<Network>, CoreError> {
+        self.net
+            .as_ref()
+            .map_err(|why| CoreError::NoNetwork(why.clone()))
+    }
+
+    /// The state store (for `network.rs`).
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Takes a sandbox out of the live table (its VM is about to go).
+    pub(crate) fn take_live(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.lock().expect("live lock").remove(id)
+    }
+
+    pub(crate) fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.live.lock().expect("live lock").get(id).cloned()
     }
 
@@ -186,17 +234,29 @@ impl Manager {
         spec: SandboxSpec,
         idempotency_key: Option<&str>,
     ) -> Result<(SandboxInfo, bool), CoreError> {
-        spec.validate()?;
-        let policy = network::to_policy(&spec.network)?;
-        let net = match (&spec.network, &self.net) {
-            (NetworkPolicy::None, _) => None,
-            (_, Ok(net)) => Some(net.clone()),
-            (_, Err(why)) => return Err(CoreError::NoNetwork(why.clone())),
+        if spec.origin.is_some() {
+            return Err(SpecError(
+                "origin is set by Hutch (templates and forks), not by clients".into(),
+            )
+            .into());
+        }
+        let mut spec = spec;
+        let snapshot = match spec.template.clone() {
+            Some(name) => Some(self.template_snapshot(&mut spec, &name).await?),
+            None => None,
         };
+        spec.validate()?;
+        let plan = self.plan_network(&spec, snapshot.as_ref())?;
         if let Some(existing) =
             idempotency_key.and_then(|k| self.store.by_idempotency_key(k).transpose())
         {
             return Ok((self.info(&existing?)?, false));
+        }
+        if let Some(info) = self
+            .take_pooled(&spec, idempotency_key, plan.as_ref())
+            .await?
+        {
+            return Ok((info, true));
         }
         let image =
             hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
@@ -210,41 +270,119 @@ impl Manager {
             if !created {
                 return Ok((self.info(&id)?, false));
             }
-            self.store.intend_object(&self.run_dir_object(&id, false))?;
-            if net.is_some() {
-                self.store.intend_object(&netns_object(&id, false))?;
+            self.intend(&id, plan.is_some())?;
+        }
+        self.launch(&id, &spec, image, plan, snapshot.as_ref())
+            .await?;
+        Ok((self.info(&id)?, true))
+    }
+
+    /// Records that a sandbox's run dir (and network) are about to be created.
+    pub(crate) fn intend(&self, id: &str, network: bool) -> Result<(), CoreError> {
+        self.store.intend_object(&self.run_dir_object(id, false))?;
+        if network {
+            self.store.intend_object(&netns_object(id, false))?;
+        }
+        Ok(())
+    }
+
+    /// The host network and policy a sandbox gets, `None` for no NIC. A sandbox restored from a
+    /// snapshot has a NIC exactly when the snapshot's guest had one (with policy `none` its
+    /// network reaches nothing).
+    pub(crate) fn plan_network(
+        &self,
+        spec: &SandboxSpec,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Option<NetPlan>, CoreError> {
+        let nic = match snapshot {
+            Some(snap) if snap.nic_mac.is_none() && spec.network.has_nic() => {
+                return Err(SpecError(
+                    "its snapshot's guest has no NIC (made on a host without networking), so it cannot have a network".into(),
+                )
+                .into())
+            }
+            Some(snap) => snap.nic_mac.is_some(),
+            None => spec.network.has_nic(),
+        };
+        if !nic {
+            return Ok(None);
+        }
+        let policy = network::nic_policy(&spec.network)?;
+        let tunnel = network::to_tunnel(spec)?;
+        let net = self
+            .net
+            .as_ref()
+            .map_err(|why| CoreError::NoNetwork(why.clone()))?;
+        Ok(Some(NetPlan {
+            net: net.clone(),
+            policy,
+            tunnel,
+        }))
+    }
+
+    /// Creates a sandbox's network and VM (booted, or restored from `snapshot`), detached;
+    /// on failure removes the network again.
+    pub(crate) async fn start_vm(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        image: hutch_image::Image,
+        plan: Option<&NetPlan>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Sandbox, CoreError> {
+        let network = match plan {
+            Some(p) => network::attach(&p.net, id, &p.policy, p.tunnel.as_ref()).await?,
+            None => None,
+        };
+        let opts = BootOptions {
+            id: id.to_string(),
+            image,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            runs_dir: self.cfg.runs_dir.clone(),
+            boot_timeout: self.cfg.boot_timeout,
+            detached: true,
+            network,
+            memory: GuestMemory::Anonymous,
+        };
+        let vmm = self.vmm.as_ref();
+        let started = match snapshot {
+            Some(snap) => Sandbox::restore(vmm, &opts, snap).await,
+            None => Sandbox::boot(vmm, &opts).await,
+        };
+        if started.is_err() {
+            if let Some(p) = plan {
+                let _ = p.net.destroy(id).await;
             }
         }
-        let booted = async {
-            let network = match &net {
-                Some(net) => network::attach(net, &id, &policy).await?,
-                None => None,
-            };
-            let opts = BootOptions {
-                id: id.clone(),
-                image,
-                cpus: spec.cpus,
-                memory_mib: spec.memory_mib,
-                disk_mib: spec.disk_mib,
-                runs_dir: self.cfg.runs_dir.clone(),
-                boot_timeout: self.cfg.boot_timeout,
-                detached: true,
-                network,
-            };
-            Ok::<_, CoreError>(Sandbox::boot(self.vmm.as_ref(), &opts).await?)
-        };
-        match booted.await {
+        Ok(started?)
+    }
+
+    /// Creates the network and the VM of a recorded sandbox (booted, or restored from
+    /// `snapshot`) and makes it live; on failure removes what was made and marks it failed.
+    pub(crate) async fn launch(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        image: hutch_image::Image,
+        plan: Option<NetPlan>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<(), CoreError> {
+        match self
+            .start_vm(id, spec, image, plan.as_ref(), snapshot)
+            .await
+        {
             Ok(sandbox) => {
-                if net.is_some() {
-                    self.store.confirm_object(&netns_object(&id, true))?;
+                if plan.is_some() {
+                    self.store.confirm_object(&netns_object(id, true))?;
                 }
-                self.record_running(&id, sandbox)?;
-                Ok((self.info(&id)?, true))
+                self.record_running(id, sandbox)
             }
             Err(e) => {
-                self.remove_recorded(&id).await?;
+                self.remove_recorded(id).await?;
                 self.store
-                    .set_state(&id, &SandboxState::Failed(chain(&e)), now_ms())?;
+                    .set_state(id, &SandboxState::Failed(chain(&e)), now_ms())?;
                 Err(e)
             }
         }
@@ -285,7 +423,7 @@ impl Manager {
     }
 
     /// Refuses a spec that would exceed the host's limits.
-    fn admit(&self, spec: &SandboxSpec) -> Result<(), CoreError> {
+    pub(crate) fn admit(&self, spec: &SandboxSpec) -> Result<(), CoreError> {
         let active: Vec<SandboxInfo> = self
             .store
             .list(&ListFilter::default())?
@@ -305,7 +443,11 @@ impl Manager {
                 limits.max_sandboxes
             )));
         }
-        let used: u64 = active.iter().map(|s| u64::from(s.spec.memory_mib)).sum();
+        let used: u64 = active
+            .iter()
+            .map(|s| u64::from(s.spec.memory_mib))
+            .sum::<u64>()
+            + self.pools.memory_mib();
         if used + u64::from(spec.memory_mib) > limits.memory_budget_mib {
             return Err(CoreError::OverCapacity(format!(
                 "{} MiB asked, {} of {} MiB memory budget in use",
@@ -326,7 +468,7 @@ impl Manager {
     }
 
     /// Records a booted (or adopted) sandbox's objects and makes it live and running.
-    fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
+    pub(crate) fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
         let vm = sandbox.vm();
         self.store.confirm_object(&self.run_dir_object(id, true))?;
         self.store.confirm_object(&HostObject {
@@ -353,7 +495,7 @@ impl Manager {
         self.info(id)
     }
 
-    fn info(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+    pub(crate) fn info(&self, id: &str) -> Result<SandboxInfo, CoreError> {
         self.store
             .get(id)?
             .ok_or_else(|| CoreError::NotFound(id.to_string()))
@@ -407,8 +549,11 @@ impl Manager {
             .await
     }
 
-    /// Thaws a paused sandbox.
+    /// Thaws a paused sandbox, or restores one paused to disk.
     pub async fn resume(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        if self.info(id)?.state == SandboxState::Suspended {
+            return self.resume_from_disk(id).await;
+        }
         self.transition(id, ActionKind::Resume, SandboxState::Running)
             .await
     }
@@ -460,8 +605,7 @@ impl Manager {
             self.store
                 .set_state(id, &SandboxState::Stopping, now_ms())?;
         }
-        let live = self.live.lock().expect("live lock").remove(id);
-        if let Some(live) = live {
+        if let Some(live) = self.take_live(id) {
             if let Some(sandbox) = live.sandbox.lock().await.take() {
                 if let Err(e) = sandbox.destroy().await {
                     tracing::warn!(%id, error = %chain(&e), "VM teardown failed; removing by record");
@@ -470,11 +614,12 @@ impl Manager {
         }
         self.remove_recorded(id).await?;
         self.store.set_state(id, &to, now_ms())?;
+        self.release_snapshots(&info);
         self.info(id)
     }
 
     /// Removes every recorded host object of `id` (by exact pid + start time, by path).
-    async fn remove_recorded(&self, id: &str) -> Result<usize, CoreError> {
+    pub(crate) async fn remove_recorded(&self, id: &str) -> Result<usize, CoreError> {
         let mut removed = 0;
         for obj in self
             .store
@@ -498,6 +643,12 @@ impl Manager {
                     if let Ok(net) = &self.net {
                         net.destroy(&obj.sandbox_id).await?;
                         removed += 1;
+                    }
+                }
+                ObjectKind::Port => {
+                    // Normally closed already with the network above.
+                    if let (Ok(net), Ok(port)) = (&self.net, obj.name.parse()) {
+                        removed += usize::from(net.unpublish(id, port).await.unwrap_or(false));
                     }
                 }
                 ObjectKind::RunDir => {
@@ -541,7 +692,12 @@ impl Manager {
     /// every VMM process and run dir that no sandbox owns.
     pub async fn reconcile(&self) -> Result<ReconcileReport, CoreError> {
         let mut report = ReconcileReport::default();
+        self.cfg.templates.remove_staging();
         for info in self.store.list(&ListFilter::default())? {
+            if info.state == SandboxState::Suspended {
+                // Nothing runs: its snapshot waits on disk for a resume.
+                continue;
+            }
             let adoptable = matches!(info.state, SandboxState::Running | SandboxState::Paused);
             let outcome = if adoptable {
                 self.adopt(&info).await
@@ -573,12 +729,20 @@ impl Manager {
         report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
         report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned);
         if let Ok(net) = &self.net {
-            for obj in net.list_owned().await? {
-                if let Some(id) = obj.sandbox_id().filter(|id| !owned.iter().any(|o| o == id)) {
-                    tracing::warn!(%id, "removing a sandbox network no sandbox owns");
-                    net.destroy(id).await?;
-                    report.removed_networks += 1;
-                }
+            let mut stray: Vec<String> = net
+                .list_owned()
+                .await?
+                .iter()
+                .filter_map(|o| o.sandbox_id())
+                .filter(|id| !owned.iter().any(|o| o == id))
+                .map(str::to_string)
+                .collect();
+            stray.sort();
+            stray.dedup();
+            for id in stray {
+                tracing::warn!(%id, "removing a sandbox network no sandbox owns");
+                net.destroy(&id).await?;
+                report.removed_networks += 1;
             }
         }
         Ok(report)
@@ -598,6 +762,7 @@ impl Manager {
         let sandbox = Sandbox::attach(&info.id, vm, self.cfg.boot_timeout)
             .await
             .map_err(|e| format!("agent lost across a daemon restart: {}", chain(&e)))?;
+        network::adopt(self, info).await?;
         if paused {
             sandbox.vm().pause().await.map_err(|e| chain(&e))?;
         }
@@ -613,7 +778,7 @@ impl Manager {
 }
 
 /// The record of a sandbox's network (named by the sandbox id).
-fn netns_object(id: &str, confirmed: bool) -> HostObject {
+pub(crate) fn netns_object(id: &str, confirmed: bool) -> HostObject {
     HostObject {
         sandbox_id: id.to_string(),
         kind: ObjectKind::Netns,

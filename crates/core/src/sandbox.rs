@@ -9,9 +9,9 @@ use std::{
 use hutch_image::Image;
 use hutch_protocol::{
     host::{Channel, ChannelError},
-    NetworkConfig, Setup,
+    NetworkConfig, Setup, WriteFileRequest,
 };
-use hutch_vmm::{GuestMemory, Lifetime, Nic, Vm, VmSpec, Vmm, VmmError};
+use hutch_vmm::{GuestMemory, Lifetime, Nic, Snapshot, Vm, VmSpec, Vmm, VmmError};
 use rand::RngCore;
 
 /// How long a clean shutdown through the agent may take before the VM is killed.
@@ -70,6 +70,8 @@ pub struct BootOptions {
     pub detached: bool,
     /// A network device backed by this TAP, and the configuration the guest gives it.
     pub network: Option<(Nic, NetworkConfig)>,
+    /// Where the guest's RAM lives (a template boots with it in a shared file).
+    pub memory: GuestMemory,
 }
 
 /// A fresh sandbox id: `sb-` and 10 random hex digits.
@@ -90,35 +92,42 @@ impl Sandbox {
     /// destroyed before returning.
     pub async fn boot(vmm: &dyn Vmm, opts: &BootOptions) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        let spec = VmSpec {
-            id: opts.id.clone(),
-            kernel: opts.image.kernel.clone(),
-            initrd: opts.image.initrd.clone(),
-            rootfs: opts.image.rootfs.clone(),
-            cpus: opts.cpus,
-            memory_mib: opts.memory_mib,
-            scratch_disk_mib: opts.disk_mib,
-            run_dir: opts.runs_dir.join(&opts.id),
-            extra_cmdline: vec![],
-            lifetime: if opts.detached {
-                Lifetime::Detached
-            } else {
-                Lifetime::Owned
-            },
-            memory: GuestMemory::Anonymous,
-        };
         let nic = opts.network.as_ref().map(|(nic, _)| nic);
         let vm = vmm
-            .start_with_nic(&spec, nic)
+            .start_with_nic(&vm_spec(opts), nic)
             .await
             .map_err(SandboxError::Start)?;
-        let mut sandbox = Sandbox::attach(&opts.id, vm, opts.boot_timeout).await?;
-        if let Some((_, config)) = &opts.network {
-            if let Err(e) = sandbox.channel.network(config.clone()).await {
-                let _ = sandbox.destroy().await;
-                return Err(SandboxError::Channel(e));
-            }
+        Sandbox::finish(vm, opts, started).await
+    }
+
+    /// Restores a VM from `snapshot` (a template or a fork) and makes it a sandbox of its own:
+    /// fresh entropy, clock, hostname and machine-id, and the network configuration pushed
+    /// again. `opts.cpus`/`memory_mib` must match the snapshot. On failure the VM is destroyed.
+    pub async fn restore(
+        vmm: &dyn Vmm,
+        opts: &BootOptions,
+        snapshot: &Snapshot,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let nic = opts.network.as_ref().map(|(nic, _)| nic);
+        let vm = vmm
+            .restore(&vm_spec(opts), nic, snapshot)
+            .await
+            .map_err(SandboxError::Start)?;
+        if let Err(e) = vm.resume().await {
+            let _ = vm.destroy().await;
+            return Err(SandboxError::Start(e));
         }
+        Sandbox::finish(vm, opts, started).await
+    }
+
+    /// Attaches to a started VM, pushes its network configuration and gives it its identity.
+    async fn finish(
+        vm: Box<dyn Vm>,
+        opts: &BootOptions,
+        started: Instant,
+    ) -> Result<Sandbox, SandboxError> {
+        let mut sandbox = Sandbox::attach_with(&opts.id, vm, opts.boot_timeout, Some(opts)).await?;
         sandbox.boot_time = started.elapsed();
         Ok(sandbox)
     }
@@ -130,8 +139,19 @@ impl Sandbox {
         vm: Box<dyn Vm>,
         timeout: Duration,
     ) -> Result<Sandbox, SandboxError> {
+        Sandbox::attach_with(id, vm, timeout, None).await
+    }
+
+    /// [`Sandbox::attach`], configuring a new guest (`first`: its network and identity) at the
+    /// same time as the boot facts.
+    async fn attach_with(
+        id: &str,
+        vm: Box<dyn Vm>,
+        timeout: Duration,
+        first: Option<&BootOptions>,
+    ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        match connect(vm.as_ref(), id, timeout).await {
+        match connect(vm.as_ref(), id, timeout, first).await {
             Ok(channel) => Ok(Sandbox {
                 id: id.to_string(),
                 vm,
@@ -165,6 +185,19 @@ impl Sandbox {
         self.boot_time
     }
 
+    /// Gives the guest the host's clock and fresh entropy again (e.g. when a clone that waited
+    /// in a pool is handed out).
+    pub async fn refresh(&self) -> Result<(), ChannelError> {
+        self.channel.setup(boot_facts(&self.id)).await
+    }
+
+    /// Destroys the VM at once, without asking the agent to power off first (for a paused or
+    /// already saved VM).
+    pub async fn discard(self) -> Result<(), SandboxError> {
+        drop(self.channel);
+        self.vm.destroy().await.map_err(SandboxError::Destroy)
+    }
+
     /// Asks the agent to power off (bounded), then destroys the VM and everything it owns.
     pub async fn destroy(self) -> Result<(), SandboxError> {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.channel.shutdown()).await;
@@ -173,16 +206,47 @@ impl Sandbox {
     }
 }
 
+/// The VM for a sandbox.
+fn vm_spec(opts: &BootOptions) -> VmSpec {
+    VmSpec {
+        id: opts.id.clone(),
+        kernel: opts.image.kernel.clone(),
+        initrd: opts.image.initrd.clone(),
+        rootfs: opts.image.rootfs.clone(),
+        cpus: opts.cpus,
+        memory_mib: opts.memory_mib,
+        scratch_disk_mib: opts.disk_mib,
+        run_dir: opts.runs_dir.join(&opts.id),
+        extra_cmdline: vec![],
+        lifetime: if opts.detached {
+            Lifetime::Detached
+        } else {
+            Lifetime::Owned
+        },
+        memory: opts.memory.clone(),
+    }
+}
+
 /// Connects, handshakes and sends the boot facts, failing fast if the VM dies meanwhile.
-async fn connect(vm: &dyn Vm, id: &str, timeout: Duration) -> Result<Channel, SandboxError> {
+async fn connect(
+    vm: &dyn Vm,
+    id: &str,
+    timeout: Duration,
+    first: Option<&BootOptions>,
+) -> Result<Channel, SandboxError> {
     let handshake = async {
         let stream = vm.connect_channel().await.map_err(SandboxError::Start)?;
         let channel = Channel::connect(stream)
             .await
             .map_err(SandboxError::Channel)?;
-        channel
-            .setup(boot_facts(id))
-            .await
+        // Concurrent: each is a round trip to a guest that may be slow (TCG).
+        let configure = async {
+            match first {
+                Some(opts) => configure(&channel, opts).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(channel.setup(boot_facts(id)), configure)
             .map_err(SandboxError::Channel)?;
         Ok(channel)
     };
@@ -218,6 +282,38 @@ fn boot_facts(id: &str) -> Setup {
         unix_nanos: now.subsec_nanos(),
         hostname: id.to_string(),
     }
+}
+
+/// A new guest's network configuration and identity, concurrently.
+async fn configure(channel: &Channel, opts: &BootOptions) -> Result<(), ChannelError> {
+    let network = async {
+        match &opts.network {
+            Some((_, config)) => channel.network(config.clone()).await,
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(network, personalize(channel, &opts.id)).map(drop)
+}
+
+/// Gives the guest its own machine-id and sandbox id: a restored clone would otherwise keep
+/// its template's, and every booted sandbox the image's.
+async fn personalize(channel: &Channel, id: &str) -> Result<(), ChannelError> {
+    let mut raw = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let machine_id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let files = [
+        ("/etc/machine-id", format!("{machine_id}\n")),
+        ("/etc/hutch/sandbox-id", format!("{id}\n")),
+    ];
+    let writes = files.iter().map(|(path, content)| {
+        let req = WriteFileRequest {
+            path: path.to_string(),
+            mode: 0o444,
+            make_parents: true,
+        };
+        channel.write_file(req, content.as_bytes())
+    });
+    futures::future::try_join_all(writes).await.map(drop)
 }
 
 /// The end of the guest console, made printable (it is guest-controlled text).

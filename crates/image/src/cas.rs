@@ -18,7 +18,7 @@ use crate::ImageError;
 pub(crate) const RECIPE: &str = "hutch-image/1";
 
 /// The kinds of artifact.
-pub(crate) const KINDS: &[&str] = &["kernel", "rootfs", "initramfs"];
+pub(crate) const KINDS: &[&str] = &["kernel", "rootfs", "initramfs", "vmlinux", "srckernel"];
 
 /// The cache id of an artifact of `kind` made from `inputs`: `<kind>-<sha256 hex>`.
 ///

@@ -97,6 +97,10 @@ pub enum ImageError {
         reason: String,
     },
 
+    /// A kernel configuration (fragment or result) is unusable.
+    #[error("kernel config: {0}")]
+    KernelConfig(String),
+
     /// A required kernel module is neither built in nor shipped as a module.
     #[error("kernel {release}: module {module} is neither built in nor shipped as a module")]
     ModuleMissing {
@@ -132,6 +136,16 @@ pub enum ImageError {
         /// Why it could not be started.
         #[source]
         source: std::io::Error,
+    },
+
+    /// The ELF `vmlinux` (for Firecracker) could not be extracted from the kernel image.
+    #[error("extracting vmlinux from {bzimage}")]
+    Vmlinux {
+        /// The bzImage it was extracted from.
+        bzimage: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: crate::vmlinux::VmlinuxError,
     },
 
     /// A file system operation failed.

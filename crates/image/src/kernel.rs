@@ -20,12 +20,15 @@ use serde::{Deserialize, Serialize};
 use crate::apt::PrivateApt;
 use crate::{elf, tools, ImageError};
 
-/// Modules the guest agent needs, by module name; built-ins are skipped.
+/// Modules the guest agent needs, by module name; built-ins are skipped. virtio-mmio, -blk,
+/// -rng and vsock serve both VMMs (Firecracker's channel is vsock; QEMU's is virtio-console).
 pub const REQUIRED_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
     "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "virtio_rng",
     "overlay",

@@ -1,20 +1,22 @@
-//! Guest images for Hutch: a distro kernel, an initramfs holding the guest agent and the kernel
-//! modules it needs, and an ext4 root file system made with debootstrap.
+//! Guest images for Hutch: a distro kernel (as the bzImage QEMU boots and the ELF `vmlinux`
+//! Firecracker boots), an initramfs holding the guest agent and the kernel modules it needs, and
+//! an ext4 root file system made with debootstrap.
 //!
 //! Everything is cached by content under `images_dir` (normally `$HUTCH_HOME/images`):
 //!
 //! ```text
 //! images_dir/
-//!   <name>.json                     manifest of a named image (points at three artifacts)
+//!   <name>.json                     manifest of a named image (points at its artifacts)
 //!   cas/kernel-<sha256>/            vmlinuz, release, modules/…, modules.load, modules.dep, meta.json
+//!   cas/vmlinux-<sha256>/           vmlinux (ELF, extracted from the kernel's vmlinuz), meta.json
 //!   cas/rootfs-<sha256>/            rootfs.ext4 (label `hutch-root`), meta.json
 //!   cas/initramfs-<sha256>/         initrd.cpio (uncompressed newc), meta.json
 //! ```
 //!
 //! Each artifact id is the sha256 of its inputs: the kernel's of (suite, mirror, kernel package),
 //! the rootfs's of (suite, mirror, sorted package list), the initramfs's of (kernel artifact id,
-//! sha256 of the agent binary). A second [`build`] with the same inputs reuses all three and takes
-//! well under a second.
+//! sha256 of the agent binary), the vmlinux's of the kernel artifact id. A second [`build`] with
+//! the same inputs reuses them all and takes well under a second.
 //!
 //! Nothing is installed or mounted on the host: the kernel package is fetched with a private apt
 //! configuration and unpacked with `dpkg-deb -x`; the rootfs tree is packed with `mkfs.ext4 -d`.
@@ -28,6 +30,7 @@ mod elf;
 mod error;
 mod initramfs;
 mod kernel;
+pub mod kernel_src;
 mod rootfs;
 mod tools;
 pub mod vmlinux;
@@ -91,8 +94,11 @@ impl BuildSpec {
 pub struct Image {
     /// The image name.
     pub name: String,
-    /// Kernel image (bzImage).
+    /// Kernel image (bzImage), for QEMU.
     pub kernel: PathBuf,
+    /// The same kernel as an ELF `vmlinux`, for Firecracker; `None` for an image built before
+    /// Hutch extracted one (`hutch image build` again adds it, from the cache).
+    pub vmlinux: Option<PathBuf>,
     /// Initramfs (uncompressed newc cpio) with the agent as `/init`.
     pub initrd: PathBuf,
     /// Root file system (ext4, label [`ROOTFS_LABEL`]); share it read-only between VMs.
@@ -111,6 +117,9 @@ struct Manifest {
     digest: String,
     kernel_release: String,
     kernel: String,
+    /// The vmlinux artifact; absent in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vmlinux: Option<String>,
     initramfs: String,
     rootfs: String,
     suite: String,
@@ -213,6 +222,29 @@ fn rootfs_inputs(r: &Resolved) -> BTreeMap<String, String> {
         ("mirror".into(), r.mirror.clone()),
         ("packages".into(), r.packages.join(" ")),
     ])
+}
+
+fn vmlinux_inputs(kernel_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("kernel".into(), kernel_id.to_owned())])
+}
+
+/// The ELF `vmlinux` that [`build`] extracted from the bzImage `vmlinuz` of a kernel artifact
+/// (`<images_dir>/cas/kernel-<id>/vmlinuz`), if it is in the cache: how a VMM that takes only ELF
+/// kernels finds the one belonging to an image's kernel. `None` for any other path.
+pub fn cached_vmlinux(vmlinuz: &Path) -> Option<PathBuf> {
+    let kernel_dir = vmlinuz.parent()?;
+    let kernel_id = kernel_dir.file_name()?.to_str()?;
+    if vmlinuz.file_name()? != "vmlinuz"
+        || !kernel_id.starts_with("kernel-")
+        || !cas::is_artifact_id(kernel_id)
+    {
+        return None;
+    }
+    let dir = kernel_dir
+        .parent()?
+        .join(artifact_id("vmlinux", &vmlinux_inputs(kernel_id)));
+    let file = dir.join("vmlinux");
+    (dir.join("meta.json").is_file() && file.is_file()).then_some(file)
 }
 
 fn initramfs_inputs(kernel_id: &str, agent_sha256: &str) -> BTreeMap<String, String> {
@@ -329,6 +361,31 @@ pub fn build(images_dir: &Path, spec: &BuildSpec, progress: bool) -> Result<Imag
         source: std::io::ErrorKind::InvalidData.into(),
     })?;
 
+    let vmlinux_in = vmlinux_inputs(&kernel_id);
+    let vmlinux_id = artifact_id("vmlinux", &vmlinux_in);
+    if cas.get(&vmlinux_id)?.is_none() {
+        let t = Instant::now();
+        let bar = spinner(progress, "vmlinux");
+        let vmlinuz = cas.path(&kernel_id).join("vmlinuz");
+        bar.set_message("extracting the ELF kernel for Firecracker");
+        let made = cas.create(&vmlinux_id, |out, _| {
+            let file = out.join("vmlinux");
+            vmlinux::extract_vmlinux(&vmlinuz, &file).map_err(|source| ImageError::Vmlinux {
+                bzimage: vmlinuz.clone(),
+                source,
+            })?;
+            Ok(ArtifactMeta {
+                id: vmlinux_id.clone(),
+                inputs: vmlinux_in.clone(),
+                sha256: BTreeMap::from([("vmlinux".to_owned(), cas::sha256_file(&file)?)]),
+                created_unix: cas::now_unix(),
+                kernel: None,
+            })
+        });
+        made.inspect_err(|_| bar.abandon())?;
+        finish(&bar, t, "vmlinux extracted".into());
+    }
+
     let rootfs_meta = match rootfs_meta {
         Some(m) => m,
         None => {
@@ -392,6 +449,7 @@ pub fn build(images_dir: &Path, spec: &BuildSpec, progress: bool) -> Result<Imag
         ),
         kernel_release: k.release.clone(),
         kernel: kernel_id,
+        vmlinux: Some(vmlinux_id),
         initramfs: initramfs_id,
         rootfs: rootfs_id,
         suite: r.suite,
@@ -451,7 +509,10 @@ fn read_manifest(images_dir: &Path, name: &str) -> Result<Manifest, ImageError> 
     if m.name != name {
         return Err(bad("manifest name does not match its file name"));
     }
-    for id in [&m.kernel, &m.initramfs, &m.rootfs] {
+    for id in [&m.kernel, &m.initramfs, &m.rootfs]
+        .into_iter()
+        .chain(m.vmlinux.as_ref())
+    {
         if !cas::is_artifact_id(id) {
             return Err(bad("malformed artifact id"));
         }
@@ -474,6 +535,10 @@ fn image_of(images_dir: &Path, m: Manifest) -> Result<Image, ImageError> {
     };
     Ok(Image {
         kernel: file(&m.kernel, "vmlinuz")?,
+        vmlinux: match &m.vmlinux {
+            Some(id) => Some(file(id, "vmlinux")?),
+            None => None,
+        },
         initrd: file(&m.initramfs, "initrd.cpio")?,
         rootfs: file(&m.rootfs, "rootfs.ext4")?,
         kernel_release: m.kernel_release.clone(),
@@ -619,8 +684,10 @@ mod tests {
         let kernel = artifact_id("kernel", &kernel_inputs(&r));
         let rootfs = artifact_id("rootfs", &rootfs_inputs(&r));
         let initramfs = artifact_id("initramfs", &initramfs_inputs(&kernel, "00"));
+        let vmlinux = artifact_id("vmlinux", &vmlinux_inputs(&kernel));
         for (id, file) in [
             (&kernel, "vmlinuz"),
+            (&vmlinux, "vmlinux"),
             (&rootfs, "rootfs.ext4"),
             (&initramfs, "initrd.cpio"),
         ] {
@@ -635,6 +702,7 @@ mod tests {
             digest: image_digest("a", "b", "c"),
             kernel_release: "6.1.0-x-cloud-amd64".into(),
             kernel,
+            vmlinux: Some(vmlinux),
             initramfs,
             rootfs,
             suite: r.suite,
@@ -664,6 +732,13 @@ mod tests {
         assert_eq!(img.name, "a");
         assert_eq!(img.kernel_release, "6.1.0-x-cloud-amd64");
         assert!(img.kernel.ends_with("vmlinuz") && img.kernel.is_file());
+        let vmlinux = img.vmlinux.clone().unwrap();
+        assert!(vmlinux.ends_with("vmlinux") && vmlinux.is_file());
+        // A VMM holding only the bzImage's path finds the same vmlinux; other paths find none.
+        assert_eq!(cached_vmlinux(&img.kernel), Some(vmlinux.clone()));
+        assert_eq!(cached_vmlinux(&img.initrd), None);
+        assert_eq!(cached_vmlinux(Path::new("/boot/vmlinuz")), None);
+        assert_eq!(cached_vmlinux(&vmlinux), None);
         assert!(img.digest.starts_with("sha256:") && img.digest.len() == 71);
         let names: Vec<_> = list(d.path())
             .unwrap()
@@ -686,6 +761,20 @@ mod tests {
         let err = open(d.path(), "a").unwrap_err();
         assert!(matches!(err, ImageError::ArtifactMissing { .. }));
         assert!(err.to_string().contains("hutch image build --name a"));
+    }
+
+    #[test]
+    fn images_from_before_vmlinux_still_open() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = fake_manifest(d.path(), "old");
+        let vmlinux_dir = d.path().join("cas").join(m.vmlinux.take().unwrap());
+        std::fs::remove_dir_all(vmlinux_dir).unwrap();
+        write_manifest(d.path(), &m).unwrap();
+        let text = std::fs::read_to_string(d.path().join("old.json")).unwrap();
+        assert!(!text.contains("vmlinux"), "{text}");
+        let img = open(d.path(), "old").unwrap();
+        assert_eq!(img.vmlinux, None);
+        assert_eq!(cached_vmlinux(&img.kernel), None);
     }
 
     #[test]
@@ -751,7 +840,23 @@ mod tests {
                 .unwrap();
             assert!(elf::modinfo(&e.data).is_some(), "{m} is not a plain .ko");
         }
-        assert!(modules.contains("virtio_mmio.ko"));
-        assert!(modules.contains("overlay.ko"));
+        // What Firecracker's guests need, where the distro kernel has them as modules.
+        for m in [
+            "virtio_mmio.ko",
+            "virtio_blk.ko",
+            "/vsock.ko",
+            "vmw_vsock_virtio_transport_common.ko",
+            "vmw_vsock_virtio_transport.ko",
+            "virtio-rng.ko",
+            "overlay.ko",
+        ] {
+            assert!(modules.contains(m), "{m} is not loaded");
+        }
+        let vmlinux = std::fs::read(first.vmlinux.as_ref().expect("a vmlinux")).unwrap();
+        vmlinux::check_elf_x86_64(&vmlinux).unwrap();
+        assert_eq!(
+            cached_vmlinux(&first.kernel).as_ref(),
+            first.vmlinux.as_ref()
+        );
     }
 }

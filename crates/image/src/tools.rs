@@ -24,6 +24,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
     ("zstd", "zstd"),
     ("cpio", "cpio"),
+    ("make", "make"),
+    ("gcc", "gcc"),
+    ("flex", "flex"),
+    ("bison", "bison"),
+    ("bc", "bc"),
+    ("tar", "tar"),
 ];
 
 /// Programs the kernel step needs.

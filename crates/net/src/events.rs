@@ -29,6 +29,9 @@ pub enum RuleName {
     DenyHost,
     /// Not allowed by the sandbox's policy: rejected.
     DenyPolicy,
+    /// A sandbox with a WireGuard egress tunnel sent traffic that would leave by another way
+    /// (e.g. straight to the tunnel's endpoint): rejected.
+    DenyTunnel,
     /// Allowed by policy `open`.
     AllowOpen,
     /// Allowed by a CIDR of policy `allow`.
@@ -46,7 +49,7 @@ impl RuleName {
     pub const DNS_FILTER: [RuleName; 2] = [RuleName::DnsAnswer, RuleName::DnsRefused];
 
     /// Every nft rule name (each is a verdict chain in the sandbox's table).
-    pub const ALL: [RuleName; 10] = [
+    pub const ALL: [RuleName; 11] = [
         RuleName::Dns,
         RuleName::DenyInbound,
         RuleName::DenySpoof,
@@ -54,6 +57,7 @@ impl RuleName {
         RuleName::DenyReserved,
         RuleName::DenyHost,
         RuleName::DenyPolicy,
+        RuleName::DenyTunnel,
         RuleName::AllowOpen,
         RuleName::AllowCidr,
         RuleName::AllowDomain,
@@ -69,6 +73,7 @@ impl RuleName {
             RuleName::DenyReserved => "deny_reserved",
             RuleName::DenyHost => "deny_host",
             RuleName::DenyPolicy => "deny_policy",
+            RuleName::DenyTunnel => "deny_tunnel",
             RuleName::AllowOpen => "allow_open",
             RuleName::AllowCidr => "allow_cidr",
             RuleName::AllowDomain => "allow_domain",

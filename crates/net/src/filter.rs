@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,25 +54,59 @@ const MAX_NAMES: usize = 4096;
 /// old policy can never land in the sets after the new policy flushed them.
 pub(crate) type SharedPolicy = Arc<tokio::sync::Mutex<Policy>>;
 
+/// Answers remembered per address: enough to tell apart names resolved to it in turn.
+const NAMES_PER_ADDR: usize = 4;
+/// How long past its TTL an answer still names late-read log lines.
+const NAME_GRACE: Duration = Duration::from_secs(60);
+
+/// Which name an address was resolved from, and when: a flow is attributed to the name most
+/// recently answered for its address *before the packet was logged*, so a later answer for the
+/// same address (another name) cannot rename it while its log line waits to be read.
 struct Names {
-    map: HashMap<IpAddr, (String, Instant)>,
+    map: HashMap<IpAddr, Vec<Answered>>,
+}
+
+struct Answered {
+    name: String,
+    /// When the filter added the address (before the guest could learn it).
+    from: SystemTime,
+    /// TTL end.
+    until: SystemTime,
 }
 
 impl Names {
-    fn insert(&mut self, ip: IpAddr, name: &str, ttl: u32) {
-        let now = Instant::now();
+    fn insert(&mut self, ip: IpAddr, name: &str, ttl: u32, now: SystemTime) {
+        let live = |a: &Answered| a.until + NAME_GRACE > now;
         if self.map.len() >= MAX_NAMES && !self.map.contains_key(&ip) {
-            self.map.retain(|_, (_, exp)| *exp > now);
+            self.map.retain(|_, v| {
+                v.retain(live);
+                !v.is_empty()
+            });
             if self.map.len() >= MAX_NAMES {
                 return;
             }
         }
-        let exp = now + Duration::from_secs(u64::from(ttl));
-        self.map.insert(ip, (name.to_string(), exp));
+        let v = self.map.entry(ip).or_default();
+        v.retain(live);
+        if v.len() >= NAMES_PER_ADDR {
+            v.remove(0);
+        }
+        v.push(Answered {
+            name: name.to_string(),
+            from: now,
+            until: now + Duration::from_secs(u64::from(ttl)),
+        });
     }
 
-    fn get(&self, ip: &IpAddr) -> Option<String> {
-        self.map.get(ip).map(|(n, _)| n.clone())
+    /// The name `ip` was last answered for at or before `at`, if that answer was still live.
+    fn get(&self, ip: &IpAddr, at: SystemTime) -> Option<String> {
+        self.map
+            .get(ip)?
+            .iter()
+            .rev()
+            .find(|a| a.from <= at)
+            .filter(|a| at <= a.until + NAME_GRACE)
+            .map(|a| a.name.clone())
     }
 }
 
@@ -128,7 +162,8 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
 /// Starts the DNS filter and the log reader of one sandbox.
 pub(crate) async fn start(p: Params) -> Result<Runtime, NetError> {
     let netns = ns::netns_path(&p.netns);
-    let (udp, tcp, log) = ns::run_in(Some(&netns), || {
+    // The sandbox's sockets and the upstream one (each on its own ns thread), side by side.
+    let local = ns::run_in(Some(&netns), || {
         let addr = SocketAddr::from((GATEWAY_ADDR, 53));
         let udp = std::net::UdpSocket::bind(addr).map_err(io_err("bind DNS filter (udp)"))?;
         udp.set_nonblocking(true)
@@ -137,30 +172,32 @@ pub(crate) async fn start(p: Params) -> Result<Runtime, NetError> {
         tcp.set_nonblocking(true)
             .map_err(io_err("DNS socket nonblocking"))?;
         Ok((udp, tcp, nflog::open_socket()?))
-    })
-    .await?;
-    let upstream = match p.upstream {
-        Some(up) => {
-            let s = ns::run_in(p.host_ns.as_deref(), move || {
-                let any: SocketAddr = if up.is_ipv4() {
-                    (Ipv4Addr::UNSPECIFIED, 0).into()
-                } else {
-                    (Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                let s = std::net::UdpSocket::bind(any).map_err(io_err("bind upstream socket"))?;
-                s.connect(up).map_err(io_err("connect upstream socket"))?;
-                s.set_nonblocking(true)
-                    .map_err(io_err("upstream socket nonblocking"))?;
-                Ok(s)
-            })
-            .await?;
-            Some(Upstream {
-                sock: UdpSocket::from_std(s).map_err(io_err("register upstream socket"))?,
-                pending: Mutex::new(HashMap::new()),
-            })
-        }
-        None => None,
+    });
+    let upstream = async {
+        let Some(up) = p.upstream else {
+            return Ok(None);
+        };
+        let s = ns::run_in(p.host_ns.as_deref(), move || {
+            let any: SocketAddr = if up.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let s = std::net::UdpSocket::bind(any).map_err(io_err("bind upstream socket"))?;
+            s.connect(up).map_err(io_err("connect upstream socket"))?;
+            s.set_nonblocking(true)
+                .map_err(io_err("upstream socket nonblocking"))?;
+            Ok(s)
+        })
+        .await?;
+        Ok::<_, NetError>(Some(Upstream {
+            sock: UdpSocket::from_std(s).map_err(io_err("register upstream socket"))?,
+            pending: Mutex::new(HashMap::new()),
+        }))
     };
+    let (local, upstream) = tokio::join!(local, upstream);
+    let (udp, tcp, log) = local?;
+    let upstream = upstream?;
     let udp = UdpSocket::from_std(udp).map_err(io_err("register DNS socket"))?;
     let tcp = TcpListener::from_std(tcp).map_err(io_err("register DNS socket"))?;
     // SAFETY: `log` is an OwnedFd moved into the AsyncFd: it stays open and the same for the
@@ -318,8 +355,9 @@ async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
             }
         }
         let mut names = sh.names.lock().unwrap();
+        let now = SystemTime::now();
         for (ip, ttl) in &ans.addrs {
-            names.insert(*ip, &q.name, (*ttl).clamp(MIN_TTL, MAX_TTL));
+            names.insert(*ip, &q.name, (*ttl).clamp(MIN_TTL, MAX_TTL), now);
         }
     }
     drop(pol);
@@ -422,9 +460,10 @@ async fn read_log(sh: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
             Ok(Err(_)) | Err(_) => continue,
         };
         for rec in nflog::parse_datagram(&buf[..n]) {
-            let domain = sh.names.lock().unwrap().get(&rec.dst);
+            let time = rec.time.unwrap_or_else(SystemTime::now);
+            let domain = sh.names.lock().unwrap().get(&rec.dst, time);
             sh.sink.emit(FlowEvent {
-                time: SystemTime::now(),
+                time,
                 sandbox: sh.id.clone(),
                 proto: rec.proto,
                 dst: rec.dst,
@@ -452,6 +491,31 @@ pub fn first_nameserver(resolv_conf: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flows_are_named_as_of_their_packet_time() {
+        let mut n = Names {
+            map: HashMap::new(),
+        };
+        let ip: IpAddr = "203.0.113.20".parse().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs;
+        n.insert(ip, "a.test", 300, t0);
+        n.insert(ip, "b.test", 300, t0 + s(10));
+        // A packet sent between the two answers, read after the second: still `a.test`.
+        assert_eq!(n.get(&ip, t0 + s(5)).as_deref(), Some("a.test"));
+        assert_eq!(n.get(&ip, t0 + s(10)).as_deref(), Some("b.test"));
+        // Before any answer, or long after the last one expired: no name.
+        assert_eq!(n.get(&ip, t0 - s(1)), None);
+        assert_eq!(n.get(&ip, t0 + s(10 + 300) + NAME_GRACE + s(1)), None);
+        // Bounded per address: the oldest answers go first.
+        for i in 0..10u64 {
+            n.insert(ip, &format!("n{i}.test"), 300, t0 + s(20 + i));
+        }
+        assert_eq!(n.map[&ip].len(), NAMES_PER_ADDR);
+        assert_eq!(n.get(&ip, t0 + s(29)).as_deref(), Some("n9.test"));
+        assert_eq!(n.get(&ip, t0 + s(5)), None);
+    }
 
     #[test]
     fn resolv_conf_first_nameserver() {

@@ -1,4 +1,4 @@
-//! Per-sandbox networking for Hutch (issue #4, phases 1 and 2).
+//! Per-sandbox networking for Hutch (issue #4).
 //!
 //! Each sandbox with a NIC gets, following Firecracker's "network for clones" layout:
 //!
@@ -8,13 +8,15 @@
 //! * a veth pair `hv<hash>h` (host) ↔ `hv<hash>g` (namespace) on a per-sandbox /30 from the
 //!   transit pool, with SNAT to the transit address at the namespace edge and masquerade to the
 //!   uplink on the host;
-//! * an nft table `hutch-<id>` inside the namespace holding the egress policy, and one of the
-//!   same name on the host that confines the veth to the uplink.
+//! * an nft table `hutch-<id>` inside the namespace holding the egress policy, and one table
+//!   `hutch` on the host, shared by every sandbox, that confines every veth to the uplink.
 //!
 //! * a DNS filter on `172.16.0.1:53` (UDP and TCP) inside the namespace that answers only names
 //!   the policy allows and puts their addresses into the table's `allow4`/`allow6` sets with the
 //!   record's TTL before replying, and an NFLOG reader turning the verdict rules' log lines into
-//!   [`FlowEvent`]s ([`Network::events`]); see `filter.rs`.
+//!   [`FlowEvent`]s ([`Network::events`]); see `filter.rs`;
+//! * on request, guest TCP ports published on host loopback ports ([`Network::publish`], see
+//!   `ports.rs`) and a WireGuard egress tunnel ([`Network::create_with`], see [`wg`]).
 //!
 //! Links, addresses and routes go through rtnetlink; rules through libnftables (or `nft -j`);
 //! namespace switching only on dedicated OS threads (never on a tokio worker).
@@ -29,16 +31,18 @@ pub mod nflog;
 pub mod nft;
 mod ns;
 pub mod plan;
+mod ports;
 mod tap;
+pub mod wg;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
@@ -54,7 +58,9 @@ pub use filter::{first_nameserver, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TT
 pub use names::{validate_id, Names};
 pub use nft::NftBackend;
 pub use plan::{Transit, DEFAULT_TRANSIT_POOL, GATEWAY_ADDR, GUEST_ADDR, GUEST_MAC, GUEST_PREFIX};
+pub use ports::PublishedPort;
 pub use tap::TAP_FLAGS;
+pub use wg::WireGuardConfig;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +115,17 @@ pub enum NetError {
         what: String,
         /// nft's error output.
         message: String,
+    },
+    /// The host port asked for is taken.
+    #[error("host port 127.0.0.1:{0} is in use")]
+    PortInUse(u16),
+    /// The guest port is already published on another host port.
+    #[error("guest port {guest_port} is already published on 127.0.0.1:{host_port}")]
+    AlreadyPublished {
+        /// The guest port.
+        guest_port: u16,
+        /// Where it is published.
+        host_port: u16,
     },
     /// A namespace worker thread panicked.
     #[error("namespace worker thread died")]
@@ -181,6 +198,11 @@ pub struct NetConfig {
     pub event_rate: u32,
     /// See [`NetConfig::event_rate`].
     pub event_burst: u32,
+    /// Tag written on every host veth this Network makes (e.g. [`names::owner_tag`] of a
+    /// daemon's home), so that several daemons on one host each adopt and list only their own
+    /// sandbox networks (namespaces are host-wide). Untagged veths (an older Hutch, or an
+    /// empty owner) count as anyone's.
+    pub owner: String,
 }
 
 impl Default for NetConfig {
@@ -194,6 +216,7 @@ impl Default for NetConfig {
             upstream_dns: None,
             event_rate: 20,
             event_burst: 100,
+            owner: String::new(),
         }
     }
 }
@@ -287,14 +310,29 @@ struct Entry {
     transit: Transit,
     has_nic: bool,
     /// DNS filter and decision-log reader; absent for sandboxes without a NIC and for ones
-    /// adopted from a previous daemon.
+    /// a previous daemon left until [`Network::adopt`] takes them over.
     rt: Option<filter::Runtime>,
+    /// Published guest ports, by guest port.
+    ports: BTreeMap<u16, ports::Forward>,
+    /// The WireGuard egress tunnel's driver, if the sandbox has one.
+    tunnel: Option<wg::Tunnel>,
 }
 
 struct State {
     pool: plan::TransitPool,
     sandboxes: HashMap<String, Entry>,
+    /// Host veths of destroyed sandboxes whose namespaces the kernel is still tearing down;
+    /// their transit slots stay taken until they are gone.
+    quarantined: HashSet<String>,
+    /// Sandboxes with a per-sandbox host table (made by an older Hutch), removed on destroy.
+    legacy_host_tables: HashSet<String>,
 }
+
+/// How often a quarantined host veth is checked for.
+const REAP_POLL: Duration = Duration::from_millis(5);
+/// How long the kernel gets to remove a destroyed sandbox's veth with its namespace before
+/// Hutch deletes it itself (e.g. when something still holds the namespace).
+const REAP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The per-host network manager.
 pub struct Network {
@@ -302,7 +340,9 @@ pub struct Network {
     host_ns: Option<PathBuf>,
     host: Handle,
     uplink: String,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    /// Quarantined veths not yet gone (see [`Network::settle`]).
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
     /// The kernel runs one dump at a time per netlink socket (`EBUSY` otherwise), and every
     /// request on `host` shares one socket: dumps on it take this lock.
     dump_lock: tokio::sync::Mutex<()>,
@@ -350,6 +390,39 @@ async fn must_index(h: &Handle, name: &str) -> Result<u32> {
     link_index(h, name)
         .await?
         .ok_or_else(|| NetError::Config(format!("link {name} vanished")))
+}
+
+/// Whether a veth tagged `tag` belongs to a Network of `owner` (untagged ones to anyone).
+fn owned_by(owner: &str, tag: Option<&str>) -> bool {
+    owner.is_empty() || tag.is_none_or(|t| t == owner)
+}
+
+/// Waits for a destroyed sandbox's host veth to go with its namespace; deletes it past
+/// [`REAP_DEADLINE`].
+async fn reap(h: &Handle, veth: &str) {
+    let deadline = Instant::now() + REAP_DEADLINE;
+    loop {
+        match link_index(h, veth).await {
+            Ok(None) => return,
+            Ok(Some(i)) if Instant::now() >= deadline => {
+                tracing::warn!(veth, "namespace still held; deleting its veth");
+                match h.link().del(i).execute().await {
+                    Ok(()) => return,
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                        return
+                    }
+                    Err(e) => tracing::warn!(veth, error = %e, "cannot delete a veth"),
+                }
+            }
+            Ok(Some(_)) => {}
+            Err(e) if Instant::now() >= deadline => {
+                tracing::warn!(veth, error = %e, "cannot check a quarantined veth");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(REAP_POLL).await;
+    }
 }
 
 async fn set_up(h: &Handle, index: u32, what: &str) -> Result<()> {
@@ -474,7 +547,7 @@ impl Network {
             let (Some(name), Some(alias)) = (link_name(l), link_alias(l)) else {
                 continue;
             };
-            let Some(id) = alias.strip_prefix(names::ALIAS_PREFIX) else {
+            let Some((id, owner)) = names::parse_alias(alias) else {
                 continue;
             };
             if !names::is_host_veth_name(name) {
@@ -483,19 +556,39 @@ impl Network {
             for (_, a) in addrs.iter().filter(|(i, _)| *i == l.header.index) {
                 if let IpNet::V4(a) = a {
                     if let Some(slot) = pool.slot_of(a.addr()) {
+                        // Another owner's slot is taken all the same; its sandbox is not ours.
                         pool.mark(slot);
+                        if !owned_by(&cfg.owner, owner) {
+                            continue;
+                        }
                         sandboxes.insert(
                             id.to_string(),
                             Entry {
                                 transit: pool.transit(slot),
                                 has_nic: true,
                                 rt: None,
+                                ports: BTreeMap::new(),
+                                tunnel: None,
                             },
                         );
                     }
                 }
             }
         }
+        // The one shared host table, and the per-sandbox ones an older Hutch made.
+        let (backend, up, pool_net) = (cfg.nft, uplink.clone(), cfg.transit_pool);
+        let legacy_host_tables = ns::run_in(host_ns.as_deref(), move || {
+            nft::run(
+                backend,
+                "create host table",
+                &nft::host_table(&up, pool_net),
+            )?;
+            nft::list_tables(backend, names::TABLE_PREFIX)
+        })
+        .await?
+        .into_iter()
+        .map(|t| t[names::TABLE_PREFIX.len()..].to_string())
+        .collect();
         let upstream = match cfg.upstream_dns {
             Some(u) => Some(u),
             None => std::fs::read_to_string("/etc/resolv.conf")
@@ -513,7 +606,13 @@ impl Network {
             host_ns,
             host,
             uplink,
-            state: Mutex::new(State { pool, sandboxes }),
+            state: Arc::new(Mutex::new(State {
+                pool,
+                sandboxes,
+                quarantined: HashSet::new(),
+                legacy_host_tables,
+            })),
+            pending: Arc::new(tokio::sync::watch::channel(0).0),
             dump_lock: tokio::sync::Mutex::new(()),
             upstream,
             ring,
@@ -554,7 +653,35 @@ impl Network {
     /// The transit slot is recorded before any kernel object exists; on any failure everything
     /// made so far is removed by id before the error is returned.
     pub async fn create(&self, id: &str, policy: &Policy) -> Result<Option<SandboxNet>> {
+        self.create_with(id, policy, None).await
+    }
+
+    /// [`Network::create`], and with `tunnel` all of the sandbox's allowed egress leaves
+    /// through that WireGuard tunnel or not at all (see `wg.rs`): the namespace routes only
+    /// the tunnel's allowed IPs (into the tunnel) and the endpoint (over the veth), its rules
+    /// reject guest traffic leaving by any other device and let nothing out of the veth but
+    /// the encrypted UDP to the endpoint, and the DNS filter asks its upstream through the
+    /// tunnel. Ignored under [`Policy::None`].
+    pub async fn create_with(
+        &self,
+        id: &str,
+        policy: &Policy,
+        tunnel: Option<&WireGuardConfig>,
+    ) -> Result<Option<SandboxNet>> {
+        if let Some(w) = tunnel {
+            w.validate()?;
+        }
         let n = Names::new(id)?;
+        // The same id destroyed a moment ago: let the kernel finish with its objects first.
+        if self
+            .state
+            .lock()
+            .unwrap()
+            .quarantined
+            .contains(&n.host_veth)
+        {
+            self.settle().await;
+        }
         let transit = {
             let mut st = self.state.lock().unwrap();
             if st.sandboxes.contains_key(id) {
@@ -568,6 +695,8 @@ impl Network {
                         transit,
                         has_nic: false,
                         rt: None,
+                        ports: BTreeMap::new(),
+                        tunnel: None,
                     },
                 );
                 return Ok(None);
@@ -579,23 +708,21 @@ impl Network {
                     transit: t,
                     has_nic: true,
                     rt: None,
+                    ports: BTreeMap::new(),
+                    tunnel: None,
                 },
             );
             t
         };
         let made = async {
-            let net = self.create_inner(id, &n, transit, policy).await?;
-            let rt = filter::start(filter::Params {
-                id: id.to_string(),
-                netns: n.netns.clone(),
-                table: n.table.clone(),
-                backend: self.cfg.nft,
-                policy: policy.clone(),
-                upstream: self.upstream,
-                host_ns: self.host_ns.clone(),
-                sink: self.sink.clone(),
-            })
-            .await?;
+            let net = self.create_inner(id, &n, transit, policy, tunnel).await?;
+            if let Some(w) = tunnel {
+                let tn = self.start_tunnel(&n, w).await?;
+                if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+                    e.tunnel = Some(tn);
+                }
+            }
+            let rt = filter::start(self.filter_params(id, &n, policy, tunnel)).await?;
             if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
                 e.rt = Some(rt);
             }
@@ -610,6 +737,129 @@ impl Network {
                 Err(e)
             }
         }
+    }
+
+    fn filter_params(
+        &self,
+        id: &str,
+        n: &Names,
+        policy: &Policy,
+        tunnel: Option<&WireGuardConfig>,
+    ) -> filter::Params {
+        // A tunnelled sandbox's resolver is asked from inside its namespace: through the
+        // tunnel, like everything else it sends.
+        let (upstream, upstream_ns) = match tunnel {
+            Some(w) => (
+                w.dns.map(|ip| SocketAddr::new(ip, 53)).or(self.upstream),
+                Some(ns::netns_path(&n.netns)),
+            ),
+            None => (self.upstream, self.host_ns.clone()),
+        };
+        filter::Params {
+            id: id.to_string(),
+            netns: n.netns.clone(),
+            table: n.table.clone(),
+            backend: self.cfg.nft,
+            policy: policy.clone(),
+            upstream,
+            host_ns: upstream_ns,
+            sink: self.sink.clone(),
+        }
+    }
+
+    /// Starts the tunnel's driver (which creates its TUN in the namespace), then addresses
+    /// the TUN, raises it and routes the allowed IPs into it.
+    async fn start_tunnel(&self, n: &Names, w: &WireGuardConfig) -> Result<wg::Tunnel> {
+        let netns = ns::netns_path(&n.netns);
+        let tunnel = wg::start(wg::Params {
+            netns: &netns,
+            tun: &n.tun,
+            private_key: w.private_key,
+            peer_public_key: w.peer_public_key,
+            preshared_key: w.preshared_key,
+            keepalive: w.keepalive,
+            udp: wg::Udp::Endpoint(w.endpoint),
+            allowed_ips: w.allowed_ips.clone(),
+        })
+        .await?;
+        let h = handle_in(Some(netns)).await?;
+        let ti = must_index(&h, &n.tun).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(ti)
+                    .mtu(wg::TUNNEL_MTU)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("raise {}", n.tun)))?;
+        add_addr(&h, ti, w.address.addr(), w.address.prefix_len(), &n.tun).await?;
+        for r in w.routes() {
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.network(), r.prefix_len())
+                .output_interface(ti)
+                .build();
+            match h.route().add(msg).execute().await {
+                Ok(()) => {}
+                // The TUN's own prefix is routed already.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => return Err(nl(format!("route {r} into {}", n.tun))(e)),
+            }
+        }
+        Ok(tunnel)
+    }
+
+    /// Takes over the network of a sandbox a previous daemon created (its transit slot was
+    /// found by [`Network::new`]): restarts its DNS filter and decision-log reader, answering
+    /// by `policy` (the one its table already holds), and its WireGuard tunnel (the one it was
+    /// created with). Under [`Policy::None`] it only records that the sandbox has no NIC.
+    /// Idempotent.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        policy: &Policy,
+        tunnel: Option<&WireGuardConfig>,
+    ) -> Result<()> {
+        let n = Names::new(id)?;
+        {
+            let mut st = self.state.lock().unwrap();
+            if *policy == Policy::None && !st.sandboxes.contains_key(id) {
+                let transit = st.pool.transit(0);
+                st.sandboxes.insert(
+                    id.into(),
+                    Entry {
+                        transit,
+                        has_nic: false,
+                        rt: None,
+                        ports: BTreeMap::new(),
+                        tunnel: None,
+                    },
+                );
+                return Ok(());
+            }
+            let e = st
+                .sandboxes
+                .get(id)
+                .ok_or_else(|| NetError::NotFound(id.into()))?;
+            if !e.has_nic || e.rt.is_some() {
+                return Ok(());
+            }
+        }
+        // The old driver's TUN went with its process: a new one, same address and routes.
+        if let Some(w) = tunnel {
+            let tn = self.start_tunnel(&n, w).await?;
+            if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+                e.tunnel.get_or_insert(tn);
+            }
+        }
+        let rt = filter::start(self.filter_params(id, &n, policy, tunnel)).await?;
+        if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+            if e.rt.is_none() {
+                e.rt = Some(rt);
+            }
+        }
+        Ok(())
     }
 
     async fn deny_lists(&self) -> Result<(Vec<Ipv4Net>, Vec<ipnet::Ipv6Net>)> {
@@ -628,8 +878,23 @@ impl Network {
         n: &Names,
         t: Transit,
         policy: &Policy,
+        tunnel: Option<&WireGuardConfig>,
     ) -> Result<SandboxNet> {
-        let (d4, d6) = self.deny_lists().await?;
+        let veth_mode = self.cfg.guest_device == GuestDevice::Veth;
+        let backend = self.cfg.nft;
+        let (netns, tap_name) = (n.netns.clone(), n.tap.clone());
+        // One worker thread makes the namespace, its TAP and sysctls, and a netlink socket,
+        // while the host's addresses are read for the deny lists.
+        let made = ns::run_in(None, move || {
+            ns::create_and_enter(&netns)?;
+            ns::write_sysctl("net/ipv4/ip_forward", "1")?;
+            if !veth_mode {
+                tap::create_persistent(&tap_name)?;
+            }
+            ns::netlink_socket()
+        });
+        let (lists, fd) = tokio::join!(self.deny_lists(), made);
+        let ((d4, d6), fd) = (lists?, fd?);
         let rules = nft::sandbox_table(
             &nft::SandboxRules {
                 table: &n.table,
@@ -638,111 +903,24 @@ impl Network {
                 transit_ns: t.ns,
                 deny4: &d4,
                 deny6: &d6,
+                tunnel: tunnel.map(|w| nft::TunnelRules {
+                    tun: &n.tun,
+                    address: w.address.addr(),
+                    endpoint: std::net::SocketAddrV4::new(w.endpoint_v4(), w.endpoint.port()),
+                }),
             },
             policy,
         );
-        let veth_mode = self.cfg.guest_device == GuestDevice::Veth;
-        let backend = self.cfg.nft;
-        let (netns, tap_name) = (n.netns.clone(), n.tap.clone());
-        // One worker thread: make the namespace, its TAP, sysctls and rules, and a netlink socket.
-        let fd = ns::run_in(None, move || {
-            ns::create_and_enter(&netns)?;
-            ns::write_sysctl("net/ipv4/ip_forward", "1")?;
-            if !veth_mode {
-                tap::create_persistent(&tap_name)?;
-            }
-            nft::run(backend, "create sandbox table", &rules)?;
-            ns::netlink_socket()
-        })
-        .await?;
-        let nsh = handle_from_fd(fd);
-        let ns_file = ns::open_netns(&n.netns)?;
-
-        // Transit veth, peer created directly inside the namespace.
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(n.ns_veth.clone())
-            .setns_by_fd(ns_file.as_raw_fd())
-            .build();
-        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
-            .name(n.host_veth.clone())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        self.host
-            .link()
-            .add(veth)
-            .execute()
-            .await
-            .map_err(nl(format!("create veth {}", n.host_veth)))?;
-        let hi = must_index(&self.host, &n.host_veth).await?;
-        self.host
-            .link()
-            .set(
-                LinkUnspec::new_with_index(hi)
-                    .alias(n.alias.clone())
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("tag and raise {}", n.host_veth)))?;
-        add_addr(&self.host, hi, t.host, 30, &n.host_veth).await?;
-
-        let lo = must_index(&nsh, "lo").await?;
-        set_up(&nsh, lo, "lo").await?;
-        let vi = must_index(&nsh, &n.ns_veth).await?;
-        add_addr(&nsh, vi, t.ns, 30, &n.ns_veth).await?;
-        set_up(&nsh, vi, &n.ns_veth).await?;
-        default_route(&nsh, vi, t.host, &n.netns).await?;
-
-        let mut guest_netns = None;
-        if veth_mode {
-            let gname = n.guest_netns.clone();
-            let gfd = ns::run_in(None, move || {
-                ns::create_and_enter(&gname)?;
-                ns::netlink_socket()
-            })
-            .await?;
-            guest_netns = Some(n.guest_netns.clone());
-            let gh = handle_from_fd(gfd);
-            let gfile = ns::open_netns(&n.guest_netns)?;
-            let peer = LinkMessageBuilder::<LinkUnspec>::new()
-                .name(n.guest_veth.clone())
-                .setns_by_fd(gfile.as_raw_fd())
-                .build();
-            let v = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
-                .name(n.tap.clone())
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build();
-            nsh.link()
-                .add(v)
-                .execute()
-                .await
-                .map_err(nl(format!("create guest veth {}", n.tap)))?;
-            let glo = must_index(&gh, "lo").await?;
-            set_up(&gh, glo, "guest lo").await?;
-            let gi = must_index(&gh, &n.guest_veth).await?;
-            gh.link()
-                .set(
-                    LinkUnspec::new_with_index(gi)
-                        .address(GUEST_MAC.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl("set guest mac"))?;
-            add_addr(&gh, gi, GUEST_ADDR, GUEST_PREFIX, "guest").await?;
-            set_up(&gh, gi, "guest").await?;
-            default_route(&gh, gi, GATEWAY_ADDR, "guest").await?;
-        }
-        let ti = must_index(&nsh, &n.tap).await?;
-        add_addr(&nsh, ti, GATEWAY_ADDR, GUEST_PREFIX, &n.tap).await?;
-        set_up(&nsh, ti, &n.tap).await?;
-
-        let host_rules = nft::host_table(&n.table, &n.host_veth, &self.uplink, t.ns);
-        ns::run_in(self.host_ns.as_deref(), move || {
-            nft::run(backend, "create host table", &host_rules).map(drop)
-        })
-        .await?;
+        // Then the rules (one nft transaction on a thread in the namespace) and the links,
+        // addresses and routes (netlink) go side by side; nothing can flow before both are
+        // done, since no VMM holds the TAP yet.
+        let nsp = ns::netns_path(&n.netns);
+        let table = ns::run_in(Some(&nsp), move || {
+            nft::run(backend, "create sandbox table", &rules).map(drop)
+        });
+        let (table, links) = tokio::join!(table, self.links(id, n, t, tunnel, fd));
+        table?;
+        let guest_netns = links?;
 
         Ok(SandboxNet {
             id: id.into(),
@@ -753,6 +931,132 @@ impl Network {
             guest: GuestNetConfig::standard(),
             guest_netns,
         })
+    }
+
+    /// The links, addresses and routes of a new sandbox network, over netlink (`fd`: a netlink
+    /// socket in its namespace). Returns the stand-in guest's namespace, if any.
+    async fn links(
+        &self,
+        id: &str,
+        n: &Names,
+        t: Transit,
+        tunnel: Option<&WireGuardConfig>,
+        fd: OwnedFd,
+    ) -> Result<Option<String>> {
+        let veth_mode = self.cfg.guest_device == GuestDevice::Veth;
+        let nsh = handle_from_fd(fd);
+        let ns_file = ns::open_netns(&n.netns)?;
+
+        // Three independent strands, side by side on the same netlink sockets: the transit
+        // veth (host end, then namespace end and routes), the namespace's loopback, and the
+        // guest-facing device.
+        let transit = async {
+            // Transit veth, peer created directly inside the namespace.
+            let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(n.ns_veth.clone())
+                .setns_by_fd(ns_file.as_raw_fd())
+                .build();
+            let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+                .name(n.host_veth.clone())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build();
+            self.host
+                .link()
+                .add(veth)
+                .execute()
+                .await
+                .map_err(nl(format!("create veth {}", n.host_veth)))?;
+            let hi = must_index(&self.host, &n.host_veth).await?;
+            self.host
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(hi)
+                        .alias(names::alias(id, &self.cfg.owner))
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("tag and raise {}", n.host_veth)))?;
+            add_addr(&self.host, hi, t.host, 30, &n.host_veth).await?;
+
+            let vi = must_index(&nsh, &n.ns_veth).await?;
+            add_addr(&nsh, vi, t.ns, 30, &n.ns_veth).await?;
+            set_up(&nsh, vi, &n.ns_veth).await?;
+            match tunnel {
+                // Only the endpoint is reachable over the veth; the tunnel routes the rest.
+                Some(w) => {
+                    let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(w.endpoint_v4(), 32)
+                        .gateway(t.host)
+                        .output_interface(vi)
+                        .build();
+                    nsh.route()
+                        .add(msg)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("route to the tunnel endpoint in {}", n.netns)))?;
+                }
+                None => default_route(&nsh, vi, t.host, &n.netns).await?,
+            }
+
+            Ok::<_, NetError>(())
+        };
+        let lo = async {
+            let lo = must_index(&nsh, "lo").await?;
+            set_up(&nsh, lo, "lo").await?;
+            Ok::<_, NetError>(())
+        };
+        let guest = async {
+            let mut guest_netns = None;
+            if veth_mode {
+                let gname = n.guest_netns.clone();
+                let gfd = ns::run_in(None, move || {
+                    ns::create_and_enter(&gname)?;
+                    ns::netlink_socket()
+                })
+                .await?;
+                guest_netns = Some(n.guest_netns.clone());
+                let gh = handle_from_fd(gfd);
+                let gfile = ns::open_netns(&n.guest_netns)?;
+                let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                    .name(n.guest_veth.clone())
+                    .setns_by_fd(gfile.as_raw_fd())
+                    .build();
+                let v = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+                    .name(n.tap.clone())
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .build();
+                nsh.link()
+                    .add(v)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("create guest veth {}", n.tap)))?;
+                let glo = must_index(&gh, "lo").await?;
+                set_up(&gh, glo, "guest lo").await?;
+                let gi = must_index(&gh, &n.guest_veth).await?;
+                gh.link()
+                    .set(
+                        LinkUnspec::new_with_index(gi)
+                            .address(GUEST_MAC.to_vec())
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl("set guest mac"))?;
+                add_addr(&gh, gi, GUEST_ADDR, GUEST_PREFIX, "guest").await?;
+                set_up(&gh, gi, "guest").await?;
+                default_route(&gh, gi, GATEWAY_ADDR, "guest").await?;
+            }
+            let ti = must_index(&nsh, &n.tap).await?;
+            add_addr(&nsh, ti, GATEWAY_ADDR, GUEST_PREFIX, &n.tap).await?;
+            set_up(&nsh, ti, &n.tap).await?;
+            Ok::<_, NetError>(guest_netns)
+        };
+        let (transit, lo, guest) = tokio::join!(transit, lo, guest);
+        transit?;
+        lo?;
+        guest
     }
 
     /// Opens the sandbox's TAP inside its namespace and returns the fd, for a VMM that stays in
@@ -807,64 +1111,166 @@ impl Network {
         Ok(())
     }
 
-    /// Removes everything the sandbox owns, by id: the host nft table, the host veth (taking its
-    /// peer along), the namespace (taking the TAP and the namespace's table along once no VMM
-    /// holds the TAP) and the stand-in guest namespace. Idempotent.
-    pub async fn destroy(&self, id: &str) -> Result<()> {
+    /// Publishes the guest's TCP `guest_port` on `127.0.0.1:host_port` in the host namespace
+    /// (`host_port` 0: a free port the kernel picks), for previews; see `ports.rs`. Publishing
+    /// a published guest port again with 0 or its current host port returns it unchanged.
+    pub async fn publish(
+        &self,
+        id: &str,
+        guest_port: u16,
+        host_port: u16,
+    ) -> Result<PublishedPort> {
+        if guest_port == 0 {
+            return Err(NetError::Config("guest port 0 cannot be published".into()));
+        }
         let n = Names::new(id)?;
-        // Stop the DNS filter and log reader first: their sockets hold the namespace.
-        let rt = self
+        let existing = |e: &Entry| -> Option<Result<PublishedPort>> {
+            let p = e.ports.get(&guest_port)?.published;
+            Some(if host_port == 0 || host_port == p.host.port() {
+                Ok(p)
+            } else {
+                Err(NetError::AlreadyPublished {
+                    guest_port,
+                    host_port: p.host.port(),
+                })
+            })
+        };
+        {
+            let st = self.state.lock().unwrap();
+            let e = st
+                .sandboxes
+                .get(id)
+                .ok_or_else(|| NetError::NotFound(id.into()))?;
+            if !e.has_nic {
+                return Err(NetError::NoNic(id.into()));
+            }
+            if let Some(r) = existing(e) {
+                return r;
+            }
+        }
+        let fwd = ports::start(
+            self.host_ns.clone(),
+            ns::netns_path(&n.netns),
+            guest_port,
+            host_port,
+        )
+        .await?;
+        let mut st = self.state.lock().unwrap();
+        // Destroyed meanwhile: `fwd` is dropped, closing the listener.
+        let e = st
+            .sandboxes
+            .get_mut(id)
+            .ok_or_else(|| NetError::NotFound(id.into()))?;
+        // Published concurrently: the first one stays.
+        if let Some(r) = existing(e) {
+            return r;
+        }
+        let p = fwd.published;
+        e.ports.insert(guest_port, fwd);
+        Ok(p)
+    }
+
+    /// Stops publishing a guest port and returns once its listener and every connection
+    /// through it are closed. `false` if it was not published.
+    pub async fn unpublish(&self, id: &str, guest_port: u16) -> Result<bool> {
+        let fwd = self
             .state
             .lock()
             .unwrap()
             .sandboxes
             .get_mut(id)
-            .and_then(|e| e.rt.take());
-        drop(rt);
-        let backend = self.cfg.nft;
-        let del = nft::delete_table(&n.table);
-        // The two slow kernel operations (each waits for an RCU grace period) run side by side:
-        // the host table's removal on an ns thread, the veth's over netlink.
-        let table = ns::run_in(self.host_ns.as_deref(), move || {
-            nft::run(backend, "delete host table", &del).map(drop)
-        });
-        let veth = async {
-            if let Some(i) = link_index(&self.host, &n.host_veth).await? {
-                match self.host.link().del(i).execute().await {
-                    Ok(()) => {}
-                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
-                    Err(e) => return Err(nl(format!("delete {}", n.host_veth))(e)),
-                }
-            }
-            Ok(())
+            .ok_or_else(|| NetError::NotFound(id.into()))?
+            .ports
+            .remove(&guest_port);
+        let found = fwd.is_some();
+        if let Some(f) = fwd {
+            f.close().await;
+        }
+        Ok(found)
+    }
+
+    /// The sandbox's published ports, by guest port (empty for an unknown sandbox).
+    pub fn published(&self, id: &str) -> Vec<PublishedPort> {
+        self.state
+            .lock()
+            .unwrap()
+            .sandboxes
+            .get(id)
+            .map(|e| e.ports.values().map(|f| f.published).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes everything the sandbox owns, by id, and returns at once: its published ports,
+    /// DNS filter, log reader and tunnel stop, and its namespaces (the sandbox's and the
+    /// stand-in guest's) are unmounted. The kernel then tears the namespace down with the TAP,
+    /// the namespace's table and the veth pair (deleting links synchronously costs an RCU
+    /// grace period each); the transit slot stays quarantined until the host veth is gone, and
+    /// a veth still there after a few seconds is deleted explicitly. [`Network::settle`] waits
+    /// for all of that. Idempotent.
+    pub async fn destroy(&self, id: &str) -> Result<()> {
+        let n = Names::new(id)?;
+        // Stop the DNS filter, the log reader, the published ports and the tunnel first: their
+        // sockets hold the namespace.
+        let (rt, ports, tunnel) = match self.state.lock().unwrap().sandboxes.get_mut(id) {
+            Some(e) => (e.rt.take(), std::mem::take(&mut e.ports), e.tunnel.take()),
+            None => (None, BTreeMap::new(), None),
         };
-        let (t, v) = tokio::join!(table, veth);
-        t?;
-        v?;
+        drop((rt, tunnel));
+        // Closed before returning: a published port is refused once destroy returns.
+        for f in ports.into_values() {
+            f.close().await;
+        }
+        let legacy = self.state.lock().unwrap().legacy_host_tables.remove(id);
+        if legacy {
+            let (backend, del) = (self.cfg.nft, nft::delete_table(&n.table));
+            ns::run_in(self.host_ns.as_deref(), move || {
+                nft::run(backend, "delete host table", &del).map(drop)
+            })
+            .await?;
+        }
         ns::remove(&n.netns)?;
         ns::remove(&n.guest_netns)?;
-        let mut st = self.state.lock().unwrap();
-        if let Some(e) = st.sandboxes.remove(id) {
-            if e.has_nic {
-                st.pool.free(e.transit.slot);
-            }
-        }
-        drop(st);
+        let slot = {
+            let mut st = self.state.lock().unwrap();
+            st.quarantined.insert(n.host_veth.clone());
+            st.sandboxes
+                .remove(id)
+                .filter(|e| e.has_nic)
+                .map(|e| e.transit.slot)
+        };
         self.ring.forget(id);
         self.sink.forget(id);
+        self.pending.send_modify(|p| *p += 1);
+        let (host, state, pending) = (self.host.clone(), self.state.clone(), self.pending.clone());
+        tokio::spawn(async move {
+            reap(&host, &n.host_veth).await;
+            let mut st = state.lock().unwrap();
+            st.quarantined.remove(&n.host_veth);
+            if let Some(slot) = slot {
+                st.pool.free(slot);
+            }
+            drop(st);
+            pending.send_modify(|p| *p -= 1);
+        });
         Ok(())
     }
 
-    /// Every object Hutch owns: namespaces `hutch-*` (global), host links `hv<hash>h` and host
-    /// nft tables `hutch-*` (in this Network's host namespace). A restarted daemon compares this
-    /// with its records and destroys or adopts by id.
+    /// Waits until every destroyed sandbox's kernel objects are gone and their transit slots
+    /// are free again.
+    pub async fn settle(&self) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|p| *p == 0).await;
+    }
+
+    /// Every object Hutch owns, once destroyed sandboxes' objects are gone
+    /// ([`Network::settle`]): namespaces `hutch-*` (global), host links `hv<hash>h` and the
+    /// per-sandbox host nft tables `hutch-*` an older Hutch made (in this Network's host
+    /// namespace; the shared table `hutch` belongs to no sandbox). A restarted daemon compares
+    /// this with its records and destroys or adopts by id.
     pub async fn list_owned(&self) -> Result<Vec<OwnedObject>> {
+        // What destroyed sandboxes left to the kernel is not "owned" any more: wait it out.
+        self.settle().await;
         let mut out = Vec::new();
-        for name in ns::list(names::NETNS_PREFIX)? {
-            let rest = &name[names::NETNS_PREFIX.len()..];
-            let id = rest.strip_suffix(".guest").unwrap_or(rest).to_string();
-            out.push(OwnedObject::Netns { name, id });
-        }
         let _g = self.dump_lock.lock().await;
         let links: Vec<LinkMessage> = self
             .host
@@ -874,15 +1280,32 @@ impl Network {
             .try_collect()
             .await
             .map_err(nl("dump links"))?;
+        drop(_g);
+        // Sandboxes whose host veth (here) is this Network's.
+        let mut ours = HashSet::new();
         for l in &links {
-            if let Some(name) = link_name(l).filter(|n| names::is_host_veth_name(n)) {
-                let id = link_alias(l)
-                    .and_then(|a| a.strip_prefix(names::ALIAS_PREFIX))
-                    .map(str::to_string);
-                out.push(OwnedObject::Link {
-                    name: name.to_string(),
-                    id,
-                });
+            let Some(name) = link_name(l).filter(|n| names::is_host_veth_name(n)) else {
+                continue;
+            };
+            let tagged = link_alias(l).and_then(names::parse_alias);
+            if let Some((_, owner)) = tagged {
+                if !owned_by(&self.cfg.owner, owner) {
+                    continue;
+                }
+            }
+            let id = tagged.map(|(id, _)| id.to_string());
+            ours.extend(id.clone());
+            out.push(OwnedObject::Link {
+                name: name.to_string(),
+                id,
+            });
+        }
+        // Namespaces are host-wide: with an owner, only those whose veth is ours.
+        for name in ns::list(names::NETNS_PREFIX)? {
+            let rest = &name[names::NETNS_PREFIX.len()..];
+            let id = rest.strip_suffix(".guest").unwrap_or(rest).to_string();
+            if self.cfg.owner.is_empty() || ours.contains(&id) {
+                out.push(OwnedObject::Netns { name, id });
             }
         }
         let backend = self.cfg.nft;

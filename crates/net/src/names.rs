@@ -30,11 +30,13 @@ pub struct Names {
     pub ns_veth: String,
     /// TAP device inside the namespace: `ht<10 hex>` (or the veth standing in for it).
     pub tap: String,
+    /// WireGuard TUN inside the namespace (sandboxes with an egress tunnel): `hw<10 hex>`.
+    pub tun: String,
     /// Guest end of the stand-in veth (test mode only): `ht<10 hex>p`.
     pub guest_veth: String,
     /// nft table, both host side and inside the namespace: `hutch-<id>`.
     pub table: String,
-    /// `ifalias` written on the host veth: `hutch:<id>`.
+    /// `ifalias` written on the host veth without an owner: `hutch:<id>` (see [`alias`]).
     pub alias: String,
 }
 
@@ -49,11 +51,36 @@ impl Names {
             host_veth: format!("hv{h}h"),
             ns_veth: format!("hv{h}g"),
             tap: format!("ht{h}"),
+            tun: format!("hw{h}"),
             guest_veth: format!("ht{h}p"),
             table: format!("{TABLE_PREFIX}{id}"),
             alias: format!("{ALIAS_PREFIX}{id}"),
         })
     }
+}
+
+/// The `ifalias` of a sandbox's host veth: `hutch:<id>`, or `hutch:<id>@<owner>` for a
+/// [`crate::NetConfig::owner`].
+pub fn alias(id: &str, owner: &str) -> String {
+    if owner.is_empty() {
+        format!("{ALIAS_PREFIX}{id}")
+    } else {
+        format!("{ALIAS_PREFIX}{id}@{owner}")
+    }
+}
+
+/// `(sandbox id, owner)` from a host veth's alias (see [`alias`]); `None` for another alias.
+pub fn parse_alias(alias: &str) -> Option<(&str, Option<&str>)> {
+    let rest = alias.strip_prefix(ALIAS_PREFIX)?;
+    Some(match rest.split_once('@') {
+        Some((id, owner)) => (id, Some(owner)),
+        None => (rest, None),
+    })
+}
+
+/// A short tag naming one owner of sandbox networks (e.g. one daemon's home directory).
+pub fn owner_tag(of: &str) -> String {
+    hash10(of)
 }
 
 /// First 10 hex digits (40 bits) of SHA-256 of the id.
@@ -103,6 +130,19 @@ pub fn validate_id(id: &str) -> Result<(), NetError> {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn aliases_carry_the_id_and_the_owner() {
+        assert_eq!(parse_alias(&alias("sb-1", "")), Some(("sb-1", None)));
+        let tag = owner_tag("/var/lib/hutch");
+        assert_eq!(tag.len(), 10);
+        assert_eq!(
+            parse_alias(&alias("sb-1", &tag)),
+            Some(("sb-1", Some(tag.as_str())))
+        );
+        assert_eq!(parse_alias("something else"), None);
+        assert!(alias(&"x".repeat(MAX_ID_LEN), &tag).len() < 256);
+    }
 
     #[test]
     fn names_fit_ifnamsiz_and_are_distinct() {

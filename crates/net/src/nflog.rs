@@ -7,6 +7,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, SystemTime};
 
 use crate::events::{Proto, RuleName, LOG_GROUP};
 use crate::NetError;
@@ -20,6 +21,7 @@ const NFULA_CFG_MODE: u16 = 2;
 const NFULA_CFG_QTHRESH: u16 = 4;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
+const NFULA_TIMESTAMP: u16 = 3;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
 /// Bytes of each logged packet copied to us: enough for an IPv6 header and the ports.
@@ -38,6 +40,8 @@ pub struct LogRecord {
     pub dst: IpAddr,
     /// Destination port (0 without ports).
     pub dst_port: u16,
+    /// When the packet was received (the kernel's timestamp; absent when it has none).
+    pub time: Option<SystemTime>,
 }
 
 fn nlmsg(ty: u16, flags: u16, seq: u32, res_id: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
@@ -127,6 +131,20 @@ pub fn open_socket() -> Result<OwnedFd, NetError> {
     if rc != 0 {
         return Err(last_os("bind NETLINK_NETFILTER socket"));
     }
+    // Asking for timestamps on any socket makes the kernel stamp every packet it receives, and
+    // NFLOG passes a packet's stamp on: each log line then says when its packet arrived, not
+    // when it was read (which is what domain attribution needs).
+    let on: libc::c_int = 1;
+    // SAFETY: valid option pointer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMP,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
     // A bigger receive buffer; overflow (ENOBUFS) only loses log lines, never verdicts.
     let size: libc::c_int = 1 << 20;
     // SAFETY: valid option pointer.
@@ -206,7 +224,7 @@ pub fn parse_datagram(mut b: &[u8]) -> Vec<LogRecord> {
 fn parse_packet_msg(b: &[u8]) -> Option<LogRecord> {
     // nfgenmsg: family, version, res_id; the payload's own version field is what counts.
     let mut attrs = b.get(4..)?;
-    let (mut prefix, mut payload) = (None, None);
+    let (mut prefix, mut payload, mut time) = (None, None, None);
     while attrs.len() >= 4 {
         let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
         let ty = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
@@ -217,6 +235,7 @@ fn parse_packet_msg(b: &[u8]) -> Option<LogRecord> {
         match ty {
             NFULA_PREFIX => prefix = Some(v),
             NFULA_PAYLOAD => payload = Some(v),
+            NFULA_TIMESTAMP => time = timestamp(v),
             _ => {}
         }
         let adv = (len + 3) & !3;
@@ -234,7 +253,18 @@ fn parse_packet_msg(b: &[u8]) -> Option<LogRecord> {
         proto,
         dst,
         dst_port,
+        time,
     })
+}
+
+/// `struct nfulnl_msg_packet_timestamp { __be64 sec; __be64 usec; }`.
+fn timestamp(v: &[u8]) -> Option<SystemTime> {
+    let sec = u64::from_be_bytes(v.get(0..8)?.try_into().ok()?);
+    let usec = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    if usec >= 1_000_000 {
+        return None;
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(sec) + Duration::from_micros(usec))
 }
 
 fn port_at(p: &[u8], l4: usize) -> u16 {
@@ -304,7 +334,30 @@ mod tests {
                 proto: Proto::Tcp,
                 dst: "203.0.113.10".parse().unwrap(),
                 dst_port: 8080,
+                time: None,
             }]
+        );
+        // With the kernel's receive timestamp.
+        let mut ts = 1_700_000_000u64.to_be_bytes().to_vec();
+        ts.extend_from_slice(&250_000u64.to_be_bytes());
+        let mut p = b"hutch:allow_open".to_vec();
+        p.push(0);
+        let mut m2 = nlmsg(
+            (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET,
+            0,
+            0,
+            LOG_GROUP as u16,
+            &[
+                (NFULA_TIMESTAMP, &ts),
+                (NFULA_PREFIX, &p),
+                (NFULA_PAYLOAD, &ip),
+            ],
+        );
+        m2[16] = libc::AF_INET as u8;
+        let got = parse_datagram(&m2);
+        assert_eq!(
+            got[0].time,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250))
         );
         for n in 0..m.len() {
             let _ = parse_datagram(&m[..n]);

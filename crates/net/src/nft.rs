@@ -250,6 +250,19 @@ pub struct SandboxRules<'a> {
     pub deny4: &'a [Ipv4Net],
     /// Merged IPv6 deny list.
     pub deny6: &'a [Ipv6Net],
+    /// The WireGuard egress tunnel, if the sandbox has one.
+    pub tunnel: Option<TunnelRules<'a>>,
+}
+
+/// What the rules of a sandbox with a WireGuard egress tunnel need.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelRules<'a> {
+    /// The TUN device in the namespace.
+    pub tun: &'a str,
+    /// The tunnel's address guest traffic is translated to.
+    pub address: Ipv4Addr,
+    /// The peer's UDP endpoint: the only thing the namespace may send out of the veth.
+    pub endpoint: std::net::SocketAddrV4,
 }
 
 fn verdict_chain(tx: &mut Tx, rule: RuleName) {
@@ -494,6 +507,18 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             goto(RuleName::DenyReserved.as_str()),
         ],
     );
+    if let Some(tun) = &r.tunnel {
+        // Through the tunnel or not at all (the routes allow nothing else but the endpoint).
+        tx.rule(
+            "forward",
+            None,
+            vec![
+                m(meta(MetaKey::Oifname), Operator::NEQ, s(tun.tun)),
+                counter(),
+                goto(RuleName::DenyTunnel.as_str()),
+            ],
+        );
+    }
     tx.rule("forward", None, vec![jump("policy")]);
     tx.rule(
         "forward",
@@ -509,6 +534,32 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
         0,
         NfChainPolicy::Accept,
     );
+
+    if let Some(tun) = &r.tunnel {
+        // Nothing leaves by the veth but the encrypted UDP to the endpoint.
+        tx.rule(
+            "output",
+            None,
+            vec![
+                eq(meta(MetaKey::Oifname), s(r.ns_veth)),
+                eq(payload("ip", "daddr"), s(tun.endpoint.ip().to_string())),
+                eq(
+                    payload("udp", "dport"),
+                    E::Number(u32::from(tun.endpoint.port())),
+                ),
+                accept(),
+            ],
+        );
+        tx.rule(
+            "output",
+            None,
+            vec![
+                eq(meta(MetaKey::Oifname), s(r.ns_veth)),
+                counter(),
+                S::Drop(None),
+            ],
+        );
+    }
 
     // SNAT at the namespace edge: every guest looks like its transit address outside.
     tx.base_chain(
@@ -532,6 +583,22 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             })),
         ],
     );
+    if let Some(tun) = &r.tunnel {
+        tx.rule(
+            "postrouting",
+            None,
+            vec![
+                eq(meta(MetaKey::Oifname), s(tun.tun)),
+                eq(payload("ip", "saddr"), s(GUEST_ADDR.to_string())),
+                S::SNAT(Some(NAT {
+                    addr: Some(s(tun.address.to_string())),
+                    family: Some(nftables::stmt::NATFamily::IP),
+                    port: None,
+                    flags: None,
+                })),
+            ],
+        );
+    }
     tx.json()
 }
 
@@ -595,13 +662,25 @@ pub fn add_resolved(table: &str, addrs: &[(std::net::IpAddr, u32)], min: u32, ma
     tx.json()
 }
 
-/// The host-side table: masquerade towards the uplink, and nothing from this sandbox's veth may
-/// reach the host itself or any other interface.
-pub fn host_table(table: &str, host_veth: &str, uplink: &str, transit_ns: Ipv4Addr) -> String {
-    let mut tx = Tx::new(table);
+/// Name of the one host-side table every sandbox shares.
+pub const HOST_TABLE: &str = "hutch";
+
+/// Wildcard matching every sandbox's host veth (`hv<hash>h`).
+const HOST_VETHS: &str = "hv*";
+
+/// The one host-side table (in the host namespace) confining every sandbox veth: its traffic may
+/// only leave by `uplink`, coming from the transit `pool`, and is masqueraded there; nothing
+/// else goes to or through the host from a veth but replies. Replaced atomically (created once
+/// per [`crate::Network`]), so no per-sandbox host rule is ever added or removed.
+pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
+    let mut tx = Tx::new(HOST_TABLE);
     let t = tx.table();
+    // add + delete + add: a fresh table whether or not one existed, in one transaction.
+    tx.add(L::Table(t.clone()));
+    tx.cmds
+        .push(NfObject::CmdObject(NfCmd::Delete(L::Table(t.clone()))));
     tx.add(L::Table(t));
-    let veth = || s(host_veth);
+    let veths = || s(HOST_VETHS);
     tx.base_chain(
         "postrouting",
         NfChainType::NAT,
@@ -613,7 +692,7 @@ pub fn host_table(table: &str, host_veth: &str, uplink: &str, transit_ns: Ipv4Ad
         "postrouting",
         None,
         vec![
-            eq(payload("ip", "saddr"), s(transit_ns.to_string())),
+            eq(payload("ip", "saddr"), net4(&pool)),
             eq(meta(MetaKey::Oifname), s(uplink)),
             S::Masquerade(None),
         ],
@@ -629,26 +708,26 @@ pub fn host_table(table: &str, host_veth: &str, uplink: &str, transit_ns: Ipv4Ad
         "forward",
         None,
         vec![
-            eq(meta(MetaKey::Iifname), veth()),
+            eq(meta(MetaKey::Iifname), veths()),
             eq(meta(MetaKey::Oifname), s(uplink)),
-            eq(payload("ip", "saddr"), s(transit_ns.to_string())),
+            eq(payload("ip", "saddr"), net4(&pool)),
             accept(),
         ],
     );
     tx.rule(
         "forward",
         None,
-        vec![eq(meta(MetaKey::Iifname), veth()), counter(), reject_any()],
+        vec![eq(meta(MetaKey::Iifname), veths()), counter(), reject_any()],
     );
     tx.rule(
         "forward",
         None,
-        vec![eq(meta(MetaKey::Oifname), veth()), established(), accept()],
+        vec![eq(meta(MetaKey::Oifname), veths()), established(), accept()],
     );
     tx.rule(
         "forward",
         None,
-        vec![eq(meta(MetaKey::Oifname), veth()), counter(), reject_any()],
+        vec![eq(meta(MetaKey::Oifname), veths()), counter(), reject_any()],
     );
     tx.base_chain(
         "input",
@@ -660,12 +739,12 @@ pub fn host_table(table: &str, host_veth: &str, uplink: &str, transit_ns: Ipv4Ad
     tx.rule(
         "input",
         None,
-        vec![eq(meta(MetaKey::Iifname), veth()), established(), accept()],
+        vec![eq(meta(MetaKey::Iifname), veths()), established(), accept()],
     );
     tx.rule(
         "input",
         None,
-        vec![eq(meta(MetaKey::Iifname), veth()), counter(), reject_any()],
+        vec![eq(meta(MetaKey::Iifname), veths()), counter(), reject_any()],
     );
     tx.json()
 }

@@ -143,3 +143,45 @@ pub fn http(ns: &str, port: u16, body: &'static str) {
         }
     });
 }
+
+/// The far end of a sandbox's WireGuard tunnel, running in a test namespace (this crate's own
+/// boringtun driver, listening instead of connecting). Dropping it takes the peer down.
+pub struct WireGuardPeer {
+    _tunnel: crate::wg::Tunnel,
+}
+
+/// Starts a [`WireGuardPeer`] in namespace `ns`: a TUN `tun` with `address`, UDP on `listen`,
+/// accepting tunnelled packets from `allowed_ips`.
+pub async fn wireguard_peer(
+    ns: &str,
+    tun: &str,
+    private_key: [u8; 32],
+    peer_public_key: [u8; 32],
+    listen: std::net::SocketAddr,
+    address: ipnet::Ipv4Net,
+    allowed_ips: Vec<ipnet::IpNet>,
+) -> crate::Result<WireGuardPeer> {
+    let tunnel = crate::wg::start(crate::wg::Params {
+        netns: &crate::ns::netns_path(ns),
+        tun,
+        private_key,
+        peer_public_key,
+        preshared_key: None,
+        keepalive: None,
+        udp: crate::wg::Udp::Listen(listen),
+        allowed_ips,
+    })
+    .await?;
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &address.to_string(),
+        "dev",
+        tun,
+    ]);
+    sh(&["ip", "-n", ns, "link", "set", tun, "up"]);
+    Ok(WireGuardPeer { _tunnel: tunnel })
+}

@@ -45,3 +45,8 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// Operation id reserved for connection-level messages (handshake, protocol errors).
 pub const CONNECTION_OP: u32 = 0;
+
+/// The guest's `AF_VSOCK` port on which the agent accepts the channel where the VMM gives the
+/// guest a vsock device (Firecracker; the host dials it with `CONNECT 1024`). Ports below 1024
+/// are privileged in the guest; this is the first free one.
+pub const VSOCK_PORT: u32 = 1024;

@@ -52,6 +52,9 @@ pub enum ObjectKind {
     RunDir,
     /// The sandbox's network (netns, veth, TAP, nft tables): `name` is the sandbox id.
     Netns,
+    /// A guest port published on a host loopback port: `name` is the guest port, `detail`
+    /// the host port.
+    Port,
 }
 
 impl ObjectKind {
@@ -60,6 +63,7 @@ impl ObjectKind {
             ObjectKind::VmProcess => "vm-process",
             ObjectKind::RunDir => "run-dir",
             ObjectKind::Netns => "netns",
+            ObjectKind::Port => "port",
         }
     }
 
@@ -68,6 +72,7 @@ impl ObjectKind {
             "vm-process" => Some(ObjectKind::VmProcess),
             "run-dir" => Some(ObjectKind::RunDir),
             "netns" => Some(ObjectKind::Netns),
+            "port" => Some(ObjectKind::Port),
             _ => None,
         }
     }

@@ -39,6 +39,81 @@ pub struct SandboxSpec {
     /// What the sandbox may reach on the network.
     #[serde(default)]
     pub network: NetworkPolicy,
+    /// A WireGuard tunnel all of the sandbox's allowed egress leaves through (run on the host;
+    /// the guest never sees it). Without a NIC (policy `none`) it is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireGuardSpec>,
+    /// Restore the sandbox from this template (`hutch template create`) instead of booting
+    /// `image`: its image, vCPUs, memory and disk are the template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Where the sandbox came from, when it was restored rather than booted. Set by Hutch
+    /// (templates and forks), never by a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// A restored sandbox's lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The template it (or its forked ancestor) was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The sandbox it was forked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The snapshot directory it was restored from (its disk reads through to it).
+    pub snapshot: String,
+}
+
+/// A sandbox's WireGuard egress tunnel, as in a `wg-quick` configuration. If the tunnel is
+/// down, the sandbox's traffic fails; it never leaves another way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WireGuardSpec {
+    /// This end's private key (base64). Write-only: the API answers with
+    /// [`REDACTED`] in its place.
+    pub private_key: String,
+    /// The peer's public key (base64).
+    pub peer_public_key: String,
+    /// Optional preshared key (base64); redacted like the private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key: Option<String>,
+    /// The peer's endpoint, `IPv4:port`.
+    pub endpoint: String,
+    /// This end's tunnel address, e.g. `10.99.0.2/32`.
+    pub address: String,
+    /// Destinations routed into the tunnel; nothing else is reachable.
+    #[serde(default = "default_allowed_ips")]
+    pub allowed_ips: Vec<String>,
+    /// Persistent keepalive, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
+    /// Resolver behind the tunnel for the sandbox's DNS filter; default: the host's, asked
+    /// through the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+}
+
+/// What the API shows in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+fn default_allowed_ips() -> Vec<String> {
+    vec!["0.0.0.0/0".into()]
+}
+
+impl SandboxInfo {
+    /// The sandbox as the API shows it: secrets (the WireGuard keys) replaced by [`REDACTED`].
+    pub fn redacted(mut self) -> SandboxInfo {
+        if let Some(w) = &mut self.spec.wireguard {
+            w.private_key = REDACTED.into();
+            if let Some(k) = &mut w.preshared_key {
+                *k = REDACTED.into();
+            }
+        }
+        self
+    }
 }
 
 /// A sandbox's egress policy. Whatever it says, the host, private and link-local ranges,
@@ -96,6 +171,9 @@ impl Default for SandboxSpec {
             labels: Labels::new(),
             ttl_secs: None,
             network: NetworkPolicy::None,
+            wireguard: None,
+            template: None,
+            origin: None,
         }
     }
 }
@@ -146,6 +224,12 @@ impl SandboxSpec {
         }
         if !(MIN_DISK_MIB..=MAX_DISK_MIB).contains(&self.disk_mib) {
             return bad(format!("disk_mib must be {MIN_DISK_MIB}..={MAX_DISK_MIB}"));
+        }
+        if let Some(t) = self.template.as_deref().filter(|t| !valid_name(t)) {
+            return bad(format!(
+                "template name {:?} is not [a-z0-9][a-z0-9._-]*",
+                truncate(t)
+            ));
         }
         if self.ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
             return bad(format!("ttl_secs must be 1..={MAX_TTL_SECS}"));
@@ -239,6 +323,8 @@ pub enum SandboxState {
     Destroyed,
     /// Broken, with the reason.
     Failed(String),
+    /// Paused to disk: its memory and disk are saved, no VMM runs; resume restores it.
+    Suspended,
 }
 
 impl SandboxState {
@@ -252,6 +338,7 @@ impl SandboxState {
             SandboxState::Stopped => "stopped",
             SandboxState::Destroyed => "destroyed",
             SandboxState::Failed(_) => "failed",
+            SandboxState::Suspended => "suspended",
         }
     }
 
@@ -265,9 +352,82 @@ impl SandboxState {
             "stopped" => SandboxState::Stopped,
             "destroyed" => SandboxState::Destroyed,
             "failed" => SandboxState::Failed(reason.unwrap_or_default()),
+            "suspended" => SandboxState::Suspended,
             _ => return None,
         })
     }
+}
+
+/// What `hutch template create` builds: a VM booted from `image`, provisioned by `provision`,
+/// and saved, so sandboxes are restored from it instead of booting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// The template's name (`[a-z0-9][a-z0-9._-]*`).
+    pub name: String,
+    /// Guest image name.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// vCPUs of every sandbox restored from it.
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    /// Guest memory in MiB of every sandbox restored from it.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// Writable disk in MiB.
+    #[serde(default = "default_disk")]
+    pub disk_mib: u64,
+    /// A shell script run as root in the VM before it is saved; it must exit 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provision: Option<String>,
+    /// What provisioning may reach (e.g. `open` to install packages). Sandboxes restored from
+    /// the template get their own policy.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+}
+
+impl TemplateSpec {
+    /// Checks the name and the same bounds as a sandbox's.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !valid_name(&self.name) {
+            return Err(SpecError(format!(
+                "template name {:?} is not [a-z0-9][a-z0-9._-]*",
+                truncate(&self.name)
+            )));
+        }
+        if self.provision.as_ref().is_some_and(|p| p.len() > 1 << 20) {
+            return Err(SpecError("the provisioning script is over 1 MiB".into()));
+        }
+        SandboxSpec {
+            image: self.image.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disk_mib: self.disk_mib,
+            network: self.network.clone(),
+            ..SandboxSpec::default()
+        }
+        .validate()
+    }
+}
+
+/// A saved template, as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateInfo {
+    /// What it was built from.
+    pub spec: TemplateSpec,
+    /// `sha256:` digest of its saved state; names its directory.
+    pub digest: String,
+    /// The digest of the image it was booted from: restores need that very image.
+    pub image_digest: String,
+    /// Whether its guest has a NIC (then every restore gets a sandbox network).
+    pub has_nic: bool,
+    /// When it was saved, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// Boot and provisioning time, milliseconds.
+    pub build_ms: u64,
+    /// How many restored clones the daemon keeps ready, so a create is a hand-out.
+    #[serde(default)]
+    pub pool_size: u32,
 }
 
 /// A sandbox as the API reports it.
@@ -370,6 +530,33 @@ mod tests {
         assert!(serde_json::from_str::<SandboxSpec>(r#"{"cpus":1,"gpus":4}"#).is_err());
         let failed = serde_json::to_string(&SandboxState::Failed("oom".into())).unwrap();
         assert_eq!(failed, r#"{"state":"failed","reason":"oom"}"#);
+    }
+
+    #[test]
+    fn wireguard_keys_are_redacted_for_the_api_and_kept_for_the_store() {
+        let spec: SandboxSpec = serde_json::from_str(
+            r#"{"network":{"mode":"open"},"wireguard":{"private_key":"k","peer_public_key":"p",
+               "preshared_key":"s","endpoint":"203.0.113.1:51820","address":"10.9.0.2/32"}}"#,
+        )
+        .unwrap();
+        let w = spec.wireguard.clone().unwrap();
+        assert_eq!(w.allowed_ips, vec!["0.0.0.0/0".to_string()]);
+        let info = SandboxInfo {
+            id: "sb-1".into(),
+            state: SandboxState::Running,
+            spec,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            expires_at_ms: None,
+        };
+        let stored = serde_json::to_string(&info.spec).unwrap();
+        assert!(stored.contains("\"k\"") && stored.contains("\"s\""));
+        let shown = serde_json::to_string(&info.redacted()).unwrap();
+        assert!(
+            !shown.contains("\"k\"") && !shown.contains("\"s\""),
+            "{shown}"
+        );
+        assert!(shown.contains(REDACTED) && shown.contains("\"p\""));
     }
 
     #[test]

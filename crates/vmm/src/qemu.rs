@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 use crate::console::spawn_copier;
 use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
 use crate::snapshot::{
-    copy_sparse, create_dir, freeze, make_overlay, receive_stream, send_file, write_record,
+    copy_sparse, create_dir, flatten, freeze, make_overlay, receive_stream, send_file, write_record,
 };
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
@@ -978,8 +978,13 @@ impl QemuVm {
             disk_format: disk.map(|(_, f)| f.to_string()),
             ..snapshot
         };
-        if let Some((disk, _)) = disk {
-            copy_sparse(disk, &snapshot.disk_file()).await?;
+        match disk {
+            // An overlay: flattened, so this snapshot outlives whatever it reads through to.
+            Some((disk, "qcow2")) => flatten(disk, &snapshot.disk_file()).await?,
+            Some((disk, _)) => copy_sparse(disk, &snapshot.disk_file()).await?,
+            None => {}
+        }
+        if disk.is_some() {
             freeze(&snapshot.disk_file())?;
         }
         write_record(&snapshot)?;
@@ -1266,7 +1271,7 @@ mod tests {
             .unwrap()
             .join(" ");
         let want = [
-            "-name hutch-sbx-1 -M microvm,acpi=on -nodefaults -no-user-config -nographic -no-reboot",
+            "-name hutch-sbx-1 -M microvm,acpi=on,memory-backend=ram -nodefaults -no-user-config -nographic -no-reboot",
             "-accel tcg,thread=multi -cpu max -smp 2 -m 512",
             "-kernel /k/vmlinuz -initrd /k/initrd.img -append console=ttyS0",
             // A comma in a path is doubled for QEMU's option parser.
@@ -1294,6 +1299,59 @@ mod tests {
             .unwrap()
             .join(" ");
         assert!(args.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn memory_backends_and_restores() {
+        let mut spec = spec("/r/x");
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let args = |spec: &VmSpec, snap: Option<&Snapshot>| {
+            qemu_args(spec, &paths, Accel::Tcg, "console=ttyS0", None, snap)
+                .unwrap()
+                .join(" ")
+        };
+        let boot = args(&spec, None);
+        assert!(
+            boot.contains("-M microvm,acpi=on,memory-backend=ram"),
+            "{boot}"
+        );
+        assert!(
+            boot.contains("-object memory-backend-ram,id=ram,size=512M"),
+            "{boot}"
+        );
+        assert!(!boot.contains("-incoming"), "{boot}");
+        spec.memory = GuestMemory::SharedFile("/dev/shm/t,1.mem".into());
+        let template = args(&spec, None);
+        assert!(
+            template.contains(
+                "memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/t,,1.mem,share=on"
+            ),
+            "{template}"
+        );
+        let mut snap = Snapshot {
+            backend: "qemu".into(),
+            dir: "/s".into(),
+            memory: SnapshotMemory::File("/dev/shm/t.mem".into()),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            nic_mac: None,
+            disk_format: Some("raw".into()),
+        };
+        // A clone maps the template's file private, whatever its own spec says, and writes
+        // only its own overlay.
+        let clone = args(&spec, Some(&snap));
+        assert!(
+            clone.contains("mem-path=/dev/shm/t.mem,share=off"),
+            "{clone}"
+        );
+        assert!(clone.contains("-incoming defer"), "{clone}");
+        assert!(clone.contains("scratch.qcow2,format=qcow2"), "{clone}");
+        assert!(!clone.contains("scratch.ext4"), "{clone}");
+        snap.memory = SnapshotMemory::InState;
+        snap.disk_format = None;
+        let child = args(&spec, Some(&snap));
+        assert!(child.contains("memory-backend-ram,id=ram"), "{child}");
+        assert!(!child.contains("id=scratch"), "{child}");
     }
 
     #[test]

@@ -7,7 +7,10 @@
 mod auth;
 mod error;
 mod files;
+mod ports;
 mod routes;
+mod tasks;
+mod templates;
 mod ws;
 
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
@@ -26,6 +29,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// Token lookups.
     pub store: Arc<dyn Store>,
+    /// Agent tasks.
+    pub tasks: Arc<hutch_core::task::Tasks>,
 }
 
 /// How often TTLs are checked.
@@ -36,7 +41,12 @@ const TTL_TICK: Duration = Duration::from_secs(1);
 pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
-    let vmm = crate::launch::backend(home, "default").await?;
+    let backend = crate::launch::backend(home, "default", args.backend).await?;
+    eprintln!(
+        "hutch daemon: backend {} ({})",
+        backend.vmm.name(),
+        backend.why
+    );
     let cfg = ManagerConfig {
         images_dir: home.images(),
         runs_dir: home.vms(),
@@ -44,10 +54,12 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
             max_sandboxes: args.max_sandboxes,
             memory_budget_mib: args.memory_budget_mib,
         },
+        templates: hutch_core::Templates::new(home.templates(), home.templates_shm()),
+        snapshots_dir: home.snapshots(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
     };
-    let net = network(&args).await;
-    let manager = Manager::new(cfg, store.clone(), Arc::new(vmm), net);
+    let net = network(home, &args).await;
+    let manager = Manager::new(cfg, store.clone(), backend.vmm, net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(
@@ -60,7 +72,9 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
+        tasks: Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone())),
     });
+    manager.start_pools();
     tokio::spawn(expire_loop(manager));
 
     let socket = args.socket.clone().unwrap_or_else(|| home.socket());
@@ -89,15 +103,23 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
         }
     }
     let _ = std::fs::remove_file(&socket);
+    // Pooled clones belong to no sandbox: they go with the daemon.
+    state.manager.drain_pools().await;
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
     Ok(0)
 }
 
 /// Sandbox networking on this host, or why it is unavailable (sandboxes asking for a network
 /// are then refused with that reason; those without one still work).
-async fn network(args: &DaemonArgs) -> Result<Arc<hutch_net::Network>, String> {
+async fn network(home: &Home, args: &DaemonArgs) -> Result<Arc<hutch_net::Network>, String> {
+    if args.no_network {
+        return Err("the daemon runs with --no-network".into());
+    }
+    // Several daemons (homes) may share a host: each adopts and removes only its own networks.
+    let home_dir = home.vms();
     let cfg = hutch_net::NetConfig {
         host_netns: args.net_host_netns.clone(),
+        owner: hutch_net::names::owner_tag(&home_dir.to_string_lossy()),
         ..Default::default()
     };
     match hutch_net::Network::new(cfg).await {

@@ -20,7 +20,7 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{auth::Scope, error::HttpError, files, ws, AppState};
+use super::{auth::Scope, error::HttpError, files, ports, tasks, templates, ws, AppState};
 
 type Result<T> = std::result::Result<T, HttpError>;
 type AppStateRef = State<Arc<AppState>>;
@@ -34,7 +34,7 @@ pub const MAX_UPLOAD: usize = 256 << 20;
         title = "Hutch",
         description = "Disposable microVM sandboxes for coding agents."
     ),
-    components(schemas(ApiError, SandboxInfo, SandboxSpec))
+    components(schemas(ApiError, SandboxInfo, SandboxSpec, hutch_types::TemplateInfo))
 )]
 struct ApiDoc;
 
@@ -48,11 +48,26 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(stop))
+        .routes(routes!(suspend))
+        .routes(routes!(templates::fork))
+        .routes(routes!(
+            templates::create_template,
+            templates::list_templates
+        ))
+        .routes(routes!(templates::get_template, templates::remove_template))
+        .routes(routes!(templates::set_pool))
         .routes(routes!(console))
         .routes(routes!(set_network))
         .routes(routes!(network_log))
+        .routes(routes!(ports::publish_port, ports::unpublish_port))
+        .routes(routes!(ports::list_ports))
         .routes(routes!(files::put_file, files::get_file))
         .routes(routes!(files::put_archive, files::get_archive))
+        .routes(routes!(tasks::run_task, tasks::list_tasks))
+        .routes(routes!(tasks::get_task))
+        .routes(routes!(tasks::task_baseline))
+        .routes(routes!(tasks::task_changeset))
+        .routes(routes!(tasks::task_diff))
 }
 
 /// The generated OpenAPI document.
@@ -104,7 +119,7 @@ pub fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInf
 
 /// Runs a state-changing manager call to completion even if the client hangs up meanwhile,
 /// so a disconnect never leaves a sandbox half created or half destroyed.
-async fn completed<T: Send + 'static>(
+pub async fn completed<T: Send + 'static>(
     call: impl std::future::Future<Output = std::result::Result<T, hutch_core::CoreError>>
         + Send
         + 'static,
@@ -157,7 +172,7 @@ async fn create_sandbox(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(info)))
+    Ok((status, Json(info.redacted())))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
@@ -193,7 +208,8 @@ async fn list_sandboxes(
     if let Scope::Label { key, value } = &scope {
         filter.labels.push((key.clone(), value.clone()));
     }
-    Ok(Json(state.manager.list(&filter).await?))
+    let all = state.manager.list(&filter).await?;
+    Ok(Json(all.into_iter().map(SandboxInfo::redacted).collect()))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -206,7 +222,7 @@ async fn get_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
     authorize(&state, &scope, &id)?;
-    Ok(Json(state.manager.inspect(&id).await?))
+    Ok(Json(state.manager.inspect(&id).await?.redacted()))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -220,7 +236,9 @@ async fn destroy_sandbox(
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     Ok(Json(
-        completed(async move { manager.destroy(&id).await }).await?,
+        completed(async move { manager.destroy(&id).await })
+            .await?
+            .redacted(),
     ))
 }
 
@@ -237,7 +255,7 @@ macro_rules! lifecycle_route {
         ) -> Result<Json<SandboxInfo>> {
             authorize(&state, &scope, &id)?;
             let manager = state.manager.clone();
-            Ok(Json(completed(async move { manager.$method(&id).await }).await?))
+            Ok(Json(completed(async move { manager.$method(&id).await }).await?.redacted()))
         }
     };
 }
@@ -252,7 +270,13 @@ lifecycle_route!(
     resume,
     "/v1/sandboxes/{id}/resume",
     resume,
-    "Thaws a paused sandbox."
+    "Thaws a paused sandbox, or restores one paused to disk."
+);
+lifecycle_route!(
+    suspend,
+    "/v1/sandboxes/{id}/suspend",
+    suspend,
+    "Pauses the sandbox to disk: saves its memory and disk and stops its VMM."
 );
 lifecycle_route!(
     stop,
@@ -286,7 +310,9 @@ async fn set_network(
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     Ok(Json(
-        completed(async move { manager.set_network(&id, policy).await }).await?,
+        completed(async move { manager.set_network(&id, policy).await })
+            .await?
+            .redacted(),
     ))
 }
 
@@ -482,10 +508,26 @@ mod tests {
         ("get", "/v1/sandboxes/{id}/console"),
         ("put", "/v1/sandboxes/{id}/network"),
         ("get", "/v1/sandboxes/{id}/network/log"),
+        ("put", "/v1/sandboxes/{id}/ports/{guest_port}"),
+        ("delete", "/v1/sandboxes/{id}/ports/{guest_port}"),
+        ("get", "/v1/sandboxes/{id}/ports"),
         ("put", "/v1/sandboxes/{id}/files"),
         ("get", "/v1/sandboxes/{id}/files"),
         ("put", "/v1/sandboxes/{id}/archive"),
         ("get", "/v1/sandboxes/{id}/archive"),
+        ("post", "/v1/sandboxes/{id}/suspend"),
+        ("post", "/v1/sandboxes/{id}/fork"),
+        ("post", "/v1/templates"),
+        ("get", "/v1/templates"),
+        ("get", "/v1/templates/{name}"),
+        ("delete", "/v1/templates/{name}"),
+        ("put", "/v1/templates/{name}/pool"),
+        ("post", "/v1/tasks"),
+        ("get", "/v1/tasks"),
+        ("get", "/v1/tasks/{id}"),
+        ("get", "/v1/tasks/{id}/baseline"),
+        ("get", "/v1/tasks/{id}/changeset"),
+        ("get", "/v1/tasks/{id}/diff"),
     ];
 
     fn state() -> (tempfile::TempDir, Arc<AppState>) {
@@ -499,6 +541,11 @@ mod tests {
                 max_sandboxes: 1,
                 memory_budget_mib: 1024,
             },
+            templates: hutch_core::Templates::new(
+                dir.path().join("templates"),
+                dir.path().join("shm"),
+            ),
+            snapshots_dir: dir.path().join("snapshots"),
             boot_timeout: Duration::from_secs(1),
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
@@ -506,7 +553,18 @@ mod tests {
             hutch_vmm::Accel::Tcg,
         ));
         let manager = Manager::new(cfg, store.clone(), vmm, Err("not in unit tests".into()));
-        (dir, Arc::new(AppState { manager, store }))
+        let tasks = Arc::new(hutch_core::task::Tasks::new(
+            dir.path().join("tasks"),
+            manager.clone(),
+        ));
+        (
+            dir,
+            Arc::new(AppState {
+                manager,
+                store,
+                tasks,
+            }),
+        )
     }
 
     #[test]
@@ -539,7 +597,10 @@ mod tests {
         let (_dir, state) = state();
         let app = router(state, Scope::Admin);
         for (method, path) in OPERATIONS {
-            let mut uri = path.replace("{id}", "sb-0123456789");
+            let mut uri = path
+                .replace("{id}", "sb-0123456789")
+                .replace("{guest_port}", "8000")
+                .replace("{name}", "nope");
             if path.ends_with("/files") || path.ends_with("/archive") {
                 uri.push_str("?path=/x");
             }
@@ -550,6 +611,10 @@ mod tests {
                 .body(Body::from(match *path {
                     "/v1/sandboxes" => "{\"cpus\":0}",
                     p if p.ends_with("/network") => "{\"mode\":\"open\"}",
+                    p if p.ends_with("{guest_port}") => "{}",
+                    p if p.ends_with("/fork") => "{\"count\":1}",
+                    "/v1/templates" => "{\"name\":\"t\"}",
+                    p if p.ends_with("/pool") => "{\"size\":1}",
                     _ => "{\"argv\":[\"true\"]}",
                 }))
                 .unwrap();
@@ -560,7 +625,8 @@ mod tests {
                 .unwrap();
             // Our handlers answer with an ApiError body; the router's own 404/405 has none.
             let parsed: std::result::Result<ApiError, _> = serde_json::from_slice(&body);
-            if *path == "/v1/sandboxes" && *method == "get" {
+            if matches!(*path, "/v1/sandboxes" | "/v1/templates" | "/v1/tasks") && *method == "get"
+            {
                 assert_eq!(status, StatusCode::OK, "{method} {path}");
                 continue;
             }
@@ -568,6 +634,8 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{method} {path}: {status} without an API error body"));
             let want = if *path == "/v1/sandboxes" {
                 ErrorCode::InvalidSpec
+            } else if *path == "/v1/tasks" {
+                ErrorCode::BadRequest
             } else {
                 ErrorCode::NotFound
             };

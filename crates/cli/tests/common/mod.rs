@@ -71,8 +71,8 @@ pub fn leaks(home: &Path) -> Vec<String> {
     found
 }
 
-/// Live QEMU processes: (pid, command line). Zombies have an empty command line and are
-/// not listed.
+/// Live QEMU and Firecracker processes: (pid, command line). Zombies have an empty command
+/// line and are not listed.
 pub fn vmm_processes() -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -83,7 +83,8 @@ pub fn vmm_processes() -> Vec<(u32, String)> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.starts_with("qemu-system") {
+        let program = cmdline.split(' ').next().unwrap_or("");
+        if cmdline.starts_with("qemu-system") || program.ends_with("/firecracker") {
             out.push((pid, cmdline));
         }
     }

@@ -46,8 +46,21 @@ pub enum FirecrackerError {
     },
 
     /// The kernel is not an ELF `vmlinux`, which v1.16 needs on x86_64.
-    #[error("kernel {0} is not an ELF vmlinux (Firecracker refuses a bzImage): extract one with hutch_image::vmlinux::extract_vmlinux")]
+    #[error("kernel {0} is not an ELF vmlinux (Firecracker refuses a bzImage), and no vmlinux of it is in the image cache: run `hutch image build` again, or extract one with hutch_image::vmlinux::extract_vmlinux")]
     KernelNotElf(PathBuf),
+
+    /// A snapshot cannot be taken or loaded as asked.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+
+    /// `<binary> --version` failed, or printed no version.
+    #[error("{path} --version: {detail}")]
+    Version {
+        /// The binary.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
 
     /// Connecting to the API socket failed.
     #[error("connect to firecracker API socket {socket}")]

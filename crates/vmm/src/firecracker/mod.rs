@@ -12,8 +12,15 @@
 //! RUN_DIR/scratch.ext4    the writable scratch disk (jailed: in the jail instead)
 //! ```
 //!
-//! Firecracker's kernel must be an ELF `vmlinux` (v1.16 refuses a bzImage); x86_64 guests find
-//! the virtio-mmio devices through ACPI. The guest kernel needs (built in, or as modules loaded by
+//! The writable disk is named so that a snapshot's clones each get their own (Firecracker
+//! reopens a snapshot's drives by the paths it recorded, and a load cannot change them): jailed,
+//! `/scratch.ext4` inside the jail, a different file in every jail; direct, the descriptor
+//! [`SCRATCH_FD`] that Hutch opens on the VM's own file and firecracker inherits, so the drive
+//! is `/proc/self/fd/<SCRATCH_FD>` in every process.
+//!
+//! Firecracker's kernel must be an ELF `vmlinux` (v1.16 refuses a bzImage): given an image's
+//! bzImage, the backend boots the `vmlinux` that `hutch image build` extracted from it
+//! ([`hutch_image::cached_vmlinux`]). x86_64 guests find the virtio-mmio devices through ACPI. The guest kernel needs (built in, or as modules loaded by
 //! the initramfs): `VIRTIO_MMIO`, `VIRTIO_BLK`, `VIRTIO_VSOCKETS` (+ `VSOCKETS`), `HW_RANDOM_VIRTIO`,
 //! `EXT4_FS`, `OVERLAY_FS`, `SERIAL_8250_CONSOLE`, `ACPI`; `SERIO_I8042` and `KEYBOARD_ATKBD` for
 //! a clean stop by Ctrl-Alt-Del; `PVH` for the faster PVH boot entry.
@@ -27,8 +34,10 @@ pub mod api;
 mod client;
 mod error;
 mod jailer;
+mod snapshot;
 mod vsock;
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -43,16 +52,20 @@ use tokio::task::JoinHandle;
 pub use client::{FirecrackerClient, RawResponse};
 pub use error::{ApiFault, FirecrackerError, VsockError};
 pub use jailer::{detect_cgroup_version, CgroupVersion, JailerConfig};
+pub use snapshot::{RestoreOptions, SnapshotFiles};
 pub use vsock::connect_hybrid_vsock;
 
 use crate::console::spawn_copier;
 use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
 use crate::spawn::{condense, StderrTail};
-use crate::{validate_id, Accel, Lifetime, Vm, VmSpec, Vmm, VmmError, CONSOLE_LOG_LIMIT};
+use crate::{
+    validate_id, Accel, GuestMemory, Lifetime, Nic, Snapshot, Vm, VmSpec, Vmm, VmmError,
+    CONSOLE_LOG_LIMIT,
+};
 
 /// The guest vsock port the agent listens on for the host's channel (the host dials it with
-/// `CONNECT 1024`). Ports below 1024 are privileged in the guest; this is the first free one.
-pub const GUEST_CHANNEL_PORT: u32 = 1024;
+/// `CONNECT 1024`): the protocol's [`hutch_protocol::VSOCK_PORT`].
+pub const GUEST_CHANNEL_PORT: u32 = hutch_protocol::VSOCK_PORT;
 
 /// The guest's vsock context id. Every VM may use the same one: each Firecracker process has its
 /// own vsock device, and the host side is a per-VM Unix socket, not the host's vsock namespace.
@@ -63,6 +76,10 @@ pub const GUEST_CID: u32 = 3;
 /// It replaces Firecracker's default, which has `nomodule` (our initramfs loads modules).
 pub const BASE_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// The descriptor under which a directly launched firecracker inherits its writable disk; the
+/// drive's path is `/proc/self/fd/10`, the same in every process restored from a snapshot.
+pub const SCRATCH_FD: i32 = 10;
 
 /// How long Firecracker gets to answer on its API socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,15 +100,30 @@ const CMDLINE_MAX: usize = 2047;
 
 /// `firecracker` from `$FIRECRACKER_BIN`, else from `$PATH`.
 pub fn find_firecracker() -> Result<PathBuf, FirecrackerError> {
-    find_binary("FIRECRACKER_BIN", "firecracker")
+    find_binary("FIRECRACKER_BIN", "firecracker", None)
 }
 
 /// `jailer` from `$JAILER_BIN`, else from `$PATH`.
 pub fn find_jailer() -> Result<PathBuf, FirecrackerError> {
-    find_binary("JAILER_BIN", "jailer")
+    find_binary("JAILER_BIN", "jailer", None)
 }
 
-fn find_binary(env: &'static str, what: &'static str) -> Result<PathBuf, FirecrackerError> {
+/// `firecracker` as [`find_firecracker`] finds it, else in `dir` (`$HUTCH_HOME/bin`, where
+/// `hutch setup firecracker` installs it).
+pub fn find_firecracker_or_in(dir: &Path) -> Result<PathBuf, FirecrackerError> {
+    find_binary("FIRECRACKER_BIN", "firecracker", Some(dir))
+}
+
+/// `jailer` as [`find_jailer`] finds it, else in `dir`.
+pub fn find_jailer_or_in(dir: &Path) -> Result<PathBuf, FirecrackerError> {
+    find_binary("JAILER_BIN", "jailer", Some(dir))
+}
+
+fn find_binary(
+    env: &'static str,
+    what: &'static str,
+    fallback: Option<&Path>,
+) -> Result<PathBuf, FirecrackerError> {
     if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return match p.is_file() {
@@ -99,16 +131,56 @@ fn find_binary(env: &'static str, what: &'static str) -> Result<PathBuf, Firecra
             false => Err(FirecrackerError::BinaryNotFound { what, env }),
         };
     }
-    crate::host::find_in_path(what).ok_or(FirecrackerError::BinaryNotFound { what, env })
+    crate::host::find_in_path(what)
+        .or_else(|| fallback.map(|d| d.join(what)).filter(|p| p.is_file()))
+        .ok_or(FirecrackerError::BinaryNotFound { what, env })
+}
+
+/// How long `--version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The version a `firecracker` or `jailer` binary reports (`--version`'s first line, e.g.
+/// `Firecracker v1.16.1`), bounded by a timeout.
+pub async fn binary_version(path: &Path) -> Result<String, FirecrackerError> {
+    let fail = |detail: String| FirecrackerError::Version {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let out = tokio::process::Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(VERSION_TIMEOUT, out)
+        .await
+        .map_err(|_| fail(format!("no answer within {}s", VERSION_TIMEOUT.as_secs())))?
+        .map_err(|e| fail(e.to_string()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty());
+    match first {
+        Some(v) if out.status.success() && v.contains(" v") => Ok(v.to_string()),
+        _ => Err(fail(format!("{}: {}", out.status, condense(&text)))),
+    }
 }
 
 /// Per-VM launch settings beyond the [`VmSpec`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaunchOptions {
-    /// The network namespace to run the VM in (jailer `--netns`; ignored without the jailer).
+    /// The network namespace to run the VM in (e.g. `/run/netns/<name>`): jailed, the jailer's
+    /// `--netns`; direct, firecracker enters it (`setns`) before it starts. Its TAPs are opened
+    /// there, by name.
     pub netns: Option<PathBuf>,
     /// Network interfaces (TAPs, which must exist in that namespace).
     pub network_interfaces: Vec<api::NetworkInterface>,
+    /// KVM dirty-page tracking, so that diff snapshots hold only the pages written since the
+    /// last snapshot (otherwise Firecracker falls back to `mincore`, correct only without swap).
+    pub track_dirty_pages: bool,
+    /// Firecracker's own log, configured before anything else (paths as Firecracker sees
+    /// them: inside the jail when jailed).
+    pub logger: Option<api::Logger>,
+    /// Firecracker's metrics, configured before anything else (same path rule).
+    pub metrics: Option<api::Metrics>,
 }
 
 /// The Firecracker backend.
@@ -167,31 +239,60 @@ impl FirecrackerVmm {
                 "memory_mib must be at least 64".into(),
             ));
         }
+        if let GuestMemory::SharedFile(f) = &spec.memory {
+            return Err(VmmError::InvalidSpec(format!(
+                "firecracker cannot keep guest RAM in a file of the caller's ({}): boot with \
+                 anonymous memory; its snapshots write the RAM to their own `memory` file",
+                f.display()
+            )));
+        }
         check_readable("kernel", &spec.kernel)?;
         check_readable("initrd", &spec.initrd)?;
         check_readable("rootfs", &spec.rootfs)?;
-        if !is_elf(&spec.kernel) {
-            return Err(FirecrackerError::KernelNotElf(spec.kernel.clone()).into());
-        }
+        let resolved;
+        let spec = match elf_kernel(&spec.kernel) {
+            Some(k) if k == spec.kernel => spec,
+            Some(k) => {
+                resolved = VmSpec {
+                    kernel: k,
+                    ..spec.clone()
+                };
+                &resolved
+            }
+            None => return Err(FirecrackerError::KernelNotElf(spec.kernel.clone()).into()),
+        };
         let boot_args = boot_args(&spec.extra_cmdline)?;
         let paths = RunPaths::new(&spec.run_dir)?;
-        if let Some(parent) = paths.dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VmmError::RunDirExists(paths.dir.clone()))
-            }
-            Err(e) => return Err(VmmError::io("create run dir", &paths.dir, e)),
-        }
-        let mut guard = RunDirGuard(Some(paths.dir.clone()));
+        let mut guard = RunDirGuard::create(&paths)?;
         let started = Instant::now();
+        let shape = Shape {
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            nic_mac: match opts.network_interfaces.first() {
+                Some(n) => n.guest_mac.as_deref().map(parse_mac).transpose()?,
+                None => None,
+            },
+            scratch: spec.scratch_disk_mib > 0,
+        };
 
         let mut vm = match &self.jailer {
-            None => self.launch_direct(spec, &paths).await?,
-            Some(j) => self.launch_jailed(j, spec, &paths, opts).await?,
+            None => {
+                // Direct: the disk exists before the process, which inherits it (SCRATCH_FD).
+                let scratch = match spec.scratch_disk_mib {
+                    0 => None,
+                    mib => {
+                        make_scratch(&paths.scratch, mib, None).await?;
+                        Some(open_scratch(&paths.scratch)?)
+                    }
+                };
+                let netns = opts.netns.as_deref().map(open_netns).transpose()?;
+                let inherit = Inherit {
+                    scratch: scratch.as_ref(),
+                    netns: netns.as_ref(),
+                };
+                self.launch_direct(spec, &paths, shape, inherit).await?
+            }
+            Some(j) => self.launch_jailed(j, spec, &paths, opts, shape).await?,
         };
         if let Err(e) = vm.configure(spec, &boot_args, opts).await {
             vm.kill_now().await;
@@ -207,6 +308,8 @@ impl FirecrackerVmm {
         &self,
         spec: &VmSpec,
         paths: &RunPaths,
+        shape: Shape,
+        inherit: Inherit<'_>,
     ) -> Result<FirecrackerVm, VmmError> {
         let args = vec![
             "--api-sock".to_string(),
@@ -214,7 +317,13 @@ impl FirecrackerVmm {
             "--id".to_string(),
             spec.id.clone(),
         ];
-        let mut child = spawn_vmm(&self.firecracker, &args, spec.lifetime, "firecracker")?;
+        let mut child = spawn_vmm(
+            &self.firecracker,
+            &args,
+            spec.lifetime,
+            "firecracker",
+            inherit,
+        )?;
         let pid = child.id().unwrap_or(0);
         let start_time = crate::proc::stat(pid).map_or(0, |s| s.start_time);
         let identity = Identity {
@@ -222,6 +331,7 @@ impl FirecrackerVmm {
             pid,
             start_time,
             jail: None,
+            shape: Some(shape),
         };
         let (stderr, tasks) = match capture(&mut child, paths) {
             Ok(t) => t,
@@ -258,6 +368,7 @@ impl FirecrackerVmm {
         spec: &VmSpec,
         paths: &RunPaths,
         opts: &LaunchOptions,
+        shape: Shape,
     ) -> Result<FirecrackerVm, VmmError> {
         let jail_dir = j.jail_dir(&self.firecracker, &spec.id);
         if jail_dir.exists() {
@@ -268,6 +379,9 @@ impl FirecrackerVmm {
             ))
             .into());
         }
+        // The jailer canonicalizes its chroot base: it must exist.
+        std::fs::create_dir_all(&j.chroot_base)
+            .map_err(|e| VmmError::io("create chroot base", &j.chroot_base, e))?;
         let version = j.cgroup_version.unwrap_or_else(detect_cgroup_version);
         let fc_args = vec!["--api-sock".to_string(), "/api.sock".to_string()];
         let args = j.args(
@@ -292,9 +406,16 @@ impl FirecrackerVmm {
             pid: 0,
             start_time: 0,
             jail: Some(jail.clone()),
+            shape: Some(shape),
         };
         write_identity(paths, &identity)?;
-        let mut jailer = spawn_vmm(&j.jailer, &args, spec.lifetime, "jailer")?;
+        let mut jailer = spawn_vmm(
+            &j.jailer,
+            &args,
+            spec.lifetime,
+            "jailer",
+            Inherit::default(),
+        )?;
         let (stderr, tasks) = match capture(&mut jailer, paths) {
             Ok(t) => t,
             Err(e) => {
@@ -404,6 +525,37 @@ impl Vmm for FirecrackerVmm {
         Ok(Box::new(
             self.start_with(spec, &LaunchOptions::default()).await?,
         ))
+    }
+
+    /// Refuses a NIC: Firecracker opens its TAP by name (`TUNSETIFF`), which fails with `EBUSY`
+    /// while the caller's descriptor holds the single-queue TAP. Use
+    /// [`FirecrackerVmm::start_with`] with [`LaunchOptions::netns`] and
+    /// [`LaunchOptions::network_interfaces`] instead.
+    async fn start_with_nic(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        match nic {
+            None => self.start(spec).await,
+            Some(_) => Err(VmmError::InvalidSpec(
+                "firecracker opens its TAP by name and cannot use an open TAP descriptor (the \
+                 caller's holds the single-queue TAP busy); give it the TAP's name and netns \
+                 (FirecrackerVmm::start_with with LaunchOptions)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// A full snapshot restored paused; the writable disk is a copy of the snapshot's. NICs
+    /// are refused, as by [`Vmm::start_with_nic`].
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        nic: Option<&Nic>,
+        snapshot: &Snapshot,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.restore_record(spec, nic, snapshot).await?))
     }
 
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
@@ -528,6 +680,54 @@ struct Identity {
     start_time: u64,
     #[serde(default)]
     jail: Option<JailRecord>,
+    /// What a snapshot of the VM must record (absent for VMs started by an older Hutch).
+    #[serde(default)]
+    shape: Option<Shape>,
+}
+
+/// The VM's shape, as a snapshot of it must record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Shape {
+    cpus: u8,
+    memory_mib: u32,
+    nic_mac: Option<[u8; 6]>,
+    /// Whether it has a writable disk (`scratch.ext4`).
+    scratch: bool,
+}
+
+/// The drive path of a direct VM's writable disk: the descriptor it inherited.
+fn scratch_fd_path() -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{SCRATCH_FD}"))
+}
+
+/// Opens a VM's writable disk for firecracker to inherit (close-on-exec here: only the
+/// firecracker child gets it, under [`SCRATCH_FD`]).
+fn open_scratch(path: &Path) -> Result<OwnedFd, VmmError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|e| VmmError::io("open scratch disk", path, e))
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Result<[u8; 6], VmmError> {
+    let bad = || VmmError::InvalidSpec(format!("guest MAC {s:.40} is not aa:bb:cc:dd:ee:ff"));
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    match parts.next() {
+        Some(_) => Err(bad()),
+        None => Ok(mac),
+    }
 }
 
 /// Writes `identity.json` (mode 0600) atomically.
@@ -585,6 +785,15 @@ fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
         })
 }
 
+/// The ELF kernel to boot for `kernel`: itself if it is one, else the `vmlinux` that `hutch
+/// image build` extracted from that image's bzImage (v1.16 refuses a bzImage).
+fn elf_kernel(kernel: &Path) -> Option<PathBuf> {
+    if is_elf(kernel) {
+        return Some(kernel.to_path_buf());
+    }
+    hutch_image::cached_vmlinux(kernel).filter(|k| is_elf(k))
+}
+
 /// Whether `path` starts with the ELF magic.
 fn is_elf(path: &Path) -> bool {
     use std::io::Read;
@@ -616,7 +825,31 @@ fn boot_args(extra: &[String]) -> Result<String, VmmError> {
     Ok(line)
 }
 
-/// Spawns firecracker or the jailer with stdin from /dev/null and stderr piped. Owned: stdout
+/// What a directly launched firecracker gets from Hutch besides its arguments.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Inherit<'a> {
+    /// The writable disk, inherited as [`SCRATCH_FD`].
+    pub(super) scratch: Option<&'a OwnedFd>,
+    /// A network namespace to enter before exec.
+    pub(super) netns: Option<&'a OwnedFd>,
+}
+
+/// Opens a network namespace file (e.g. `/run/netns/<name>`) for firecracker to enter.
+pub(super) fn open_netns(path: &Path) -> Result<OwnedFd, VmmError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|source| VmmError::InputFile {
+            what: "network namespace",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Spawns firecracker or the jailer with stdin from /dev/null and stderr piped, with what
+/// `inherit` names: the scratch disk as [`SCRATCH_FD`], and the network namespace entered. Owned: stdout
 /// (the serial console) piped, own process group, `kill_on_drop`, `PR_SET_PDEATHSIG(SIGKILL)`
 /// (which reaches a direct firecracker, not one the jailer forked). Detached: a session of its
 /// own, stdout on /dev/null (the console of a detached VM is not captured yet).
@@ -625,9 +858,41 @@ fn spawn_vmm(
     args: &[String],
     lifetime: Lifetime,
     what: &'static str,
+    inherit: Inherit<'_>,
 ) -> Result<Child, VmmError> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
+    if let Some(ns) = inherit.netns {
+        let ns = ns.as_raw_fd();
+        // SAFETY: runs between fork and exec and makes one async-signal-safe syscall, on a
+        // descriptor the caller keeps open across the spawn (close-on-exec, so not inherited).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    if let Some(fd) = inherit.scratch {
+        let fd = fd.as_raw_fd();
+        // SAFETY: runs between fork and exec and makes only async-signal-safe syscalls, on a
+        // descriptor the caller keeps open across the spawn. dup2 leaves the copy inheritable.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = if fd == SCRATCH_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, SCRATCH_FD)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     crate::spawn::apply_lifetime(&mut cmd, lifetime);
     cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -724,6 +989,23 @@ fn is_socket(p: &Path) -> bool {
 
 /// Removes a run dir on drop unless disarmed: start's cleanup on every error path.
 struct RunDirGuard(Option<PathBuf>);
+
+impl RunDirGuard {
+    /// Creates the run dir (0700; refusing an existing one) and guards it.
+    fn create(paths: &RunPaths) -> Result<RunDirGuard, VmmError> {
+        if let Some(parent) = paths.dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
+            Ok(()) => Ok(RunDirGuard(Some(paths.dir.clone()))),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(VmmError::RunDirExists(paths.dir.clone()))
+            }
+            Err(e) => Err(VmmError::io("create run dir", &paths.dir, e)),
+        }
+    }
+}
 
 impl Drop for RunDirGuard {
     fn drop(&mut self) {
@@ -859,8 +1141,11 @@ impl FirecrackerVm {
     ) -> Result<(), VmmError> {
         let c = &self.client;
         let jail = self.identity.jail.as_ref();
-        c.put_machine_config(&api::MachineConfig::new(spec.cpus, spec.memory_mib))
+        self.put_telemetry(opts.logger.as_ref(), opts.metrics.as_ref())
             .await?;
+        let mut machine = api::MachineConfig::new(spec.cpus, spec.memory_mib);
+        machine.track_dirty_pages = opts.track_dirty_pages.then_some(true);
+        c.put_machine_config(&machine).await?;
         c.put_boot_source(&api::BootSource {
             kernel_image_path: self.vm_path(&spec.kernel, "vmlinux"),
             boot_args: Some(boot_args.to_string()),
@@ -874,17 +1159,17 @@ impl FirecrackerVm {
         ))
         .await?;
         if spec.scratch_disk_mib > 0 {
-            let (host, owner) = match jail {
-                Some(j) => (j.root.join("scratch.ext4"), Some((j.uid, j.gid))),
-                None => (self.paths.scratch.clone(), None),
+            let path = match jail {
+                Some(j) => {
+                    let host = j.root.join("scratch.ext4");
+                    make_scratch(&host, spec.scratch_disk_mib, Some((j.uid, j.gid))).await?;
+                    self.vm_path(&host, "scratch.ext4")
+                }
+                // Made and inherited before the process started.
+                None => scratch_fd_path(),
             };
-            make_scratch(&host, spec.scratch_disk_mib, owner).await?;
-            c.put_drive(&api::Drive::file(
-                "scratch",
-                self.vm_path(&host, "scratch.ext4"),
-                false,
-            ))
-            .await?;
+            c.put_drive(&api::Drive::file("scratch", path, false))
+                .await?;
         }
         for n in &opts.network_interfaces {
             c.put_network_interface(n).await?;
@@ -1011,6 +1296,12 @@ impl Vm for FirecrackerVm {
         Ok(info.state == api::InstanceState::Paused)
     }
 
+    /// A full snapshot (`vmstate`, `memory`), a frozen sparse copy of the writable disk
+    /// (`disk`, raw), and the record. The VM stays paused.
+    async fn snapshot(&self, dir: &Path) -> Result<Snapshot, VmmError> {
+        self.save(dir).await
+    }
+
     async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
         let proc = self
             .proc
@@ -1093,6 +1384,24 @@ mod tests {
     }
 
     #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("06:00:ac:10:00:02").unwrap(),
+            [6, 0, 0xac, 0x10, 0, 2]
+        );
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "6:00:ac:10:00:02",
+            "zz:00:ac:10:00:02",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(scratch_fd_path(), Path::new("/proc/self/fd/10"));
+    }
+
+    #[test]
     fn socket_path_limit() {
         let long = format!("/tmp/{}", "d".repeat(100));
         assert!(matches!(
@@ -1115,13 +1424,44 @@ mod tests {
     #[test]
     fn finds_binaries_by_env_only_if_they_exist() {
         // Not touching the environment (tests run in parallel): only the PATH lookup's shape.
-        match find_binary("HUTCH_TEST_UNSET_VARIABLE", "surely-not-a-binary-name") {
+        match find_binary(
+            "HUTCH_TEST_UNSET_VARIABLE",
+            "surely-not-a-binary-name",
+            None,
+        ) {
             Err(FirecrackerError::BinaryNotFound { what, env }) => {
                 assert_eq!(what, "surely-not-a-binary-name");
                 assert_eq!(env, "HUTCH_TEST_UNSET_VARIABLE");
             }
             other => panic!("{other:?}"),
         }
+        // Not on PATH, but in the fallback dir (`$HUTCH_HOME/bin`).
+        let d = tempfile::tempdir().unwrap();
+        let what = "surely-not-a-binary-name";
+        assert!(find_binary("HUTCH_TEST_UNSET_VARIABLE", what, Some(d.path())).is_err());
+        std::fs::write(d.path().join(what), b"").unwrap();
+        assert_eq!(
+            find_binary("HUTCH_TEST_UNSET_VARIABLE", what, Some(d.path())).unwrap(),
+            d.path().join(what)
+        );
+    }
+
+    #[tokio::test]
+    async fn versions_are_read_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("fc");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'Firecracker v9.9.9'; echo; echo log line\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        assert_eq!(binary_version(&fake).await.unwrap(), "Firecracker v9.9.9");
+        let e = binary_version(Path::new("/bin/false")).await.unwrap_err();
+        assert!(matches!(e, FirecrackerError::Version { .. }), "{e:?}");
+        let e = binary_version(&d.path().join("none")).await.unwrap_err();
+        assert!(e.to_string().contains("--version"), "{e}");
     }
 
     #[test]
@@ -1139,8 +1479,16 @@ mod tests {
                 uid: 10,
                 gid: 10,
             }),
+            shape: Some(Shape {
+                cpus: 1,
+                memory_mib: 128,
+                nic_mac: Some([2, 0, 0, 0, 0, 1]),
+                scratch: true,
+            }),
         };
         let back: Identity = serde_json::from_slice(&serde_json::to_vec(&j).unwrap()).unwrap();
         assert_eq!(back.jail, j.jail);
+        assert_eq!(back.shape, j.shape);
+        assert!(old.shape.is_none(), "an older record has no shape");
     }
 }

@@ -1,0 +1,73 @@
+//! Published ports: a guest TCP port on a host loopback port, for previews.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{rejection::JsonRejection, Path, State},
+    Extension, Json,
+};
+use hutch_api::{ApiError, PortMapping, PublishPort};
+
+use super::{
+    auth::Scope,
+    error::HttpError,
+    routes::{authorize, completed, json},
+    AppState,
+};
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+/// The API form of a published port.
+fn mapping(p: hutch_net::PublishedPort) -> PortMapping {
+    PortMapping {
+        guest_port: p.guest_port,
+        host_addr: p.host.ip().to_string(),
+        host_port: p.host.port(),
+    }
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
+    request_body = PublishPort,
+    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    responses((status = 200, body = PortMapping),
+              (status = 409, description = "host port taken, guest port published elsewhere, or no network", body = ApiError)))]
+pub async fn publish_port(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path((id, guest_port)): Path<(String, u16)>,
+    body: std::result::Result<Json<PublishPort>, JsonRejection>,
+) -> Result<Json<PortMapping>> {
+    let req = json(body)?;
+    authorize(&state, &scope, &id)?;
+    let manager = state.manager.clone();
+    let p = completed(async move { manager.publish_port(&id, guest_port, req.host_port).await })
+        .await?;
+    Ok(Json(mapping(p)))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
+    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    responses((status = 200, description = "the ports still published", body = Vec<PortMapping>)))]
+pub async fn unpublish_port(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path((id, guest_port)): Path<(String, u16)>,
+) -> Result<Json<Vec<PortMapping>>> {
+    authorize(&state, &scope, &id)?;
+    let manager = state.manager.clone();
+    let left = completed(async move { manager.unpublish_port(&id, guest_port).await }).await?;
+    Ok(Json(left.into_iter().map(mapping).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports", tag = "network",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Vec<PortMapping>)))]
+pub async fn list_ports(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<PortMapping>>> {
+    authorize(&state, &scope, &id)?;
+    let ports = state.manager.published_ports(&id)?;
+    Ok(Json(ports.into_iter().map(mapping).collect()))
+}

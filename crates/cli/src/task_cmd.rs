@@ -1,0 +1,367 @@
+//! `hutch task run|ls|show|diff|apply`: agent tasks through the daemon. The workspace is packed
+//! here and sent; the changeset comes back checked by the daemon and is checked again here
+//! before `apply` writes a byte.
+
+use std::{io::Write, path::PathBuf};
+
+use clap::{Args, Subcommand};
+use hutch_api::client::Client;
+use hutch_task::{apply, changeset::validate, Limits, TaskRecord, TaskSpec, Verdict};
+
+use crate::{
+    args::{ConnArgs, NetArgs},
+    error::CliError,
+};
+
+/// `hutch task …`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Run an agent command on a copy of a workspace in a fresh sandbox and keep its checked
+    /// changeset (the workspace itself is never changed).
+    Run(TaskRunArgs),
+    /// Run the tasks of a TOML file concurrently, in rounds given by their `after` lists;
+    /// each round starts from the workspace with the earlier rounds' changesets applied (in a
+    /// temporary copy: the workspace itself is never changed).
+    RunMany {
+        /// Daemon connection.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The TOML file (see `hutch_task::many`).
+        file: PathBuf,
+        /// The workspace.
+        #[arg(long, default_value = ".")]
+        workspace: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tasks.
+    Ls {
+        /// Daemon connection.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's record (JSON).
+    Show(TaskIdArgs),
+    /// Print a task's changeset as a unified diff.
+    Diff(TaskIdArgs),
+    /// Apply a task's changeset to the workspace (every touched path must be as in the task's
+    /// baseline), or commit it on a new branch without touching the work tree.
+    Apply {
+        /// The task.
+        #[command(flatten)]
+        task: TaskIdArgs,
+        /// The workspace to apply to.
+        #[arg(long, default_value = ".")]
+        workspace: PathBuf,
+        /// Commit on this new branch (from HEAD) instead of changing the work tree.
+        #[arg(long)]
+        branch: Option<String>,
+    },
+}
+
+/// A task id and the daemon connection.
+#[derive(Debug, Args)]
+pub struct TaskIdArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Task id.
+    pub id: String,
+}
+
+/// `hutch task run`.
+#[derive(Debug, Args)]
+pub struct TaskRunArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The workspace: a git repository (tracked plus untracked-but-not-ignored files, and
+    /// `.git`) or a plain directory.
+    #[arg(long, default_value = ".")]
+    pub workspace: PathBuf,
+    /// Restore the sandboxes from this template.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// The agent's network: none, open, or allow (only --net-allow targets).
+    #[arg(long = "net", default_value = "none", value_parser = ["none", "open", "allow"])]
+    pub net: String,
+    /// With --net allow: a CIDR, an address or a domain (repeatable).
+    #[arg(long = "net-allow", value_name = "TARGET")]
+    pub net_allow: Vec<String>,
+    /// Environment for the agent (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Kill the agent after this long (`90`, `90s`, `10m`, `2h`).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: u64,
+    /// Only paths matching these globs may change (repeatable; default: all but `.git`).
+    #[arg(long = "allow", value_name = "GLOB")]
+    pub allow: Vec<String>,
+    /// Apply the changeset in a fresh sandbox without a network and run this shell command.
+    #[arg(long)]
+    pub verify: Option<String>,
+    /// Largest changed file, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_file_bytes)]
+    pub max_file_bytes: u64,
+    /// Most changed paths.
+    #[arg(long, default_value_t = Limits::default().max_files)]
+    pub max_files: u64,
+    /// Print the record as JSON instead of the agent's output and a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent command.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not K=V"))?;
+    if !hutch_types::valid_env_name(k) || v.contains('\0') {
+        return Err(format!(
+            "{k:?} is not a valid variable name (or the value has NUL)"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Seconds from `90`, `90s`, `10m` or `2h`.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?}: the unit must be s, m or h")),
+    };
+    Ok(n.saturating_mul(mult))
+}
+
+pub(crate) fn usage(e: impl std::fmt::Display) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+impl TaskCommand {
+    /// The daemon connection of any subcommand.
+    pub fn conn(&self) -> &ConnArgs {
+        match self {
+            TaskCommand::Run(a) => &a.conn,
+            TaskCommand::RunMany { conn, .. } | TaskCommand::Ls { conn, .. } => conn,
+            TaskCommand::Show(a) | TaskCommand::Diff(a) => &a.conn,
+            TaskCommand::Apply { task, .. } => &task.conn,
+        }
+    }
+}
+
+/// Runs `hutch task …`.
+pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
+    match cmd {
+        TaskCommand::Run(a) => run_task(client, a).await,
+        TaskCommand::RunMany {
+            file,
+            workspace,
+            json,
+            ..
+        } => crate::task_many::run_many(client, &file, &workspace, json).await,
+        TaskCommand::Ls { json, .. } => {
+            let tasks = client.tasks().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tasks).expect("serializable")
+                );
+            } else {
+                println!(
+                    "{:<16} {:<18} {:<8} {:<8} COMMAND",
+                    "ID", "VERDICT", "EXIT", "VERIFY"
+                );
+                for t in tasks {
+                    println!(
+                        "{:<16} {:<18} {:<8} {:<8} {}",
+                        t.id,
+                        verdict_word(&t.verdict),
+                        t.agent
+                            .as_ref()
+                            .and_then(|a| a.exit_code)
+                            .map_or("-".into(), |c| c.to_string()),
+                        t.verify
+                            .as_ref()
+                            .map_or("-", |v| if v.passed { "pass" } else { "fail" }),
+                        t.spec
+                            .command
+                            .join(" ")
+                            .chars()
+                            .take(60)
+                            .collect::<String>()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        TaskCommand::Show(a) => {
+            let t = client.task(&a.id).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&t).expect("serializable")
+            );
+            Ok(0)
+        }
+        TaskCommand::Diff(a) => {
+            print!("{}", client.task_diff(&a.id).await?);
+            Ok(0)
+        }
+        TaskCommand::Apply {
+            task,
+            workspace,
+            branch,
+        } => {
+            let record = client.task(&task.id).await?;
+            if !matches!(record.verdict, Verdict::Accepted { .. }) {
+                return Err(usage(format!(
+                    "task {} has no accepted changeset ({})",
+                    task.id,
+                    verdict_word(&record.verdict)
+                )));
+            }
+            let baseline = client.task_baseline(&task.id).await?;
+            let stream = client.task_changeset(&task.id).await?;
+            let cs = validate(&stream, &baseline, &record.spec.policy()).map_err(|r| {
+                usage(format!(
+                    "the changeset does not validate: {}",
+                    r.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))
+            })?;
+            match branch {
+                Some(b) => {
+                    let msg = format!(
+                        "hutch task {}\n\n{}",
+                        record.id,
+                        record.spec.command.join(" ")
+                    );
+                    let commit = apply::apply_to_branch(&workspace, &b, &cs, &baseline, &msg)
+                        .map_err(|e| usage(crate::error::chain(&e)))?;
+                    println!("{b} {commit}");
+                }
+                None => {
+                    apply::apply_to_dir(&workspace, &cs, &baseline)
+                        .map_err(|e| usage(crate::error::chain(&e)))?;
+                    println!(
+                        "applied {} change(s) to {}",
+                        cs.changes.len(),
+                        workspace.display()
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+pub(crate) fn verdict_word(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Accepted { .. } => "accepted",
+        Verdict::Empty => "empty",
+        Verdict::Rejected { .. } => "rejected",
+        Verdict::ExtractionFailed { .. } => "extraction-failed",
+    }
+}
+
+async fn run_task(client: &Client, a: TaskRunArgs) -> Result<i32, CliError> {
+    let tar =
+        hutch_task::workspace::pack(&a.workspace).map_err(|e| usage(crate::error::chain(&e)))?;
+    let net = NetArgs {
+        mode: a.net,
+        allow: a.net_allow,
+        ports: vec![],
+    };
+    let spec = TaskSpec {
+        command: a.command,
+        template: a.template,
+        network: crate::remote::policy(&net),
+        env: a.env.into_iter().collect(),
+        timeout_secs: a.timeout,
+        allow: a.allow,
+        verify: a.verify,
+        limits: Limits {
+            max_file_bytes: a.max_file_bytes,
+            max_files: a.max_files,
+            ..Limits::default()
+        },
+    };
+    let record = client.run_task(&spec, &tar).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&record).expect("serializable")
+        );
+    } else {
+        summary(&record);
+    }
+    let ok = matches!(record.verdict, Verdict::Accepted { .. } | Verdict::Empty)
+        && record.agent.as_ref().is_some_and(|a| a.succeeded())
+        && record.verify.as_ref().is_none_or(|v| v.passed)
+        && record.error.is_none();
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn summary(t: &TaskRecord) {
+    if let Some(agent) = &t.agent {
+        let _ = std::io::stdout().write_all(agent.stdout.as_bytes());
+        let _ = std::io::stderr().write_all(agent.stderr.as_bytes());
+    }
+    let exit = t.agent.as_ref().map_or("did not run".to_string(), |a| {
+        match (a.exit_code, a.signal) {
+            (Some(c), _) => format!("exit {c}{}", if a.timed_out { " (timed out)" } else { "" }),
+            (_, Some(s)) => format!(
+                "signal {s}{}",
+                if a.timed_out { " (timed out)" } else { "" }
+            ),
+            _ => "unknown".into(),
+        }
+    });
+    eprintln!(
+        "task {}: agent {exit}; changeset {}",
+        t.id,
+        verdict_word(&t.verdict)
+    );
+    match &t.verdict {
+        Verdict::Rejected { rejections } => {
+            for r in rejections {
+                eprintln!("  rejected: {r}");
+            }
+        }
+        Verdict::ExtractionFailed { reason } => eprintln!("  {reason}"),
+        Verdict::Accepted { changes } => eprintln!(
+            "  {changes} change(s); `hutch task diff {}` shows them",
+            t.id
+        ),
+        Verdict::Empty => {}
+    }
+    if let Some(v) = &t.verify {
+        eprintln!(
+            "  verify `{}`: {}",
+            v.command,
+            if v.passed { "passed" } else { "FAILED" }
+        );
+        if !v.passed {
+            eprint!("{}{}", v.process.stdout, v.process.stderr);
+        }
+    }
+    if let Some(e) = &t.error {
+        eprintln!("  error: {e}");
+    }
+}

@@ -1,0 +1,605 @@
+//! `hutch task` with real VMs under QEMU: scripted agents (honest and hostile) against git
+//! workspaces in temp dirs, through one `hutch daemon` child with a private `HUTCH_HOME`.
+//! After everything, no sandbox, VMM process or run dir may remain.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use hutch_api::client::{Client, Endpoint};
+use hutch_task::{Change, Limits, RejectKind, TaskRecord, TaskSpec, Verdict};
+use hutch_types::NetworkPolicy;
+use libtest_mimic::{Arguments, Failed};
+use sha2::{Digest, Sha256};
+
+mod common;
+use common::check;
+
+type Result<T = ()> = std::result::Result<T, Failed>;
+
+struct Suite {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    home: tempfile::TempDir,
+    daemon: std::sync::Mutex<Child>,
+}
+
+static SUITE: OnceLock<Suite> = OnceLock::new();
+
+fn suite() -> &'static Suite {
+    SUITE.get().expect("suite initialised")
+}
+
+fn hutch(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
+    cmd.env("HUTCH_HOME", home)
+        .env_remove("HUTCH_HOST")
+        .env_remove("HUTCH_TOKEN");
+    cmd
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
+        eprintln!("SKIP task suite: HUTCH_SKIP_VM_TESTS is set");
+        return;
+    }
+    if hutch_image::open(&common::hutch_home().join("images"), "default").is_err() {
+        eprintln!("task suite needs the default image; run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
+        std::process::exit(1);
+    }
+    let home = common::private_home();
+    let daemon = hutch(home.path())
+        .args(["daemon", "--max-sandboxes", "16"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hutch daemon");
+    let socket = home.path().join("hutch.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _ = SUITE.set(Suite {
+        rt,
+        client: Client::new(Endpoint::Unix(socket), None),
+        home,
+        daemon: std::sync::Mutex::new(daemon),
+    });
+
+    let conclusion = libtest_mimic::run(&args, common_trials());
+
+    let suite = suite();
+    let left = suite.rt.block_on(suite.client.list(None, &[]));
+    let mut daemon = suite.daemon.lock().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let leaks = common::leaks(suite.home.path());
+    match left {
+        Ok(l) if l.is_empty() && leaks.is_empty() => eprintln!("task suite: nothing left behind"),
+        other => {
+            eprintln!("LEAK after the task suite: {other:?} {leaks:#?}");
+            std::process::exit(1);
+        }
+    }
+    conclusion.exit();
+}
+
+fn common_trials() -> Vec<libtest_mimic::Trial> {
+    trials![
+        a_scripted_agents_changes_are_applied_exactly,
+        hostile_agents_are_rejected_with_reasons,
+        verify_passes_good_changes_fails_breaking_ones_without_a_network,
+        three_parallel_tasks_then_a_round_that_sees_their_changes,
+    ]
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn on_rt<F, T>(f: F) -> T
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    common::on_rt(&suite().rt, f)
+}
+
+fn run(dir: &Path, program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A git repository with a few committed files, an ignored one and an untracked one.
+fn repo() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix("h7ws").tempdir_in("/tmp")?;
+    let p = dir.path();
+    std::fs::write(p.join("a.txt"), "alpha\nbeta\n")?;
+    std::fs::write(p.join("b.txt"), "to be deleted\n")?;
+    std::fs::write(p.join("c.txt"), "to be renamed\n")?;
+    std::fs::write(p.join("run.sh"), "#!/bin/sh\necho run\n")?;
+    std::fs::create_dir(p.join("sub"))?;
+    std::fs::write(p.join("sub/x.txt"), "x\n")?;
+    std::fs::write(p.join("check.sh"), "test \"$(cat v.txt)\" = good\n")?;
+    std::fs::write(p.join("v.txt"), "unset\n")?;
+    std::fs::write(p.join(".gitignore"), "ignored.txt\n")?;
+    run(p, "git", &["init", "-q"])?;
+    run(p, "git", &["add", "."])?;
+    run(p, "git", &["commit", "-qm", "base"])?;
+    std::fs::write(p.join("ignored.txt"), "never copied\n")?;
+    std::fs::write(p.join("untracked.txt"), "copied\n")?;
+    Ok(dir)
+}
+
+/// Digest of a tree: every file (mode, contents) and symlink (target) by path, never
+/// following a symlink. `.git` is left out unless `with_git`.
+fn tree_digest(root: &Path, with_git: bool) -> BTreeMap<String, String> {
+    fn walk(root: &Path, rel: &Path, with_git: bool, out: &mut BTreeMap<String, String>) {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .flatten()
+            .collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            if e.file_name() == ".git" && !with_git {
+                continue;
+            }
+            let p = rel.join(e.file_name());
+            let m = std::fs::symlink_metadata(root.join(&p)).unwrap();
+            let key = p.to_string_lossy().into_owned();
+            if m.file_type().is_symlink() {
+                out.insert(
+                    key,
+                    format!(
+                        "link {}",
+                        std::fs::read_link(root.join(&p)).unwrap().display()
+                    ),
+                );
+            } else if m.is_dir() {
+                walk(root, &p, with_git, out);
+            } else {
+                let data = std::fs::read(root.join(&p)).unwrap();
+                out.insert(
+                    key,
+                    format!(
+                        "{:o} {}",
+                        m.mode() & 0o777,
+                        hex::encode(Sha256::digest(&data))
+                    ),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), with_git, &mut out);
+    out
+}
+
+fn task_spec(command: &str) -> TaskSpec {
+    serde_json::from_value(serde_json::json!({
+        "command": ["sh", "-c", command],
+        "timeout_secs": 300,
+    }))
+    .unwrap()
+}
+
+async fn run_task(client: &Client, ws: &Path, spec: &TaskSpec) -> Result<TaskRecord> {
+    let tar = hutch_task::workspace::pack(ws).map_err(|e| format!("pack: {e}"))?;
+    Ok(client
+        .run_task(spec, &tar)
+        .await
+        .map_err(|e| format!("task run: {e}"))?)
+}
+
+fn rejected_kinds(t: &TaskRecord) -> Vec<RejectKind> {
+    match &t.verdict {
+        Verdict::Rejected { rejections } => rejections.iter().map(|r| r.kind).collect(),
+        _ => vec![],
+    }
+}
+
+// ---------------------------------------------------------------- cases
+
+/// Edit, add, delete, rename, chmod, a binary file and an inner symlink: the changeset
+/// describes exactly these, the host workspace is untouched by the run, and `hutch task
+/// apply` (to a branch, then to the work tree) reproduces the agent's tree.
+const AGENT: &str = r#"set -e
+printf 'alpha\nBETA\ngamma\n' > a.txt
+echo new > new.txt
+rm b.txt
+mkdir -p moved && mv c.txt moved/c.txt
+chmod +x run.sh
+printf '\000\001\002\377binary' > blob.bin
+ln -s ../a.txt sub/link
+echo agent-done"#;
+
+fn a_scripted_agents_changes_are_applied_exactly() -> Result {
+    on_rt(async {
+        let client = suite().client.clone();
+        let ws = repo()?;
+        let before = tree_digest(ws.path(), true);
+        let t = run_task(&client, ws.path(), &task_spec(AGENT)).await?;
+        check(
+            tree_digest(ws.path(), true) == before,
+            "the run changed the host workspace",
+        )?;
+        let agent = t.agent.as_ref().ok_or("no agent outcome")?;
+        check(agent.exit_code == Some(0), format!("agent: {agent:?}"))?;
+        check(
+            agent.stdout.trim() == "agent-done",
+            format!("agent output {:?}", agent.stdout),
+        )?;
+        check(
+            t.verdict == Verdict::Accepted { changes: 7 },
+            format!("verdict {:?} {:?}", t.verdict, t.error),
+        )?;
+        let mut seen: Vec<String> = t
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Write {
+                    path,
+                    added,
+                    binary,
+                    ..
+                } => format!("write {path} added={added} binary={binary}"),
+                Change::Symlink { path, target } => format!("symlink {path} {target}"),
+                Change::Delete { path } => format!("delete {path}"),
+                Change::Rename { from, to, mode } => format!("rename {from} {to} {mode:o}"),
+                Change::Chmod { path, mode } => format!("chmod {path} {mode:o}"),
+            })
+            .collect();
+        seen.sort();
+        let want = [
+            "chmod run.sh 755",
+            "delete b.txt",
+            "rename c.txt moved/c.txt 644",
+            "symlink sub/link ../a.txt",
+            "write a.txt added=false binary=false",
+            "write blob.bin added=true binary=true",
+            "write new.txt added=true binary=false",
+        ];
+        check(seen == want, format!("changes {seen:#?}"))?;
+        let diff = client.task_diff(&t.id).await.map_err(|e| e.to_string())?;
+        check(
+            diff.contains("-beta\n+BETA\n+gamma\n"),
+            format!("diff:\n{diff}"),
+        )?;
+        check(
+            diff.contains("rename from c.txt\nrename to moved/c.txt"),
+            "diff shows the rename",
+        )?;
+        check(
+            diff.contains("Binary files /dev/null and b/blob.bin differ"),
+            "diff shows the binary",
+        )?;
+
+        // What the agent's tree is: the same script run on a copy of the workspace.
+        let expected = tempfile::Builder::new()
+            .prefix("h7exp")
+            .tempdir_in("/tmp")?;
+        run(
+            Path::new("/"),
+            "cp",
+            &[
+                "-a",
+                &format!("{}/.", ws.path().display()),
+                &expected.path().display().to_string(),
+            ],
+        )?;
+        run(expected.path(), "sh", &["-c", AGENT])?;
+        let home = suite().home.path().to_path_buf();
+
+        let out = hutch(&home)
+            .args([
+                "task",
+                "apply",
+                &t.id,
+                "--branch",
+                "agent/one",
+                "--workspace",
+            ])
+            .arg(ws.path())
+            .output()?;
+        check(
+            out.status.success(),
+            format!("apply --branch: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        check(
+            tree_digest(ws.path(), false) == without_git(&before),
+            "apply --branch left the work tree alone",
+        )?;
+        let mode = run(ws.path(), "git", &["ls-tree", "agent/one", "run.sh"])?;
+        check(mode.starts_with("100755"), format!("branch mode {mode}"))?;
+        let a = run(ws.path(), "git", &["show", "agent/one:a.txt"])?;
+        check(a == "alpha\nBETA\ngamma\n", "branch contents")?;
+        let link = run(ws.path(), "git", &["ls-tree", "agent/one", "sub/link"])?;
+        check(link.starts_with("120000"), format!("branch symlink {link}"))?;
+
+        let out = hutch(&home)
+            .args(["task", "apply", &t.id, "--workspace"])
+            .arg(ws.path())
+            .output()?;
+        check(
+            out.status.success(),
+            format!("apply: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        let got = tree_digest(ws.path(), false);
+        let want = tree_digest(expected.path(), false);
+        check(
+            got == want,
+            format!("applied tree differs:\n{got:#?}\nexpected\n{want:#?}"),
+        )?;
+        // Applying again conflicts: the paths are no longer as in the baseline.
+        let out = hutch(&home)
+            .args(["task", "apply", &t.id, "--workspace"])
+            .arg(ws.path())
+            .output()?;
+        check(!out.status.success(), "a second apply is refused")?;
+        check(
+            String::from_utf8_lossy(&out.stderr).contains("conflicts"),
+            "as a conflict",
+        )?;
+        check(
+            tree_digest(ws.path(), false) == want,
+            "a refused apply changes nothing",
+        )?;
+
+        // The record is stored and listed.
+        let listed = client.tasks().await.map_err(|e| e.to_string())?;
+        check(listed.iter().any(|r| r.id == t.id), "task ls lists it")?;
+        check(
+            client.task(&t.id).await.map_err(|e| e.to_string())? == t,
+            "task show returns the record",
+        )?;
+        let stored = home.join("tasks").join(&t.id);
+        for f in [
+            "spec.json",
+            "baseline.json",
+            "workspace.tar",
+            "changeset.bin",
+            "record.json",
+        ] {
+            check(stored.join(f).is_file(), format!("{f} stored"))?;
+        }
+        Ok(())
+    })
+}
+
+fn without_git(d: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    d.iter()
+        .filter(|(k, _)| !k.starts_with(".git/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A guest helper replaced by the agent: a stream whose one frame is shorter than it claims.
+const LYING_HELPER: &str = r#"cat > /opt/hutch-task/task.py <<'EOF'
+import hashlib, json, struct, sys
+m = json.dumps({"entries": [{"op": "write", "path": "a.txt", "mode": 420, "size": 1000,
+    "sha256": hashlib.sha256(b"x" * 1000).hexdigest()}], "total": 1}).encode()
+sys.stdout.buffer.write(b"HUTCHCS1" + struct.pack("<Q", len(m)) + m + struct.pack("<Q", 1000) + b"x" * 10 + b"HUTCHEND")
+EOF"#;
+
+/// A guest helper replaced by the agent: a write to `../escape`.
+const ESCAPING_HELPER: &str = r#"cat > /opt/hutch-task/task.py <<'EOF'
+import hashlib, json, struct, sys
+m = json.dumps({"entries": [{"op": "write", "path": "../escape", "mode": 420, "size": 1,
+    "sha256": hashlib.sha256(b"x").hexdigest()}], "total": 1}).encode()
+sys.stdout.buffer.write(b"HUTCHCS1" + struct.pack("<Q", len(m)) + m + struct.pack("<Q", 1) + b"x" + b"HUTCHEND")
+EOF"#;
+
+fn hostile_agents_are_rejected_with_reasons() -> Result {
+    on_rt(async {
+        let client = suite().client.clone();
+        let ws = repo()?;
+        let before = tree_digest(ws.path(), true);
+        let small = Limits {
+            max_file_bytes: 1 << 20,
+            max_files: 100,
+            max_total_bytes: 8 << 20,
+        };
+        let cases: Vec<(&str, &str, Option<RejectKind>)> = vec![
+            ("symlink to /etc/passwd", "echo ok >> a.txt; ln -s /etc/passwd pw", Some(RejectKind::SymlinkEscapes)),
+            ("hook", "printf '#!/bin/sh\\necho pwned\\n' > .git/hooks/pre-commit; chmod +x .git/hooks/pre-commit", Some(RejectKind::GitInternals)),
+            ("fifo", "mkfifo pipe", Some(RejectKind::Special)),
+            ("file over the limit", "head -c 2097152 /dev/zero > big.bin", Some(RejectKind::TooLarge)),
+            ("too many files", "mkdir many && cd many && i=0; while [ $i -lt 300 ]; do echo $i > f$i; i=$((i+1)); done", Some(RejectKind::TooMany)),
+            ("frame lying about its length", LYING_HELPER, Some(RejectKind::LengthMismatch)),
+            ("path escaping the workspace", ESCAPING_HELPER, Some(RejectKind::BadPath)),
+            ("nothing changed", "true", None),
+            ("helper gone", "rm -rf /opt/hutch-task", None),
+        ];
+        let runs = cases.iter().map(|(_, cmd, _)| {
+            let mut spec = task_spec(cmd);
+            spec.limits = small;
+            let client = client.clone();
+            let ws = ws.path().to_path_buf();
+            async move { run_task(&client, &ws, &spec).await }
+        });
+        let records = futures::future::join_all(runs).await;
+        for ((name, _, want), t) in cases.iter().zip(records) {
+            let t = t?;
+            match want {
+                Some(kind) => {
+                    check(
+                        rejected_kinds(&t).contains(kind),
+                        format!("{name}: {:?} {:?}", t.verdict, t.error),
+                    )?;
+                    check(
+                        t.changes.is_empty() && t.changeset_digest.is_none(),
+                        format!("{name}: nothing kept"),
+                    )?;
+                    check(
+                        client.task_changeset(&t.id).await.is_err(),
+                        format!("{name}: no changeset served"),
+                    )?;
+                    let out = hutch(suite().home.path())
+                        .args(["task", "apply", &t.id, "--workspace"])
+                        .arg(ws.path())
+                        .output()?;
+                    check(!out.status.success(), format!("{name}: apply refused"))?;
+                }
+                None if *name == "nothing changed" => {
+                    check(
+                        t.verdict == Verdict::Empty,
+                        format!("{name}: {:?}", t.verdict),
+                    )?;
+                    check(
+                        client
+                            .task_diff(&t.id)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .is_empty(),
+                        "empty diff",
+                    )?;
+                }
+                None => check(
+                    matches!(t.verdict, Verdict::ExtractionFailed { .. }),
+                    format!("{name}: {:?}", t.verdict),
+                )?,
+            }
+        }
+        check(
+            tree_digest(ws.path(), true) == before,
+            "the host workspace is untouched",
+        )?;
+        Ok(())
+    })
+}
+
+fn verify_passes_good_changes_fails_breaking_ones_without_a_network() -> Result {
+    on_rt(async {
+        let client = suite().client.clone();
+        let ws = repo()?;
+        let verify = "sh check.sh && ls /sys/class/net";
+        // The agent has a network (it sees eth0); the verify sandbox has none.
+        let mut good = task_spec("test -e /sys/class/net/eth0 && echo good > v.txt");
+        good.network = NetworkPolicy::Open;
+        good.verify = Some(verify.into());
+        let mut bad = task_spec("echo bad > v.txt");
+        bad.verify = Some(verify.into());
+        let (g, b) = tokio::join!(
+            run_task(&client, ws.path(), &good),
+            run_task(&client, ws.path(), &bad)
+        );
+        let (g, b) = (g?, b?);
+        check(
+            g.verdict == Verdict::Accepted { changes: 1 },
+            format!("good: {:?} {:?} {:?}", g.verdict, g.agent, g.error),
+        )?;
+        let v = g.verify.as_ref().ok_or("good: not verified")?;
+        check(v.passed, format!("good change fails verification: {v:?}"))?;
+        check(
+            v.process.stdout.trim() == "lo",
+            format!("the verify sandbox has a network: {:?}", v.process.stdout),
+        )?;
+        let v = b.verify.as_ref().ok_or("bad: not verified")?;
+        check(
+            !v.passed && v.process.exit_code == Some(1),
+            format!("breaking change passes verification: {v:?}"),
+        )?;
+        Ok(())
+    })
+}
+
+const MANY: &str = r#"
+concurrency = 3
+[[task]]
+name = "a"
+command = ["sh", "-c", "echo a > a.out"]
+[[task]]
+name = "b"
+command = ["sh", "-c", "echo b > b.out"]
+[[task]]
+name = "c"
+command = ["sh", "-c", "echo c > c.out"]
+[[task]]
+name = "d"
+after = ["a", "b"]
+command = ["sh", "-c", "test -f a.out && test -f b.out && test -f c.out && echo d > d.out"]
+"#;
+
+fn three_parallel_tasks_then_a_round_that_sees_their_changes() -> Result {
+    on_rt(async {
+        let client = suite().client.clone();
+        let ws = repo()?;
+        let before = tree_digest(ws.path(), true);
+        let file = tempfile::Builder::new()
+            .prefix("h7many")
+            .suffix(".toml")
+            .tempfile_in("/tmp")?;
+        std::fs::write(file.path(), MANY)?;
+        let out = hutch(suite().home.path())
+            .args(["task", "run-many", "--json", "--workspace"])
+            .arg(ws.path())
+            .arg(file.path())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        check(
+            out.status.success(),
+            format!(
+                "run-many: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )?;
+        let outcomes: Vec<serde_json::Value> = serde_json::from_str(&stdout)?;
+        let mut ids = BTreeMap::new();
+        for o in &outcomes {
+            let name = o["name"].as_str().unwrap_or_default().to_string();
+            let round = if name == "d" { 2 } else { 1 };
+            check(
+                o["round"] == round && o["status"] == "accepted",
+                format!("{o}"),
+            )?;
+            ids.insert(name, o["id"].as_str().unwrap_or_default().to_string());
+        }
+        check(ids.len() == 4, format!("{outcomes:?}"))?;
+        for (name, id) in &ids {
+            let t = client.task(id).await.map_err(|e| e.to_string())?;
+            let path = format!("{name}.out");
+            check(
+                matches!(&t.changes[..], [Change::Write { path: p, added: true, .. }] if *p == path),
+                format!("{name}: {:?}", t.changes),
+            )?;
+        }
+        let first = client.task(&ids["a"]).await.map_err(|e| e.to_string())?;
+        let last = client.task(&ids["d"]).await.map_err(|e| e.to_string())?;
+        check(
+            last.baseline_files == first.baseline_files + 3,
+            "round two's baseline holds round one's three new files",
+        )?;
+        check(
+            tree_digest(ws.path(), true) == before,
+            "the host workspace is untouched",
+        )?;
+        Ok(())
+    })
+}

@@ -1,0 +1,625 @@
+//! Agent tasks (`hutch task run`): a workspace goes into a fresh sandbox, the agent command
+//! runs there, the guest computes the changeset against the host's baseline, and the host
+//! validates it ([`hutch_task::changeset::validate`]) and stores the task under
+//! `$HUTCH_HOME/tasks/<id>/`. With `verify`, the accepted changeset is applied in another fresh
+//! sandbox without a network and the command's verdict recorded. Sandboxes are always
+//! destroyed; the host never runs workspace code.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use hutch_protocol::{
+    host::{Channel, ExecEvent},
+    ExecRequest, ExitStatus, WriteFileRequest,
+};
+use hutch_task::{
+    baseline::{sha256_hex, tar_files, ArchiveError},
+    changeset::validate,
+    BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,
+    VerifyOutcome,
+};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxSpec};
+use rand::RngCore;
+
+use crate::{chain, now_ms, CoreError, Manager};
+
+/// Where the workspace lives in the guest.
+pub const GUEST_WORKSPACE: &str = "/workspace";
+const HELPER: &str = "/opt/hutch-task/task.py";
+const GUEST_BASELINE: &str = "/opt/hutch-task/baseline.json";
+const GUEST_CHANGESET: &str = "/opt/hutch-task/changeset.bin";
+/// Output kept per stream of the agent and of the verify command.
+const OUTPUT_CAP: usize = 1 << 20;
+/// Longest agent or verify timeout.
+const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+
+/// Why a task could not be run or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The spec is unusable.
+    #[error("bad task spec: {0}")]
+    Spec(String),
+    /// The workspace archive is unusable.
+    #[error("bad workspace archive")]
+    Archive(#[source] ArchiveError),
+    /// No task has this id.
+    #[error("no such task: {0:.40}")]
+    NotFound(String),
+    /// The task has no accepted changeset.
+    #[error("task {0} has no accepted changeset")]
+    NoChangeset(String),
+    /// Reading or writing the task store failed.
+    #[error("task store: {}", .path.display())]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored record does not decode.
+    #[error("task record {} is corrupt", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl TaskError {
+    /// The API error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TaskError::Spec(_) => ErrorCode::BadRequest,
+            TaskError::Archive(_) => ErrorCode::UnsafePath,
+            TaskError::NotFound(_) | TaskError::NoChangeset(_) => ErrorCode::NotFound,
+            TaskError::Store { .. } | TaskError::Corrupt { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Why one step inside a task's sandbox failed (recorded, not returned).
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("guest channel")]
+    Channel(#[from] hutch_protocol::host::ChannelError),
+    #[error("{what} failed in the guest ({status:?}): {stderr}")]
+    Guest {
+        what: &'static str,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+/// The task store and runner.
+pub struct Tasks {
+    dir: PathBuf,
+    manager: Arc<Manager>,
+}
+
+/// A process's output, capped.
+struct Collected {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    truncated: bool,
+    status: ExitStatus,
+    timed_out: bool,
+}
+
+/// Runs `req` to its end, feeding `stdin`, keeping at most `cap` bytes per stream; a process
+/// that writes more is killed (its stream is then marked truncated).
+async fn run_capped(
+    channel: &Channel,
+    req: ExecRequest,
+    stdin: Option<Vec<u8>>,
+    cap: usize,
+) -> Result<Collected, StepError> {
+    let mut exec = channel.exec(req).await?;
+    let ctl = exec.control();
+    if let Some(input) = stdin {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let _ = ctl.write_stdin(&input).await;
+            let _ = ctl.close_stdin().await;
+        });
+    }
+    let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
+    loop {
+        let (buf, data) = match exec.next_event().await? {
+            ExecEvent::Stdout(d) => (&mut stdout, d),
+            ExecEvent::Stderr(d) => (&mut stderr, d),
+            ExecEvent::Exited(exit) => {
+                return Ok(Collected {
+                    stdout,
+                    stderr,
+                    truncated,
+                    status: exit.status,
+                    timed_out: exit.timed_out,
+                })
+            }
+        };
+        if buf.len() + data.len() > cap {
+            if !truncated {
+                let _ = ctl.signal(libc::SIGKILL).await;
+            }
+            truncated = true;
+        } else {
+            buf.extend_from_slice(&data);
+        }
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn excerpt(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n')
+        .take(400)
+        .collect()
+}
+
+fn outcome(c: &Collected, started: Instant) -> ProcessOutcome {
+    let (exit_code, signal) = match c.status {
+        ExitStatus::Code(n) => (Some(n), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    };
+    ProcessOutcome {
+        exit_code,
+        signal,
+        timed_out: c.timed_out,
+        stdout: lossy(&c.stdout),
+        stderr: lossy(&c.stderr),
+        truncated: c.truncated,
+        millis: started.elapsed().as_millis() as u64,
+    }
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Whether `id` has the shape of a task id (so it never reaches the filesystem otherwise).
+pub fn valid_task_id(id: &str) -> bool {
+    id.strip_prefix("task-").is_some_and(|h| {
+        h.len() == 10
+            && h.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
+
+fn check_spec(spec: &TaskSpec) -> Result<(), TaskError> {
+    let bad = |s: &str| Err(TaskError::Spec(s.into()));
+    if spec.command.is_empty() || spec.command.iter().any(|a| a.contains('\0')) {
+        return bad("the command must be non-empty and free of NUL");
+    }
+    if let Some(k) = spec.env.keys().find(|k| !hutch_types::valid_env_name(k)) {
+        return Err(TaskError::Spec(format!("invalid variable name {k:.40}")));
+    }
+    if spec.env.values().any(|v| v.contains('\0')) {
+        return bad("environment values must be free of NUL");
+    }
+    if spec.timeout_secs == 0 || spec.timeout_secs > MAX_TIMEOUT_SECS {
+        return bad("the timeout must be between 1 s and 24 h");
+    }
+    if spec.allow.iter().any(|g| g.is_empty() || g.contains('\0')) {
+        return bad("--allow globs must be non-empty and free of NUL");
+    }
+    if spec
+        .verify
+        .as_deref()
+        .is_some_and(|v| v.is_empty() || v.contains('\0'))
+    {
+        return bad("the verify command must be non-empty and free of NUL");
+    }
+    if spec
+        .template
+        .as_deref()
+        .is_some_and(|t| !hutch_types::valid_name(t))
+    {
+        return bad("invalid template name");
+    }
+    let l = spec.limits;
+    if l.max_files == 0
+        || l.max_file_bytes == 0
+        || l.max_total_bytes == 0
+        || l.max_total_bytes > 1 << 30
+    {
+        return bad("limits must be positive, the total at most 1 GiB");
+    }
+    Ok(())
+}
+
+impl Tasks {
+    /// Tasks stored under `dir` (`$HUTCH_HOME/tasks`), run through `manager`.
+    pub fn new(dir: PathBuf, manager: Arc<Manager>) -> Tasks {
+        Tasks { dir, manager }
+    }
+
+    fn task_dir(&self, id: &str) -> Result<PathBuf, TaskError> {
+        if !valid_task_id(id) {
+            return Err(TaskError::NotFound(id.into()));
+        }
+        let dir = self.dir.join(id);
+        if !dir.join("record.json").exists() {
+            return Err(TaskError::NotFound(id.into()));
+        }
+        Ok(dir)
+    }
+
+    fn write(path: &Path, data: &[u8]) -> Result<(), TaskError> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, data)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|source| TaskError::Store {
+                path: path.into(),
+                source,
+            })
+    }
+
+    fn read(path: &Path) -> Result<Vec<u8>, TaskError> {
+        std::fs::read(path).map_err(|source| TaskError::Store {
+            path: path.into(),
+            source,
+        })
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TaskError> {
+        serde_json::from_slice(&Self::read(path)?).map_err(|source| TaskError::Corrupt {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Runs a task to its end and stores it. Only a bad spec or archive is an error; what
+    /// goes wrong in a sandbox is recorded in the task (`error`, `verdict`).
+    pub async fn run(
+        &self,
+        spec: TaskSpec,
+        workspace_tar: Vec<u8>,
+    ) -> Result<TaskRecord, TaskError> {
+        check_spec(&spec)?;
+        let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
+        let started = Instant::now();
+        let id = format!(
+            "task-{:010x}",
+            rand::thread_rng().next_u64() & 0xff_ffff_ffff
+        );
+        let dir = self.dir.join(&id);
+        std::fs::create_dir_all(&dir).map_err(|source| TaskError::Store {
+            path: dir.clone(),
+            source,
+        })?;
+        let baseline_json = serde_json::to_vec(&baseline).expect("serializable");
+        Self::write(
+            &dir.join("spec.json"),
+            &serde_json::to_vec_pretty(&spec).expect("serializable"),
+        )?;
+        Self::write(&dir.join("workspace.tar"), &workspace_tar)?;
+        Self::write(&dir.join("baseline.json"), &baseline_json)?;
+        let mut record = TaskRecord {
+            id: id.clone(),
+            spec: spec.clone(),
+            created_ms: now_ms(),
+            baseline_digest: baseline.digest(),
+            baseline_files: baseline.entries.len(),
+            agent: None,
+            verdict: Verdict::ExtractionFailed {
+                reason: "the agent did not run".into(),
+            },
+            changes: vec![],
+            changeset_digest: None,
+            verify: None,
+            timings: Default::default(),
+            error: None,
+        };
+        let mut changeset = None;
+        let sb = SandboxSpec {
+            template: spec.template.clone(),
+            network: spec.network.clone(),
+            labels: [("hutch.task".to_string(), id.clone())].into(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        match self.manager.create(sb, None).await {
+            Err(e) => record.error = Some(format!("creating the sandbox: {}", chain(&e))),
+            Ok((info, _)) => {
+                record.timings.create_ms = ms(t);
+                let r = self
+                    .agent_steps(
+                        &info.id,
+                        &spec,
+                        &workspace_tar,
+                        &baseline_json,
+                        &baseline,
+                        &mut record,
+                    )
+                    .await;
+                match r {
+                    Ok(cs) => changeset = cs,
+                    Err(e) => record.error = Some(chain(&e)),
+                }
+                self.destroy(&info.id).await;
+            }
+        }
+        if let Some(cs) = &changeset {
+            let stream = cs.encode();
+            record.changeset_digest = Some(sha256_hex(&stream));
+            Self::write(&dir.join("changeset.bin"), &stream)?;
+        }
+        let verifiable = matches!(record.verdict, Verdict::Accepted { .. } | Verdict::Empty);
+        if let (Some(cmd), true) = (&spec.verify, verifiable) {
+            let t = Instant::now();
+            let stream = changeset.as_ref().map(Changeset::encode);
+            match self.verify(&id, &spec, cmd, &workspace_tar, stream).await {
+                Ok(v) => record.verify = Some(v),
+                Err(e) => record.error = Some(format!("verification: {}", chain(&e))),
+            }
+            record.timings.verify_ms = ms(t);
+        }
+        record.timings.total_ms = ms(started);
+        Self::write(
+            &dir.join("record.json"),
+            &serde_json::to_vec_pretty(&record).expect("serializable"),
+        )?;
+        Ok(record)
+    }
+
+    async fn destroy(&self, id: &str) {
+        if let Err(e) = self.manager.destroy(id).await {
+            tracing::warn!(sandbox = id, error = %chain(&e), "destroying a task sandbox failed");
+        }
+    }
+
+    /// Copies the workspace and the helper into a sandbox.
+    async fn prepare(
+        channel: &Channel,
+        tar: &[u8],
+        extra: &[(&str, &[u8])],
+    ) -> Result<(), StepError> {
+        let script = format!("mkdir -p {GUEST_WORKSPACE} && exec tar -x -p --no-same-owner -C {GUEST_WORKSPACE} -f -");
+        let req = ExecRequest {
+            stdin: true,
+            ..ExecRequest::shell(&script)
+        };
+        let c = run_capped(channel, req, Some(tar.to_vec()), 64 << 10).await?;
+        if c.status != ExitStatus::Code(0) {
+            return Err(StepError::Guest {
+                what: "unpacking the workspace",
+                status: c.status,
+                stderr: excerpt(&c.stderr),
+            });
+        }
+        let files = [(HELPER, hutch_task::GUEST_SCRIPT.as_bytes())]
+            .into_iter()
+            .chain(extra.iter().copied());
+        for (path, data) in files {
+            let req = WriteFileRequest {
+                path: path.into(),
+                mode: 0o644,
+                make_parents: true,
+            };
+            channel.write_file(req, data).await?;
+        }
+        Ok(())
+    }
+
+    async fn agent_steps(
+        &self,
+        sandbox: &str,
+        spec: &TaskSpec,
+        tar: &[u8],
+        baseline_json: &[u8],
+        baseline: &Baseline,
+        record: &mut TaskRecord,
+    ) -> Result<Option<Changeset>, StepError> {
+        let channel = self.manager.channel(sandbox)?;
+        let t = Instant::now();
+        Self::prepare(&channel, tar, &[(GUEST_BASELINE, baseline_json)]).await?;
+        record.timings.copy_in_ms = ms(t);
+
+        let t = Instant::now();
+        let req = ExecRequest {
+            env: spec.env.clone().into_iter().collect(),
+            cwd: Some(GUEST_WORKSPACE.into()),
+            timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
+            ..ExecRequest::new(spec.command.clone())
+        };
+        let agent = run_capped(&channel, req, None, OUTPUT_CAP).await?;
+        record.agent = Some(outcome(&agent, t));
+        record.timings.agent_ms = ms(t);
+
+        let t = Instant::now();
+        let l = spec.limits;
+        let argv = [
+            "python3",
+            HELPER,
+            "diff",
+            GUEST_WORKSPACE,
+            GUEST_BASELINE,
+            &l.max_files.to_string(),
+            &l.max_file_bytes.to_string(),
+        ];
+        let req = ExecRequest::new(argv.map(String::from).to_vec());
+        let cap =
+            (l.max_total_bytes + hutch_task::changeset::MAX_MANIFEST + (l.max_files + 1) * 8 + 64)
+                as usize;
+        let out = run_capped(&channel, req, None, cap).await?;
+        let result = if out.truncated {
+            record.verdict = Verdict::ExtractionFailed {
+                reason: format!("the changeset stream is over {cap} bytes"),
+            };
+            None
+        } else if out.status != ExitStatus::Code(0) {
+            record.verdict = Verdict::ExtractionFailed {
+                reason: format!(
+                    "the guest helper failed ({:?}): {}",
+                    out.status,
+                    excerpt(&out.stderr)
+                ),
+            };
+            None
+        } else {
+            let r = validate(&out.stdout, baseline, &spec.policy());
+            record.verdict = Verdict::of(&r);
+            match r {
+                Ok(cs) => {
+                    record.changes = cs.changes.clone();
+                    Some(cs)
+                }
+                Err(_) => None,
+            }
+        };
+        record.timings.changeset_ms = ms(t);
+        Ok(result)
+    }
+
+    async fn verify(
+        &self,
+        id: &str,
+        spec: &TaskSpec,
+        cmd: &str,
+        tar: &[u8],
+        stream: Option<Vec<u8>>,
+    ) -> Result<VerifyOutcome, StepError> {
+        let sb = SandboxSpec {
+            template: spec.template.clone(),
+            network: NetworkPolicy::None,
+            labels: [("hutch.task".to_string(), id.to_string())].into(),
+            ..Default::default()
+        };
+        let (info, _) = self.manager.create(sb, None).await?;
+        let r = async {
+            let channel = self.manager.channel(&info.id)?;
+            let extra: Vec<(&str, &[u8])> = stream
+                .iter()
+                .map(|s| (GUEST_CHANGESET, s.as_slice()))
+                .collect();
+            Self::prepare(&channel, tar, &extra).await?;
+            if stream.is_some() {
+                let argv = ["python3", HELPER, "apply", GUEST_WORKSPACE, GUEST_CHANGESET];
+                let req = ExecRequest::new(argv.map(String::from).to_vec());
+                let c = run_capped(&channel, req, None, 64 << 10).await?;
+                if c.status != ExitStatus::Code(0) {
+                    return Err(StepError::Guest {
+                        what: "applying the changeset",
+                        status: c.status,
+                        stderr: excerpt(&c.stderr),
+                    });
+                }
+            }
+            let t = Instant::now();
+            let req = ExecRequest {
+                env: spec.env.clone().into_iter().collect(),
+                cwd: Some(GUEST_WORKSPACE.into()),
+                timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
+                ..ExecRequest::shell(cmd)
+            };
+            let c = run_capped(&channel, req, None, OUTPUT_CAP).await?;
+            let process = outcome(&c, t);
+            Ok(VerifyOutcome {
+                command: cmd.to_string(),
+                passed: process.succeeded(),
+                process,
+            })
+        }
+        .await;
+        self.destroy(&info.id).await;
+        r
+    }
+
+    /// Every stored task, oldest first.
+    pub fn list(&self) -> Result<Vec<TaskRecord>, TaskError> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => {
+                return Err(TaskError::Store {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if valid_task_id(&name) && e.path().join("record.json").exists() {
+                out.push(Self::json::<TaskRecord>(&e.path().join("record.json"))?);
+            }
+        }
+        out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// One task's record.
+    pub fn get(&self, id: &str) -> Result<TaskRecord, TaskError> {
+        Self::json(&self.task_dir(id)?.join("record.json"))
+    }
+
+    /// The task's baseline (what `apply` checks the host against).
+    pub fn baseline(&self, id: &str) -> Result<Baseline, TaskError> {
+        Self::json(&self.task_dir(id)?.join("baseline.json"))
+    }
+
+    /// The accepted changeset's stream (validate it again before use).
+    pub fn changeset(&self, id: &str) -> Result<Vec<u8>, TaskError> {
+        let path = self.task_dir(id)?.join("changeset.bin");
+        if !path.exists() {
+            return Err(TaskError::NoChangeset(id.into()));
+        }
+        Self::read(&path)
+    }
+
+    /// The accepted changeset as a unified diff against the baseline (empty when there are
+    /// no changes).
+    pub fn diff(&self, id: &str) -> Result<String, TaskError> {
+        let dir = self.task_dir(id)?;
+        let record: TaskRecord = Self::json(&dir.join("record.json"))?;
+        if !dir.join("changeset.bin").exists() {
+            return match record.verdict {
+                Verdict::Empty => Ok(String::new()),
+                _ => Err(TaskError::NoChangeset(id.into())),
+            };
+        }
+        let baseline: Baseline = Self::json(&dir.join("baseline.json"))?;
+        let stream = Self::read(&dir.join("changeset.bin"))?;
+        let cs = validate(&stream, &baseline, &record.spec.policy()).map_err(|r| {
+            TaskError::Spec(format!(
+                "the stored changeset no longer validates: {}",
+                r[0]
+            ))
+        })?;
+        let wanted = cs
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Write {
+                    path, added: false, ..
+                }
+                | Change::Delete { path } => Some(path.clone()),
+                _ => None,
+            })
+            .collect();
+        let tar = Self::read(&dir.join("workspace.tar"))?;
+        let base = tar_files(&tar, &wanted).map_err(TaskError::Archive)?;
+        let modes: BTreeMap<String, u32> = baseline
+            .entries
+            .iter()
+            .filter_map(|(p, e)| match e {
+                BaseEntry::File { mode, .. } => Some((p.clone(), *mode)),
+                BaseEntry::Symlink { .. } => None,
+            })
+            .collect();
+        Ok(hutch_task::diff::unified(&cs, &base, &modes))
+    }
+}

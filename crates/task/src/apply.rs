@@ -1,0 +1,422 @@
+//! Applying a validated changeset on the host: to a directory (after checking that every path
+//! it touches is exactly as in the baseline), or as a commit on a new git branch built with
+//! plumbing commands only (no work tree change, no hook, no filter, no fsmonitor). Applying is
+//! data only: nothing from the workspace is ever run.
+
+use std::{
+    io::Write,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use crate::{
+    baseline::{sha256_hex, BaseEntry, Baseline},
+    changeset::{Change, Changeset},
+};
+
+/// Why a changeset could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A file operation failed.
+    #[error("{}", .path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Paths differ from the baseline: the host changed them since the task started.
+    #[error("conflicts (the host changed these paths since the task's baseline): {}", .0.join(", "))]
+    Conflicts(Vec<String>),
+    /// A path would be reached through a host symlink.
+    #[error("{0} lies below a symlink on the host")]
+    ThroughSymlink(String),
+    /// A git command failed.
+    #[error("git {what} failed: {stderr}")]
+    Git {
+        /// Which command.
+        what: String,
+        /// Its standard error (shortened).
+        stderr: String,
+    },
+    /// git could not be started.
+    #[error("cannot run git")]
+    GitSpawn(#[source] std::io::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ApplyError + '_ {
+    move |source| ApplyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a path holds on the host now.
+#[derive(Debug, PartialEq, Eq)]
+enum Current {
+    Absent,
+    File { mode: u32, sha256: String },
+    Symlink(String),
+    Other,
+}
+
+fn current(root: &Path, rel: &str) -> Result<Current, ApplyError> {
+    let mut dir = root.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len() - 1] {
+        dir.push(c);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ApplyError::ThroughSymlink(rel.into()))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Current::Absent),
+            Err(e) => return Err(io(&dir)(e)),
+        }
+    }
+    let path = root.join(rel);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Current::Absent),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    Ok(if meta.file_type().is_symlink() {
+        let t = std::fs::read_link(&path).map_err(io(&path))?;
+        Current::Symlink(t.to_string_lossy().into_owned())
+    } else if meta.is_file() {
+        let data = std::fs::read(&path).map_err(io(&path))?;
+        Current::File {
+            mode: meta.mode() & 0o777,
+            sha256: sha256_hex(&data),
+        }
+    } else {
+        Current::Other
+    })
+}
+
+fn expected(baseline: &Baseline, rel: &str) -> Current {
+    match baseline.entries.get(rel) {
+        None => Current::Absent,
+        Some(BaseEntry::File { mode, sha256, .. }) => Current::File {
+            mode: *mode,
+            sha256: sha256.clone(),
+        },
+        Some(BaseEntry::Symlink { target }) => Current::Symlink(target.clone()),
+    }
+}
+
+/// The changes in the order they are applied: deletes, renames, writes, symlinks, chmods.
+fn ordered(cs: &Changeset) -> Vec<&Change> {
+    let rank = |c: &Change| match c {
+        Change::Delete { .. } => 0,
+        Change::Rename { .. } => 1,
+        Change::Write { .. } => 2,
+        Change::Symlink { .. } => 3,
+        Change::Chmod { .. } => 4,
+    };
+    let mut v: Vec<&Change> = cs.changes.iter().collect();
+    v.sort_by_key(|c| rank(c));
+    v
+}
+
+fn remove(path: &Path) -> Result<(), ApplyError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(io(path)),
+        Ok(_) => std::fs::remove_file(path).map_err(io(path)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn prune(root: &Path, rel: &str) {
+    let mut p = Path::new(rel).parent();
+    while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+        if std::fs::remove_dir(root.join(d)).is_err() {
+            return;
+        }
+        p = d.parent();
+    }
+}
+
+fn parents(root: &Path, rel: &str) -> Result<(), ApplyError> {
+    if let Some(parent) = root.join(rel).parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    Ok(())
+}
+
+/// Applies `cs` to the directory `root`, after checking that every path it touches holds
+/// exactly what the baseline recorded (refusing with the list of conflicts otherwise).
+pub fn apply_to_dir(root: &Path, cs: &Changeset, baseline: &Baseline) -> Result<(), ApplyError> {
+    let mut conflicts = Vec::new();
+    for c in &cs.changes {
+        for p in c.paths() {
+            if current(root, p)? != expected(baseline, p) {
+                conflicts.push(p.to_string());
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(ApplyError::Conflicts(conflicts));
+    }
+    for c in ordered(cs) {
+        match c {
+            Change::Delete { path } => {
+                remove(&root.join(path))?;
+                prune(root, path);
+            }
+            Change::Rename { from, to, mode } => {
+                parents(root, to)?;
+                let dst = root.join(to);
+                std::fs::rename(root.join(from), &dst).map_err(io(&dst))?;
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))
+                    .map_err(io(&dst))?;
+                prune(root, from);
+            }
+            Change::Write {
+                path, mode, data, ..
+            } => {
+                parents(root, path)?;
+                let dst = root.join(path);
+                remove(&dst)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dst)
+                    .map_err(io(&dst))?;
+                f.write_all(data).map_err(io(&dst))?;
+                f.set_permissions(std::fs::Permissions::from_mode(*mode))
+                    .map_err(io(&dst))?;
+            }
+            Change::Symlink { path, target } => {
+                parents(root, path)?;
+                let dst = root.join(path);
+                remove(&dst)?;
+                std::os::unix::fs::symlink(target, &dst).map_err(io(&dst))?;
+            }
+            Change::Chmod { path, mode } => {
+                let dst = root.join(path);
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))
+                    .map_err(io(&dst))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a git plumbing command in `repo` with hooks and fsmonitor off.
+fn git(
+    repo: &Path,
+    index: Option<&Path>,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<Vec<u8>, ApplyError> {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(repo)
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ])
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "hutch task")
+        .env("GIT_AUTHOR_EMAIL", "hutch@localhost")
+        .env("GIT_COMMITTER_NAME", "hutch task")
+        .env("GIT_COMMITTER_EMAIL", "hutch@localhost")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(i) = index {
+        cmd.env("GIT_INDEX_FILE", i);
+    }
+    let mut child = cmd.spawn().map_err(ApplyError::GitSpawn)?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        let input = input.to_vec();
+        std::thread::spawn(move || pipe.write_all(&input));
+    }
+    let out = child.wait_with_output().map_err(ApplyError::GitSpawn)?;
+    if !out.status.success() {
+        return Err(ApplyError::Git {
+            what: args.first().copied().unwrap_or("").to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .take(300)
+                .collect(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+fn text(b: Vec<u8>) -> String {
+    String::from_utf8_lossy(&b).trim().to_string()
+}
+
+/// `(mode, object id)` of `path` in `HEAD`, if it is there.
+fn head_entry(repo: &Path, path: &str) -> Result<Option<(String, String)>, ApplyError> {
+    let out = git(repo, None, &["ls-tree", "-z", "HEAD", "--", path], None)?;
+    let line = String::from_utf8_lossy(&out);
+    let line = line.trim_end_matches('\0');
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let mut meta = line.split('\t').next().unwrap_or("").split(' ');
+    match (meta.next(), meta.nth(1)) {
+        (Some(mode), Some(oid)) => Ok(Some((mode.to_string(), oid.to_string()))),
+        _ => Ok(None),
+    }
+}
+
+/// Commits `cs` on top of `HEAD` of `repo` as the new branch `branch` (refused if it exists),
+/// touching neither the work tree nor the index. Every touched path must be in `HEAD` as in
+/// the baseline (git records only the executable bit, so modes compare by it). Returns the
+/// commit id.
+pub fn apply_to_branch(
+    repo: &Path,
+    branch: &str,
+    cs: &Changeset,
+    baseline: &Baseline,
+    message: &str,
+) -> Result<String, ApplyError> {
+    git(repo, None, &["check-ref-format", "--branch", branch], None)?;
+    let head = text(git(
+        repo,
+        None,
+        &["rev-parse", "--verify", "HEAD^{commit}"],
+        None,
+    )?);
+    let mut conflicts = Vec::new();
+    for c in &cs.changes {
+        for p in c.paths() {
+            let now = head_entry(repo, p)?;
+            let same = match (expected(baseline, p), &now) {
+                (Current::Absent, None) => true,
+                (Current::File { mode, sha256 }, Some((m, oid))) => {
+                    let blob = git(repo, None, &["cat-file", "blob", oid], None)?;
+                    sha256_hex(&blob) == sha256 && (m == "100755") == (mode & 0o111 != 0)
+                }
+                (Current::Symlink(t), Some((m, oid))) => {
+                    m == "120000"
+                        && git(repo, None, &["cat-file", "blob", oid], None)? == t.as_bytes()
+                }
+                _ => false,
+            };
+            if !same {
+                conflicts.push(p.to_string());
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(ApplyError::Conflicts(conflicts));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("hutch-index")
+        .tempdir()
+        .map_err(io(Path::new("/tmp")))?;
+    let index = tmp.path().join("index");
+    let idx = Some(index.as_path());
+    git(repo, idx, &["read-tree", "HEAD"], None)?;
+    let git_mode = |mode: u32| {
+        if mode & 0o111 != 0 {
+            "100755"
+        } else {
+            "100644"
+        }
+    };
+    for c in ordered(cs) {
+        match c {
+            Change::Delete { path } => {
+                git(
+                    repo,
+                    idx,
+                    &["update-index", "--force-remove", "--", path],
+                    None,
+                )?;
+            }
+            Change::Rename { from, to, mode } => {
+                let (_, oid) = head_entry(repo, from)?
+                    .ok_or_else(|| ApplyError::Conflicts(vec![from.clone()]))?;
+                git(
+                    repo,
+                    idx,
+                    &["update-index", "--force-remove", "--", from],
+                    None,
+                )?;
+                let info = format!("{},{oid},{to}", git_mode(*mode));
+                git(
+                    repo,
+                    idx,
+                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
+                    None,
+                )?;
+            }
+            Change::Write {
+                path, mode, data, ..
+            } => {
+                let oid = text(git(
+                    repo,
+                    None,
+                    &["hash-object", "-w", "--no-filters", "--stdin"],
+                    Some(data),
+                )?);
+                let info = format!("{},{oid},{path}", git_mode(*mode));
+                git(
+                    repo,
+                    idx,
+                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
+                    None,
+                )?;
+            }
+            Change::Symlink { path, target } => {
+                let oid = text(git(
+                    repo,
+                    None,
+                    &["hash-object", "-w", "--no-filters", "--stdin"],
+                    Some(target.as_bytes()),
+                )?);
+                let info = format!("120000,{oid},{path}");
+                git(
+                    repo,
+                    idx,
+                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
+                    None,
+                )?;
+            }
+            Change::Chmod { path, mode } => {
+                let (_, oid) = head_entry(repo, path)?
+                    .ok_or_else(|| ApplyError::Conflicts(vec![path.clone()]))?;
+                let info = format!("{},{oid},{path}", git_mode(*mode));
+                git(repo, idx, &["update-index", "--cacheinfo", &info], None)?;
+            }
+        }
+    }
+    let tree = text(git(repo, idx, &["write-tree"], None)?);
+    let commit = text(git(
+        repo,
+        None,
+        &["commit-tree", &tree, "-p", &head, "-m", message],
+        None,
+    )?);
+    let refname = format!("refs/heads/{branch}");
+    git(
+        repo,
+        None,
+        &[
+            "update-ref",
+            "-m",
+            "hutch task apply",
+            &refname,
+            &commit,
+            "",
+        ],
+        None,
+    )?;
+    Ok(commit)
+}

@@ -1,0 +1,212 @@
+//! The task's spec and record, as stored under `$HUTCH_HOME/tasks/<id>/` and served by the API.
+
+use std::collections::BTreeMap;
+
+use hutch_types::NetworkPolicy;
+use serde::{Deserialize, Serialize};
+
+use crate::changeset::{Change, Changeset, Limits, Policy, Rejection};
+
+/// What to run, where, and what its changes may touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// The agent command (argv), run in the workspace.
+    pub command: Vec<String>,
+    /// Restore the sandbox from this template instead of booting the default image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The agent's network policy (verification always runs without a network).
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// Environment for the agent command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Kill the agent after this many seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Globs the changed paths must match (empty: everything outside `.git`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// A shell command run on the changed workspace in a fresh sandbox without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
+    /// Size and count limits of the changeset.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+impl TaskSpec {
+    /// The validation policy this spec asks for.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            allow: self.allow.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+/// The host's judgement of what came out of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every change passed; `apply` may use them.
+    Accepted {
+        /// How many changes.
+        changes: usize,
+    },
+    /// The agent changed nothing.
+    Empty,
+    /// Some changes were refused; nothing is kept.
+    Rejected {
+        /// Each refusal and its reason.
+        rejections: Vec<Rejection>,
+    },
+    /// No changeset could be had from the guest (its helper failed, or the stream was cut).
+    ExtractionFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// The verdict of a validation result.
+    pub fn of(result: &Result<Changeset, Vec<Rejection>>) -> Verdict {
+        match result {
+            Ok(cs) if cs.is_empty() => Verdict::Empty,
+            Ok(cs) => Verdict::Accepted {
+                changes: cs.changes.len(),
+            },
+            Err(r) => Verdict::Rejected {
+                rejections: r.clone(),
+            },
+        }
+    }
+}
+
+/// How a process in a sandbox ended, and (the start of) what it printed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProcessOutcome {
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, when it was killed.
+    pub signal: Option<i32>,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// Standard output (lossy UTF-8, capped).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8, capped).
+    pub stderr: String,
+    /// Whether output beyond the cap was dropped.
+    pub truncated: bool,
+    /// Wall time in milliseconds.
+    pub millis: u64,
+}
+
+impl ProcessOutcome {
+    /// Exited with code 0.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// Verification of the changeset in a fresh sandbox without a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VerifyOutcome {
+    /// The command.
+    pub command: String,
+    /// Whether it exited 0.
+    pub passed: bool,
+    /// How it ended.
+    pub process: ProcessOutcome,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// Creating the agent's sandbox.
+    pub create_ms: u64,
+    /// Copying the workspace in.
+    pub copy_in_ms: u64,
+    /// The agent's own run.
+    pub agent_ms: u64,
+    /// Computing, copying out and validating the changeset.
+    pub changeset_ms: u64,
+    /// Verification, all of it.
+    pub verify_ms: u64,
+    /// Everything.
+    pub total_ms: u64,
+}
+
+/// A task's durable record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskRecord {
+    /// Task id (`task-…`).
+    pub id: String,
+    /// What was asked.
+    pub spec: TaskSpec,
+    /// Start, milliseconds since the epoch.
+    pub created_ms: i64,
+    /// SHA-256 of the baseline manifest.
+    pub baseline_digest: String,
+    /// Files and symlinks in the baseline (outside `.git`).
+    pub baseline_files: usize,
+    /// The agent's run, when it started.
+    pub agent: Option<ProcessOutcome>,
+    /// The verdict on its changes.
+    pub verdict: Verdict,
+    /// The accepted changes (contents not included).
+    #[serde(default)]
+    pub changes: Vec<Change>,
+    /// SHA-256 of the stored changeset stream, when one was accepted.
+    pub changeset_digest: Option<String>,
+    /// Verification, when asked for and there was something to verify.
+    pub verify: Option<VerifyOutcome>,
+    /// Timings.
+    pub timings: Timings,
+    /// What went wrong on the host side, if anything.
+    pub error: Option<String>,
+}
+
+/// The body of `POST /v1/tasks`: `u32 LE n ‖ n bytes of JSON TaskSpec ‖ the workspace tar`.
+pub fn encode_request(spec: &TaskSpec, workspace_tar: &[u8]) -> Vec<u8> {
+    let json = serde_json::to_vec(spec).expect("serializable");
+    let mut out = Vec::with_capacity(4 + json.len() + workspace_tar.len());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(workspace_tar);
+    out
+}
+
+/// Splits a `POST /v1/tasks` body into the spec and the workspace tar.
+pub fn decode_request(body: &[u8]) -> Result<(TaskSpec, &[u8]), String> {
+    let n = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or("the body is shorter than its spec length")?;
+    let json = body
+        .get(4..4 + n)
+        .ok_or("the spec length runs past the body")?;
+    let spec = serde_json::from_slice(json).map_err(|e| format!("task spec: {e}"))?;
+    Ok((spec, &body[4 + n..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_short_ones_are_refused() {
+        let spec: TaskSpec = serde_json::from_str(r#"{"command":["true"]}"#).unwrap();
+        assert_eq!(spec.timeout_secs, 600);
+        let body = encode_request(&spec, b"tar");
+        let (back, tar) = decode_request(&body).unwrap();
+        assert_eq!((back, tar), (spec, &b"tar"[..]));
+        assert!(decode_request(&body[..2]).is_err());
+        assert!(decode_request(&[255, 0, 0, 0, b'{']).is_err());
+    }
+}
