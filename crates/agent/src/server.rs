@@ -349,7 +349,13 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// PID 1 mode: serves the virtio-serial port at `path` for one host connection.
+/// PID 1 mode: serves the virtio-serial port at `path`, one host connection after another,
+/// until it cannot be opened or served any more.
+///
+/// The port stays open between connections (each is served on a duplicate descriptor): the
+/// guest kernel discards a port's unread data when it is closed, so closing and reopening it
+/// after a host hangs up could lose the next host's Hello, sent in between (a restarted daemon
+/// adopting the VM, or a restored clone's first host).
 pub async fn serve_port(path: &str) -> Result<(), ServeError> {
     let reaper = crate::reaper::global().map_err(ServeError::Reaper)?;
     let open = |e| ServeError::Open {
@@ -361,11 +367,13 @@ pub async fn serve_port(path: &str) -> Result<(), ServeError> {
         .write(true)
         .open(path)
         .map_err(open)?;
-    let stream = FdStream::new(OwnedFd::from(file)).map_err(open)?;
-    serve(stream, reaper, true).await;
-    // A port with no host attached reads as end-of-file; don't spin while waiting.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    Ok(())
+    loop {
+        let session = file.try_clone().map_err(open)?;
+        let stream = FdStream::new(OwnedFd::from(session)).map_err(open)?;
+        serve(stream, reaper.clone(), true).await;
+        // A port with no host attached reads as end-of-file; don't spin while waiting.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Test mode: serves every connection accepted on an inherited listening socket, as PID 1

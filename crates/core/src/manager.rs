@@ -693,20 +693,26 @@ impl Manager {
     pub async fn reconcile(&self) -> Result<ReconcileReport, CoreError> {
         let mut report = ReconcileReport::default();
         self.cfg.templates.remove_staging();
-        for info in self.store.list(&ListFilter::default())? {
-            if info.state == SandboxState::Suspended {
-                // Nothing runs: its snapshot waits on disk for a resume.
-                continue;
-            }
-            let adoptable = matches!(info.state, SandboxState::Running | SandboxState::Paused);
-            let outcome = if adoptable {
-                self.adopt(&info).await
+        // Suspended sandboxes have nothing running: their snapshots wait on disk for a resume.
+        let recorded: Vec<SandboxInfo> = self
+            .store
+            .list(&ListFilter::default())?
+            .into_iter()
+            .filter(|i| i.state != SandboxState::Suspended)
+            .collect();
+        // All at once: each adoption waits on its own guest's agent.
+        let outcomes = futures::future::join_all(recorded.iter().map(|info| async move {
+            if matches!(info.state, SandboxState::Running | SandboxState::Paused) {
+                self.adopt(info).await
             } else {
                 Err(format!(
                     "interrupted while {} by a daemon restart",
                     info.state.name()
                 ))
-            };
+            }
+        }))
+        .await;
+        for (info, outcome) in recorded.iter().zip(outcomes) {
             match outcome {
                 Ok(()) => report.adopted.push(info.id.clone()),
                 Err(reason) => {

@@ -163,7 +163,8 @@ impl Templates {
     /// first if it is gone (e.g. after a host reboot).
     pub async fn snapshot(&self, record: &TemplateRecord) -> Result<Snapshot, TemplateError> {
         if let SnapshotMemory::File(mem) = &record.snapshot.memory {
-            if !mem.exists() {
+            // Only a tmpfs copy is restaged; a memory file inside the snapshot is the snapshot's.
+            if !mem.exists() && !mem.starts_with(&record.snapshot.dir) {
                 let saved = record.snapshot.dir.join("memory");
                 std::fs::create_dir_all(&self.shm)
                     .map_err(|e| TemplateError::io("create", &self.shm, e))?;
@@ -265,7 +266,12 @@ impl Templates {
                 boot_timeout: Duration::from_secs(300),
                 detached: false,
                 network,
-                memory: GuestMemory::SharedFile(mem.clone()),
+                // Where the VMM can keep RAM in a shared file, clones share its pages.
+                memory: if vmm.shares_memory_files() {
+                    GuestMemory::SharedFile(mem.clone())
+                } else {
+                    GuestMemory::Anonymous
+                },
             };
             let sandbox = Sandbox::boot(vmm, &opts).await?;
             let saved = provision_and_save(&sandbox, spec, &staging).await;
@@ -306,7 +312,13 @@ impl Templates {
         has_nic: bool,
         started: Instant,
     ) -> Result<TemplateRecord, CoreError> {
-        copy_sparse(mem, &staging.join("memory")).await?;
+        // RAM in the shared file the template booted with: a persistent copy goes beside the
+        // snapshot, clones map the tmpfs one. Otherwise the VMM wrote its own memory file into
+        // the snapshot (Firecracker) or kept RAM in the state.
+        let shared = snapshot.memory == SnapshotMemory::File(mem.to_path_buf());
+        if shared {
+            copy_sparse(mem, &staging.join("memory")).await?;
+        }
         let state = std::fs::read(snapshot.state_file())
             .map_err(|e| TemplateError::io("read", &snapshot.state_file(), e))?;
         let digest = hex::encode(Sha256::digest(&state));
@@ -315,10 +327,20 @@ impl Templates {
         std::fs::create_dir_all(self.dir.join("cas"))
             .map_err(|e| TemplateError::io("create", &self.dir, e))?;
         std::fs::rename(staging, &cas).map_err(|e| TemplateError::io("store", &cas, e))?;
-        std::fs::rename(mem, &shm_mem).map_err(|e| TemplateError::io("store", &shm_mem, e))?;
+        let memory = match &snapshot.memory {
+            _ if shared => {
+                std::fs::rename(mem, &shm_mem)
+                    .map_err(|e| TemplateError::io("store", &shm_mem, e))?;
+                SnapshotMemory::File(shm_mem)
+            }
+            SnapshotMemory::File(own) => {
+                SnapshotMemory::File(cas.join(own.strip_prefix(staging).unwrap_or(own)))
+            }
+            SnapshotMemory::InState => SnapshotMemory::InState,
+        };
         let snapshot = Snapshot {
             dir: cas.clone(),
-            memory: SnapshotMemory::File(shm_mem),
+            memory,
             ..snapshot
         };
         let record = TemplateRecord {

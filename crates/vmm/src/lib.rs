@@ -227,6 +227,12 @@ pub trait Vmm: Send + Sync {
     /// The backend's name, e.g. `"qemu"`.
     fn name(&self) -> &'static str;
 
+    /// Whether VMs can keep their RAM in a caller's file ([`GuestMemory::SharedFile`]), so
+    /// that a snapshot leaves RAM out and restores share its pages.
+    fn shares_memory_files(&self) -> bool {
+        false
+    }
+
     /// Boots a VM. Returns once the VMM process is up and the host end of the guest channel
     /// exists (not when the guest has booted: the caller waits for the agent's hello on the
     /// channel). On error nothing is left behind: no process, no `run_dir`.

@@ -651,6 +651,10 @@ impl Vmm for QemuVmm {
         "qemu"
     }
 
+    fn shares_memory_files(&self) -> bool {
+        true
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
         self.start_with_nic(spec, None).await
     }
