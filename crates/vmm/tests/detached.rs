@@ -117,7 +117,10 @@ async fn detached_vm_outlives_its_handle_is_adopted_pauses_and_resumes() {
     // A forged start time (a recycled pid) is refused, by adopt and by kill_recorded.
     let identity = run_dir.join("identity.json");
     let real = std::fs::read_to_string(&identity).unwrap();
-    let forged = real.replace(&format!(":{start}}}"), &format!(":{}}}", start + 1));
+    let forged = real.replace(
+        &format!("\"start_time\":{start},"),
+        &format!("\"start_time\":{},", start + 1),
+    );
     assert_ne!(forged, real);
     std::fs::write(&identity, forged).unwrap();
     let vmm = QemuVmm::new(Accel::Tcg).unwrap();
