@@ -99,7 +99,7 @@ async fn measure(
     }
     client.set_pool("bench", 1).await?;
     for _ in 0..args.runs {
-        wait_pool_full(child, client).await?;
+        wait_pool_full(client).await?;
         s.handout.push(create_and_exec(client, clone_spec()).await?);
     }
     client.set_pool("bench", 0).await?;
@@ -196,23 +196,16 @@ async fn vmm_restore(
     Ok(took)
 }
 
-/// Waits until the pool holds a clone: a run dir no listed sandbox owns.
-async fn wait_pool_full(child: &DaemonChild, client: &Client) -> Result<(), CliError> {
+/// Waits until the template's pool holds a ready clone.
+async fn wait_pool_full(client: &Client) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let listed: Vec<String> = client
-            .list(None, &[])
+        let ready = client
+            .templates()
             .await?
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
-        let pooled = std::fs::read_dir(child.dir.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !listed.contains(&e.file_name().to_string_lossy().into_owned()))
-            .count();
-        if pooled >= 1 {
+            .iter()
+            .any(|t| t.spec.name == "bench" && t.pool_ready >= 1);
+        if ready {
             return Ok(());
         }
         if Instant::now() > deadline {

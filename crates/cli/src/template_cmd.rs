@@ -156,12 +156,13 @@ fn print(templates: &[TemplateInfo], json: bool) {
     for t in templates {
         let s = &t.spec;
         println!(
-            "{:<20} {:<12} {} vCPU {:>6} MiB  nic={}  pool={}  {}  built in {:.1}s",
+            "{:<20} {:<12} {} vCPU {:>6} MiB  nic={}  pool={}/{}  {}  built in {:.1}s",
             s.name,
             s.image,
             s.cpus,
             s.memory_mib,
             t.has_nic,
+            t.pool_ready,
             t.pool_size,
             &t.digest[..t.digest.len().min(19)],
             t.build_ms as f64 / 1000.0

@@ -1196,15 +1196,16 @@ async fn clone_scenario(client: Client, home: PathBuf) -> Result<String> {
         idempotency_key: None,
     };
     // A pool of 2: clones wait, restored, with run dirs no sandbox owns yet; a create hands
-    // one of them out.
+    // one of them out. (A run dir appears when a restore starts: wait for `pool_ready`.)
     client
         .set_pool("tpl", 2)
         .await
         .map_err(|e| format!("pool: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let pooled = loop {
+        let ready = client.templates().await.map_err(|e| e.to_string())?[0].pool_ready;
         let pooled = unowned_run_dirs(&client, &home).await?;
-        if pooled.len() == 2 {
+        if ready == 2 && pooled.len() == 2 {
             break pooled;
         }
         check(Instant::now() < deadline, format!("pool holds {pooled:?}"))?;

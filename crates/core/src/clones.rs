@@ -73,7 +73,7 @@ impl Manager {
             )
             .await?;
         tracing::info!(template = %spec.name, ms = record.info.build_ms, "template saved");
-        Ok(record.info)
+        Ok(self.with_pool(record.info))
     }
 
     /// Every template.
@@ -83,13 +83,13 @@ impl Manager {
             .templates
             .list()?
             .into_iter()
-            .map(|r| r.info)
+            .map(|r| self.with_pool(r.info))
             .collect())
     }
 
     /// One template.
     pub fn template(&self, name: &str) -> Result<TemplateInfo, CoreError> {
-        Ok(self.cfg.templates.get(name)?.info)
+        Ok(self.with_pool(self.cfg.templates.get(name)?.info))
     }
 
     /// Removes a template, refusing while any sandbox (or a fork of one) still reads through

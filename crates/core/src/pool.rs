@@ -81,7 +81,16 @@ impl Manager {
             self.discard_pooled(p).await;
         }
         self.refill_soon(name, Duration::ZERO);
-        Ok(record.info)
+        Ok(self.with_pool(record.info))
+    }
+
+    /// `info` with the number of clones ready now.
+    pub(crate) fn with_pool(&self, info: TemplateInfo) -> TemplateInfo {
+        let ready = self.pools.len(&info.spec.name) as u32;
+        TemplateInfo {
+            pool_ready: ready,
+            ..info
+        }
     }
 
     /// Starts filling every template's pool (after reconciliation, at daemon start).

@@ -352,6 +352,7 @@ impl Templates {
                 created_at_ms: now_ms(),
                 build_ms: started.elapsed().as_millis() as u64,
                 pool_size: 0,
+                pool_ready: 0,
             },
             snapshot,
         };

@@ -428,6 +428,9 @@ pub struct TemplateInfo {
     /// How many restored clones the daemon keeps ready, so a create is a hand-out.
     #[serde(default)]
     pub pool_size: u32,
+    /// How many are ready now (reported by the daemon, not stored).
+    #[serde(default)]
+    pub pool_ready: u32,
 }
 
 /// A sandbox as the API reports it.
