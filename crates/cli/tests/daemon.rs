@@ -1135,6 +1135,13 @@ fn templates_clones_forks_and_pause_to_disk_survive_a_restart() -> Result {
     let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
     let result = on_rt(clone_scenario(client.clone(), home.clone()));
+    if result.is_err() {
+        // Detached VMs outlive the daemon: remove them here, or a failure leaks them.
+        let _ = on_rt(async move {
+            let _ = destroy_all(&client).await;
+            client.remove_template("tpl").await
+        });
+    }
     sigterm(&mut daemon);
     let result = result.and_then(|suspended| {
         // A new daemon on the same home: the template and the paused-to-disk sandbox remain.
