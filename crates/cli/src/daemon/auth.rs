@@ -29,6 +29,15 @@ pub enum Scope {
 
 impl Scope {
     /// Refuses (403) a sandbox outside this scope.
+    /// Refuses a caller whose token is limited to some sandboxes, with `why` (for host-wide
+    /// resources such as templates and tasks).
+    pub fn require_admin(&self, why: &'static str) -> Result<(), HttpError> {
+        match self {
+            Scope::Admin => Ok(()),
+            Scope::Label { .. } => Err(HttpError::new(ErrorCode::Forbidden, why)),
+        }
+    }
+
     pub fn allows(&self, info: &SandboxInfo) -> Result<(), HttpError> {
         match self {
             Scope::Admin => Ok(()),

@@ -19,15 +19,8 @@ use super::{auth::Scope, error::HttpError, AppState};
 
 type Result<T> = std::result::Result<T, HttpError>;
 
-fn admin_only(scope: &Scope) -> Result<()> {
-    match scope {
-        Scope::Admin => Ok(()),
-        Scope::Label { .. } => Err(HttpError::new(
-            ErrorCode::Forbidden,
-            "tasks are host-wide: only an unscoped token may run or read them",
-        )),
-    }
-}
+/// Why a label-scoped token is refused here.
+const HOST_WIDE: &str = "tasks are host-wide: only an unscoped token may run or read them";
 
 fn task_error(e: TaskError) -> HttpError {
     HttpError::new(e.code(), hutch_core::chain(&e))
@@ -43,7 +36,7 @@ pub(super) async fn run_task(
     Extension(scope): Extension<Scope>,
     body: Bytes,
 ) -> Result<impl IntoResponse> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     let (spec, tar) = hutch_task::model::decode_request(&body)
         .map_err(|e| HttpError::new(ErrorCode::BadRequest, e))?;
     let tar = tar.to_vec();
@@ -62,7 +55,7 @@ pub(super) async fn list_tasks(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
 ) -> Result<Json<Vec<TaskRecord>>> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     Ok(Json(state.tasks.list().map_err(task_error)?))
 }
 
@@ -73,7 +66,7 @@ pub(super) async fn get_task(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     Ok(Json(state.tasks.get(&id).map_err(task_error)?))
 }
 
@@ -85,7 +78,7 @@ pub(super) async fn task_baseline(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<hutch_task::Baseline>> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     Ok(Json(state.tasks.baseline(&id).map_err(task_error)?))
 }
 
@@ -97,7 +90,7 @@ pub(super) async fn task_changeset(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     state.tasks.changeset(&id).map_err(task_error)
 }
 
@@ -109,6 +102,6 @@ pub(super) async fn task_diff(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<String> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     state.tasks.diff(&id).map_err(task_error)
 }

@@ -22,16 +22,8 @@ use super::{
 
 type Result<T> = std::result::Result<T, HttpError>;
 
-/// Refuses callers whose token is limited to some sandboxes.
-fn admin_only(scope: &Scope) -> Result<()> {
-    match scope {
-        Scope::Admin => Ok(()),
-        Scope::Label { .. } => Err(HttpError::new(
-            ErrorCode::Forbidden,
-            "templates are host-wide: only an unscoped token may create or remove them",
-        )),
-    }
-}
+/// Why a label-scoped token is refused here.
+const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may create or remove them";
 
 #[utoipa::path(post, path = "/v1/templates", request_body = TemplateSpec, tag = "templates",
     responses((status = 201, description = "booted, provisioned and saved", body = TemplateInfo),
@@ -44,7 +36,7 @@ pub(super) async fn create_template(
     body: std::result::Result<Json<TemplateSpec>, JsonRejection>,
 ) -> Result<impl IntoResponse> {
     let spec = json(body)?;
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     let manager = state.manager.clone();
     let info = completed(async move { manager.create_template(spec).await }).await?;
     Ok((StatusCode::CREATED, Json(info)))
@@ -78,7 +70,7 @@ pub(super) async fn remove_template(
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<Json<TemplateInfo>> {
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     valid(&name)?;
     let manager = state.manager.clone();
     Ok(Json(
@@ -96,7 +88,7 @@ pub(super) async fn set_pool(
     body: std::result::Result<Json<PoolBody>, JsonRejection>,
 ) -> Result<Json<TemplateInfo>> {
     let body = json(body)?;
-    admin_only(&scope)?;
+    scope.require_admin(HOST_WIDE)?;
     valid(&name)?;
     let manager = state.manager.clone();
     Ok(Json(
