@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -140,16 +140,29 @@ impl Drop for Runtime {
     }
 }
 
-/// Everything [`start`] needs.
+/// Everything [`run`] needs besides the sockets.
 pub(crate) struct Params {
     pub id: String,
     pub netns: String,
     pub table: String,
     pub backend: NftBackend,
     pub policy: Policy,
-    pub upstream: Option<SocketAddr>,
-    pub host_ns: Option<PathBuf>,
     pub sink: Arc<dyn EventSink>,
+}
+
+/// Where a sandbox's DNS filter forwards allowed names, and from which namespace it asks.
+pub(crate) struct UpstreamParams {
+    pub addr: Option<SocketAddr>,
+    pub ns: Option<PathBuf>,
+}
+
+/// A sandbox's filter and log sockets, opened (in its namespace and the upstream's) but not yet
+/// served: a spare network holds them ready, so handing it out makes no namespace hop for them.
+pub(crate) struct Sockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    log: OwnedFd,
+    upstream: Option<std::net::UdpSocket>,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
@@ -159,11 +172,10 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
     }
 }
 
-/// Starts the DNS filter and the log reader of one sandbox.
-pub(crate) async fn start(p: Params) -> Result<Runtime, NetError> {
-    let netns = ns::netns_path(&p.netns);
-    // The sandbox's sockets and the upstream one (each on its own ns thread), side by side.
-    let local = ns::run_in(Some(&netns), || {
+/// Opens the DNS filter's and the log reader's sockets inside the namespace `netns`, and the
+/// upstream socket inside `up.ns` (each on its own ns thread, side by side).
+pub(crate) async fn open(netns: &Path, up: UpstreamParams) -> Result<Sockets, NetError> {
+    let local = ns::run_in(Some(netns), || {
         let addr = SocketAddr::from((GATEWAY_ADDR, 53));
         let udp = std::net::UdpSocket::bind(addr).map_err(io_err("bind DNS filter (udp)"))?;
         udp.set_nonblocking(true)
@@ -174,40 +186,52 @@ pub(crate) async fn start(p: Params) -> Result<Runtime, NetError> {
         Ok((udp, tcp, nflog::open_socket()?))
     });
     let upstream = async {
-        let Some(up) = p.upstream else {
+        let Some(addr) = up.addr else {
             return Ok(None);
         };
-        let s = ns::run_in(p.host_ns.as_deref(), move || {
-            let any: SocketAddr = if up.is_ipv4() {
+        ns::run_in(up.ns.as_deref(), move || {
+            let any: SocketAddr = if addr.is_ipv4() {
                 (Ipv4Addr::UNSPECIFIED, 0).into()
             } else {
                 (Ipv6Addr::UNSPECIFIED, 0).into()
             };
             let s = std::net::UdpSocket::bind(any).map_err(io_err("bind upstream socket"))?;
-            s.connect(up).map_err(io_err("connect upstream socket"))?;
+            s.connect(addr).map_err(io_err("connect upstream socket"))?;
             s.set_nonblocking(true)
                 .map_err(io_err("upstream socket nonblocking"))?;
-            Ok(s)
+            Ok(Some(s))
         })
-        .await?;
-        Ok::<_, NetError>(Some(Upstream {
-            sock: UdpSocket::from_std(s).map_err(io_err("register upstream socket"))?,
-            pending: Mutex::new(HashMap::new()),
-        }))
+        .await
     };
     let (local, upstream) = tokio::join!(local, upstream);
     let (udp, tcp, log) = local?;
-    let upstream = upstream?;
-    let udp = UdpSocket::from_std(udp).map_err(io_err("register DNS socket"))?;
-    let tcp = TcpListener::from_std(tcp).map_err(io_err("register DNS socket"))?;
+    Ok(Sockets {
+        udp,
+        tcp,
+        log,
+        upstream: upstream?,
+    })
+}
+
+/// Serves one sandbox's DNS filter and log reader on `s` (from [`open`]).
+pub(crate) fn run(p: Params, s: Sockets) -> Result<Runtime, NetError> {
+    let udp = UdpSocket::from_std(s.udp).map_err(io_err("register DNS socket"))?;
+    let tcp = TcpListener::from_std(s.tcp).map_err(io_err("register DNS socket"))?;
     // SAFETY: `log` is an OwnedFd moved into the AsyncFd: it stays open and the same for the
     // AsyncFd's whole life.
-    let log = unsafe { AsyncFd::register(log) }
+    let log = unsafe { AsyncFd::register(s.log) }
         .map_err(|e| io_err("register NFLOG socket")(e.into_parts().1))?;
+    let upstream = match s.upstream {
+        Some(u) => Some(Upstream {
+            sock: UdpSocket::from_std(u).map_err(io_err("register upstream socket"))?,
+            pending: Mutex::new(HashMap::new()),
+        }),
+        None => None,
+    };
     let policy: SharedPolicy = Arc::new(tokio::sync::Mutex::new(p.policy));
     let sh = Arc::new(Shared {
         id: p.id,
-        netns,
+        netns: ns::netns_path(&p.netns),
         table: p.table,
         backend: p.backend,
         policy: policy.clone(),

@@ -41,13 +41,16 @@ use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage, State as LinkState,
+};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
@@ -203,6 +206,16 @@ pub struct NetConfig {
     /// sandbox networks (namespaces are host-wide). Untagged veths (an older Hutch, or an
     /// empty owner) count as anyone's.
     pub owner: String,
+    /// Spare networks kept ready (default 0): namespace, TAP, transit veth, table (rejecting
+    /// everything) and DNS/log sockets made ahead under spare names ([`Names::spare`]). A
+    /// [`Network::create`] without a tunnel takes one and renames it to the sandbox's names
+    /// (the netns by a bind mount, the links by netlink, the table's device sets in the same nft
+    /// transaction that applies the policy), instead of making everything then. Spares are made
+    /// by [`Network::refill`] (or the task [`Network::keep_spares`] starts), count against the
+    /// transit pool, are not [`Network::list_owned`]'s, and are removed when the `Network` is
+    /// dropped, by [`Network::set_spares`]`(0)`, or by the next `Network::new` of the same owner
+    /// in the same host namespace (after a crash).
+    pub spares: usize,
 }
 
 impl Default for NetConfig {
@@ -217,6 +230,7 @@ impl Default for NetConfig {
             event_rate: 20,
             event_burst: 100,
             owner: String::new(),
+            spares: 0,
         }
     }
 }
@@ -309,6 +323,10 @@ impl OwnedObject {
 struct Entry {
     transit: Transit,
     has_nic: bool,
+    /// The nft table in its namespace: `hutch-<id>`, or the spare's it was handed out from.
+    table: String,
+    /// The spare's names while it is being handed out (removed by these, too, on failure).
+    leftover: Option<Names>,
     /// DNS filter and decision-log reader; absent for sandboxes without a NIC and for ones
     /// a previous daemon left until [`Network::adopt`] takes them over.
     rt: Option<filter::Runtime>,
@@ -318,8 +336,55 @@ struct Entry {
     tunnel: Option<wg::Tunnel>,
 }
 
+impl Entry {
+    fn new(transit: Transit, has_nic: bool, table: String) -> Entry {
+        Entry {
+            transit,
+            has_nic,
+            table,
+            leftover: None,
+            rt: None,
+            ports: BTreeMap::new(),
+            tunnel: None,
+        }
+    }
+}
+
+/// A spare network: everything a sandbox's network has but its names and policy (see
+/// [`NetConfig::spares`]).
+struct Spare {
+    names: Names,
+    transit: Transit,
+    /// Netlink in its namespace.
+    nsh: Handle,
+    host_index: u32,
+    tap_index: u32,
+    ns_veth_index: u32,
+    /// The deny lists its table holds.
+    deny: DenyLists,
+    /// A thread waiting inside its namespace to hand it out.
+    worker: ns::Parked,
+    sockets: filter::Sockets,
+    guest_netns: Option<String>,
+}
+
+/// The always-denied IPv4 and IPv6 networks (see [`plan::deny_lists`]).
+type DenyLists = (Vec<Ipv4Net>, Vec<ipnet::Ipv6Net>);
+
+/// What [`Network::build`] made.
+struct Built {
+    nsh: Handle,
+    deny: DenyLists,
+    host_index: u32,
+    tap_index: u32,
+    ns_veth_index: u32,
+    guest_netns: Option<String>,
+}
+
 struct State {
     pool: plan::TransitPool,
+    /// Spare networks ready to hand out.
+    spares: Vec<Spare>,
     sandboxes: HashMap<String, Entry>,
     /// Host veths of destroyed sandboxes whose namespaces the kernel is still tearing down;
     /// their transit slots stay taken until they are gone.
@@ -346,6 +411,12 @@ pub struct Network {
     /// The kernel runs one dump at a time per netlink socket (`EBUSY` otherwise), and every
     /// request on `host` shares one socket: dumps on it take this lock.
     dump_lock: tokio::sync::Mutex<()>,
+    /// How many spares to keep (see [`NetConfig::spares`]).
+    spare_target: AtomicUsize,
+    /// One [`Network::refill`] at a time.
+    refill_lock: tokio::sync::Mutex<()>,
+    /// Wakes [`Network::keep_spares`]'s task.
+    spare_wanted: Arc<tokio::sync::Notify>,
     upstream: Option<SocketAddr>,
     ring: Arc<EventRing>,
     sink: Arc<RateLimitedSink<Arc<EventRing>>>,
@@ -425,6 +496,43 @@ async fn reap(h: &Handle, veth: &str) {
     }
 }
 
+/// Creates the veth pair `name` (in `h`'s namespace) ↔ `peer` (directly inside the namespace
+/// `peer_ns`).
+async fn add_veth(h: &Handle, name: &str, peer: &str, peer_ns: &std::fs::File) -> Result<()> {
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer.to_string())
+        .setns_by_fd(peer_ns.as_raw_fd())
+        .build();
+    let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+        .name(name.to_string())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    h.link()
+        .add(veth)
+        .execute()
+        .await
+        .map_err(nl(format!("create veth {name}")))
+}
+
+/// Waits (a second at most) until a link's operational state is up: a new veth pair drops what
+/// it is given until the kernel's link watcher has activated both ends, shortly after they are
+/// raised.
+async fn wait_oper_up(h: &Handle, index: u32, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let mut s = h.link().get().match_index(index).execute();
+        let m = s.try_next().await.map_err(nl(format!("get {what}")))?;
+        let up = LinkAttribute::OperState(LinkState::Up);
+        if m.is_some_and(|m| m.attributes.contains(&up)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NetError::Config(format!("{what} did not come up")));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn set_up(h: &Handle, index: u32, what: &str) -> Result<()> {
     h.link()
         .set(LinkUnspec::new_with_index(index).up().build())
@@ -460,6 +568,15 @@ fn addr_of(m: &AddressMessage) -> Option<IpNet> {
         }
         _ => None,
     })
+}
+
+async fn all_links(h: &Handle) -> Result<Vec<LinkMessage>> {
+    h.link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("dump links"))
 }
 
 async fn all_addrs(h: &Handle) -> Result<Vec<(u32, IpNet)>> {
@@ -518,7 +635,8 @@ async fn default_route_dev(h: &Handle) -> Result<Option<String>> {
 impl Network {
     /// Connects to the host namespace, finds the uplink, enables IPv4 forwarding there and adopts
     /// the transit slots of sandboxes a previous daemon left behind (their host veths carry the
-    /// `hutch:<id>` alias).
+    /// `hutch:<id>` alias); the spare networks a previous `Network` of the same owner left there
+    /// are removed. Makes no spares itself (see [`Network::refill`]).
     pub async fn new(cfg: NetConfig) -> Result<Network> {
         ns::prepare_run_dir()?;
         let host_ns = cfg.host_netns.as_deref().map(ns::netns_path);
@@ -535,43 +653,39 @@ impl Network {
         .await?;
         let mut pool = plan::TransitPool::new(cfg.transit_pool)?;
         let mut sandboxes = HashMap::new();
-        let links: Vec<LinkMessage> = host
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump links"))?;
+        let links = all_links(&host).await?;
         let addrs = all_addrs(&host).await?;
+        // Spares this owner left behind (a crash): removed below, once `Network` exists.
+        let mut stale_spares = Vec::new();
         for l in &links {
             let (Some(name), Some(alias)) = (link_name(l), link_alias(l)) else {
-                continue;
-            };
-            let Some((id, owner)) = names::parse_alias(alias) else {
                 continue;
             };
             if !names::is_host_veth_name(name) {
                 continue;
             }
+            let sandbox = names::parse_alias(alias);
+            let spare = names::parse_spare_alias(alias);
+            if sandbox.is_none() && spare.is_none() {
+                continue;
+            }
             for (_, a) in addrs.iter().filter(|(i, _)| *i == l.header.index) {
-                if let IpNet::V4(a) = a {
-                    if let Some(slot) = pool.slot_of(a.addr()) {
-                        // Another owner's slot is taken all the same; its sandbox is not ours.
-                        pool.mark(slot);
-                        if !owned_by(&cfg.owner, owner) {
-                            continue;
-                        }
-                        sandboxes.insert(
-                            id.to_string(),
-                            Entry {
-                                transit: pool.transit(slot),
-                                has_nic: true,
-                                rt: None,
-                                ports: BTreeMap::new(),
-                                tunnel: None,
-                            },
-                        );
+                let IpNet::V4(a) = a else { continue };
+                let Some(slot) = pool.slot_of(a.addr()) else {
+                    continue;
+                };
+                // Another owner's slot is taken all the same; its network is not ours.
+                pool.mark(slot);
+                match (sandbox, spare) {
+                    (Some((id, owner)), _) if owned_by(&cfg.owner, owner) => {
+                        let table = format!("{}{id}", names::TABLE_PREFIX);
+                        sandboxes
+                            .insert(id.to_string(), Entry::new(pool.transit(slot), true, table));
                     }
+                    (_, Some((token, owner))) if owner.unwrap_or("") == cfg.owner => {
+                        stale_spares.push((Names::spare(token), slot));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -601,23 +715,31 @@ impl Network {
             cfg.event_rate,
             cfg.event_burst,
         ));
-        Ok(Network {
+        let net = Network {
+            spare_target: AtomicUsize::new(cfg.spares),
             cfg,
             host_ns,
             host,
             uplink,
             state: Arc::new(Mutex::new(State {
                 pool,
+                spares: Vec::new(),
                 sandboxes,
                 quarantined: HashSet::new(),
                 legacy_host_tables,
             })),
             pending: Arc::new(tokio::sync::watch::channel(0).0),
             dump_lock: tokio::sync::Mutex::new(()),
+            refill_lock: tokio::sync::Mutex::new(()),
+            spare_wanted: Arc::new(tokio::sync::Notify::new()),
             upstream,
             ring,
             sink,
-        })
+        };
+        for (n, slot) in stale_spares {
+            net.discard(&n, Some(slot));
+        }
+        Ok(net)
     }
 
     /// The uplink interface in use.
@@ -682,47 +804,46 @@ impl Network {
         {
             self.settle().await;
         }
-        let transit = {
+        let (transit, spare) = {
             let mut st = self.state.lock().unwrap();
             if st.sandboxes.contains_key(id) {
                 return Err(NetError::AlreadyExists(id.into()));
             }
             if *policy == Policy::None {
                 let transit = st.pool.transit(0);
-                st.sandboxes.insert(
-                    id.into(),
-                    Entry {
-                        transit,
-                        has_nic: false,
-                        rt: None,
-                        ports: BTreeMap::new(),
-                        tunnel: None,
-                    },
-                );
+                st.sandboxes
+                    .insert(id.into(), Entry::new(transit, false, n.table.clone()));
                 return Ok(None);
             }
-            let t = st.pool.alloc()?;
-            st.sandboxes.insert(
-                id.into(),
-                Entry {
-                    transit: t,
-                    has_nic: true,
-                    rt: None,
-                    ports: BTreeMap::new(),
-                    tunnel: None,
-                },
-            );
-            t
+            let spare = match tunnel {
+                Some(_) => None,
+                None => st.spares.pop(),
+            };
+            let t = match &spare {
+                Some(sp) => sp.transit,
+                None => st.pool.alloc()?,
+            };
+            let mut e = Entry::new(t, true, n.table.clone());
+            if let Some(sp) = &spare {
+                e.table = sp.names.table.clone();
+                e.leftover = Some(sp.names.clone());
+            }
+            st.sandboxes.insert(id.into(), e);
+            (t, spare)
         };
         let made = async {
-            let net = self.create_inner(id, &n, transit, policy, tunnel).await?;
-            if let Some(w) = tunnel {
-                let tn = self.start_tunnel(&n, w).await?;
-                if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
-                    e.tunnel = Some(tn);
+            let sockets = match spare {
+                Some(sp) => {
+                    let claimed = self.claim(id, &n, sp, policy).await;
+                    // Refilled after the hand-out, which it would slow down.
+                    self.spare_wanted.notify_one();
+                    claimed?
                 }
-            }
-            let rt = filter::start(self.filter_params(id, &n, policy, tunnel)).await?;
+                None => self.create_cold(id, &n, transit, policy, tunnel).await?,
+            };
+            let (net, sockets) = sockets;
+            let table = self.table_of(id)?;
+            let rt = filter::run(self.filter_params(id, &n, table, policy), sockets)?;
             if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
                 e.rt = Some(rt);
             }
@@ -739,31 +860,153 @@ impl Network {
         }
     }
 
-    fn filter_params(
+    /// The nft table of a sandbox in its namespace.
+    fn table_of(&self, id: &str) -> Result<String> {
+        let st = self.state.lock().unwrap();
+        let e = st
+            .sandboxes
+            .get(id)
+            .ok_or_else(|| NetError::NotFound(id.into()))?;
+        Ok(e.table.clone())
+    }
+
+    /// Makes a sandbox's network from nothing, tunnel included; returns it with its filter's
+    /// sockets.
+    async fn create_cold(
         &self,
         id: &str,
         n: &Names,
+        transit: Transit,
         policy: &Policy,
         tunnel: Option<&WireGuardConfig>,
-    ) -> filter::Params {
-        // A tunnelled sandbox's resolver is asked from inside its namespace: through the
-        // tunnel, like everything else it sends.
-        let (upstream, upstream_ns) = match tunnel {
-            Some(w) => (
-                w.dns.map(|ip| SocketAddr::new(ip, 53)).or(self.upstream),
-                Some(ns::netns_path(&n.netns)),
-            ),
-            None => (self.upstream, self.host_ns.clone()),
+    ) -> Result<(SandboxNet, filter::Sockets)> {
+        let alias = names::alias(id, &self.cfg.owner);
+        let built = self.build(n, transit, policy, tunnel, alias).await?;
+        if let Some(w) = tunnel {
+            let tn = self.start_tunnel(n, w).await?;
+            if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+                e.tunnel = Some(tn);
+            }
+        }
+        let sockets =
+            filter::open(&ns::netns_path(&n.netns), self.upstream_params(n, tunnel)).await?;
+        Ok((self.sandbox_net(id, n, transit, built.guest_netns), sockets))
+    }
+
+    /// Hands the spare `sp` out as sandbox `id`'s network: renames its namespaces and links to
+    /// the sandbox's names (the host veth gets the sandbox's alias) and, in one nft transaction,
+    /// points its table's device sets at the new names, refreshes the deny lists and applies
+    /// `policy`. Returns the network and the spare's filter sockets.
+    async fn claim(
+        &self,
+        id: &str,
+        n: &Names,
+        sp: Spare,
+        policy: &Policy,
+    ) -> Result<(SandboxNet, filter::Sockets)> {
+        let old = &sp.names;
+        let rename = |h: &Handle, index: u32, to: &str, alias: Option<String>| {
+            let mut b = LinkUnspec::new_with_index(index).name(to.to_string());
+            if let Some(a) = alias {
+                b = b.alias(a);
+            }
+            let what = format!("rename {index} to {to}");
+            let req = h.link().set(b.build()).execute();
+            async move { req.await.map_err(nl(what)) }
         };
+        let links = async {
+            let (a, b, c) = tokio::join!(
+                rename(
+                    &self.host,
+                    sp.host_index,
+                    &n.host_veth,
+                    Some(names::alias(id, &self.cfg.owner))
+                ),
+                rename(&sp.nsh, sp.tap_index, &n.tap, None),
+                rename(&sp.nsh, sp.ns_veth_index, &n.ns_veth, None),
+            );
+            a?;
+            b?;
+            c
+        };
+        // The spare's parked thread renames the namespaces and applies the rules while the
+        // host's addresses are read for the deny lists; should they have changed since the
+        // spare was made (seldom), its deny sets are refreshed before the network is handed out.
+        let json = nft::sandbox_claim(&old.table, &n.tap, &n.ns_veth, policy);
+        let backend = self.cfg.nft;
+        let mut moves = vec![(old.netns.clone(), n.netns.clone())];
+        if sp.guest_netns.is_some() {
+            moves.push((old.guest_netns.clone(), n.guest_netns.clone()));
+        }
+        let applied = sp.worker.run(move || {
+            for (from, to) in &moves {
+                ns::rename(from, to)?;
+            }
+            nft::run(backend, "hand out a spare table", &json).map(drop)
+        });
+        let (links, deny, applied) = tokio::join!(links, self.deny_lists(), applied);
+        links?;
+        applied?;
+        let deny = deny?;
+        if deny != sp.deny {
+            let json = nft::sandbox_deny(&old.table, &deny.0, &deny.1);
+            ns::run_in(Some(&ns::netns_path(&n.netns)), move || {
+                nft::run(backend, "refresh a spare's deny lists", &json).map(drop)
+            })
+            .await?;
+        }
+        if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
+            e.leftover = None;
+        }
+        let guest = sp.guest_netns.map(|_| n.guest_netns.clone());
+        Ok((self.sandbox_net(id, n, sp.transit, guest), sp.sockets))
+    }
+
+    fn sandbox_net(
+        &self,
+        id: &str,
+        n: &Names,
+        transit: Transit,
+        guest_netns: Option<String>,
+    ) -> SandboxNet {
+        SandboxNet {
+            id: id.into(),
+            netns: n.netns.clone(),
+            tap_name: n.tap.clone(),
+            host_veth: n.host_veth.clone(),
+            transit,
+            guest: GuestNetConfig::standard(),
+            guest_netns,
+        }
+    }
+
+    fn filter_params(&self, id: &str, n: &Names, table: String, policy: &Policy) -> filter::Params {
         filter::Params {
             id: id.to_string(),
             netns: n.netns.clone(),
-            table: n.table.clone(),
+            table,
             backend: self.cfg.nft,
             policy: policy.clone(),
-            upstream,
-            host_ns: upstream_ns,
             sink: self.sink.clone(),
+        }
+    }
+
+    /// Where the sandbox's DNS filter asks: a tunnelled sandbox's resolver is asked from inside
+    /// its namespace, through the tunnel, like everything else it sends.
+    fn upstream_params(
+        &self,
+        n: &Names,
+        tunnel: Option<&WireGuardConfig>,
+    ) -> filter::UpstreamParams {
+        match tunnel {
+            Some(w) => filter::UpstreamParams {
+                addr: w.dns.map(|ip| SocketAddr::new(ip, 53)).or(self.upstream),
+                ns: Some(ns::netns_path(&n.netns)),
+            },
+            None => filter::UpstreamParams {
+                addr: self.upstream,
+                ns: self.host_ns.clone(),
+            },
         }
     }
 
@@ -826,16 +1069,8 @@ impl Network {
             let mut st = self.state.lock().unwrap();
             if *policy == Policy::None && !st.sandboxes.contains_key(id) {
                 let transit = st.pool.transit(0);
-                st.sandboxes.insert(
-                    id.into(),
-                    Entry {
-                        transit,
-                        has_nic: false,
-                        rt: None,
-                        ports: BTreeMap::new(),
-                        tunnel: None,
-                    },
-                );
+                st.sandboxes
+                    .insert(id.into(), Entry::new(transit, false, n.table.clone()));
                 return Ok(());
             }
             let e = st
@@ -853,16 +1088,28 @@ impl Network {
                 e.tunnel.get_or_insert(tn);
             }
         }
-        let rt = filter::start(self.filter_params(id, &n, policy, tunnel)).await?;
+        // `hutch-<id>`, or the spare's table it was handed out from: the one table there.
+        let backend = self.cfg.nft;
+        let table = ns::run_in(Some(&ns::netns_path(&n.netns)), move || {
+            nft::list_tables(backend, names::TABLE_PREFIX)
+        })
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| n.table.clone());
+        let sockets =
+            filter::open(&ns::netns_path(&n.netns), self.upstream_params(&n, tunnel)).await?;
+        let rt = filter::run(self.filter_params(id, &n, table.clone(), policy), sockets)?;
         if let Some(e) = self.state.lock().unwrap().sandboxes.get_mut(id) {
             if e.rt.is_none() {
                 e.rt = Some(rt);
+                e.table = table;
             }
         }
         Ok(())
     }
 
-    async fn deny_lists(&self) -> Result<(Vec<Ipv4Net>, Vec<ipnet::Ipv6Net>)> {
+    async fn deny_lists(&self) -> Result<DenyLists> {
         let _g = self.dump_lock.lock().await;
         let host_addrs: Vec<IpNet> = all_addrs(&self.host)
             .await?
@@ -872,14 +1119,17 @@ impl Network {
         Ok(plan::deny_lists(self.cfg.transit_pool, &host_addrs))
     }
 
-    async fn create_inner(
+    /// Makes a network under the names `n` with the host veth tagged `alias`: namespace, TAP
+    /// (or stand-in veth and guest namespace), transit veth, addresses and routes, and the table
+    /// with `policy`.
+    async fn build(
         &self,
-        id: &str,
         n: &Names,
         t: Transit,
         policy: &Policy,
         tunnel: Option<&WireGuardConfig>,
-    ) -> Result<SandboxNet> {
+        alias: String,
+    ) -> Result<Built> {
         let veth_mode = self.cfg.guest_device == GuestDevice::Veth;
         let backend = self.cfg.nft;
         let (netns, tap_name) = (n.netns.clone(), n.tap.clone());
@@ -894,15 +1144,16 @@ impl Network {
             ns::netlink_socket()
         });
         let (lists, fd) = tokio::join!(self.deny_lists(), made);
-        let ((d4, d6), fd) = (lists?, fd?);
+        let (deny, fd) = (lists?, fd?);
+        let (d4, d6) = &deny;
         let rules = nft::sandbox_table(
             &nft::SandboxRules {
                 table: &n.table,
                 tap: &n.tap,
                 ns_veth: &n.ns_veth,
                 transit_ns: t.ns,
-                deny4: &d4,
-                deny6: &d6,
+                deny4: d4,
+                deny6: d6,
                 tunnel: tunnel.map(|w| nft::TunnelRules {
                     tun: &n.tun,
                     address: w.address.addr(),
@@ -918,31 +1169,21 @@ impl Network {
         let table = ns::run_in(Some(&nsp), move || {
             nft::run(backend, "create sandbox table", &rules).map(drop)
         });
-        let (table, links) = tokio::join!(table, self.links(id, n, t, tunnel, fd));
+        let (table, links) = tokio::join!(table, self.links(n, t, tunnel, fd, alias));
         table?;
-        let guest_netns = links?;
-
-        Ok(SandboxNet {
-            id: id.into(),
-            netns: n.netns.clone(),
-            tap_name: n.tap.clone(),
-            host_veth: n.host_veth.clone(),
-            transit: t,
-            guest: GuestNetConfig::standard(),
-            guest_netns,
-        })
+        Ok(Built { deny, ..links? })
     }
 
     /// The links, addresses and routes of a new sandbox network, over netlink (`fd`: a netlink
-    /// socket in its namespace). Returns the stand-in guest's namespace, if any.
+    /// socket in its namespace; the host veth is tagged `alias`).
     async fn links(
         &self,
-        id: &str,
         n: &Names,
         t: Transit,
         tunnel: Option<&WireGuardConfig>,
         fd: OwnedFd,
-    ) -> Result<Option<String>> {
+        alias: String,
+    ) -> Result<Built> {
         let veth_mode = self.cfg.guest_device == GuestDevice::Veth;
         let nsh = handle_from_fd(fd);
         let ns_file = ns::open_netns(&n.netns)?;
@@ -952,29 +1193,11 @@ impl Network {
         // guest-facing device.
         let transit = async {
             // Transit veth, peer created directly inside the namespace.
-            let peer = LinkMessageBuilder::<LinkUnspec>::new()
-                .name(n.ns_veth.clone())
-                .setns_by_fd(ns_file.as_raw_fd())
-                .build();
-            let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
-                .name(n.host_veth.clone())
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build();
-            self.host
-                .link()
-                .add(veth)
-                .execute()
-                .await
-                .map_err(nl(format!("create veth {}", n.host_veth)))?;
+            add_veth(&self.host, &n.host_veth, &n.ns_veth, &ns_file).await?;
             let hi = must_index(&self.host, &n.host_veth).await?;
             self.host
                 .link()
-                .set(
-                    LinkUnspec::new_with_index(hi)
-                        .alias(names::alias(id, &self.cfg.owner))
-                        .up()
-                        .build(),
-                )
+                .set(LinkUnspec::new_with_index(hi).alias(alias).up().build())
                 .execute()
                 .await
                 .map_err(nl(format!("tag and raise {}", n.host_veth)))?;
@@ -1000,7 +1223,7 @@ impl Network {
                 None => default_route(&nsh, vi, t.host, &n.netns).await?,
             }
 
-            Ok::<_, NetError>(())
+            Ok::<_, NetError>((hi, vi))
         };
         let lo = async {
             let lo = must_index(&nsh, "lo").await?;
@@ -1009,6 +1232,7 @@ impl Network {
         };
         let guest = async {
             let mut guest_netns = None;
+            let mut stand_in = None;
             if veth_mode {
                 let gname = n.guest_netns.clone();
                 let gfd = ns::run_in(None, move || {
@@ -1019,19 +1243,7 @@ impl Network {
                 guest_netns = Some(n.guest_netns.clone());
                 let gh = handle_from_fd(gfd);
                 let gfile = ns::open_netns(&n.guest_netns)?;
-                let peer = LinkMessageBuilder::<LinkUnspec>::new()
-                    .name(n.guest_veth.clone())
-                    .setns_by_fd(gfile.as_raw_fd())
-                    .build();
-                let v = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
-                    .name(n.tap.clone())
-                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                    .build();
-                nsh.link()
-                    .add(v)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("create guest veth {}", n.tap)))?;
+                add_veth(&nsh, &n.tap, &n.guest_veth, &gfile).await?;
                 let glo = must_index(&gh, "lo").await?;
                 set_up(&gh, glo, "guest lo").await?;
                 let gi = must_index(&gh, &n.guest_veth).await?;
@@ -1047,28 +1259,50 @@ impl Network {
                 add_addr(&gh, gi, GUEST_ADDR, GUEST_PREFIX, "guest").await?;
                 set_up(&gh, gi, "guest").await?;
                 default_route(&gh, gi, GATEWAY_ADDR, "guest").await?;
+                stand_in = Some((gh, gi));
             }
             let ti = must_index(&nsh, &n.tap).await?;
             add_addr(&nsh, ti, GATEWAY_ADDR, GUEST_PREFIX, &n.tap).await?;
             set_up(&nsh, ti, &n.tap).await?;
-            Ok::<_, NetError>(guest_netns)
+            // The stand-in guest sends at once (a VM's TAP only carries once the VMM is there).
+            if let Some((gh, gi)) = stand_in {
+                wait_oper_up(&nsh, ti, &n.tap).await?;
+                wait_oper_up(&gh, gi, "guest").await?;
+            }
+            Ok::<_, NetError>((ti, guest_netns))
         };
         let (transit, lo, guest) = tokio::join!(transit, lo, guest);
-        transit?;
+        let (host_index, ns_veth_index) = transit?;
         lo?;
-        guest
+        let (tap_index, guest_netns) = guest?;
+        Ok(Built {
+            nsh,
+            deny: DenyLists::default(),
+            host_index,
+            tap_index,
+            ns_veth_index,
+            guest_netns,
+        })
     }
 
     /// Opens the sandbox's TAP inside its namespace and returns the fd, for a VMM that stays in
     /// the host namespace (`qemu -netdev tap,fd=N,vhost=off`). Flags: [`TAP_FLAGS`].
     pub fn open_tap(&self, net: &SandboxNet) -> Result<OwnedFd> {
+        let (tap, netns) = self.named_tap(net)?;
+        ns::run_in_sync(Some(&netns), move || tap::open(&tap))
+    }
+
+    /// The sandbox's TAP by name and the path of the namespace it lives in, for a VMM that
+    /// enters the namespace and opens the TAP itself (Firecracker). The TAP is persistent and
+    /// nobody holds it open, so its single queue is the VMM's to take; it goes with the
+    /// namespace.
+    pub fn named_tap(&self, net: &SandboxNet) -> Result<(String, PathBuf)> {
         if self.cfg.guest_device != GuestDevice::Tap {
             return Err(NetError::Config(
                 "this Network makes veth stand-ins, not TAPs".into(),
             ));
         }
-        let tap = net.tap_name.clone();
-        ns::run_in_sync(Some(&ns::netns_path(&net.netns)), move || tap::open(&tap))
+        Ok((net.tap_name.clone(), ns::netns_path(&net.netns)))
     }
 
     /// Replaces a sandbox's policy in one nft transaction (the deny lists are refreshed with the
@@ -1090,10 +1324,11 @@ impl Network {
                     Err(NetError::NoNic(id.into()))
                 };
             }
-            e.rt.as_ref().map(|rt| rt.policy.clone())
+            (e.rt.as_ref().map(|rt| rt.policy.clone()), e.table.clone())
         };
+        let (shared, table) = shared;
         let (d4, d6) = self.deny_lists().await?;
-        let json = nft::sandbox_policy(&n.table, &d4, &d6, policy);
+        let json = nft::sandbox_policy(&table, &d4, &d6, policy);
         let backend = self.cfg.nft;
         // Held across the transaction: the filter cannot add an answer for the old policy
         // after the sets were flushed for the new one.
@@ -1230,29 +1465,150 @@ impl Network {
         }
         ns::remove(&n.netns)?;
         ns::remove(&n.guest_netns)?;
-        let slot = {
-            let mut st = self.state.lock().unwrap();
-            st.quarantined.insert(n.host_veth.clone());
-            st.sandboxes
-                .remove(id)
-                .filter(|e| e.has_nic)
-                .map(|e| e.transit.slot)
-        };
+        let entry = self.state.lock().unwrap().sandboxes.remove(id);
+        let mut veths = vec![n.host_veth];
+        let mut slot = None;
+        if let Some(e) = entry {
+            // A spare whose hand-out failed: whatever still has its names goes too.
+            if let Some(old) = e.leftover {
+                ns::remove(&old.netns)?;
+                ns::remove(&old.guest_netns)?;
+                veths.push(old.host_veth);
+            }
+            slot = e.has_nic.then_some(e.transit.slot);
+        }
         self.ring.forget(id);
         self.sink.forget(id);
+        self.quarantine(veths, slot);
+        Ok(())
+    }
+
+    /// Keeps `slot` taken until every one of the host veths `veths` is gone (they go with
+    /// their unmounted namespaces; see [`reap`]), which [`Network::settle`] waits for.
+    fn quarantine(&self, veths: Vec<String>, slot: Option<u32>) {
+        self.state
+            .lock()
+            .unwrap()
+            .quarantined
+            .extend(veths.iter().cloned());
         self.pending.send_modify(|p| *p += 1);
         let (host, state, pending) = (self.host.clone(), self.state.clone(), self.pending.clone());
         tokio::spawn(async move {
-            reap(&host, &n.host_veth).await;
+            for v in &veths {
+                reap(&host, v).await;
+            }
             let mut st = state.lock().unwrap();
-            st.quarantined.remove(&n.host_veth);
+            for v in &veths {
+                st.quarantined.remove(v);
+            }
             if let Some(slot) = slot {
                 st.pool.free(slot);
             }
             drop(st);
             pending.send_modify(|p| *p -= 1);
         });
+    }
+
+    /// Removes a spare network (`n`: its names) that is no sandbox's.
+    fn discard(&self, n: &Names, slot: Option<u32>) {
+        unmount_spare(n);
+        self.quarantine(vec![n.host_veth.clone()], slot);
+    }
+
+    /// Spare networks ready to hand out now.
+    pub fn spares(&self) -> usize {
+        self.state.lock().unwrap().spares.len()
+    }
+
+    /// Keeps `n` spares from now on (see [`NetConfig::spares`]); spares above that are removed
+    /// at once ([`Network::settle`] waits for the kernel to finish with them), missing ones
+    /// are made by the next [`Network::refill`].
+    pub async fn set_spares(&self, n: usize) {
+        self.spare_target.store(n, Ordering::SeqCst);
+        let extra: Vec<Spare> = {
+            let mut st = self.state.lock().unwrap();
+            let keep = st.spares.len().min(n);
+            st.spares.split_off(keep)
+        };
+        for sp in extra {
+            self.discard(&sp.names, Some(sp.transit.slot));
+        }
+        self.spare_wanted.notify_one();
+    }
+
+    /// Makes spare networks, one after the other, until [`NetConfig::spares`] (or
+    /// [`Network::set_spares`]) are ready. One refill runs at a time; a second call waits for
+    /// it and then finds nothing to do.
+    pub async fn refill(&self) -> Result<()> {
+        let _g = self.refill_lock.lock().await;
+        while self.spares() < self.spare_target.load(Ordering::SeqCst) {
+            let sp = self.make_spare().await?;
+            let mut st = self.state.lock().unwrap();
+            if st.spares.len() < self.spare_target.load(Ordering::SeqCst) {
+                st.spares.push(sp);
+            } else {
+                drop(st);
+                self.discard(&sp.names, Some(sp.transit.slot));
+            }
+        }
         Ok(())
+    }
+
+    /// Starts a task that refills the spares ([`Network::refill`]) whenever a create takes one
+    /// (or [`Network::set_spares`] asks for more), until the `Network` is dropped.
+    pub fn keep_spares(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let (net, wanted) = (Arc::downgrade(self), self.spare_wanted.clone());
+        tokio::spawn(async move {
+            loop {
+                {
+                    let Some(net) = net.upgrade() else { return };
+                    if let Err(e) = net.refill().await {
+                        tracing::warn!(error = %e, "cannot make a spare network");
+                    }
+                }
+                wanted.notified().await;
+            }
+        })
+    }
+
+    /// One spare network, under fresh spare names, rejecting everything.
+    async fn make_spare(&self) -> Result<Spare> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let token = names::hash10(&format!(
+            "{}/{}/{}/{:?}",
+            self.cfg.owner,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            SystemTime::now()
+        ));
+        let n = Names::spare(&token);
+        let t = self.state.lock().unwrap().pool.alloc()?;
+        let alias = names::spare_alias(&token, &self.cfg.owner);
+        let made = async {
+            let b = self.build(&n, t, &Policy::None, None, alias).await?;
+            let up = self.upstream_params(&n, None);
+            let sockets = filter::open(&ns::netns_path(&n.netns), up).await?;
+            let worker = ns::Parked::start(Some(&ns::netns_path(&n.netns)))?;
+            Ok(Spare {
+                worker,
+                transit: t,
+                nsh: b.nsh,
+                host_index: b.host_index,
+                tap_index: b.tap_index,
+                ns_veth_index: b.ns_veth_index,
+                deny: b.deny,
+                sockets,
+                guest_netns: b.guest_netns,
+                names: n.clone(),
+            })
+        };
+        match made.await {
+            Ok(sp) => Ok(sp),
+            Err(e) => {
+                self.discard(&n, Some(t.slot));
+                Err(e)
+            }
+        }
     }
 
     /// Waits until every destroyed sandbox's kernel objects are gone and their transit slots
@@ -1272,14 +1628,7 @@ impl Network {
         self.settle().await;
         let mut out = Vec::new();
         let _g = self.dump_lock.lock().await;
-        let links: Vec<LinkMessage> = self
-            .host
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump links"))?;
+        let links = all_links(&self.host).await?;
         drop(_g);
         // Sandboxes whose host veth (here) is this Network's.
         let mut ours = HashSet::new();
@@ -1287,6 +1636,9 @@ impl Network {
             let Some(name) = link_name(l).filter(|n| names::is_host_veth_name(n)) else {
                 continue;
             };
+            if link_alias(l).is_some_and(|a| names::parse_spare_alias(a).is_some()) {
+                continue;
+            }
             let tagged = link_alias(l).and_then(names::parse_alias);
             if let Some((_, owner)) = tagged {
                 if !owned_by(&self.cfg.owner, owner) {
@@ -1318,6 +1670,26 @@ impl Network {
             out.push(OwnedObject::NftTable { name, id });
         }
         Ok(out)
+    }
+}
+
+/// Unmounts a spare network's namespaces (`n`: its names); the kernel takes the rest.
+fn unmount_spare(n: &Names) {
+    for netns in [&n.netns, &n.guest_netns] {
+        if let Err(e) = ns::remove(netns) {
+            tracing::warn!(netns, error = %e, "cannot remove a spare network");
+        }
+    }
+}
+
+impl Drop for Network {
+    /// Removes the spare networks (the kernel takes their links with their namespaces).
+    fn drop(&mut self) {
+        let spares = std::mem::take(&mut self.state.lock().unwrap().spares);
+        for sp in spares {
+            unmount_spare(&sp.names);
+        }
+        self.spare_wanted.notify_one();
     }
 }
 

@@ -1,8 +1,9 @@
 //! Names of every kernel object a sandbox's network owns, all derived from the sandbox id.
 //!
 //! Interface names are limited to 15 bytes (`IFNAMSIZ - 1`), so they carry a 40-bit hash of the
-//! id; the id itself is carried by the netns name, the nft table name and the host veth's
-//! `ifalias` (`hutch:<id>`), which is how [`crate::Network::list_owned`] maps objects back to ids.
+//! id; the id itself is carried by the netns name, the nft table name (a network handed out from
+//! a spare keeps the spare's table, inside the sandbox's namespace) and the host veth's `ifalias`
+//! (`hutch:<id>`), which is how [`crate::Network::list_owned`] maps objects back to ids.
 
 use sha2::{Digest, Sha256};
 
@@ -44,38 +45,84 @@ impl Names {
     /// Derives every name from a (validated) sandbox id.
     pub fn new(id: &str) -> Result<Names, NetError> {
         validate_id(id)?;
-        let h = hash10(id);
-        Ok(Names {
-            netns: format!("{NETNS_PREFIX}{id}"),
-            guest_netns: format!("{NETNS_PREFIX}{id}.guest"),
+        Ok(Names::with(
+            format!("{NETNS_PREFIX}{id}"),
+            &hash10(id),
+            format!("{TABLE_PREFIX}{id}"),
+            format!("{ALIAS_PREFIX}{id}"),
+        ))
+    }
+
+    /// Names of a spare network (made ahead, handed out to a sandbox by renaming; see
+    /// [`crate::NetConfig::spares`]) with the token `h` (10 hex digits): namespace
+    /// `hutch.spare-<h>` (outside [`NETNS_PREFIX`], so it is no sandbox's) and links as for an
+    /// id hashing to `h`; [`Names::alias`] carries no owner (see [`spare_alias`]).
+    pub fn spare(h: &str) -> Names {
+        Names::with(
+            format!("{SPARE_NETNS_PREFIX}{h}"),
+            h,
+            format!("{TABLE_PREFIX}spare-{h}"),
+            spare_alias(h, ""),
+        )
+    }
+
+    fn with(netns: String, h: &str, table: String, alias: String) -> Names {
+        Names {
+            guest_netns: format!("{netns}.guest"),
+            netns,
             host_veth: format!("hv{h}h"),
             ns_veth: format!("hv{h}g"),
             tap: format!("ht{h}"),
             tun: format!("hw{h}"),
             guest_veth: format!("ht{h}p"),
-            table: format!("{TABLE_PREFIX}{id}"),
-            alias: format!("{ALIAS_PREFIX}{id}"),
-        })
+            table,
+            alias,
+        }
     }
+}
+
+/// Prefix of a spare network's namespace (`/run/netns/hutch.spare-<token>`).
+pub const SPARE_NETNS_PREFIX: &str = "hutch.spare-";
+/// Prefix of the `ifalias` tag on a spare network's host veth.
+pub const SPARE_ALIAS_PREFIX: &str = "hutch.spare:";
+
+/// The `ifalias` of a spare network's host veth: `hutch.spare:<token>`, or
+/// `hutch.spare:<token>@<owner>`.
+pub fn spare_alias(token: &str, owner: &str) -> String {
+    tagged(SPARE_ALIAS_PREFIX, token, owner)
+}
+
+/// `(token, owner)` from a spare network's host veth alias (see [`spare_alias`]); `None` for
+/// another alias, or a token that is not 10 hex digits (it names a path).
+pub fn parse_spare_alias(alias: &str) -> Option<(&str, Option<&str>)> {
+    parse_tagged(SPARE_ALIAS_PREFIX, alias).filter(|(token, _)| is_hash10(token))
+}
+
+fn tagged(prefix: &str, what: &str, owner: &str) -> String {
+    if owner.is_empty() {
+        format!("{prefix}{what}")
+    } else {
+        format!("{prefix}{what}@{owner}")
+    }
+}
+
+fn parse_tagged<'a>(prefix: &str, alias: &'a str) -> Option<(&'a str, Option<&'a str>)> {
+    let rest = alias.strip_prefix(prefix)?;
+    Some(match rest.split_once('@') {
+        Some((id, owner)) => (id, Some(owner)),
+        None => (rest, None),
+    })
 }
 
 /// The `ifalias` of a sandbox's host veth: `hutch:<id>`, or `hutch:<id>@<owner>` for a
 /// [`crate::NetConfig::owner`].
 pub fn alias(id: &str, owner: &str) -> String {
-    if owner.is_empty() {
-        format!("{ALIAS_PREFIX}{id}")
-    } else {
-        format!("{ALIAS_PREFIX}{id}@{owner}")
-    }
+    tagged(ALIAS_PREFIX, id, owner)
 }
 
 /// `(sandbox id, owner)` from a host veth's alias (see [`alias`]); `None` for another alias.
 pub fn parse_alias(alias: &str) -> Option<(&str, Option<&str>)> {
-    let rest = alias.strip_prefix(ALIAS_PREFIX)?;
-    Some(match rest.split_once('@') {
-        Some((id, owner)) => (id, Some(owner)),
-        None => (rest, None),
-    })
+    parse_tagged(ALIAS_PREFIX, alias)
 }
 
 /// A short tag naming one owner of sandbox networks (e.g. one daemon's home directory).
@@ -89,14 +136,16 @@ pub fn hash10(id: &str) -> String {
     hex::encode(&d[..5])
 }
 
+/// True for what [`hash10`] returns: 10 lowercase hex digits.
+fn is_hash10(s: &str) -> bool {
+    s.len() == 10
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 /// True for a host link name Hutch could have made (`hv<10 hex>h`).
 pub fn is_host_veth_name(name: &str) -> bool {
-    name.len() == 13
-        && name.starts_with("hv")
-        && name.ends_with('h')
-        && name[2..12]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    name.len() == 13 && name.starts_with("hv") && name.ends_with('h') && is_hash10(&name[2..12])
 }
 
 /// Accepts ids of 1..=48 characters from `[A-Za-z0-9_-]` starting with an alphanumeric.
@@ -141,6 +190,12 @@ mod tests {
             Some(("sb-1", Some(tag.as_str())))
         );
         assert_eq!(parse_alias("something else"), None);
+        assert_eq!(parse_alias(&spare_alias("0123456789", &tag)), None);
+        assert_eq!(
+            parse_spare_alias(&spare_alias("0123456789", &tag)),
+            Some(("0123456789", Some(tag.as_str())))
+        );
+        assert_eq!(parse_spare_alias(&spare_alias("../../etc/x", "")), None);
         assert!(alias(&"x".repeat(MAX_ID_LEN), &tag).len() < 256);
     }
 

@@ -170,6 +170,15 @@ impl Tx {
         };
         self.add(L::Chain(c));
     }
+    /// A filter chain on `hook` at priority 0.
+    fn filter_chain(&mut self, name: &str, hook: NfHook, pol: NfChainPolicy) {
+        self.base_chain(name, NfChainType::Filter, hook, 0, pol);
+    }
+    /// The source-NAT chain `postrouting` (priority 100).
+    fn nat_postrouting(&mut self) {
+        let (ty, hook) = (NfChainType::NAT, NfHook::Postrouting);
+        self.base_chain("postrouting", ty, hook, 100, NfChainPolicy::Accept);
+    }
     fn regular_chain(&mut self, name: &str) {
         let c = self.chain(name);
         self.add(L::Chain(c));
@@ -311,6 +320,16 @@ fn verdict_chain(tx: &mut Tx, rule: RuleName) {
     }
 }
 
+/// Set of the guest-facing device's name.
+const GUEST_IF: &str = "guest_if";
+/// Set of the namespace end of the transit veth's name.
+const UPLINK_IF: &str = "uplink_if";
+
+fn device_elements(tx: &mut Tx, tap: &str, ns_veth: &str) {
+    tx.elements(GUEST_IF, vec![s(tap)]);
+    tx.elements(UPLINK_IF, vec![s(ns_veth)]);
+}
+
 fn deny_elements(tx: &mut Tx, deny4: &[Ipv4Net], deny6: &[Ipv6Net]) {
     tx.elements("deny4", deny4.iter().map(net4).collect());
     tx.elements("deny6", deny6.iter().map(net6).collect());
@@ -393,6 +412,11 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     tx.set("allow4", SetType::Ipv4Addr, &[SetFlag::Timeout]);
     tx.set("allow6", SetType::Ipv6Addr, &[SetFlag::Timeout]);
     tx.set("allow_ports", SetType::InetService, &[]);
+    // The devices by name through sets, so that a spare network's table serves it under the
+    // names it is handed out with (see `sandbox_claim`).
+    tx.set(GUEST_IF, SetType::Ifname, &[]);
+    tx.set(UPLINK_IF, SetType::Ifname, &[]);
+    device_elements(&mut tx, r.tap, r.ns_veth);
     deny_elements(&mut tx, r.deny4, r.deny6);
     for rule in RuleName::ALL {
         verdict_chain(&mut tx, rule);
@@ -400,15 +424,10 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     tx.regular_chain("policy");
     policy_rules(&mut tx, policy);
 
-    let tap = || s(r.tap);
+    let tap = || s(format!("@{GUEST_IF}"));
+    let uplink = || s(format!("@{UPLINK_IF}"));
     // input: the namespace itself answers only DNS on the gateway address.
-    tx.base_chain(
-        "input",
-        NfChainType::Filter,
-        NfHook::Input,
-        0,
-        NfChainPolicy::Drop,
-    );
+    tx.filter_chain("input", NfHook::Input, NfChainPolicy::Drop);
     tx.rule("input", None, vec![established(), accept()]);
     tx.rule(
         "input",
@@ -443,13 +462,7 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     );
 
     // forward: guest → world.
-    tx.base_chain(
-        "forward",
-        NfChainType::Filter,
-        NfHook::Forward,
-        0,
-        NfChainPolicy::Drop,
-    );
+    tx.filter_chain("forward", NfHook::Forward, NfChainPolicy::Drop);
     tx.rule("forward", None, vec![established(), accept()]);
     tx.rule(
         "forward",
@@ -527,13 +540,7 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     );
 
     // The namespace originates nothing but replies (and, in phase 2, nothing else either).
-    tx.base_chain(
-        "output",
-        NfChainType::Filter,
-        NfHook::Output,
-        0,
-        NfChainPolicy::Accept,
-    );
+    tx.filter_chain("output", NfHook::Output, NfChainPolicy::Accept);
 
     if let Some(tun) = &r.tunnel {
         // Nothing leaves by the veth but the encrypted UDP to the endpoint.
@@ -541,7 +548,7 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             "output",
             None,
             vec![
-                eq(meta(MetaKey::Oifname), s(r.ns_veth)),
+                eq(meta(MetaKey::Oifname), uplink()),
                 eq(payload("ip", "daddr"), s(tun.endpoint.ip().to_string())),
                 eq(
                     payload("udp", "dport"),
@@ -554,7 +561,7 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             "output",
             None,
             vec![
-                eq(meta(MetaKey::Oifname), s(r.ns_veth)),
+                eq(meta(MetaKey::Oifname), uplink()),
                 counter(),
                 S::Drop(None),
             ],
@@ -562,42 +569,10 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     }
 
     // SNAT at the namespace edge: every guest looks like its transit address outside.
-    tx.base_chain(
-        "postrouting",
-        NfChainType::NAT,
-        NfHook::Postrouting,
-        100,
-        NfChainPolicy::Accept,
-    );
-    tx.rule(
-        "postrouting",
-        None,
-        vec![
-            eq(meta(MetaKey::Oifname), s(r.ns_veth)),
-            eq(payload("ip", "saddr"), s(GUEST_ADDR.to_string())),
-            S::SNAT(Some(NAT {
-                addr: Some(s(r.transit_ns.to_string())),
-                family: Some(nftables::stmt::NATFamily::IP),
-                port: None,
-                flags: None,
-            })),
-        ],
-    );
+    tx.nat_postrouting();
+    snat_guest(&mut tx, uplink(), r.transit_ns);
     if let Some(tun) = &r.tunnel {
-        tx.rule(
-            "postrouting",
-            None,
-            vec![
-                eq(meta(MetaKey::Oifname), s(tun.tun)),
-                eq(payload("ip", "saddr"), s(GUEST_ADDR.to_string())),
-                S::SNAT(Some(NAT {
-                    addr: Some(s(tun.address.to_string())),
-                    family: Some(nftables::stmt::NATFamily::IP),
-                    port: None,
-                    flags: None,
-                })),
-            ],
-        );
+        snat_guest(&mut tx, s(tun.tun), tun.address);
     }
     tx.json()
 }
@@ -612,8 +587,6 @@ pub fn sandbox_policy(
     let mut tx = Tx::new(table);
     tx.flush_chain("policy");
     for (set, ty) in [
-        ("deny4", SetType::Ipv4Addr),
-        ("deny6", SetType::Ipv6Addr),
         ("allow_net4", SetType::Ipv4Addr),
         ("allow_net6", SetType::Ipv6Addr),
         ("allow4", SetType::Ipv4Addr),
@@ -622,9 +595,53 @@ pub fn sandbox_policy(
     ] {
         tx.flush_set(set, ty);
     }
-    deny_elements(&mut tx, deny4, deny6);
+    refresh_deny(&mut tx, deny4, deny6);
     policy_rules(&mut tx, policy);
     tx.json()
+}
+
+/// The transaction handing out a spare network's table (made with [`Policy::None`], so its
+/// policy chain and allow sets are empty): the guest-facing device and the transit veth's
+/// namespace end go by these names from now on, and `policy` applies. It only adds: a
+/// transaction that deletes anything makes closing its nft socket wait for an RCU grace period.
+/// The spare's own device names stay in the device sets; no device in the namespace bears them
+/// any more.
+pub fn sandbox_claim(table: &str, tap: &str, ns_veth: &str, policy: &Policy) -> String {
+    let mut tx = Tx::new(table);
+    device_elements(&mut tx, tap, ns_veth);
+    policy_rules(&mut tx, policy);
+    tx.json()
+}
+
+/// Replaces a sandbox table's deny lists (for a spare made before the host's addresses changed).
+pub fn sandbox_deny(table: &str, deny4: &[Ipv4Net], deny6: &[Ipv6Net]) -> String {
+    let mut tx = Tx::new(table);
+    refresh_deny(&mut tx, deny4, deny6);
+    tx.json()
+}
+
+/// Guest traffic leaving by `oif` gets the source address `to`.
+fn snat_guest(tx: &mut Tx, oif: E<'static>, to: Ipv4Addr) {
+    tx.rule(
+        "postrouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Oifname), oif),
+            eq(payload("ip", "saddr"), s(GUEST_ADDR.to_string())),
+            S::SNAT(Some(NAT {
+                addr: Some(s(to.to_string())),
+                family: Some(nftables::stmt::NATFamily::IP),
+                port: None,
+                flags: None,
+            })),
+        ],
+    );
+}
+
+fn refresh_deny(tx: &mut Tx, deny4: &[Ipv4Net], deny6: &[Ipv6Net]) {
+    tx.flush_set("deny4", SetType::Ipv4Addr);
+    tx.flush_set("deny6", SetType::Ipv6Addr);
+    deny_elements(tx, deny4, deny6);
 }
 
 /// Puts resolved addresses into the `allow4`/`allow6` sets with their TTL clamped to
@@ -681,13 +698,7 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
         .push(NfObject::CmdObject(NfCmd::Delete(L::Table(t.clone()))));
     tx.add(L::Table(t));
     let veths = || s(HOST_VETHS);
-    tx.base_chain(
-        "postrouting",
-        NfChainType::NAT,
-        NfHook::Postrouting,
-        100,
-        NfChainPolicy::Accept,
-    );
+    tx.nat_postrouting();
     tx.rule(
         "postrouting",
         None,
@@ -697,13 +708,7 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
             S::Masquerade(None),
         ],
     );
-    tx.base_chain(
-        "forward",
-        NfChainType::Filter,
-        NfHook::Forward,
-        0,
-        NfChainPolicy::Accept,
-    );
+    tx.filter_chain("forward", NfHook::Forward, NfChainPolicy::Accept);
     tx.rule(
         "forward",
         None,
@@ -729,13 +734,7 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
         None,
         vec![eq(meta(MetaKey::Oifname), veths()), counter(), reject_any()],
     );
-    tx.base_chain(
-        "input",
-        NfChainType::Filter,
-        NfHook::Input,
-        0,
-        NfChainPolicy::Accept,
-    );
+    tx.filter_chain("input", NfHook::Input, NfChainPolicy::Accept);
     tx.rule(
         "input",
         None,

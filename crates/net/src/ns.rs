@@ -69,19 +69,52 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, NetError> + Send + 'static,
 {
-    let ns = ns.map(Path::to_path_buf);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("hutch-netns".into())
-        .spawn(move || {
-            let r = match ns {
-                Some(ns) => enter(&ns).and_then(|()| f()),
-                None => f(),
-            };
-            let _ = tx.send(r);
-        })
-        .map_err(io_err("spawn ns worker"))?;
-    rx.await.map_err(|_| NetError::Worker)?
+    Parked::start(ns)?.run(f).await
+}
+
+/// What a [`Parked`] thread runs, given whether it entered its namespace.
+type Job = Box<dyn FnOnce(Result<(), NetError>) + Send>;
+
+/// A fresh OS thread that has entered a namespace and waits for the one job it will run (then
+/// it exits; dropped unused, it exits at once). A spare network keeps one, so handing it out
+/// costs a wake-up instead of starting a thread.
+pub struct Parked {
+    job: std::sync::mpsc::Sender<Job>,
+}
+
+impl Parked {
+    /// Starts the thread inside the namespace at `ns` (or the caller's when `None`).
+    pub fn start(ns: Option<&Path>) -> Result<Parked, NetError> {
+        let ns = ns.map(Path::to_path_buf);
+        let (job, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("hutch-netns".into())
+            .spawn(move || {
+                let entered = match &ns {
+                    Some(ns) => enter(ns),
+                    None => Ok(()),
+                };
+                if let Ok(job) = rx.recv() {
+                    job(entered);
+                }
+            })
+            .map_err(io_err("spawn ns worker"))?;
+        Ok(Parked { job })
+    }
+
+    /// Runs `f` on the thread (if it entered its namespace) and returns its result.
+    pub async fn run<T, F>(self, f: F) -> Result<T, NetError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, NetError> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |entered| {
+            let _ = tx.send(entered.and_then(|()| f()));
+        });
+        self.job.send(job).map_err(|_| NetError::Worker)?;
+        rx.await.map_err(|_| NetError::Worker)?
+    }
 }
 
 /// Makes `/run/netns` a shared mount point, as `ip netns add` does, so namespaces bound there
@@ -146,42 +179,52 @@ pub fn prepare_run_dir() -> Result<(), NetError> {
 /// On an ns worker thread: creates a new network namespace, enters it and binds it to
 /// `/run/netns/<name>`. Fails with `EEXIST` if the name is taken (never adopts a stranger's).
 pub fn create_and_enter(name: &str) -> Result<(), NetError> {
-    let path = netns_path(name);
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: valid C string; O_EXCL makes a leftover or foreign namespace an error.
+    // SAFETY: plain syscall; affects only this thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(last_os("unshare(CLONE_NEWNET)"));
+    }
+    bind_new(Path::new("/proc/thread-self/ns/net"), &netns_path(name))
+}
+
+/// Binds the namespace `/run/netns/<from>` to `/run/netns/<to>` as well (failing with `EEXIST`
+/// if `to` is taken), then removes `from`: the namespace is renamed, nothing in it changes.
+pub fn rename(from: &str, to: &str) -> Result<(), NetError> {
+    bind_new(&netns_path(from), &netns_path(to))?;
+    remove(from).map(drop)
+}
+
+/// Creates the file `dst` (`EEXIST` if it is there: a leftover or foreign namespace is never
+/// taken over) and bind-mounts the namespace file `src` onto it.
+fn bind_new(src: &Path, dst: &Path) -> Result<(), NetError> {
+    let csrc = CString::new(src.as_os_str().as_encoded_bytes()).unwrap();
+    let cdst = CString::new(dst.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C string; O_EXCL refuses a name in use.
     let fd = unsafe {
         libc::open(
-            c.as_ptr(),
+            cdst.as_ptr(),
             libc::O_RDONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
             0o444,
         )
     };
     if fd < 0 {
-        return Err(last_os(format!("create {}", path.display())));
+        return Err(last_os(format!("create {}", dst.display())));
     }
     // SAFETY: fd was just opened.
     drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    // SAFETY: plain syscall; affects only this thread's network namespace.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        let e = last_os("unshare(CLONE_NEWNET)");
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
-    }
-    let src = CString::new("/proc/thread-self/ns/net").unwrap();
     let none = CString::new("none").unwrap();
     // SAFETY: valid C strings.
     let rc = unsafe {
         libc::mount(
-            src.as_ptr(),
-            c.as_ptr(),
+            csrc.as_ptr(),
+            cdst.as_ptr(),
             none.as_ptr(),
             libc::MS_BIND,
             std::ptr::null(),
         )
     };
     if rc != 0 {
-        let e = last_os(format!("bind-mount netns to {}", path.display()));
-        let _ = std::fs::remove_file(&path);
+        let e = last_os(format!("bind-mount {} to {}", src.display(), dst.display()));
+        let _ = std::fs::remove_file(dst);
         return Err(e);
     }
     Ok(())

@@ -2,11 +2,11 @@
 //! `H` plays the host (the Network's host side runs there, via `NetConfig::host_netns`),
 //! `I` the internet (203.0.113.10 and .20, plus 169.254.169.254, behind H's uplink
 //! 198.51.100.1/24) and `L` a LAN (192.168.77.10/24 on a second H interface). Nothing leaves
-//! these namespaces. Every server listens on 0.0.0.0, so without the rules every address would
-//! be reachable: a rejected connection is the rules' doing.
+//! these namespaces. Every server listens on every address (IPv4 and IPv6), so without the rules
+//! every address would be reachable: a rejected connection is the rules' doing.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -191,7 +191,8 @@ impl Drop for World {
 /// A TCP server in namespace `ns` answering every connection with `reply`.
 fn serve(ns: &str, port: u16, reply: &'static str) {
     let l: TcpListener = in_netns(ns, move || {
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| hutch_net::NetError::Io {
+        // `::` takes IPv4 as well (as v4-mapped addresses).
+        TcpListener::bind(("::", port)).map_err(|e| hutch_net::NetError::Io {
             what: "bind".into(),
             source: e,
         })
@@ -205,7 +206,8 @@ fn serve(ns: &str, port: u16, reply: &'static str) {
 }
 
 /// Connects from namespace `ns`; returns the server's greeting or the connect error.
-fn connect(ns: &str, ip: Ipv4Addr, port: u16) -> io::Result<String> {
+fn connect(ns: &str, ip: impl Into<IpAddr>, port: u16) -> io::Result<String> {
+    let ip = ip.into();
     let t = Instant::now();
     let r = in_netns(ns, move || {
         let addr = SocketAddr::from((ip, port));
@@ -884,6 +886,20 @@ fn free_port_in(ns: &str) -> u16 {
     .unwrap()
 }
 
+/// Under a policy allowing the domain `allowed.test` only, guest `g` resolves it, reaches its
+/// address (and not another), and the flow is logged under the name.
+async fn allowlist_of_allowed_test_holds(net: &Network, id: &str, g: &str, since: SystemTime) {
+    assert_eq!(resolve(g, "allowed.test").unwrap(), (0, vec![v4(INET2)]));
+    assert_eq!(connect(g, INET2, 8080).unwrap(), "inet");
+    refused(connect(g, INET1, 8080));
+    wait_event(net, id, since, |e| {
+        e.verdict == Verdict::Allow
+            && e.dst == v4(INET2)
+            && e.domain.as_deref() == Some("allowed.test")
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_network_gets_its_dns_filter_and_log_back() {
     let w = World::new("adopt");
@@ -912,16 +928,7 @@ async fn an_adopted_network_gets_its_dns_filter_and_log_back() {
     let since = SystemTime::now();
     net.adopt(&id, &policy, None).await.unwrap();
     net.adopt(&id, &policy, None).await.unwrap(); // idempotent
-    let (rcode, addrs) = resolve(&g, "allowed.test").unwrap();
-    assert_eq!((rcode, addrs), (0, vec![v4(INET2)]));
-    assert_eq!(connect(&g, INET2, 8080).unwrap(), "inet");
-    refused(connect(&g, INET1, 8080));
-    wait_event(&net, &id, since, |e| {
-        e.verdict == Verdict::Allow
-            && e.dst == v4(INET2)
-            && e.domain.as_deref() == Some("allowed.test")
-    })
-    .await;
+    allowlist_of_allowed_test_holds(&net, &id, &g, since).await;
     wait_event(&net, &id, since, |e| {
         e.verdict == Verdict::Deny && e.dst == v4(INET1)
     })
@@ -1031,6 +1038,228 @@ async fn wireguard_egress_goes_through_the_tunnel_and_fails_closed() {
     assert_eq!(connect(&gd, INET1, 8090).unwrap(), HOST.to_string());
 
     net.destroy(&it).await.unwrap();
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_handed_out_from_spares_keep_every_guarantee() {
+    let w = World::new("spare");
+    let cfg = NetConfig {
+        spares: 2,
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let (ia, ib) = (w.id("a"), w.id("b"));
+    let allow = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec!["allowed.test".into()],
+    };
+    let (a, b) = {
+        let net = Network::new(cfg.clone()).await.unwrap();
+        net.refill().await.unwrap();
+        assert_eq!(net.spares(), 2);
+        // Spares are no sandbox's: nothing of them is listed as owned (the host namespace is
+        // this test's alone; namespaces are host-wide).
+        let owned = net.list_owned().await.unwrap();
+        assert!(
+            owned.iter().all(|o| match o {
+                OwnedObject::Link { .. } => false,
+                OwnedObject::Netns { name, .. } => !name.contains("spare"),
+                OwnedObject::NftTable { .. } => true,
+            }),
+            "{owned:?}"
+        );
+        // The host gains an address after the spares were made: it is denied all the same.
+        let late = Ipv4Addr::new(203, 0, 113, 99);
+        sh(&[
+            "ip",
+            "-n",
+            &w.host,
+            "addr",
+            "add",
+            "203.0.113.99/32",
+            "dev",
+            "lo",
+        ]);
+        let since = SystemTime::now();
+        let a = net.create(&ia, &allow).await.unwrap().unwrap();
+        let b = net.create(&ib, &Policy::Open).await.unwrap().unwrap();
+        assert_eq!(net.spares(), 0, "both came from the pool");
+        // Renamed to the sandboxes' own names, and tagged with their ids.
+        for (id, n) in [(&ia, &a), (&ib, &b)] {
+            let names = hutch_net::Names::new(id).unwrap();
+            assert_eq!(
+                (&n.netns, &n.tap_name, &n.host_veth),
+                (&names.netns, &names.tap, &names.host_veth)
+            );
+            let links = sh_out(&["ip", "-n", &n.netns, "-o", "link"]);
+            assert!(
+                links.contains(&names.tap) && links.contains(&names.ns_veth),
+                "{links}"
+            );
+            let host = sh_out(&["ip", "-n", &w.host, "-o", "link", "show", &n.host_veth]);
+            assert!(host.contains(&format!("alias hutch:{id}")), "{host}");
+        }
+        assert!(!sh_out(&["ip", "netns", "list"]).contains("hutch.spare-"));
+
+        // a: the domain allowlist, its DNS filter and log work on the handed-out table.
+        let ga = guest(&a);
+        assert_eq!(resolve(&ga, "other.test").unwrap().0, dns::RCODE_NXDOMAIN);
+        allowlist_of_allowed_test_holds(&net, &ia, &ga, since).await;
+        // b: open, yet never the LAN, metadata, host or a; a cannot reach b either.
+        let gb = guest(&b);
+        assert_eq!(connect(&gb, INET1, 8080).unwrap(), "inet");
+        refused(connect(&gb, LAN, 8080));
+        refused(connect(&gb, METADATA, 8080));
+        refused(connect(&gb, HOST, 8080));
+        refused(connect(&gb, late, 8080));
+        refused(connect(&gb, INET1, 53));
+        serve(&ga, 8080, "guest-a");
+        serve(&gb, 8080, "guest-b");
+        for (from, to) in [(&ga, &b), (&gb, &a)] {
+            refused(connect(from, to.transit.ns, 8080));
+            refused(connect(from, to.transit.host, 8080));
+        }
+        // Policies change on a handed-out table as on any other.
+        net.set_policy(&ib, &Policy::None).await.unwrap();
+        refused(connect(&gb, INET1, 8080));
+        net.set_policy(&ib, &Policy::Open).await.unwrap();
+        assert_eq!(connect(&gb, INET1, 8080).unwrap(), "inet");
+        // Made again ahead, then fewer kept; the daemon then goes away without destroying
+        // anything.
+        net.refill().await.unwrap();
+        assert_eq!(net.spares(), 2);
+        net.set_spares(1).await;
+        assert_eq!(net.spares(), 1);
+        net.refill().await.unwrap();
+        assert_eq!(net.spares(), 1);
+        (a, b)
+    };
+    let ino = netns_inode(&a.netns);
+    for _ in 0..100 {
+        if sockets_in_netns(ino) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next daemon adopts both (a's filter answers from the spare's table again) and
+    // removes what is left of the spares.
+    let net = Network::new(cfg).await.unwrap();
+    net.adopt(&ia, &allow, None).await.unwrap();
+    net.adopt(&ib, &Policy::Open, None).await.unwrap();
+    let since = SystemTime::now();
+    allowlist_of_allowed_test_holds(&net, &ia, &guest(&a), since).await;
+    assert_eq!(connect(&guest(&b), INET1, 8080).unwrap(), "inet");
+    net.destroy(&ia).await.unwrap();
+    net.destroy(&ib).await.unwrap();
+    w.assert_clean(&net).await;
+    assert!(!sh_out(&["ip", "netns", "list"]).contains("hutch.spare-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_ipv6_cannot_leave_even_given_an_address_and_a_route_out() {
+    let w = World::new("six");
+    // A global IPv6 address of the host's, there before the Network reads the host's addresses.
+    let host6: Ipv6Addr = "2001:db8::10".parse().unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &w.host,
+        "addr",
+        "add",
+        "2001:db8::10/128",
+        "dev",
+        "lo",
+    ]);
+    // Control: the host's server (every address) answers there.
+    assert_eq!(connect(&w.host, host6, 8080).unwrap(), "host");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    let names = hutch_net::Names::new(&id).unwrap();
+    let (g, ns) = (guest(&n), n.netns.clone());
+    let ip6 = |netns: &str, args: &[&str]| {
+        let mut v = vec!["ip", "-n", netns, "-6"];
+        v.extend_from_slice(args);
+        sh(&v);
+    };
+    let mac_of = |netns: &str, dev: &str| {
+        let path = format!("/sys/class/net/{dev}/address");
+        sh_out(&["ip", "netns", "exec", netns, "cat", &path])
+            .trim()
+            .to_string()
+    };
+    // Hutch gives the guest no IPv6 address; give it one, and the TAP side one, with static
+    // neighbours both ways (the namespace answers no neighbour discovery: its input chain
+    // rejects everything from the guest but DNS over IPv4).
+    ip6(
+        &g,
+        &[
+            "addr",
+            "add",
+            "fd00:1::2/64",
+            "dev",
+            &names.guest_veth,
+            "nodad",
+        ],
+    );
+    ip6(&g, &["route", "add", "default", "via", "fd00:1::1"]);
+    ip6(
+        &ns,
+        &["addr", "add", "fd00:1::1/64", "dev", &n.tap_name, "nodad"],
+    );
+    let (tap_mac, guest_mac) = (mac_of(&ns, &n.tap_name), mac_of(&g, &names.guest_veth));
+    let neigh = [
+        "neigh",
+        "replace",
+        "fd00:1::1",
+        "lladdr",
+        &tap_mac,
+        "dev",
+        &names.guest_veth,
+    ];
+    ip6(&g, &[&neigh[..], &["nud", "permanent"]].concat());
+    let neigh = [
+        "neigh",
+        "replace",
+        "fd00:1::2",
+        "lladdr",
+        &guest_mac,
+        "dev",
+        &n.tap_name,
+    ];
+    ip6(&ns, &[&neigh[..], &["nud", "permanent"]].concat());
+    // The namespace routes no IPv6: nothing gets out.
+    assert!(connect(&g, host6, 8080).is_err());
+    // Even with a route out and IPv6 forwarding on in the namespace, the rules reject at once
+    // what the deny list covers (the host's own addresses, ULA), under `open`.
+    ip6(
+        &ns,
+        &[
+            "addr",
+            "add",
+            "fd00:2::2/64",
+            "dev",
+            &names.ns_veth,
+            "nodad",
+        ],
+    );
+    ip6(
+        &w.host,
+        &["addr", "add", "fd00:2::1/64", "dev", &n.host_veth, "nodad"],
+    );
+    ip6(&ns, &["route", "add", "default", "via", "fd00:2::1"]);
+    let fwd = "net.ipv6.conf.all.forwarding=1";
+    sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", fwd]);
+    refused(connect(&g, host6, 8080));
+    refused(connect(&g, "fd00:2::1".parse::<Ipv6Addr>().unwrap(), 8080));
+    // The namespace itself answers nothing over IPv6, not even DNS.
+    refused(connect(&g, "fd00:1::1".parse::<Ipv6Addr>().unwrap(), 53));
+    wait_event(&net, &id, SystemTime::UNIX_EPOCH, |e| {
+        e.verdict == Verdict::Deny && e.dst == IpAddr::V6(host6)
+    })
+    .await;
     net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }
