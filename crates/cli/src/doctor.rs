@@ -84,18 +84,12 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
                     Err("KVM does not run guests here: Firecracker VMs cannot boot (QEMU falls back to TCG)".into())
                 },
             ));
-            let fc =
-                hutch_vmm::firecracker::find_firecracker_or_in(&bin).map_err(|e| e.to_string());
-            for (what, user) in [
-                ("backend run", crate::launch::User::Run),
-                ("backend daemon", crate::launch::User::Daemon),
-            ] {
-                let (backend, why) = crate::launch::describe_auto(&fc, report.accel, user);
-                checks.push(Check::new(
-                    what,
-                    Ok(format!("{backend} under --backend auto ({why})")),
-                ));
-            }
+            let found = crate::launch::Found::look(home, true);
+            let (backend, why) = crate::launch::describe_auto(&found, report.accel);
+            checks.push(Check::new(
+                "backend",
+                Ok(format!("{backend} under --backend auto ({why})")),
+            ));
         }
         Err(e) => {
             checks.push(Check::new("image default", Err(e.to_string())));

@@ -61,6 +61,11 @@ impl Home {
         self.root.join("bin")
     }
 
+    /// The chroot base of jailed Firecracker VMs (`jail/firecracker/<id>/root`).
+    pub fn jails(&self) -> PathBuf {
+        self.root.join("jail")
+    }
+
     /// Saved templates (`<name>.json` and their content-addressed snapshots).
     pub fn templates(&self) -> PathBuf {
         self.root.join("templates")

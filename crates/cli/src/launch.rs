@@ -1,30 +1,60 @@
 //! Turning VM flags into a backend and boot options: image lookup, accelerator probe and the
-//! choice between QEMU and Firecracker (`--backend auto|qemu|firecracker`).
+//! choice between QEMU and Firecracker (`--backend auto|qemu|firecracker`, `--jailer`/
+//! `--no-jailer`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hutch_core::BootOptions;
+use hutch_vmm::firecracker::JailerConfig;
 use hutch_vmm::{Accel, AccelReport, FirecrackerVmm, QemuVmm, Vmm};
 
 use crate::{args::VmArgs, error::CliError, home::Home};
 
 /// Which virtual machine monitor runs the sandboxes.
-///
-/// `auto` never picks Firecracker for the daemon yet: the Firecracker backend cannot give a
-/// guest a NIC, nor boot a template (guest RAM in a shared file), both of which the daemon does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
-    /// Firecracker when a binary is found and KVM really runs guests here (and, for now, not
-    /// for the daemon), else QEMU.
+    /// Firecracker when a binary is found, KVM really runs guests here, and (unless
+    /// `--no-jailer`) the jailer can be used; else QEMU.
     #[default]
     Auto,
     /// QEMU microvm (KVM, or TCG where KVM cannot run guests).
     Qemu,
-    /// Firecracker (needs a binary and KVM that runs guests), launched without the jailer.
+    /// Firecracker (needs a binary and KVM that runs guests), through the jailer unless
+    /// `--no-jailer`.
     Firecracker,
 }
+
+/// `--backend` and `--jailer`/`--no-jailer`: which VMM runs the sandboxes, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// The VMM: firecracker when found and KVM runs guests (`auto`), or as named.
+    #[arg(long, env = "HUTCH_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Launch Firecracker through its jailer (the default): a chroot under
+    /// `$HUTCH_HOME/jail`, an unprivileged uid/gid, a memory cgroup, the sandbox's network
+    /// namespace and a PID namespace of its own. Needs root and a `jailer` binary.
+    #[arg(long, overrides_with = "no_jailer")]
+    pub jailer: bool,
+    /// Launch Firecracker directly, without the jailer: for development only (no chroot, no
+    /// uid drop, no cgroup limits). `HUTCH_NO_JAILER=1` says the same (then `--jailer` is
+    /// refused as a conflict).
+    #[arg(long, env = "HUTCH_NO_JAILER", value_parser = clap::builder::FalseyValueParser::new(), overrides_with = "jailer")]
+    pub no_jailer: bool,
+}
+
+impl BackendArgs {
+    /// Whether Firecracker goes through the jailer (the last of `--jailer`/`--no-jailer`
+    /// wins; jailed without either).
+    pub fn jailed(&self) -> bool {
+        self.jailer || !self.no_jailer
+    }
+}
+
+/// The uid and gid a jailed Firecracker runs as: an id no account has on a stock host. Its
+/// jail's files are owned by it.
+pub const JAIL_ID: u32 = 10_990;
 
 /// The chosen backend and why.
 pub struct Backend {
@@ -46,25 +76,55 @@ pub struct Launcher {
     pub options: BootOptions,
 }
 
-/// Who the backend is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum User {
-    /// `hutch run --local`, benchmarks: boots without NICs or templates.
-    Run,
-    /// The daemon: sandboxes with NICs, templates, clones.
-    Daemon,
+/// What a Firecracker launch would use, each found or why not.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The firecracker binary.
+    pub firecracker: Result<PathBuf, String>,
+    /// The jailer, and whether it can run here (root); `None` with `--no-jailer`.
+    pub jailer: Option<Result<PathBuf, String>>,
 }
 
-/// Whether to use Firecracker, from the choice, whether a firecracker binary was found (or why
-/// not) and whether KVM runs guests; with the reason.
-fn pick(
-    choice: BackendChoice,
-    firecracker: &Result<PathBuf, String>,
-    accel: Accel,
-    user: User,
-) -> Result<(bool, String), CliError> {
+impl Found {
+    /// Looks for firecracker and (when `jailed`) a usable jailer, on `$FIRECRACKER_BIN` /
+    /// `$JAILER_BIN`, `PATH`, then `$HUTCH_HOME/bin`.
+    pub fn look(home: &Home, jailed: bool) -> Found {
+        let bin = home.bin();
+        let jailer = jailed.then(|| {
+            let path = hutch_vmm::firecracker::find_jailer_or_in(&bin)
+                .map_err(|e| format!("{e}, nor in {}", bin.display()))?;
+            // SAFETY: geteuid has no preconditions.
+            match unsafe { libc::geteuid() } {
+                0 => Ok(path),
+                _ => Err("the jailer needs root".to_string()),
+            }
+        });
+        Found {
+            firecracker: hutch_vmm::firecracker::find_firecracker_or_in(&bin)
+                .map_err(|e| e.to_string()),
+            jailer,
+        }
+    }
+
+    /// How firecracker would be launched, in words.
+    fn how(&self) -> String {
+        match &self.jailer {
+            Some(Ok(j)) => format!("jailed by {}", j.display()),
+            Some(Err(_)) => "jailed".into(),
+            None => "without the jailer (--no-jailer)".into(),
+        }
+    }
+}
+
+/// Whether to use Firecracker, from the choice, what was found and whether KVM runs guests;
+/// with the reason.
+fn pick(choice: BackendChoice, found: &Found, accel: Accel) -> Result<(bool, String), CliError> {
     let kvm_runs = accel == Accel::Kvm;
-    Ok(match (choice, firecracker) {
+    let jailer_missing = match &found.jailer {
+        Some(Err(e)) => Some(e),
+        _ => None,
+    };
+    Ok(match (choice, &found.firecracker) {
         (BackendChoice::Qemu, _) => (false, "asked for with --backend qemu".into()),
         (BackendChoice::Firecracker, Err(e)) => {
             return Err(CliError::Usage(format!(
@@ -78,9 +138,20 @@ fn pick(
                 p.display()
             )))
         }
+        (BackendChoice::Firecracker, Ok(_)) if jailer_missing.is_some() => {
+            return Err(CliError::Usage(format!(
+                "--backend firecracker: {}; install the jailer with `hutch setup firecracker`, \
+                 or pass --no-jailer to launch firecracker directly (development only)",
+                jailer_missing.expect("checked")
+            )))
+        }
         (BackendChoice::Firecracker, Ok(p)) => (
             true,
-            format!("asked for with --backend firecracker ({})", p.display()),
+            format!(
+                "asked for with --backend firecracker ({}, {})",
+                p.display(),
+                found.how()
+            ),
         ),
         (BackendChoice::Auto, Err(e)) => (false, format!("auto: no firecracker ({e})")),
         (BackendChoice::Auto, Ok(p)) if !kvm_runs => (
@@ -90,36 +161,65 @@ fn pick(
                 p.display()
             ),
         ),
-        (BackendChoice::Auto, Ok(p)) if user == User::Daemon => (
+        (BackendChoice::Auto, Ok(p)) if jailer_missing.is_some() => (
             false,
             format!(
-                "auto: firecracker found at {} and KVM runs guests, but the firecracker backend \
-                 has no NICs or templates yet (--backend firecracker forces it)",
-                p.display()
+                "auto: firecracker found at {} and KVM runs guests, but {} (--no-jailer \
+                 launches firecracker directly)",
+                p.display(),
+                jailer_missing.expect("checked")
             ),
         ),
         (BackendChoice::Auto, Ok(p)) => (
             true,
-            format!("auto: firecracker at {} and KVM runs guests", p.display()),
+            format!(
+                "auto: firecracker at {} ({}) and KVM runs guests",
+                p.display(),
+                found.how()
+            ),
         ),
     })
+}
+
+/// The Firecracker backend for `firecracker`: through `jailer` when given, with each VM's jail
+/// under `chroot_base` and firecracker running as [`JAIL_ID`]; else direct.
+fn firecracker_vmm(
+    firecracker: PathBuf,
+    jailer: Option<PathBuf>,
+    chroot_base: PathBuf,
+) -> FirecrackerVmm {
+    let vmm = FirecrackerVmm::with_binary(firecracker);
+    match jailer {
+        Some(j) => {
+            let mut cfg = JailerConfig::new(j, JAIL_ID, JAIL_ID);
+            cfg.chroot_base = chroot_base;
+            vmm.with_jailer(cfg)
+        }
+        None => vmm,
+    }
 }
 
 /// Probes the accelerator with `image` (cached) and picks the backend.
 async fn choose(
     home: &Home,
     image: &hutch_image::Image,
-    choice: BackendChoice,
-    user: User,
+    args: &BackendArgs,
 ) -> Result<Backend, CliError> {
     let accel = hutch_vmm::probe_accel(&image.kernel, &image.initrd, &home.accel_cache()).await;
-    let firecracker = match choice {
-        BackendChoice::Qemu => Err("not looked for".into()),
-        _ => hutch_vmm::firecracker::find_firecracker_or_in(&home.bin()).map_err(|e| e.to_string()),
+    let found = match args.backend {
+        BackendChoice::Qemu => Found {
+            firecracker: Err("not looked for".into()),
+            jailer: None,
+        },
+        _ => Found::look(home, args.jailed()),
     };
-    let (use_firecracker, why) = pick(choice, &firecracker, accel.accel, user)?;
-    let vmm: Arc<dyn Vmm> = match (use_firecracker, firecracker) {
-        (true, Ok(fc)) => Arc::new(FirecrackerVmm::with_binary(fc)),
+    let (use_firecracker, why) = pick(args.backend, &found, accel.accel)?;
+    let vmm: Arc<dyn Vmm> = match (use_firecracker, found.firecracker) {
+        (true, Ok(fc)) => Arc::new(firecracker_vmm(
+            fc,
+            found.jailer.and_then(Result::ok),
+            home.jails(),
+        )),
         _ => Arc::new(QemuVmm::new(accel.accel)?),
     };
     tracing::info!(backend = vmm.name(), %why, accel = %accel.accel, reason = %accel.reason, "backend chosen");
@@ -127,15 +227,15 @@ async fn choose(
 }
 
 /// The backend for the daemon, probed with the image `name` (which must exist).
-pub async fn backend(home: &Home, name: &str, choice: BackendChoice) -> Result<Backend, CliError> {
+pub async fn backend(home: &Home, name: &str, args: &BackendArgs) -> Result<Backend, CliError> {
     let image = hutch_image::open(&home.images(), name)?;
-    choose(home, &image, choice, User::Daemon).await
+    choose(home, &image, args).await
 }
 
 /// Opens the image, picks the backend (cached accelerator probe) and prepares boot options.
 pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
     let image = hutch_image::open(&home.images(), &vm.image)?;
-    let backend = choose(home, &image, vm.backend, User::Run).await?;
+    let backend = choose(home, &image, &vm.vmm).await?;
     let options = BootOptions {
         id: hutch_core::new_id(),
         image,
@@ -155,14 +255,10 @@ pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
     })
 }
 
-/// What `auto` would pick here for `user` and why (for `hutch doctor`), without failing:
-/// `(backend, why)`.
-pub fn describe_auto(
-    firecracker: &Result<PathBuf, String>,
-    accel: Accel,
-    user: User,
-) -> (&'static str, String) {
-    match pick(BackendChoice::Auto, firecracker, accel, user) {
+/// What `auto` would pick here with what was `found` and why (for `hutch doctor`), without
+/// failing: `(backend, why)`.
+pub fn describe_auto(found: &Found, accel: Accel) -> (&'static str, String) {
+    match pick(BackendChoice::Auto, found, accel) {
         Ok((true, why)) => ("firecracker", why),
         Ok((false, why)) => ("qemu", why),
         Err(e) => ("qemu", e.to_string()),
@@ -173,38 +269,187 @@ pub fn describe_auto(
 mod tests {
     use super::*;
 
+    fn found(fc: bool, jailer: Option<bool>) -> Found {
+        Found {
+            firecracker: match fc {
+                true => Ok("/opt/fc".into()),
+                false => Err("firecracker binary not found".into()),
+            },
+            jailer: jailer.map(|ok| match ok {
+                true => Ok("/opt/jailer".into()),
+                false => Err("the jailer needs root".into()),
+            }),
+        }
+    }
+
     #[test]
-    fn auto_needs_a_binary_and_kvm_that_runs_guests() {
-        let found: Result<PathBuf, String> = Ok("/opt/fc".into());
-        let missing: Result<PathBuf, String> = Err("firecracker binary not found".into());
-        let run = User::Run;
-        let auto = |fc, accel| pick(BackendChoice::Auto, fc, accel, run).unwrap();
-        assert!(auto(&found, Accel::Kvm).0);
-        let (fc, why) = auto(&found, Accel::Tcg);
+    fn auto_needs_a_binary_kvm_that_runs_guests_and_a_usable_jailer() {
+        let jailed = found(true, Some(true));
+        let auto = |f: &Found, accel| pick(BackendChoice::Auto, f, accel).unwrap();
+        let (fc, why) = auto(&jailed, Accel::Kvm);
+        assert!(fc && why.contains("jailed by /opt/jailer"), "{why}");
+        let (fc, why) = auto(&found(true, None), Accel::Kvm);
+        assert!(fc && why.contains("without the jailer"), "{why}");
+        let (fc, why) = auto(&jailed, Accel::Tcg);
         assert!(!fc && why.contains("KVM does not run guests"), "{why}");
-        let (fc, why) = auto(&missing, Accel::Kvm);
+        let (fc, why) = auto(&found(false, Some(true)), Accel::Kvm);
         assert!(!fc && why.contains("no firecracker"), "{why}");
-        // The daemon's sandboxes need NICs and templates: auto keeps it on QEMU for now.
-        let (fc, why) = pick(BackendChoice::Auto, &found, Accel::Kvm, User::Daemon).unwrap();
-        assert!(!fc && why.contains("no NICs"), "{why}");
-        let forced = pick(BackendChoice::Firecracker, &found, Accel::Kvm, User::Daemon);
-        assert!(forced.unwrap().0);
+        let (fc, why) = auto(&found(true, Some(false)), Accel::Kvm);
         assert!(
-            !pick(BackendChoice::Qemu, &found, Accel::Kvm, run)
-                .unwrap()
-                .0
+            !fc && why.contains("needs root") && why.contains("--no-jailer"),
+            "{why}"
         );
-        assert!(
-            pick(BackendChoice::Firecracker, &found, Accel::Kvm, run)
-                .unwrap()
-                .0
-        );
-        let e = pick(BackendChoice::Firecracker, &found, Accel::Tcg, run).unwrap_err();
+        let fc = |f: &Found, accel| pick(BackendChoice::Firecracker, f, accel);
+        assert!(fc(&jailed, Accel::Kvm).unwrap().0);
+        assert!(fc(&found(true, None), Accel::Kvm).unwrap().0);
+        assert!(!pick(BackendChoice::Qemu, &jailed, Accel::Kvm).unwrap().0);
+        let e = fc(&jailed, Accel::Tcg).unwrap_err();
         assert!(e.to_string().contains("use --backend qemu"), "{e}");
-        let e = pick(BackendChoice::Firecracker, &missing, Accel::Kvm, run).unwrap_err();
+        let e = fc(&found(false, Some(true)), Accel::Kvm).unwrap_err();
         assert!(e.to_string().contains("hutch setup firecracker"), "{e}");
-        assert_eq!(describe_auto(&found, Accel::Tcg, run).0, "qemu");
-        assert_eq!(describe_auto(&found, Accel::Kvm, run).0, "firecracker");
-        assert_eq!(describe_auto(&found, Accel::Kvm, User::Daemon).0, "qemu");
+        let e = fc(&found(true, Some(false)), Accel::Kvm).unwrap_err();
+        assert!(e.to_string().contains("--no-jailer"), "{e}");
+        assert_eq!(describe_auto(&jailed, Accel::Tcg).0, "qemu");
+        assert_eq!(describe_auto(&jailed, Accel::Kvm).0, "firecracker");
+    }
+
+    #[test]
+    fn jailer_flags() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            b: BackendArgs,
+        }
+        let jailed = |args: &[&str]| {
+            let mut v = vec!["t"];
+            v.extend_from_slice(args);
+            T::try_parse_from(v).unwrap().b.jailed()
+        };
+        assert!(jailed(&[]));
+        assert!(jailed(&["--jailer"]));
+        assert!(!jailed(&["--no-jailer"]));
+        assert!(jailed(&["--no-jailer", "--jailer"]));
+        assert!(!jailed(&["--jailer", "--no-jailer"]));
+        // The environment's answer (for test suites), overridden by a flag. No other test
+        // reads this variable.
+        std::env::set_var("HUTCH_NO_JAILER", "1");
+        let env_on = jailed(&[]);
+        // clap's `overrides_with` does not reach a value from the environment.
+        let both = T::try_parse_from(["t", "--jailer"]).is_err();
+        std::env::set_var("HUTCH_NO_JAILER", "0");
+        let env_off = jailed(&[]);
+        std::env::remove_var("HUTCH_NO_JAILER");
+        assert!(!env_on && both && env_off);
+    }
+
+    fn skip(test: &str, why: &str) {
+        if std::env::var("HUTCH_REQUIRE_FIRECRACKER").as_deref() == Ok("1") {
+            panic!("{test}: {why} (HUTCH_REQUIRE_FIRECRACKER=1, so this is a failure)");
+        }
+        eprintln!("SKIP {test}: {why}");
+    }
+
+    /// The libraries `ldd` lists for `binary` (none for a static one).
+    fn ldd(binary: &std::path::Path) -> Vec<PathBuf> {
+        let out = std::process::Command::new("ldd")
+            .arg(binary)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    /// The backend the CLI builds for `--backend firecracker` (jailed by default) starts a
+    /// firecracker whose API answers, with a dynamically linked binary's libraries copied into
+    /// the chroot, and destroy leaves no process, jail or run dir. The guest need not boot.
+    #[tokio::test]
+    async fn jailed_backend_from_the_cli_reaches_api_ready_and_cleans_its_chroot() {
+        let test = "jailed_backend_from_the_cli_reaches_api_ready_and_cleans_its_chroot";
+        let (fc, jailer) = match (
+            hutch_vmm::firecracker::find_firecracker(),
+            hutch_vmm::firecracker::find_jailer(),
+        ) {
+            (Ok(f), Ok(j)) => (f, j),
+            _ => {
+                return skip(
+                    test,
+                    "no firecracker and jailer (set FIRECRACKER_BIN, JAILER_BIN)",
+                )
+            }
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip(test, "the jailer needs root");
+        }
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            return skip(test, &format!("/dev/kvm not usable: {e}"));
+        }
+        let home = std::env::var_os("HUTCH_HOME")
+            .map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from);
+        let image = match hutch_image::open(&home.join("images"), "default") {
+            Ok(i) if i.vmlinux.is_some() => i,
+            Ok(_) => return skip(test, "the default image has no vmlinux"),
+            Err(e) => return skip(test, &format!("no default image: {e}")),
+        };
+        let d = tempfile::tempdir().unwrap();
+        let vmm = firecracker_vmm(fc.clone(), Some(jailer), d.path().join("jail"));
+        let spec = hutch_vmm::VmSpec {
+            id: "cli-jail".into(),
+            kernel: image.vmlinux.clone().unwrap(),
+            initrd: image.initrd.clone(),
+            rootfs: image.rootfs.clone(),
+            cpus: 1,
+            memory_mib: 128,
+            scratch_disk_mib: 16,
+            run_dir: d.path().join("vm"),
+            extra_cmdline: vec![],
+            lifetime: hutch_vmm::Lifetime::Detached,
+            memory: Default::default(),
+        };
+        let vm = match vmm.start_with(&spec, &Default::default()).await {
+            Ok(vm) => vm,
+            Err(e) => panic!("jailed start: {}", crate::error::chain(&e)),
+        };
+        let jail = vm.jail_dir().expect("jailed").to_path_buf();
+        assert!(
+            jail.starts_with(d.path().join("jail")),
+            "{}",
+            jail.display()
+        );
+        let root = jail.join("root");
+        let libs = ldd(&fc);
+        for lib in &libs {
+            let copied = root.join(lib.strip_prefix("/").unwrap());
+            assert!(copied.is_file(), "{} not in the jail", lib.display());
+        }
+        eprintln!(
+            "{test}: {} shared libraries copied into the jail",
+            libs.len()
+        );
+        let info = vm.client().describe_instance().await.unwrap();
+        assert_eq!(info.id, "cli-jail");
+        let uid = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(format!("/proc/{}", hutch_vmm::Vm::pid(&vm))).unwrap(),
+        );
+        assert_eq!(uid, JAIL_ID, "firecracker runs as the jail's uid");
+        let pid = hutch_vmm::Vm::pid(&vm);
+        hutch_vmm::Vm::destroy(Box::new(vm)).await.unwrap();
+        // Gone, or exited and waiting for whoever inherited it from the jailer to reap it.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = state.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        assert!(
+            state.is_empty() || state.starts_with('Z'),
+            "pid {pid} remains: {state:.20}"
+        );
+        assert!(!jail.exists(), "jail remains");
+        assert!(!spec.run_dir.exists(), "run dir remains");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Each backend's shared VM serves the in-process cases (booted once: TCG boots take seconds);
 //! cases that need their own VMs (isolation, the `hutch` binary end to end, with `--backend`
-//! set through `HUTCH_BACKEND`) boot them. After every case has run, the suite checks that no
+//! set through `HUTCH_BACKEND`, Firecracker without the jailer through `HUTCH_NO_JAILER`) boot
+//! them. After every case has run, the suite checks that no
 //! VM process, run dir or socket of Hutch is left.
 //!
 //! Needs the `default` image in `$HUTCH_HOME` (`scripts/test.sh` builds it). Set
@@ -125,8 +126,11 @@ fn main() {
             )),
             Ok(fc) => {
                 eprintln!("vm suite: firecracker {}", fc.display());
+                // Direct launches, as the in-process VMM's: the jailed path is tested by
+                // `launch`'s unit test and hutch-core's network tests.
                 let env = vec![
                     ("HUTCH_BACKEND", "firecracker".into()),
+                    ("HUTCH_NO_JAILER", "1".into()),
                     ("FIRECRACKER_BIN", fc.display().to_string()),
                 ];
                 backends.push((

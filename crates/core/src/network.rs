@@ -7,7 +7,7 @@ use hutch_net::{wg, Network, Policy, PublishedPort, WireGuardConfig};
 use hutch_protocol::NetworkConfig;
 use hutch_store::{HostObject, ObjectKind};
 use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec, SpecError};
-use hutch_vmm::Nic;
+use hutch_vmm::{Nic, Tap, Vmm};
 
 use crate::lifecycle::{check, ActionKind, IllegalAction};
 use crate::manager::{chain, CoreError, Manager};
@@ -93,10 +93,14 @@ pub fn nic_policy(policy: &NetworkPolicy) -> Result<Policy, SpecError> {
     }
 }
 
-/// Creates the sandbox's network (behind `tunnel`, if given) and opens its TAP; `None` for a
-/// sandbox without a NIC.
+/// Creates the sandbox's network (behind `tunnel`, if given) and hands over its TAP in the
+/// form `vmm` takes: opened here as a descriptor (QEMU), or by name with its namespace for a
+/// VMM that opens it itself ([`Vmm::opens_tap_by_name`], Firecracker: nothing here holds the
+/// TAP open, or its `TUNSETIFF` would fail with `EBUSY`). `None` for a sandbox without a NIC.
+/// Either way the TAP goes with the network's namespace.
 pub async fn attach(
     net: &Arc<Network>,
+    vmm: &dyn Vmm,
     id: &str,
     policy: &Policy,
     tunnel: Option<&WireGuardConfig>,
@@ -104,7 +108,13 @@ pub async fn attach(
     let Some(sn) = net.create_with(id, policy, tunnel).await? else {
         return Ok(None);
     };
-    let tap = match net.open_tap(&sn) {
+    let tap = if vmm.opens_tap_by_name() {
+        net.named_tap(&sn)
+            .map(|(name, netns)| Tap::Named { name, netns })
+    } else {
+        net.open_tap(&sn).map(|fd| Tap::Fd(Arc::new(fd)))
+    };
+    let tap = match tap {
         Ok(tap) => tap,
         Err(e) => {
             let _ = net.destroy(id).await;
@@ -119,13 +129,7 @@ pub async fn attach(
         gateway: IpAddr::V4(g.gateway),
         dns: vec![IpAddr::V4(g.dns)],
     };
-    Ok(Some((
-        Nic {
-            tap: Arc::new(tap),
-            mac: g.mac,
-        },
-        config,
-    )))
+    Ok(Some((Nic { tap, mac: g.mac }, config)))
 }
 
 /// The record of a published port: `name` the guest port, `detail` the host port.
@@ -247,6 +251,9 @@ pub(crate) async fn adopt(m: &Manager, info: &SandboxInfo) -> Result<(), String>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod firecracker_tests;
 
 #[cfg(test)]
 mod tests {

@@ -251,7 +251,7 @@ impl Templates {
                     // Clones get a NIC exactly when the template has one; a template without
                     // a provisioning policy has a NIC that reaches nothing.
                     let policy = network::nic_policy(&spec.network)?;
-                    network::attach(net, &vm_id, &policy, None).await?
+                    network::attach(net, vmm, &vm_id, &policy, None).await?
                 }
                 None => None,
             };

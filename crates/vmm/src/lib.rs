@@ -2,8 +2,8 @@
 //!
 //! A [`Vmm`] turns a [`VmSpec`] into a running [`Vm`]; the daemon holds a `Box<dyn Vmm>` and does
 //! not care which virtual machine monitor is behind it. Today the only backend is
-//! [`QemuVmm`] (QEMU `microvm`, host↔guest channel over virtio-serial); a Firecracker backend
-//! (vsock) comes next and must keep the same contracts:
+//! [`QemuVmm`] (QEMU `microvm`, host↔guest channel over virtio-serial) and [`FirecrackerVmm`]
+//! (hybrid vsock, optionally jailed), which keep the same contracts:
 //!
 //! * every host object a VM owns (its process, sockets, console log, scratch disk) lives in the
 //!   VM's own `run_dir` or is named `hutch-<id>`, and is removed by id/pid, never by a broad name;
@@ -131,6 +131,33 @@ pub struct Snapshot {
     pub nic_mac: Option<[u8; 6]>,
     /// The format of `disk` (`raw` or `qcow2`), `None` when the VM had no writable disk.
     pub disk_format: Option<String>,
+    /// The files the VM booted from (`None` in records from before Hutch kept them): a
+    /// restore must name the same ones, or the guest's mounted root and page cache would
+    /// belong to another filesystem (e.g. after its image was rebuilt).
+    #[serde(default)]
+    pub boot: Option<BootFiles>,
+}
+
+/// The kernel, initrd and root filesystem a VM booted from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFiles {
+    /// [`VmSpec::kernel`].
+    pub kernel: PathBuf,
+    /// [`VmSpec::initrd`].
+    pub initrd: PathBuf,
+    /// [`VmSpec::rootfs`].
+    pub rootfs: PathBuf,
+}
+
+impl BootFiles {
+    /// The files `spec` boots from.
+    pub fn of(spec: &VmSpec) -> BootFiles {
+        BootFiles {
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            rootfs: spec.rootfs.clone(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -157,28 +184,68 @@ impl Snapshot {
     }
 }
 
-/// A network interface for the guest: a TAP device the caller opened (e.g. inside the sandbox's
-/// network namespace, with `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`) and the MAC the guest sees.
-///
-/// The VMM process gets its own copy of the descriptor, and only that process: the caller's
-/// descriptor is never inherited by anything else, and the caller may drop it once
-/// [`Vmm::start_with_nic`] has returned. On QEMU the NIC is a `virtio-net-device` on a
-/// `-netdev tap,fd=N,vhost=off`.
-#[derive(Debug, Clone)]
+/// A network interface for the guest: its TAP device, in the form the backend takes
+/// ([`Vmm::opens_tap_by_name`]), and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
-    /// The open TAP device.
-    pub tap: Arc<OwnedFd>,
+    /// The TAP device.
+    pub tap: Tap,
     /// The guest NIC's MAC address (unicast).
     pub mac: [u8; 6],
 }
 
-impl PartialEq for Nic {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.tap, &other.tap) && self.mac == other.mac
+impl Nic {
+    /// Checks that the MAC is a unicast address.
+    pub(crate) fn check_mac(&self) -> Result<(), VmmError> {
+        if self.mac == [0; 6] || self.mac[0] & 1 != 0 {
+            return Err(VmmError::InvalidSpec(format!(
+                "NIC MAC {} is not a unicast address",
+                format_mac(&self.mac)
+            )));
+        }
+        Ok(())
     }
 }
 
-impl Eq for Nic {}
+/// How a VMM reaches a NIC's TAP device.
+#[derive(Debug, Clone)]
+pub enum Tap {
+    /// A TAP the caller opened (e.g. inside the sandbox's network namespace, with
+    /// `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`), for a VMM that stays in the host namespace. The VMM
+    /// process gets its own copy of the descriptor, and only that process: the caller's
+    /// descriptor is never inherited by anything else, and the caller may drop it once
+    /// [`Vmm::start_with_nic`] has returned. On QEMU the NIC is a `virtio-net-device` on a
+    /// `-netdev tap,fd=N,vhost=off`.
+    Fd(Arc<OwnedFd>),
+    /// A persistent TAP that nobody holds open, by name, in the network namespace whose file is
+    /// `netns` (e.g. `/run/netns/<name>`): the VMM runs inside that namespace and opens the TAP
+    /// itself (Firecracker's `TUNSETIFF`, which fails with `EBUSY` while any other descriptor
+    /// holds a single-queue TAP). Deleting the namespace removes the TAP.
+    Named {
+        /// The TAP's interface name inside `netns`.
+        name: String,
+        /// The network namespace file.
+        netns: PathBuf,
+    },
+}
+
+impl PartialEq for Tap {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Tap::Fd(a), Tap::Fd(b)) => Arc::ptr_eq(a, b),
+            (
+                Tap::Named { name, netns },
+                Tap::Named {
+                    name: n2,
+                    netns: ns2,
+                },
+            ) => name == n2 && netns == ns2,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Tap {}
 
 /// How a VM's life is tied to the Hutch process that started it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -230,6 +297,13 @@ pub trait Vmm: Send + Sync {
     /// Whether VMs can keep their RAM in a caller's file ([`GuestMemory::SharedFile`]), so
     /// that a snapshot leaves RAM out and restores share its pages.
     fn shares_memory_files(&self) -> bool {
+        false
+    }
+
+    /// Whether the backend takes a NIC's TAP by name ([`Tap::Named`]: it enters the TAP's
+    /// namespace and opens the TAP itself, so the caller must not hold it open) rather than as
+    /// an open descriptor ([`Tap::Fd`]). Each backend refuses the other form.
+    fn opens_tap_by_name(&self) -> bool {
         false
     }
 

@@ -49,8 +49,8 @@ use crate::snapshot::{
 use crate::spawn::{condense, spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
 use crate::{
-    find_qemu, validate_id, Accel, GuestMemory, Lifetime, Nic, Snapshot, SnapshotMemory, Vm,
-    VmSpec, Vmm, VmmError,
+    find_qemu, validate_id, Accel, BootFiles, GuestMemory, Lifetime, Nic, Snapshot, SnapshotMemory,
+    Tap, Vm, VmSpec, Vmm, VmmError,
 };
 
 /// The virtio-serial port name the guest agent looks for (`/sys/class/virtio-ports/*/name`).
@@ -471,12 +471,7 @@ impl QemuVmm {
     ) -> Result<Box<dyn Vm>, VmmError> {
         validate_id(&spec.id)?;
         if let Some(nic) = nic {
-            if nic.mac == [0; 6] || nic.mac[0] & 1 != 0 {
-                return Err(VmmError::InvalidSpec(format!(
-                    "NIC MAC {} is not a unicast address",
-                    format_mac(&nic.mac)
-                )));
-            }
+            nic.check_mac()?;
         }
         if spec.cpus == 0 {
             return Err(VmmError::InvalidSpec("cpus must be at least 1".into()));
@@ -499,7 +494,14 @@ impl QemuVmm {
         // QEMU's own copy of the TAP: close-on-exec here, so no other child of this process
         // ever inherits it; `spawn` clears the flag in the QEMU child only. Dropped (in this
         // process) when `start` returns.
-        let tap = nic.map(|n| cloexec_dup(n.tap.as_fd())).transpose()?;
+        let tap = nic
+            .map(|n| match &n.tap {
+                Tap::Fd(fd) => cloexec_dup(fd.as_fd()),
+                Tap::Named { name, .. } => Err(VmmError::InvalidSpec(format!(
+                    "qemu takes an open TAP descriptor, not the TAP {name:.20} by name"
+                ))),
+            })
+            .transpose()?;
         let args = qemu_args(
             spec,
             &paths,
@@ -551,6 +553,7 @@ impl QemuVmm {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             nic_mac: nic.map(|n| n.mac),
+            boot: Some(BootFiles::of(spec)),
             // A restored VM's RAM is private (anonymous or a private mapping): it travels in
             // the state of any snapshot taken of it.
             shared_memory: match (&spec.memory, restore) {
@@ -757,33 +760,7 @@ impl Vmm for QemuVmm {
 
 /// Checks that `snapshot` can be restored as `spec` with `nic`, before touching the host.
 fn check_restorable(spec: &VmSpec, nic: Option<&Nic>, snap: &Snapshot) -> Result<(), VmmError> {
-    let bad = |why: String| {
-        Err(VmmError::InvalidSpec(format!(
-            "cannot restore snapshot {}: {why}",
-            snap.dir.display()
-        )))
-    };
-    if snap.backend != "qemu" {
-        return bad(format!(
-            "it was written by the {:.20} backend",
-            snap.backend
-        ));
-    }
-    if (spec.cpus, spec.memory_mib) != (snap.cpus, snap.memory_mib) {
-        return bad(format!(
-            "it has {} vCPUs and {} MiB, the spec asks for {} and {}",
-            snap.cpus, snap.memory_mib, spec.cpus, spec.memory_mib
-        ));
-    }
-    if nic.map(|n| n.mac) != snap.nic_mac {
-        return bad(match snap.nic_mac {
-            Some(mac) => format!(
-                "its guest has a NIC with MAC {}, which the restore must give it",
-                format_mac(&mac)
-            ),
-            None => "its guest has no NIC, so the restore cannot add one".into(),
-        });
-    }
+    crate::snapshot::check_restore("qemu", spec, nic, snap)?;
     check_readable("snapshot state", &snap.state_file())?;
     if snap.disk_format.is_some() {
         check_readable("snapshot disk", &snap.disk_file())?;
@@ -879,6 +856,9 @@ struct Shape {
     nic_mac: Option<[u8; 6]>,
     /// The [`GuestMemory::SharedFile`] the VM was booted with.
     shared_memory: Option<PathBuf>,
+    /// What it booted from (absent in records of older Hutch versions).
+    #[serde(default)]
+    boot: Option<BootFiles>,
 }
 
 /// Writes `identity.json` (mode 0600) atomically.
@@ -963,6 +943,7 @@ impl QemuVm {
             memory_mib: shape.memory_mib,
             nic_mac: shape.nic_mac,
             disk_format: None,
+            boot: shape.boot.clone(),
         };
         let _ = std::fs::remove_file(&self.paths.migrate);
         let listener = tokio::net::UnixListener::bind(&self.paths.migrate)
@@ -1340,6 +1321,7 @@ mod tests {
             memory_mib: spec.memory_mib,
             nic_mac: None,
             disk_format: Some("raw".into()),
+            boot: None,
         };
         // A clone maps the template's file private, whatever its own spec says, and writes
         // only its own overlay.
@@ -1400,7 +1382,7 @@ mod tests {
         let tap = std::sync::Arc::new(OwnedFd::from(std::fs::File::open(&f).unwrap()));
         for mac in [[1, 0, 0, 0, 0, 1], [0; 6]] {
             let nic = Nic {
-                tap: tap.clone(),
+                tap: Tap::Fd(tap.clone()),
                 mac,
             };
             let err = vmm.start_with_nic(&s, Some(&nic)).await.unwrap_err();

@@ -11,7 +11,67 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::spawn::condense;
-use crate::{Snapshot, VmmError};
+use crate::{format_mac, BootFiles, Nic, Snapshot, VmSpec, VmmError};
+
+/// Checks, before anything starts, that `snap` can be restored by `backend` as `spec` with
+/// `nic`: written by the same backend, for the same vCPUs, memory and boot files, and given
+/// the same NIC. The refusal names the snapshot and the reason.
+pub(crate) fn check_restore(
+    backend: &str,
+    spec: &VmSpec,
+    nic: Option<&Nic>,
+    snap: &Snapshot,
+) -> Result<(), VmmError> {
+    check_shape(backend, spec, snap)
+        .and_then(|()| check_nic(nic, snap))
+        .map_err(|why| {
+            VmmError::InvalidSpec(format!(
+                "cannot restore snapshot {}: {why}",
+                snap.dir.display()
+            ))
+        })
+}
+
+fn check_shape(backend: &str, spec: &VmSpec, snap: &Snapshot) -> Result<(), String> {
+    if snap.backend != backend {
+        return Err(format!(
+            "it was written by the {:.20} backend",
+            snap.backend
+        ));
+    }
+    if (spec.cpus, spec.memory_mib) != (snap.cpus, snap.memory_mib) {
+        return Err(format!(
+            "it has {} vCPUs and {} MiB, the spec asks for {} and {}",
+            snap.cpus, snap.memory_mib, spec.cpus, spec.memory_mib
+        ));
+    }
+    match &snap.boot {
+        Some(boot) if *boot != BootFiles::of(spec) => Err(format!(
+            "its VM booted from {} (root filesystem {}), the spec names {} ({}): was the image \
+             rebuilt since?",
+            boot.kernel.display(),
+            boot.rootfs.display(),
+            spec.kernel.display(),
+            spec.rootfs.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that a restore gives the guest exactly the NIC its snapshot had (same MAC), or none
+/// when it had none; the reason otherwise.
+pub(crate) fn check_nic(nic: Option<&Nic>, snap: &Snapshot) -> Result<(), String> {
+    if nic.map(|n| n.mac) == snap.nic_mac {
+        return Ok(());
+    }
+    Err(match snap.nic_mac {
+        Some(mac) => format!(
+            "its guest has a NIC with MAC {}, which the restore must give it",
+            format_mac(&mac)
+        ),
+        None => "its guest has no NIC, so the restore cannot add one".into(),
+    })
+}
 
 /// How long a disk copy or `qemu-img` may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);

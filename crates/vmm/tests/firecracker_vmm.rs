@@ -617,8 +617,8 @@ fn netns_inode(pid: u32) -> u64 {
 
 /// A NIC on a direct (no jailer) launch: firecracker enters the sandbox's namespace and opens
 /// its TAP there by name; a snapshot records the guest MAC; two restores at once, each in its
-/// own namespace with its own TAP (`network_overrides`). The trait's `start_with_nic` refuses
-/// an open TAP descriptor with the reason. The guest need not boot.
+/// own namespace with its own TAP (`network_overrides`). The trait's `start_with_nic` and
+/// `restore` refuse an open TAP descriptor with the reason. The guest need not boot.
 #[tokio::test]
 async fn real_nic_in_a_namespace_and_clones_with_their_own_taps() {
     let test = "real_nic_in_a_namespace_and_clones_with_their_own_taps";
@@ -713,17 +713,23 @@ async fn real_nic_in_a_namespace_and_clones_with_their_own_taps() {
     assert_eq!(netns_inode(vc.pid()), ino(&nets[2]));
     assert_eq!(taps_of(vb.pid()), vec!["fctb0".to_string()]);
     assert_eq!(taps_of(vc.pid()), vec!["fctc0".to_string()]);
-    // The trait's restore and start cannot take an open TAP descriptor.
+    // The trait's restore must give the snapshot's guest its NIC, and neither restore nor
+    // start takes an open TAP descriptor.
     let e = vmm
         .restore(&restore("clone-d"), None, &snap)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("NICs"), "{e}");
+    assert!(e.to_string().contains("must give it"), "{e}");
     let tap = std::fs::File::open("/dev/null").unwrap();
     let nic = hutch_vmm::Nic {
-        tap: std::sync::Arc::new(tap.into()),
+        tap: hutch_vmm::Tap::Fd(std::sync::Arc::new(tap.into())),
         mac: [6, 0, 0xac, 0x10, 0, 2],
     };
+    let e = vmm
+        .restore(&restore("clone-d"), Some(&nic), &snap)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("by name"), "{e}");
     let e = vmm
         .start_with_nic(&restore("clone-e"), Some(&nic))
         .await

@@ -26,7 +26,7 @@ use hutch_protocol::{
     host::{Channel, ExecEvent},
     ExecRequest, ExitStatus, NetworkConfig, Setup,
 };
-use hutch_vmm::{kill_recorded, Accel, Lifetime, Nic, QemuVmm, Vm, VmSpec, Vmm};
+use hutch_vmm::{kill_recorded, Accel, Lifetime, Nic, QemuVmm, Tap, Vm, VmSpec, Vmm};
 
 /// TCG boots are slow, and tests run in parallel on small hosts.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
@@ -236,7 +236,7 @@ async fn vm_on_a_sandbox_network(test: &str, tag: &str, lifetime: Lifetime) {
         .unwrap()
         .expect("a NIC");
     let nic = Nic {
-        tap: Arc::new(net.open_tap(&sn).unwrap()),
+        tap: Tap::Fd(Arc::new(net.open_tap(&sn).unwrap())),
         mac: sn.guest.mac,
     };
     let dir = tempfile::Builder::new()

@@ -281,6 +281,7 @@ async fn restores_refuse_a_mismatched_spec_before_starting_anything() {
         memory_mib: 256,
         nic_mac: None,
         disk_format: None,
+        boot: None,
     };
     let vmm = QemuVmm::new(Accel::Tcg).unwrap();
     let run_dir = dir.path().join("vm");
@@ -295,6 +296,15 @@ async fn restores_refuse_a_mismatched_spec_before_starting_anything() {
     let same = spec(&image, "mismatch", run_dir.clone(), GuestMemory::Anonymous);
     let err = vmm.restore(&same, None, &other).await.unwrap_err();
     assert!(err.to_string().contains("firecracker"), "{err}");
+    let rebuilt = hutch_vmm::Snapshot {
+        boot: Some(hutch_vmm::BootFiles {
+            rootfs: dir.path().join("an-older-rootfs"),
+            ..hutch_vmm::BootFiles::of(&same)
+        }),
+        ..snap.clone()
+    };
+    let err = vmm.restore(&same, None, &rebuilt).await.unwrap_err();
+    assert!(err.to_string().contains("image rebuilt"), "{err}");
     let err = vmm.restore(&same, None, &snap).await.unwrap_err();
     assert!(
         err.to_string().contains("snapshot state"),

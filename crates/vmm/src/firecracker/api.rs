@@ -353,6 +353,14 @@ pub enum VmState {
     Resumed,
 }
 
+/// `GET /vm/config` (`FullVmConfiguration`): the parts Hutch reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct VmConfig {
+    /// The configured network interfaces (after a snapshot load, with the overridden TAPs).
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+}
+
 /// `GET /` (`InstanceInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceInfo {

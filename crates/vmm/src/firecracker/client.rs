@@ -244,6 +244,11 @@ impl FirecrackerClient {
         self.get("/version").await
     }
 
+    /// `GET /vm/config`: the whole configuration (the parts in [`VmConfig`]).
+    pub async fn vm_config(&self) -> Result<VmConfig, FirecrackerError> {
+        self.get("/vm/config").await
+    }
+
     /// `GET /machine-config`.
     pub async fn machine_config(&self) -> Result<MachineConfig, FirecrackerError> {
         self.get("/machine-config").await

@@ -153,6 +153,27 @@ pub enum FirecrackerError {
     #[error("jailer: {0}")]
     Jailer(String),
 
+    /// The shared libraries a dynamically linked firecracker needs could not be found (`ldd`).
+    #[error("cannot list the shared libraries of {binary} for the jail: {detail}")]
+    Libraries {
+        /// The firecracker binary.
+        binary: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+
+    /// Putting a shared library into the jail failed.
+    #[error("copy shared library {library} into the jail at {dest}")]
+    CopyLibrary {
+        /// The library on the host.
+        library: PathBuf,
+        /// Where it was to go.
+        dest: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Opening the guest channel over hybrid vsock failed.
     #[error("hybrid vsock CONNECT {port} on {path}")]
     Vsock {

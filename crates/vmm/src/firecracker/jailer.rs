@@ -7,12 +7,17 @@
 //!   <exec name>.pid                         firecracker's pid, written by the jailer
 //!   api.sock  v.sock                        API and vsock sockets (made by firecracker)
 //!   vmlinux  initrd  rootfs  scratch.ext4   linked or copied in by Hutch
+//!   lib64/ld-linux-x86-64.so.2  lib/…/libc.so.6 …
+//!                                           a dynamically linked firecracker's interpreter and
+//!                                           libraries, copied in by Hutch before the jailer runs
 //! ```
 //!
 //! The jailer's exit code says nothing about Firecracker (with `--new-pid-ns` it exits 0 once it
 //! has cloned the child), so readiness is the pid file plus an API socket that answers.
 
 use std::path::{Path, PathBuf};
+
+use super::FirecrackerError;
 
 /// Where the unified cgroup v2 hierarchy (or the v1 controller mounts) live.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -52,8 +57,8 @@ pub(crate) fn detect_cgroup_version_at(root: &Path) -> CgroupVersion {
 /// How to run Firecracker under the jailer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailerConfig {
-    /// The `jailer` binary (same version as firecracker; firecracker should be the static musl
-    /// build, or its libraries must be put in the chroot).
+    /// The `jailer` binary (same version as firecracker). A dynamically linked firecracker gets
+    /// its libraries copied into each chroot; the static musl release needs none.
     pub jailer: PathBuf,
     /// `--chroot-base-dir` (the jailer's default is `/srv/jailer`). Must not be writable by others.
     pub chroot_base: PathBuf,
@@ -221,9 +226,181 @@ pub(crate) fn link_into_jail(
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
 }
 
+/// How long `ldd` may take.
+const LDD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The shared objects a dynamically linked `firecracker` loads (its ELF interpreter and every
+/// `DT_NEEDED` library, transitively, as resolved by `ldd`), by absolute path on the host; none
+/// for a static binary (the official musl releases). A dynamically linked firecracker cannot
+/// start in the jail without them.
+pub(crate) async fn shared_libraries(firecracker: &Path) -> Result<Vec<PathBuf>, FirecrackerError> {
+    let fail = |detail: String| FirecrackerError::Libraries {
+        binary: firecracker.to_path_buf(),
+        detail,
+    };
+    let ldd = crate::host::find_in_path("ldd").ok_or_else(|| fail("ldd not found".into()))?;
+    let out = tokio::process::Command::new(ldd)
+        .arg(firecracker)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LDD_TIMEOUT, out)
+        .await
+        .map_err(|_| fail(format!("ldd took over {}s", LDD_TIMEOUT.as_secs())))?
+        .map_err(|e| fail(format!("ldd: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // glibc's ldd answers a static binary on stdout or stderr, with exit status 1.
+    if is_static(&text) || is_static(&err) {
+        return Ok(Vec::new());
+    }
+    if !out.status.success() {
+        return Err(fail(format!(
+            "ldd {}: {}",
+            out.status,
+            crate::spawn::condense(&err)
+        )));
+    }
+    parse_ldd(&text).map_err(fail)
+}
+
+fn is_static(ldd_output: &str) -> bool {
+    ldd_output.contains("not a dynamic executable") || ldd_output.contains("statically linked")
+}
+
+/// The absolute paths in `ldd`'s output: `name => /path (0x…)` and the interpreter's
+/// `/path (0x…)`; the vDSO (no path) is skipped, and a library `not found` is an error.
+pub(crate) fn parse_ldd(output: &str) -> Result<Vec<PathBuf>, String> {
+    let mut libs = Vec::new();
+    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let target = match line.split_once("=>") {
+            Some((name, target)) => {
+                let target = target.trim();
+                if target.starts_with("not found") {
+                    return Err(format!("{} not found", name.trim()));
+                }
+                target
+            }
+            None => line,
+        };
+        // Strip the load address: `/path (0x…)`.
+        let path = match target.rsplit_once(" (") {
+            Some((p, _)) => p.trim(),
+            None => target,
+        };
+        if path.starts_with('/') {
+            let path = PathBuf::from(path);
+            if !libs.contains(&path) {
+                libs.push(path);
+            }
+        } else if !path.is_empty() && line.contains("=>") {
+            return Err(format!("unexpected ldd line {line:.120}"));
+        }
+    }
+    Ok(libs)
+}
+
+/// Copies each of `libs` (absolute host paths) into the jail `root` at the same path, as
+/// regular read-only files owned by root (a symlinked library arrives as its target's
+/// content). Copies, not hard links, so nothing done inside the jail can reach the host's
+/// files.
+pub(crate) fn copy_libraries(libs: &[PathBuf], root: &Path) -> Result<(), FirecrackerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    for lib in libs {
+        let rel = lib.strip_prefix("/").unwrap_or(lib);
+        let dest = root.join(rel);
+        let copy = || -> std::io::Result<()> {
+            if let Some(parent) = dest.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)?;
+            }
+            std::fs::copy(lib, &dest)?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o555))
+        };
+        copy().map_err(|source| FirecrackerError::CopyLibrary {
+            library: lib.clone(),
+            dest: dest.clone(),
+            source,
+        })?;
+    }
+    if !libs.is_empty() {
+        tracing::debug!(root = %root.display(), count = libs.len(), "shared libraries copied into the jail");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        let glibc = "\tlinux-vdso.so.1 (0x00007ffc2b1f7000)\n\
+                     \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f080e04c000)\n\
+                     \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f080da1e000)\n\
+                     \t/lib64/ld-linux-x86-64.so.2 (0x00007f080e07f000)\n";
+        assert_eq!(
+            parse_ldd(glibc).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        let musl = "\t/lib/ld-musl-x86_64.so.1 (0x7f0d1c5a2000)\n\
+                    \tlibc.musl-x86_64.so.1 => /lib/ld-musl-x86_64.so.1 (0x7f0d1c5a2000)\n";
+        assert_eq!(
+            parse_ldd(musl).unwrap(),
+            vec![PathBuf::from("/lib/ld-musl-x86_64.so.1")]
+        );
+        let e = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err();
+        assert!(e.contains("libfoo.so.1 not found"), "{e}");
+        assert!(is_static("\tnot a dynamic executable\n"));
+        assert!(is_static("\tstatically linked\n"));
+        assert!(!is_static(glibc));
+    }
+
+    #[test]
+    fn libraries_are_copied_at_their_paths() {
+        use std::os::unix::fs::PermissionsExt;
+        let host = tempfile::tempdir().unwrap();
+        let lib = host.path().join("lib/x86_64/libz.so.1.3");
+        std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+        std::fs::write(&lib, b"\x7fELF lib").unwrap();
+        let link = host.path().join("lib/x86_64/libz.so.1");
+        std::os::unix::fs::symlink("libz.so.1.3", &link).unwrap();
+        let jail = tempfile::tempdir().unwrap();
+        copy_libraries(std::slice::from_ref(&link), jail.path()).unwrap();
+        let copied = jail.path().join(link.strip_prefix("/").unwrap());
+        let meta = std::fs::symlink_metadata(&copied).unwrap();
+        assert!(meta.is_file(), "a regular file, not a link");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(std::fs::read(&copied).unwrap(), b"\x7fELF lib");
+        let missing = host.path().join("nope.so");
+        let e = copy_libraries(&[missing], jail.path()).unwrap_err();
+        assert!(e.to_string().contains("nope.so"), "{e}");
+        assert!(copy_libraries(&[], jail.path()).is_ok());
+    }
+
+    /// This host's `ldd` on a binary that is surely dynamic (`/bin/sh`) finds its libc and
+    /// interpreter.
+    #[tokio::test]
+    async fn ldd_finds_libc_of_a_dynamic_binary() {
+        let Some(sh) = crate::host::find_in_path("sh") else {
+            return;
+        };
+        match shared_libraries(&sh).await {
+            Ok(libs) if libs.is_empty() => {} // a static shell (e.g. busybox): nothing needed
+            Ok(libs) => assert!(
+                libs.iter().all(|l| l.is_absolute() && l.exists()),
+                "{libs:?}"
+            ),
+            Err(e) => assert!(e.to_string().contains("ldd not found"), "{e}"),
+        }
+    }
 
     #[test]
     fn jailer_args() {

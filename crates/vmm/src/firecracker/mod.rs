@@ -25,6 +25,13 @@
 //! `EXT4_FS`, `OVERLAY_FS`, `SERIAL_8250_CONSOLE`, `ACPI`; `SERIO_I8042` and `KEYBOARD_ATKBD` for
 //! a clean stop by Ctrl-Alt-Del; `PVH` for the faster PVH boot entry.
 //!
+//! A NIC is a TAP by name ([`crate::Tap::Named`]; [`Vmm::opens_tap_by_name`]): firecracker
+//! runs inside the TAP's network namespace (jailed: the jailer's `--netns`; direct: `setns` in
+//! the child before exec) and opens the TAP there itself, as interface [`NIC_IFACE_ID`] with
+//! the guest's MAC; a restore points `network_overrides` at the clone's TAP. Jailed, a
+//! dynamically linked firecracker's interpreter and libraries (as `ldd` lists them) are copied
+//! into the chroot first.
+//!
 //! The process is tracked by exact pid (a child handle, or a pidfd for a jailed or adopted one)
 //! and stopped through the API (`SendCtrlAltDel`; with `reboot=k` the guest's reset ends
 //! Firecracker), then SIGKILL by pid — never by name. Destroy removes the run dir, the jail and
@@ -41,7 +48,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -59,8 +66,8 @@ use crate::console::spawn_copier;
 use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
 use crate::spawn::{condense, StderrTail};
 use crate::{
-    validate_id, Accel, GuestMemory, Lifetime, Nic, Snapshot, Vm, VmSpec, Vmm, VmmError,
-    CONSOLE_LOG_LIMIT,
+    validate_id, Accel, BootFiles, GuestMemory, Lifetime, Nic, Snapshot, Tap, Vm, VmSpec, Vmm,
+    VmmError, CONSOLE_LOG_LIMIT,
 };
 
 /// The guest vsock port the agent listens on for the host's channel (the host dials it with
@@ -76,6 +83,10 @@ pub const GUEST_CID: u32 = 3;
 /// It replaces Firecracker's default, which has `nomodule` (our initramfs loads modules).
 pub const BASE_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// The `iface_id` of the guest NIC that [`Vmm::start_with_nic`] configures (and that a
+/// restore's `network_overrides` names).
+pub const NIC_IFACE_ID: &str = "eth0";
 
 /// The descriptor under which a directly launched firecracker inherits its writable disk; the
 /// drive's path is `/proc/self/fd/10`, the same in every process restored from a snapshot.
@@ -189,6 +200,9 @@ pub struct FirecrackerVmm {
     firecracker: PathBuf,
     jailer: Option<JailerConfig>,
     channel_timeout: Duration,
+    /// The shared libraries firecracker needs in a jail (none when static), found at the first
+    /// jailed launch.
+    libraries: Arc<tokio::sync::OnceCell<Vec<PathBuf>>>,
 }
 
 impl FirecrackerVmm {
@@ -204,6 +218,7 @@ impl FirecrackerVmm {
             firecracker: firecracker.into(),
             jailer: None,
             channel_timeout: CHANNEL_TIMEOUT,
+            libraries: Arc::default(),
         }
     }
 
@@ -249,6 +264,8 @@ impl FirecrackerVmm {
         check_readable("kernel", &spec.kernel)?;
         check_readable("initrd", &spec.initrd)?;
         check_readable("rootfs", &spec.rootfs)?;
+        // As the caller named them (a restore names the same), before the ELF kernel is found.
+        let boot = BootFiles::of(spec);
         let resolved;
         let spec = match elf_kernel(&spec.kernel) {
             Some(k) if k == spec.kernel => spec,
@@ -273,6 +290,7 @@ impl FirecrackerVmm {
                 None => None,
             },
             scratch: spec.scratch_disk_mib > 0,
+            boot: Some(boot),
         };
 
         let mut vm = match &self.jailer {
@@ -379,6 +397,11 @@ impl FirecrackerVmm {
             ))
             .into());
         }
+        // A dynamically linked firecracker needs its libraries in the jail (found once).
+        let libs = self
+            .libraries
+            .get_or_try_init(|| jailer::shared_libraries(&self.firecracker))
+            .await?;
         // The jailer canonicalizes its chroot base: it must exist.
         std::fs::create_dir_all(&j.chroot_base)
             .map_err(|e| VmmError::io("create chroot base", &j.chroot_base, e))?;
@@ -409,6 +432,19 @@ impl FirecrackerVmm {
             shape: Some(shape),
         };
         write_identity(paths, &identity)?;
+        if !libs.is_empty() {
+            // Before the jailer runs: it copies firecracker into this root and execs it there.
+            let copied = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&jail.root)
+                .map_err(|e| VmmError::io("create jail root", &jail.root, e))
+                .and_then(|()| Ok(jailer::copy_libraries(libs, &jail.root)?));
+            if let Err(e) = copied {
+                remove_jail(&jail);
+                return Err(e);
+            }
+        }
         let mut jailer = spawn_vmm(
             &j.jailer,
             &args,
@@ -527,28 +563,45 @@ impl Vmm for FirecrackerVmm {
         ))
     }
 
-    /// Refuses a NIC: Firecracker opens its TAP by name (`TUNSETIFF`), which fails with `EBUSY`
-    /// while the caller's descriptor holds the single-queue TAP. Use
-    /// [`FirecrackerVmm::start_with`] with [`LaunchOptions::netns`] and
-    /// [`LaunchOptions::network_interfaces`] instead.
+    /// Takes NICs by name ([`Tap::Named`]): firecracker opens its TAP itself, inside the TAP's
+    /// namespace.
+    fn opens_tap_by_name(&self) -> bool {
+        true
+    }
+
+    /// With a NIC, firecracker runs in the TAP's namespace ([`LaunchOptions::netns`]) with one
+    /// interface [`NIC_IFACE_ID`] on that TAP and the NIC's MAC. An open TAP descriptor
+    /// ([`Tap::Fd`]) is refused.
     async fn start_with_nic(
         &self,
         spec: &VmSpec,
         nic: Option<&Nic>,
     ) -> Result<Box<dyn Vm>, VmmError> {
-        match nic {
-            None => self.start(spec).await,
-            Some(_) => Err(VmmError::InvalidSpec(
-                "firecracker opens its TAP by name and cannot use an open TAP descriptor (the \
-                 caller's holds the single-queue TAP busy); give it the TAP's name and netns \
-                 (FirecrackerVmm::start_with with LaunchOptions)"
-                    .into(),
-            )),
-        }
+        let opts = match nic {
+            None => LaunchOptions::default(),
+            Some(nic) => {
+                nic.check_mac()?;
+                let (name, netns) = named_tap(nic)?;
+                LaunchOptions {
+                    netns: Some(netns.to_path_buf()),
+                    network_interfaces: vec![api::NetworkInterface {
+                        iface_id: NIC_IFACE_ID.into(),
+                        host_dev_name: name.into(),
+                        guest_mac: Some(crate::format_mac(&nic.mac)),
+                        mtu: None,
+                        rx_rate_limiter: None,
+                        tx_rate_limiter: None,
+                    }],
+                    ..LaunchOptions::default()
+                }
+            }
+        };
+        Ok(Box::new(self.start_with(spec, &opts).await?))
     }
 
-    /// A full snapshot restored paused; the writable disk is a copy of the snapshot's. NICs
-    /// are refused, as by [`Vmm::start_with_nic`].
+    /// A full snapshot restored paused; the writable disk is a copy of the snapshot's. A NIC
+    /// (by name, with the snapshot's MAC) replaces the snapshot's TAP through
+    /// `network_overrides`, and the VM runs in the new TAP's namespace.
     async fn restore(
         &self,
         spec: &VmSpec,
@@ -686,13 +739,16 @@ struct Identity {
 }
 
 /// The VM's shape, as a snapshot of it must record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Shape {
     cpus: u8,
     memory_mib: u32,
     nic_mac: Option<[u8; 6]>,
     /// Whether it has a writable disk (`scratch.ext4`).
     scratch: bool,
+    /// What it booted from (absent in records of older Hutch versions).
+    #[serde(default)]
+    boot: Option<BootFiles>,
 }
 
 /// The drive path of a direct VM's writable disk: the descriptor it inherited.
@@ -710,6 +766,19 @@ fn open_scratch(path: &Path) -> Result<OwnedFd, VmmError> {
         .open(path)
         .map(OwnedFd::from)
         .map_err(|e| VmmError::io("open scratch disk", path, e))
+}
+
+/// The TAP name and namespace of a NIC given by name, or why firecracker cannot use it.
+fn named_tap(nic: &Nic) -> Result<(&str, &Path), VmmError> {
+    match &nic.tap {
+        Tap::Named { name, netns } => Ok((name, netns)),
+        Tap::Fd(_) => Err(VmmError::InvalidSpec(
+            "firecracker opens its TAP by name inside the TAP's namespace and cannot use an \
+             open TAP descriptor (which would also keep the single-queue TAP busy): give the \
+             NIC as Tap::Named"
+                .into(),
+        )),
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -1484,6 +1553,7 @@ mod tests {
                 memory_mib: 128,
                 nic_mac: Some([2, 0, 0, 0, 0, 1]),
                 scratch: true,
+                boot: None,
             }),
         };
         let back: Identity = serde_json::from_slice(&serde_json::to_vec(&j).unwrap()).unwrap();

@@ -22,11 +22,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    api, jailer, open_netns, open_scratch, FirecrackerError, FirecrackerVm, FirecrackerVmm,
-    Inherit, LaunchOptions, RunDirGuard, RunPaths, Shape,
+    api, jailer, named_tap, open_netns, open_scratch, FirecrackerError, FirecrackerVm,
+    FirecrackerVmm, Inherit, LaunchOptions, RunDirGuard, RunPaths, Shape, NIC_IFACE_ID,
 };
-use crate::snapshot::{copy_sparse, create_dir, freeze, write_record};
-use crate::{validate_id, Nic, Snapshot, SnapshotMemory, Vm, VmSpec, VmmError};
+use crate::snapshot::{check_restore, copy_sparse, create_dir, freeze, write_record};
+use crate::{validate_id, BootFiles, Nic, Snapshot, SnapshotMemory, Vm, VmSpec, VmmError};
 
 /// The backend name in a [`Snapshot`] record.
 const BACKEND: &str = "firecracker";
@@ -186,6 +186,7 @@ impl FirecrackerVmm {
             memory_mib: spec.memory_mib,
             nic_mac: opts.nic_mac,
             scratch: opts.scratch_disk.is_some(),
+            boot: Some(BootFiles::of(spec)),
         };
         let mut vm = match &self.jailer {
             None => {
@@ -279,10 +280,14 @@ impl FirecrackerVm {
     /// [`Vm::snapshot`]: a full snapshot of the paused VM into `dir` (created), its writable disk
     /// copied beside it, everything frozen, the record written. On error `dir` is removed.
     pub(super) async fn save(&self, dir: &Path) -> Result<Snapshot, VmmError> {
-        let shape = self.identity.shape.ok_or_else(|| VmmError::Snapshot {
-            id: self.id.clone(),
-            detail: "the VM was started by an older Hutch that did not record its shape".into(),
-        })?;
+        let shape = self
+            .identity
+            .shape
+            .clone()
+            .ok_or_else(|| VmmError::Snapshot {
+                id: self.id.clone(),
+                detail: "the VM was started by an older Hutch that did not record its shape".into(),
+            })?;
         if !self.is_paused().await? {
             return Err(VmmError::Snapshot {
                 id: self.id.clone(),
@@ -303,8 +308,9 @@ impl FirecrackerVm {
             .await?;
         freeze(&files.state)?;
         freeze(&files.memory)?;
+        let scratch = shape.scratch;
         let snapshot = snapshot_record(dir, shape);
-        if shape.scratch {
+        if scratch {
             let disk = match &self.identity.jail {
                 Some(j) => j.root.join("scratch.ext4"),
                 None => self.paths.scratch.clone(),
@@ -334,6 +340,7 @@ fn snapshot_record(dir: &Path, shape: Shape) -> Snapshot {
         memory_mib: shape.memory_mib,
         nic_mac: shape.nic_mac,
         disk_format: shape.scratch.then(|| "raw".to_string()),
+        boot: shape.boot,
     }
 }
 
@@ -364,25 +371,18 @@ fn restore_plan(
             snap.dir.display()
         ))
     };
-    if snap.backend != BACKEND {
-        return Err(bad(format!(
-            "it was written by the {:.20} backend",
-            snap.backend
-        )));
-    }
-    if (spec.cpus, spec.memory_mib) != (snap.cpus, snap.memory_mib) {
-        return Err(bad(format!(
-            "it has {} vCPUs and {} MiB, the spec asks for {} and {}",
-            snap.cpus, snap.memory_mib, spec.cpus, spec.memory_mib
-        )));
-    }
-    if nic.is_some() || snap.nic_mac.is_some() {
-        return Err(bad(
-            "NICs on firecracker are not supported yet (it opens TAPs by name, and the \
-             caller's open TAP descriptor keeps a single-queue TAP busy)"
-                .into(),
-        ));
-    }
+    check_restore(BACKEND, spec, nic, snap)?;
+    let (netns, network_overrides) = match nic {
+        Some(nic) => {
+            let (name, netns) = named_tap(nic)?;
+            let over = api::NetworkOverride {
+                iface_id: NIC_IFACE_ID.into(),
+                host_dev_name: name.into(),
+            };
+            (Some(netns.to_path_buf()), vec![over])
+        }
+        None => (None, Vec::new()),
+    };
     let SnapshotMemory::File(memory) = &snap.memory else {
         return Err(bad("it has no memory file".into()));
     };
@@ -404,6 +404,8 @@ fn restore_plan(
         memory: memory.clone(),
     };
     let opts = RestoreOptions {
+        netns,
+        network_overrides,
         scratch_disk: snap.disk_format.is_some().then(|| snap.disk_file()),
         nic_mac: snap.nic_mac,
         resume: false,
@@ -437,12 +439,13 @@ mod tests {
         assert_eq!(f.memory, Path::new("/s/memory"));
     }
 
-    fn shape(scratch: bool) -> Shape {
+    fn shape(dir: &Path, scratch: bool) -> Shape {
         Shape {
             cpus: 2,
             memory_mib: 256,
             nic_mac: None,
             scratch,
+            boot: Some(BootFiles::of(&spec_for(dir))),
         }
     }
 
@@ -464,7 +467,7 @@ mod tests {
 
     /// A snapshot dir as `save` leaves it, with `jailed` in `firecracker.json`.
     fn saved(dir: &Path, scratch: bool, jailed: bool) -> Snapshot {
-        let snap = snapshot_record(dir, shape(scratch));
+        let snap = snapshot_record(dir, shape(dir, scratch));
         std::fs::write(
             dir.join(LAUNCH_RECORD),
             serde_json::to_vec(&LaunchRecord { jailed }).unwrap(),
@@ -527,6 +530,11 @@ mod tests {
             ..spec.clone()
         };
         assert!(refused(true, &small, &snap).contains("256 MiB"));
+        let rebuilt = VmSpec {
+            rootfs: d.path().join("r2"),
+            ..spec.clone()
+        };
+        assert!(refused(true, &rebuilt, &snap).contains("image rebuilt"));
         let in_state = Snapshot {
             memory: SnapshotMemory::InState,
             ..snap.clone()
@@ -541,7 +549,41 @@ mod tests {
             nic_mac: Some([2, 0, 0, 0, 0, 1]),
             ..snap.clone()
         };
-        assert!(refused(true, &spec, &nic).contains("NICs"));
+        assert!(refused(true, &spec, &nic).contains("must give it"));
+        // A NIC by name: the clone runs in its namespace, the TAP replaced by an override.
+        let named = Nic {
+            tap: crate::Tap::Named {
+                name: "tapx".into(),
+                netns: "/run/netns/x".into(),
+            },
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        let (_, opts) = restore_plan(true, &spec, Some(&named), &nic).unwrap();
+        assert_eq!(opts.netns.as_deref(), Some(Path::new("/run/netns/x")));
+        assert_eq!(
+            opts.network_overrides,
+            vec![api::NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tapx".into()
+            }]
+        );
+        assert_eq!(opts.nic_mac, Some([2, 0, 0, 0, 0, 1]));
+        let other_mac = Nic {
+            mac: [2, 0, 0, 0, 0, 9],
+            ..named.clone()
+        };
+        let e = restore_plan(true, &spec, Some(&other_mac), &nic).unwrap_err();
+        assert!(e.to_string().contains("02:00:00:00:00:01"), "{e}");
+        let e = restore_plan(true, &spec, Some(&named), &snap).unwrap_err();
+        assert!(e.to_string().contains("no NIC"), "{e}");
+        let fd = Nic {
+            tap: crate::Tap::Fd(std::sync::Arc::new(
+                std::fs::File::open("/dev/null").unwrap().into(),
+            )),
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        let e = restore_plan(true, &spec, Some(&fd), &nic).unwrap_err();
+        assert!(e.to_string().contains("by name"), "{e}");
         std::fs::remove_file(d.path().join(LAUNCH_RECORD)).unwrap();
         assert!(refused(true, &spec, &snap).contains("firecracker.json"));
     }
