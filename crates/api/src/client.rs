@@ -116,13 +116,13 @@ impl Client {
         })
     }
 
-    /// Sends one request; returns the status and the whole body.
-    pub async fn raw(
+    /// Sends one request; returns the response with its body still to be read.
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let io = TokioIo::new(self.connect().await?);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
@@ -139,7 +139,17 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .expect("valid request");
-        let resp = sender.send_request(req).await.map_err(ClientError::Http)?;
+        sender.send_request(req).await.map_err(ClientError::Http)
+    }
+
+    /// Sends one request; returns the status and the whole body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -167,20 +177,7 @@ impl Client {
         if status.is_success() {
             return Ok(bytes);
         }
-        let error = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiError {
-            code: ErrorCode::Internal,
-            message: format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&bytes)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            ),
-        });
-        Err(ClientError::Api {
-            status: status.as_u16(),
-            error,
-        })
+        Err(api_error(status, &bytes))
     }
 
     /// Creates a sandbox and waits until it runs.
@@ -461,6 +458,25 @@ impl ExecReceiver {
                 _ => continue,
             });
         }
+    }
+}
+
+/// The error a non-2xx answer stands for: its `ApiError` body, or the status and the start of
+/// whatever else it said.
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let error = serde_json::from_slice(body).unwrap_or_else(|_| ApiError {
+        code: ErrorCode::Internal,
+        message: format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ),
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        error,
     }
 }
 

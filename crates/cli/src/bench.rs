@@ -36,6 +36,7 @@ pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, CliError> {
         BenchCommand::Daemon(a) => daemon(home, a).await,
         BenchCommand::Firecracker(a) => crate::bench_fc::firecracker(home, a).await,
         BenchCommand::Clone(a) => crate::bench_clone::clone(home, a).await,
+        BenchCommand::Task(a) => crate::bench_task::task(home, a).await,
     }
 }
 
@@ -407,6 +408,25 @@ fn ratio(a: &[Duration], b: &[Duration], p: usize) -> f64 {
         return f64::NAN;
     }
     pct(a, p).as_secs_f64() / pct(b, p).as_secs_f64().max(f64::EPSILON)
+}
+
+/// Boots and saves the template `bench` in `vm`'s shape (no provisioning, default network)
+/// and prints how long that took.
+pub(crate) async fn bench_template(client: &Client, vm: &VmArgs) -> Result<(), CliError> {
+    let t = Instant::now();
+    client
+        .create_template(&hutch_types::TemplateSpec {
+            name: "bench".into(),
+            image: vm.image.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory,
+            disk_mib: vm.disk,
+            provision: None,
+            network: Default::default(),
+        })
+        .await?;
+    println!("template: booted and saved in {:.1?}", t.elapsed());
+    Ok(())
 }
 
 /// `p50 X  p95 Y  (min Z, max W)`.

@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod bench_clone;
 mod bench_fc;
+mod bench_task;
 mod daemon;
 mod doctor;
 mod error;

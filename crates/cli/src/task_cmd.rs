@@ -1,12 +1,19 @@
-//! `hutch task run|ls|show|diff|apply`: agent tasks through the daemon. The workspace is packed
-//! here and sent; the changeset comes back checked by the daemon and is checked again here
-//! before `apply` writes a byte.
+//! `hutch task run|ls|show|diff|apply|verify`: agent tasks through the daemon. The workspace
+//! is packed here and sent; the agent's output streams back while it runs; the changeset
+//! comes back checked by the daemon and is checked again here (with the record's signature and
+//! digests) before `apply` writes a byte.
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+};
 
 use clap::{Args, Subcommand};
 use hutch_api::client::Client;
-use hutch_task::{apply, changeset::validate, Limits, TaskRecord, TaskSpec, Verdict};
+use hutch_task::{
+    apply, baseline::sha256_hex, changeset::validate, diff::escape_terminal, model::FRAME_STDOUT,
+    Limits, TaskRecord, TaskSpec, Verdict,
+};
 
 use crate::{
     args::{ConnArgs, NetArgs},
@@ -44,12 +51,15 @@ pub enum TaskCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print a task's record (JSON).
+    /// Print a task's record (JSON), then whether its signature holds (on stderr).
     Show(TaskIdArgs),
-    /// Print a task's changeset as a unified diff.
+    /// Check that a stored task (record, baseline, changeset) is as the host signed it.
+    Verify(TaskIdArgs),
+    /// Print a task's changeset as a unified diff (control characters escaped on a terminal).
     Diff(TaskIdArgs),
-    /// Apply a task's changeset to the workspace (every touched path must be as in the task's
-    /// baseline), or commit it on a new branch without touching the work tree.
+    /// Apply a task's changeset to the workspace (a clean git tree, and every touched path as
+    /// in the task's baseline), or commit it on a new branch without touching the work tree;
+    /// refused when the task's signature does not hold.
     Apply {
         /// The task.
         #[command(flatten)]
@@ -158,7 +168,7 @@ impl TaskCommand {
         match self {
             TaskCommand::Run(a) => &a.conn,
             TaskCommand::RunMany { conn, .. } | TaskCommand::Ls { conn, .. } => conn,
-            TaskCommand::Show(a) | TaskCommand::Diff(a) => &a.conn,
+            TaskCommand::Show(a) | TaskCommand::Diff(a) | TaskCommand::Verify(a) => &a.conn,
             TaskCommand::Apply { task, .. } => &task.conn,
         }
     }
@@ -215,10 +225,22 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                 "{}",
                 serde_json::to_string_pretty(&t).expect("serializable")
             );
-            Ok(0)
+            let check = client.task_signature(&a.id).await?;
+            eprintln!("signature: {check}");
+            Ok(if check.is_ok() { 0 } else { 1 })
+        }
+        TaskCommand::Verify(a) => {
+            let check = client.task_signature(&a.id).await?;
+            println!("signature: {check}");
+            Ok(if check.is_ok() { 0 } else { 1 })
         }
         TaskCommand::Diff(a) => {
-            print!("{}", client.task_diff(&a.id).await?);
+            let diff = client.task_diff(&a.id).await?;
+            if std::io::stdout().is_terminal() {
+                print!("{}", escape_terminal(&diff));
+            } else {
+                print!("{diff}");
+            }
             Ok(0)
         }
         TaskCommand::Apply {
@@ -234,8 +256,23 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                     verdict_word(&record.verdict)
                 )));
             }
+            let check = client.task_signature(&task.id).await?;
+            if !check.is_ok() {
+                return Err(usage(format!(
+                    "task {}: signature {check}; refusing to apply it",
+                    task.id
+                )));
+            }
             let baseline = client.task_baseline(&task.id).await?;
             let stream = client.task_changeset(&task.id).await?;
+            if baseline.digest() != record.baseline_digest
+                || Some(sha256_hex(&stream)) != record.changeset_digest
+            {
+                return Err(usage(format!(
+                    "task {}: the baseline or changeset served differs from the signed record's digests",
+                    task.id
+                )));
+            }
             let cs = validate(&stream, &baseline, &record.spec.policy()).map_err(|r| {
                 usage(format!(
                     "the changeset does not validate: {}",
@@ -255,9 +292,15 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                     let commit = apply::apply_to_branch(&workspace, &b, &cs, &baseline, &msg)
                         .map_err(|e| usage(crate::error::chain(&e)))?;
                     println!("{b} {commit}");
+                    for c in cs.changes.iter().filter(|c| c.is_dir()) {
+                        eprintln!(
+                            "note: git records no empty directories; not in the commit: {:?}",
+                            c.paths()
+                        );
+                    }
                 }
                 None => {
-                    apply::apply_to_dir(&workspace, &cs, &baseline)
+                    apply::apply_to_work_tree(&workspace, &cs, &baseline)
                         .map_err(|e| usage(crate::error::chain(&e)))?;
                     println!(
                         "applied {} change(s) to {}",
@@ -302,7 +345,20 @@ async fn run_task(client: &Client, a: TaskRunArgs) -> Result<i32, CliError> {
             ..Limits::default()
         },
     };
-    let record = client.run_task(&spec, &tar).await?;
+    let record = if a.json {
+        client.run_task(&spec, &tar).await?
+    } else {
+        // The agent's output as it comes (like `hutch exec`); the record keeps a capped copy.
+        client
+            .run_task_streaming(&spec, &tar, |kind, data| {
+                let _ = if kind == FRAME_STDOUT {
+                    std::io::stdout().write_all(data)
+                } else {
+                    std::io::stderr().write_all(data)
+                };
+            })
+            .await?
+    };
     if a.json {
         println!(
             "{}",
@@ -319,10 +375,7 @@ async fn run_task(client: &Client, a: TaskRunArgs) -> Result<i32, CliError> {
 }
 
 fn summary(t: &TaskRecord) {
-    if let Some(agent) = &t.agent {
-        let _ = std::io::stdout().write_all(agent.stdout.as_bytes());
-        let _ = std::io::stderr().write_all(agent.stderr.as_bytes());
-    }
+    let _ = std::io::stdout().flush();
     let exit = t.agent.as_ref().map_or("did not run".to_string(), |a| {
         match (a.exit_code, a.signal) {
             (Some(c), _) => format!("exit {c}{}", if a.timed_out { " (timed out)" } else { "" }),
@@ -351,15 +404,15 @@ fn summary(t: &TaskRecord) {
         ),
         Verdict::Empty => {}
     }
+    for r in &t.not_carried {
+        eprintln!("  not carried: {r}");
+    }
     if let Some(v) = &t.verify {
         eprintln!(
             "  verify `{}`: {}",
             v.command,
             if v.passed { "passed" } else { "FAILED" }
         );
-        if !v.passed {
-            eprint!("{}{}", v.process.stdout, v.process.stderr);
-        }
     }
     if let Some(e) = &t.error {
         eprintln!("  error: {e}");

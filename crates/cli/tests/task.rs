@@ -104,6 +104,7 @@ fn common_trials() -> Vec<libtest_mimic::Trial> {
         hostile_agents_are_rejected_with_reasons,
         verify_passes_good_changes_fails_breaking_ones_without_a_network,
         three_parallel_tasks_then_a_round_that_sees_their_changes,
+        task_run_streams_the_agents_output,
     ]
 }
 
@@ -274,6 +275,8 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
                 Change::Delete { path } => format!("delete {path}"),
                 Change::Rename { from, to, mode } => format!("rename {from} {to} {mode:o}"),
                 Change::Chmod { path, mode } => format!("chmod {path} {mode:o}"),
+                Change::Mkdir { path } => format!("mkdir {path}"),
+                Change::Rmdir { path } => format!("rmdir {path}"),
             })
             .collect();
         seen.sort();
@@ -317,17 +320,7 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
         run(expected.path(), "sh", &["-c", AGENT])?;
         let home = suite().home.path().to_path_buf();
 
-        let out = hutch(&home)
-            .args([
-                "task",
-                "apply",
-                &t.id,
-                "--branch",
-                "agent/one",
-                "--workspace",
-            ])
-            .arg(ws.path())
-            .output()?;
+        let out = apply(&home, &t.id, ws.path(), Some("agent/one"))?;
         check(
             out.status.success(),
             format!("apply --branch: {}", String::from_utf8_lossy(&out.stderr)),
@@ -343,10 +336,7 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
         let link = run(ws.path(), "git", &["ls-tree", "agent/one", "sub/link"])?;
         check(link.starts_with("120000"), format!("branch symlink {link}"))?;
 
-        let out = hutch(&home)
-            .args(["task", "apply", &t.id, "--workspace"])
-            .arg(ws.path())
-            .output()?;
+        let out = apply(&home, &t.id, ws.path(), None)?;
         check(
             out.status.success(),
             format!("apply: {}", String::from_utf8_lossy(&out.stderr)),
@@ -357,11 +347,19 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
             got == want,
             format!("applied tree differs:\n{got:#?}\nexpected\n{want:#?}"),
         )?;
-        // Applying again conflicts: the paths are no longer as in the baseline.
-        let out = hutch(&home)
-            .args(["task", "apply", &t.id, "--workspace"])
-            .arg(ws.path())
-            .output()?;
+        // Applying again onto the changed work tree is refused: it is not clean.
+        let again = || apply(&home, &t.id, ws.path(), None);
+        let out = again()?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        check(
+            !out.status.success() && said.contains("not clean") && said.contains("a.txt"),
+            format!("a second apply onto a dirty tree: {said}"),
+        )?;
+        // Committed, the tree is clean, and the apply conflicts: the paths are no longer as
+        // in the baseline.
+        run(ws.path(), "git", &["add", "-A"])?;
+        run(ws.path(), "git", &["commit", "-qm", "applied"])?;
+        let out = again()?;
         check(!out.status.success(), "a second apply is refused")?;
         check(
             String::from_utf8_lossy(&out.stderr).contains("conflicts"),
@@ -389,8 +387,80 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
         ] {
             check(stored.join(f).is_file(), format!("{f} stored"))?;
         }
+
+        // The record is signed; a record changed on disk is caught and not applied.
+        let out = hutch(&home).args(["task", "show", &t.id]).output()?;
+        check(
+            out.status.success() && String::from_utf8_lossy(&out.stderr).contains("signature: ok"),
+            format!("task show: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        let record = stored.join("record.json");
+        let signed = std::fs::read_to_string(&record)?;
+        check(
+            signed.contains("\"exit_code\": 0"),
+            "record names the exit code",
+        )?;
+        std::fs::write(
+            &record,
+            signed.replace("\"exit_code\": 0", "\"exit_code\": 3"),
+        )?;
+        let out = hutch(&home).args(["task", "verify", &t.id]).output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        check(
+            !out.status.success() && said.contains("signature: BAD"),
+            format!("task verify of a tampered record: {said}"),
+        )?;
+        let out = apply(&home, &t.id, ws.path(), Some("agent/tampered"))?;
+        check(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("signature"),
+            format!(
+                "apply of a tampered task: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )?;
+        std::fs::write(&record, signed)?;
+        let out = hutch(&home).args(["task", "verify", &t.id]).output()?;
+        check(out.status.success(), "the restored record verifies")?;
         Ok(())
     })
+}
+
+/// `hutch task run` prints the agent's output while the agent still runs.
+fn task_run_streams_the_agents_output() -> Result {
+    use std::io::BufRead;
+    let ws = repo()?;
+    let mut child = hutch(suite().home.path())
+        .args(["task", "run", "--workspace"])
+        .arg(ws.path())
+        .args(["--", "sh", "-c", "echo first; sleep 8; echo second"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let first = lines.next().ok_or("no output")??;
+    let running = child.try_wait()?.is_none();
+    let rest: Vec<String> = lines.collect::<std::result::Result<_, _>>()?;
+    let status = child.wait()?;
+    check(first == "first", format!("first line {first:?}"))?;
+    check(running, "the first line came only after the task ended")?;
+    check(rest == ["second"], format!("rest {rest:?}"))?;
+    check(status.success(), "task run failed")?;
+    Ok(())
+}
+
+/// `hutch task apply ID --workspace WS [--branch B]`.
+fn apply(
+    home: &Path,
+    id: &str,
+    ws: &Path,
+    branch: Option<&str>,
+) -> std::io::Result<std::process::Output> {
+    let mut cmd = hutch(home);
+    cmd.args(["task", "apply", id, "--workspace"]).arg(ws);
+    if let Some(b) = branch {
+        cmd.args(["--branch", b]);
+    }
+    cmd.output()
 }
 
 fn without_git(d: &BTreeMap<String, String>) -> BTreeMap<String, String> {

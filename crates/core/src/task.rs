@@ -3,7 +3,10 @@
 //! validates it ([`hutch_task::changeset::validate`]) and stores the task under
 //! `$HUTCH_HOME/tasks/<id>/`. With `verify`, the accepted changeset is applied in another fresh
 //! sandbox without a network and the command's verdict recorded. Sandboxes are always
-//! destroyed; the host never runs workspace code.
+//! destroyed; the host never runs workspace code. The agent's output streams to an optional
+//! sink while it runs; every record is signed with the host's task key
+//! ([`hutch_task::sign`]); a task cut off by a daemon restart is marked failed by
+//! [`Tasks::recover`].
 
 use std::{
     collections::BTreeMap,
@@ -16,9 +19,12 @@ use hutch_protocol::{
     host::{Channel, ExecEvent},
     ExecRequest, ExitStatus, WriteFileRequest,
 };
+use hutch_store::ListFilter;
 use hutch_task::{
     baseline::{sha256_hex, tar_files, ArchiveError},
     changeset::validate,
+    model::{FRAME_STDERR, FRAME_STDOUT},
+    sign::{HostKey, KeyError, SignatureCheck},
     BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,
     VerifyOutcome,
 };
@@ -36,6 +42,14 @@ const GUEST_CHANGESET: &str = "/opt/hutch-task/changeset.bin";
 const OUTPUT_CAP: usize = 1 << 20;
 /// Longest agent or verify timeout.
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+/// The label every task sandbox carries, valued with the task's id.
+pub const TASK_LABEL: &str = "hutch.task";
+/// Why a task without a record is marked failed at daemon start.
+const INTERRUPTED: &str = "interrupted by a daemon restart";
+
+/// Where a running task's output goes as it comes: `(FRAME_STDOUT | FRAME_STDERR, bytes)`.
+/// A sink whose receiver is gone is ignored.
+pub type OutputSink = tokio::sync::mpsc::Sender<(u8, Vec<u8>)>;
 
 /// Why a task could not be run or read.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +84,12 @@ pub enum TaskError {
         #[source]
         source: serde_json::Error,
     },
+    /// The host's signing key is unusable.
+    #[error("task signing key")]
+    Key(#[source] KeyError),
+    /// The sandboxes left by interrupted tasks could not be listed.
+    #[error("listing task sandboxes")]
+    Sandboxes(#[source] CoreError),
 }
 
 impl TaskError {
@@ -79,7 +99,10 @@ impl TaskError {
             TaskError::Spec(_) => ErrorCode::BadRequest,
             TaskError::Archive(_) => ErrorCode::UnsafePath,
             TaskError::NotFound(_) | TaskError::NoChangeset(_) => ErrorCode::NotFound,
-            TaskError::Store { .. } | TaskError::Corrupt { .. } => ErrorCode::Internal,
+            TaskError::Store { .. }
+            | TaskError::Corrupt { .. }
+            | TaskError::Key(_)
+            | TaskError::Sandboxes(_) => ErrorCode::Internal,
         }
     }
 }
@@ -109,18 +132,36 @@ pub struct Tasks {
 struct Collected {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
-    truncated: bool,
+    /// Bytes beyond the cap, per stream (not kept).
+    dropped: [u64; 2],
     status: ExitStatus,
     timed_out: bool,
 }
 
-/// Runs `req` to its end, feeding `stdin`, keeping at most `cap` bytes per stream; a process
-/// that writes more is killed (its stream is then marked truncated).
+impl Collected {
+    fn truncated(&self) -> bool {
+        self.dropped != [0, 0]
+    }
+}
+
+/// What to do with output beyond the cap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OverCap {
+    /// Kill the process (its output is data, e.g. the changeset stream).
+    Kill,
+    /// Let it run; the rest is only streamed, not kept.
+    Drop,
+}
+
+/// Runs `req` to its end, feeding `stdin`, keeping at most `cap` bytes per stream and
+/// forwarding all of it to `sink`.
 async fn run_capped(
     channel: &Channel,
     req: ExecRequest,
     stdin: Option<Vec<u8>>,
     cap: usize,
+    over: OverCap,
+    sink: Option<&OutputSink>,
 ) -> Result<Collected, StepError> {
     let mut exec = channel.exec(req).await?;
     let ctl = exec.control();
@@ -131,34 +172,47 @@ async fn run_capped(
             let _ = ctl.close_stdin().await;
         });
     }
-    let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
+    let (mut stdout, mut stderr, mut dropped) = (Vec::new(), Vec::new(), [0u64; 2]);
     loop {
-        let (buf, data) = match exec.next_event().await? {
-            ExecEvent::Stdout(d) => (&mut stdout, d),
-            ExecEvent::Stderr(d) => (&mut stderr, d),
+        let (buf, n, data) = match exec.next_event().await? {
+            ExecEvent::Stdout(d) => (&mut stdout, 0, d),
+            ExecEvent::Stderr(d) => (&mut stderr, 1, d),
             ExecEvent::Exited(exit) => {
                 return Ok(Collected {
                     stdout,
                     stderr,
-                    truncated,
+                    dropped,
                     status: exit.status,
                     timed_out: exit.timed_out,
                 })
             }
         };
-        if buf.len() + data.len() > cap {
-            if !truncated {
+        if let Some(sink) = sink {
+            let kind = if n == 0 { FRAME_STDOUT } else { FRAME_STDERR };
+            let _ = sink.send((kind, data.clone())).await;
+        }
+        let room = cap.saturating_sub(buf.len());
+        if data.len() > room {
+            if over == OverCap::Kill && dropped == [0, 0] {
                 let _ = ctl.signal(libc::SIGKILL).await;
             }
-            truncated = true;
+            buf.extend_from_slice(&data[..room]);
+            dropped[n] += (data.len() - room) as u64;
         } else {
             buf.extend_from_slice(&data);
         }
     }
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// A stream as stored: lossy UTF-8, with a note when bytes beyond the cap were dropped.
+fn stored(b: &[u8], dropped: u64) -> String {
+    let mut s = String::from_utf8_lossy(b).into_owned();
+    if dropped > 0 {
+        s.push_str(&format!(
+            "\n[hutch: {dropped} more bytes of output were not stored (the record keeps {OUTPUT_CAP} per stream)]\n"
+        ));
+    }
+    s
 }
 
 fn excerpt(b: &[u8]) -> String {
@@ -178,9 +232,9 @@ fn outcome(c: &Collected, started: Instant) -> ProcessOutcome {
         exit_code,
         signal,
         timed_out: c.timed_out,
-        stdout: lossy(&c.stdout),
-        stderr: lossy(&c.stderr),
-        truncated: c.truncated,
+        stdout: stored(&c.stdout, c.dropped[0]),
+        stderr: stored(&c.stderr, c.dropped[1]),
+        truncated: c.truncated(),
         millis: started.elapsed().as_millis() as u64,
     }
 }
@@ -281,15 +335,19 @@ impl Tasks {
         })
     }
 
-    /// Runs a task to its end and stores it. Only a bad spec or archive is an error; what
-    /// goes wrong in a sandbox is recorded in the task (`error`, `verdict`).
+    /// Runs a task to its end and stores it, signed; the agent's and the verify command's
+    /// output also go to `sink` as they come. Only a bad spec or archive (or an unusable
+    /// signing key) is an error; what goes wrong in a sandbox is recorded in the task
+    /// (`error`, `verdict`).
     pub async fn run(
         &self,
         spec: TaskSpec,
         workspace_tar: Vec<u8>,
+        sink: Option<OutputSink>,
     ) -> Result<TaskRecord, TaskError> {
         check_spec(&spec)?;
         let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
+        let key = self.key()?;
         let started = Instant::now();
         let id = format!(
             "task-{:010x}",
@@ -312,22 +370,24 @@ impl Tasks {
             spec: spec.clone(),
             created_ms: now_ms(),
             baseline_digest: baseline.digest(),
-            baseline_files: baseline.entries.len(),
+            baseline_files: baseline.workspace_entries(),
             agent: None,
             verdict: Verdict::ExtractionFailed {
                 reason: "the agent did not run".into(),
             },
             changes: vec![],
+            not_carried: vec![],
             changeset_digest: None,
             verify: None,
             timings: Default::default(),
             error: None,
+            signature: None,
         };
         let mut changeset = None;
         let sb = SandboxSpec {
             template: spec.template.clone(),
             network: spec.network.clone(),
-            labels: [("hutch.task".to_string(), id.clone())].into(),
+            labels: [(TASK_LABEL.to_string(), id.clone())].into(),
             ..Default::default()
         };
         let t = Instant::now();
@@ -343,6 +403,7 @@ impl Tasks {
                         &baseline_json,
                         &baseline,
                         &mut record,
+                        sink.as_ref(),
                     )
                     .await;
                 match r {
@@ -361,18 +422,125 @@ impl Tasks {
         if let (Some(cmd), true) = (&spec.verify, verifiable) {
             let t = Instant::now();
             let stream = changeset.as_ref().map(Changeset::encode);
-            match self.verify(&id, &spec, cmd, &workspace_tar, stream).await {
+            let verified = self
+                .verify(&id, &spec, cmd, &workspace_tar, stream, sink.as_ref())
+                .await;
+            match verified {
                 Ok(v) => record.verify = Some(v),
                 Err(e) => record.error = Some(format!("verification: {}", chain(&e))),
             }
             record.timings.verify_ms = ms(t);
         }
         record.timings.total_ms = ms(started);
+        Self::store_record(&dir, &key, &mut record)?;
+        Ok(record)
+    }
+
+    /// The host's signing key (made on first use).
+    fn key(&self) -> Result<HostKey, TaskError> {
+        HostKey::load_or_create(&self.dir.join("host.key")).map_err(TaskError::Key)
+    }
+
+    /// Signs `record` and stores it as the task's `record.json` in `dir`.
+    fn store_record(dir: &Path, key: &HostKey, record: &mut TaskRecord) -> Result<(), TaskError> {
+        key.sign(record);
         Self::write(
             &dir.join("record.json"),
-            &serde_json::to_vec_pretty(&record).expect("serializable"),
-        )?;
-        Ok(record)
+            &serde_json::to_vec_pretty(record).expect("serializable"),
+        )
+    }
+
+    /// At daemon start: every task that has no record was cut off by the last daemon's end.
+    /// Each is stored as failed ("interrupted by a daemon restart"), and every sandbox that a
+    /// task labelled ([`TASK_LABEL`]) is destroyed (no task runs before this returns).
+    /// Returns the ids of the interrupted tasks.
+    pub async fn recover(&self) -> Result<Vec<String>, TaskError> {
+        let mut interrupted = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e.flatten().collect::<Vec<_>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+            Err(source) => {
+                return Err(TaskError::Store {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        for e in entries {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let dir = e.path();
+            if !valid_task_id(&id) || dir.join("record.json").exists() {
+                continue;
+            }
+            let Ok(spec) = Self::json::<TaskSpec>(&dir.join("spec.json")) else {
+                // Cut off before its spec was stored: nothing to tell.
+                tracing::warn!(task = %id, "removing a task directory without a spec");
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            };
+            let baseline = Self::json::<Baseline>(&dir.join("baseline.json")).unwrap_or_default();
+            let created_ms = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            let mut record = TaskRecord {
+                id: id.clone(),
+                spec,
+                created_ms,
+                baseline_digest: baseline.digest(),
+                baseline_files: baseline.workspace_entries(),
+                agent: None,
+                verdict: Verdict::ExtractionFailed {
+                    reason: INTERRUPTED.into(),
+                },
+                changes: vec![],
+                not_carried: vec![],
+                changeset_digest: None,
+                verify: None,
+                timings: Default::default(),
+                error: Some(INTERRUPTED.into()),
+                signature: None,
+            };
+            // A changeset stored before the cut is not vouched for by any record.
+            let _ = std::fs::remove_file(dir.join("changeset.bin"));
+            Self::store_record(&dir, &self.key()?, &mut record)?;
+            tracing::warn!(task = %id, "task {INTERRUPTED}");
+            interrupted.push(id);
+        }
+        let sandboxes = self
+            .manager
+            .list(&ListFilter::default())
+            .await
+            .map_err(TaskError::Sandboxes)?;
+        for sb in sandboxes {
+            if let Some(task) = sb.spec.labels.get(TASK_LABEL) {
+                tracing::info!(sandbox = %sb.id, task = %task, "removing a task sandbox left by the last daemon");
+                self.destroy(&sb.id).await;
+            }
+        }
+        Ok(interrupted)
+    }
+
+    /// Checks a stored task: its record's signature, and that its baseline and changeset are
+    /// the ones the record names.
+    pub fn verify_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
+        let dir = self.task_dir(id)?;
+        let record: TaskRecord = Self::json(&dir.join("record.json"))?;
+        // A task cut off before its baseline was stored is recorded with the empty one's.
+        let baseline = Self::json::<Baseline>(&dir.join("baseline.json"))
+            .unwrap_or_default()
+            .digest();
+        let path = dir.join("changeset.bin");
+        let changeset = if path.exists() {
+            Some(Self::read(&path)?)
+        } else {
+            None
+        };
+        Ok(self
+            .key()?
+            .check_task(&record, &baseline, changeset.as_deref()))
     }
 
     async fn destroy(&self, id: &str) {
@@ -392,7 +560,15 @@ impl Tasks {
             stdin: true,
             ..ExecRequest::shell(&script)
         };
-        let c = run_capped(channel, req, Some(tar.to_vec()), 64 << 10).await?;
+        let c = run_capped(
+            channel,
+            req,
+            Some(tar.to_vec()),
+            64 << 10,
+            OverCap::Kill,
+            None,
+        )
+        .await?;
         if c.status != ExitStatus::Code(0) {
             return Err(StepError::Guest {
                 what: "unpacking the workspace",
@@ -414,6 +590,7 @@ impl Tasks {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn agent_steps(
         &self,
         sandbox: &str,
@@ -422,6 +599,7 @@ impl Tasks {
         baseline_json: &[u8],
         baseline: &Baseline,
         record: &mut TaskRecord,
+        sink: Option<&OutputSink>,
     ) -> Result<Option<Changeset>, StepError> {
         let channel = self.manager.channel(sandbox)?;
         let t = Instant::now();
@@ -435,7 +613,7 @@ impl Tasks {
             timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
             ..ExecRequest::new(spec.command.clone())
         };
-        let agent = run_capped(&channel, req, None, OUTPUT_CAP).await?;
+        let agent = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
         record.agent = Some(outcome(&agent, t));
         record.timings.agent_ms = ms(t);
 
@@ -454,8 +632,8 @@ impl Tasks {
         let cap =
             (l.max_total_bytes + hutch_task::changeset::MAX_MANIFEST + (l.max_files + 1) * 8 + 64)
                 as usize;
-        let out = run_capped(&channel, req, None, cap).await?;
-        let result = if out.truncated {
+        let out = run_capped(&channel, req, None, cap, OverCap::Kill, None).await?;
+        let result = if out.truncated() {
             record.verdict = Verdict::ExtractionFailed {
                 reason: format!("the changeset stream is over {cap} bytes"),
             };
@@ -475,6 +653,7 @@ impl Tasks {
             match r {
                 Ok(cs) => {
                     record.changes = cs.changes.clone();
+                    record.not_carried = cs.not_carried.clone();
                     Some(cs)
                 }
                 Err(_) => None,
@@ -491,11 +670,12 @@ impl Tasks {
         cmd: &str,
         tar: &[u8],
         stream: Option<Vec<u8>>,
+        sink: Option<&OutputSink>,
     ) -> Result<VerifyOutcome, StepError> {
         let sb = SandboxSpec {
             template: spec.template.clone(),
             network: NetworkPolicy::None,
-            labels: [("hutch.task".to_string(), id.to_string())].into(),
+            labels: [(TASK_LABEL.to_string(), id.to_string())].into(),
             ..Default::default()
         };
         let (info, _) = self.manager.create(sb, None).await?;
@@ -509,7 +689,7 @@ impl Tasks {
             if stream.is_some() {
                 let argv = ["python3", HELPER, "apply", GUEST_WORKSPACE, GUEST_CHANGESET];
                 let req = ExecRequest::new(argv.map(String::from).to_vec());
-                let c = run_capped(&channel, req, None, 64 << 10).await?;
+                let c = run_capped(&channel, req, None, 64 << 10, OverCap::Kill, None).await?;
                 if c.status != ExitStatus::Code(0) {
                     return Err(StepError::Guest {
                         what: "applying the changeset",
@@ -525,7 +705,7 @@ impl Tasks {
                 timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
                 ..ExecRequest::shell(cmd)
             };
-            let c = run_capped(&channel, req, None, OUTPUT_CAP).await?;
+            let c = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
             let process = outcome(&c, t);
             Ok(VerifyOutcome {
                 command: cmd.to_string(),
@@ -617,9 +797,82 @@ impl Tasks {
             .iter()
             .filter_map(|(p, e)| match e {
                 BaseEntry::File { mode, .. } => Some((p.clone(), *mode)),
-                BaseEntry::Symlink { .. } => None,
+                BaseEntry::Symlink { .. } | BaseEntry::Dir => None,
             })
             .collect();
         Ok(hutch_task::diff::unified(&cs, &base, &modes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hutch_store::SqliteStore;
+
+    use super::*;
+    use crate::{Limits, ManagerConfig};
+
+    fn tasks(dir: &Path) -> Tasks {
+        let store = Arc::new(SqliteStore::open(&dir.join("s.db")).unwrap());
+        let cfg = ManagerConfig {
+            images_dir: dir.join("images"),
+            runs_dir: dir.join("vms"),
+            limits: Limits {
+                max_sandboxes: 1,
+                memory_budget_mib: 1024,
+            },
+            templates: crate::Templates::new(dir.join("templates"), dir.join("shm")),
+            snapshots_dir: dir.join("snapshots"),
+            boot_timeout: Duration::from_secs(1),
+        };
+        let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
+            "/nonexistent".into(),
+            hutch_vmm::Accel::Tcg,
+        ));
+        let manager = Manager::new(cfg, store, vmm, Err("not in unit tests".into()));
+        Tasks::new(dir.join("tasks"), manager)
+    }
+
+    #[tokio::test]
+    async fn tasks_cut_off_by_a_restart_are_stored_failed_and_signed() {
+        let home = tempfile::tempdir().unwrap();
+        let t = tasks(home.path());
+        let cut = home.path().join("tasks/task-00000000aa");
+        std::fs::create_dir_all(&cut).unwrap();
+        std::fs::write(cut.join("spec.json"), r#"{"command":["sleep","9"]}"#).unwrap();
+        std::fs::write(cut.join("changeset.bin"), b"half a stream").unwrap();
+        let early = home.path().join("tasks/task-00000000bb");
+        std::fs::create_dir_all(&early).unwrap();
+
+        assert_eq!(t.recover().await.unwrap(), ["task-00000000aa"]);
+        let r = t.get("task-00000000aa").unwrap();
+        assert_eq!(r.error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(
+            r.verdict,
+            Verdict::ExtractionFailed {
+                reason: INTERRUPTED.into()
+            }
+        );
+        assert!(t.verify_signature("task-00000000aa").unwrap().is_ok());
+        assert!(
+            !cut.join("changeset.bin").exists(),
+            "an unvouched changeset is dropped"
+        );
+        assert!(
+            !early.exists(),
+            "a directory cut off before its spec is removed"
+        );
+        // Recovered once: a second start finds nothing to do.
+        assert!(t.recover().await.unwrap().is_empty());
+
+        // Tampering with the stored record is detected.
+        let path = cut.join("record.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("sleep", "sleek")).unwrap();
+        assert!(matches!(
+            t.verify_signature("task-00000000aa").unwrap(),
+            SignatureCheck::Bad { .. }
+        ));
     }
 }

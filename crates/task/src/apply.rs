@@ -44,6 +44,9 @@ pub enum ApplyError {
     /// git could not be started.
     #[error("cannot run git")]
     GitSpawn(#[source] std::io::Error),
+    /// The work tree has uncommitted changes; applying needs a clean one.
+    #[error("the work tree is not clean (commit or stash first, or use --branch): {}", .0.join(", "))]
+    Dirty(Vec<String>),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ApplyError + '_ {
@@ -59,6 +62,7 @@ enum Current {
     Absent,
     File { mode: u32, sha256: String },
     Symlink(String),
+    Dir { empty: bool },
     Other,
 }
 
@@ -91,6 +95,12 @@ fn current(root: &Path, rel: &str) -> Result<Current, ApplyError> {
             mode: meta.mode() & 0o777,
             sha256: sha256_hex(&data),
         }
+    } else if meta.is_dir() {
+        let empty = std::fs::read_dir(&path)
+            .map_err(io(&path))?
+            .next()
+            .is_none();
+        Current::Dir { empty }
     } else {
         Current::Other
     })
@@ -104,17 +114,34 @@ fn expected(baseline: &Baseline, rel: &str) -> Current {
             sha256: sha256.clone(),
         },
         Some(BaseEntry::Symlink { target }) => Current::Symlink(target.clone()),
+        Some(BaseEntry::Dir) => Current::Dir { empty: true },
     }
 }
 
-/// The changes in the order they are applied: deletes, renames, writes, symlinks, chmods.
+/// Whether the host's `now` at a path the change touches is what the change expects: the
+/// baseline's state, except that a new empty directory may already exist (or be implied).
+fn unchanged(c: &Change, now: &Current, baseline: &Baseline, path: &str) -> bool {
+    match c {
+        Change::Mkdir { .. }
+            if matches!(baseline.entries.get(path), None | Some(BaseEntry::Dir)) =>
+        {
+            matches!(now, Current::Absent | Current::Dir { .. })
+        }
+        _ => *now == expected(baseline, path),
+    }
+}
+
+/// The changes in the order they are applied: deletes, removed directories, renames, writes,
+/// symlinks, chmods, new directories.
 fn ordered(cs: &Changeset) -> Vec<&Change> {
     let rank = |c: &Change| match c {
         Change::Delete { .. } => 0,
-        Change::Rename { .. } => 1,
-        Change::Write { .. } => 2,
-        Change::Symlink { .. } => 3,
-        Change::Chmod { .. } => 4,
+        Change::Rmdir { .. } => 1,
+        Change::Rename { .. } => 2,
+        Change::Write { .. } => 3,
+        Change::Symlink { .. } => 4,
+        Change::Chmod { .. } => 5,
+        Change::Mkdir { .. } => 6,
     };
     let mut v: Vec<&Change> = cs.changes.iter().collect();
     v.sort_by_key(|c| rank(c));
@@ -146,13 +173,53 @@ fn parents(root: &Path, rel: &str) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// The tracked paths `git status` reports as modified, staged, deleted or conflicted in the
+/// repository at `repo` (empty for a clean tree). Untracked files do not make a tree dirty
+/// (as for `git rebase`); the per-path baseline check still covers any a changeset touches.
+pub fn dirty_paths(repo: &Path) -> Result<Vec<String>, ApplyError> {
+    let out = git(
+        repo,
+        None,
+        &["status", "--porcelain=v1", "-z", "--untracked-files=no"],
+        None,
+    )?;
+    let mut paths = Vec::new();
+    let mut records = out.split(|b| *b == 0).filter(|r| !r.is_empty());
+    while let Some(r) = records.next() {
+        let path = String::from_utf8_lossy(r.get(3..).unwrap_or_default());
+        paths.push(crate::diff::escape_path(&path).into_owned());
+        // A rename or copy is followed by its source path.
+        if matches!(r.first(), Some(b'R' | b'C')) {
+            records.next();
+        }
+    }
+    Ok(paths)
+}
+
+/// Applies `cs` to the user's work tree `root` ([`apply_to_dir`]); when `root` is a git work
+/// tree it must be clean first ([`dirty_paths`]), so that what the changeset writes is all
+/// that `git status` shows afterwards.
+pub fn apply_to_work_tree(
+    root: &Path,
+    cs: &Changeset,
+    baseline: &Baseline,
+) -> Result<(), ApplyError> {
+    if root.join(".git").exists() {
+        let dirty = dirty_paths(root)?;
+        if !dirty.is_empty() {
+            return Err(ApplyError::Dirty(dirty));
+        }
+    }
+    apply_to_dir(root, cs, baseline)
+}
+
 /// Applies `cs` to the directory `root`, after checking that every path it touches holds
 /// exactly what the baseline recorded (refusing with the list of conflicts otherwise).
 pub fn apply_to_dir(root: &Path, cs: &Changeset, baseline: &Baseline) -> Result<(), ApplyError> {
     let mut conflicts = Vec::new();
     for c in &cs.changes {
         for p in c.paths() {
-            if current(root, p)? != expected(baseline, p) {
+            if !unchanged(c, &current(root, p)?, baseline, p) {
                 conflicts.push(p.to_string());
             }
         }
@@ -199,6 +266,15 @@ pub fn apply_to_dir(root: &Path, cs: &Changeset, baseline: &Baseline) -> Result<
                 let dst = root.join(path);
                 std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))
                     .map_err(io(&dst))?;
+            }
+            Change::Rmdir { path } => {
+                let dst = root.join(path);
+                std::fs::remove_dir(&dst).map_err(io(&dst))?;
+                prune(root, path);
+            }
+            Change::Mkdir { path } => {
+                let dst = root.join(path);
+                std::fs::create_dir_all(&dst).map_err(io(&dst))?;
             }
         }
     }
@@ -276,8 +352,9 @@ fn head_entry(repo: &Path, path: &str) -> Result<Option<(String, String)>, Apply
 
 /// Commits `cs` on top of `HEAD` of `repo` as the new branch `branch` (refused if it exists),
 /// touching neither the work tree nor the index. Every touched path must be in `HEAD` as in
-/// the baseline (git records only the executable bit, so modes compare by it). Returns the
-/// commit id.
+/// the baseline (git records only the executable bit, so modes compare by it). git records no
+/// empty directories, so `mkdir`/`rmdir` changes are not in the commit (see
+/// [`Change::is_dir`]). Returns the commit id.
 pub fn apply_to_branch(
     repo: &Path,
     branch: &str,
@@ -293,7 +370,7 @@ pub fn apply_to_branch(
         None,
     )?);
     let mut conflicts = Vec::new();
-    for c in &cs.changes {
+    for c in cs.changes.iter().filter(|c| !c.is_dir()) {
         for p in c.paths() {
             let now = head_entry(repo, p)?;
             let same = match (expected(baseline, p), &now) {
@@ -395,6 +472,7 @@ pub fn apply_to_branch(
                 let info = format!("{},{oid},{path}", git_mode(*mode));
                 git(repo, idx, &["update-index", "--cacheinfo", &info], None)?;
             }
+            Change::Mkdir { .. } | Change::Rmdir { .. } => {}
         }
     }
     let tree = text(git(repo, idx, &["write-tree"], None)?);

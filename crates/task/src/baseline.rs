@@ -9,7 +9,8 @@ use sha2::{Digest, Sha256};
 
 use crate::changeset::check_path;
 
-/// One file or symlink of the baseline (directories are implied by their contents).
+/// One file, symlink or empty directory of the baseline (other directories are implied by
+/// their contents).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BaseEntry {
@@ -27,10 +28,13 @@ pub enum BaseEntry {
         /// The link's target, as stored.
         target: String,
     },
+    /// An empty directory (outside `.git`).
+    Dir,
 }
 
-/// Every file and symlink of the workspace outside `.git`, plus those under `.git/hooks/`
-/// (watched, so a guest that writes a hook is caught and refused), by relative path.
+/// Every file and symlink of the workspace, `.git` included (watched, so that each change a
+/// guest makes there is reported and refused by name), and every empty directory outside
+/// `.git`, by relative path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Baseline {
     /// Path → entry.
@@ -57,9 +61,6 @@ pub enum ArchiveError {
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
-
-/// The part of `.git` whose changes the guest reports (and the host then refuses).
-pub const WATCHED_GIT: &str = ".git/hooks/";
 
 /// Whether a relative path lies inside `.git` (any component named `.git`).
 pub fn in_git_dir(path: &str) -> bool {
@@ -123,11 +124,18 @@ fn each_entry(
 }
 
 impl Baseline {
-    /// The baseline of a workspace archive (entries under `.git` are carried, not recorded).
+    /// The baseline of a workspace archive.
     pub fn from_tar(tar_bytes: &[u8]) -> Result<Baseline, ArchiveError> {
         let mut entries = BTreeMap::new();
+        let mut parents = BTreeSet::new();
         each_entry(tar_bytes, |path, header, data| {
-            if in_git_dir(path) && !path.starts_with(WATCHED_GIT) {
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                parents.insert(parent.to_string());
+            }
+            if header.entry_type().is_dir() {
+                if !in_git_dir(path) {
+                    entries.insert(path.to_string(), BaseEntry::Dir);
+                }
                 return Ok(());
             }
             let mode = header.mode().unwrap_or(0o644) & 0o777;
@@ -149,7 +157,14 @@ impl Baseline {
             }
             Ok(())
         })?;
+        // Only empty directories are recorded; the others are implied by their contents.
+        entries.retain(|p, e| !matches!(e, BaseEntry::Dir) || !parents.contains(p));
         Ok(Baseline { entries })
+    }
+
+    /// How many entries lie outside `.git`.
+    pub fn workspace_entries(&self) -> usize {
+        self.entries.keys().filter(|p| !in_git_dir(p)).count()
     }
 
     /// SHA-256 of the baseline's canonical JSON: equal workspaces have equal digests.
@@ -196,18 +211,20 @@ mod tests {
     }
 
     #[test]
-    fn baseline_records_files_and_links_but_not_git() {
+    fn baseline_records_files_links_empty_dirs_and_git() {
         let tar = tar_of(&[
             ("./a.txt", tar::EntryType::Regular, b"hi", ""),
             ("d/", tar::EntryType::Directory, b"", ""),
             ("d/l", tar::EntryType::Symlink, b"", "../a.txt"),
+            ("e/", tar::EntryType::Directory, b"", ""),
+            (".git/refs/tags/", tar::EntryType::Directory, b"", ""),
             (".git/config", tar::EntryType::Regular, b"x", ""),
         ]);
         let b = Baseline::from_tar(&tar).unwrap();
-        assert_eq!(b.entries.len(), 2);
-        let hooks = tar_of(&[(".git/hooks/pre-commit", tar::EntryType::Regular, b"x", "")]);
-        let b2 = Baseline::from_tar(&hooks).unwrap();
-        assert!(b2.entries.contains_key(".git/hooks/pre-commit"));
+        let paths: Vec<&str> = b.entries.keys().map(String::as_str).collect();
+        assert_eq!(paths, [".git/config", "a.txt", "d/l", "e"]);
+        assert_eq!(b.entries["e"], BaseEntry::Dir);
+        assert_eq!(b.workspace_entries(), 3);
         assert_eq!(
             b.entries["a.txt"],
             BaseEntry::File {

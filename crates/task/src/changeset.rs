@@ -79,10 +79,34 @@ pub enum Entry {
         /// Its length.
         size: u64,
     },
+    /// An empty directory the baseline lacks (or has as something else).
+    Mkdir {
+        /// Relative path.
+        path: String,
+    },
+    /// An empty directory of the baseline that is gone.
+    Rmdir {
+        /// Relative path.
+        path: String,
+    },
 }
 
+/// A change inside `.git`, reported without contents so the host can refuse it by name
+/// (nothing inside `.git` is ever carried).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitEntry {
+    /// Relative path (starts with `.git/`).
+    pub path: String,
+    /// What happened to it (`added`, `modified`, `deleted`, …).
+    pub change: String,
+}
+
+/// Most `.git` changes a manifest may list; the rest are only counted.
+pub const MAX_GIT_LISTED: usize = 1000;
+
 /// The manifest: the entries, and how many changes the guest found in all (it stops listing
-/// after the count limit).
+/// after the count limit); changes inside `.git` are listed apart and do not count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -90,6 +114,16 @@ pub struct Manifest {
     pub entries: Vec<Entry>,
     /// All changes found.
     pub total: u64,
+    /// Changes inside `.git`, at most [`MAX_GIT_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub git: Vec<GitEntry>,
+    /// All changes inside `.git` found.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub git_total: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Size and count limits.
@@ -174,6 +208,16 @@ pub enum Change {
         /// Permission bits.
         mode: u32,
     },
+    /// A new empty directory.
+    Mkdir {
+        /// Relative path.
+        path: String,
+    },
+    /// A removed empty directory of the baseline.
+    Rmdir {
+        /// Relative path.
+        path: String,
+    },
 }
 
 impl Change {
@@ -183,9 +227,16 @@ impl Change {
             Change::Write { path, .. }
             | Change::Symlink { path, .. }
             | Change::Delete { path }
-            | Change::Chmod { path, .. } => vec![path],
+            | Change::Chmod { path, .. }
+            | Change::Mkdir { path }
+            | Change::Rmdir { path } => vec![path],
             Change::Rename { from, to, .. } => vec![from, to],
         }
+    }
+
+    /// Whether the change is about an empty directory (which git cannot record).
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Change::Mkdir { .. } | Change::Rmdir { .. })
     }
 }
 
@@ -194,6 +245,9 @@ impl Change {
 pub struct Changeset {
     /// The changes, in the guest's order.
     pub changes: Vec<Change>,
+    /// Changes the guest made inside `.git` that are reported but never carried, each with
+    /// its reason (hooks and config are not here: they reject the whole changeset).
+    pub not_carried: Vec<Rejection>,
 }
 
 /// Why a changeset (or one of its entries) was refused.
@@ -226,7 +280,7 @@ pub enum RejectKind {
     BadMode,
     /// A path changed twice.
     Duplicate,
-    /// A delete, rename or chmod of a path the baseline lacks.
+    /// A delete, rename, chmod or rmdir of a path the baseline lacks.
     NotInBaseline,
 }
 
@@ -530,16 +584,84 @@ pub fn validate(
                 ));
                 continue;
             }
+            Entry::Mkdir { path } => Change::Mkdir { path },
+            Entry::Rmdir { path } => Change::Rmdir { path },
             Entry::Oversize { .. } => unreachable!("refused above"),
         };
         changes.push(change);
     }
     check_changes(&changes, baseline, policy, &mut rejections);
+    let not_carried = git_changes(&manifest.git, manifest.git_total, &mut rejections);
     if rejections.is_empty() {
-        Ok(Changeset { changes })
+        Ok(Changeset {
+            changes,
+            not_carried,
+        })
     } else {
+        rejections.extend(not_carried);
         Err(rejections)
     }
+}
+
+/// Whether a change to this `.git` path rejects the whole changeset (it would make git run
+/// something, were it ever carried): hooks and config.
+fn git_change_is_hostile(path: &str) -> bool {
+    path == ".git/config" || path == ".git/hooks" || path.starts_with(".git/hooks/")
+}
+
+/// Turns the guest's `.git` changes into rejections: hooks and config into `out` (they reject
+/// the changeset), everything else into the returned list (reported, not carried).
+fn git_changes(git: &[GitEntry], total: u64, out: &mut Vec<Rejection>) -> Vec<Rejection> {
+    let mut not_carried = Vec::new();
+    if git.len() > MAX_GIT_LISTED {
+        out.push(reject(
+            RejectKind::Malformed,
+            "",
+            format!(
+                "{} .git changes listed; at most {MAX_GIT_LISTED} may be",
+                git.len()
+            ),
+        ));
+        return not_carried;
+    }
+    for g in git {
+        let change: String = g
+            .change
+            .chars()
+            .filter(|c| c.is_ascii_alphabetic())
+            .take(20)
+            .collect();
+        if let Err((kind, why)) = check_path(&g.path) {
+            out.push(reject(kind, &g.path, why));
+        } else if !g.path.starts_with(".git/") {
+            out.push(reject(
+                RejectKind::Malformed,
+                &g.path,
+                "listed as a .git change but lies outside .git",
+            ));
+        } else if git_change_is_hostile(&g.path) {
+            out.push(reject(
+                RejectKind::GitInternals,
+                &g.path,
+                format!("{change} inside .git: a guest may not change hooks or config"),
+            ));
+        } else {
+            not_carried.push(reject(
+                RejectKind::GitInternals,
+                &g.path,
+                format!("{change} inside .git: git metadata is never carried back (work tree changes are)"),
+            ));
+        }
+    }
+    let unlisted = total.saturating_sub(git.len() as u64);
+    if unlisted > 0 {
+        not_carried.push(reject(
+            RejectKind::GitInternals,
+            ".git",
+            format!("{unlisted} more changes inside .git, not listed and not carried"),
+        ));
+    }
+    not_carried
 }
 
 /// Per-change checks: paths, modes, targets, baseline, duplicates, paths through symlinks.
@@ -568,7 +690,7 @@ fn check_changes(
                 out.push(r);
                 continue;
             }
-            if !seen.insert(path) {
+            if !seen.insert((path, c.is_dir())) {
                 out.push(reject(
                     RejectKind::Duplicate,
                     path,
@@ -595,6 +717,7 @@ fn check_changes(
             continue;
         }
         let base_file = |p: &str| matches!(baseline.entries.get(p), Some(BaseEntry::File { .. }));
+        let base_dir = |p: &str| matches!(baseline.entries.get(p), Some(BaseEntry::Dir));
         let result = match c {
             Change::Write { path, mode, .. } => check_mode(path, *mode),
             Change::Symlink { path, target } => check_target(path, target),
@@ -615,7 +738,17 @@ fn check_changes(
                 "mode changed, but the baseline has no such file",
             )),
             Change::Chmod { path, mode } => check_mode(path, *mode),
-            Change::Delete { .. } => Ok(()),
+            Change::Delete { path } if base_dir(path) => Err(reject(
+                RejectKind::NotInBaseline,
+                path,
+                "deleted as a file, but the baseline has an empty directory there",
+            )),
+            Change::Rmdir { path } if !base_dir(path) => Err(reject(
+                RejectKind::NotInBaseline,
+                path,
+                "directory removed, but the baseline has no such empty directory",
+            )),
+            Change::Delete { .. } | Change::Mkdir { .. } | Change::Rmdir { .. } => Ok(()),
         };
         if let Err(r) = result {
             out.push(r);
@@ -677,10 +810,17 @@ impl Changeset {
                     path: path.clone(),
                     mode: *mode,
                 },
+                Change::Mkdir { path } => Entry::Mkdir { path: path.clone() },
+                Change::Rmdir { path } => Entry::Rmdir { path: path.clone() },
             })
             .collect();
         let total = entries.len() as u64;
-        encode_raw(&Manifest { entries, total }, &frames)
+        let manifest = Manifest {
+            entries,
+            total,
+            ..Manifest::default()
+        };
+        encode_raw(&manifest, &frames)
     }
 
     /// Whether there are no changes.

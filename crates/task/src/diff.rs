@@ -1,6 +1,8 @@
-//! A unified diff of a changeset against the baseline's contents.
+//! A unified diff of a changeset against the baseline's contents. Paths and symlink targets
+//! in it are always escaped ([`escape_path`]); file contents are as the guest wrote them, so
+//! a terminal should only see them through [`escape_terminal`].
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use crate::changeset::{Change, Changeset};
 
@@ -19,60 +21,129 @@ pub fn unified(
 ) -> String {
     let mut out = String::new();
     for c in &cs.changes {
+        let shown = |p: &str| escape_path(p).into_owned();
+        let raw = |p: &str| p.to_string();
+        let (path, from, to) = match c {
+            Change::Rename { from, to, .. } => (raw(to), shown(from), shown(to)),
+            _ => {
+                let p = c.paths()[0];
+                (raw(p), shown(p), shown(p))
+            }
+        };
+        let quoted = &to;
         match c {
             Change::Write {
-                path,
                 mode,
                 data,
                 added,
                 binary,
                 ..
             } => {
-                out += &format!("diff --git a/{path} b/{path}\n");
-                let old = base.get(path).map(Vec::as_slice).unwrap_or_default();
+                out += &format!("diff --git a/{quoted} b/{quoted}\n");
+                let old = base.get(&path).map(Vec::as_slice).unwrap_or_default();
                 if *added {
                     out += &format!("new file mode 100{mode:o}\n");
-                } else if modes.get(path).is_some_and(|m| m != mode) {
-                    out += &format!("old mode 100{:o}\nnew mode 100{mode:o}\n", modes[path]);
+                } else if modes.get(&path).is_some_and(|m| m != mode) {
+                    out += &format!("old mode 100{:o}\nnew mode 100{mode:o}\n", modes[&path]);
                 }
                 let from = if *added {
                     "/dev/null".to_string()
                 } else {
-                    format!("a/{path}")
+                    format!("a/{quoted}")
                 };
                 if *binary || crate::changeset::is_binary(old) {
-                    out += &format!("Binary files {from} and b/{path} differ\n");
+                    out += &format!("Binary files {from} and b/{quoted} differ\n");
                 } else {
-                    out += &text_diff(&from, &format!("b/{path}"), old, data);
+                    out += &text_diff(&from, &format!("b/{quoted}"), old, data);
                 }
             }
-            Change::Symlink { path, target } => {
+            Change::Symlink { target, .. } => {
+                let target = escape_path(target);
                 out += &format!(
-                    "diff --git a/{path} b/{path}\nnew file mode 120000\n--- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+{target}\n\\ No newline at end of file\n"
+                    "diff --git a/{quoted} b/{quoted}\nnew file mode 120000\n--- /dev/null\n+++ b/{quoted}\n@@ -0,0 +1 @@\n+{target}\n\\ No newline at end of file\n"
                 );
             }
-            Change::Delete { path } => {
-                out += &format!("diff --git a/{path} b/{path}\ndeleted file\n");
-                if let Some(old) = base.get(path) {
-                    out += &text_diff(&format!("a/{path}"), "/dev/null", old, b"");
+            Change::Delete { .. } => {
+                out += &format!("diff --git a/{quoted} b/{quoted}\ndeleted file\n");
+                if let Some(old) = base.get(&path) {
+                    if crate::changeset::is_binary(old) {
+                        out += &format!("Binary files a/{quoted} and /dev/null differ\n");
+                    } else {
+                        out += &text_diff(&format!("a/{quoted}"), "/dev/null", old, b"");
+                    }
                 }
             }
-            Change::Rename { from, to, mode } => {
+            Change::Rename {
+                from: old, mode, ..
+            } => {
                 out += &format!("diff --git a/{from} b/{to}\n");
-                if modes.get(from).is_some_and(|m| m != mode) {
-                    out += &format!("old mode 100{:o}\nnew mode 100{mode:o}\n", modes[from]);
+                if modes.get(old).is_some_and(|m| m != mode) {
+                    out += &format!("old mode 100{:o}\nnew mode 100{mode:o}\n", modes[old]);
                 }
                 out += &format!("similarity index 100%\nrename from {from}\nrename to {to}\n");
             }
-            Change::Chmod { path, mode } => {
-                let old = modes.get(path).copied().unwrap_or(0o644);
+            Change::Chmod { mode, .. } => {
+                let old = modes.get(&path).copied().unwrap_or(0o644);
                 out += &format!(
-                    "diff --git a/{path} b/{path}\nold mode 100{old:o}\nnew mode 100{mode:o}\n"
+                    "diff --git a/{quoted} b/{quoted}\nold mode 100{old:o}\nnew mode 100{mode:o}\n"
                 );
             }
+            Change::Mkdir { .. } => out += &format!("new empty directory {quoted}/\n"),
+            Change::Rmdir { .. } => out += &format!("removed empty directory {quoted}/\n"),
         }
     }
     out
+}
+
+/// Whether a character must not reach a terminal raw: control characters (C0, DEL, C1, so
+/// ANSI escape sequences too) and the Unicode bidirectional overrides that reorder text.
+fn dangerous(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape_char(out: &mut String, c: char) {
+    match c {
+        '\t' => out.push_str("\\t"),
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+        c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+    }
+}
+
+/// A guest-made path (or symlink target) fit to print: control characters, bidirectional
+/// overrides and backslashes escaped (`\x1b`, `\n`, `\u{202e}`, `\\`).
+pub fn escape_path(path: &str) -> Cow<'_, str> {
+    if !path.chars().any(|c| dangerous(c) || c == '\\') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len() + 8);
+    for c in path.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if dangerous(c) => escape_char(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Text fit for a terminal: every control character but newline and tab, and every
+/// bidirectional override, shown escaped instead of interpreted.
+pub fn escape_terminal(text: &str) -> Cow<'_, str> {
+    let keep = |c: char| c == '\n' || c == '\t';
+    if !text.chars().any(|c| dangerous(c) && !keep(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if dangerous(c) && !keep(c) {
+            escape_char(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn lines(data: &[u8]) -> Vec<&str> {
@@ -210,6 +281,20 @@ mod tests {
         assert_eq!(
             added,
             "--- /dev/null\n+++ b/n\n@@ -0,0 +1,1 @@\n+x\n\\ No newline at end of file\n"
+        );
+    }
+
+    #[test]
+    fn guest_bytes_are_escaped_for_terminals() {
+        assert_eq!(escape_path("plain/path.txt"), "plain/path.txt");
+        assert_eq!(
+            escape_path("a\x1b[2Jb\nc\\d\u{202e}e\u{9b}"),
+            "a\\x1b[2Jb\\nc\\\\d\\u{202e}e\\u{9b}"
+        );
+        assert_eq!(escape_terminal("keep\tthis\n"), "keep\tthis\n");
+        assert_eq!(
+            escape_terminal("+\x1b]0;pwned\x07\r\n"),
+            "+\\x1b]0;pwned\\x07\\r\n"
         );
     }
 }

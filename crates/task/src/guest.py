@@ -11,13 +11,10 @@ def walk(root):
     cur, special = {}, []
 
     def rec(rel):
-        for name in sorted(os.listdir(os.path.join(root, rel) if rel else root)):
-            if name == ".git":
-                # Only hooks are watched (reported, so the host can refuse them).
-                hooks = os.path.join(root, ".git", "hooks")
-                if not rel and os.path.isdir(hooks) and not os.path.islink(hooks):
-                    rec(".git/hooks")
-                continue
+        names = sorted(os.listdir(os.path.join(root, rel) if rel else root))
+        if rel and not names and not rel.startswith(".git/"):
+            cur[rel] = ("dir",)
+        for name in names:
             p = rel + "/" + name if rel else name
             full = os.path.join(root, p)
             st = os.lstat(full)
@@ -41,6 +38,29 @@ def walk(root):
     return cur, special
 
 
+def in_git(p):
+    return p == ".git" or p.startswith(".git/")
+
+
+def git_changes(base, cur, special):
+    """Changes inside .git: named, never carried (the host refuses them by name)."""
+    out = []
+    for p, c in sorted(cur.items()):
+        if not in_git(p):
+            continue
+        b = base.get(p)
+        if b is None:
+            out.append({"path": p, "change": "added"})
+        elif c[0] != b["kind"] or (c[0] == "symlink" and c[1] != b["target"]):
+            out.append({"path": p, "change": "replaced"})
+        elif c[0] == "file" and (c[2] != b["size"] or sha(c[3]) != b["sha256"]):
+            out.append({"path": p, "change": "modified"})
+        elif c[0] == "file" and c[1] != b["mode"]:
+            out.append({"path": p, "change": "chmod"})
+    out += [{"path": p, "change": "deleted"} for p in sorted(base) if in_git(p) and p not in cur]
+    out += [{"path": s["path"], "change": "special"} for s in special if in_git(s["path"])]
+    return out
+
 def sha(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -51,10 +71,18 @@ def sha(path):
 
 def diff(root, base_path, max_files, max_size):
     base = json.load(open(base_path))["entries"]
-    cur, entries = walk(root)
-    writes = []  # (path, mode, size, full)
+    cur, special = walk(root)
+    git = git_changes(base, cur, special)
+    entries = [s for s in special if not in_git(s["path"])]
+    base = {p: b for p, b in base.items() if not in_git(p)}
+    cur = {p: c for p, c in cur.items() if not in_git(p)}
+    writes = []  # (path, mode, size, full, added)
     for p, c in sorted(cur.items()):
         b = base.get(p)
+        if c[0] == "dir":
+            if not (b and b["kind"] == "dir"):
+                entries.append({"op": "mkdir", "path": p})
+            continue
         if c[0] == "symlink":
             if not (b and b["kind"] == "symlink" and b["target"] == c[1]):
                 entries.append({"op": "symlink", "path": p, "target": c[1]})
@@ -64,8 +92,11 @@ def diff(root, base_path, max_files, max_size):
             if mode != b["mode"]:
                 entries.append({"op": "chmod", "path": p, "mode": mode})
             continue
-        writes.append((p, mode, size, full, b is None))
-    deleted = {p for p in base if p not in cur}
+        writes.append((p, mode, size, full, b is None or b["kind"] == "dir"))
+    isdir = lambda p: os.path.isdir(os.path.join(root, p)) and not os.path.islink(os.path.join(root, p))
+    # An empty directory of the baseline that now has contents is still there.
+    rmdirs = {p for p, b in base.items() if b["kind"] == "dir" and not isdir(p)}
+    deleted = {p for p, b in base.items() if b["kind"] != "dir" and (p not in cur or cur[p][0] == "dir")}
     by_sha = {}
     for p in sorted(deleted):
         if base[p]["kind"] == "file":
@@ -92,11 +123,16 @@ def diff(root, base_path, max_files, max_size):
                         "sha256": hashlib.sha256(data).hexdigest()})
     for p in sorted(deleted):
         entries.append({"op": "delete", "path": p})
+    for p in sorted(rmdirs):
+        entries.append({"op": "rmdir", "path": p})
     total = len(entries)
     listed = entries[: max_files + 1]
     kept = [e for e in listed if e["op"] == "write"]
     frames = frames[: len(kept)]
-    manifest = json.dumps({"entries": listed, "total": total}).encode()
+    manifest = {"entries": listed, "total": total}
+    if git:
+        manifest.update(git=git[:1000], git_total=len(git))
+    manifest = json.dumps(manifest).encode()
     out = sys.stdout.buffer
     out.write(MAGIC + struct.pack("<Q", len(manifest)) + manifest)
     for data in frames:
@@ -134,7 +170,7 @@ def apply(root, stream_path):
             frames[e["path"]] = buf[pos + 8 : pos + 8 + size]
             pos += 8 + size
     j = lambda p: os.path.join(root, p)
-    order = ["delete", "rename", "write", "symlink", "chmod"]
+    order = ["delete", "rmdir", "rename", "write", "symlink", "chmod", "mkdir"]
     for op in order:
         for e in manifest["entries"]:
             if e["op"] != op:
@@ -160,6 +196,11 @@ def apply(root, stream_path):
                 os.symlink(e["target"], j(e["path"]))
             elif op == "chmod":
                 os.chmod(j(e["path"]), e["mode"])
+            elif op == "rmdir":
+                os.rmdir(j(e["path"]))
+                prune(root, e["path"])
+            elif op == "mkdir":
+                os.makedirs(j(e["path"]), exist_ok=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ pub mod diff;
 pub mod glob;
 pub mod many;
 pub mod model;
+pub mod sign;
 pub mod workspace;
 
 pub use baseline::{BaseEntry, Baseline};

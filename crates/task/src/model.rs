@@ -162,6 +162,10 @@ pub struct TaskRecord {
     /// The accepted changes (contents not included).
     #[serde(default)]
     pub changes: Vec<Change>,
+    /// Changes the agent made inside `.git`, each refused with its reason and never carried
+    /// (when the changeset is rejected they are among its rejections instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_carried: Vec<Rejection>,
     /// SHA-256 of the stored changeset stream, when one was accepted.
     pub changeset_digest: Option<String>,
     /// Verification, when asked for and there was something to verify.
@@ -170,6 +174,10 @@ pub struct TaskRecord {
     pub timings: Timings,
     /// What went wrong on the host side, if anything.
     pub error: Option<String>,
+    /// Ed25519 signature (hex) by the host's task key over this record's JSON without this
+    /// field (see [`crate::sign`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// The body of `POST /v1/tasks`: `u32 LE n ‖ n bytes of JSON TaskSpec ‖ the workspace tar`.
@@ -195,6 +203,62 @@ pub fn decode_request(body: &[u8]) -> Result<(TaskSpec, &[u8]), String> {
     Ok((spec, &body[4 + n..]))
 }
 
+/// Frame kind of a streamed task run: the agent's (or the verify command's) standard output.
+pub const FRAME_STDOUT: u8 = 1;
+/// Frame kind: standard error.
+pub const FRAME_STDERR: u8 = 2;
+/// Frame kind: the final [`TaskRecord`] (JSON); the stream ends after it.
+pub const FRAME_RECORD: u8 = 3;
+/// Frame kind: the task could not be run (an `ApiError` JSON); the stream ends after it.
+pub const FRAME_ERROR: u8 = 4;
+/// Largest frame a reader accepts.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// One frame of the body of `POST /v1/tasks?stream=true`: `u8 kind ‖ u32 LE len ‖ len bytes`.
+pub fn encode_frame(kind: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + data.len());
+    out.push(kind);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Splits a streamed task run's body, fed in arbitrary pieces, into frames.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Adds received bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole frame, if one has arrived; an error for a frame over [`MAX_FRAME`].
+    pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+        let Some(header) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME {
+            return Err(format!("a frame of {len} bytes is over {MAX_FRAME}"));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let kind = self.buf[0];
+        let data = self.buf[5..5 + len].to_vec();
+        self.buf.drain(..5 + len);
+        Ok(Some((kind, data)))
+    }
+
+    /// Whether bytes of an unfinished frame are left.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +272,29 @@ mod tests {
         assert_eq!((back, tar), (spec, &b"tar"[..]));
         assert!(decode_request(&body[..2]).is_err());
         assert!(decode_request(&[255, 0, 0, 0, b'{']).is_err());
+    }
+
+    #[test]
+    fn frames_split_anywhere_come_back_whole() {
+        let mut body = encode_frame(FRAME_STDOUT, b"hello");
+        body.extend(encode_frame(FRAME_RECORD, b"{}"));
+        let mut r = FrameReader::default();
+        let mut got = Vec::new();
+        for b in &body {
+            r.push(std::slice::from_ref(b));
+            while let Some(f) = r.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                (FRAME_STDOUT, b"hello".to_vec()),
+                (FRAME_RECORD, b"{}".to_vec())
+            ]
+        );
+        assert!(!r.has_partial());
+        r.push(&[FRAME_STDOUT, 0xff, 0xff, 0xff, 0xff]);
+        assert!(r.next_frame().is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Packing a host workspace into the tar archive that goes into the guest. A git repository
 //! contributes its tracked files plus untracked files that are not ignored, and all of `.git`;
-//! a plain directory contributes everything. Symlinks are stored as symlinks (never followed);
-//! FIFOs, sockets and devices are left out.
+//! a plain directory contributes everything, empty directories included (git does not track
+//! empty directories, so a repository's are left out). Symlinks are stored as symlinks (never
+//! followed); FIFOs, sockets and devices are left out.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -89,6 +90,13 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<String>) -> Result<(), PackError>
         .collect::<Result<_, _>>()
         .map_err(io)?;
     names.sort_by_key(|e| e.file_name());
+    if names.is_empty() && !rel.as_os_str().is_empty() {
+        out.push(
+            rel.to_str()
+                .ok_or_else(|| PackError::NotUtf8(dir.clone()))?
+                .to_string(),
+        );
+    }
     for e in names {
         let p = rel.join(e.file_name());
         let ft = e.file_type().map_err(|source| PackError::Io {
@@ -137,8 +145,13 @@ pub fn pack(dir: &Path) -> Result<Vec<u8>, PackError> {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(data.len() as u64);
             b.append_data(&mut h, &rel, &data[..]).map_err(io)?;
+        } else if meta.is_dir() {
+            // Only empty directories are listed; the others come with their contents.
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            b.append_data(&mut h, &rel, std::io::empty()).map_err(io)?;
         }
-        // Directories come with their contents; anything else is left out.
+        // Anything else is left out.
     }
     b.into_inner().map_err(|source| PackError::Io {
         path: dir.into(),

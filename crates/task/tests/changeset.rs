@@ -1,6 +1,9 @@
 //! Validation of hostile changeset streams, and applying accepted ones on the host.
 
-use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path, process::Command};
+use std::{collections::BTreeMap, os::unix::fs::PermissionsExt, path::Path};
+
+mod common;
+use common::git;
 
 use hutch_task::{
     apply,
@@ -39,7 +42,14 @@ fn write(path: &str, data: &[u8]) -> Entry {
 
 fn stream(entries: Vec<Entry>, frames: &[&[u8]]) -> Vec<u8> {
     let total = entries.len() as u64;
-    encode_raw(&Manifest { entries, total }, frames)
+    encode_raw(
+        &Manifest {
+            entries,
+            total,
+            ..Manifest::default()
+        },
+        frames,
+    )
 }
 
 fn kinds(s: &[u8], policy: &Policy) -> Vec<RejectKind> {
@@ -242,6 +252,7 @@ fn limits_are_checked_before_contents_are_read() {
         &Manifest {
             entries: vec![],
             total: 100_000,
+            ..Manifest::default()
         },
         &[],
     );
@@ -267,6 +278,7 @@ fn frames_that_lie_are_refused() {
     let manifest = serde_json::to_vec(&Manifest {
         entries: vec![write("a.txt", b"abcd")],
         total: 1,
+        ..Manifest::default()
     })
     .unwrap();
     s = MAGIC.to_vec();
@@ -356,22 +368,6 @@ fn apply_to_a_directory_checks_conflicts_first() {
     );
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let o = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 #[test]
 fn apply_to_a_branch_leaves_the_work_tree_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -422,12 +418,14 @@ fn packing_a_repo_takes_tracked_and_unignored_files_and_git() {
     std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
     let tar = hutch_task::workspace::pack(dir.path()).unwrap();
     let b = Baseline::from_tar(&tar).unwrap();
-    // Hooks are watched (git init writes samples); the rest of .git is carried, not recorded.
+    // .git is recorded too (so that changes there are named), apart from the work tree.
+    assert!(b.entries.contains_key(".git/HEAD"));
+    assert_eq!(b.workspace_entries(), 5);
     let names: Vec<&str> = b
         .entries
         .keys()
         .map(String::as_str)
-        .filter(|p| !p.starts_with(".git/hooks/"))
+        .filter(|p| !p.starts_with(".git/"))
         .collect();
     assert_eq!(names, [".gitignore", "a.txt", "b.txt", "link", "run.sh"]);
     assert_eq!(

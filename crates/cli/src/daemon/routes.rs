@@ -68,6 +68,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tasks::task_baseline))
         .routes(routes!(tasks::task_changeset))
         .routes(routes!(tasks::task_diff))
+        .routes(routes!(tasks::task_signature))
 }
 
 /// The generated OpenAPI document.
@@ -528,6 +529,7 @@ mod tests {
         ("get", "/v1/tasks/{id}/baseline"),
         ("get", "/v1/tasks/{id}/changeset"),
         ("get", "/v1/tasks/{id}/diff"),
+        ("get", "/v1/tasks/{id}/signature"),
     ];
 
     fn state() -> (tempfile::TempDir, Arc<AppState>) {
