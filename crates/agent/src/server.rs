@@ -216,6 +216,12 @@ impl Conn {
                     .map(|()| GuestMsg::Done)
                     .unwrap_or_else(GuestMsg::Error),
             ),
+            HostMsg::Identity(id) => self.send(
+                op,
+                setup::apply_identity(&id, self.is_init)
+                    .map(|()| GuestMsg::Done)
+                    .unwrap_or_else(GuestMsg::Error),
+            ),
             HostMsg::Exec(req) => self.start(op, |c, io| ops::exec(c, op, req, io)),
             HostMsg::WriteFile(req) => self.start(op, |c, io| files::write(c, op, req, io)),
             HostMsg::ReadFile(req) => self.start(op, |c, io| files::read(c, op, req, io)),

@@ -108,9 +108,9 @@ pub struct DaemonArgs {
     /// Seconds a boot may take.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
-    /// The VMM: firecracker when found and KVM runs guests (`auto`), or as named.
-    #[arg(long, env = "HUTCH_BACKEND", value_enum, default_value_t = crate::launch::BackendChoice::Auto)]
-    pub backend: crate::launch::BackendChoice,
+    /// The VMM, and whether Firecracker is jailed.
+    #[command(flatten)]
+    pub vmm: crate::launch::BackendArgs,
     /// Run the host side of sandbox networks inside this network namespace instead of the
     /// host's own (for tests that must not touch the host).
     #[arg(long, hide = true)]
@@ -119,6 +119,11 @@ pub struct DaemonArgs {
     /// NIC.
     #[arg(long)]
     pub no_network: bool,
+    /// Sandbox networks kept made ahead (namespace, links, deny-all table), so that a create
+    /// only renames one and applies its policy; refilled in the background. 0: make each on
+    /// demand.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub net_spares: u16,
 }
 
 /// A network policy on the command line.
@@ -294,9 +299,9 @@ pub struct VmArgs {
     /// Seconds to wait for the guest agent to come up.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
-    /// The VMM: firecracker when found and KVM runs guests (`auto`), or as named.
-    #[arg(long, env = "HUTCH_BACKEND", value_enum, default_value_t = crate::launch::BackendChoice::Auto)]
-    pub backend: crate::launch::BackendChoice,
+    /// The VMM, and whether Firecracker is jailed.
+    #[command(flatten)]
+    pub vmm: crate::launch::BackendArgs,
 }
 
 /// `hutch run`: through the daemon when one answers (or `--host` is given), else locally.
@@ -368,6 +373,8 @@ pub enum BenchCommand {
     /// Templates: restore vs cold boot, the VMM's own restore, pool hand-outs, parallel
     /// clones, memory per idle clone.
     Clone(crate::bench_clone::BenchCloneArgs),
+    /// Agent tasks: workspace copy-in and changeset copy-out throughput, task overhead.
+    Task(crate::bench_task::BenchTaskArgs),
 }
 
 /// `hutch bench boot`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hutch_api::{client::Client, CreateSandbox, ExecBody};
 use hutch_core::{Sandbox, TemplateRecord};
-use hutch_types::{SandboxSpec, TemplateSpec};
+use hutch_types::SandboxSpec;
 use hutch_vmm::{Lifetime, VmSpec};
 
 use crate::{
@@ -76,19 +76,7 @@ async fn measure(
 ) -> Result<Samples, CliError> {
     let client = &child.client;
     let vm = &args.vm;
-    let t = Instant::now();
-    client
-        .create_template(&TemplateSpec {
-            name: "bench".into(),
-            image: vm.image.clone(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory,
-            disk_mib: vm.disk,
-            provision: None,
-            network: Default::default(),
-        })
-        .await?;
-    println!("template: booted and saved in {:.1?}", t.elapsed());
+    crate::bench::bench_template(client, vm).await?;
     let record = template_record(child)?;
     let mut s = Samples::default();
     for _ in 0..args.runs {

@@ -69,6 +69,10 @@ impl Daemon {
     }
 }
 
+/// For a daemon that is killed and never succeeded on its home: spare networks are removed by
+/// a graceful stop or by the next daemon of the same home, and this one has neither.
+const NO_SPARES: &[&str] = &["--net-spares", "0"];
+
 fn hutch(home: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
     cmd.env("HUTCH_HOME", home)
@@ -111,6 +115,7 @@ fn main() {
     // VMs of a killed daemon are re-parented to us, so we can reap them.
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    let namespaces_before = common::hutch_netns();
     let daemon = Daemon::start(common::private_home());
     let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
@@ -135,7 +140,12 @@ fn main() {
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
     let _ = daemon.child.wait();
     reap_orphans();
-    let leaks = common::leaks(&suite.home);
+    let mut leaks = common::leaks(&suite.home);
+    leaks.extend(
+        common::hutch_netns()
+            .difference(&namespaces_before)
+            .map(|ns| format!("network namespace {ns}")),
+    );
     if left.is_err() || !leaks.is_empty() {
         eprintln!("LEAK after the daemon suite: {left:?} {leaks:#?}");
         std::process::exit(1);
@@ -656,7 +666,8 @@ fn evil_tar() -> Vec<u8> {
 }
 
 fn kill9_during_concurrent_creates_then_restart_reconciles() -> Result {
-    let mut daemon = Daemon::start(common::private_home());
+    // Killed at the end with no successor on its home: no spare networks to leave behind.
+    let mut daemon = Daemon::start_with(common::private_home(), NO_SPARES);
     let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
     let creates = on_rt({
@@ -674,7 +685,7 @@ fn kill9_during_concurrent_creates_then_restart_reconciles() -> Result {
     });
     daemon.kill9();
     drop(creates);
-    let mut restarted = Daemon::start(daemon.home);
+    let mut restarted = Daemon::start_with(daemon.home, NO_SPARES);
     let result = (|| {
         let client = restarted.client();
         let listed =
@@ -782,7 +793,8 @@ fn network_policy_is_enforced_and_changeable() -> Result {
         // Another daemon (another home) on the same host side starts and reconciles: it
         // leaves this daemon's sandbox network alone.
         let mut other = tokio::task::spawn_blocking(move || {
-            Daemon::start_with(common::private_home(), &["--net-host-netns", &host_ns])
+            let args = ["--net-host-netns", &host_ns, "--net-spares", "0"];
+            Daemon::start_with(common::private_home(), &args)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -1144,10 +1156,22 @@ fn templates_clones_forks_and_pause_to_disk_survive_a_restart() -> Result {
     }
     sigterm(&mut daemon);
     let result = result.and_then(|suspended| {
+        // Saves a crash cut off from their sandboxes: a fork that made no child, and a pause
+        // to disk of a sandbox that no longer exists.
+        let stale = ["fork-sb-00000000ff-1", "suspend-sb-00000000ff-1"]
+            .map(|d| home.join("snapshots").join(d));
+        for dir in &stale {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("snapshot.json"), "{}")?;
+        }
         // A new daemon on the same home: the template and the paused-to-disk sandbox remain.
         let restarted = Daemon::start_with(daemon.home, &net_args);
         let client = restarted.client();
-        let after = on_rt(after_restart(client.clone(), suspended));
+        let after = check(
+            stale.iter().all(|d| !d.exists()),
+            "a restart leaves saves no sandbox uses",
+        )
+        .and_then(|()| on_rt(after_restart(client.clone(), suspended)));
         let cleanup = on_rt(async move {
             destroy_all(&client).await?;
             client

@@ -295,6 +295,36 @@ impl Manager {
         }
     }
 
+    /// After a restart: removes the saves that a crash cut off from their sandboxes (a fork
+    /// whose children were never made, a save to disk of a sandbox that no longer exists).
+    /// Returns how many were removed.
+    pub(crate) fn sweep_snapshots(&self) -> Result<usize, CoreError> {
+        let known: Vec<SandboxInfo> = self.store().list(&ListFilter::default())?;
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.cfg.snapshots_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = if let Some(rest) = name.strip_prefix("suspend-") {
+                !known.iter().any(|s| save_of(rest, &s.id))
+            } else if name.starts_with("fork-") {
+                let dir = path.display().to_string();
+                self.disk_users(|o| o.snapshot == dir)? == 0
+            } else {
+                false
+            };
+            if stale {
+                tracing::warn!(dir = %path.display(), "removing a save no sandbox uses");
+                let _ = std::fs::remove_dir_all(&path);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// How many sandboxes with a VM (or about to have one) came from an origin matching `uses`:
     /// their disks read through to its snapshot. (A save to disk is standalone.)
     fn disk_users(&self, uses: impl Fn(&Origin) -> bool) -> Result<usize, CoreError> {
@@ -310,5 +340,26 @@ impl Manager {
             })
             .filter(|s| s.spec.origin.as_ref().is_some_and(&uses))
             .count())
+    }
+}
+
+/// Whether `rest` (a save's directory name after `suspend-`) is `<id>-<ms>`.
+fn save_of(rest: &str, id: &str) -> bool {
+    rest.strip_prefix(id)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::save_of;
+
+    #[test]
+    fn a_save_belongs_to_exactly_its_sandbox() {
+        assert!(save_of("sb-0123456789-1700000000000", "sb-0123456789"));
+        assert!(!save_of("sb-0123456789-1700000000000", "sb-012345678"));
+        assert!(!save_of("sb-01234567891-17", "sb-0123456789"));
+        assert!(!save_of("sb-0123456789-", "sb-0123456789"));
+        assert!(!save_of("sb-0123456789-12x", "sb-0123456789"));
     }
 }

@@ -144,6 +144,8 @@ pub struct ReconcileReport {
     pub removed_dirs: usize,
     /// Sandbox networks removed because no sandbox owns them any more.
     pub removed_networks: usize,
+    /// Saves (forks, pauses to disk) removed because no sandbox uses them any more.
+    pub removed_snapshots: usize,
 }
 
 /// The network a sandbox is about to get.
@@ -331,7 +333,9 @@ impl Manager {
         snapshot: Option<&Snapshot>,
     ) -> Result<Sandbox, CoreError> {
         let network = match plan {
-            Some(p) => network::attach(&p.net, id, &p.policy, p.tunnel.as_ref()).await?,
+            Some(p) => {
+                network::attach(&p.net, self.vmm.as_ref(), id, &p.policy, p.tunnel.as_ref()).await?
+            }
             None => None,
         };
         let opts = BootOptions {
@@ -734,6 +738,7 @@ impl Manager {
             .collect();
         report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
         report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned);
+        report.removed_snapshots = self.sweep_snapshots()?;
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net
                 .list_owned()
@@ -762,7 +767,9 @@ impl Manager {
             .await
             .map_err(|e| format!("VM lost across a daemon restart: {}", chain(&e)))?;
         let paused = info.state == SandboxState::Paused;
-        if paused {
+        // Running for the handshake; a VM recorded running may also be frozen, by a crash
+        // during a fork's or a pause to disk's save.
+        if vm.is_paused().await.map_err(|e| chain(&e))? {
             vm.resume().await.map_err(|e| chain(&e))?;
         }
         let sandbox = Sandbox::attach(&info.id, vm, self.cfg.boot_timeout)

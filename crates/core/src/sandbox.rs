@@ -9,7 +9,7 @@ use std::{
 use hutch_image::Image;
 use hutch_protocol::{
     host::{Channel, ChannelError},
-    NetworkConfig, Setup, WriteFileRequest,
+    GuestIdentity, NetworkConfig, Setup,
 };
 use hutch_vmm::{GuestMemory, Lifetime, Nic, Snapshot, Vm, VmSpec, Vmm, VmmError};
 use rand::RngCore;
@@ -298,22 +298,16 @@ async fn configure(channel: &Channel, opts: &BootOptions) -> Result<(), ChannelE
 /// Gives the guest its own machine-id and sandbox id: a restored clone would otherwise keep
 /// its template's, and every booted sandbox the image's.
 async fn personalize(channel: &Channel, id: &str) -> Result<(), ChannelError> {
-    let mut raw = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    let machine_id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let files = [
-        ("/etc/machine-id", format!("{machine_id}\n")),
-        ("/etc/hutch/sandbox-id", format!("{id}\n")),
-    ];
-    let writes = files.iter().map(|(path, content)| {
-        let req = WriteFileRequest {
-            path: path.to_string(),
-            mode: 0o444,
-            make_parents: true,
-        };
-        channel.write_file(req, content.as_bytes())
-    });
-    futures::future::try_join_all(writes).await.map(drop)
+    let mut machine_id = [0u8; 16];
+    while machine_id == [0; 16] {
+        rand::rngs::OsRng.fill_bytes(&mut machine_id);
+    }
+    channel
+        .identity(GuestIdentity {
+            machine_id,
+            sandbox_id: id.to_string(),
+        })
+        .await
 }
 
 /// The end of the guest console, made printable (it is guest-controlled text).

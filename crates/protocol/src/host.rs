@@ -21,8 +21,8 @@ use tokio::{
 use crate::{
     frame::{check_chunk, encode, FrameError, FrameReader},
     handshake::{check_welcome, hello, HandshakeError},
-    ExecRequest, ExitInfo, GuestMsg, HostMsg, NetworkConfig, OpError, ReadFileRequest, Setup,
-    Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
+    ExecRequest, ExitInfo, GuestIdentity, GuestMsg, HostMsg, NetworkConfig, OpError,
+    ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
 };
 
 /// Why an operation on the channel failed.
@@ -155,6 +155,34 @@ impl Channel {
     pub async fn network(&self, config: NetworkConfig) -> Result<(), ChannelError> {
         let mut op = self.start(HostMsg::Network(config)).await?;
         op.expect_done().await
+    }
+
+    /// Gives the guest its machine-id and sandbox id; returns once they are written. A guest
+    /// older than version 4 gets the two files written one by one instead (slower: two
+    /// streamed operations instead of one message).
+    pub async fn identity(&self, identity: GuestIdentity) -> Result<(), ChannelError> {
+        if self.welcome.version >= 4 {
+            let mut op = self.start(HostMsg::Identity(identity)).await?;
+            return op.expect_done().await;
+        }
+        let machine_id: String = identity
+            .machine_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let files = [
+            ("/etc/machine-id", machine_id),
+            ("/etc/hutch/sandbox-id", identity.sandbox_id),
+        ];
+        for (path, line) in files {
+            let req = WriteFileRequest {
+                path: path.to_string(),
+                mode: 0o444,
+                make_parents: true,
+            };
+            self.write_file(req, format!("{line}\n").as_bytes()).await?;
+        }
+        Ok(())
     }
 
     /// Round trip to the agent; proves it is alive and serving.

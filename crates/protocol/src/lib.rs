@@ -24,8 +24,8 @@ pub use frame::{decode, encode, FrameError, FrameReader};
 pub use message::*;
 
 /// Protocol version implemented by this crate. Bumped on any incompatible wire change
-/// (3: `HostMsg::Network`).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// (3: `HostMsg::Network`; 4: `HostMsg::Identity`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Oldest protocol version this crate can still speak.
 pub const MIN_PROTOCOL_VERSION: u16 = 3;

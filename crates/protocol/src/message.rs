@@ -48,6 +48,10 @@ pub enum HostMsg {
     /// Configures the guest's NIC, default route and resolver (version 3). Answered by `Done`
     /// once applied, or `Error`.
     Network(NetworkConfig),
+    /// Makes the guest a sandbox of its own (version 4): writes its machine-id and sandbox id,
+    /// so a clone restored from a snapshot does not keep its template's. Answered by `Done`,
+    /// or `Error`.
+    Identity(GuestIdentity),
 }
 
 /// Messages the guest agent sends to the host.
@@ -113,6 +117,15 @@ pub struct Setup {
     pub unix_nanos: u32,
     /// Hostname to give the guest.
     pub hostname: String,
+}
+
+/// Who a guest is, given by the host to every new sandbox (booted or restored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestIdentity {
+    /// For `/etc/machine-id` (32 lowercase hex digits); never all zeros.
+    pub machine_id: [u8; 16],
+    /// For `/etc/hutch/sandbox-id`: the sandbox's id, a valid hostname.
+    pub sandbox_id: String,
 }
 
 /// The guest's network configuration, pushed by the host (no DHCP in the guest).

@@ -22,8 +22,8 @@ use hutch_protocol::{
     encode,
     handshake::HandshakeError,
     host::{Channel, ChannelError, Exec, ExecEvent},
-    Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, FrameReader, GuestMsg, HostMsg,
-    OpError, ReadFileRequest, Welcome, MAGIC, MAX_CHUNK, MAX_FRAME, PROTOCOL_VERSION,
+    Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, FrameReader, GuestIdentity, GuestMsg,
+    HostMsg, OpError, ReadFileRequest, Welcome, MAGIC, MAX_CHUNK, MAX_FRAME, PROTOCOL_VERSION,
     STREAM_WINDOW,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
@@ -868,5 +868,62 @@ async fn stale_operation_frames_before_the_welcome_are_skipped_but_bounded() {
         matches!(r, Err(ChannelError::Violation(_))),
         "{:?}",
         r.err()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Versions: what the host sends depends on the version the guest chose.
+
+fn identity() -> GuestIdentity {
+    GuestIdentity {
+        machine_id: [0xab; 16],
+        sandbox_id: "sb-1".into(),
+    }
+}
+
+#[tokio::test]
+async fn identity_is_one_message_for_a_version_4_guest() {
+    let (chan, mut guest, _) = connect().await;
+    let host = tokio::spawn(async move { chan.identity(identity()).await });
+    let msg = within(guest.recv()).await;
+    assert_eq!(msg.msg, HostMsg::Identity(identity()));
+    guest.send(msg.op, GuestMsg::Done).await;
+    within(host).await.unwrap().expect("identity applied");
+}
+
+#[tokio::test]
+async fn identity_is_written_as_files_for_a_version_3_guest() {
+    let reply = encode(0, &GuestMsg::Welcome(welcome(3))).unwrap();
+    let (chan, mut guest, _) = handshake(&reply).await;
+    let chan = chan.expect("version 3 is still spoken");
+    let host = tokio::spawn(async move { chan.identity(identity()).await });
+    let mut written = Vec::new();
+    for _ in 0..2 {
+        let start = within(guest.recv()).await;
+        let HostMsg::WriteFile(req) = start.msg else {
+            panic!("expected a WriteFile, got {:?}", start.msg);
+        };
+        let mut content = Vec::new();
+        loop {
+            match within(guest.recv()).await.msg {
+                HostMsg::FileData(d) => content.extend(d),
+                HostMsg::FileEof => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        guest.send(start.op, GuestMsg::Done).await;
+        written.push((req.path, req.mode, String::from_utf8(content).unwrap()));
+    }
+    within(host).await.unwrap().expect("identity written");
+    assert_eq!(
+        written,
+        [
+            (
+                "/etc/machine-id".into(),
+                0o444,
+                format!("{}\n", "ab".repeat(16))
+            ),
+            ("/etc/hutch/sandbox-id".into(), 0o444, "sb-1\n".to_string()),
+        ]
     );
 }

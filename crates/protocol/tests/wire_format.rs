@@ -1,14 +1,14 @@
 //! Freezes the wire format: these exact bytes must keep decoding the same way, and encoding
 //! must keep producing them. A failure here means an incompatible protocol change: bump
 //! `PROTOCOL_VERSION` and add new golden frames instead of editing these. (Version 2 added
-//! `ExecRequest::tty` and `HostMsg::Resize`; version 3 added `HostMsg::Network`; nothing
-//! speaking version 1 or 2 was ever released.)
+//! `ExecRequest::tty` and `HostMsg::Resize`; version 3 added `HostMsg::Network`; version 4
+//! added `HostMsg::Identity`; nothing speaking version 1 or 2 was ever released.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hutch_protocol::{
-    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestMsg, Hello, HostMsg,
-    NetworkConfig, Setup, TtySize, Welcome, MAGIC,
+    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GuestIdentity, GuestMsg, Hello,
+    HostMsg, NetworkConfig, Setup, TtySize, Welcome, MAGIC,
 };
 
 fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
@@ -25,8 +25,26 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
         // Version 3.
         (
             0,
-            hutch_protocol::handshake::hello(),
+            HostMsg::Hello(Hello {
+                magic: MAGIC,
+                min_version: 3,
+                max_version: 3,
+            }),
             "080000000000485443480303",
+        ),
+        // Version 4 (still speaking 3).
+        (
+            0,
+            hutch_protocol::handshake::hello(),
+            "080000000000485443480304",
+        ),
+        (
+            1,
+            HostMsg::Identity(GuestIdentity {
+                machine_id: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+                sandbox_id: "sb-1".into(),
+            }),
+            "17000000010f000102030405060708090a0b0c0d0e0f0473622d31",
         ),
         (
             2,
@@ -108,6 +126,16 @@ fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
                 kernel_release: "k".into(),
             }),
             "0b000000000048544348030161016b",
+        ),
+        (
+            0,
+            GuestMsg::Welcome(Welcome {
+                magic: MAGIC,
+                version: 4,
+                agent: "a".into(),
+                kernel_release: "k".into(),
+            }),
+            "0b000000000048544348040161016b",
         ),
         (4, GuestMsg::Started(77), "0300000004034d"),
         (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),

@@ -41,7 +41,7 @@ const TTL_TICK: Duration = Duration::from_secs(1);
 pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
-    let backend = crate::launch::backend(home, "default", args.backend).await?;
+    let backend = crate::launch::backend(home, "default", &args.vmm).await?;
     eprintln!(
         "hutch daemon: backend {} ({})",
         backend.vmm.name(),
@@ -59,21 +59,31 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
     };
     let net = network(home, &args).await;
+    let spares = net.as_ref().ok().cloned();
     let manager = Manager::new(cfg, store.clone(), backend.vmm, net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(
-        "hutch daemon: adopted {}, failed {}, removed {} stray VMM(s) and {} stray run dir(s)",
+        "hutch daemon: adopted {}, failed {}, removed {} stray VMM(s), {} stray run dir(s) and {} unused save(s)",
         report.adopted.len(),
         report.failed.len(),
         report.killed_processes,
-        report.removed_dirs
+        report.removed_dirs,
+        report.removed_snapshots
     );
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
         tasks: Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone())),
     });
+    match state.tasks.recover().await {
+        Ok(ids) if !ids.is_empty() => eprintln!(
+            "hutch daemon: {} task(s) interrupted by the restart marked failed",
+            ids.len()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
+    }
     manager.start_pools();
     tokio::spawn(expire_loop(manager));
 
@@ -105,6 +115,11 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     let _ = std::fs::remove_file(&socket);
     // Pooled clones belong to no sandbox: they go with the daemon.
     state.manager.drain_pools().await;
+    // So are spare networks (a daemon killed instead leaves them to its successor).
+    if let Some(net) = spares {
+        net.set_spares(0).await;
+        net.settle().await;
+    }
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
     Ok(0)
 }
@@ -120,10 +135,16 @@ async fn network(home: &Home, args: &DaemonArgs) -> Result<Arc<hutch_net::Networ
     let cfg = hutch_net::NetConfig {
         host_netns: args.net_host_netns.clone(),
         owner: hutch_net::names::owner_tag(&home_dir.to_string_lossy()),
+        spares: usize::from(args.net_spares),
         ..Default::default()
     };
     match hutch_net::Network::new(cfg).await {
-        Ok(net) => Ok(Arc::new(net)),
+        Ok(net) => {
+            let net = Arc::new(net);
+            // Ends by itself when the last `Arc` goes.
+            drop(net.keep_spares());
+            Ok(net)
+        }
         Err(e) => {
             let why = hutch_core::chain(&e);
             eprintln!("hutch daemon: sandbox networking unavailable: {why}");

@@ -71,6 +71,18 @@ pub fn leaks(home: &Path) -> Vec<String> {
     found
 }
 
+/// The named network namespaces Hutch makes (sandboxes' and spares'), for a before/after
+/// comparison: the host may have others of its own.
+pub fn hutch_netns() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hutch"))
+        .collect()
+}
+
 /// Live QEMU and Firecracker processes: (pid, command line). Zombies have an empty command
 /// line and are not listed.
 pub fn vmm_processes() -> Vec<(u32, String)> {
