@@ -150,12 +150,15 @@ pub struct BootFiles {
 }
 
 impl BootFiles {
-    /// The files `spec` boots from.
+    /// The files `spec` boots from, with symlinks resolved: the same image reached through
+    /// another path (a home whose `images` is a link) is the same files. (Images are
+    /// content-addressed, so a rebuilt one lives at other paths.)
     pub fn of(spec: &VmSpec) -> BootFiles {
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         BootFiles {
-            kernel: spec.kernel.clone(),
-            initrd: spec.initrd.clone(),
-            rootfs: spec.rootfs.clone(),
+            kernel: real(&spec.kernel),
+            initrd: real(&spec.initrd),
+            rootfs: real(&spec.rootfs),
         }
     }
 }

@@ -45,14 +45,15 @@ fn check_shape(backend: &str, spec: &VmSpec, snap: &Snapshot) -> Result<(), Stri
             snap.cpus, snap.memory_mib, spec.cpus, spec.memory_mib
         ));
     }
+    let wanted = BootFiles::of(spec);
     match &snap.boot {
-        Some(boot) if *boot != BootFiles::of(spec) => Err(format!(
+        Some(boot) if *boot != wanted => Err(format!(
             "its VM booted from {} (root filesystem {}), the spec names {} ({}): was the image \
              rebuilt since?",
             boot.kernel.display(),
             boot.rootfs.display(),
-            spec.kernel.display(),
-            spec.rootfs.display()
+            wanted.kernel.display(),
+            wanted.rootfs.display()
         )),
         _ => Ok(()),
     }
@@ -229,6 +230,61 @@ pub(crate) async fn send_file(from: &Path, sock: &Path) -> Result<(), VmmError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec_in(images: &Path) -> VmSpec {
+        VmSpec {
+            id: "t".into(),
+            kernel: images.join("kernel-1/vmlinuz"),
+            initrd: images.join("initramfs-1/initrd"),
+            rootfs: images.join("rootfs-1/rootfs.ext4"),
+            cpus: 1,
+            memory_mib: 256,
+            scratch_disk_mib: 0,
+            run_dir: images.join("vm"),
+            extra_cmdline: vec![],
+            lifetime: crate::Lifetime::Owned,
+            memory: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_same_image_through_a_link_restores_and_a_rebuilt_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        let spec = spec_in(&images);
+        for f in [&spec.kernel, &spec.initrd, &spec.rootfs] {
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, "x").unwrap();
+        }
+        let snap = Snapshot {
+            backend: "qemu".into(),
+            dir: dir.path().join("snap"),
+            memory: crate::SnapshotMemory::InState,
+            cpus: 1,
+            memory_mib: 256,
+            nic_mac: None,
+            disk_format: None,
+            boot: Some(BootFiles::of(&spec)),
+        };
+        // Another home whose `images` is a link to the same directory.
+        let other_home = dir.path().join("home");
+        std::fs::create_dir(&other_home).unwrap();
+        std::os::unix::fs::symlink(&images, other_home.join("images")).unwrap();
+        let linked = spec_in(&other_home.join("images"));
+        assert!(check_restore("qemu", &linked, None, &snap).is_ok());
+        // A rebuilt image: content-addressed, so at another path.
+        let rebuilt = VmSpec {
+            rootfs: images.join("rootfs-2/rootfs.ext4"),
+            ..spec.clone()
+        };
+        std::fs::create_dir_all(rebuilt.rootfs.parent().unwrap()).unwrap();
+        std::fs::write(&rebuilt.rootfs, "x").unwrap();
+        let e = check_restore("qemu", &rebuilt, None, &snap).unwrap_err();
+        assert!(e.to_string().contains("image rebuilt"), "{e}");
+        // Records from before boot files were kept restore as before.
+        let old = Snapshot { boot: None, ..snap };
+        assert!(check_restore("qemu", &rebuilt, None, &old).is_ok());
+    }
 
     #[tokio::test]
     async fn sparse_copy_keeps_content_and_holes() {
