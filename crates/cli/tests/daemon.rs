@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxSta
 use libtest_mimic::{Arguments, Failed};
 
 mod common;
-use common::check;
+use common::{check, hutch};
 
 type Result<T = ()> = std::result::Result<T, Failed>;
 
@@ -38,20 +38,8 @@ impl Daemon {
     fn start_with(home: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
-        let child = hutch(home.path())
-            .args(["daemon", "--listen-tcp", &tcp, "--max-sandboxes", "16"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start hutch daemon");
-        let socket = home.path().join("hutch.sock");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let base = ["--listen-tcp", tcp.as_str(), "--max-sandboxes", "16"];
+        let child = common::spawn_daemon(home.path(), &[&base[..], extra].concat());
         Daemon { home, child, tcp }
     }
 
@@ -72,14 +60,6 @@ impl Daemon {
 /// For a daemon that is killed and never succeeded on its home: spare networks are removed by
 /// a graceful stop or by the next daemon of the same home, and this one has neither.
 const NO_SPARES: &[&str] = &["--net-spares", "0"];
-
-fn hutch(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
-    cmd.env("HUTCH_HOME", home)
-        .env_remove("HUTCH_HOST")
-        .env_remove("HUTCH_TOKEN");
-    cmd
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -8,7 +8,6 @@ use std::{
     path::Path,
     process::{Child, Command, Stdio},
     sync::OnceLock,
-    time::{Duration, Instant},
 };
 
 use hutch_api::client::{Client, Endpoint};
@@ -18,7 +17,7 @@ use libtest_mimic::{Arguments, Failed};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::check;
+use common::{check, hutch};
 
 type Result<T = ()> = std::result::Result<T, Failed>;
 
@@ -35,14 +34,6 @@ fn suite() -> &'static Suite {
     SUITE.get().expect("suite initialised")
 }
 
-fn hutch(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
-    cmd.env("HUTCH_HOME", home)
-        .env_remove("HUTCH_HOST")
-        .env_remove("HUTCH_TOKEN");
-    cmd
-}
-
 fn main() {
     let args = Arguments::from_args();
     if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
@@ -53,20 +44,10 @@ fn main() {
         eprintln!("task suite needs the default image; run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
         std::process::exit(1);
     }
+    let namespaces_before = common::hutch_netns();
     let home = common::private_home();
-    let daemon = hutch(home.path())
-        .args(["daemon", "--max-sandboxes", "16"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hutch daemon");
+    let daemon = common::spawn_daemon(home.path(), &["--max-sandboxes", "16"]);
     let socket = home.path().join("hutch.sock");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -87,7 +68,12 @@ fn main() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = daemon.wait();
-    let leaks = common::leaks(suite.home.path());
+    let mut leaks = common::leaks(suite.home.path());
+    leaks.extend(
+        common::hutch_netns()
+            .difference(&namespaces_before)
+            .map(|ns| format!("network namespace {ns}")),
+    );
     match left {
         Ok(l) if l.is_empty() && leaks.is_empty() => eprintln!("task suite: nothing left behind"),
         other => {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 
@@ -31,6 +33,35 @@ pub fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
     } else {
         Err(msg.into().into())
     }
+}
+
+/// `hutch` with `HUTCH_HOME=home`, and no remote-daemon settings from the environment.
+pub fn hutch(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
+    cmd.env("HUTCH_HOME", home)
+        .env_remove("HUTCH_HOST")
+        .env_remove("HUTCH_TOKEN");
+    cmd
+}
+
+/// Starts `hutch daemon ARGS` on `home` (its log on our stderr) and waits, at most 60 s,
+/// until its socket answers.
+pub fn spawn_daemon(home: &Path, args: &[&str]) -> Child {
+    let child = hutch(home)
+        .arg("daemon")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hutch daemon");
+    let socket = home.join("hutch.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// `$HUTCH_HOME`, or the default.
