@@ -113,6 +113,83 @@ impl PidFd {
     }
 }
 
+/// The fields every backend's `identity.json` starts with: which VM, and its process exactly.
+#[derive(serde::Deserialize)]
+struct Recorded {
+    id: String,
+    pid: u32,
+    start_time: u64,
+}
+
+/// A recorded VM's process, found alive and checked to be the recorded one.
+pub(crate) struct Found {
+    /// Its pid.
+    pub(crate) pid: u32,
+    /// A pidfd on it, opened before the checks: it names the checked process.
+    pub(crate) pidfd: PidFd,
+    /// Its command line, for the backend's own checks.
+    pub(crate) args: Vec<String>,
+}
+
+impl Found {
+    /// Whether the command line has `flag` followed by `value`.
+    pub(crate) fn has(&self, flag: &str, value: &str) -> bool {
+        self.args.windows(2).any(|w| w[0] == flag && w[1] == value)
+    }
+}
+
+/// [`VmmError::Gone`] for VM `id` of `run_dir`.
+pub(crate) fn gone(id: &str, run_dir: &std::path::Path, why: String) -> VmmError {
+    VmmError::Gone {
+        id: id.to_string(),
+        run_dir: run_dir.to_path_buf(),
+        why,
+    }
+}
+
+/// For [`crate::Vmm::adopt`]: reads the identity record at `identity` (a backend's type `I`),
+/// checks that it names VM `id`, and finds its process alive and started at the recorded
+/// time, so that a recycled pid is never taken for it. [`VmmError::Gone`] otherwise.
+pub(crate) fn find_recorded<I: serde::de::DeserializeOwned>(
+    id: &str,
+    run_dir: &std::path::Path,
+    identity: &std::path::Path,
+) -> Result<(I, Found), VmmError> {
+    let gone = |why: String| gone(id, run_dir, why);
+    let bytes = match std::fs::read(identity) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(gone("no identity.json".into()))
+        }
+        Err(e) => return Err(VmmError::io("read", identity, e)),
+    };
+    let unreadable = |e: serde_json::Error| gone(format!("unreadable identity.json: {e}"));
+    let recorded: Recorded = serde_json::from_slice(&bytes).map_err(unreadable)?;
+    let record: I = serde_json::from_slice(&bytes).map_err(unreadable)?;
+    if recorded.id != id {
+        return Err(gone(format!("identity.json names VM {:?}", recorded.id)));
+    }
+    let pid = recorded.pid;
+    // Open the pidfd first: if the process checks out afterwards, the pidfd is that process.
+    let pidfd = PidFd::open(pid).map_err(|e| gone(format!("pid {pid}: {e}")))?;
+    match stat(pid) {
+        None => return Err(gone(format!("pid {pid} has exited"))),
+        Some(s) if s.zombie => {
+            pidfd.reap();
+            return Err(gone(format!("pid {pid} has exited")));
+        }
+        Some(s) if s.start_time != recorded.start_time => {
+            return Err(gone(format!(
+                "pid {pid} started at tick {}, not at the recorded {}: another process",
+                s.start_time, recorded.start_time
+            )))
+        }
+        Some(_) => {}
+    }
+    let args = cmdline(pid).unwrap_or_default();
+    Ok((record, Found { pid, pidfd, args }))
+}
+
 /// SIGKILLs the process `pid` only if it is still the one that started at `start_time` (clock
 /// ticks since boot, as from [`crate::Vm::start_time`]), waits for it to exit (up to 5 s), and
 /// reaps it if it is this process's child. Returns whether it killed it; `Ok(false)` means that

@@ -42,7 +42,7 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 use crate::console::spawn_copier;
-use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
+use crate::proc::{release_on_drop, remove_run_dir, Proc};
 use crate::snapshot::{
     copy_sparse, create_dir, flatten, freeze, make_overlay, receive_stream, send_file, write_record,
 };
@@ -683,52 +683,22 @@ impl Vmm for QemuVmm {
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
         validate_id(id)?;
         let paths = RunPaths::new(run_dir)?;
-        let gone = |why: String| VmmError::Gone {
-            id: id.to_string(),
-            run_dir: paths.dir.clone(),
-            why,
-        };
-        let identity = match std::fs::read(&paths.identity) {
-            Ok(b) => serde_json::from_slice::<Identity>(&b)
-                .map_err(|e| gone(format!("unreadable identity.json: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(gone("no identity.json".into()))
-            }
-            Err(e) => return Err(VmmError::io("read", &paths.identity, e)),
-        };
-        if identity.id != id {
-            return Err(gone(format!("identity.json names VM {:?}", identity.id)));
-        }
-        let pid = identity.pid;
-        // Open the pidfd first: if the process checks out afterwards, the pidfd is that process.
-        let pidfd = PidFd::open(pid).map_err(|e| gone(format!("pid {pid}: {e}")))?;
-        match crate::proc::stat(pid) {
-            None => return Err(gone(format!("pid {pid} has exited"))),
-            Some(s) if s.zombie => {
-                pidfd.reap();
-                return Err(gone(format!("pid {pid} has exited")));
-            }
-            Some(s) if s.start_time != identity.start_time => {
-                return Err(gone(format!(
-                    "pid {pid} started at tick {}, not at the recorded {}: another process",
-                    s.start_time, identity.start_time
-                )))
-            }
-            Some(_) => {}
-        }
-        let args = crate::proc::cmdline(pid).unwrap_or_default();
-        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
+        let (identity, found) =
+            crate::proc::find_recorded::<Identity>(id, &paths.dir, &paths.identity)?;
+        let pid = found.pid;
         let name = format!("hutch-{id}");
-        if !has("-name", &name) || !has("-pidfile", &plain_path(&paths.pidfile)?) {
+        if !found.has("-name", &name) || !found.has("-pidfile", &plain_path(&paths.pidfile)?) {
             return Err(gone(format!(
                 "pid {pid} is not {name} with run dir {}",
                 paths.dir.display()
             )));
         }
-        if !has("-serial", "chardev:con") || !is_socket(&paths.console_sock) {
+        if !found.has("-serial", "chardev:con") || !is_socket(&paths.console_sock) {
             return Err(VmmError::NotDetached(id.to_string()));
         }
-        let accel = match args
+        let accel = match found
+            .args
             .windows(2)
             .any(|w| w[0] == "-accel" && w[1].starts_with("kvm"))
         {
@@ -751,7 +721,7 @@ impl Vmm for QemuVmm {
             lifetime: Lifetime::Detached,
             paths,
             shape: identity.shape,
-            proc: Mutex::new(Some(Proc::Pid(pidfd))),
+            proc: Mutex::new(Some(Proc::Pid(found.pidfd))),
             tasks: Mutex::new(vec![copier]),
             stderr: StderrTail::default(),
         }))

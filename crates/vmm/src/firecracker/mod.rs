@@ -614,45 +614,15 @@ impl Vmm for FirecrackerVmm {
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
         validate_id(id)?;
         let paths = RunPaths::new(run_dir)?;
-        let gone = |why: String| VmmError::Gone {
-            id: id.to_string(),
-            run_dir: paths.dir.clone(),
-            why,
-        };
-        let identity = match std::fs::read(&paths.identity) {
-            Ok(b) => serde_json::from_slice::<Identity>(&b)
-                .map_err(|e| gone(format!("unreadable identity.json: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(gone("no identity.json".into()))
-            }
-            Err(e) => return Err(VmmError::io("read", &paths.identity, e)),
-        };
-        if identity.id != id {
-            return Err(gone(format!("identity.json names VM {:?}", identity.id)));
-        }
-        let pid = identity.pid;
-        let pidfd = PidFd::open(pid).map_err(|e| gone(format!("pid {pid}: {e}")))?;
-        match crate::proc::stat(pid) {
-            Some(s) if s.zombie => {
-                pidfd.reap();
-                return Err(gone(format!("pid {pid} has exited")));
-            }
-            Some(s) if s.start_time != identity.start_time => {
-                return Err(gone(format!(
-                    "pid {pid} started at tick {}, not at the recorded {}: another process",
-                    s.start_time, identity.start_time
-                )))
-            }
-            Some(_) => {}
-            None => return Err(gone(format!("pid {pid} has exited"))),
-        }
-        let args = crate::proc::cmdline(pid).unwrap_or_default();
-        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
+        let (identity, found) =
+            crate::proc::find_recorded::<Identity>(id, &paths.dir, &paths.identity)?;
+        let pid = found.pid;
         let sock = match identity.jail {
             Some(_) => "/api.sock".to_string(),
             None => path_str(&paths.api)?,
         };
-        if !has("--id", id) || !has("--api-sock", &sock) {
+        if !found.has("--id", id) || !found.has("--api-sock", &sock) {
             return Err(gone(format!(
                 "pid {pid} is not firecracker --id {id} with run dir {}",
                 paths.dir.display()
@@ -667,7 +637,7 @@ impl Vmm for FirecrackerVmm {
             client: FirecrackerClient::new(&paths.api),
             identity,
             paths,
-            proc: Mutex::new(Some(Proc::Pid(pidfd))),
+            proc: Mutex::new(Some(Proc::Pid(found.pidfd))),
             tasks: Mutex::new(Vec::new()),
             stderr: StderrTail::default(),
             channel_timeout: self.channel_timeout,
