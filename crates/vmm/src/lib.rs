@@ -28,6 +28,7 @@ mod probe;
 mod proc;
 mod qemu;
 mod qmp;
+mod scratch;
 mod snapshot;
 mod spawn;
 pub mod timer;

@@ -33,7 +33,6 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,7 @@ use crate::proc::{release_on_drop, remove_run_dir, Proc};
 use crate::snapshot::{
     copy_sparse, create_dir, flatten, freeze, make_overlay, receive_stream, send_file, write_record,
 };
-use crate::spawn::{condense, spawn, StderrTail};
+use crate::spawn::{spawn, StderrTail};
 use crate::timer::{host_tsc, tcg_timer_args, HostTsc};
 use crate::{
     find_qemu, validate_id, Accel, BootFiles, GuestMemory, Lifetime, Nic, Snapshot, SnapshotMemory,
@@ -83,8 +82,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a SIGKILLed process may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `mkfs.ext4` may take.
-const MKFS_TIMEOUT: Duration = Duration::from_secs(60);
 /// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
 const SUN_PATH_MAX: usize = 107;
 /// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
@@ -398,56 +395,6 @@ impl Drop for RunDirGuard {
     }
 }
 
-/// Creates the sparse scratch file and formats it.
-async fn make_scratch(path: &Path, mib: u64) -> Result<(), VmmError> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| VmmError::io("create scratch disk", path, e))?;
-    let bytes = mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| VmmError::InvalidSpec(format!("scratch disk of {mib} MiB is too big")))?;
-    file.set_len(bytes)
-        .map_err(|e| VmmError::io("size scratch disk", path, e))?;
-    drop(file);
-    let mkfs = crate::host::find_in_path("mkfs.ext4").ok_or(VmmError::MkfsNotFound)?;
-    let out = tokio::process::Command::new(mkfs)
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            SCRATCH_LABEL,
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-        ])
-        .args(["-E", "root_owner=0:0"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(MKFS_TIMEOUT, out)
-        .await
-        .map_err(|_| VmmError::Mkfs {
-            path: path.to_path_buf(),
-            detail: format!("timed out after {}s", MKFS_TIMEOUT.as_secs()),
-        })?
-        .map_err(|e| VmmError::io("run mkfs.ext4 on", path, e))?;
-    if !out.status.success() {
-        return Err(VmmError::Mkfs {
-            path: path.to_path_buf(),
-            detail: format!(
-                "{}: {}",
-                out.status,
-                condense(&String::from_utf8_lossy(&out.stderr))
-            ),
-        });
-    }
-    Ok(())
-}
-
 fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p)
         .map(|m| m.file_type().is_socket())
@@ -531,7 +478,7 @@ impl QemuVmm {
                 }
             }
             None if spec.scratch_disk_mib > 0 => {
-                make_scratch(&paths.scratch, spec.scratch_disk_mib).await?;
+                crate::scratch::make(&paths.scratch, spec.scratch_disk_mib, None).await?;
             }
             None => {}
         }

@@ -103,7 +103,6 @@ const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
 /// How long `connect_channel` keeps dialling a guest whose agent is not listening yet.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `mkfs.ext4` may take.
-const MKFS_TIMEOUT: Duration = Duration::from_secs(60);
 /// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
 const SUN_PATH_MAX: usize = 107;
 /// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
@@ -299,7 +298,7 @@ impl FirecrackerVmm {
                 let scratch = match spec.scratch_disk_mib {
                     0 => None,
                     mib => {
-                        make_scratch(&paths.scratch, mib, None).await?;
+                        crate::scratch::make(&paths.scratch, mib, None).await?;
                         Some(open_scratch(&paths.scratch)?)
                     }
                 };
@@ -973,52 +972,6 @@ fn capture(
     Ok((stderr, tasks))
 }
 
-/// Creates the sparse scratch file, formats it, and (jailed) gives it to the jail's user.
-async fn make_scratch(path: &Path, mib: u64, owner: Option<(u32, u32)>) -> Result<(), VmmError> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| VmmError::io("create scratch disk", path, e))?;
-    let bytes = mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| VmmError::InvalidSpec(format!("scratch disk of {mib} MiB is too big")))?;
-    file.set_len(bytes)
-        .map_err(|e| VmmError::io("size scratch disk", path, e))?;
-    drop(file);
-    let mkfs = crate::host::find_in_path("mkfs.ext4").ok_or(VmmError::MkfsNotFound)?;
-    let out = tokio::process::Command::new(mkfs)
-        .args(["-q", "-F", "-L", crate::SCRATCH_LABEL])
-        .args(["-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(MKFS_TIMEOUT, out)
-        .await
-        .map_err(|_| VmmError::Mkfs {
-            path: path.to_path_buf(),
-            detail: format!("timed out after {}s", MKFS_TIMEOUT.as_secs()),
-        })?
-        .map_err(|e| VmmError::io("run mkfs.ext4 on", path, e))?;
-    if !out.status.success() {
-        return Err(VmmError::Mkfs {
-            path: path.to_path_buf(),
-            detail: format!(
-                "{}: {}",
-                out.status,
-                condense(&String::from_utf8_lossy(&out.stderr))
-            ),
-        });
-    }
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .map_err(|e| VmmError::io("chown scratch disk", path, e))?;
-    }
-    Ok(())
-}
-
 fn is_socket(p: &Path) -> bool {
     // Follows a symlink: the jailed VM's run dir links to the jail's sockets.
     std::fs::metadata(p)
@@ -1201,7 +1154,8 @@ impl FirecrackerVm {
             let path = match jail {
                 Some(j) => {
                     let host = j.root.join("scratch.ext4");
-                    make_scratch(&host, spec.scratch_disk_mib, Some((j.uid, j.gid))).await?;
+                    crate::scratch::make(&host, spec.scratch_disk_mib, Some((j.uid, j.gid)))
+                        .await?;
                     self.vm_path(&host, "scratch.ext4")
                 }
                 // Made and inherited before the process started.
