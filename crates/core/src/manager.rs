@@ -53,6 +53,9 @@ pub struct ManagerConfig {
     pub snapshots_dir: PathBuf,
     /// How long a boot may take.
     pub boot_timeout: Duration,
+    /// Where a jailed backend keeps its VMs' chroots (`<dir>/<exec>/<id>/root`), so that a
+    /// restart finds and removes those no sandbox owns; `None` when nothing runs jailed.
+    pub jails_dir: Option<PathBuf>,
 }
 
 /// Why a manager action failed. [`CoreError::code`] gives the stable API category.
@@ -736,8 +739,10 @@ impl Manager {
             .keys()
             .cloned()
             .collect();
+        let jails = self.cfg.jails_dir.as_deref();
         report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
-        report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned);
+        report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned)
+            + jails.map_or(0, |j| crate::orphans::remove_unowned_jails(j, &owned));
         report.removed_snapshots = self.sweep_snapshots()?;
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net

@@ -825,6 +825,7 @@ mod tests {
             templates: crate::Templates::new(dir.join("templates"), dir.join("shm")),
             snapshots_dir: dir.join("snapshots"),
             boot_timeout: Duration::from_secs(1),
+            jails_dir: None,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

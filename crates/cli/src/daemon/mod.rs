@@ -57,6 +57,7 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
         templates: hutch_core::Templates::new(home.templates(), home.templates_shm()),
         snapshots_dir: home.snapshots(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
+        jails_dir: Some(home.jails()),
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();

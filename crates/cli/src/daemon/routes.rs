@@ -549,6 +549,7 @@ mod tests {
             ),
             snapshots_dir: dir.path().join("snapshots"),
             boot_timeout: Duration::from_secs(1),
+            jails_dir: None,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

@@ -302,3 +302,66 @@ async fn jailed_firecracker_takes_its_tap_by_name_in_the_sandbox_namespace() {
     )
     .await;
 }
+
+/// A daemon that died left a detached jailed VM: its command line names only paths inside its
+/// chroot, so the restart finds it by its run dir's record, kills it and removes its jail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_vm_a_dead_daemon_left_is_killed_and_its_jail_removed() {
+    let test = "a_jailed_vm_a_dead_daemon_left_is_killed_and_its_jail_removed";
+    let image = match prerequisites() {
+        Ok(i) => i,
+        Err(why) => return skip(test, &why),
+    };
+    let Ok(jailer) = find_jailer() else {
+        return skip(test, "no jailer binary (set JAILER_BIN)");
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("hutch-fco")
+        .tempdir()
+        .unwrap();
+    let jails = dir.path().join("jail");
+    let mut j = JailerConfig::new(jailer, 12_347, 12_347);
+    j.chroot_base = jails.clone();
+    let vmm = FirecrackerVmm::with_binary(&image.3).with_jailer(j);
+    let id = crate::new_id();
+    let spec = VmSpec {
+        lifetime: Lifetime::Detached,
+        ..spec(&id, &image, dir.path())
+    };
+    let vm = match vmm.start(&spec).await {
+        Ok(vm) => vm,
+        Err(e) => panic!("jailed start: {}", crate::manager::chain(&e)),
+    };
+    let pid = vm.pid();
+    if vm.has_exited() {
+        vm.destroy().await.unwrap();
+        return skip(test, "the VMM stopped at once (nested PVM KVM?)");
+    }
+    drop(vm); // the daemon dies; a detached VM runs on
+    assert!(!dead(pid), "a detached VM outlives its handle");
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let runs = format!("{}/", dir.path().display());
+    assert!(
+        !String::from_utf8_lossy(&args).contains(&runs),
+        "the jailed VMM's command line names its run dir; this test would not test the record"
+    );
+
+    // The restart owns nothing: a command-line match alone would not find the VM.
+    let killed = crate::orphans::kill_unowned_vmms(dir.path(), &[]);
+    assert_eq!(killed, 1, "the jailed VMM is found by its record");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !dead(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} survived SIGKILL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(crate::orphans::remove_unowned_jails(&jails, &[]), 1);
+    assert_eq!(crate::orphans::remove_unowned_dirs(dir.path(), &[]), 1);
+    let left: Vec<_> = std::fs::read_dir(jails.join("firecracker"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "jails remain: {left:?}");
+    assert!(!spec.run_dir.exists(), "the run dir remains");
+}
