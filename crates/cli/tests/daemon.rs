@@ -131,6 +131,9 @@ fn main() {
         std::process::exit(1);
     }
     eprintln!("daemon suite: nothing left behind");
+    // The suite lives in a static, never dropped: its temporary home goes by hand (and stays
+    // for a look when something leaked).
+    let _ = std::fs::remove_dir_all(&suite.home);
     conclusion.exit();
 }
 

@@ -75,7 +75,11 @@ fn main() {
             .map(|ns| format!("network namespace {ns}")),
     );
     match left {
-        Ok(l) if l.is_empty() && leaks.is_empty() => eprintln!("task suite: nothing left behind"),
+        Ok(l) if l.is_empty() && leaks.is_empty() => {
+            eprintln!("task suite: nothing left behind");
+            // The suite lives in a static, never dropped: its temporary home goes by hand.
+            let _ = std::fs::remove_dir_all(suite.home.path());
+        }
         other => {
             eprintln!("LEAK after the task suite: {other:?} {leaks:#?}");
             std::process::exit(1);
