@@ -149,9 +149,10 @@ pub fn always_denied_v4() -> Vec<Ipv4Net> {
 /// IPv6 destinations denied whatever the policy.
 pub fn always_denied_v6() -> Vec<Ipv6Net> {
     vec![
-        v6("::", 128),         // unspecified
-        v6("::1", 128),        // loopback
+        v6("::", 96),          // unspecified, loopback and IPv4-compatible (deprecated)
         v6("::ffff:0:0", 96),  // IPv4-mapped (would bypass the v4 list)
+        v6("2001::", 32),      // Teredo (embeds an IPv4 server and client)
+        v6("2002::", 16),      // 6to4 (embeds an IPv4 address: relays reach the v4 LAN)
         v6("64:ff9b::", 96),   // NAT64 well-known prefix (ditto)
         v6("64:ff9b:1::", 48), // local-use NAT64
         v6("fc00::", 7),       // ULA
@@ -179,6 +180,28 @@ pub fn deny_lists(pool: Ipv4Net, host_addrs: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_that_embed_ipv4_are_always_denied() {
+        let (_, d6) = deny_lists(DEFAULT_TRANSIT_POOL, &[]);
+        let denied = |a: &str| {
+            let a: Ipv6Addr = a.parse().unwrap();
+            d6.iter().any(|n| n.contains(&a))
+        };
+        for a in [
+            "::1",
+            "::",
+            "::a00:1",
+            "::ffff:10.0.0.1",
+            "2002:a00:1::1",
+            "2001:0:4136::1",
+        ] {
+            assert!(denied(a), "{a} is not denied");
+        }
+        for a in ["2001:4860::8888", "2606:4700::1111"] {
+            assert!(!denied(a), "{a} (public) is denied");
+        }
+    }
 
     #[test]
     fn pool_allocates_distinct_slots_and_reuses_freed() {
