@@ -84,13 +84,8 @@ fn suite() -> &'static Suite {
 
 fn main() {
     let args = Arguments::from_args();
-    if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
-        eprintln!("SKIP daemon suite: HUTCH_SKIP_VM_TESTS is set");
+    if common::default_image_or_skip("daemon").is_none() {
         return;
-    }
-    if hutch_image::open(&common::hutch_home().join("images"), "default").is_err() {
-        eprintln!("daemon suite needs the default image; run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
-        std::process::exit(1);
     }
     // VMs of a killed daemon are re-parented to us, so we can reap them.
     // SAFETY: prctl with constant arguments.
@@ -99,11 +94,7 @@ fn main() {
     let daemon = Daemon::start(common::private_home());
     let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::suite_runtime();
     let _ = SUITE.set(Suite {
         rt,
         daemon: std::sync::Mutex::new(daemon),
@@ -121,11 +112,7 @@ fn main() {
     let _ = daemon.child.wait();
     reap_orphans();
     let mut leaks = common::leaks(&suite.home);
-    leaks.extend(
-        common::hutch_netns()
-            .difference(&namespaces_before)
-            .map(|ns| format!("network namespace {ns}")),
-    );
+    leaks.extend(common::new_netns(&namespaces_before));
     if left.is_err() || !leaks.is_empty() {
         eprintln!("LEAK after the daemon suite: {left:?} {leaks:#?}");
         std::process::exit(1);

@@ -36,23 +36,14 @@ fn suite() -> &'static Suite {
 
 fn main() {
     let args = Arguments::from_args();
-    if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
-        eprintln!("SKIP task suite: HUTCH_SKIP_VM_TESTS is set");
+    if common::default_image_or_skip("task").is_none() {
         return;
-    }
-    if hutch_image::open(&common::hutch_home().join("images"), "default").is_err() {
-        eprintln!("task suite needs the default image; run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
-        std::process::exit(1);
     }
     let namespaces_before = common::hutch_netns();
     let home = common::private_home();
     let daemon = common::spawn_daemon(home.path(), &["--max-sandboxes", "16"]);
     let socket = home.path().join("hutch.sock");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::suite_runtime();
     let _ = SUITE.set(Suite {
         rt,
         client: Client::new(Endpoint::Unix(socket), None),
@@ -69,11 +60,7 @@ fn main() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = daemon.wait();
     let mut leaks = common::leaks(suite.home.path());
-    leaks.extend(
-        common::hutch_netns()
-            .difference(&namespaces_before)
-            .map(|ns| format!("network namespace {ns}")),
-    );
+    leaks.extend(common::new_netns(&namespaces_before));
     match left {
         Ok(l) if l.is_empty() && leaks.is_empty() => {
             eprintln!("task suite: nothing left behind");

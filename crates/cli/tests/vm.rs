@@ -81,18 +81,10 @@ fn skip_firecracker(why: &str) {
 
 fn main() {
     let args = Arguments::from_args();
-    if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
-        eprintln!("SKIP vm suite: HUTCH_SKIP_VM_TESTS is set");
+    let Some(image) = common::default_image_or_skip("vm") else {
         return;
-    }
-    let home = hutch_home();
-    let image = match hutch_image::open(&home.join("images"), "default") {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("vm suite needs the default image ({e}); run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
-            std::process::exit(1);
-        }
     };
+    let home = hutch_home();
     let only = std::env::var("HUTCH_TEST_BACKEND").ok();
     if let Some(b) = only
         .as_deref()
@@ -143,11 +135,7 @@ fn main() {
     }
     let mut suites = Vec::new();
     for (backend, vmm, env) in backends {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = common::suite_runtime();
         let options = BootOptions {
             id: String::new(),
             image: image.clone(),

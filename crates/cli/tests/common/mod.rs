@@ -64,6 +64,39 @@ pub fn spawn_daemon(home: &Path, args: &[&str]) -> Child {
     child
 }
 
+/// The default image a real-VM suite named `suite` boots, or `None` (a SKIP line printed) when
+/// `HUTCH_SKIP_VM_TESTS` is set. Exits the suite, failed, when the image is missing.
+pub fn default_image_or_skip(suite: &str) -> Option<hutch_image::Image> {
+    if std::env::var_os("HUTCH_SKIP_VM_TESTS").is_some() {
+        eprintln!("SKIP {suite} suite: HUTCH_SKIP_VM_TESTS is set");
+        return None;
+    }
+    match hutch_image::open(&hutch_home().join("images"), "default") {
+        Ok(image) => Some(image),
+        Err(e) => {
+            eprintln!("{suite} suite needs the default image ({e}); run scripts/test.sh, or set HUTCH_SKIP_VM_TESTS=1 to skip");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The runtime a suite runs its cases' VMs on (see [`on_rt`]).
+pub fn suite_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Named network namespaces of Hutch's that exist now and not in `before` (a leak check).
+pub fn new_netns(before: &std::collections::BTreeSet<String>) -> Vec<String> {
+    hutch_netns()
+        .difference(before)
+        .map(|ns| format!("network namespace {ns}"))
+        .collect()
+}
+
 /// `$HUTCH_HOME`, or the default.
 pub fn hutch_home() -> PathBuf {
     std::env::var_os("HUTCH_HOME").map_or_else(|| PathBuf::from("/var/lib/hutch"), PathBuf::from)
