@@ -400,6 +400,17 @@ pub fn apply_to_branch(
     let index = tmp.path().join("index");
     let idx = Some(index.as_path());
     git(repo, idx, &["read-tree", "HEAD"], None)?;
+    // Puts `oid` at `path` with `mode` in the index, replacing whatever was there.
+    let stage = |mode: &str, oid: &str, path: &str| {
+        let info = format!("{mode},{oid},{path}");
+        let args = ["update-index", "--add", "--replace", "--cacheinfo", &info];
+        git(repo, idx, &args, None).map(drop)
+    };
+    // Stores `bytes` as a blob; its id.
+    let blob = |bytes: &[u8]| {
+        let args = ["hash-object", "-w", "--no-filters", "--stdin"];
+        git(repo, None, &args, Some(bytes)).map(text)
+    };
     let git_mode = |mode: u32| {
         if mode & 0o111 != 0 {
             "100755"
@@ -426,46 +437,12 @@ pub fn apply_to_branch(
                     &["update-index", "--force-remove", "--", from],
                     None,
                 )?;
-                let info = format!("{},{oid},{to}", git_mode(*mode));
-                git(
-                    repo,
-                    idx,
-                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
-                    None,
-                )?;
+                stage(git_mode(*mode), &oid, to)?;
             }
             Change::Write {
                 path, mode, data, ..
-            } => {
-                let oid = text(git(
-                    repo,
-                    None,
-                    &["hash-object", "-w", "--no-filters", "--stdin"],
-                    Some(data),
-                )?);
-                let info = format!("{},{oid},{path}", git_mode(*mode));
-                git(
-                    repo,
-                    idx,
-                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
-                    None,
-                )?;
-            }
-            Change::Symlink { path, target } => {
-                let oid = text(git(
-                    repo,
-                    None,
-                    &["hash-object", "-w", "--no-filters", "--stdin"],
-                    Some(target.as_bytes()),
-                )?);
-                let info = format!("120000,{oid},{path}");
-                git(
-                    repo,
-                    idx,
-                    &["update-index", "--add", "--replace", "--cacheinfo", &info],
-                    None,
-                )?;
-            }
+            } => stage(git_mode(*mode), &blob(data)?, path)?,
+            Change::Symlink { path, target } => stage("120000", &blob(target.as_bytes())?, path)?,
             Change::Chmod { path, mode } => {
                 let (_, oid) = head_entry(repo, path)?
                     .ok_or_else(|| ApplyError::Conflicts(vec![path.clone()]))?;
