@@ -9,7 +9,6 @@ mod clones;
 pub mod lifecycle;
 mod manager;
 mod network;
-mod orphans;
 mod pool;
 mod sandbox;
 pub mod task;

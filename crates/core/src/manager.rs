@@ -739,10 +739,27 @@ impl Manager {
             .keys()
             .cloned()
             .collect();
-        let jails = self.cfg.jails_dir.as_deref();
-        report.killed_processes = crate::orphans::kill_unowned_vmms(&self.cfg.runs_dir, &owned);
-        report.removed_dirs = crate::orphans::remove_unowned_dirs(&self.cfg.runs_dir, &owned)
-            + jails.map_or(0, |j| crate::orphans::remove_unowned_jails(j, &owned));
+        let (killed, removed) = {
+            let (runs, jails, owned) = (
+                self.cfg.runs_dir.clone(),
+                self.cfg.jails_dir.clone(),
+                owned.clone(),
+            );
+            // Killing waits for each process to die: keep it off the async workers.
+            tokio::task::spawn_blocking(move || {
+                use hutch_vmm::orphans::{
+                    kill_unowned_vmms, remove_unowned_dirs, remove_unowned_jails,
+                };
+                let killed = kill_unowned_vmms(&runs, &owned);
+                let removed = remove_unowned_dirs(&runs, &owned)
+                    + jails.map_or(0, |j| remove_unowned_jails(&j, &owned));
+                (killed, removed)
+            })
+            .await
+            .expect("orphan sweep panicked")
+        };
+        report.killed_processes = killed;
+        report.removed_dirs = removed;
         report.removed_snapshots = self.sweep_snapshots()?;
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net

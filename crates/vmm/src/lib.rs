@@ -24,6 +24,7 @@ mod console;
 mod error;
 pub mod firecracker;
 mod host;
+pub mod orphans;
 mod probe;
 mod proc;
 mod qemu;

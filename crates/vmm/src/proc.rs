@@ -1,7 +1,12 @@
 //! Processes by exact identity: `/proc/<pid>/stat` start times and pidfds, so that a recorded
 //! (pid, start time) pair never reaches a recycled pid.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{
+    pidfd_open, pidfd_send_signal, waitid, Pid, PidfdFlags, Signal, WaitId, WaitIdOptions,
+};
 use std::time::{Duration, Instant};
 
 use tokio::process::Child;
@@ -49,26 +54,21 @@ impl PidFd {
     /// Opens a pidfd for `pid`. Check the process's identity *after* this: if it still matches
     /// then, the pidfd refers to that very process.
     pub(crate) fn open(pid: u32) -> std::io::Result<Self> {
-        // SAFETY: plain syscall; on success it returns a new fd that we own.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(Self(fd))
+        let pid = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+        Ok(Self(pidfd_open(pid, PidfdFlags::empty())?))
     }
 
     /// Whether the process has exited (reaped or not), waiting up to `timeout` for it.
     pub(crate) fn wait_exit(&self, timeout: Duration) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+        let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        poll(&mut fds, Some(&timeout)).is_ok_and(|n| n > 0)
     }
 
     /// Whether the process has exited.
@@ -78,38 +78,19 @@ impl PidFd {
 
     /// Sends SIGKILL to exactly this process (a no-op once it has exited).
     pub(crate) fn kill(&self) -> std::io::Result<()> {
-        // SAFETY: plain syscall on a valid pidfd.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        match r {
-            0 => Ok(()),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-                e => Err(e),
-            },
+        match pidfd_send_signal(&self.0, Signal::KILL) {
+            Err(e) if e == rustix::io::Errno::SRCH => Ok(()),
+            r => Ok(r?),
         }
     }
 
     /// Reaps the process if it has exited and is our child; otherwise does nothing (its parent,
     /// or init, reaps it).
     pub(crate) fn reap(&self) {
-        // SAFETY: a zeroed siginfo is a valid out-parameter; P_PIDFD waits for exactly this one.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PIDFD,
-                self.0.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG,
-            );
-        }
+        let _ = waitid(
+            WaitId::PidFd(self.0.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        );
     }
 }
 

@@ -347,7 +347,7 @@ async fn a_jailed_vm_a_dead_daemon_left_is_killed_and_its_jail_removed() {
     );
 
     // The restart owns nothing: a command-line match alone would not find the VM.
-    let killed = crate::orphans::kill_unowned_vmms(dir.path(), &[]);
+    let killed = hutch_vmm::orphans::kill_unowned_vmms(dir.path(), &[]);
     assert_eq!(killed, 1, "the jailed VMM is found by its record");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !dead(pid) {
@@ -357,8 +357,8 @@ async fn a_jailed_vm_a_dead_daemon_left_is_killed_and_its_jail_removed() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(crate::orphans::remove_unowned_jails(&jails, &[]), 1);
-    assert_eq!(crate::orphans::remove_unowned_dirs(dir.path(), &[]), 1);
+    assert_eq!(hutch_vmm::orphans::remove_unowned_jails(&jails, &[]), 1);
+    assert_eq!(hutch_vmm::orphans::remove_unowned_dirs(dir.path(), &[]), 1);
     let left: Vec<_> = std::fs::read_dir(jails.join("firecracker"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();

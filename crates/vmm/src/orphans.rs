@@ -6,10 +6,16 @@
 //! `<jails_dir>/<exec>/<id>`. Nothing outside `runs_dir` and `jails_dir` is ever touched.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::proc::{cmdline, PidFd};
+
+/// How long the sweep waits for each killed process to die.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// SIGKILLs every VMM process whose run dir is under `runs_dir` (named on its command line, or
 /// recording it) but whose sandbox is not in `owned`. Returns how many it killed. Blocks until
-/// each recorded process is gone (at most seconds).
+/// each killed process is gone (at most seconds each): call it from `spawn_blocking`.
 pub fn kill_unowned_vmms(runs_dir: &Path, owned: &[String]) -> usize {
     // Exact kills first (each waited for), then whatever has no record yet (a crash between
     // spawn and record): a dead process has no command line left to match.
@@ -39,7 +45,7 @@ fn kill_recorded_in(run_dir: &Path) -> bool {
     else {
         return false;
     };
-    match hutch_vmm::kill_recorded(r.pid, r.start_time) {
+    match crate::kill_recorded(r.pid, r.start_time) {
         Ok(killed) => {
             if killed {
                 tracing::warn!(pid = r.pid, dir = %run_dir.display(), "killed a VMM no sandbox owns");
@@ -53,40 +59,40 @@ fn kill_recorded_in(run_dir: &Path) -> bool {
     }
 }
 
-/// The command-line pass of [`kill_unowned_vmms`].
+/// The command-line pass of [`kill_unowned_vmms`]: each candidate is pinned by a pidfd before
+/// its command line is read, so the signal reaches the process whose command line matched and
+/// never one that took its pid since.
 fn kill_named(runs_dir: &Path, owned: &[String]) -> usize {
     let prefix = format!("{}/", runs_dir.display());
     let mut killed = 0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+        let Ok(pidfd) = PidFd::open(pid) else {
             continue;
         };
-        let args: Vec<String> = raw
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !args
-            .first()
-            .is_some_and(|a| a.contains("qemu-system") || a.contains("firecracker"))
-        {
-            continue;
-        }
-        let Some(id) = args.iter().find_map(|a| sandbox_of(a, &prefix)) else {
+        let Some(id) = cmdline(pid).and_then(|args| unowned_sandbox(&args, &prefix, owned)) else {
             continue;
         };
-        if owned.contains(&id) {
-            continue;
-        }
         tracing::warn!(pid, %id, "killing a VMM no sandbox owns");
-        // SAFETY: kill(2) on a pid whose command line we just matched.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+        if pidfd.kill().is_ok() {
+            pidfd.wait_exit(KILL_WAIT);
+            pidfd.reap();
             killed += 1;
         }
     }
     killed
+}
+
+/// The sandbox a VMM command line `args` names under `prefix`, if it is a VMM's and that
+/// sandbox is not in `owned`.
+fn unowned_sandbox(args: &[String], prefix: &str, owned: &[String]) -> Option<String> {
+    let vmm = args
+        .first()
+        .is_some_and(|a| a.contains("qemu-system") || a.contains("firecracker"));
+    let id = args.iter().find_map(|a| sandbox_of(a, prefix))?;
+    (vmm && !owned.contains(&id)).then_some(id)
 }
 
 /// The sandbox id in an argument that names a path under `prefix` (e.g. a socket path).
@@ -154,6 +160,46 @@ mod tests {
         assert_eq!(sandbox_of(arg, prefix), Some("sb-0a1b2c".into()));
         assert_eq!(sandbox_of("path=/elsewhere/sb-0a/x", prefix), None);
         assert_eq!(sandbox_of("path=/var/lib/hutch/vms/../etc/x", prefix), None);
+    }
+
+    /// A stand-in VMM: `sh` started through a link named `firecracker`, whose command line
+    /// names a socket in `run_dir`.
+    fn stand_in_vmm(bin: &Path, run_dir: &Path) -> std::process::Child {
+        std::process::Command::new(bin)
+            .args(["-c", "sleep 60; :"])
+            .arg(run_dir.join("api.sock"))
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn kills_unowned_vmms_by_command_line_and_spares_owned_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("firecracker");
+        std::os::unix::fs::symlink("/bin/sh", &bin).unwrap();
+        let runs = dir.path().join("vms");
+        let mut owned = stand_in_vmm(&bin, &runs.join("sb-01"));
+        let mut stray = stand_in_vmm(&bin, &runs.join("sb-02"));
+        // Wait until both have exec'd (their command lines name the run dirs).
+        let named = |c: &std::process::Child| {
+            cmdline(c.id()).is_some_and(|a| a.iter().any(|x| x.contains("/vms/sb-0")))
+        };
+        while !(named(&owned) && named(&stray)) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(kill_unowned_vmms(&runs, &["sb-01".into()]), 1);
+        // Killed and reaped by the sweep: no process (not even a zombie) is left at its pid.
+        assert!(
+            crate::proc::stat(stray.id()).is_none(),
+            "the unowned one is gone"
+        );
+        assert!(stray.wait().is_err(), "nothing left for us to reap");
+        assert!(
+            owned.try_wait().unwrap().is_none(),
+            "the owned one still runs"
+        );
+        owned.kill().unwrap();
+        owned.wait().unwrap();
     }
 
     #[test]
