@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+mod common;
 mod console;
 mod error;
 pub mod firecracker;

@@ -128,14 +128,15 @@ pub(crate) fn gone(id: &str, run_dir: &std::path::Path, why: String) -> VmmError
     }
 }
 
-/// For [`crate::Vmm::adopt`]: reads the identity record at `identity` (a backend's type `I`),
-/// checks that it names VM `id`, and finds its process alive and started at the recorded
+/// For [`crate::Vmm::adopt`]: checks `id`, reads the identity record at `identity` (a
+/// backend's type `I`), checks that it names VM `id`, and finds its process alive and started at the recorded
 /// time, so that a recycled pid is never taken for it. [`VmmError::Gone`] otherwise.
 pub(crate) fn find_recorded<I: serde::de::DeserializeOwned>(
     id: &str,
     run_dir: &std::path::Path,
     identity: &std::path::Path,
 ) -> Result<(I, Found), VmmError> {
+    crate::validate_id(id)?;
     let gone = |why: String| gone(id, run_dir, why);
     let bytes = match std::fs::read(identity) {
         Ok(b) => b,
@@ -265,33 +266,6 @@ impl Proc {
             }
         }
     }
-}
-
-/// What dropping a VM handle does first: stops its background tasks; for an owned VM, SIGKILLs
-/// and reaps its process (up to 2 s). Returns whether the caller should go on removing the VM's
-/// files (owned) or leave everything to a later adopter (detached). An un-waited detached tokio
-/// child is reaped by tokio once it exits.
-pub(crate) fn release_on_drop(
-    id: &str,
-    pid: u32,
-    lifetime: crate::Lifetime,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-    proc: Option<Proc>,
-) -> bool {
-    for t in tasks.drain(..) {
-        t.abort();
-    }
-    if lifetime == crate::Lifetime::Detached {
-        return false;
-    }
-    if let Some(mut proc) = proc {
-        if proc.running() {
-            tracing::warn!(%id, pid, "VM dropped without destroy: killing it");
-            proc.kill();
-            proc.wait_blocking(Duration::from_secs(2));
-        }
-    }
-    true
 }
 
 /// Removes a VM's run dir; one already gone is fine.

@@ -31,17 +31,19 @@
 //! `hutch-scratch`) because their order under ACPI discovery is not a contract.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
+use crate::common::{
+    check_readable, is_socket, vm_core_getters, write_identity, RunDirGuard, VmCore, VmIdentity,
+    REAP_TIMEOUT,
+};
 use crate::console::spawn_copier;
-use crate::proc::{release_on_drop, remove_run_dir, Proc};
+use crate::proc::{remove_run_dir, Proc};
 use crate::snapshot::{
     copy_sparse, create_dir, flatten, freeze, make_overlay, receive_stream, send_file, write_record,
 };
@@ -80,10 +82,6 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long saving or loading a snapshot's state may take.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a SIGKILLed process may take to be reaped.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-/// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
-const SUN_PATH_MAX: usize = 107;
 /// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
 const CMDLINE_MAX: usize = 2047;
 
@@ -145,8 +143,9 @@ pub(crate) struct RunPaths {
 
 impl RunPaths {
     pub(crate) fn new(dir: &Path) -> Result<Self, VmmError> {
-        let dir = std::path::absolute(dir).map_err(|e| VmmError::io("resolve", dir, e))?;
-        let p = RunPaths {
+        let sockets = ["channel.sock", "qmp.sock", "console.sock", "migrate.sock"];
+        let dir = crate::common::run_dir(dir, &sockets)?;
+        Ok(RunPaths {
             channel: dir.join("channel.sock"),
             qmp: dir.join("qmp.sock"),
             console_sock: dir.join("console.sock"),
@@ -157,18 +156,7 @@ impl RunPaths {
             overlay: dir.join("scratch.qcow2"),
             migrate: dir.join("migrate.sock"),
             dir,
-        };
-        for sock in [&p.channel, &p.qmp, &p.console_sock, &p.migrate] {
-            let len = sock.as_os_str().len();
-            if len > SUN_PATH_MAX {
-                return Err(VmmError::SocketPathTooLong {
-                    path: sock.clone(),
-                    len,
-                    max: SUN_PATH_MAX,
-                });
-            }
-        }
-        Ok(p)
+        })
     }
 }
 
@@ -374,33 +362,6 @@ fn cloexec_dup(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, VmmError> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
-    std::fs::File::open(path)
-        .map(|_| ())
-        .map_err(|source| VmmError::InputFile {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// Removes a run dir on drop unless disarmed: start's cleanup on every error path.
-struct RunDirGuard(Option<PathBuf>);
-
-impl Drop for RunDirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-    }
-}
-
-fn is_socket(p: &Path) -> bool {
-    std::fs::symlink_metadata(p)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-}
-
 /// Kills and reaps a child that failed to start properly (bounded).
 async fn kill_and_reap(child: &mut Child) {
     let _ = child.start_kill();
@@ -458,18 +419,7 @@ impl QemuVmm {
             restore,
         )?;
 
-        if let Some(parent) = paths.dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VmmError::RunDirExists(paths.dir.clone()))
-            }
-            Err(e) => return Err(VmmError::io("create run dir", &paths.dir, e)),
-        }
-        let mut guard = RunDirGuard(Some(paths.dir.clone()));
+        let mut guard = RunDirGuard::create(&paths.dir)?;
 
         match restore {
             Some(snap) => {
@@ -508,7 +458,13 @@ impl QemuVmm {
                 _ => None,
             },
         };
-        if let Err(e) = write_identity(&paths, &spec.id, pid, start_time, &shape) {
+        let identity = Identity {
+            id: spec.id.clone(),
+            pid,
+            start_time,
+            shape: Some(shape.clone()),
+        };
+        if let Err(e) = write_identity(&paths.identity, &identity) {
             kill_and_reap(&mut child).await;
             return Err(e);
         }
@@ -579,18 +535,19 @@ impl QemuVmm {
             return Err(e);
         }
         tracing::info!(id = %spec.id, pid, accel = %self.accel, lifetime = ?spec.lifetime, restored = restore.is_some(), ms = started.elapsed().as_millis() as u64, "qemu started");
-        guard.0 = None;
-        Ok(Box::new(QemuVm {
-            id: spec.id.clone(),
+        guard.keep();
+        let who = VmIdentity {
+            id: &spec.id,
             pid,
             start_time,
-            accel: self.accel,
             lifetime: spec.lifetime,
+            dir: &paths.dir,
+        };
+        Ok(Box::new(QemuVm {
+            core: VmCore::new(who, Proc::Child(child), tasks, stderr),
+            accel: self.accel,
             paths,
             shape: Some(shape),
-            proc: Mutex::new(Some(Proc::Child(child))),
-            tasks: Mutex::new(tasks),
-            stderr,
         }))
     }
 }
@@ -628,11 +585,10 @@ impl Vmm for QemuVmm {
     }
 
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        validate_id(id)?;
         let paths = RunPaths::new(run_dir)?;
-        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
         let (identity, found) =
             crate::proc::find_recorded::<Identity>(id, &paths.dir, &paths.identity)?;
+        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
         let pid = found.pid;
         let name = format!("hutch-{id}");
         if !found.has("-name", &name) || !found.has("-pidfile", &plain_path(&paths.pidfile)?) {
@@ -660,17 +616,12 @@ impl Vmm for QemuVmm {
             })?;
         let copier = spawn_copier(console, &paths.console, CONSOLE_LOG_LIMIT, true)?;
         tracing::info!(id, pid, %accel, "adopted qemu");
+        let core = VmCore::adopted(id, &paths.dir, identity.start_time, found, vec![copier]);
         Ok(Box::new(QemuVm {
-            id: id.to_string(),
-            pid,
-            start_time: identity.start_time,
+            core,
             accel,
-            lifetime: Lifetime::Detached,
             paths,
             shape: identity.shape,
-            proc: Mutex::new(Some(Proc::Pid(found.pidfd))),
-            tasks: Mutex::new(vec![copier]),
-            stderr: StderrTail::default(),
         }))
     }
 }
@@ -778,62 +729,20 @@ struct Shape {
     boot: Option<BootFiles>,
 }
 
-/// Writes `identity.json` (mode 0600) atomically.
-fn write_identity(
-    paths: &RunPaths,
-    id: &str,
-    pid: u32,
-    start_time: u64,
-    shape: &Shape,
-) -> Result<(), VmmError> {
-    let json = serde_json::to_vec(&Identity {
-        id: id.to_string(),
-        pid,
-        start_time,
-        shape: Some(shape.clone()),
-    })
-    .expect("serializes");
-    let tmp = paths.dir.join("identity.json.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &paths.identity)
-    };
-    write().map_err(|e| VmmError::io("write", &paths.identity, e))
-}
-
 /// A VM run (or adopted) by [`QemuVmm`].
 pub struct QemuVm {
-    id: String,
-    pid: u32,
-    start_time: u64,
+    core: VmCore,
     accel: Accel,
-    lifetime: Lifetime,
     paths: RunPaths,
     /// `None` for a VM adopted from a record older than snapshots (it cannot be snapshotted).
     shape: Option<Shape>,
-    /// `None` once reaped by `destroy` or `Drop`.
-    proc: Mutex<Option<Proc>>,
-    /// The console copier and stderr collector.
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    stderr: StderrTail,
 }
 
 impl std::fmt::Debug for QemuVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QemuVm")
-            .field("id", &self.id)
-            .field("pid", &self.pid)
-            .field("start_time", &self.start_time)
+            .field("core", &self.core)
             .field("accel", &self.accel)
-            .field("lifetime", &self.lifetime)
-            .field("run_dir", &self.paths.dir)
             .finish()
     }
 }
@@ -841,7 +750,7 @@ impl std::fmt::Debug for QemuVm {
 impl QemuVm {
     fn snapshot_error(&self, detail: String) -> VmmError {
         VmmError::Snapshot {
-            id: self.id.clone(),
+            id: self.core.id.clone(),
             detail,
         }
     }
@@ -890,14 +799,14 @@ impl QemuVm {
             freeze(&snapshot.disk_file())?;
         }
         write_record(&snapshot)?;
-        tracing::info!(id = %self.id, dir = %dir.display(), bytes, "snapshot saved");
+        tracing::info!(id = %self.core.id, dir = %dir.display(), bytes, "snapshot saved");
         Ok(snapshot)
     }
 
     /// Tells QEMU to migrate to the `migrate.sock` listener and waits until it has finished.
     async fn migrate_out(&self, ignore_shared: bool) -> Result<(), VmmError> {
         let qmp_err = |command, source| VmmError::Qmp {
-            id: self.id.clone(),
+            id: self.core.id.clone(),
             command,
             source,
         };
@@ -935,7 +844,7 @@ impl QemuVm {
 
     /// QEMU's stderr so far (first 16 KiB), condensed to one line. Empty for an adopted VM.
     pub fn qemu_stderr(&self) -> String {
-        self.stderr.one_line()
+        self.core.stderr.one_line()
     }
 
     /// Runs a QMP `command` (none for just a query) and returns the status it leaves.
@@ -946,19 +855,19 @@ impl QemuVm {
             command
         };
         let err = |source| VmmError::Qmp {
-            id: self.id.clone(),
+            id: self.core.id.clone(),
             command: what,
             source,
         };
         if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
+            return Err(VmmError::NotRunning(self.core.id.clone()));
         }
         let run = crate::qmp::command_then_status(&self.paths.qmp, command);
         match tokio::time::timeout(QMP_TIMEOUT, run).await {
             Ok(Ok(status)) => Ok(status),
             Ok(Err(e)) if self.has_exited() => {
-                tracing::debug!(id = %self.id, error = %e, "QMP failed: VM gone");
-                Err(VmmError::NotRunning(self.id.clone()))
+                tracing::debug!(id = %self.core.id, error = %e, "QMP failed: VM gone");
+                Err(VmmError::NotRunning(self.core.id.clone()))
             }
             Ok(Err(e)) => Err(err(e)),
             Err(_) => Err(err(std::io::ErrorKind::TimedOut.into())),
@@ -970,7 +879,7 @@ impl QemuVm {
         let status = self.qmp_status(command).await?;
         if status != want {
             return Err(VmmError::Qmp {
-                id: self.id.clone(),
+                id: self.core.id.clone(),
                 command,
                 source: std::io::Error::other(format!("status is {status:?}, not {want:?}")),
             });
@@ -981,39 +890,14 @@ impl QemuVm {
 
 #[async_trait]
 impl Vm for QemuVm {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn start_time(&self) -> u64 {
-        self.start_time
-    }
+    vm_core_getters!();
 
     fn accel(&self) -> Accel {
         self.accel
     }
 
-    fn run_dir(&self) -> &Path {
-        &self.paths.dir
-    }
-
-    fn console_log(&self) -> &Path {
-        &self.paths.console
-    }
-
-    fn has_exited(&self) -> bool {
-        let mut proc = self.proc.lock().unwrap_or_else(|p| p.into_inner());
-        !proc.as_mut().is_some_and(Proc::running)
-    }
-
     async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError> {
-        if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
-        }
+        self.core.check_running()?;
         tokio::net::UnixStream::connect(&self.paths.channel)
             .await
             .map_err(|source| VmmError::Connect {
@@ -1057,45 +941,15 @@ impl Vm for QemuVm {
     }
 
     async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
-        let proc = self
-            .proc
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut proc) = proc {
-            if proc.running() {
-                // A clean quit first, so QEMU flushes the scratch disk and removes its sockets.
-                match tokio::time::timeout(QUIT_TIMEOUT, crate::qmp::quit(&self.paths.qmp)).await {
-                    Ok(Ok(())) if proc.wait(QUIT_TIMEOUT).await => {
-                        tracing::debug!(id = %self.id, "qemu quit")
-                    }
-                    Ok(Ok(())) => tracing::debug!(id = %self.id, "qemu did not exit after quit"),
-                    Ok(Err(e)) => tracing::debug!(id = %self.id, error = %e, "QMP quit failed"),
-                    Err(_) => tracing::debug!(id = %self.id, "QMP quit timed out"),
-                }
+        // A clean quit first, so QEMU flushes the scratch disk and removes its sockets.
+        let qmp = self.paths.qmp.clone();
+        let quit = async move {
+            match tokio::time::timeout(QUIT_TIMEOUT, crate::qmp::quit(&qmp)).await {
+                Ok(done) => done.map_err(|e| format!("QMP quit: {e}")),
+                Err(_) => Err("QMP quit timed out".into()),
             }
-            if proc.running() {
-                proc.kill();
-                if !proc.wait(REAP_TIMEOUT).await {
-                    // Leave it for Drop (owned) or a later destroy to retry.
-                    *self.proc.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(proc);
-                    return Err(VmmError::KillFailed { pid: self.pid });
-                }
-            }
-            // Reap an exited child (or adopted child of ours) that was not waited for yet.
-            proc.wait(Duration::ZERO).await;
-        }
-        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
-            // Both end at EOF now that QEMU is gone; bounded in case a grandchild holds a pipe.
-            let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), t)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
+        };
+        self.core.end(quit, QUIT_TIMEOUT).await?;
         remove_run_dir(&self.paths.dir)
     }
 }
@@ -1104,16 +958,9 @@ impl Drop for QemuVm {
     /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the run dir.
     /// Detached: releases the handle only (stops copying the console); the VM keeps running.
     fn drop(&mut self) {
-        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
-        let proc = self
-            .proc
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if !release_on_drop(&self.id, self.pid, self.lifetime, tasks, proc) {
-            return;
+        if self.core.release() {
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
         }
-        let _ = std::fs::remove_dir_all(&self.paths.dir);
     }
 }
 

@@ -193,13 +193,6 @@ pub enum FirecrackerError {
     /// A device id that cannot be put in a request path.
     #[error("invalid device id {0:?}: use 1-64 of [A-Za-z0-9_]")]
     InvalidDeviceId(String),
-
-    /// The Firecracker process could not be stopped.
-    #[error("firecracker pid {pid} did not exit after SIGKILL")]
-    KillFailed {
-        /// Its pid.
-        pid: u32,
-    },
 }
 
 impl FirecrackerError {

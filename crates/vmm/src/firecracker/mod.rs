@@ -45,10 +45,10 @@ mod snapshot;
 mod vsock;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -62,8 +62,12 @@ pub use jailer::{detect_cgroup_version, CgroupVersion, JailerConfig};
 pub use snapshot::{RestoreOptions, SnapshotFiles};
 pub use vsock::connect_hybrid_vsock;
 
+use crate::common::{
+    check_readable, is_socket, vm_core_getters, write_identity, RunDirGuard, VmCore, VmIdentity,
+    REAP_TIMEOUT,
+};
 use crate::console::spawn_copier;
-use crate::proc::{release_on_drop, remove_run_dir, PidFd, Proc};
+use crate::proc::{remove_run_dir, PidFd, Proc};
 use crate::spawn::{condense, StderrTail};
 use crate::{
     validate_id, Accel, BootFiles, GuestMemory, Lifetime, Nic, Snapshot, Tap, Vm, VmSpec, Vmm,
@@ -96,15 +100,10 @@ pub const SCRATCH_FD: i32 = 10;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a clean stop (Ctrl-Alt-Del) may take before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// How long a SIGKILLed process may take to go.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one hybrid-vsock CONNECT may take.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
 /// How long `connect_channel` keeps dialling a guest whose agent is not listening yet.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long `mkfs.ext4` may take.
-/// `sizeof(sockaddr_un.sun_path)` minus the terminating NUL.
-const SUN_PATH_MAX: usize = 107;
 /// x86 `COMMAND_LINE_SIZE` minus the terminating NUL.
 const CMDLINE_MAX: usize = 2047;
 
@@ -279,7 +278,7 @@ impl FirecrackerVmm {
         };
         let boot_args = boot_args(&spec.extra_cmdline)?;
         let paths = RunPaths::new(&spec.run_dir)?;
-        let mut guard = RunDirGuard::create(&paths)?;
+        let mut guard = RunDirGuard::create(&paths.dir)?;
         let started = Instant::now();
         let shape = Shape {
             cpus: spec.cpus,
@@ -315,8 +314,8 @@ impl FirecrackerVmm {
             vm.kill_now().await;
             return Err(e);
         }
-        tracing::info!(id = %spec.id, pid = vm.pid, jailed = vm.identity.jail.is_some(), ms = started.elapsed().as_millis() as u64, "firecracker started");
-        guard.0 = None;
+        tracing::info!(id = %spec.id, pid = vm.core.pid, jailed = vm.identity.jail.is_some(), ms = started.elapsed().as_millis() as u64, "firecracker started");
+        guard.keep();
         Ok(vm)
     }
 
@@ -368,7 +367,7 @@ impl FirecrackerVmm {
             self.channel_timeout,
         );
         let ready = async {
-            write_identity(paths, &vm.identity)?;
+            write_identity(&paths.identity, &vm.identity)?;
             vm.wait_api().await
         };
         if let Err(e) = ready.await {
@@ -430,7 +429,7 @@ impl FirecrackerVmm {
             jail: Some(jail.clone()),
             shape: Some(shape),
         };
-        write_identity(paths, &identity)?;
+        write_identity(&paths.identity, &identity)?;
         if !libs.is_empty() {
             // Before the jailer runs: it copies firecracker into this root and execs it there.
             let copied = std::fs::DirBuilder::new()
@@ -528,7 +527,7 @@ impl FirecrackerVmm {
             self.channel_timeout,
         );
         let ready = async {
-            write_identity(paths, &vm.identity)?;
+            write_identity(&paths.identity, &vm.identity)?;
             symlink(&jail.root.join("api.sock"), &paths.api)?;
             symlink(&jail.root.join("v.sock"), &paths.vsock)?;
             vm.wait_api().await?;
@@ -611,11 +610,10 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        validate_id(id)?;
         let paths = RunPaths::new(run_dir)?;
-        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
         let (identity, found) =
             crate::proc::find_recorded::<Identity>(id, &paths.dir, &paths.identity)?;
+        let gone = |why: String| crate::proc::gone(id, &paths.dir, why);
         let pid = found.pid;
         let sock = match identity.jail {
             Some(_) => "/api.sock".to_string(),
@@ -629,16 +627,10 @@ impl Vmm for FirecrackerVmm {
         }
         tracing::info!(id, pid, "adopted firecracker");
         let vm = FirecrackerVm {
-            id: id.to_string(),
-            lifetime: Lifetime::Detached,
-            pid,
-            start_time: identity.start_time,
+            core: VmCore::adopted(id, &paths.dir, identity.start_time, found, Vec::new()),
             client: FirecrackerClient::new(&paths.api),
             identity,
             paths,
-            proc: Mutex::new(Some(Proc::Pid(found.pidfd))),
-            tasks: Mutex::new(Vec::new()),
-            stderr: StderrTail::default(),
             channel_timeout: self.channel_timeout,
         };
         Ok(Box::new(vm))
@@ -658,26 +650,15 @@ struct RunPaths {
 
 impl RunPaths {
     fn new(dir: &Path) -> Result<Self, VmmError> {
-        let dir = std::path::absolute(dir).map_err(|e| VmmError::io("resolve", dir, e))?;
-        let p = RunPaths {
+        let dir = crate::common::run_dir(dir, &["api.sock", "vsock.sock"])?;
+        Ok(RunPaths {
             api: dir.join("api.sock"),
             vsock: dir.join("vsock.sock"),
             console: dir.join("console.log"),
             identity: dir.join("identity.json"),
             scratch: dir.join("scratch.ext4"),
             dir,
-        };
-        for sock in [&p.api, &p.vsock] {
-            let len = sock.as_os_str().len();
-            if len > SUN_PATH_MAX {
-                return Err(VmmError::SocketPathTooLong {
-                    path: sock.clone(),
-                    len,
-                    max: SUN_PATH_MAX,
-                });
-            }
-        }
-        Ok(p)
+        })
     }
 }
 
@@ -768,25 +749,6 @@ fn parse_mac(s: &str) -> Result<[u8; 6], VmmError> {
     }
 }
 
-/// Writes `identity.json` (mode 0600) atomically.
-fn write_identity(paths: &RunPaths, id: &Identity) -> Result<(), VmmError> {
-    let json = serde_json::to_vec(id).expect("serializes");
-    let tmp = paths.dir.join("identity.json.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &paths.identity)
-    };
-    write().map_err(|e| VmmError::io("write", &paths.identity, e))
-}
-
 fn symlink(target: &Path, link: &Path) -> Result<(), VmmError> {
     std::os::unix::fs::symlink(target, link).map_err(|e| VmmError::io("symlink", link, e))
 }
@@ -811,16 +773,6 @@ fn path_str(p: &Path) -> Result<String, VmmError> {
     p.to_str()
         .map(str::to_string)
         .ok_or_else(|| VmmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))
-}
-
-fn check_readable(what: &'static str, path: &Path) -> Result<(), VmmError> {
-    std::fs::File::open(path)
-        .map(|_| ())
-        .map_err(|source| VmmError::InputFile {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 /// The ELF kernel to boot for `kernel`: itself if it is one, else the `vmlinux` that `hutch
@@ -972,66 +924,19 @@ fn capture(
     Ok((stderr, tasks))
 }
 
-fn is_socket(p: &Path) -> bool {
-    // Follows a symlink: the jailed VM's run dir links to the jail's sockets.
-    std::fs::metadata(p)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-}
-
-/// Removes a run dir on drop unless disarmed: start's cleanup on every error path.
-struct RunDirGuard(Option<PathBuf>);
-
-impl RunDirGuard {
-    /// Creates the run dir (0700; refusing an existing one) and guards it.
-    fn create(paths: &RunPaths) -> Result<RunDirGuard, VmmError> {
-        if let Some(parent) = paths.dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| VmmError::io("create parent of run dir", parent, e))?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
-            Ok(()) => Ok(RunDirGuard(Some(paths.dir.clone()))),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(VmmError::RunDirExists(paths.dir.clone()))
-            }
-            Err(e) => Err(VmmError::io("create run dir", &paths.dir, e)),
-        }
-    }
-}
-
-impl Drop for RunDirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-    }
-}
-
 /// A VM run (or adopted) by [`FirecrackerVmm`].
 pub struct FirecrackerVm {
-    id: String,
-    lifetime: Lifetime,
-    pid: u32,
-    start_time: u64,
+    core: VmCore,
     identity: Identity,
     paths: RunPaths,
     client: FirecrackerClient,
-    /// `None` once reaped by `destroy` or `Drop`.
-    proc: Mutex<Option<Proc>>,
-    /// The console copier and stderr collector.
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    stderr: StderrTail,
     channel_timeout: Duration,
 }
 
 impl std::fmt::Debug for FirecrackerVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FirecrackerVm")
-            .field("id", &self.id)
-            .field("pid", &self.pid)
-            .field("start_time", &self.start_time)
-            .field("lifetime", &self.lifetime)
-            .field("run_dir", &self.paths.dir)
+            .field("core", &self.core)
             .field("jail", &self.identity.jail.as_ref().map(|j| &j.dir))
             .finish()
     }
@@ -1047,17 +952,18 @@ impl FirecrackerVm {
         stderr: StderrTail,
         channel_timeout: Duration,
     ) -> Self {
-        Self {
-            id: spec.id.clone(),
-            lifetime: spec.lifetime,
+        let who = VmIdentity {
+            id: &spec.id,
             pid: identity.pid,
             start_time: identity.start_time,
+            lifetime: spec.lifetime,
+            dir: &paths.dir,
+        };
+        Self {
+            core: VmCore::new(who, proc, tasks, stderr),
             client: FirecrackerClient::new(&paths.api),
             identity,
             paths,
-            proc: Mutex::new(Some(proc)),
-            tasks: Mutex::new(tasks),
-            stderr,
             channel_timeout,
         }
     }
@@ -1079,7 +985,7 @@ impl FirecrackerVm {
 
     /// Firecracker's stderr so far (first 16 KiB), condensed to one line.
     pub fn vmm_stderr(&self) -> String {
-        self.stderr.one_line()
+        self.core.stderr.one_line()
     }
 
     /// A path as Firecracker sees it: inside the jail, `name` at the jail's root.
@@ -1098,7 +1004,7 @@ impl FirecrackerVm {
             if self.has_exited() {
                 // Let the stderr collector catch up.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let mut why = self.stderr.one_line();
+                let mut why = self.core.stderr.one_line();
                 if why == "no output on stderr" {
                     if let Ok(c) = std::fs::read(&self.paths.console) {
                         why = condense(&String::from_utf8_lossy(&c[..c.len().min(2000)]));
@@ -1180,23 +1086,7 @@ impl FirecrackerVm {
     /// SIGKILLs the process, reaps it (bounded), stops the tasks and removes the jail: for a
     /// start that failed half-way.
     async fn kill_now(&mut self) {
-        let proc = self
-            .proc
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut p) = proc {
-            p.kill();
-            p.wait(REAP_TIMEOUT).await;
-        }
-        for t in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
+        self.core.kill_now().await;
         if let Some(j) = &self.identity.jail {
             remove_jail(j);
         }
@@ -1205,33 +1095,10 @@ impl FirecrackerVm {
 
 #[async_trait]
 impl Vm for FirecrackerVm {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn start_time(&self) -> u64 {
-        self.start_time
-    }
+    vm_core_getters!();
 
     fn accel(&self) -> Accel {
         Accel::Kvm
-    }
-
-    fn run_dir(&self) -> &Path {
-        &self.paths.dir
-    }
-
-    fn console_log(&self) -> &Path {
-        &self.paths.console
-    }
-
-    fn has_exited(&self) -> bool {
-        let mut proc = self.proc.lock().unwrap_or_else(|p| p.into_inner());
-        !proc.as_mut().is_some_and(Proc::running)
     }
 
     /// Dials [`GUEST_CHANNEL_PORT`] over hybrid vsock until the guest's agent listens (bounded
@@ -1240,7 +1107,7 @@ impl Vm for FirecrackerVm {
         let started = Instant::now();
         loop {
             if self.has_exited() {
-                return Err(VmmError::NotRunning(self.id.clone()));
+                return Err(VmmError::NotRunning(self.core.id.clone()));
             }
             let left = self.channel_timeout.saturating_sub(started.elapsed());
             let attempt = CONNECT_ATTEMPT.min(left).max(Duration::from_millis(1));
@@ -1259,32 +1126,28 @@ impl Vm for FirecrackerVm {
                     .into())
                 }
                 Err(e) if started.elapsed() >= self.channel_timeout => return Err(e.into()),
-                Err(e) => tracing::trace!(id = %self.id, error = %e, "guest not listening yet"),
+                Err(e) => {
+                    tracing::trace!(id = %self.core.id, error = %e, "guest not listening yet")
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn pause(&self) -> Result<(), VmmError> {
-        if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
-        }
+        self.core.check_running()?;
         self.client.set_vm_state(api::VmState::Paused).await?;
         Ok(())
     }
 
     async fn resume(&self) -> Result<(), VmmError> {
-        if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
-        }
+        self.core.check_running()?;
         self.client.set_vm_state(api::VmState::Resumed).await?;
         Ok(())
     }
 
     async fn is_paused(&self) -> Result<bool, VmmError> {
-        if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
-        }
+        self.core.check_running()?;
         let info = self.client.describe_instance().await?;
         Ok(info.state == api::InstanceState::Paused)
     }
@@ -1296,43 +1159,16 @@ impl Vm for FirecrackerVm {
     }
 
     async fn destroy(mut self: Box<Self>) -> Result<(), VmmError> {
-        let proc = self
-            .proc
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut proc) = proc {
-            if proc.running() {
-                // Through the API first: Ctrl-Alt-Del, and with reboot=k the guest's reset ends
-                // Firecracker. A paused or hung guest ignores it; then SIGKILL by pid.
-                let quick = self.client.clone().with_timeout(Duration::from_secs(1));
-                match quick.action(api::ActionType::SendCtrlAltDel).await {
-                    Ok(()) if proc.wait(STOP_GRACE).await => {
-                        tracing::debug!(id = %self.id, "firecracker stopped by Ctrl-Alt-Del")
-                    }
-                    Ok(()) => tracing::debug!(id = %self.id, "no exit after Ctrl-Alt-Del"),
-                    Err(e) => tracing::debug!(id = %self.id, error = %e, "SendCtrlAltDel failed"),
-                }
-            }
-            if proc.running() {
-                proc.kill();
-                if !proc.wait(REAP_TIMEOUT).await {
-                    *self.proc.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(proc);
-                    return Err(FirecrackerError::KillFailed { pid: self.pid }.into());
-                }
-            }
-            proc.wait(Duration::ZERO).await;
-        }
-        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
-            let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), t)
+        // Through the API first: Ctrl-Alt-Del, and with reboot=k the guest's reset ends
+        // Firecracker. A paused or hung guest ignores it; then SIGKILL by pidfd.
+        let quick = self.client.clone().with_timeout(Duration::from_secs(1));
+        let ctrl_alt_del = async move {
+            quick
+                .action(api::ActionType::SendCtrlAltDel)
                 .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
+                .map_err(|e| format!("SendCtrlAltDel: {e}"))
+        };
+        self.core.end(ctrl_alt_del, STOP_GRACE).await?;
         if let Some(j) = &self.identity.jail {
             remove_jail(j);
         }
@@ -1344,13 +1180,7 @@ impl Drop for FirecrackerVm {
     /// Owned: best effort, synchronous: SIGKILL by pid, reap (up to 2 s), remove the jail and the
     /// run dir. Detached: releases the handle only.
     fn drop(&mut self) {
-        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
-        let proc = self
-            .proc
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if !release_on_drop(&self.id, self.pid, self.lifetime, tasks, proc) {
+        if !self.core.release() {
             return;
         }
         if let Some(j) = &self.identity.jail {

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     api, jailer, named_tap, open_netns, open_scratch, FirecrackerError, FirecrackerVm,
-    FirecrackerVmm, Inherit, LaunchOptions, RunDirGuard, RunPaths, Shape, NIC_IFACE_ID,
+    FirecrackerVmm, Inherit, LaunchOptions, RunPaths, Shape, NIC_IFACE_ID,
 };
+use crate::common::RunDirGuard;
 use crate::snapshot::{check_restore, copy_sparse, create_dir, freeze, write_record};
 use crate::{validate_id, BootFiles, Nic, Snapshot, SnapshotMemory, Vm, VmSpec, VmmError};
 
@@ -97,7 +98,7 @@ impl FirecrackerVm {
         files: &SnapshotFiles,
     ) -> Result<(), VmmError> {
         if self.has_exited() {
-            return Err(VmmError::NotRunning(self.id.clone()));
+            return Err(VmmError::NotRunning(self.core.id.clone()));
         }
         if !self.is_paused().await? {
             return Err(FirecrackerError::Snapshot("pause the VM first".into()).into());
@@ -135,7 +136,7 @@ impl FirecrackerVm {
         }
         made?;
         moved?;
-        tracing::info!(id = %self.id, ?kind, ms = started.elapsed().as_millis() as u64, "firecracker snapshot created");
+        tracing::info!(id = %self.core.id, ?kind, ms = started.elapsed().as_millis() as u64, "firecracker snapshot created");
         Ok(())
     }
 
@@ -173,13 +174,13 @@ impl FirecrackerVmm {
             ("snapshot state", &files.state),
             ("snapshot memory", &files.memory),
         ] {
-            super::check_readable(what, f)?;
+            crate::common::check_readable(what, f)?;
         }
         if let Some(d) = &opts.scratch_disk {
-            super::check_readable("scratch disk", d)?;
+            crate::common::check_readable("scratch disk", d)?;
         }
         let paths = RunPaths::new(&spec.run_dir)?;
-        let mut guard = RunDirGuard::create(&paths)?;
+        let mut guard = RunDirGuard::create(&paths.dir)?;
         let started = Instant::now();
         let shape = Shape {
             cpus: spec.cpus,
@@ -217,8 +218,8 @@ impl FirecrackerVmm {
             vm.kill_now().await;
             return Err(e);
         }
-        tracing::info!(id = %spec.id, pid = vm.pid, jailed = vm.identity.jail.is_some(), ms = started.elapsed().as_millis() as u64, "firecracker restored from snapshot");
-        guard.0 = None;
+        tracing::info!(id = %spec.id, pid = vm.core.pid, jailed = vm.identity.jail.is_some(), ms = started.elapsed().as_millis() as u64, "firecracker restored from snapshot");
+        guard.keep();
         Ok(vm)
     }
 }
@@ -285,12 +286,12 @@ impl FirecrackerVm {
             .shape
             .clone()
             .ok_or_else(|| VmmError::Snapshot {
-                id: self.id.clone(),
+                id: self.core.id.clone(),
                 detail: "the VM was started by an older Hutch that did not record its shape".into(),
             })?;
         if !self.is_paused().await? {
             return Err(VmmError::Snapshot {
-                id: self.id.clone(),
+                id: self.core.id.clone(),
                 detail: "the VM must be paused first".into(),
             });
         }
@@ -325,7 +326,7 @@ impl FirecrackerVm {
         .expect("serializes");
         std::fs::write(&launch, json).map_err(|e| VmmError::io("write", &launch, e))?;
         write_record(&snapshot)?;
-        tracing::info!(id = %self.id, dir = %dir.display(), "firecracker snapshot saved");
+        tracing::info!(id = %self.core.id, dir = %dir.display(), "firecracker snapshot saved");
         Ok(snapshot)
     }
 }
