@@ -1022,6 +1022,10 @@ async fn wireguard_egress_goes_through_the_tunnel_and_fails_closed() {
     .await;
     // ...and the namespace itself cannot send anything else out of the veth.
     assert!(connect(&t.netns, INET2, 8080).is_err());
+    // Spoofed sources get nowhere either: not out of the tunnel, not out of the veth.
+    give_spoofed_addresses(&gt);
+    let wires = [(w.inet.as_str(), "wgpeer"), (w.inet.as_str(), "hn-upi")];
+    spoofing_leaves_nothing(&net, &it, &gt, &wires, b"tunnel-spoof").await;
 
     // Peer down: connections fail, and nothing leaks out directly.
     drop(peer);
@@ -1263,3 +1267,332 @@ async fn guest_ipv6_cannot_leave_even_given_an_address_and_a_route_out() {
     net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }
+
+/// Every IPv4 packet crossing device `dev` of namespace `ns` (either way) from [`Capture::start`]
+/// to [`Capture::stop`]: an `AF_PACKET` socket, so it sees what a capture on that wire sees.
+struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Capture {
+    fn start(ns: &str, dev: &str) -> Capture {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let name = std::ffi::CString::new(dev).unwrap();
+        let fd: OwnedFd = in_netns(ns, move || {
+            let proto = (libc::ETH_P_IP as u16).to_be();
+            // SAFETY: a fresh descriptor, owned at once; `bind` and `setsockopt` get valid
+            // pointers to initialized structures of the sizes passed.
+            unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                );
+                let err = |what: &str| hutch_net::NetError::Io {
+                    what: what.into(),
+                    source: io::Error::last_os_error(),
+                };
+                if fd < 0 {
+                    return Err(err("packet socket"));
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                if libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    len,
+                ) < 0
+                {
+                    return Err(err("bind packet socket"));
+                }
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                let tlen = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+                let tvp = (&tv as *const libc::timeval).cast();
+                if libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    tvp,
+                    tlen,
+                ) < 0
+                {
+                    return Err(err("packet socket timeout"));
+                }
+                Ok(fd)
+            }
+        })
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: `buf` is valid for its length; the descriptor lives in this thread.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    seen.push(buf[..n as usize].to_vec());
+                }
+            }
+            seen
+        });
+        Capture { stop, thread }
+    }
+
+    /// Stops capturing (after what is in flight has had time to arrive) and returns the packets.
+    async fn stop(self) -> Vec<Vec<u8>> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The packets of `seen` that carry `marker` anywhere (the packet itself, or an ICMP error
+/// quoting it), as (source, destination, length).
+fn carrying(seen: &[Vec<u8>], marker: &[u8]) -> Vec<(Ipv4Addr, Ipv4Addr, usize)> {
+    seen.iter()
+        .filter(|p| p.len() >= 20 && p.windows(marker.len()).any(|w| w == marker))
+        .map(|p| (ip_at(p, 12), ip_at(p, 16), p.len()))
+        .collect()
+}
+
+fn ip_at(p: &[u8], i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(p[i], p[i + 1], p[i + 2], p[i + 3])
+}
+
+/// Sends one UDP datagram from namespace `ns` with source address `from` (which must be one
+/// of its addresses).
+fn send_udp_from(ns: &str, from: Ipv4Addr, to: SocketAddr, payload: &'static [u8]) {
+    in_netns(ns, move || {
+        let io = |source| hutch_net::NetError::Io {
+            what: "spoofed send".into(),
+            source,
+        };
+        let s = UdpSocket::bind((from, 0)).map_err(io)?;
+        s.send_to(payload, to).map_err(io)?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Sources a guest forges in [`spoofing_leaves_nothing`]: an internet host, the metadata
+/// service, a LAN host and the host's own uplink address.
+const SPOOFED: [Ipv4Addr; 4] = [Ipv4Addr::new(203, 0, 113, 30), METADATA, LAN, HOST];
+
+/// Gives guest namespace `g` every [`SPOOFED`] address, so its sockets can send from them.
+fn give_spoofed_addresses(g: &str) {
+    for a in SPOOFED {
+        sh(&[
+            "ip",
+            "-n",
+            g,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+}
+
+/// Guest `g` of sandbox `id` sends UDP from every [`SPOOFED`] source to INET1:9999 and
+/// INET2:9999 (denied, and allowed under the tests' `allow` policies); the namespace sees them
+/// (its log names them), yet nothing carrying their bytes crosses any of `wires` ((namespace,
+/// device)): not the packets, nor an answer quoting them.
+async fn spoofing_leaves_nothing(
+    net: &Network,
+    id: &str,
+    g: &str,
+    wires: &[(&str, &str)],
+    marker: &'static [u8],
+) {
+    let caps: Vec<Capture> = wires.iter().map(|(ns, d)| Capture::start(ns, d)).collect();
+    let since = SystemTime::now();
+    for from in SPOOFED {
+        for to in [INET1, INET2] {
+            send_udp_from(g, from, SocketAddr::from((to, 9999)), marker);
+        }
+    }
+    wait_event(net, id, since, |e| {
+        e.rule == RuleName::DenySpoof && e.dst == v4(INET1) && e.dst_port == 9999
+    })
+    .await;
+    for ((ns, dev), cap) in wires.iter().zip(caps) {
+        let seen = cap.stop().await;
+        let leaked = carrying(&seen, marker);
+        assert!(leaked.is_empty(), "on {ns}/{dev}: {leaked:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_guest_packets_and_their_rejections_never_leave() {
+    let w = World::new("spoof");
+    let cfg = NetConfig {
+        spares: 1,
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let net = Network::new(cfg).await.unwrap();
+    let allow = Policy::Allow {
+        cidrs: vec!["203.0.113.20/32".parse().unwrap()],
+        ports: vec![],
+        domains: vec![],
+    };
+    let (ia, ib) = (w.id("a"), w.id("b"));
+    let a = net.create(&ia, &allow).await.unwrap().unwrap();
+    net.refill().await.unwrap();
+    let b = net.create(&ib, &allow).await.unwrap().unwrap();
+    assert_eq!(net.spares(), 0, "b was handed out from the pool");
+    let uplink = [(w.inet.as_str(), "hn-upi")];
+
+    // Control: the capture sees what the guest sends with its own address (masqueraded).
+    let ga = guest(&a);
+    let cap = Capture::start(&w.inet, "hn-upi");
+    send_udp_from(&ga, GUEST_ADDR, SocketAddr::from((INET2, 9999)), b"own-0");
+    let seen = carrying(&cap.stop().await, b"own-0");
+    assert!(seen.iter().any(|(src, ..)| *src == HOST), "{seen:?}");
+
+    // Under `allow`, then after `net set --net none`; on a network made cold and on one
+    // handed out from the pool.
+    for (id, n, markers) in [
+        (&ia, &a, [&b"cold-allow"[..], b"cold-none"]),
+        (&ib, &b, [&b"warm-allow"[..], b"warm-none"]),
+    ] {
+        let g = guest(n);
+        give_spoofed_addresses(&g);
+        spoofing_leaves_nothing(&net, id, &g, &uplink, markers[0]).await;
+        net.set_policy(id, &Policy::None).await.unwrap();
+        spoofing_leaves_nothing(&net, id, &g, &uplink, markers[1]).await;
+    }
+    net.destroy(&ia).await.unwrap();
+    net.destroy(&ib).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// Sends one UDP datagram from namespace `ns` to `to` and waits (1 s at most) for what comes
+/// back: an answer, or the error an ICMP answer raises on the socket.
+fn udp_probe(ns: &str, to: SocketAddr) -> io::Result<usize> {
+    in_netns(ns, move || {
+        Ok((|| {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.send(b"probe")?;
+            s.recv(&mut [0u8; 64])
+        })())
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_answer_the_guest_and_nobody_else() {
+    let w = World::new("answer");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    // The guest's own denied packets are answered at once (admin-prohibited: EHOSTUNREACH).
+    let r = udp_probe(&guest(&n), SocketAddr::from((LAN, 9)));
+    assert_eq!(
+        r.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EHOSTUNREACH))
+    );
+    // Denied packets from the other side are not: no ICMP or RST leaves by the veth.
+    let r = udp_probe(&w.host, SocketAddr::from((n.transit.ns, 9)));
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    let r = udp_probe(&w.host, SocketAddr::from((GATEWAY_ADDR, 9)));
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// The internet checksum (RFC 1071) of `b`.
+fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends one ICMP message of type `ty` carrying `payload` from namespace `ns` to `to`, through
+/// a raw socket (so the namespace's own stack sends it, as it sends its answers).
+fn send_icmp(ns: &str, to: Ipv4Addr, ty: u8, payload: &'static [u8]) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    in_netns(ns, move || {
+        let mut m = vec![ty, 0, 0, 0, 0x68, 0x75, 0, 1];
+        m.extend_from_slice(payload);
+        let c = inet_checksum(&m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let err = |what: &str| hutch_net::NetError::Io {
+            what: what.into(),
+            source: io::Error::last_os_error(),
+        };
+        // SAFETY: a fresh descriptor, owned at once; `sendto` gets a valid buffer and a valid
+        // `sockaddr_in` of the size passed.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            );
+            if fd < 0 {
+                return Err(err("raw socket"));
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut sin: libc::sockaddr_in = std::mem::zeroed();
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_addr.s_addr = u32::from(to).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let sa = (&sin as *const libc::sockaddr_in).cast();
+            if libc::sendto(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0, sa, len) < 0 {
+                return Err(err("send ICMP"));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_leaves_the_uplink_from_a_transit_address() {
+    let w = World::new("masq");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    let cap = Capture::start(&w.inet, "hn-upi");
+    // An echo request starts a flow the host's conntrack tracks, so it is masqueraded; an echo
+    // reply nobody asked for is tracked by nobody, so no NAT rule ever sees it.
+    send_icmp(&n.netns, INET1, 8, b"masq-request");
+    send_icmp(&n.netns, INET1, 0, b"masq-reply");
+    let seen = cap.stop().await;
+    let pool: ipnet::Ipv4Net = hutch_net::DEFAULT_TRANSIT_POOL;
+    let request = carrying(&seen, b"masq-request");
+    assert!(request.iter().any(|(src, ..)| *src == HOST), "{request:?}");
+    let transit: Vec<_> = seen
+        .iter()
+        .filter(|p| p.len() >= 20 && pool.contains(&ip_at(p, 12)))
+        .map(|p| (ip_at(p, 12), ip_at(p, 16), p.len()))
+        .collect();
+    assert!(transit.is_empty(), "left unmasqueraded: {transit:?}");
+    assert_eq!(carrying(&seen, b"masq-reply"), vec![]);
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
