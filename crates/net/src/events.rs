@@ -41,7 +41,8 @@ pub enum RuleName {
     AllowDomain,
     /// The DNS filter answered an allowed name (from the upstream's answer).
     DnsAnswer,
-    /// The DNS filter refused a name the policy does not allow (NXDOMAIN).
+    /// The DNS filter refused a name the policy does not allow (NXDOMAIN), or a question type
+    /// or class it does not forward (REFUSED).
     DnsRefused,
 }
 

@@ -1596,3 +1596,224 @@ async fn nothing_leaves_the_uplink_from_a_transit_address() {
     w.assert_clean(&net).await;
 }
 
+/// A resolver on `addr`:53 (UDP) in namespace `ns` that records every message it receives,
+/// byte for byte, and answers as [`serve_dns`] does.
+fn serve_recording_dns(ns: &str, addr: Ipv4Addr) -> std::sync::Arc<Mutex<Vec<Vec<u8>>>> {
+    let sock: UdpSocket = in_netns(ns, move || {
+        UdpSocket::bind((addr, 53)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind dns".into(),
+            source: e,
+        })
+    })
+    .unwrap();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            rec.lock().unwrap().push(buf[..n].to_vec());
+            let Ok(q) = dns::parse_query(&buf[..n]) else {
+                continue;
+            };
+            let addrs: Vec<IpAddr> = match q.name.as_str() {
+                "allowed.test" => vec![INET2.into()],
+                _ => vec![],
+            };
+            let _ = sock.send_to(&dns::build_answer(&buf[..n], &q, &addrs, 30), from);
+        }
+    });
+    seen
+}
+
+/// Sends `msg` exactly as given to the sandbox's resolver from namespace `ns` (over TCP as one
+/// framed message) and returns the reply.
+fn ask_raw(ns: &str, msg: Vec<u8>, tcp: bool) -> io::Result<Vec<u8>> {
+    let server = SocketAddr::from((GATEWAY_ADDR, 53));
+    in_netns(ns, move || {
+        Ok((|| {
+            if tcp {
+                let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut m = (msg.len() as u16).to_be_bytes().to_vec();
+                m.extend_from_slice(&msg);
+                s.write_all(&m)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut r)?;
+                Ok(r)
+            } else {
+                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                s.connect(server)?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.send(&msg)?;
+                let mut r = vec![0u8; 4096];
+                let n = s.recv(&mut r)?;
+                r.truncate(n);
+                Ok(r)
+            }
+        })())
+    })
+    .unwrap()
+}
+
+/// A guest query: id 0x4242, RD, AD and CD set, `question` (wire form), and `additional`
+/// (with ARCOUNT `arcount`) after it.
+fn guest_query(question: &[u8], arcount: u8, additional: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x42, 0x42, 0x01, 0x30, 0, 1, 0, 0, 0, 0, 0, arcount];
+    m.extend_from_slice(question);
+    m.extend_from_slice(additional);
+    m
+}
+
+/// A guest's EDNS record: 4096-byte payload, the DO bit, a cookie option.
+const GUEST_OPT: [u8; 23] = [
+    0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+];
+
+/// What the upstream must receive for a question `name_wire`/`qtype`, after the id: RD only,
+/// one question, the name in lower case, class IN, and the filter's own EDNS record
+/// (1232 bytes, no flags, no options) when the guest sent one.
+fn canonical_upstream(name_wire: &[u8], qtype: u16, edns: bool) -> Vec<u8> {
+    let mut m = vec![0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+    m.extend_from_slice(name_wire);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    if edns {
+        m.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_filter_sends_upstream_only_queries_it_rebuilt() {
+    let w = World::new("dnsq");
+    let up = Ipv4Addr::new(203, 0, 113, 53);
+    sh(&[
+        "ip",
+        "-n",
+        &w.inet,
+        "addr",
+        "add",
+        "203.0.113.53/32",
+        "dev",
+        "lo",
+    ]);
+    let seen = serve_recording_dns(&w.inet, up);
+    let cfg = NetConfig {
+        upstream_dns: Some(SocketAddr::from((up, 53))),
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let net = Network::new(cfg).await.unwrap();
+    let id = w.id("a");
+    let policy = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec!["allowed.test".into()],
+    };
+    let g = guest(&net.create(&id, &policy).await.unwrap().unwrap());
+    let mixed: &[u8] = b"\x07AlLoWeD\x04TeSt\x00";
+    let lower: &[u8] = b"\x07allowed\x04test\x00";
+    let question = |qtype: u16, class: u16| {
+        let mut q = mixed.to_vec();
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&class.to_be_bytes());
+        q
+    };
+    let count = || seen.lock().unwrap().len();
+
+    // Allowed queries: the upstream receives the filter's own query (its id, canonical case,
+    // its EDNS), the guest gets the answer under its own id and question, case included.
+    let mut upstream_ids = Vec::new();
+    for (qtype, edns, tcp) in [
+        (dns::TYPE_A, true, false),
+        (dns::TYPE_A, true, true),
+        (dns::TYPE_AAAA, false, false),
+        (65, true, false), // HTTPS
+    ] {
+        let q = question(qtype, 1);
+        let msg = match edns {
+            true => guest_query(&q, 1, &GUEST_OPT),
+            false => guest_query(&q, 0, &[]),
+        };
+        let before = count();
+        let r = ask_raw(&g, msg.clone(), tcp).unwrap();
+        assert_eq!(&r[..2], &[0x42, 0x42]);
+        assert_eq!(
+            &r[12..12 + q.len()],
+            &q[..],
+            "the guest's question, as sent"
+        );
+        let a = dns::parse_answer(&r, &dns::parse_query(&msg).unwrap()).unwrap();
+        assert_eq!(a.rcode, dns::RCODE_NOERROR);
+        if qtype == dns::TYPE_A {
+            assert_eq!(a.addrs, vec![(v4(INET2), 30)]);
+        }
+        let got = seen.lock().unwrap()[before..].to_vec();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0][2..], canonical_upstream(lower, qtype, edns)[..]);
+        upstream_ids.push(u16::from_be_bytes([got[0][0], got[0][1]]));
+    }
+    assert!(
+        upstream_ids.iter().any(|i| *i != 0x4242),
+        "{upstream_ids:?}"
+    );
+
+    // Refused or malformed: an error to the guest, nothing upstream.
+    let kilo = vec![0x5a; 1000];
+    let mut opt_then_kilo = GUEST_OPT.to_vec();
+    opt_then_kilo.extend_from_slice(&kilo);
+    let mut long_opt = GUEST_OPT.to_vec();
+    long_opt[10] = 12 + 100; // RDLENGTH past the end
+    let a = question(dns::TYPE_A, 1);
+    for (what, msg, rcode) in [
+        (
+            "1 KB after the question",
+            guest_query(&a, 0, &kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "1 KB after EDNS",
+            guest_query(&a, 1, &opt_then_kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "1 KB as an additional record",
+            guest_query(&a, 1, &kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "EDNS longer than the message",
+            guest_query(&a, 1, &long_opt),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "type NULL",
+            guest_query(&question(10, 1), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+        (
+            "type ANY",
+            guest_query(&question(255, 1), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+        (
+            "class CH",
+            guest_query(&question(16, 3), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+    ] {
+        for tcp in [false, true] {
+            let before = count();
+            let r = ask_raw(&g, msg.clone(), tcp).unwrap();
+            assert_eq!(
+                (&r[..2], dns::rcode(&r)),
+                (&[0x42u8, 0x42][..], Some(rcode)),
+                "{what} (tcp: {tcp})"
+            );
+            assert_eq!(count(), before, "{what} (tcp: {tcp}) reached the upstream");
+        }
+    }
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
