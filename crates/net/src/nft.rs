@@ -764,7 +764,7 @@ const HOST_VETHS: &str = "hv*";
 /// The one host-side table (in the host namespace) confining every sandbox veth: its traffic may
 /// only leave by `uplink`, coming from the transit `pool`, and is masqueraded there (what NAT
 /// did not rewrite does not leave); nothing else goes to or through the host from a veth but
-/// replies. Replaced atomically (created once
+/// replies, and nothing from a veth is answered unless its source is routed back by it. Replaced atomically (created once
 /// per [`crate::Network`]), so no per-sandbox host rule is ever added or removed.
 pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
     let mut tx = Tx::new(HOST_TABLE);
@@ -775,6 +775,20 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
         .push(NfObject::CmdObject(NfCmd::Delete(L::Table(t.clone()))));
     tx.add(L::Table(t));
     let veths = || s(HOST_VETHS);
+    // Before conntrack and before any rule that could answer: a packet from a veth whose source
+    // is not routed back by that veth is dropped unanswered (an answer would go to the forged
+    // source, by the uplink).
+    tx.raw_prerouting();
+    tx.rule(
+        "prerouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), veths()),
+            source_not_on_iif(),
+            counter(),
+            S::Drop(None),
+        ],
+    );
     tx.nat_postrouting();
     tx.rule(
         "postrouting",

@@ -1817,3 +1817,37 @@ async fn the_dns_filter_sends_upstream_only_queries_it_rebuilt() {
     net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_answers_no_veth_packet_from_a_forged_source() {
+    let w = World::new("forged");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    // The namespace's own stack sends from addresses that are not its transit address (the
+    // guest's forged packets never get this far).
+    give_spoofed_addresses(&n.netns);
+    let cap = Capture::start(&w.inet, "hn-upi");
+    send_udp_from(
+        &n.netns,
+        n.transit.ns,
+        SocketAddr::from((INET1, 9999)),
+        b"own-veth",
+    );
+    for from in SPOOFED {
+        send_udp_from(
+            &n.netns,
+            from,
+            SocketAddr::from((INET1, 9999)),
+            b"forged-veth",
+        );
+    }
+    let seen = cap.stop().await;
+    // Control: from its transit address, it reaches the internet (masqueraded).
+    let own = carrying(&seen, b"own-veth");
+    assert!(own.iter().any(|(src, ..)| *src == HOST), "{own:?}");
+    // From any other, nothing: neither the packet nor the host's answer to the forged source.
+    assert_eq!(carrying(&seen, b"forged-veth"), vec![]);
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
