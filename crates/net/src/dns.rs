@@ -507,18 +507,24 @@ mod tests {
         let qb = build_query(7, "a.b.c", TYPE_AAAA).unwrap();
         let q = parse_query(&qb).unwrap();
         let good = build_answer(&qb, &q, &["2001:db8::1".parse().unwrap()], 5);
-        // Every truncation and every single-byte corruption of both messages.
-        for msg in [&qb, &good] {
+        let with_opt = guest(TYPE_A, 1, &OPT);
+        // Every truncation and every single-byte corruption of the three messages.
+        let all = |m: &[u8]| {
+            if let Ok(q) = parse_query(m) {
+                let _ = upstream_query(1, &q);
+            }
+            let _ = reply_malformed(m);
+            let _ = parse_answer(m, &q);
+        };
+        for msg in [&qb, &good, &with_opt] {
             for n in 0..msg.len() {
-                let _ = parse_query(&msg[..n]);
-                let _ = parse_answer(&msg[..n], &q);
+                all(&msg[..n]);
             }
             for i in 0..msg.len() {
                 for v in [0u8, 0x3f, 0x40, 0xc0, 0xff] {
                     let mut m = msg.to_vec();
                     m[i] = v;
-                    let _ = parse_query(&m);
-                    let _ = parse_answer(&m, &q);
+                    all(&m);
                 }
             }
         }

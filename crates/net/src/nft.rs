@@ -764,8 +764,9 @@ const HOST_VETHS: &str = "hv*";
 /// The one host-side table (in the host namespace) confining every sandbox veth: its traffic may
 /// only leave by `uplink`, coming from the transit `pool`, and is masqueraded there (what NAT
 /// did not rewrite does not leave); nothing else goes to or through the host from a veth but
-/// replies, and nothing from a veth is answered unless its source is routed back by it. Replaced atomically (created once
-/// per [`crate::Network`]), so no per-sandbox host rule is ever added or removed.
+/// replies, and nothing from a veth is answered unless its source is routed back by it.
+/// Replaced atomically (created once per [`crate::Network`]), so no per-sandbox host rule is
+/// ever added or removed.
 pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
     let mut tx = Tx::new(HOST_TABLE);
     let t = tx.table();
