@@ -1,7 +1,10 @@
-//! The few pieces of the DNS wire format (RFC 1035, 3596) the per-sandbox filter needs, written
-//! by hand: the guest is hostile, so every length is bounded, every read is checked, nothing
-//! recurses and nothing panics. Queries from the guest are parsed strictly (one question, no
-//! compression); answers from the upstream are only walked to collect A/AAAA records.
+//! The few pieces of the DNS wire format (RFC 1035, 3596, 6891) the per-sandbox filter needs,
+//! written by hand: the guest is hostile, so every length is bounded, every read is checked,
+//! nothing recurses and nothing panics. Queries from the guest are parsed strictly (one
+//! question, no compression, at most an EDNS record, nothing after it) and never forwarded: the
+//! upstream gets a query rebuilt from the parsed question ([`upstream_query`]), so no byte the
+//! guest chose but the name and type reaches it. Answers from the upstream are only walked to
+//! collect A/AAAA records.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -15,13 +18,30 @@ const MAX_RECORDS: usize = 128;
 pub const TYPE_A: u16 = 1;
 /// `AAAA` record type.
 pub const TYPE_AAAA: u16 = 28;
+/// EDNS pseudo-record type (RFC 6891).
+const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
+/// The UDP payload size the filter's own EDNS record announces upstream (the DNS flag day 2020
+/// value: no fragmentation on any usual path).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// The question types the filter forwards (class IN only): what resolvers and everyday tools
+/// ask for. A and AAAA (every resolver), CNAME, SRV (apt asks `_http._tcp` first), HTTPS and
+/// SVCB (curl, browsers), MX and TXT (mail and verification tools, Go's resolver), PTR (reverse
+/// lookups: ssh, ping), NS, SOA and CAA (`dig`, `host`, ACME clients). Everything else is
+/// refused: ANY (amplification; RFC 8482 retires it), NULL (the tunnelling tools' favourite),
+/// zone transfers and other meta-queries, and DNSSEC records (the filter asks without the DO
+/// bit, so a validating resolver in the guest gets nothing to validate either way).
+pub const FORWARDED_TYPES: [u16; 12] = [1, 2, 5, 6, 12, 15, 16, 28, 33, 64, 65, 257];
 /// Response code: no error.
 pub const RCODE_NOERROR: u8 = 0;
+/// Response code: the query is malformed.
+pub const RCODE_FORMERR: u8 = 1;
 /// Response code: server failure.
 pub const RCODE_SERVFAIL: u8 = 2;
 /// Response code: name does not exist.
 pub const RCODE_NXDOMAIN: u8 = 3;
+/// Response code: not implemented (an opcode other than QUERY).
+pub const RCODE_NOTIMP: u8 = 4;
 /// Response code: refused.
 pub const RCODE_REFUSED: u8 = 5;
 const HEADER: usize = 12;
@@ -38,6 +58,8 @@ pub enum DnsError {
     BadName,
     /// The response does not answer the query that was sent.
     Mismatch,
+    /// Bytes after the last record the header announces.
+    Trailing,
 }
 
 /// A parsed guest query.
@@ -55,6 +77,8 @@ pub struct Query {
     pub rd: bool,
     /// End of the question section in the message.
     pub question_end: usize,
+    /// The UDP payload size of the query's EDNS record, if it has one.
+    pub edns: Option<u16>,
 }
 
 fn u16_at(b: &[u8], i: usize) -> Result<u16, DnsError> {
@@ -127,7 +151,8 @@ fn skip_name(b: &[u8], mut i: usize) -> Result<usize, DnsError> {
 }
 
 /// Parses a guest's query: a standard query (opcode 0) with exactly one question, no answers or
-/// authority records and at most one additional record (EDNS).
+/// authority records, at most one additional record, which must be a well-formed EDNS record,
+/// and nothing after that.
 pub fn parse_query(b: &[u8]) -> Result<Query, DnsError> {
     if b.len() > MAX_QUERY {
         return Err(DnsError::Unsupported);
@@ -149,14 +174,131 @@ pub fn parse_query(b: &[u8]) -> Result<Query, DnsError> {
     let (name, i) = read_plain_name(b, HEADER)?;
     let qtype = u16_at(b, i)?;
     let qclass = u16_at(b, i + 2)?;
+    let question_end = i + 4;
+    let (edns, end) = match ar {
+        0 => (None, question_end),
+        _ => {
+            let (size, end) = read_opt(b, question_end)?;
+            (Some(size), end)
+        }
+    };
+    if end != b.len() {
+        return Err(DnsError::Trailing);
+    }
     Ok(Query {
         id,
         name,
         qtype,
         qclass,
         rd: flags & 0x0100 != 0,
-        question_end: i + 4,
+        question_end,
+        edns,
     })
+}
+
+/// Reads the EDNS record at `i`: the root name, type OPT, version 0 and options that fill its
+/// data exactly. Returns the UDP payload size it announces and the offset after it.
+fn read_opt(b: &[u8], i: usize) -> Result<(u16, usize), DnsError> {
+    // name (1), type (2), payload size (2), extended rcode (1), version (1), flags (2),
+    // data length (2), data.
+    if *b.get(i).ok_or(DnsError::Truncated)? != 0 || u16_at(b, i + 1)? != TYPE_OPT {
+        return Err(DnsError::Unsupported);
+    }
+    let size = u16_at(b, i + 3)?;
+    if *b.get(i + 6).ok_or(DnsError::Truncated)? != 0 {
+        return Err(DnsError::Unsupported);
+    }
+    let end = i + 11 + u16_at(b, i + 9)? as usize;
+    if end > b.len() {
+        return Err(DnsError::Truncated);
+    }
+    // Options: code (2), length (2), data; the last one ends where the record does.
+    let mut o = i + 11;
+    while o < end {
+        o += 4 + u16_at(b, o + 2)? as usize;
+    }
+    if o != end {
+        return Err(DnsError::Truncated);
+    }
+    Ok((size, end))
+}
+
+/// True if the filter forwards `q`'s question: class IN, a type of [`FORWARDED_TYPES`].
+pub fn forwarded(q: &Query) -> bool {
+    q.qclass == CLASS_IN && FORWARDED_TYPES.contains(&q.qtype)
+}
+
+/// The query the filter sends upstream for the guest's `q`, built from the parsed question
+/// alone: id `id`, RD and nothing else in the header, one question (the name in lower case,
+/// class IN), and the filter's own EDNS record ([`EDNS_PAYLOAD`], no flags, no options) when
+/// the guest sent one, so that the answer has one exactly when the guest expects it.
+pub fn upstream_query(id: u16, q: &Query) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + q.name.len() + 2 + 4 + 11);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&0x0100u16.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(q.edns.is_some())]);
+    push_name(&q.name, &mut out);
+    out.extend_from_slice(&q.qtype.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    if q.edns.is_some() {
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    }
+    out
+}
+
+/// The answer to the guest's query `guest` (parsed as `q`) made of the upstream's response
+/// `resp` to [`upstream_query`], which [`parse_answer`] accepted: the guest's id, and its
+/// question as it sent it, letter case included (resolvers compare it); the records are the
+/// upstream's.
+pub fn guest_reply(mut resp: Vec<u8>, guest: &[u8], q: &Query) -> Vec<u8> {
+    resp[0..2].copy_from_slice(&q.id.to_be_bytes());
+    // `parse_answer` checked that the response's question spans the same bytes.
+    if let (Some(to), Some(from)) = (
+        resp.get_mut(HEADER..q.question_end),
+        guest.get(HEADER..q.question_end),
+    ) {
+        to.copy_from_slice(from);
+    }
+    resp
+}
+
+/// Largest answer the guest takes over UDP: 512 bytes, or what its EDNS record announces.
+pub fn udp_limit(q: &Query) -> usize {
+    usize::from(q.edns.unwrap_or(512).max(512))
+}
+
+/// An empty answer with TC set, for an answer larger than [`udp_limit`]: the guest asks again
+/// over TCP.
+pub fn reply_truncated(query: &[u8], q: &Query) -> Vec<u8> {
+    let mut out = reply_with_rcode(query, q, RCODE_NOERROR);
+    out[2] |= 0x02;
+    out
+}
+
+/// The answer to a message [`parse_query`] refused: the header alone (its id, opcode and RD
+/// bit; no records) with FORMERR, or NOTIMP for an opcode other than QUERY. `None` for a
+/// message too short for a header or that is itself a response: those get no answer.
+pub fn reply_malformed(msg: &[u8]) -> Option<Vec<u8>> {
+    let id = u16_at(msg, 0).ok()?;
+    let flags = u16_at(msg, 2).ok()?;
+    if msg.len() < HEADER || flags & 0x8000 != 0 {
+        return None;
+    }
+    let opcode = flags & 0x7800;
+    let rcode = if opcode != 0 {
+        RCODE_NOTIMP
+    } else {
+        RCODE_FORMERR
+    };
+    let flags = 0x8000 | opcode | (flags & 0x0100) | 0x0080 | u16::from(rcode);
+    let mut out = Vec::with_capacity(HEADER);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0; 8]);
+    Some(out)
 }
 
 /// A response carrying only the query's question and `rcode` (NXDOMAIN, SERVFAIL, REFUSED).
@@ -200,7 +342,11 @@ pub fn parse_answer(resp: &[u8], q: &Query) -> Result<Answer, DnsError> {
         Err(DnsError::Truncated) => return Err(DnsError::Truncated),
         Err(_) => return Err(DnsError::Mismatch),
     };
-    if name != q.name || u16_at(resp, i)? != q.qtype || u16_at(resp, i + 2)? != q.qclass {
+    if name != q.name
+        || i + 4 != q.question_end
+        || u16_at(resp, i)? != q.qtype
+        || u16_at(resp, i + 2)? != q.qclass
+    {
         return Err(DnsError::Mismatch);
     }
     i += 4;
@@ -241,18 +387,20 @@ pub fn parse_answer(resp: &[u8], q: &Query) -> Result<Answer, DnsError> {
 
 /// Encodes `name` (dotted, no trailing dot) as wire labels. For clients and test servers.
 fn encode_name(name: &str, out: &mut Vec<u8>) -> Result<(), DnsError> {
-    if name.len() > 253 {
+    if name.len() > 253 || name.split('.').any(|l| l.len() > 63) {
         return Err(DnsError::BadName);
     }
+    push_name(name, out);
+    Ok(())
+}
+
+/// Writes `name`'s labels, which must be within the RFC 1035 limits (a parsed name is).
+fn push_name(name: &str, out: &mut Vec<u8>) {
     for label in name.split('.').filter(|l| !l.is_empty()) {
-        if label.len() > 63 {
-            return Err(DnsError::BadName);
-        }
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
     out.push(0);
-    Ok(())
 }
 
 /// A recursive query for `name`/`qtype` (class IN). For clients and tests.
@@ -359,18 +507,24 @@ mod tests {
         let qb = build_query(7, "a.b.c", TYPE_AAAA).unwrap();
         let q = parse_query(&qb).unwrap();
         let good = build_answer(&qb, &q, &["2001:db8::1".parse().unwrap()], 5);
-        // Every truncation and every single-byte corruption of both messages.
-        for msg in [&qb, &good] {
+        let with_opt = guest(TYPE_A, 1, &OPT);
+        // Every truncation and every single-byte corruption of the three messages.
+        let all = |m: &[u8]| {
+            if let Ok(q) = parse_query(m) {
+                let _ = upstream_query(1, &q);
+            }
+            let _ = reply_malformed(m);
+            let _ = parse_answer(m, &q);
+        };
+        for msg in [&qb, &good, &with_opt] {
             for n in 0..msg.len() {
-                let _ = parse_query(&msg[..n]);
-                let _ = parse_answer(&msg[..n], &q);
+                all(&msg[..n]);
             }
             for i in 0..msg.len() {
                 for v in [0u8, 0x3f, 0x40, 0xc0, 0xff] {
                     let mut m = msg.to_vec();
                     m[i] = v;
-                    let _ = parse_query(&m);
-                    let _ = parse_answer(&m, &q);
+                    all(&m);
                 }
             }
         }
@@ -394,6 +548,127 @@ mod tests {
         assert_eq!(parse_query(&good), Err(DnsError::Unsupported));
         let bad = build_query(1, "a b.com", TYPE_A).unwrap();
         assert_eq!(parse_query(&bad), Err(DnsError::BadName));
+    }
+
+    /// A guest query for `Api.Example.COM`/`qtype`: id 0x4242, RD, AD and CD set, then
+    /// `tail` (with ARCOUNT `ar`).
+    fn guest(qtype: u16, ar: u8, tail: &[u8]) -> Vec<u8> {
+        let mut m = vec![0x42, 0x42, 0x01, 0x30, 0, 1, 0, 0, 0, 0, 0, ar];
+        m.extend_from_slice(b"\x03Api\x07Example\x03COM\x00");
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1]);
+        m.extend_from_slice(tail);
+        m
+    }
+
+    /// EDNS: 4096 bytes, DO set, a cookie option.
+    const OPT: [u8; 23] = [
+        0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+    ];
+
+    #[test]
+    fn the_upstream_query_is_rebuilt_from_the_question_alone() {
+        let question: &[u8] = b"\x03api\x07example\x03com\x00";
+        let mut want = vec![0, 7, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
+        want.extend_from_slice(question);
+        want.extend_from_slice(&[0, 28, 0, 1, 0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let q = parse_query(&guest(TYPE_AAAA, 1, &OPT)).unwrap();
+        assert_eq!(q.edns, Some(4096));
+        assert_eq!(upstream_query(7, &q), want);
+        // Without the guest's EDNS record, without one of ours.
+        let q = parse_query(&guest(TYPE_AAAA, 0, &[])).unwrap();
+        let mut want = vec![0, 7, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(question);
+        want.extend_from_slice(&[0, 28, 0, 1]);
+        assert_eq!(upstream_query(7, &q), want);
+        assert_eq!(parse_query(&want).unwrap().name, q.name);
+    }
+
+    #[test]
+    fn anything_after_the_question_but_an_edns_record_is_refused() {
+        let kilo = [0x5au8; 1000];
+        let mut opt_then = OPT.to_vec();
+        opt_then.extend_from_slice(&kilo);
+        assert_eq!(parse_query(&guest(1, 0, &kilo)), Err(DnsError::Trailing));
+        assert_eq!(
+            parse_query(&guest(1, 1, &opt_then)),
+            Err(DnsError::Trailing)
+        );
+        assert_eq!(parse_query(&guest(1, 0, &OPT)), Err(DnsError::Trailing));
+        assert!(parse_query(&guest(1, 1, &kilo)).is_err());
+        assert!(parse_query(&guest(1, 1, &[])).is_err());
+        let with = |i: usize, v: u8| {
+            let mut o = OPT.to_vec();
+            o[i] = v;
+            parse_query(&guest(1, 1, &o))
+        };
+        assert_eq!(with(2, 250), Err(DnsError::Unsupported)); // TSIG, not OPT
+        assert_eq!(with(0, 1), Err(DnsError::Unsupported)); // not the root name
+        assert_eq!(with(6, 1), Err(DnsError::Unsupported)); // EDNS version 1
+        assert_eq!(with(10, 13), Err(DnsError::Truncated)); // data past the end
+        assert_eq!(with(10, 11), Err(DnsError::Truncated)); // option past the data
+        assert_eq!(with(14, 9), Err(DnsError::Truncated)); // option longer than the data
+        assert!(with(10, 12).is_ok());
+    }
+
+    #[test]
+    fn malformed_queries_get_formerr_and_responses_nothing() {
+        let r = reply_malformed(&guest(1, 0, b"junk")).unwrap();
+        assert_eq!(r, [0x42, 0x42, 0x81, 0x81, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(rcode(&r), Some(RCODE_FORMERR));
+        let mut update = guest(1, 0, &[]);
+        update[2] = 0x28; // opcode 5 (UPDATE)
+        assert_eq!(
+            rcode(&reply_malformed(&update).unwrap()),
+            Some(RCODE_NOTIMP)
+        );
+        let mut response = guest(1, 0, &[]);
+        response[2] |= 0x80;
+        assert_eq!(reply_malformed(&response), None);
+        assert_eq!(reply_malformed(&[0x42; 11]), None);
+    }
+
+    #[test]
+    fn only_everyday_types_of_class_in_are_forwarded() {
+        let fwd = |qtype: u16, class: u8| {
+            let mut m = guest(qtype, 0, &[]);
+            let n = m.len();
+            m[n - 1] = class;
+            forwarded(&parse_query(&m).unwrap())
+        };
+        for t in [TYPE_A, TYPE_AAAA, 5, 16, 33, 65] {
+            assert!(fwd(t, 1), "type {t}");
+        }
+        for t in [10, 255, 252, 251, 48, 46, 41, 0, 4242] {
+            assert!(!fwd(t, 1), "type {t}");
+        }
+        assert!(!fwd(TYPE_A, 3));
+    }
+
+    #[test]
+    fn the_guest_gets_its_own_id_and_question_back() {
+        let gm = guest(TYPE_A, 1, &OPT);
+        let q = parse_query(&gm).unwrap();
+        let up = upstream_query(0x9999, &q);
+        let uq = parse_query(&up).unwrap();
+        let resp = build_answer(&up, &uq, &["203.0.113.5".parse().unwrap()], 60);
+        assert!(parse_answer(&resp, &uq).is_ok());
+        let r = guest_reply(resp, &gm, &q);
+        assert_eq!(r[..2], gm[..2]);
+        assert_eq!(r[12..q.question_end], gm[12..q.question_end]);
+        let a = parse_answer(&r, &q).unwrap();
+        assert_eq!(a.addrs, vec![("203.0.113.5".parse().unwrap(), 60)]);
+        // Too big for what the guest takes over UDP: an empty truncated answer instead.
+        assert_eq!(udp_limit(&q), 4096);
+        let plain = parse_query(&guest(TYPE_A, 0, &[])).unwrap();
+        assert_eq!(udp_limit(&plain), 512);
+        let mut small = OPT;
+        small[3..5].copy_from_slice(&255u16.to_be_bytes());
+        let small = parse_query(&guest(TYPE_A, 1, &small)).unwrap();
+        assert_eq!(udp_limit(&small), 512);
+        let tc = reply_truncated(&gm, &q);
+        assert_eq!(tc[2] & 0x02, 0x02);
+        assert!(parse_answer(&tc, &q).unwrap().truncated);
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub enum RuleName {
     Dns,
     /// Anything from outside towards the guest that is not a reply: rejected.
     DenyInbound,
-    /// Guest traffic with a source address other than the guest's: rejected.
+    /// Guest traffic with a source address other than the guest's: dropped unanswered before
+    /// anything else sees it (an answer would go to the forged source).
     DenySpoof,
     /// DNS to anywhere but Hutch's resolver: rejected.
     DenyDns,
@@ -40,7 +41,8 @@ pub enum RuleName {
     AllowDomain,
     /// The DNS filter answered an allowed name (from the upstream's answer).
     DnsAnswer,
-    /// The DNS filter refused a name the policy does not allow (NXDOMAIN).
+    /// The DNS filter refused a name the policy does not allow (NXDOMAIN), or a question type
+    /// or class it does not forward (REFUSED).
     DnsRefused,
 }
 
@@ -94,6 +96,13 @@ impl RuleName {
         }
     }
 
+    /// True if what this rule denies is rejected (answered with a TCP reset or an ICMP error,
+    /// which only ever leave towards the guest); false for allowing rules and for
+    /// [`RuleName::DenySpoof`], whose packets are dropped.
+    pub fn rejects(self) -> bool {
+        self.verdict() == Verdict::Deny && self != RuleName::DenySpoof
+    }
+
     /// The NFLOG prefix written by this rule.
     pub fn log_prefix(self) -> String {
         format!("hutch:{}", self.as_str())
@@ -111,7 +120,8 @@ impl RuleName {
 pub enum Verdict {
     /// The flow was let through.
     Allow,
-    /// The flow was rejected (TCP reset or ICMP admin-prohibited).
+    /// The flow was rejected (TCP reset or ICMP admin-prohibited), or dropped (see
+    /// [`RuleName::rejects`]).
     Deny,
 }
 

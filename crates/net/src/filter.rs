@@ -1,12 +1,15 @@
 //! Per-sandbox runtime: the DNS filter and the decision-log reader.
 //!
 //! * **DNS filter.** UDP and TCP sockets bound to the gateway address `172.16.0.1:53`, created
-//!   inside the sandbox's namespace on an ns worker thread and served from tokio. A name the
-//!   policy allows is forwarded to the upstream resolver (through a socket made in the host
-//!   namespace, so a host-local upstream such as `127.0.0.53` works); the answer is checked
-//!   against the question, its A/AAAA addresses go into the sandbox's `allow4`/`allow6` nft
-//!   sets with their TTL (under policy `allow`), and only then is it passed to the guest. Any
-//!   other name gets NXDOMAIN. Both are events.
+//!   inside the sandbox's namespace on an ns worker thread and served from tokio. A malformed
+//!   query gets FORMERR, a type or class the filter does not forward REFUSED. For a name the
+//!   policy allows, a query rebuilt from the parsed question ([`dns::upstream_query`]: the
+//!   filter's id, the name in lower case, its own EDNS record) goes to the upstream resolver
+//!   (through a socket made in the host namespace, so a host-local upstream such as
+//!   `127.0.0.53` works); the answer is checked against the question, its A/AAAA addresses go
+//!   into the sandbox's `allow4`/`allow6` nft sets with their TTL (under policy `allow`), and
+//!   only then is it passed to the guest, under the guest's own id and question. Any other
+//!   name gets NXDOMAIN. Answers and refusals are events.
 //! * **Decision log.** An NFLOG socket in the namespace, bound to the group the verdict chains
 //!   log to; each record becomes a [`FlowEvent`], annotated with the name the destination was
 //!   resolved from.
@@ -340,9 +343,16 @@ fn event(sh: &Shared, proto: Proto, rule: RuleName, q: &Query, answers: Vec<IpAd
     }
 }
 
-/// Answers one guest message; `None` drops it (not a query this filter serves).
+/// Answers one guest message; `None` drops it (too short to answer, or not a query).
 async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
-    let q = dns::parse_query(msg).ok()?;
+    let Ok(q) = dns::parse_query(msg) else {
+        return dns::reply_malformed(msg);
+    };
+    if !dns::forwarded(&q) {
+        sh.sink
+            .emit(event(sh, proto, RuleName::DnsRefused, &q, Vec::new()));
+        return Some(dns::reply_with_rcode(msg, &q, dns::RCODE_REFUSED));
+    }
     if !allowed(&*sh.policy.lock().await, &q.name) {
         sh.sink
             .emit(event(sh, proto, RuleName::DnsRefused, &q, Vec::new()));
@@ -352,10 +362,9 @@ async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
     let Some(up) = &sh.upstream else {
         return servfail();
     };
-    let Some((mut resp, ans)) = ask(up, msg, &q).await else {
+    let Some((resp, ans)) = ask(up, &q).await else {
         return servfail();
     };
-    resp[0..2].copy_from_slice(&q.id.to_be_bytes());
     // Under the policy lock: re-check (the policy may have changed while we waited), then make
     // the addresses reachable before the guest learns them.
     let pol = sh.policy.lock().await;
@@ -387,6 +396,10 @@ async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
     drop(pol);
     let ips = ans.addrs.iter().map(|(ip, _)| *ip).collect();
     sh.sink.emit(event(sh, proto, RuleName::DnsAnswer, &q, ips));
+    let resp = dns::guest_reply(resp, msg, &q);
+    if proto == Proto::Udp && resp.len() > dns::udp_limit(&q) {
+        return Some(dns::reply_truncated(msg, &q));
+    }
     Some(resp)
 }
 
@@ -397,9 +410,9 @@ fn random_u16() -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// Forwards `msg` upstream under a fresh random id; returns the checked response (still with
-/// the upstream id) and its addresses.
-async fn ask(up: &Upstream, msg: &[u8], q: &Query) -> Option<(Vec<u8>, dns::Answer)> {
+/// Asks the upstream `q`'s question in a query of the filter's own making, under a fresh random
+/// id; returns the checked response (still with that id and its question) and its addresses.
+async fn ask(up: &Upstream, q: &Query) -> Option<(Vec<u8>, dns::Answer)> {
     let (tx, rx) = oneshot::channel();
     let uid = {
         let mut p = up.pending.lock().unwrap();
@@ -413,8 +426,7 @@ async fn ask(up: &Upstream, msg: &[u8], q: &Query) -> Option<(Vec<u8>, dns::Answ
         p.insert(uid, tx);
         uid
     };
-    let mut out = msg.to_vec();
-    out[0..2].copy_from_slice(&uid.to_be_bytes());
+    let out = dns::upstream_query(uid, q);
     let uq = Query {
         id: uid,
         ..q.clone()

@@ -14,8 +14,8 @@ use std::sync::{Mutex, OnceLock};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use nftables::expr::{
-    Elem, Expression as E, Meta, MetaKey, NamedExpression as N, Payload, PayloadField, Prefix,
-    SetItem, CT,
+    Elem, Expression as E, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression as N, Payload,
+    PayloadField, Prefix, SetItem, CT,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject as L, NfObject, Nftables, Rule, Set, SetFlag,
@@ -105,6 +105,15 @@ fn established() -> S<'static> {
 fn tcp_udp() -> S<'static> {
     eq(meta(MetaKey::L4proto), anon_set(vec![s("tcp"), s("udp")]))
 }
+/// `fib saddr . iif oif missing`: the source address is not routed back by the device the
+/// packet came in by.
+fn source_not_on_iif() -> S<'static> {
+    let fib = Fib {
+        result: FibResult::Oif,
+        flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
+    };
+    eq(E::Named(N::Fib(fib)), E::Boolean(false))
+}
 
 fn net4(n: &Ipv4Net) -> E<'static> {
     if n.prefix_len() == 32 {
@@ -173,6 +182,16 @@ impl Tx {
     /// A filter chain on `hook` at priority 0.
     fn filter_chain(&mut self, name: &str, hook: NfHook, pol: NfChainPolicy) {
         self.base_chain(name, NfChainType::Filter, hook, 0, pol);
+    }
+    /// The filter chain `prerouting` at the raw priority (-300): before connection tracking
+    /// and before any other rule, so what it drops is neither tracked nor answered.
+    fn raw_prerouting(&mut self) {
+        let (ty, hook, pol) = (
+            NfChainType::Filter,
+            NfHook::Prerouting,
+            NfChainPolicy::Accept,
+        );
+        self.base_chain("prerouting", ty, hook, -300, pol);
     }
     /// The source-NAT chain `postrouting` (priority 100).
     fn nat_postrouting(&mut self) {
@@ -299,6 +318,7 @@ fn verdict_chain(tx: &mut Tx, rule: RuleName) {
     );
     match rule.verdict() {
         crate::Verdict::Allow => tx.rule(name, Some(name), vec![accept()]),
+        crate::Verdict::Deny if !rule.rejects() => tx.rule(name, Some(name), vec![S::Drop(None)]),
         crate::Verdict::Deny => {
             tx.rule(
                 name,
@@ -319,6 +339,23 @@ fn verdict_chain(tx: &mut Tx, rule: RuleName) {
         }
     }
 }
+
+/// ICMP error types: the messages that quote the packet they answer.
+const ICMP_ERRORS: &[&str] = &[
+    "destination-unreachable",
+    "source-quench",
+    "redirect",
+    "time-exceeded",
+    "parameter-problem",
+];
+/// ICMPv6 error types (and redirects, which quote too).
+const ICMPV6_ERRORS: &[&str] = &[
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+    "nd-redirect",
+];
 
 /// Set of the guest-facing device's name.
 const GUEST_IF: &str = "guest_if";
@@ -426,6 +463,37 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
 
     let tap = || s(format!("@{GUEST_IF}"));
     let uplink = || s(format!("@{UPLINK_IF}"));
+    // prerouting, before anything can track or answer it: the guest speaks from its own
+    // address only (IPv6: from addresses routed back to its link, that is link-local), or it
+    // is dropped unanswered. An answer would go to the forged source, quoting the packet.
+    tx.raw_prerouting();
+    tx.rule(
+        "prerouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            eq(meta(MetaKey::Nfproto), s("ipv4")),
+            m(
+                payload("ip", "saddr"),
+                Operator::NEQ,
+                s(GUEST_ADDR.to_string()),
+            ),
+            counter(),
+            goto(RuleName::DenySpoof.as_str()),
+        ],
+    );
+    tx.rule(
+        "prerouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            eq(meta(MetaKey::Nfproto), s("ipv6")),
+            source_not_on_iif(),
+            counter(),
+            goto(RuleName::DenySpoof.as_str()),
+        ],
+    );
+
     // input: the namespace itself answers only DNS on the gateway address.
     tx.filter_chain("input", NfHook::Input, NfChainPolicy::Drop);
     tx.rule("input", None, vec![established(), accept()]);
@@ -482,20 +550,6 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
         "forward",
         None,
         vec![
-            eq(meta(MetaKey::Nfproto), s("ipv4")),
-            m(
-                payload("ip", "saddr"),
-                Operator::NEQ,
-                s(GUEST_ADDR.to_string()),
-            ),
-            counter(),
-            goto(RuleName::DenySpoof.as_str()),
-        ],
-    );
-    tx.rule(
-        "forward",
-        None,
-        vec![
             tcp_udp(),
             eq(payload("th", "dport"), E::Number(53)),
             counter(),
@@ -541,6 +595,28 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
 
     // The namespace originates nothing but replies (and, in phase 2, nothing else either).
     tx.filter_chain("output", NfHook::Output, NfChainPolicy::Accept);
+    // What its stack makes to answer a packet (a reject's reset or ICMP error, an ICMP error of
+    // the stack's own), which quotes that packet, goes to the guest or nowhere: never out of
+    // the veth or the tunnel.
+    let not_to_guest = || {
+        vec![
+            m(meta(MetaKey::Oifname), Operator::NEQ, tap()),
+            m(meta(MetaKey::Oifname), Operator::NEQ, s("lo")),
+        ]
+    };
+    for (proto, errors) in [("icmp", ICMP_ERRORS), ("icmpv6", ICMPV6_ERRORS)] {
+        let mut v = not_to_guest();
+        v.push(eq(
+            payload(proto, "type"),
+            anon_set(errors.iter().map(|t| s(*t)).collect()),
+        ));
+        v.extend([counter(), S::Drop(None)]);
+        tx.rule("output", None, v);
+    }
+    let mut v = not_to_guest();
+    v.push(m(payload("tcp", "flags"), Operator::IN, s("rst")));
+    v.extend([counter(), S::Drop(None)]);
+    tx.rule("output", None, v);
 
     if let Some(tun) = &r.tunnel {
         // Nothing leaves by the veth but the encrypted UDP to the endpoint.
@@ -686,9 +762,11 @@ pub const HOST_TABLE: &str = "hutch";
 const HOST_VETHS: &str = "hv*";
 
 /// The one host-side table (in the host namespace) confining every sandbox veth: its traffic may
-/// only leave by `uplink`, coming from the transit `pool`, and is masqueraded there; nothing
-/// else goes to or through the host from a veth but replies. Replaced atomically (created once
-/// per [`crate::Network`]), so no per-sandbox host rule is ever added or removed.
+/// only leave by `uplink`, coming from the transit `pool`, and is masqueraded there (what NAT
+/// did not rewrite does not leave); nothing else goes to or through the host from a veth but
+/// replies, and nothing from a veth is answered unless its source is routed back by it.
+/// Replaced atomically (created once per [`crate::Network`]), so no per-sandbox host rule is
+/// ever added or removed.
 pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
     let mut tx = Tx::new(HOST_TABLE);
     let t = tx.table();
@@ -698,6 +776,20 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
         .push(NfObject::CmdObject(NfCmd::Delete(L::Table(t.clone()))));
     tx.add(L::Table(t));
     let veths = || s(HOST_VETHS);
+    // Before conntrack and before any rule that could answer: a packet from a veth whose source
+    // is not routed back by that veth is dropped unanswered (an answer would go to the forged
+    // source, by the uplink).
+    tx.raw_prerouting();
+    tx.rule(
+        "prerouting",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), veths()),
+            source_not_on_iif(),
+            counter(),
+            S::Drop(None),
+        ],
+    );
     tx.nat_postrouting();
     tx.rule(
         "postrouting",
@@ -733,6 +825,25 @@ pub fn host_table(uplink: &str, pool: Ipv4Net) -> String {
         "forward",
         None,
         vec![eq(meta(MetaKey::Oifname), veths()), counter(), reject_any()],
+    );
+    // After source NAT (priority 100): a transit address still on a packet leaving by the
+    // uplink means no NAT rule saw it (conntrack tracks nothing for it, as for an ICMP error
+    // or an echo reply that answers nothing), and it does not leave.
+    let (ty, hook, pol) = (
+        NfChainType::Filter,
+        NfHook::Postrouting,
+        NfChainPolicy::Accept,
+    );
+    tx.base_chain("egress", ty, hook, 300, pol);
+    tx.rule(
+        "egress",
+        None,
+        vec![
+            eq(meta(MetaKey::Oifname), s(uplink)),
+            eq(payload("ip", "saddr"), net4(&pool)),
+            counter(),
+            S::Drop(None),
+        ],
     );
     tx.filter_chain("input", NfHook::Input, NfChainPolicy::Accept);
     tx.rule(

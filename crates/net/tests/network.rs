@@ -1022,6 +1022,10 @@ async fn wireguard_egress_goes_through_the_tunnel_and_fails_closed() {
     .await;
     // ...and the namespace itself cannot send anything else out of the veth.
     assert!(connect(&t.netns, INET2, 8080).is_err());
+    // Spoofed sources get nowhere either: not out of the tunnel, not out of the veth.
+    give_spoofed_addresses(&gt);
+    let wires = [(w.inet.as_str(), "wgpeer"), (w.inet.as_str(), "hn-upi")];
+    spoofing_leaves_nothing(&net, &it, &gt, &wires, b"tunnel-spoof").await;
 
     // Peer down: connections fail, and nothing leaks out directly.
     drop(peer);
@@ -1260,6 +1264,590 @@ async fn guest_ipv6_cannot_leave_even_given_an_address_and_a_route_out() {
         e.verdict == Verdict::Deny && e.dst == IpAddr::V6(host6)
     })
     .await;
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// Every IPv4 packet crossing device `dev` of namespace `ns` (either way) from [`Capture::start`]
+/// to [`Capture::stop`]: an `AF_PACKET` socket, so it sees what a capture on that wire sees.
+struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Capture {
+    fn start(ns: &str, dev: &str) -> Capture {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let name = std::ffi::CString::new(dev).unwrap();
+        let fd: OwnedFd = in_netns(ns, move || {
+            let proto = (libc::ETH_P_IP as u16).to_be();
+            // SAFETY: a fresh descriptor, owned at once; `bind` and `setsockopt` get valid
+            // pointers to initialized structures of the sizes passed.
+            unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                );
+                let err = |what: &str| hutch_net::NetError::Io {
+                    what: what.into(),
+                    source: io::Error::last_os_error(),
+                };
+                if fd < 0 {
+                    return Err(err("packet socket"));
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                if libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    len,
+                ) < 0
+                {
+                    return Err(err("bind packet socket"));
+                }
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                let tlen = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+                let tvp = (&tv as *const libc::timeval).cast();
+                if libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    tvp,
+                    tlen,
+                ) < 0
+                {
+                    return Err(err("packet socket timeout"));
+                }
+                Ok(fd)
+            }
+        })
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: `buf` is valid for its length; the descriptor lives in this thread.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    seen.push(buf[..n as usize].to_vec());
+                }
+            }
+            seen
+        });
+        Capture { stop, thread }
+    }
+
+    /// Stops capturing (after what is in flight has had time to arrive) and returns the packets.
+    async fn stop(self) -> Vec<Vec<u8>> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The packets of `seen` that carry `marker` anywhere (the packet itself, or an ICMP error
+/// quoting it), as (source, destination, length).
+fn carrying(seen: &[Vec<u8>], marker: &[u8]) -> Vec<(Ipv4Addr, Ipv4Addr, usize)> {
+    seen.iter()
+        .filter(|p| p.len() >= 20 && p.windows(marker.len()).any(|w| w == marker))
+        .map(|p| (ip_at(p, 12), ip_at(p, 16), p.len()))
+        .collect()
+}
+
+fn ip_at(p: &[u8], i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(p[i], p[i + 1], p[i + 2], p[i + 3])
+}
+
+/// Sends one UDP datagram from namespace `ns` with source address `from` (which must be one
+/// of its addresses).
+fn send_udp_from(ns: &str, from: Ipv4Addr, to: SocketAddr, payload: &'static [u8]) {
+    in_netns(ns, move || {
+        let io = |source| hutch_net::NetError::Io {
+            what: "spoofed send".into(),
+            source,
+        };
+        let s = UdpSocket::bind((from, 0)).map_err(io)?;
+        s.send_to(payload, to).map_err(io)?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Sources a guest forges in [`spoofing_leaves_nothing`]: an internet host, the metadata
+/// service, a LAN host and the host's own uplink address.
+const SPOOFED: [Ipv4Addr; 4] = [Ipv4Addr::new(203, 0, 113, 30), METADATA, LAN, HOST];
+
+/// Gives guest namespace `g` every [`SPOOFED`] address, so its sockets can send from them.
+fn give_spoofed_addresses(g: &str) {
+    for a in SPOOFED {
+        sh(&[
+            "ip",
+            "-n",
+            g,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+}
+
+/// Guest `g` of sandbox `id` sends UDP from every [`SPOOFED`] source to INET1:9999 and
+/// INET2:9999 (denied, and allowed under the tests' `allow` policies); the namespace sees them
+/// (its log names them), yet nothing carrying their bytes crosses any of `wires` ((namespace,
+/// device)): not the packets, nor an answer quoting them.
+async fn spoofing_leaves_nothing(
+    net: &Network,
+    id: &str,
+    g: &str,
+    wires: &[(&str, &str)],
+    marker: &'static [u8],
+) {
+    let caps: Vec<Capture> = wires.iter().map(|(ns, d)| Capture::start(ns, d)).collect();
+    let since = SystemTime::now();
+    for from in SPOOFED {
+        for to in [INET1, INET2] {
+            send_udp_from(g, from, SocketAddr::from((to, 9999)), marker);
+        }
+    }
+    wait_event(net, id, since, |e| {
+        e.rule == RuleName::DenySpoof && e.dst == v4(INET1) && e.dst_port == 9999
+    })
+    .await;
+    for ((ns, dev), cap) in wires.iter().zip(caps) {
+        let seen = cap.stop().await;
+        let leaked = carrying(&seen, marker);
+        assert!(leaked.is_empty(), "on {ns}/{dev}: {leaked:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_guest_packets_and_their_rejections_never_leave() {
+    let w = World::new("spoof");
+    let cfg = NetConfig {
+        spares: 1,
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let net = Network::new(cfg).await.unwrap();
+    let allow = Policy::Allow {
+        cidrs: vec!["203.0.113.20/32".parse().unwrap()],
+        ports: vec![],
+        domains: vec![],
+    };
+    let (ia, ib) = (w.id("a"), w.id("b"));
+    let a = net.create(&ia, &allow).await.unwrap().unwrap();
+    net.refill().await.unwrap();
+    let b = net.create(&ib, &allow).await.unwrap().unwrap();
+    assert_eq!(net.spares(), 0, "b was handed out from the pool");
+    let uplink = [(w.inet.as_str(), "hn-upi")];
+
+    // Control: the capture sees what the guest sends with its own address (masqueraded).
+    let ga = guest(&a);
+    let cap = Capture::start(&w.inet, "hn-upi");
+    send_udp_from(&ga, GUEST_ADDR, SocketAddr::from((INET2, 9999)), b"own-0");
+    let seen = carrying(&cap.stop().await, b"own-0");
+    assert!(seen.iter().any(|(src, ..)| *src == HOST), "{seen:?}");
+
+    // Under `allow`, then after `net set --net none`; on a network made cold and on one
+    // handed out from the pool.
+    for (id, n, markers) in [
+        (&ia, &a, [&b"cold-allow"[..], b"cold-none"]),
+        (&ib, &b, [&b"warm-allow"[..], b"warm-none"]),
+    ] {
+        let g = guest(n);
+        give_spoofed_addresses(&g);
+        spoofing_leaves_nothing(&net, id, &g, &uplink, markers[0]).await;
+        net.set_policy(id, &Policy::None).await.unwrap();
+        spoofing_leaves_nothing(&net, id, &g, &uplink, markers[1]).await;
+    }
+    net.destroy(&ia).await.unwrap();
+    net.destroy(&ib).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// Sends one UDP datagram from namespace `ns` to `to` and waits (1 s at most) for what comes
+/// back: an answer, or the error an ICMP answer raises on the socket.
+fn udp_probe(ns: &str, to: SocketAddr) -> io::Result<usize> {
+    in_netns(ns, move || {
+        Ok((|| {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.send(b"probe")?;
+            s.recv(&mut [0u8; 64])
+        })())
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_answer_the_guest_and_nobody_else() {
+    let w = World::new("answer");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    // The guest's own denied packets are answered at once (admin-prohibited: EHOSTUNREACH).
+    let r = udp_probe(&guest(&n), SocketAddr::from((LAN, 9)));
+    assert_eq!(
+        r.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EHOSTUNREACH))
+    );
+    // Denied packets from the other side are not: no ICMP or RST leaves by the veth.
+    let r = udp_probe(&w.host, SocketAddr::from((n.transit.ns, 9)));
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    let r = udp_probe(&w.host, SocketAddr::from((GATEWAY_ADDR, 9)));
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// The internet checksum (RFC 1071) of `b`.
+fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends one ICMP message of type `ty` carrying `payload` from namespace `ns` to `to`, through
+/// a raw socket (so the namespace's own stack sends it, as it sends its answers).
+fn send_icmp(ns: &str, to: Ipv4Addr, ty: u8, payload: &'static [u8]) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    in_netns(ns, move || {
+        let mut m = vec![ty, 0, 0, 0, 0x68, 0x75, 0, 1];
+        m.extend_from_slice(payload);
+        let c = inet_checksum(&m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let err = |what: &str| hutch_net::NetError::Io {
+            what: what.into(),
+            source: io::Error::last_os_error(),
+        };
+        // SAFETY: a fresh descriptor, owned at once; `sendto` gets a valid buffer and a valid
+        // `sockaddr_in` of the size passed.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            );
+            if fd < 0 {
+                return Err(err("raw socket"));
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut sin: libc::sockaddr_in = std::mem::zeroed();
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_addr.s_addr = u32::from(to).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let sa = (&sin as *const libc::sockaddr_in).cast();
+            if libc::sendto(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0, sa, len) < 0 {
+                return Err(err("send ICMP"));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_leaves_the_uplink_from_a_transit_address() {
+    let w = World::new("masq");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    let cap = Capture::start(&w.inet, "hn-upi");
+    // An echo request starts a flow the host's conntrack tracks, so it is masqueraded; an echo
+    // reply nobody asked for is tracked by nobody, so no NAT rule ever sees it.
+    send_icmp(&n.netns, INET1, 8, b"masq-request");
+    send_icmp(&n.netns, INET1, 0, b"masq-reply");
+    let seen = cap.stop().await;
+    let pool: ipnet::Ipv4Net = hutch_net::DEFAULT_TRANSIT_POOL;
+    let request = carrying(&seen, b"masq-request");
+    assert!(request.iter().any(|(src, ..)| *src == HOST), "{request:?}");
+    let transit: Vec<_> = seen
+        .iter()
+        .filter(|p| p.len() >= 20 && pool.contains(&ip_at(p, 12)))
+        .map(|p| (ip_at(p, 12), ip_at(p, 16), p.len()))
+        .collect();
+    assert!(transit.is_empty(), "left unmasqueraded: {transit:?}");
+    assert_eq!(carrying(&seen, b"masq-reply"), vec![]);
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+/// A resolver on `addr`:53 (UDP) in namespace `ns` that records every message it receives,
+/// byte for byte, and answers as [`serve_dns`] does.
+fn serve_recording_dns(ns: &str, addr: Ipv4Addr) -> std::sync::Arc<Mutex<Vec<Vec<u8>>>> {
+    let sock: UdpSocket = in_netns(ns, move || {
+        UdpSocket::bind((addr, 53)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind dns".into(),
+            source: e,
+        })
+    })
+    .unwrap();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            rec.lock().unwrap().push(buf[..n].to_vec());
+            let Ok(q) = dns::parse_query(&buf[..n]) else {
+                continue;
+            };
+            let addrs: Vec<IpAddr> = match q.name.as_str() {
+                "allowed.test" => vec![INET2.into()],
+                _ => vec![],
+            };
+            let _ = sock.send_to(&dns::build_answer(&buf[..n], &q, &addrs, 30), from);
+        }
+    });
+    seen
+}
+
+/// Sends `msg` exactly as given to the sandbox's resolver from namespace `ns` (over TCP as one
+/// framed message) and returns the reply.
+fn ask_raw(ns: &str, msg: Vec<u8>, tcp: bool) -> io::Result<Vec<u8>> {
+    let server = SocketAddr::from((GATEWAY_ADDR, 53));
+    in_netns(ns, move || {
+        Ok((|| {
+            if tcp {
+                let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut m = (msg.len() as u16).to_be_bytes().to_vec();
+                m.extend_from_slice(&msg);
+                s.write_all(&m)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut r = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut r)?;
+                Ok(r)
+            } else {
+                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                s.connect(server)?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.send(&msg)?;
+                let mut r = vec![0u8; 4096];
+                let n = s.recv(&mut r)?;
+                r.truncate(n);
+                Ok(r)
+            }
+        })())
+    })
+    .unwrap()
+}
+
+/// A guest query: id 0x4242, RD, AD and CD set, `question` (wire form), and `additional`
+/// (with ARCOUNT `arcount`) after it.
+fn guest_query(question: &[u8], arcount: u8, additional: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x42, 0x42, 0x01, 0x30, 0, 1, 0, 0, 0, 0, 0, arcount];
+    m.extend_from_slice(question);
+    m.extend_from_slice(additional);
+    m
+}
+
+/// A guest's EDNS record: 4096-byte payload, the DO bit, a cookie option.
+const GUEST_OPT: [u8; 23] = [
+    0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+];
+
+/// What the upstream must receive for a question `name_wire`/`qtype`, after the id: RD only,
+/// one question, the name in lower case, class IN, and the filter's own EDNS record
+/// (1232 bytes, no flags, no options) when the guest sent one.
+fn canonical_upstream(name_wire: &[u8], qtype: u16, edns: bool) -> Vec<u8> {
+    let mut m = vec![0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+    m.extend_from_slice(name_wire);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    if edns {
+        m.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_filter_sends_upstream_only_queries_it_rebuilt() {
+    let w = World::new("dnsq");
+    let up = Ipv4Addr::new(203, 0, 113, 53);
+    sh(&[
+        "ip",
+        "-n",
+        &w.inet,
+        "addr",
+        "add",
+        "203.0.113.53/32",
+        "dev",
+        "lo",
+    ]);
+    let seen = serve_recording_dns(&w.inet, up);
+    let cfg = NetConfig {
+        upstream_dns: Some(SocketAddr::from((up, 53))),
+        ..w.cfg(GuestDevice::Veth)
+    };
+    let net = Network::new(cfg).await.unwrap();
+    let id = w.id("a");
+    let policy = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec!["allowed.test".into()],
+    };
+    let g = guest(&net.create(&id, &policy).await.unwrap().unwrap());
+    let mixed: &[u8] = b"\x07AlLoWeD\x04TeSt\x00";
+    let lower: &[u8] = b"\x07allowed\x04test\x00";
+    let question = |qtype: u16, class: u16| {
+        let mut q = mixed.to_vec();
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&class.to_be_bytes());
+        q
+    };
+    let count = || seen.lock().unwrap().len();
+
+    // Allowed queries: the upstream receives the filter's own query (its id, canonical case,
+    // its EDNS), the guest gets the answer under its own id and question, case included.
+    let mut upstream_ids = Vec::new();
+    for (qtype, edns, tcp) in [
+        (dns::TYPE_A, true, false),
+        (dns::TYPE_A, true, true),
+        (dns::TYPE_AAAA, false, false),
+        (65, true, false), // HTTPS
+    ] {
+        let q = question(qtype, 1);
+        let msg = match edns {
+            true => guest_query(&q, 1, &GUEST_OPT),
+            false => guest_query(&q, 0, &[]),
+        };
+        let before = count();
+        let r = ask_raw(&g, msg.clone(), tcp).unwrap();
+        assert_eq!(&r[..2], &[0x42, 0x42]);
+        assert_eq!(
+            &r[12..12 + q.len()],
+            &q[..],
+            "the guest's question, as sent"
+        );
+        let a = dns::parse_answer(&r, &dns::parse_query(&msg).unwrap()).unwrap();
+        assert_eq!(a.rcode, dns::RCODE_NOERROR);
+        if qtype == dns::TYPE_A {
+            assert_eq!(a.addrs, vec![(v4(INET2), 30)]);
+        }
+        let got = seen.lock().unwrap()[before..].to_vec();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0][2..], canonical_upstream(lower, qtype, edns)[..]);
+        upstream_ids.push(u16::from_be_bytes([got[0][0], got[0][1]]));
+    }
+    assert!(
+        upstream_ids.iter().any(|i| *i != 0x4242),
+        "{upstream_ids:?}"
+    );
+
+    // Refused or malformed: an error to the guest, nothing upstream.
+    let kilo = vec![0x5a; 1000];
+    let mut opt_then_kilo = GUEST_OPT.to_vec();
+    opt_then_kilo.extend_from_slice(&kilo);
+    let mut long_opt = GUEST_OPT.to_vec();
+    long_opt[10] = 12 + 100; // RDLENGTH past the end
+    let a = question(dns::TYPE_A, 1);
+    for (what, msg, rcode) in [
+        (
+            "1 KB after the question",
+            guest_query(&a, 0, &kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "1 KB after EDNS",
+            guest_query(&a, 1, &opt_then_kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "1 KB as an additional record",
+            guest_query(&a, 1, &kilo),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "EDNS longer than the message",
+            guest_query(&a, 1, &long_opt),
+            dns::RCODE_FORMERR,
+        ),
+        (
+            "type NULL",
+            guest_query(&question(10, 1), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+        (
+            "type ANY",
+            guest_query(&question(255, 1), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+        (
+            "class CH",
+            guest_query(&question(16, 3), 0, &[]),
+            dns::RCODE_REFUSED,
+        ),
+    ] {
+        for tcp in [false, true] {
+            let before = count();
+            let r = ask_raw(&g, msg.clone(), tcp).unwrap();
+            assert_eq!(
+                (&r[..2], dns::rcode(&r)),
+                (&[0x42u8, 0x42][..], Some(rcode)),
+                "{what} (tcp: {tcp})"
+            );
+            assert_eq!(count(), before, "{what} (tcp: {tcp}) reached the upstream");
+        }
+    }
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_answers_no_veth_packet_from_a_forged_source() {
+    let w = World::new("forged");
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
+    // The namespace's own stack sends from addresses that are not its transit address (the
+    // guest's forged packets never get this far).
+    give_spoofed_addresses(&n.netns);
+    let cap = Capture::start(&w.inet, "hn-upi");
+    send_udp_from(
+        &n.netns,
+        n.transit.ns,
+        SocketAddr::from((INET1, 9999)),
+        b"own-veth",
+    );
+    for from in SPOOFED {
+        send_udp_from(
+            &n.netns,
+            from,
+            SocketAddr::from((INET1, 9999)),
+            b"forged-veth",
+        );
+    }
+    let seen = cap.stop().await;
+    // Control: from its transit address, it reaches the internet (masqueraded).
+    let own = carrying(&seen, b"own-veth");
+    assert!(own.iter().any(|(src, ..)| *src == HOST), "{own:?}");
+    // From any other, nothing: neither the packet nor the host's answer to the forged source.
+    assert_eq!(carrying(&seen, b"forged-veth"), vec![]);
     net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }
