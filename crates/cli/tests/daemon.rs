@@ -139,6 +139,8 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         published_ports_reach_the_guest_survive_a_restart_and_close_on_rm,
         wireguard_egress_leaves_through_the_tunnel_or_not_at_all,
         templates_clones_forks_and_pause_to_disk_survive_a_restart,
+        a_stopped_guest_ends_its_execs_with_an_error,
+        a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
     ]
 }
 
@@ -614,6 +616,142 @@ fn clients_that_hang_up_leave_nothing_half_done() -> Result {
                 "process of a vanished client still runs",
             )?;
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        c.destroy(&id).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+/// The pid of the QEMU process running sandbox `id` of the suite's daemon (its pidfile).
+fn vmm_pid(id: &str) -> Result<i32> {
+    let pidfile = suite().home.join("vms").join(id).join("qemu.pid");
+    let text =
+        std::fs::read_to_string(&pidfile).map_err(|e| format!("{}: {e}", pidfile.display()))?;
+    Ok(text.trim().parse()?)
+}
+
+/// Waits for `child` at most `limit`; kills it and fails if it is still running then.
+fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::process::Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not return within {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn a_stopped_guest_ends_its_execs_with_an_error() -> Result {
+    let c = suite().client.clone();
+    let id = on_rt(async move { c.create(&spec(&[("purpose", "stopped")])).await })
+        .map_err(|e| e.to_string())?
+        .id;
+    let c = suite().client.clone();
+    let pending_id = id.clone();
+    // An exec without a timeout, running when the guest stops.
+    let pending = suite().rt.spawn(async move {
+        let body = ExecBody {
+            argv: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        };
+        c.exec(&pending_id, &body).await
+    });
+    let result = (|| {
+        std::thread::sleep(Duration::from_secs(1));
+        let vmm = vmm_pid(&id)?;
+        // SAFETY: stopping a VMM process of this suite's daemon.
+        check(unsafe { libc::kill(vmm, libc::SIGSTOP) } == 0, "SIGSTOP")?;
+        // The CLI's exec with a timeout returns, with the error, though the guest never
+        // answers again.
+        let cli = hutch(&suite().home)
+            .args(["exec", &id, "--timeout", "5", "--", "sleep", "100"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let out = wait_bounded(cli, Duration::from_secs(120), "hutch exec --timeout 5")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        check(!out.status.success(), format!("exec succeeded: {stderr}"))?;
+        check(
+            stderr.contains("did not answer"),
+            format!("no timeout error: {stderr}"),
+        )?;
+        // The health check finds the sandbox failed and ends the exec still waiting on it.
+        let c = suite().client.clone();
+        let inspect_id = id.clone();
+        let info = on_rt(async move { c.inspect(&inspect_id).await }).map_err(|e| e.to_string())?;
+        check(
+            matches!(info.state, SandboxState::Failed(_)),
+            format!("a stopped guest is {:?}", info.state),
+        )?;
+        let ended = on_rt(async move {
+            match tokio::time::timeout(Duration::from_secs(60), pending).await {
+                Err(_) => Err("the pending exec was not ended by the failure".to_string()),
+                Ok(joined) => match joined.expect("exec task") {
+                    Err(ClientError::Api { error, .. })
+                        if error.message.contains("the sandbox failed") =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("pending exec ended with {other:?}")),
+                },
+            }
+        });
+        Ok(ended?)
+    })();
+    if let Ok(vmm) = vmm_pid(&id) {
+        // SAFETY: resuming the VMM this case stopped, so that it can be destroyed cleanly.
+        unsafe { libc::kill(vmm, libc::SIGCONT) };
+    }
+    let c = suite().client.clone();
+    on_rt(async move { c.destroy(&id).await }).map_err(|e| e.to_string())?;
+    result
+}
+
+fn a_websocket_client_that_stops_reading_then_closes_leaves_no_process() -> Result {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let c = suite().client.clone();
+    on_rt(async move {
+        let id = c
+            .create(&spec(&[("purpose", "ws-yes")]))
+            .await
+            .map_err(|e| e.to_string())?
+            .id;
+        let socket = tokio::net::UnixStream::connect(suite().home.join("hutch.sock")).await?;
+        let url = format!("ws://localhost/v1/sandboxes/{id}/exec/ws");
+        let (mut ws, _) = tokio_tungstenite::client_async(url, socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        let start = ExecStart {
+            argv: vec!["yes".into()],
+            ..Default::default()
+        };
+        ws.send(Message::text(serde_json::to_string(&start)?))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut output = 0usize;
+        while output < 64 * 1024 {
+            match ws.next().await {
+                Some(Ok(Message::Binary(d))) => output += d.len(),
+                Some(Ok(_)) => {}
+                other => return Err(format!("stream ended early: {other:?}").into()),
+            }
+        }
+        // Stop reading until every buffer between the guest and us is full, then hang up.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(ws);
+        let count = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx yes || true";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sh(&c, &id, count).await? != "0" {
+            check(
+                Instant::now() < deadline,
+                "yes still runs after its WebSocket client closed",
+            )?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         c.destroy(&id).await.map_err(|e| e.to_string())?;
         Ok(())
