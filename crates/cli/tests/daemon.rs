@@ -141,6 +141,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         templates_clones_forks_and_pause_to_disk_survive_a_restart,
         a_stopped_guest_ends_its_execs_with_an_error,
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
+        a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
     ]
 }
 
@@ -753,6 +754,39 @@ fn a_websocket_client_that_stops_reading_then_closes_leaves_no_process() -> Resu
             )?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        c.destroy(&id).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+fn a_second_daemon_on_the_same_home_refuses_and_touches_nothing() -> Result {
+    let c = suite().client.clone();
+    let id = on_rt(async move { c.create(&spec(&[("purpose", "second-daemon")])).await })
+        .map_err(|e| e.to_string())?
+        .id;
+    let first = suite().daemon.lock().unwrap().child.id();
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let second = hutch(&suite().home)
+        .args(["daemon", "--listen-tcp", &tcp, "--net-spares", "0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = wait_bounded(second, Duration::from_secs(60), "a second daemon")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(!out.status.success(), "a second daemon started")?;
+    check(
+        stderr.contains(&format!("another hutch daemon (pid {first})")),
+        format!("unclear refusal: {stderr}"),
+    )?;
+    let c = suite().client.clone();
+    on_rt(async move {
+        let info = c.inspect(&id).await.map_err(|e| e.to_string())?;
+        check(
+            info.state == SandboxState::Running,
+            format!("the first daemon's sandbox is {:?}", info.state),
+        )?;
+        check(sh(&c, &id, "echo alive").await? == "alive", "exec")?;
         c.destroy(&id).await.map_err(|e| e.to_string())?;
         Ok(())
     })

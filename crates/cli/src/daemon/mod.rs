@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod files;
+mod lock;
 mod ports;
 mod routes;
 mod tasks;
@@ -39,6 +40,8 @@ const TTL_TICK: Duration = Duration::from_secs(1);
 /// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running when it stops; the next
 /// start adopts them.
 pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
+    // Before anything that reads or changes the home: a second daemon must touch nothing.
+    let _lock = lock::acquire(&home.daemon_lock())?;
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
     let backend = crate::launch::backend(home, "default", &args.vmm).await?;
