@@ -141,6 +141,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         templates_clones_forks_and_pause_to_disk_survive_a_restart,
         a_stopped_guest_ends_its_execs_with_an_error,
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
+        idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
     ]
 }
@@ -756,6 +757,127 @@ fn a_websocket_client_that_stops_reading_then_closes_leaves_no_process() -> Resu
         }
         c.destroy(&id).await.map_err(|e| e.to_string())?;
         Ok(())
+    })
+}
+
+/// One HTTP/1.1 request on `stream` (kept alive); returns the response's status.
+fn http_status(stream: &mut std::net::TcpStream, token: &str) -> Result<u16> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(
+        stream,
+        "GET /v1/sandboxes HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse()?;
+        }
+    }
+    reader.read_exact(&mut vec![0; length])?;
+    Ok(status)
+}
+
+/// Whether the server closed `stream`, waiting for it at most `limit`.
+fn closed_by_server(stream: &mut std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(limit));
+    match stream.read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Runs `case` against a daemon without networking whose TCP listener serves at most 16
+/// unauthenticated connections, each closed after `header_timeout` seconds without a request;
+/// `case` gets the daemon and an admin token.
+fn with_tcp_limits(header_timeout: &str, case: impl FnOnce(&Daemon, &str) -> Result) -> Result {
+    let limits = [
+        "--no-network",
+        "--tcp-max-unauthenticated",
+        "16",
+        "--tcp-header-timeout",
+        header_timeout,
+    ];
+    let mut daemon = Daemon::start_with(common::private_home(), &limits);
+    let result = hutch(daemon.home.path())
+        .args(["token", "create"])
+        .output()
+        .map_err(Failed::from)
+        .and_then(|out| {
+            check(out.status.success(), "token create")?;
+            let token = String::from_utf8(out.stdout)?;
+            case(&daemon, token.trim())
+        });
+    sigterm(&mut daemon);
+    result
+}
+
+/// `n` TCP connections to `addr` that never send a byte.
+fn idle_connections(addr: &str, n: usize) -> Result<Vec<std::net::TcpStream>> {
+    (0..n)
+        .map(|_| Ok(std::net::TcpStream::connect(addr)?))
+        .collect()
+}
+
+fn idle_unauthenticated_tcp_clients_cannot_starve_the_daemon() -> Result {
+    with_tcp_limits("5", |daemon, token| {
+        // An authenticated client, connected before the flood.
+        let mut authed = std::net::TcpStream::connect(&daemon.tcp)?;
+        check(
+            http_status(&mut authed, token)? == 200,
+            "authenticated request",
+        )?;
+        let mut idle = idle_connections(&daemon.tcp, 300)?;
+        // The Unix socket and the authenticated connection are still served.
+        let unix = daemon.client();
+        let listed = on_rt(async move {
+            tokio::time::timeout(Duration::from_secs(30), unix.list(None, &[])).await
+        });
+        check(
+            matches!(listed, Ok(Ok(_))),
+            format!("Unix socket during the flood: {listed:?}"),
+        )?;
+        check(
+            http_status(&mut authed, token)? == 200,
+            "authenticated request during the flood",
+        )?;
+        // Every idle connection is closed: those over the cap at once, the rest when their
+        // header timeout passes.
+        for (n, stream) in idle.iter_mut().enumerate() {
+            check(
+                closed_by_server(stream, Duration::from_secs(60)),
+                format!("idle connection {n} is still open"),
+            )?;
+        }
+        let mut fresh = std::net::TcpStream::connect(&daemon.tcp)?;
+        check(
+            http_status(&mut fresh, token)? == 200,
+            "authenticated request after the flood",
+        )
+    })?;
+    // With a header timeout far beyond this test, only the cap can close a connection: the
+    // last of a flood larger than the cap is closed at once, while the first ones stay.
+    with_tcp_limits("3600", |daemon, _| {
+        let mut idle = idle_connections(&daemon.tcp, 64)?;
+        let last = idle.last_mut().expect("connections");
+        check(
+            closed_by_server(last, Duration::from_secs(60)),
+            "a connection over the cap was served",
+        )
     })
 }
 
