@@ -124,6 +124,14 @@ pub struct DaemonArgs {
     /// demand.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
     pub net_spares: u16,
+    /// Most TCP connections served at once that have not yet presented a valid token; more
+    /// are closed as soon as they are accepted.
+    #[arg(long, hide = true, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tcp_max_unauthenticated: u32,
+    /// Seconds a TCP connection may take to send a request's headers, or sit idle between
+    /// requests, before it is closed.
+    #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tcp_header_timeout: u64,
 }
 
 /// A network policy on the command line.

@@ -56,6 +56,23 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// Another daemon serves this home.
+    #[error("another hutch daemon{} holds {}: stop it first (this one touched nothing)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default(), lock.display())]
+    DaemonRunning {
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid, when it wrote one.
+        holder: Option<u32>,
+    },
+    /// The home's daemon lock could not be taken.
+    #[error("cannot lock {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `hutch setup` failed.
     #[error(transparent)]
     Setup(#[from] crate::setup_cmd::SetupError),

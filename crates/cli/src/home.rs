@@ -51,6 +51,11 @@ impl Home {
         self.root.join("state.db")
     }
 
+    /// Locked by the daemon serving this home, for its whole life; holds its pid.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.root.join("daemon.lock")
+    }
+
     /// The daemon's Unix socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("hutch.sock")

@@ -129,6 +129,7 @@ impl CoreError {
                 NetError::PortInUse(_) | NetError::AlreadyPublished { .. } | NetError::NoNic(_),
             ) => ErrorCode::Conflict,
             CoreError::Channel(ChannelError::Remote(_)) => ErrorCode::ExecFailed,
+            CoreError::Channel(ChannelError::Timeout(_)) => ErrorCode::Timeout,
             _ => ErrorCode::Internal,
         }
     }
@@ -534,6 +535,10 @@ impl Manager {
         match verdict {
             None => Ok(info),
             Some(reason) => {
+                if let Some(live) = self.live(&info.id) {
+                    // Its guest will not answer: end what waits on it now, not at a deadline.
+                    live.channel.abort(&format!("the sandbox failed: {reason}"));
+                }
                 self.store
                     .set_state(&info.id, &SandboxState::Failed(reason), now_ms())?;
                 self.info(&info.id)

@@ -3,6 +3,13 @@
 //! A background task reads guest frames, checks each one (size, operation id, credit) and
 //! routes it to the operation it belongs to. Any violation ends the whole channel: a guest
 //! that breaks the protocol gets no second chance.
+//!
+//! Nothing waits on the guest without a bound. An exec with a timeout must end within that
+//! timeout plus [`EXEC_GRACE`]; every other wait for the guest (a reply, a file chunk, credit)
+//! must end within [`REPLY_DEADLINE`]; a frame the guest does not take within
+//! [`WRITE_DEADLINE`] closes the channel. [`Channel::abort`] ends every pending operation at
+//! once (the sandbox was found failed), and an [`Exec`] dropped before its process exited kills
+//! the process, so no client that goes away leaves one running unseen.
 
 use std::{
     collections::HashMap,
@@ -11,11 +18,13 @@ use std::{
         atomic::{AtomicU32, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{mpsc, Semaphore},
+    sync::{mpsc, watch, Semaphore},
+    time::Instant,
 };
 
 use crate::{
@@ -24,6 +33,20 @@ use crate::{
     ExecRequest, ExitInfo, GuestIdentity, GuestMsg, HostMsg, NetworkConfig, OpError,
     ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
 };
+
+/// How long an exec may run past its own timeout before the host stops waiting for its end:
+/// the guest kills the process at the timeout, so only a stuck guest needs this.
+pub const EXEC_GRACE: Duration = Duration::from_secs(10);
+
+/// How long any other wait for the guest may take: a reply, the next file chunk, credit.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long one frame may take to reach a guest; one that takes longer stopped reading, and
+/// the channel is closed.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Linux's SIGKILL, sent to the process group of an abandoned exec.
+const SIGKILL: i32 = 9;
 
 /// Why an operation on the channel failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +75,9 @@ pub enum ChannelError {
     /// A read exceeded the caller's bound.
     #[error("guest sent more than the {0} bytes allowed")]
     TooLarge(u64),
+    /// The guest did not answer in time (it is stuck, stopped or overloaded).
+    #[error("the guest agent did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// An event in the life of a running process.
@@ -91,6 +117,41 @@ struct Inner {
     writer: tokio::sync::Mutex<Writer>,
     ops: Mutex<OpTable>,
     next_op: AtomicU32,
+    /// Becomes true when the channel closes, waking writers blocked on a guest that does not
+    /// read.
+    closed: watch::Sender<bool>,
+}
+
+/// How long an operation waits for the guest.
+#[derive(Debug, Clone, Copy)]
+enum Patience {
+    /// Each wait (a reply, a chunk, credit) at most this long.
+    EachWait(Duration),
+    /// Everything by this instant, which is this long after the operation started.
+    Until(Instant, Duration),
+    /// As long as the channel lives (an exec without a timeout).
+    Unbounded,
+}
+
+impl Patience {
+    /// The deadline of a wait that starts now, and the bound it reports when missed.
+    fn deadline(self) -> Option<(Instant, Duration)> {
+        match self {
+            Patience::EachWait(d) => Some((Instant::now() + d, d)),
+            Patience::Until(at, d) => Some((at, d)),
+            Patience::Unbounded => None,
+        }
+    }
+
+    /// Awaits `wait`, failing with [`ChannelError::Timeout`] past the deadline.
+    async fn bound<T>(self, wait: impl std::future::Future<Output = T>) -> Result<T, ChannelError> {
+        match self.deadline() {
+            Some((at, d)) => tokio::time::timeout_at(at, wait)
+                .await
+                .map_err(|_| ChannelError::Timeout(d)),
+            None => Ok(wait.await),
+        }
+    }
 }
 
 /// A connected, handshaken channel to one guest agent. Cheap to share behind an `Arc`.
@@ -112,6 +173,7 @@ struct OpHandle {
     rx: mpsc::UnboundedReceiver<GuestMsg>,
     inner: Arc<Inner>,
     send_credit: Arc<Semaphore>,
+    patience: Patience,
 }
 
 impl Channel {
@@ -130,6 +192,7 @@ impl Channel {
             writer: tokio::sync::Mutex::new(writer),
             ops: Mutex::new(OpTable::default()),
             next_op: AtomicU32::new(1),
+            closed: watch::Sender::new(false),
         });
         let reader = tokio::spawn(route(reader, inner.clone()));
         Ok(Channel {
@@ -137,6 +200,12 @@ impl Channel {
             welcome,
             reader,
         })
+    }
+
+    /// Ends the channel: every pending operation fails at once with `reason`, and so does
+    /// every later one. For a sandbox found failed, whose guest will never answer.
+    pub fn abort(&self, reason: &str) {
+        self.inner.close(reason.to_string());
     }
 
     /// What the guest said in the handshake.
@@ -200,12 +269,34 @@ impl Channel {
         op.expect_done().await
     }
 
-    /// Starts a process; returns once the guest reports it running.
+    /// Starts a process; returns once the guest reports it running. With a timeout, the
+    /// process must end within it plus [`EXEC_GRACE`], or its events fail with
+    /// [`ChannelError::Timeout`].
     pub async fn exec(&self, req: ExecRequest) -> Result<Exec, ChannelError> {
-        let mut op = self.start(HostMsg::Exec(req)).await?;
-        match op.recv().await? {
-            GuestMsg::Started(pid) => Ok(Exec { op, pid }),
-            other => Err(unexpected("Started", &other)),
+        let deadline = req.timeout_ms.map(|ms| {
+            let bound = Duration::from_millis(ms).saturating_add(EXEC_GRACE);
+            Patience::Until(Instant::now() + bound, bound)
+        });
+        let mut exec = Exec {
+            op: self.start(HostMsg::Exec(req)).await?,
+            pid: 0,
+            exited: false,
+        };
+        if let Some(deadline) = deadline {
+            exec.op.patience = deadline;
+        }
+        match exec.op.recv().await {
+            Ok(GuestMsg::Started(pid)) => {
+                exec.pid = pid;
+                exec.op.patience = deadline.unwrap_or(Patience::Unbounded);
+                Ok(exec)
+            }
+            Ok(other) => Err(unexpected("Started", &other)),
+            Err(e) => {
+                // The guest ended the operation itself: nothing runs.
+                exec.exited = matches!(e, ChannelError::Remote(_));
+                Err(e)
+            }
         }
     }
 
@@ -294,6 +385,7 @@ impl Channel {
             rx,
             inner: self.inner.clone(),
             send_credit,
+            patience: Patience::EachWait(REPLY_DEADLINE),
         };
         handle.send(&msg).await?;
         Ok(handle)
@@ -306,12 +398,15 @@ impl OpHandle {
     }
 
     async fn send_data(&self, msg: HostMsg) -> Result<(), ChannelError> {
-        self.inner.send_data(self.op, &self.send_credit, msg).await
+        self.inner
+            .send_data(self.op, &self.send_credit, msg, self.patience)
+            .await
     }
 
-    /// Next message for this operation; a closed channel becomes an error.
+    /// Next message for this operation; a closed channel or a missed deadline becomes an
+    /// error.
     async fn recv(&mut self) -> Result<GuestMsg, ChannelError> {
-        match self.rx.recv().await {
+        match self.patience.bound(self.rx.recv()).await? {
             Some(GuestMsg::Error(e)) => Err(ChannelError::Remote(e)),
             Some(msg) => Ok(msg),
             None => Err(self.inner.closed_error()),
@@ -358,9 +453,24 @@ impl Inner {
         self.ops.lock().expect("op table poisoned")
     }
 
+    /// Writes one message. A guest that does not take it within [`WRITE_DEADLINE`] stopped
+    /// reading: the channel closes. A channel closed meanwhile ends the wait at once.
     async fn send(&self, op: u32, msg: &HostMsg) -> Result<(), ChannelError> {
-        let mut w = self.writer.lock().await;
-        write_msg(&mut w, op, msg).await
+        let mut closed = self.closed.subscribe();
+        if *closed.borrow() {
+            return Err(self.closed_error());
+        }
+        let write = async {
+            let mut w = self.writer.lock().await;
+            write_msg(&mut w, op, msg).await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(WRITE_DEADLINE, write) => r.unwrap_or_else(|_| {
+                self.close(format!("the guest stopped reading: a frame waited {WRITE_DEADLINE:?}"));
+                Err(ChannelError::Timeout(WRITE_DEADLINE))
+            }),
+            _ = closed.wait_for(|c| *c) => Err(self.closed_error()),
+        }
     }
 
     /// Sends a data message once the guest has granted credit for it.
@@ -369,11 +479,12 @@ impl Inner {
         op: u32,
         credit: &Semaphore,
         msg: HostMsg,
+        patience: Patience,
     ) -> Result<(), ChannelError> {
         let len = msg.data_len() as u32;
-        credit
-            .acquire_many(len)
-            .await
+        patience
+            .bound(credit.acquire_many(len))
+            .await?
             .map_err(|_| self.closed_error())?
             .forget();
         if let Some(slot) = self.lock().slots.get_mut(&op) {
@@ -397,6 +508,8 @@ impl Inner {
         for (_, slot) in table.slots.drain() {
             slot.send_credit.close();
         }
+        drop(table);
+        self.closed.send_replace(true);
     }
 }
 
@@ -547,10 +660,30 @@ async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
     Ok(())
 }
 
-/// A running process in the guest.
+/// A running process in the guest. Dropped before the process exited (its client went away,
+/// or its deadline passed), it kills the process.
 pub struct Exec {
     op: OpHandle,
     pid: u32,
+    /// Whether the guest reported the end (nothing is left to kill).
+    exited: bool,
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
+        // Nobody reads the output any more (the router credits it on its own), so the
+        // process would run unseen until it ends by itself, if ever.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (inner, op) = (self.op.inner.clone(), self.op.op);
+        runtime.spawn(async move {
+            let _ = inner.send(op, &HostMsg::Signal(SIGKILL)).await;
+        });
+    }
 }
 
 /// A cloneable handle for feeding a process's stdin and signalling it.
@@ -559,6 +692,7 @@ pub struct ExecControl {
     op: u32,
     inner: Arc<Inner>,
     send_credit: Arc<Semaphore>,
+    patience: Patience,
 }
 
 impl Exec {
@@ -573,6 +707,7 @@ impl Exec {
             op: self.op.op,
             inner: self.op.inner.clone(),
             send_credit: self.op.send_credit.clone(),
+            patience: self.op.patience,
         }
     }
 
@@ -581,7 +716,10 @@ impl Exec {
         let ev = match self.op.recv().await? {
             GuestMsg::Stdout(d) => ExecEvent::Stdout(d),
             GuestMsg::Stderr(d) => ExecEvent::Stderr(d),
-            GuestMsg::Exited(info) => return Ok(ExecEvent::Exited(info)),
+            GuestMsg::Exited(info) => {
+                self.exited = true;
+                return Ok(ExecEvent::Exited(info));
+            }
             other => return Err(unexpected("process output", &other)),
         };
         let n = match &ev {
@@ -598,7 +736,12 @@ impl ExecControl {
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ChannelError> {
         for chunk in data.chunks(MAX_CHUNK) {
             self.inner
-                .send_data(self.op, &self.send_credit, HostMsg::Stdin(chunk.to_vec()))
+                .send_data(
+                    self.op,
+                    &self.send_credit,
+                    HostMsg::Stdin(chunk.to_vec()),
+                    self.patience,
+                )
                 .await?;
         }
         Ok(())

@@ -21,7 +21,7 @@ use std::{
 use hutch_protocol::{
     encode,
     handshake::HandshakeError,
-    host::{Channel, ChannelError, Exec, ExecEvent},
+    host::{Channel, ChannelError, Exec, ExecEvent, EXEC_GRACE, REPLY_DEADLINE, WRITE_DEADLINE},
     Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, FrameReader, GuestIdentity, GuestMsg,
     HostMsg, OpError, ReadFileRequest, Welcome, MAGIC, MAX_CHUNK, MAX_FRAME, PROTOCOL_VERSION,
     STREAM_WINDOW,
@@ -675,6 +675,162 @@ async fn clean_hang_up_fails_pending_ops() {
     let reason = closed_reason(within(exec.next_event()).await);
     assert_eq!(reason, "guest hung up");
     assert_refuses_new_ops(&chan, &reason).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A stuck guest: deadlines, abort, abandoned execs. These run on a paused clock: tokio moves
+// it forward whenever every task waits, so a deadline of minutes passes at once, and an outer
+// bound of an hour turns a host that waits forever into a failure.
+
+/// Turns a host that waits forever on a stuck guest into a failure (on the paused clock).
+async fn eventually<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(3600), f)
+        .await
+        .expect("the host waited forever on a stuck guest")
+}
+
+/// Starts an exec with a timeout; the guest answers `Started`. Returns the handle and op id.
+async fn start_timed_exec(chan: &Channel, guest: &mut Guest, timeout: Duration) -> (Exec, u32) {
+    let mut req = exec_request();
+    req.timeout_ms = Some(timeout.as_millis() as u64);
+    let (exec, op) = tokio::join!(chan.exec(req), async {
+        let env = guest.recv().await;
+        guest.send(env.op, GuestMsg::Started(42)).await;
+        env.op
+    });
+    (exec.expect("exec must start"), op)
+}
+
+fn timeout_of<T: std::fmt::Debug>(r: Result<T, ChannelError>) -> Duration {
+    match r {
+        Err(ChannelError::Timeout(d)) => d,
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn exec_whose_guest_sends_half_a_frame_then_stalls_times_out() {
+    let (chan, mut guest, _) = connect().await;
+    let (mut exec, op) = start_timed_exec(&chan, &mut guest, Duration::from_secs(5)).await;
+    let frame = encode(op, &GuestMsg::Stdout(b"partial".to_vec())).unwrap();
+    guest.raw(&frame[..frame.len() / 2]).await;
+    let waited = timeout_of(eventually(exec.next_event()).await);
+    assert_eq!(waited, Duration::from_secs(5) + EXEC_GRACE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exec_whose_guest_stops_answering_times_out_and_is_killed() {
+    let (chan, mut guest, _) = connect().await;
+    let (mut exec, op) = start_timed_exec(&chan, &mut guest, Duration::from_secs(1)).await;
+    guest
+        .send(op, GuestMsg::Stdout(b"one line\n".to_vec()))
+        .await;
+    assert_eq!(
+        exec.next_event().await.unwrap(),
+        ExecEvent::Stdout(b"one line\n".to_vec())
+    );
+    let waited = timeout_of(eventually(exec.next_event()).await);
+    assert_eq!(waited, Duration::from_secs(1) + EXEC_GRACE);
+    // Given up on, the process is killed rather than left running unseen.
+    drop(exec);
+    let env = eventually(guest.recv()).await;
+    assert_eq!((env.op, env.msg), (op, HostMsg::Signal(9)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_the_guest_never_sends_times_out() {
+    let (chan, mut guest, _) = connect().await;
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    assert_eq!(timeout_of(eventually(ping).await), REPLY_DEADLINE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_stops_reading_closes_the_channel() {
+    // The guest reads nothing: the host's writes fill the stream's buffer and then wait.
+    let (host_end, guest_end) = tokio::io::duplex(64 * 1024);
+    let (rd, mut wr) = tokio::io::split(guest_end);
+    let reply = encode(0, &GuestMsg::Welcome(welcome(PROTOCOL_VERSION))).unwrap();
+    wr.write_all(&reply).await.unwrap();
+    let chan = Channel::connect(host_end).await.unwrap();
+    let req = hutch_protocol::WriteFileRequest {
+        path: "/big".into(),
+        mode: 0o644,
+        make_parents: false,
+    };
+    let data = vec![7u8; 512 * 1024];
+    let written = eventually(chan.write_file(req, &data[..])).await;
+    assert_eq!(timeout_of(written), WRITE_DEADLINE);
+    let reason = closed_reason(eventually(chan.ping(7)).await);
+    assert!(reason.contains("stopped reading"), "{reason}");
+    drop(rd);
+}
+
+#[tokio::test]
+async fn abort_ends_pending_operations_with_its_reason() {
+    let (chan, mut guest, _) = connect().await;
+    let (mut exec, _) = start_exec(&chan, &mut guest).await;
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    let reason = "the sandbox failed: the VM exited";
+    let (event, ping, ()) =
+        within(async { tokio::join!(exec.next_event(), ping, async { chan.abort(reason) }) }).await;
+    assert_eq!(closed_reason(event), reason);
+    assert_eq!(closed_reason(ping), reason);
+    assert_refuses_new_ops(&chan, reason).await;
+}
+
+#[tokio::test]
+async fn abort_wakes_a_write_stuck_on_a_guest_that_does_not_read() {
+    let (host_end, guest_end) = tokio::io::duplex(64 * 1024);
+    let (_rd, mut wr) = tokio::io::split(guest_end);
+    let reply = encode(0, &GuestMsg::Welcome(welcome(PROTOCOL_VERSION))).unwrap();
+    wr.write_all(&reply).await.unwrap();
+    let chan = within(Channel::connect(host_end)).await.unwrap();
+    let req = hutch_protocol::WriteFileRequest {
+        path: "/big".into(),
+        mode: 0o644,
+        make_parents: false,
+    };
+    let data = vec![7u8; 512 * 1024];
+    let (written, ()) = within(async {
+        tokio::join!(chan.write_file(req, &data[..]), async {
+            // Let the writer fill the buffer and block first.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            chan.abort("the sandbox failed");
+        })
+    })
+    .await;
+    assert_eq!(closed_reason(written), "the sandbox failed");
+}
+
+#[tokio::test]
+async fn a_dropped_exec_kills_its_process() {
+    let (chan, mut guest, _) = connect().await;
+    let (exec, op) = start_exec(&chan, &mut guest).await;
+    drop(exec);
+    let env = within(guest.recv()).await;
+    assert_eq!((env.op, env.msg), (op, HostMsg::Signal(9)));
+}
+
+#[tokio::test]
+async fn an_exec_that_exited_is_not_signalled_when_dropped() {
+    let (chan, mut guest, _) = connect().await;
+    let (mut exec, op) = start_exec(&chan, &mut guest).await;
+    guest.send(op, exited()).await;
+    assert!(matches!(
+        within(exec.next_event()).await.unwrap(),
+        ExecEvent::Exited(_)
+    ));
+    drop(exec);
+    // Time for a kill, if one were sent, to reach the wire first.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // The next frame on the wire is this ping, not a signal.
+    let (ping, ping_op) = pending_ping(&chan, &mut guest).await;
+    guest.send(ping_op, GuestMsg::Pong(1)).await;
+    within(ping).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

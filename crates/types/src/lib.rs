@@ -476,6 +476,8 @@ pub enum ErrorCode {
     CommandNotFound,
     /// The guest or VMM failed.
     Internal,
+    /// The guest did not answer within the operation's deadline (it is stuck or stopped).
+    Timeout,
 }
 
 #[cfg(test)]

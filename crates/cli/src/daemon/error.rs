@@ -37,6 +37,7 @@ impl From<hutch_protocol::host::ChannelError> for HttpError {
             ChannelError::Remote(op) if op.code == Guest::InvalidRequest => ErrorCode::BadRequest,
             ChannelError::Remote(op) if op.code == Guest::TooLarge => ErrorCode::BadRequest,
             ChannelError::Remote(_) | ChannelError::TooLarge(_) => ErrorCode::ExecFailed,
+            ChannelError::Timeout(_) => ErrorCode::Timeout,
             _ => ErrorCode::Internal,
         };
         HttpError::new(code, hutch_core::chain(&e))
@@ -56,6 +57,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::OverCapacity => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::ExecFailed | ErrorCode::CommandNotFound => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 

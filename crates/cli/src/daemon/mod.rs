@@ -7,6 +7,8 @@
 mod auth;
 mod error;
 mod files;
+mod listen;
+mod lock;
 mod ports;
 mod routes;
 mod tasks;
@@ -39,6 +41,9 @@ const TTL_TICK: Duration = Duration::from_secs(1);
 /// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running when it stops; the next
 /// start adopts them.
 pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
+    // Before anything that reads or changes the home: a second daemon must touch nothing.
+    let _lock = lock::acquire(&home.daemon_lock())?;
+    listen::raise_fd_limit();
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
     let backend = crate::launch::backend(home, "default", &args.vmm).await?;
@@ -101,7 +106,14 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
                 source,
             })?;
         let tcp_app = routes::router_with_tokens(state.clone());
-        servers.spawn(async move { axum::serve(tcp, tcp_app).await });
+        let limits = listen::TcpLimits {
+            max_unauthenticated: args.tcp_max_unauthenticated as usize,
+            header_timeout: Duration::from_secs(args.tcp_header_timeout),
+        };
+        servers.spawn(async move {
+            listen::serve_tcp(tcp, tcp_app, limits).await;
+            Ok(())
+        });
         eprintln!("hutch daemon: listening on tcp://{addr} (bearer token required)");
     }
     eprintln!("hutch daemon: listening on {}", socket.display());

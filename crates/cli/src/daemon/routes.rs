@@ -97,12 +97,15 @@ pub fn router(state: Arc<AppState>, scope: Scope) -> Router {
     build(state).layer(Extension(scope))
 }
 
-/// The API where each request's scope comes from its bearer token (TCP).
+/// The API where each request's scope comes from its bearer token (TCP). A request that
+/// passes the token check marks its connection authenticated (see [`super::listen`]).
 pub fn router_with_tokens(state: Arc<AppState>) -> Router {
-    build(state.clone()).layer(middleware::from_fn_with_state(
-        state,
-        super::auth::require_token,
-    ))
+    build(state.clone())
+        .layer(middleware::from_fn(super::listen::authenticated))
+        .layer(middleware::from_fn_with_state(
+            state,
+            super::auth::require_token,
+        ))
 }
 
 /// Loads a sandbox the caller may act on: 404 if unknown, 403 if out of scope.

@@ -78,8 +78,8 @@ async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(),
         .map_err(super::error::exec_start_error)?;
     let control = exec.control();
     send_event(socket, &ExecEventMsg::Started { pid: exec.pid() }).await?;
-    // Stops reading the client once it is gone; output still drains until the exit.
-    let mut stdin_open = true;
+    // Every way out before the exit (the client went away, stopped reading and then closed,
+    // or the guest failed) drops `exec`, which kills the process.
     loop {
         tokio::select! {
             event = exec.next_event() => match event? {
@@ -91,15 +91,11 @@ async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(),
                     return send_event(socket, &msg).await;
                 }
             },
-            msg = socket.recv(), if stdin_open => match msg {
+            msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(data))) => control.write_stdin(&data).await?,
                 Some(Ok(Message::Text(t))) => apply(&control, t.as_str()).await?,
                 Some(Ok(_)) => {}
-                // The client went away: kill what it started.
-                None | Some(Err(_)) => {
-                    let _ = control.signal(libc::SIGKILL).await;
-                    stdin_open = false;
-                }
+                None | Some(Err(_)) => return Err(client_gone("the client hung up")),
             },
         }
     }
@@ -142,8 +138,12 @@ async fn send_event(socket: &mut WebSocket, msg: &ExecEventMsg) -> Result<(), Ht
 }
 
 fn gone(e: axum::Error) -> HttpError {
+    client_gone(&e.to_string())
+}
+
+fn client_gone(why: &str) -> HttpError {
     HttpError(ApiError {
         code: ErrorCode::Internal,
-        message: format!("client connection lost: {e}"),
+        message: format!("client connection lost: {why}"),
     })
 }
