@@ -536,6 +536,41 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_failure_before_the_first_byte_is_an_api_error_and_after_it_cuts_the_body() {
+        let early = streamed("application/octet-stream", |_sink| async {
+            Err(HttpError::new(ErrorCode::NotFound, "gone"))
+        })
+        .await;
+        assert_eq!(early.err().map(|e| e.0.code), Some(ErrorCode::NotFound));
+        let late = streamed("application/octet-stream", |mut sink| async move {
+            sink.write_all(b"partial").await.unwrap();
+            Err(HttpError::new(ErrorCode::BadRequest, "over the cap"))
+        })
+        .await
+        .expect("the answer started");
+        assert!(axum::body::to_bytes(late.into_body(), 1 << 20)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn an_upload_stops_at_the_chunk_that_crosses_the_cap() {
+        let mib = Bytes::from(vec![0u8; 1 << 20]);
+        let chunks = (0..(MAX_UPLOAD >> 20) + 8).map(move |_| Ok::<_, io::Error>(mib.clone()));
+        let mut body = capped(Body::from_stream(futures::stream::iter(chunks)));
+        let mut passed = 0;
+        let err = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => passed += chunk.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the whole body passed"),
+            }
+        };
+        assert_eq!(passed, MAX_UPLOAD);
+        assert!(is_too_large(&err), "{err}");
+    }
+
     #[test]
     fn file_bodies_are_documented_as_binary_strings() {
         let doc = serde_json::to_value(super::super::routes::api_doc()).unwrap();
