@@ -351,9 +351,11 @@ fn cp_never_follows_what_a_guest_planted() -> Result {
             first.status.success(),
             format!("first cp: {}", String::from_utf8_lossy(&first.stderr)),
         )?;
-        // Second copy into the same place: `link` is now a directory with a file in it.
+        // Second copy into the same place: `link` is now a directory with a file in it (and
+        // `file` is gone, so that nothing else in the tree stops the copy first).
         guest_sh(
-            "rm /srv/evil/link && mkdir /srv/evil/link && echo pwned > /srv/evil/link/pwned".into(),
+            "rm /srv/evil/link /srv/evil/file && mkdir /srv/evil/link && echo pwned > /srv/evil/link/pwned"
+                .into(),
         )?;
         let second = hutch_cp(&format!("{id}:/srv/evil"), &out.display().to_string())?;
         check(
