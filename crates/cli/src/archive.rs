@@ -2,7 +2,7 @@
 //! guest-made archives and files on the host without ever leaving the destination directory.
 //!
 //! Accepted entries: regular files, directories and symlinks, at relative paths without `..`,
-//! never *through* a symlink that the same archive made. Refused: absolute paths, `..`,
+//! never *through* (or over) a symlink that the same archive made. Refused: absolute paths, `..`,
 //! device nodes, FIFOs, hard links, and anything else.
 
 use std::{
@@ -142,6 +142,11 @@ fn walk<R: Read>(
         if rel.ancestors().skip(1).any(|a| symlinks.contains(a)) {
             return Err(unsafe_entry("path goes through a symlink in the archive"));
         }
+        // A naive unpacker keeps a symlink where a directory entry follows (and chmods its
+        // target): refused here, so no client of a checked archive can be led there.
+        if symlinks.contains(&rel) {
+            return Err(unsafe_entry("replaces a symlink the archive made"));
+        }
         let mode = entry.header().mode().map_err(ArchiveError::Malformed)?;
         let kind = entry.header().entry_type();
         let checked = if kind.is_dir() {
@@ -262,6 +267,10 @@ mod tests {
             archive(|b| {
                 raw_entry(b, "out", tar::EntryType::Symlink, Some("/etc"));
                 raw_entry(b, "out/passwd", tar::EntryType::Regular, None);
+            }),
+            archive(|b| {
+                raw_entry(b, "d", tar::EntryType::Symlink, Some("/etc"));
+                raw_entry(b, "d", tar::EntryType::Directory, None);
             }),
         ];
         for (i, tar) in cases.iter().enumerate() {
