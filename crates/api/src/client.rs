@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
+use http_body_util::{combinators::BoxBody, BodyDataStream, BodyExt, Full, StreamBody};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, TemplateInfo, TemplateSpec};
 use hyper::{body::Bytes, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -36,6 +36,9 @@ pub enum ClientError {
     /// The HTTP exchange failed.
     #[error("HTTP exchange with the daemon failed")]
     Http(#[source] hyper::Error),
+    /// A streamed body broke off.
+    #[error("the transfer broke off")]
+    Body(#[source] std::io::Error),
     /// The daemon answered with an error.
     #[error("{}", .error.message)]
     Api {
@@ -116,12 +119,25 @@ impl Client {
         })
     }
 
-    /// Sends one request; returns the response with its body still to be read.
+    /// Sends one JSON request; returns the response with its body still to be read.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
+        self.send_body(method, path, "application/json", BoxBody::new(body))
+            .await
+    }
+
+    /// Sends one request with any body; returns the response with its body still to be read.
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: BoxBody<Bytes, std::io::Error>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let io = TokioIo::new(self.connect().await?);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
@@ -132,13 +148,11 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "hutch")
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid request");
+        let req = req.body(body).expect("valid request");
         sender.send_request(req).await.map_err(ClientError::Http)
     }
 
@@ -332,30 +346,84 @@ impl Client {
         mode: u32,
         data: Vec<u8>,
     ) -> Result<(), ClientError> {
+        self.upload_file(id, path, mode, whole(data)).await
+    }
+
+    /// Writes one file in the guest from a stream of chunks, without holding it whole.
+    pub async fn upload_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        data: impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    ) -> Result<(), ClientError> {
         let url = format!(
             "{}?path={}&mode={mode:o}",
             sandbox_path(id, "/files"),
             encode(path)
         );
-        self.ok(Method::PUT, &url, data).await.map(drop)
+        self.upload(&url, "application/octet-stream", data).await
     }
 
     /// Reads one file from the guest.
     pub async fn get_file(&self, id: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        collect(self.download_file(id, path).await?).await
+    }
+
+    /// Reads one file from the guest as a stream of chunks (an error ends a cut-off download).
+    pub async fn download_file(&self, id: &str, path: &str) -> Result<Download, ClientError> {
         let url = format!("{}?path={}", sandbox_path(id, "/files"), encode(path));
-        Ok(self.ok(Method::GET, &url, vec![]).await?.to_vec())
+        self.download(&url).await
     }
 
     /// Unpacks a tar archive into `dir` in the guest (the daemon checks every entry first).
     pub async fn put_archive(&self, id: &str, dir: &str, tar: Vec<u8>) -> Result<(), ClientError> {
+        self.upload_archive(id, dir, whole(tar)).await
+    }
+
+    /// Unpacks a tar archive streamed as chunks into `dir` in the guest (the daemon checks
+    /// every entry as it passes).
+    pub async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        tar: impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    ) -> Result<(), ClientError> {
         let url = format!("{}?path={}", sandbox_path(id, "/archive"), encode(dir));
-        self.ok(Method::PUT, &url, tar).await.map(drop)
+        self.upload(&url, "application/x-tar", tar).await
     }
 
     /// Packs `dir` in the guest as a tar archive (guest-made: check before unpacking).
     pub async fn get_archive(&self, id: &str, dir: &str) -> Result<Vec<u8>, ClientError> {
+        collect(self.download_archive(id, dir).await?).await
+    }
+
+    /// Packs `dir` in the guest as a tar archive, streamed as chunks (guest-made: check each
+    /// entry before unpacking it).
+    pub async fn download_archive(&self, id: &str, dir: &str) -> Result<Download, ClientError> {
         let url = format!("{}?path={}", sandbox_path(id, "/archive"), encode(dir));
-        Ok(self.ok(Method::GET, &url, vec![]).await?.to_vec())
+        self.download(&url).await
+    }
+
+    /// PUTs a streamed body; any non-2xx answer becomes [`ClientError::Api`].
+    async fn upload(
+        &self,
+        url: &str,
+        content_type: &str,
+        data: impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    ) -> Result<(), ClientError> {
+        let body = BoxBody::new(StreamBody::new(data.map_ok(hyper::body::Frame::data)));
+        let resp = self.send_body(Method::PUT, url, content_type, body).await?;
+        check_status(resp).await.map(drop)
+    }
+
+    /// GETs a body to be read as a stream; a non-2xx answer becomes [`ClientError::Api`].
+    async fn download(&self, url: &str) -> Result<Download, ClientError> {
+        let resp = self.send(Method::GET, url, vec![]).await?;
+        let resp = check_status(resp).await?;
+        Ok(Box::pin(
+            BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other),
+        ))
     }
 
     /// The OpenAPI document.
@@ -459,6 +527,41 @@ impl ExecReceiver {
             });
         }
     }
+}
+
+/// A download's body: chunks as they arrive; an error means it was cut off (the daemon hit a
+/// cap or refused an archive entry after the answer had started, or the connection broke).
+pub type Download = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// A whole body as a one-chunk stream.
+fn whole(data: Vec<u8>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    futures::stream::once(futures::future::ready(Ok(Bytes::from(data))))
+}
+
+/// All of a download.
+async fn collect(mut download: Download) -> Result<Vec<u8>, ClientError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = download.next().await {
+        out.extend_from_slice(&chunk.map_err(ClientError::Body)?);
+    }
+    Ok(out)
+}
+
+/// The response if its status is 2xx; otherwise the API error its body holds.
+async fn check_status(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(ClientError::Http)?
+        .to_bytes();
+    Err(api_error(status, &body))
 }
 
 /// The error a non-2xx answer stands for: its `ApiError` body, or the status and the start of

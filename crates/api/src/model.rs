@@ -203,3 +203,9 @@ pub struct PortMapping {
     /// Host port it is reachable on.
     pub host_port: u16,
 }
+
+/// A binary body (file contents or a tar archive) as the OpenAPI document describes it: a
+/// string of `format: binary`, so generated clients send and receive raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct Binary(pub Vec<u8>);

@@ -1,8 +1,8 @@
-//! Checking tar archives that cross the host/guest boundary, and unpacking guest-made ones
-//! on the host without ever leaving the destination directory.
+//! Checking tar archives that cross the host/guest boundary as they stream, and writing
+//! guest-made archives and files on the host without ever leaving the destination directory.
 //!
 //! Accepted entries: regular files, directories and symlinks, at relative paths without `..`,
-//! never *through* a symlink that the same archive made. Refused: absolute paths, `..`,
+//! never *through* (or over) a symlink that the same archive made. Refused: absolute paths, `..`,
 //! device nodes, FIFOs, hard links, and anything else.
 
 use std::{
@@ -10,6 +10,8 @@ use std::{
     io::Read,
     path::{Component, Path, PathBuf},
 };
+
+use hutch_task::beneath::{is_symlink_refusal, Beneath};
 
 /// Most entries one archive may hold.
 pub const MAX_ENTRIES: usize = 100_000;
@@ -49,58 +51,77 @@ enum Checked {
     Symlink(PathBuf, PathBuf),
 }
 
-/// Checks every entry of `tar`; `Ok` means it is safe to unpack anywhere.
-pub fn check(tar: &[u8]) -> Result<usize, ArchiveError> {
-    walk(tar, |_, _| Ok(()))
-}
-
-/// Unpacks a checked archive into `dest` on the host. Symlinks are created but never followed.
-pub fn unpack(tar: &[u8], dest: &Path) -> Result<usize, ArchiveError> {
-    walk(tar, |entry, data| {
-        let write_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ArchiveError::Write { path, source }
-        };
-        match entry {
-            Checked::Dir(rel, mode) => {
-                let p = dest.join(rel);
-                std::fs::create_dir_all(&p).map_err(write_err(&p))?;
-                set_mode(&p, *mode).map_err(write_err(&p))
-            }
-            Checked::File(rel, mode) => {
-                let p = dest.join(rel);
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
-                }
-                // O_NOFOLLOW-like: refuse to write through an existing symlink.
-                if p.symlink_metadata()
-                    .is_ok_and(|m| m.file_type().is_symlink())
-                {
-                    return Err(ArchiveError::Unsafe {
-                        path: rel.display().to_string(),
-                        why: "would write through a symlink",
-                    });
-                }
-                std::fs::write(&p, data).map_err(write_err(&p))?;
-                set_mode(&p, *mode).map_err(write_err(&p))
-            }
-            Checked::Symlink(rel, target) => {
-                let p = dest.join(rel);
-                std::os::unix::fs::symlink(target, &p).map_err(write_err(&p))
-            }
-        }
+/// Checks every entry of the tar stream `tar` as it is read; `Ok` (the entry count) means it
+/// is safe to unpack anywhere. File contents are skipped, never held. `passed(end)` is called
+/// as soon as each entry is judged safe, where `end` is the stream offset its contents (and
+/// their padding) end at: every byte before `end` belongs to checked entries, so a caller may
+/// pass it on while the next header is still being read.
+pub fn check_each(tar: impl Read, mut passed: impl FnMut(u64)) -> Result<usize, ArchiveError> {
+    walk(tar, |_, entry| {
+        let padded = entry.size().div_ceil(512) * 512;
+        passed(entry.raw_file_position() + padded);
+        Ok(())
     })
 }
 
-fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode & 0o777))
+/// Unpacks the tar stream `tar` into `dest` on the host, checking each entry as it comes.
+///
+/// Every write is resolved beneath `dest` without following any symlink ([`Beneath`]), so a
+/// symlink that this archive, or an earlier one unpacked into the same place, left behind is
+/// never written, created or chmod-ed through: such an entry is refused. Files replace what
+/// was at their name (a symlink there is replaced, not followed).
+pub fn unpack(tar: impl Read, dest: &Path) -> Result<usize, ArchiveError> {
+    let root = Beneath::open(dest).map_err(|source| ArchiveError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    walk(tar, |entry, data| {
+        let (rel, done) = match entry {
+            Checked::Dir(rel, _) if rel.as_os_str().is_empty() => return Ok(()),
+            Checked::Dir(rel, mode) => (rel, root.mkdir(rel, *mode)),
+            Checked::File(rel, mode) => (rel, root.write_file(rel, *mode, data).map(drop)),
+            Checked::Symlink(rel, target) => (rel, root.symlink(rel, target)),
+        };
+        done.map_err(|source| match source {
+            e if is_symlink_refusal(&e) => ArchiveError::Unsafe {
+                path: rel.display().to_string(),
+                why: "path goes through a symlink on the host",
+            },
+            source => ArchiveError::Write {
+                path: dest.join(rel),
+                source,
+            },
+        })
+    })
 }
 
-/// Reads every entry, checks it, and hands it (with its contents) to `each`.
-fn walk(
-    tar: &[u8],
-    mut each: impl FnMut(&Checked, &[u8]) -> Result<(), ArchiveError>,
+/// Writes the guest's file contents `data` to `dst` on the host: to a fresh file in `dst`'s
+/// directory, renamed over `dst` when complete, so a symlink at `dst` (say, one an earlier
+/// `hutch cp` of a guest directory planted) is replaced, never written through.
+pub fn save_file(mut data: impl Read, dst: &Path) -> Result<u64, ArchiveError> {
+    let write_err = |source| ArchiveError::Write {
+        path: dst.to_path_buf(),
+        source,
+    };
+    let name = dst.file_name().ok_or_else(|| {
+        write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the destination has no file name",
+        ))
+    })?;
+    let dir = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let root = Beneath::open(dir).map_err(write_err)?;
+    root.write_file(Path::new(name), 0o644, &mut data)
+        .map_err(write_err)
+}
+
+/// Reads every entry, checks it, and hands it (with its contents still to read) to `each`.
+fn walk<R: Read>(
+    tar: R,
+    mut each: impl FnMut(&Checked, &mut tar::Entry<'_, R>) -> Result<(), ArchiveError>,
 ) -> Result<usize, ArchiveError> {
     let mut archive = tar::Archive::new(tar);
     let mut symlinks: HashSet<PathBuf> = HashSet::new();
@@ -121,6 +142,11 @@ fn walk(
         if rel.ancestors().skip(1).any(|a| symlinks.contains(a)) {
             return Err(unsafe_entry("path goes through a symlink in the archive"));
         }
+        // A naive unpacker keeps a symlink where a directory entry follows (and chmods its
+        // target): refused here, so no client of a checked archive can be led there.
+        if symlinks.contains(&rel) {
+            return Err(unsafe_entry("replaces a symlink the archive made"));
+        }
         let mode = entry.header().mode().map_err(ArchiveError::Malformed)?;
         let kind = entry.header().entry_type();
         let checked = if kind.is_dir() {
@@ -140,15 +166,7 @@ fn walk(
                 "only files, directories and symlinks are allowed",
             ));
         };
-        let mut data = Vec::new();
-        if let Checked::File(..) = checked {
-            entry
-                .read_to_end(&mut data)
-                .map_err(ArchiveError::Malformed)?;
-        }
-        if !matches!(&checked, Checked::Dir(p, _) if p.as_os_str().is_empty()) {
-            each(&checked, &data)?;
-        }
+        each(&checked, &mut entry)?;
     }
     Ok(count)
 }
@@ -171,6 +189,10 @@ fn relative_path(raw: &[u8]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check(tar: &[u8]) -> Result<usize, ArchiveError> {
+        check_each(tar, |_| {})
+    }
 
     fn archive(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -216,7 +238,7 @@ mod tests {
             b.append_link(&mut h, "bin/link", "run.sh").unwrap();
         });
         let dest = tempfile::tempdir().unwrap();
-        assert_eq!(unpack(&tar, dest.path()).unwrap(), 3);
+        assert_eq!(unpack(&tar[..], dest.path()).unwrap(), 3);
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &str| {
             std::fs::metadata(dest.path().join(p))
@@ -246,20 +268,93 @@ mod tests {
                 raw_entry(b, "out", tar::EntryType::Symlink, Some("/etc"));
                 raw_entry(b, "out/passwd", tar::EntryType::Regular, None);
             }),
+            archive(|b| {
+                raw_entry(b, "d", tar::EntryType::Symlink, Some("/etc"));
+                raw_entry(b, "d", tar::EntryType::Directory, None);
+            }),
         ];
         for (i, tar) in cases.iter().enumerate() {
             let dest = tempfile::tempdir().unwrap();
             assert!(
-                matches!(check(tar), Err(ArchiveError::Unsafe { .. })),
+                matches!(check(&tar[..]), Err(ArchiveError::Unsafe { .. })),
                 "case {i} passed the check"
             );
-            assert!(unpack(tar, dest.path()).is_err(), "case {i} unpacked");
+            assert!(unpack(&tar[..], dest.path()).is_err(), "case {i} unpacked");
             assert!(!Path::new("/evil").exists());
         }
     }
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        assert!(check(&[7u8; 1024]).is_err());
+        assert!(check(&[7u8; 1024][..]).is_err());
+    }
+
+    /// A host directory outside the destination, and its permission bits.
+    fn victim() -> (tempfile::TempDir, u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        (dir, 0o700)
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_directory_entry_over_an_archive_symlink_does_not_chmod_the_host() {
+        let (outside, mode) = victim();
+        let target = outside.path().to_str().unwrap();
+        let tar = archive(|b| {
+            raw_entry(b, "d", tar::EntryType::Symlink, Some(target));
+            let mut h = header(tar::EntryType::Directory, 0);
+            h.set_mode(0o777);
+            b.append_data(&mut h, "d", std::io::empty()).unwrap();
+        });
+        let dest = tempfile::tempdir().unwrap();
+        assert!(unpack(&tar[..], dest.path()).is_err());
+        assert_eq!(
+            mode_of(outside.path()),
+            mode,
+            "the host directory was chmod-ed"
+        );
+    }
+
+    #[test]
+    fn a_second_copy_cannot_write_through_a_symlink_the_first_planted() {
+        let (outside, _) = victim();
+        let target = outside.path().to_str().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let first = archive(|b| raw_entry(b, "link", tar::EntryType::Symlink, Some(target)));
+        unpack(&first[..], dest.path()).unwrap();
+        let second = archive(|b| {
+            let mut h = header(tar::EntryType::Directory, 0);
+            b.append_data(&mut h, "link", std::io::empty()).unwrap();
+            let mut h = header(tar::EntryType::Regular, 5);
+            b.append_data(&mut h, "link/pwned", &b"pwned"[..]).unwrap();
+        });
+        let err = unpack(&second[..], dest.path()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Unsafe { .. }), "{err:?}");
+        assert!(
+            !outside.path().join("pwned").exists(),
+            "wrote through the link"
+        );
+    }
+
+    #[test]
+    fn a_single_file_copy_replaces_a_planted_symlink_instead_of_its_target() {
+        let (outside, _) = victim();
+        let victim_file = outside.path().join("victim");
+        std::fs::write(&victim_file, b"precious").unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let planted =
+            archive(|b| raw_entry(b, "link", tar::EntryType::Symlink, victim_file.to_str()));
+        unpack(&planted[..], dest.path()).unwrap();
+        let dst = dest.path().join("link");
+        save_file(&b"from the guest"[..], &dst).unwrap();
+        assert_eq!(std::fs::read(&victim_file).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"from the guest");
+        assert!(!std::fs::symlink_metadata(&dst).unwrap().is_symlink());
     }
 }

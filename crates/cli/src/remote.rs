@@ -8,6 +8,7 @@ use hutch_api::{
 };
 use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
 use crate::{
     args::{ConnArgs, CpArgs, CreateArgs, ExecArgs, ListArgs, NetArgs},
@@ -367,16 +368,32 @@ fn split_remote(s: &str) -> Option<(&str, &str)> {
 async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i32, CliError> {
     let meta = std::fs::symlink_metadata(src).map_err(CliError::Io)?;
     if meta.is_dir() {
-        let mut builder = tar::Builder::new(Vec::new());
-        builder.follow_symlinks(false);
-        builder.append_dir_all(".", src).map_err(CliError::Io)?;
-        let tar = builder.into_inner().map_err(CliError::Io)?;
-        client.put_archive(id, guest, tar).await?;
+        // The tar is built on a blocking thread into a small pipe the request body reads.
+        let (pipe, body) = tokio::io::duplex(256 << 10);
+        let writer = SyncIoBridge::new(pipe);
+        let src = src.to_path_buf();
+        let build = tokio::task::spawn_blocking(move || {
+            let mut builder = tar::Builder::new(writer);
+            builder.follow_symlinks(false);
+            builder.append_dir_all(".", &src)?;
+            builder.into_inner()?.shutdown()
+        });
+        let sent = client.upload_archive(id, guest, ReaderStream::new(body));
+        let (sent, built) = tokio::join!(sent, build);
+        built
+            .map_err(|e| CliError::Io(std::io::Error::other(e)))?
+            .map_err(CliError::Io)?;
+        sent?;
     } else if meta.is_file() {
         use std::os::unix::fs::PermissionsExt;
-        let data = std::fs::read(src).map_err(CliError::Io)?;
+        let file = tokio::fs::File::open(src).await.map_err(CliError::Io)?;
         client
-            .put_file(id, guest, meta.permissions().mode() & 0o7777, data)
+            .upload_file(
+                id,
+                guest,
+                meta.permissions().mode() & 0o7777,
+                ReaderStream::new(file),
+            )
             .await?;
     } else {
         return Err(CliError::Usage(format!(
@@ -387,10 +404,14 @@ async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i3
     Ok(0)
 }
 
+/// Brings a guest file or directory to `dst`, streamed to disk: each archive entry is checked
+/// and written (beneath `dst`, never through a symlink) as it arrives.
 async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<i32, CliError> {
-    match client.get_file(id, guest).await {
+    let dst = dst.to_path_buf();
+    match client.download_file(id, guest).await {
         Ok(data) => {
-            std::fs::write(dst, data).map_err(CliError::Io)?;
+            let data = SyncIoBridge::new(StreamReader::new(data));
+            on_thread(move || crate::archive::save_file(data, &dst)).await?;
             return Ok(0);
         }
         // Not a regular file: fetch the directory as an archive.
@@ -398,8 +419,24 @@ async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<
         }
         Err(e) => return Err(e.into()),
     }
-    let tar = client.get_archive(id, guest).await?;
-    std::fs::create_dir_all(dst).map_err(CliError::Io)?;
-    crate::archive::unpack(&tar, dst)?;
+    let tar = SyncIoBridge::new(StreamReader::new(client.download_archive(id, guest).await?));
+    on_thread(move || {
+        std::fs::create_dir_all(&dst).map_err(|source| crate::archive::ArchiveError::Write {
+            path: dst.clone(),
+            source,
+        })?;
+        crate::archive::unpack(tar, &dst)
+    })
+    .await?;
     Ok(0)
+}
+
+/// Runs blocking file-system work off the async workers.
+async fn on_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::archive::ArchiveError> + Send + 'static,
+) -> Result<T, CliError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CliError::Io(std::io::Error::other(e)))?
+        .map_err(CliError::from)
 }

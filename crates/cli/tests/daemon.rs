@@ -128,6 +128,8 @@ fn trials() -> Vec<libtest_mimic::Trial> {
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
+        cp_never_follows_what_a_guest_planted,
+        downloads_stream_in_bounded_memory,
         pty_shell_echoes,
         pause_then_resume_keeps_processes_alive,
         ttl_expires,
@@ -316,6 +318,170 @@ fn files_and_trees_round_trip() -> Result {
             "file differs",
         )
     })();
+    let c = suite().client.clone();
+    on_rt(async move { c.destroy(&id).await }).map_err(|e| e.to_string())?;
+    result
+}
+
+/// `hutch cp SRC DST` against the suite's daemon.
+fn hutch_cp(src: &str, dst: &str) -> Result<std::process::Output> {
+    Ok(hutch(&suite().home).args(["cp", src, dst]).output()?)
+}
+
+fn cp_never_follows_what_a_guest_planted() -> Result {
+    let c = suite().client.clone();
+    let id = on_rt(async move { c.create(&spec(&[])).await.map(|s| s.id) })
+        .map_err(|e| e.to_string())?;
+    let host = tempfile::tempdir()?;
+    let victim = host.path().join("victim");
+    std::fs::create_dir(&victim)?;
+    let precious = host.path().join("precious.txt");
+    std::fs::write(&precious, "precious\n")?;
+    let out = host.path().join("out");
+    let guest_sh = |script: String| {
+        let c = suite().client.clone();
+        let id = id.clone();
+        on_rt(async move { sh(&c, &id, &script).await })
+    };
+    let result = (|| {
+        // First copy: the guest's tree holds symlinks to host paths; they land as symlinks.
+        guest_sh(format!(
+            "mkdir -p /srv/evil && ln -s {} /srv/evil/link && ln -s {} /srv/evil/file && echo guest > /srv/one",
+            victim.display(),
+            precious.display()
+        ))?;
+        let first = hutch_cp(&format!("{id}:/srv/evil"), &out.display().to_string())?;
+        check(
+            first.status.success(),
+            format!("first cp: {}", String::from_utf8_lossy(&first.stderr)),
+        )?;
+        // Second copy into the same place: `link` is now a directory with a file in it (and
+        // `file` is gone, so that nothing else in the tree stops the copy first).
+        guest_sh(
+            "rm /srv/evil/link /srv/evil/file && mkdir /srv/evil/link && echo pwned > /srv/evil/link/pwned"
+                .into(),
+        )?;
+        let second = hutch_cp(&format!("{id}:/srv/evil"), &out.display().to_string())?;
+        check(
+            !second.status.success(),
+            "the second cp went through the planted link",
+        )?;
+        check(
+            std::fs::read_dir(&victim)?.count() == 0,
+            "the second cp wrote into the host directory the link names",
+        )?;
+        // A single file copied onto the planted `file` symlink replaces the link.
+        let single = hutch_cp(
+            &format!("{id}:/srv/one"),
+            &out.join("file").display().to_string(),
+        )?;
+        check(
+            single.status.success(),
+            format!("single cp: {}", String::from_utf8_lossy(&single.stderr)),
+        )?;
+        check(
+            std::fs::read(&precious)? == b"precious\n",
+            "the single-file cp overwrote the symlink's target",
+        )?;
+        check(
+            std::fs::read(out.join("file"))? == b"guest\n",
+            "the single-file cp did not land",
+        )
+    })();
+    let c = suite().client.clone();
+    on_rt(async move { c.destroy(&id).await }).map_err(|e| e.to_string())?;
+    result
+}
+
+/// A `/proc/PID/status` field in MiB (`VmRSS`, `VmHWM`).
+fn proc_mib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Bytes a download delivers before it ends, or the error that cut it.
+async fn drain(
+    download: std::result::Result<hutch_api::client::Download, ClientError>,
+) -> std::result::Result<u64, String> {
+    use futures::StreamExt;
+    let mut download = download.map_err(|e| e.to_string())?;
+    let mut total = 0u64;
+    while let Some(chunk) = download.next().await {
+        total += chunk.map_err(|e| e.to_string())?.len() as u64;
+    }
+    Ok(total)
+}
+
+fn downloads_stream_in_bounded_memory() -> Result {
+    const BIG: u64 = 250 << 20;
+    let pid = suite().daemon.lock().unwrap().child.id();
+    let c = suite().client.clone();
+    let id = on_rt(async move { c.create(&spec(&[])).await.map(|s| s.id) })
+        .map_err(|e| e.to_string())?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = (|| {
+        let c = suite().client.clone();
+        let id2 = id.clone();
+        on_rt(async move {
+            sh(&c, &id2, "truncate -s 250M /root/big && truncate -s 4G /root/huge && mkdir /root/hd && truncate -s 4G /root/hd/huge").await
+        })?;
+        let before = proc_mib(pid, "VmRSS");
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(proc_mib(pid, "VmRSS"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                peak
+            })
+        };
+        let c = suite().client.clone();
+        let id2 = id.clone();
+        let started = Instant::now();
+        let got = on_rt(async move {
+            let (a, b, d) = tokio::join!(
+                drain(c.download_file(&id2, "/root/big").await),
+                drain(c.download_file(&id2, "/root/big").await),
+                drain(c.download_file(&id2, "/root/big").await),
+            );
+            [a, b, d]
+        });
+        let took = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().map_err(|_| "sampler panicked")?;
+        eprintln!(
+            "3 concurrent GETs of 250 MiB in {took:.1?}: daemon VmRSS {before} MiB before, \
+             peak {peak} MiB during, VmHWM {} MiB",
+            proc_mib(pid, "VmHWM")
+        );
+        for g in &got {
+            check(g == &Ok(BIG), format!("download delivered {g:?}"))?;
+        }
+        check(peak < 200, format!("daemon RSS peaked at {peak} MiB"))?;
+        let c = suite().client.clone();
+        let id2 = id.clone();
+        let (file, file_took, tree, tree_took) = on_rt(async move {
+            let t = Instant::now();
+            let file = drain(c.download_file(&id2, "/root/huge").await).await;
+            let file_took = t.elapsed();
+            let t = Instant::now();
+            let tree = drain(c.download_archive(&id2, "/root/hd").await).await;
+            (file, file_took, tree, t.elapsed())
+        });
+        eprintln!(
+            "4 GiB sparse file refused after {file_took:.1?} ({file:?}); \
+             its directory's archive cut off after {tree_took:.1?} ({tree:?})"
+        );
+        check(file.is_err(), "a 4 GiB file was served")?;
+        check(tree.is_err(), "a 4 GiB archive was served")
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let c = suite().client.clone();
     on_rt(async move { c.destroy(&id).await }).map_err(|e| e.to_string())?;
     result

@@ -475,6 +475,7 @@ fn hostile_agents_are_rejected_with_reasons() -> Result {
         };
         let cases: Vec<(&str, &str, Option<RejectKind>)> = vec![
             ("symlink to /etc/passwd", "echo ok >> a.txt; ln -s /etc/passwd pw", Some(RejectKind::SymlinkEscapes)),
+            ("chained relative symlinks", "mkdir x && ln -s .. x/b && ln -s b/.. x/c && ln -s c/victim x/d", Some(RejectKind::SymlinkEscapes)),
             ("hook", "printf '#!/bin/sh\\necho pwned\\n' > .git/hooks/pre-commit; chmod +x .git/hooks/pre-commit", Some(RejectKind::GitInternals)),
             ("fifo", "mkfifo pipe", Some(RejectKind::Special)),
             ("file over the limit", "head -c 2097152 /dev/zero > big.bin", Some(RejectKind::TooLarge)),

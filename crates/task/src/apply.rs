@@ -5,13 +5,15 @@
 
 use std::{
     io::Write,
-    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
+use sha2::{Digest, Sha256};
+
 use crate::{
     baseline::{sha256_hex, BaseEntry, Baseline},
+    beneath::{is_symlink_refusal, Beneath, Kind},
     changeset::{Change, Changeset},
 };
 
@@ -66,43 +68,38 @@ enum Current {
     Other,
 }
 
-fn current(root: &Path, rel: &str) -> Result<Current, ApplyError> {
-    let mut dir = root.to_path_buf();
-    let comps: Vec<&str> = rel.split('/').collect();
-    for c in &comps[..comps.len() - 1] {
-        dir.push(c);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(ApplyError::ThroughSymlink(rel.into()))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Current::Absent),
-            Err(e) => return Err(io(&dir)(e)),
+/// What `rel` holds beneath `root`, looked at without following any symlink: one among its
+/// parents is [`ApplyError::ThroughSymlink`].
+fn current(root: &Beneath, rel: &str) -> Result<Current, ApplyError> {
+    let path = Path::new(rel);
+    let fail = |e: std::io::Error| {
+        if is_symlink_refusal(&e) {
+            ApplyError::ThroughSymlink(rel.into())
+        } else {
+            io(path)(e)
         }
-    }
-    let path = root.join(rel);
-    let meta = match std::fs::symlink_metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Current::Absent),
-        Err(e) => return Err(io(&path)(e)),
     };
-    Ok(if meta.file_type().is_symlink() {
-        let t = std::fs::read_link(&path).map_err(io(&path))?;
-        Current::Symlink(t.to_string_lossy().into_owned())
-    } else if meta.is_file() {
-        let data = std::fs::read(&path).map_err(io(&path))?;
-        Current::File {
-            mode: meta.mode() & 0o777,
-            sha256: sha256_hex(&data),
+    let Some((kind, mode)) = root.kind(path).map_err(fail)? else {
+        return Ok(Current::Absent);
+    };
+    Ok(match kind {
+        Kind::Symlink => {
+            let t = root.read_link(path).map_err(fail)?;
+            Current::Symlink(t.to_string_lossy().into_owned())
         }
-    } else if meta.is_dir() {
-        let empty = std::fs::read_dir(&path)
-            .map_err(io(&path))?
-            .next()
-            .is_none();
-        Current::Dir { empty }
-    } else {
-        Current::Other
+        Kind::File => {
+            let mut hasher = Sha256::new();
+            let mut file = root.open_file(path).map_err(fail)?;
+            std::io::copy(&mut file, &mut hasher).map_err(fail)?;
+            Current::File {
+                mode: mode & 0o777,
+                sha256: hex::encode(hasher.finalize()),
+            }
+        }
+        Kind::Dir => Current::Dir {
+            empty: root.is_empty_dir(path).map_err(fail)?,
+        },
+        Kind::Other => Current::Other,
     })
 }
 
@@ -148,31 +145,6 @@ fn ordered(cs: &Changeset) -> Vec<&Change> {
     v
 }
 
-fn remove(path: &Path) -> Result<(), ApplyError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(io(path)),
-        Ok(_) => std::fs::remove_file(path).map_err(io(path)),
-        Err(_) => Ok(()),
-    }
-}
-
-fn prune(root: &Path, rel: &str) {
-    let mut p = Path::new(rel).parent();
-    while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-        if std::fs::remove_dir(root.join(d)).is_err() {
-            return;
-        }
-        p = d.parent();
-    }
-}
-
-fn parents(root: &Path, rel: &str) -> Result<(), ApplyError> {
-    if let Some(parent) = root.join(rel).parent() {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    Ok(())
-}
-
 /// The tracked paths `git status` reports as modified, staged, deleted or conflicted in the
 /// repository at `repo` (empty for a clean tree). Untracked files do not make a tree dirty
 /// (as for `git rebase`); the per-path baseline check still covers any a changeset touches.
@@ -215,11 +187,16 @@ pub fn apply_to_work_tree(
 
 /// Applies `cs` to the directory `root`, after checking that every path it touches holds
 /// exactly what the baseline recorded (refusing with the list of conflicts otherwise).
+///
+/// Every read and write is resolved beneath `root` without following a symlink
+/// ([`Beneath`]): a host symlink on the way to a touched path is refused, a symlink at a
+/// written path is replaced (not written through), modes are set on opened descriptors.
 pub fn apply_to_dir(root: &Path, cs: &Changeset, baseline: &Baseline) -> Result<(), ApplyError> {
+    let dir = Beneath::open(root).map_err(io(root))?;
     let mut conflicts = Vec::new();
     for c in &cs.changes {
         for p in c.paths() {
-            if !unchanged(c, &current(root, p)?, baseline, p) {
+            if !unchanged(c, &current(&dir, p)?, baseline, p) {
                 conflicts.push(p.to_string());
             }
         }
@@ -228,55 +205,42 @@ pub fn apply_to_dir(root: &Path, cs: &Changeset, baseline: &Baseline) -> Result<
         return Err(ApplyError::Conflicts(conflicts));
     }
     for c in ordered(cs) {
-        match c {
-            Change::Delete { path } => {
-                remove(&root.join(path))?;
-                prune(root, path);
-            }
-            Change::Rename { from, to, mode } => {
-                parents(root, to)?;
-                let dst = root.join(to);
-                std::fs::rename(root.join(from), &dst).map_err(io(&dst))?;
-                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))
-                    .map_err(io(&dst))?;
-                prune(root, from);
-            }
-            Change::Write {
-                path, mode, data, ..
-            } => {
-                parents(root, path)?;
-                let dst = root.join(path);
-                remove(&dst)?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&dst)
-                    .map_err(io(&dst))?;
-                f.write_all(data).map_err(io(&dst))?;
-                f.set_permissions(std::fs::Permissions::from_mode(*mode))
-                    .map_err(io(&dst))?;
-            }
-            Change::Symlink { path, target } => {
-                parents(root, path)?;
-                let dst = root.join(path);
-                remove(&dst)?;
-                std::os::unix::fs::symlink(target, &dst).map_err(io(&dst))?;
-            }
-            Change::Chmod { path, mode } => {
-                let dst = root.join(path);
-                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode))
-                    .map_err(io(&dst))?;
-            }
-            Change::Rmdir { path } => {
-                let dst = root.join(path);
-                std::fs::remove_dir(&dst).map_err(io(&dst))?;
-                prune(root, path);
-            }
-            Change::Mkdir { path } => {
-                let dst = root.join(path);
-                std::fs::create_dir_all(&dst).map_err(io(&dst))?;
-            }
+        apply_one(&dir, c).map_err(|e| match e {
+            e if is_symlink_refusal(&e) => ApplyError::ThroughSymlink(c.paths()[0].into()),
+            e => io(&root.join(c.paths()[0]))(e),
+        })?;
+    }
+    Ok(())
+}
+
+/// Applies one change beneath `dir`.
+fn apply_one(dir: &Beneath, c: &Change) -> std::io::Result<()> {
+    match c {
+        Change::Delete { path } => {
+            dir.remove(Path::new(path))?;
+            dir.prune(Path::new(path));
         }
+        Change::Rename { from, to, mode } => {
+            dir.rename(Path::new(from), Path::new(to))?;
+            dir.chmod(Path::new(to), *mode)?;
+            dir.prune(Path::new(from));
+        }
+        Change::Write {
+            path, mode, data, ..
+        } => {
+            dir.remove(Path::new(path))?;
+            dir.write_file(Path::new(path), *mode, &mut &data[..])?;
+        }
+        Change::Symlink { path, target } => {
+            dir.remove(Path::new(path))?;
+            dir.symlink(Path::new(path), Path::new(target))?;
+        }
+        Change::Chmod { path, mode } => dir.chmod(Path::new(path), *mode)?,
+        Change::Rmdir { path } => {
+            dir.rmdir(Path::new(path))?;
+            dir.prune(Path::new(path));
+        }
+        Change::Mkdir { path } => drop(dir.dir(Path::new(path), true)?),
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! single content byte is looked at; every frame's length must equal its entry's `size` and its
 //! bytes must hash to its `sha256`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -361,9 +361,81 @@ fn check_touch(path: &str, policy: &Policy) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Checks a symlink's target: relative, and, resolved lexically from the link's directory,
-/// inside the workspace and outside `.git`.
-fn check_target(path: &str, target: &str) -> Result<(), Rejection> {
+/// Most symlinks one target may pass through while it is resolved (Linux's own limit).
+const MAX_LINK_HOPS: usize = 40;
+
+/// Every symlink of the workspace as it will be once the changes are applied: the baseline's,
+/// less those the changes delete, move or overwrite, plus the changes' own.
+fn tree_links<'a>(baseline: &'a Baseline, changes: &'a [Change]) -> BTreeMap<&'a str, &'a str> {
+    let mut links: BTreeMap<&str, &str> = baseline
+        .entries
+        .iter()
+        .filter_map(|(p, e)| match e {
+            BaseEntry::Symlink { target } => Some((p.as_str(), target.as_str())),
+            _ => None,
+        })
+        .collect();
+    for c in changes {
+        for p in c.paths() {
+            links.remove(p);
+        }
+    }
+    for c in changes {
+        if let Change::Symlink { path, target } = c {
+            links.insert(path, target);
+        }
+    }
+    links
+}
+
+/// Resolves the target of the link at `path` the way the kernel will: component by
+/// component from the link's directory, substituting every symlink met on the way (looked up
+/// in `links`, the tree as it will be). `Err` says why it leaves the workspace (or enters
+/// `.git`); a lexical check alone misses chains such as `b -> ..`, `c -> b/..`.
+fn resolve_target(path: &str, target: &str, links: &BTreeMap<&str, &str>) -> Result<(), String> {
+    let mut dir: Vec<&str> = path.split('/').collect();
+    dir.pop();
+    let mut todo: std::collections::VecDeque<&str> = target.split('/').collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop_front() {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if dir.pop().is_none() {
+                    return Err("leaves the workspace".into());
+                }
+            }
+            name => {
+                dir.push(name);
+                let Some(next) = links.get(dir.join("/").as_str()) else {
+                    continue;
+                };
+                hops += 1;
+                if hops > MAX_LINK_HOPS {
+                    return Err(format!("passes through more than {MAX_LINK_HOPS} symlinks"));
+                }
+                if next.starts_with('/') {
+                    return Err(format!(
+                        "passes through {} to an absolute path",
+                        dir.join("/")
+                    ));
+                }
+                dir.pop();
+                for part in next.split('/').rev() {
+                    todo.push_front(part);
+                }
+            }
+        }
+    }
+    if dir.contains(&".git") {
+        return Err("points into .git".into());
+    }
+    Ok(())
+}
+
+/// Checks a symlink's target: relative, and, resolved through the tree as it will be once
+/// applied (`links`), inside the workspace and outside `.git`.
+fn check_target(path: &str, target: &str, links: &BTreeMap<&str, &str>) -> Result<(), Rejection> {
     let escapes = |why: &str| {
         reject(
             RejectKind::SymlinkEscapes,
@@ -377,23 +449,30 @@ fn check_target(path: &str, target: &str) -> Result<(), Rejection> {
     if target.starts_with('/') {
         return Err(escapes("is absolute"));
     }
-    let mut stack: Vec<&str> = path.split('/').collect();
-    stack.pop();
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if stack.pop().is_none() {
-                    return Err(escapes("leaves the workspace"));
-                }
-            }
-            c => stack.push(c),
+    resolve_target(path, target, links).map_err(|why| escapes(&why))
+}
+
+/// Refuses every symlink the baseline already had that the changes make leave the workspace
+/// (say, `k -> r/..` once a change adds `r -> .`). A baseline link that left it before is the
+/// host's own and not the changeset's doing.
+fn check_baseline_links(
+    baseline: &Baseline,
+    links: &BTreeMap<&str, &str>,
+    out: &mut Vec<Rejection>,
+) {
+    let before = tree_links(baseline, &[]);
+    for (path, target) in &before {
+        if links.get(path) != Some(target) || resolve_target(path, target, &before).is_err() {
+            continue;
+        }
+        if let Err(why) = resolve_target(path, target, links) {
+            out.push(reject(
+                RejectKind::SymlinkEscapes,
+                path,
+                format!("existing symlink's target {target:.200?} {why} after the changes"),
+            ));
         }
     }
-    if stack.contains(&".git") {
-        return Err(escapes("points into .git"));
-    }
-    Ok(())
 }
 
 fn check_mode(path: &str, mode: u32) -> Result<(), Rejection> {
@@ -672,6 +751,7 @@ fn check_changes(
     out: &mut Vec<Rejection>,
 ) {
     let mut seen = BTreeSet::new();
+    let tree = tree_links(baseline, changes);
     let mut links: BTreeSet<&str> = baseline
         .entries
         .iter()
@@ -720,7 +800,7 @@ fn check_changes(
         let base_dir = |p: &str| matches!(baseline.entries.get(p), Some(BaseEntry::Dir));
         let result = match c {
             Change::Write { path, mode, .. } => check_mode(path, *mode),
-            Change::Symlink { path, target } => check_target(path, target),
+            Change::Symlink { path, target } => check_target(path, target, &tree),
             Change::Delete { path } if !baseline.entries.contains_key(path) => Err(reject(
                 RejectKind::NotInBaseline,
                 path,
@@ -754,6 +834,7 @@ fn check_changes(
             out.push(r);
         }
     }
+    check_baseline_links(baseline, &tree, out);
 }
 
 /// Encodes a manifest and its frames (the guest's side of the format; also how the host

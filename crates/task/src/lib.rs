@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod baseline;
+pub mod beneath;
 pub mod changeset;
 pub mod diff;
 pub mod glob;

@@ -208,6 +208,68 @@ fn hostile_paths_are_refused_with_reasons() {
     assert_eq!(kinds(&twice, &p), [RejectKind::Duplicate]);
 }
 
+fn link(path: &str, target: &str) -> Entry {
+    Entry::Symlink {
+        path: path.into(),
+        target: target.into(),
+    }
+}
+
+#[test]
+fn chained_relative_symlinks_that_leave_the_workspace_are_refused() {
+    let p = Policy::default();
+    // Each target looks inside on its own; resolved through each other they reach `../victim`.
+    let chain = stream(
+        vec![
+            link("x/b", ".."),
+            link("x/c", "b/.."),
+            link("x/d", "c/victim"),
+        ],
+        &[],
+    );
+    let refused = match validate(&chain, &base(), &p) {
+        Ok(cs) => panic!("accepted: {cs:?}"),
+        Err(r) => r,
+    };
+    let escaping: Vec<&str> = refused
+        .iter()
+        .filter(|r| r.kind == RejectKind::SymlinkEscapes)
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(escaping, ["x/c", "x/d"], "{refused:?}");
+    // A loop is refused, not followed forever; a chain that stays inside is fine.
+    assert_eq!(
+        kinds(
+            &stream(vec![link("l1", "l2/x"), link("l2", "l1/y")], &[]),
+            &p
+        ),
+        [RejectKind::SymlinkEscapes, RejectKind::SymlinkEscapes]
+    );
+    let inside = stream(vec![link("d/up", ".."), link("d/a", "up/a.txt")], &[]);
+    validate(&inside, &base(), &p).unwrap();
+}
+
+#[test]
+fn a_change_that_makes_an_existing_symlink_escape_is_refused() {
+    let mut baseline = base();
+    baseline.entries.insert(
+        "k".into(),
+        BaseEntry::Symlink {
+            target: "r/..".into(),
+        },
+    );
+    // `r -> .` is harmless alone, but turns the host's `k -> r/..` into `k -> ..`.
+    let refused = validate(
+        &stream(vec![link("r", ".")], &[]),
+        &baseline,
+        &Policy::default(),
+    )
+    .unwrap_err();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].kind, RejectKind::SymlinkEscapes);
+    assert_eq!(refused[0].path, "k");
+}
+
 #[test]
 fn the_allowlist_limits_what_may_change() {
     let p = Policy {

@@ -73,7 +73,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
 
 /// The generated OpenAPI document.
 #[cfg(test)]
-fn api_doc() -> utoipa::openapi::OpenApi {
+pub(super) fn api_doc() -> utoipa::openapi::OpenApi {
     api().split_for_parts().1
 }
 
