@@ -314,8 +314,10 @@ impl DaemonChild {
     pub(crate) async fn stop(mut self) -> Result<(), CliError> {
         let destroyed = self.destroy_all().await;
         if let Some(pid) = self.process.id() {
-            // SAFETY: kill(2) on our own child, not yet reaped (`id()` is `Some`).
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            // Our own child, not yet reaped (`id()` is `Some`): the pid is still its own.
+            let pid =
+                rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         if tokio::time::timeout(DAEMON_STOP, self.process.wait())
             .await

@@ -93,10 +93,9 @@ impl Found {
         let jailer = jailed.then(|| {
             let path = hutch_vmm::firecracker::find_jailer_or_in(&bin)
                 .map_err(|e| format!("{e}, nor in {}", bin.display()))?;
-            // SAFETY: geteuid has no preconditions.
-            match unsafe { libc::geteuid() } {
-                0 => Ok(path),
-                _ => Err("the jailer needs root".to_string()),
+            match rustix::process::geteuid().is_root() {
+                true => Ok(path),
+                false => Err("the jailer needs root".to_string()),
             }
         });
         Found {
@@ -381,8 +380,7 @@ mod tests {
                 )
             }
         };
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return skip(test, "the jailer needs root");
         }
         if let Err(e) = std::fs::OpenOptions::new()

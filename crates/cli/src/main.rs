@@ -1,5 +1,7 @@
 //! `hutch`: give every coding agent its own disposable microVM.
 
+#![forbid(unsafe_code)]
+
 mod agent_bin;
 mod archive;
 mod args;

@@ -314,10 +314,8 @@ async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
 
 /// The controlling terminal's size, if stdout is a terminal.
 fn terminal_size() -> Option<TtySize> {
-    // SAFETY: TIOCGWINSZ fills a winsize we own.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
-    (ok && ws.ws_row > 0).then_some(TtySize {
+    let ws = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (ws.ws_row > 0).then_some(TtySize {
         rows: ws.ws_row,
         cols: ws.ws_col,
     })

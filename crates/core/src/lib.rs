@@ -5,6 +5,8 @@
 //! for the agent, but notices at once when the VM dies instead, and reports the console's
 //! last lines so a failed boot explains itself.
 
+#![forbid(unsafe_code)]
+
 mod clones;
 pub mod lifecycle;
 mod manager;

@@ -174,13 +174,16 @@ impl Cas {
             let Some(pid) = name
                 .strip_prefix(".tmp-")
                 .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<libc::pid_t>().ok())
+                .and_then(|p| p.parse::<i32>().ok())
+                .and_then(rustix::process::Pid::from_raw)
             else {
                 continue;
             };
-            // SAFETY: kill with signal 0 only checks whether the process exists.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            // Signal 0 only checks whether the process exists (EPERM: it does, not ours).
+            let alive = match rustix::process::test_kill_process(pid) {
+                Ok(()) => true,
+                Err(e) => e == rustix::io::Errno::PERM,
+            };
             if !alive {
                 tracing::info!(dir = %name, "removing leftover of an interrupted build");
                 crate::rootfs::remove_tree(&e.path());

@@ -21,6 +21,7 @@
 //! Nothing is installed or mounted on the host: the kernel package is fetched with a private apt
 //! configuration and unpacked with `dpkg-deb -x`; the rootfs tree is packed with `mkfs.ext4 -d`.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod apt;

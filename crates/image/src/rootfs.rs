@@ -137,13 +137,8 @@ pub(crate) fn unmount_below(tree: &Path) {
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
         tracing::warn!(mount = %m, "unmounting leftover mount in build tree");
-        let Ok(c) = std::ffi::CString::new(m.as_str()) else {
-            continue;
-        };
-        // SAFETY: `c` is a valid NUL-terminated path; umount2 only reads it.
-        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 {
-            tracing::warn!(mount = %m, error = %std::io::Error::last_os_error(), "umount failed");
+        if let Err(e) = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH) {
+            tracing::warn!(mount = %m, error = %e, "umount failed");
         }
     }
 }

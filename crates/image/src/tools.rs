@@ -79,8 +79,7 @@ pub(crate) fn require_keyring() -> Result<(), ImageError> {
 
 /// Checks that this process runs as root.
 pub(crate) fn require_root(what: &str) -> Result<(), ImageError> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         Ok(())
     } else {
         Err(ImageError::NeedsRoot {

@@ -121,6 +121,7 @@ pub fn open_socket() -> Result<OwnedFd, NetError> {
     // SAFETY: zeroed sockaddr_nl is valid; bind to an auto-assigned port id.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: `sa` is a valid sockaddr_nl of the size passed, on a socket we own.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),

@@ -148,6 +148,7 @@ pub fn prepare_run_dir() -> Result<(), NetError> {
                     return Err(e);
                 }
                 // Not a mount point yet: bind it onto itself, then retry.
+                // SAFETY: `dir` and `none` are valid NUL-terminated strings mount only reads.
                 let rc = unsafe {
                     libc::mount(
                         dir.as_ptr(),

@@ -15,6 +15,8 @@
 //! allocated ([`MAX_FRAME`]), data chunks are bounded ([`MAX_CHUNK`]), and a guest that sends
 //! more than the credit it was given is cut off.
 
+#![forbid(unsafe_code)]
+
 pub mod frame;
 pub mod handshake;
 pub mod host;

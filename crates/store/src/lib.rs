@@ -5,6 +5,8 @@
 //! exists and what might exist, and reconcile. [`Store`] is the interface the core uses;
 //! [`SqliteStore`] implements it on SQLite in WAL mode with versioned migrations.
 
+#![forbid(unsafe_code)]
+
 mod migrations;
 mod sqlite;
 

@@ -6,6 +6,8 @@
 //! a new git branch without running anything from the workspace. The guest side is one small
 //! Python program ([`GUEST_SCRIPT`]).
 
+#![forbid(unsafe_code)]
+
 pub mod apply;
 pub mod baseline;
 pub mod beneath;

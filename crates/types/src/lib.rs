@@ -3,6 +3,8 @@
 //! Nothing here does I/O. Validation lives next to the data it guards, so every front end
 //! (CLI, HTTP, SDK) rejects the same bad input with the same stable [`ErrorCode`].
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

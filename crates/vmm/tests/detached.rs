@@ -210,11 +210,8 @@ async fn detached_vm_survives_sigkill_of_its_starter() {
     };
     // Orphans are reparented to us instead of init, so destroy can reap the VM (as a daemon
     // that is a subreaper would).
-    // SAFETY: plain prctl.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .expect("become a subreaper");
     let id = format!("orphan-{}", std::process::id());
     let run_dir = fx.dir.path().join("orphan");
     let out = fx.dir.path().join("helper.out");

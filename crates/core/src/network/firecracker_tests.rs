@@ -29,8 +29,7 @@ fn skip(test: &str, why: &str) {
 
 /// The image's (vmlinux, initrd, rootfs), the firecracker binary, or why the test cannot run.
 fn prerequisites() -> Result<(PathBuf, PathBuf, PathBuf, PathBuf), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err("needs root (network namespaces, TAPs, the jailer)".into());
     }
     let fc = find_firecracker().map_err(|e| e.to_string())?;
