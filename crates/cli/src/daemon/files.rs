@@ -4,12 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::{
-    body::Bytes,
-    extract::{Path, Query, State},
-    http::StatusCode,
-    Extension,
-};
+use axum::{body::Bytes, extract::State, http::StatusCode, Extension};
 use hutch_protocol::{host::Channel, ExitStatus, ReadFileRequest, WriteFileRequest};
 use hutch_types::{ErrorCode, SandboxInfo};
 use serde::Deserialize;
@@ -17,6 +12,7 @@ use serde::Deserialize;
 use super::{
     auth::Scope,
     error::HttpError,
+    extract::{Path, Query},
     routes::{authorize, collect, exec_request},
     AppState,
 };

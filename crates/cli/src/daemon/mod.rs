@@ -6,7 +6,9 @@
 
 mod auth;
 mod error;
+mod extract;
 mod files;
+mod openapi;
 mod ports;
 mod routes;
 mod tasks;

@@ -2,16 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{rejection::JsonRejection, Path, State},
-    Extension, Json,
-};
+use axum::{extract::State, Extension, Json};
 use hutch_api::{ApiError, PortMapping, PublishPort};
 
 use super::{
     auth::Scope,
     error::HttpError,
-    routes::{authorize, completed, json},
+    extract::{JsonBody, Path},
+    routes::{authorize, completed},
     AppState,
 };
 
@@ -35,9 +33,8 @@ pub async fn publish_port(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path((id, guest_port)): Path<(String, u16)>,
-    body: std::result::Result<Json<PublishPort>, JsonRejection>,
+    JsonBody(req): JsonBody<PublishPort>,
 ) -> Result<Json<PortMapping>> {
-    let req = json(body)?;
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     let p = completed(async move { manager.publish_port(&id, guest_port, req.host_port).await })

@@ -4,19 +4,15 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{rejection::JsonRejection, Path, State},
-    http::StatusCode,
-    response::IntoResponse,
-    Extension, Json,
-};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, Extension, Json};
 use hutch_api::{ApiError, ForkBody, PoolBody};
 use hutch_types::{ErrorCode, SandboxInfo, TemplateInfo, TemplateSpec};
 
 use super::{
     auth::Scope,
     error::HttpError,
-    routes::{authorize, completed, json},
+    extract::{JsonBody, Path},
+    routes::{authorize, completed},
     AppState,
 };
 
@@ -33,9 +29,8 @@ const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may cre
 pub(super) async fn create_template(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
-    body: std::result::Result<Json<TemplateSpec>, JsonRejection>,
+    JsonBody(spec): JsonBody<TemplateSpec>,
 ) -> Result<impl IntoResponse> {
-    let spec = json(body)?;
     scope.require_admin(HOST_WIDE)?;
     let manager = state.manager.clone();
     let info = completed(async move { manager.create_template(spec).await }).await?;
@@ -85,9 +80,8 @@ pub(super) async fn set_pool(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
-    body: std::result::Result<Json<PoolBody>, JsonRejection>,
+    JsonBody(body): JsonBody<PoolBody>,
 ) -> Result<Json<TemplateInfo>> {
-    let body = json(body)?;
     scope.require_admin(HOST_WIDE)?;
     valid(&name)?;
     let manager = state.manager.clone();
@@ -117,9 +111,8 @@ pub(super) async fn fork(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
-    body: std::result::Result<Json<ForkBody>, JsonRejection>,
+    JsonBody(body): JsonBody<ForkBody>,
 ) -> Result<impl IntoResponse> {
-    let body = json(body)?;
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     let children = completed(async move { manager.fork(&id, body.count).await }).await?;
