@@ -34,7 +34,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
             env: args.env.into_iter().collect(),
             labels: args.labels.into_iter().collect(),
             ttl_secs: args.ttl,
-            network: policy(&args.net),
+            network: policy(&args.net)?,
             wireguard: args
                 .wireguard
                 .as_deref()
@@ -54,9 +54,16 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
     Ok(0)
 }
 
-/// The policy the `--net`, `--allow` and `--port` flags describe.
-pub fn policy(net: &NetArgs) -> NetworkPolicy {
-    match net.mode.as_str() {
+/// The policy the `--net`, `--allow` and `--port` flags describe; `--allow` or `--port`
+/// without `--net allow` is refused rather than dropped.
+pub fn policy(net: &NetArgs) -> Result<NetworkPolicy, CliError> {
+    if net.mode != "allow" && !(net.allow.is_empty() && net.ports.is_empty()) {
+        return Err(CliError::Usage(format!(
+            "--allow and --port need --net allow (the policy is --net {})",
+            net.mode
+        )));
+    }
+    Ok(match net.mode.as_str() {
         "open" => NetworkPolicy::Open,
         "allow" => {
             let (cidrs, domains): (Vec<String>, Vec<String>) = net
@@ -80,12 +87,12 @@ pub fn policy(net: &NetArgs) -> NetworkPolicy {
             }
         }
         _ => NetworkPolicy::None,
-    }
+    })
 }
 
 /// `hutch net set`.
 pub async fn net_set(client: &Client, id: &str, net: &NetArgs) -> Result<i32, CliError> {
-    let info = client.set_network(id, &policy(net)).await?;
+    let info = client.set_network(id, &policy(net)?).await?;
     println!(
         "{} network {}",
         info.id,
@@ -158,17 +165,14 @@ pub async fn inspect(client: &Client, id: &str, json: bool) -> Result<i32, CliEr
     Ok(0)
 }
 
-/// `hutch pause | resume | stop | rm`: one lifecycle action, printing the new state.
+/// `hutch pause | resume | suspend | stop`: one lifecycle action, printing the new state.
 pub async fn lifecycle(
     client: &Client,
     id: &str,
     action: &str,
     json: bool,
 ) -> Result<i32, CliError> {
-    let info = match action {
-        "rm" => client.destroy(id).await?,
-        _ => client.lifecycle(id, action).await?,
-    };
+    let info = client.lifecycle(id, action).await?;
     if json {
         print_json(&info);
     } else {
@@ -177,13 +181,53 @@ pub async fn lifecycle(
     Ok(0)
 }
 
-/// `hutch logs`: the guest console (guest-controlled bytes, written as they are).
-pub async fn logs(client: &Client, id: &str) -> Result<i32, CliError> {
-    let log = client.console(id).await?;
+/// How often `hutch logs -f` asks for more.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `hutch logs [-f]`: the guest console (guest-controlled bytes, written as they are); with
+/// `follow`, then whatever the guest writes next, until the sandbox is gone or Ctrl-C.
+pub async fn logs(client: &Client, id: &str, follow: bool) -> Result<i32, CliError> {
     let mut out = tokio::io::stdout();
-    out.write_all(&log).await.map_err(CliError::Io)?;
-    out.flush().await.map_err(CliError::Io)?;
-    Ok(0)
+    let mut shown = 0;
+    loop {
+        let log = match client.console(id).await {
+            Ok(log) => log,
+            // The sandbox went away while followed: that is the end of its log.
+            Err(e) if follow && shown > 0 && e.code() == Some(hutch_types::ErrorCode::NotFound) => {
+                return Ok(0)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // A log that shrank was restarted (a restore): show it from its start.
+        let start = if log.len() < shown { 0 } else { shown };
+        write_flush(&mut out, &log[start..]).await?;
+        shown = log.len();
+        if !follow {
+            return Ok(0);
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+    }
+}
+
+/// `hutch rm ID…`: destroys each, going on past failures; prints each result (with `--json`,
+/// one array of the destroyed sandboxes) and fails if any failed.
+pub async fn remove(client: &Client, ids: &[String], json: bool) -> Result<i32, CliError> {
+    let mut removed = Vec::new();
+    let mut failed = 0;
+    for id in ids {
+        match client.destroy(id).await {
+            Ok(info) if json => removed.push(info),
+            Ok(info) => println!("{} {}", info.id, info.state.name()),
+            Err(e) => {
+                eprintln!("hutch: {id}: {}", crate::error::chain(&e));
+                failed += 1;
+            }
+        }
+    }
+    if json {
+        print_json(&removed);
+    }
+    Ok(i32::from(failed > 0))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -365,16 +409,18 @@ fn split_remote(s: &str) -> Option<(&str, &str)> {
 }
 
 async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i32, CliError> {
-    let meta = std::fs::symlink_metadata(src).map_err(CliError::Io)?;
+    let meta = std::fs::symlink_metadata(src).map_err(CliError::reading(src))?;
     if meta.is_dir() {
         let mut builder = tar::Builder::new(Vec::new());
         builder.follow_symlinks(false);
-        builder.append_dir_all(".", src).map_err(CliError::Io)?;
-        let tar = builder.into_inner().map_err(CliError::Io)?;
+        builder
+            .append_dir_all(".", src)
+            .map_err(CliError::reading(src))?;
+        let tar = builder.into_inner().map_err(CliError::reading(src))?;
         client.put_archive(id, guest, tar).await?;
     } else if meta.is_file() {
         use std::os::unix::fs::PermissionsExt;
-        let data = std::fs::read(src).map_err(CliError::Io)?;
+        let data = std::fs::read(src).map_err(CliError::reading(src))?;
         client
             .put_file(id, guest, meta.permissions().mode() & 0o7777, data)
             .await?;
@@ -390,7 +436,7 @@ async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i3
 async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<i32, CliError> {
     match client.get_file(id, guest).await {
         Ok(data) => {
-            std::fs::write(dst, data).map_err(CliError::Io)?;
+            std::fs::write(dst, data).map_err(CliError::writing(dst))?;
             return Ok(0);
         }
         // Not a regular file: fetch the directory as an archive.
@@ -399,7 +445,7 @@ async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<
         Err(e) => return Err(e.into()),
     }
     let tar = client.get_archive(id, guest).await?;
-    std::fs::create_dir_all(dst).map_err(CliError::Io)?;
+    std::fs::create_dir_all(dst).map_err(CliError::writing(dst))?;
     crate::archive::unpack(&tar, dst)?;
     Ok(0)
 }

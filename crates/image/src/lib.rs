@@ -263,10 +263,17 @@ fn image_digest(vmlinuz: &str, initrd: &str, rootfs: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
 }
 
-/// A spinner for one build step: hidden unless `progress` is set and stderr is a terminal.
+/// A spinner for one build step when `progress` is set: drawn on stderr when it is a
+/// terminal, else written as plain lines (a log or CI shows each step and its end).
 fn spinner(progress: bool, prefix: &str) -> ProgressBar {
     if !progress {
         return ProgressBar::hidden();
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let target = indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::default()));
+        let bar = ProgressBar::with_draw_target(None, target).with_prefix(prefix.to_owned());
+        bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").expect("valid template"));
+        return bar;
     }
     let bar = ProgressBar::new_spinner().with_prefix(prefix.to_owned());
     bar.set_style(
@@ -275,6 +282,55 @@ fn spinner(progress: bool, prefix: &str) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
+}
+
+/// A draw target that writes each new progress line once, plainly, to stderr: what a spinner
+/// says when stderr is not a terminal.
+#[derive(Debug, Default)]
+struct PlainLines {
+    last: std::sync::Mutex<String>,
+}
+
+impl PlainLines {
+    fn line(&self, s: &str) -> std::io::Result<()> {
+        let s = s.trim_end();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.is_empty() && *last != s {
+            std::io::Write::write_all(&mut std::io::stderr(), format!("{s}\n").as_bytes())?;
+            *last = s.to_owned();
+        }
+        Ok(())
+    }
+}
+
+impl indicatif::TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        160
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn finish(bar: &ProgressBar, started: Instant, what: String) {
@@ -297,7 +353,8 @@ fn meta_sha(meta: &ArtifactMeta, file: &str) -> Result<String, ImageError> {
 /// it as `<images_dir>/<name>.json`, replacing an older image of that name.
 ///
 /// Steps that are cached are skipped, including their host checks: a fully cached build needs
-/// neither root nor network. `progress` shows spinners on stderr (only when it is a terminal).
+/// neither root nor network. `progress` shows spinners on stderr (plain lines when it is not a
+/// terminal).
 pub fn build(images_dir: &Path, spec: &BuildSpec, progress: bool) -> Result<Image, ImageError> {
     let started = Instant::now();
     let r = resolve(spec)?;
