@@ -17,15 +17,19 @@ pub type Labels = BTreeMap<String, String>;
 pub struct SandboxSpec {
     /// Guest image name.
     #[serde(default = "default_image")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub image: String,
     /// vCPUs.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u8,
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 128, maximum = 262144)]
     pub memory_mib: u32,
     /// Size of the writable disk in MiB; the guest can never write more than this.
     #[serde(default = "default_disk")]
+    #[schema(minimum = 16, maximum = 1048576)]
     pub disk_mib: u64,
     /// Environment given to every command run in the sandbox.
     #[serde(default)]
@@ -35,6 +39,7 @@ pub struct SandboxSpec {
     pub labels: Labels,
     /// Destroy the sandbox this many seconds after creation.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub ttl_secs: Option<u64>,
     /// What the sandbox may reach on the network.
     #[serde(default)]
@@ -46,6 +51,7 @@ pub struct SandboxSpec {
     /// Restore the sandbox from this template (`hutch template create`) instead of booting
     /// `image`: its image, vCPUs, memory and disk are the template's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub template: Option<String>,
     /// Where the sandbox came from, when it was restored rather than booted. Set by Hutch
     /// (templates and forks), never by a client.
@@ -383,18 +389,23 @@ impl SandboxState {
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// The template's name (`[a-z0-9][a-z0-9._-]*`).
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     /// Guest image name.
     #[serde(default = "default_image")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub image: String,
     /// vCPUs of every sandbox restored from it.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u8,
     /// Guest memory in MiB of every sandbox restored from it.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 128, maximum = 262144)]
     pub memory_mib: u32,
     /// Writable disk in MiB.
     #[serde(default = "default_disk")]
+    #[schema(minimum = 16, maximum = 1048576)]
     pub disk_mib: u64,
     /// A shell script run as root in the VM before it is saved; it must exit 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]

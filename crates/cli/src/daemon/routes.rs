@@ -150,7 +150,9 @@ pub async fn completed<T: Send + 'static>(
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
     responses((status = 201, description = "created and running", body = SandboxInfo),
               (status = 200, description = "an earlier create with the same idempotency key", body = SandboxInfo),
-              (status = 400, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
+              (status = 400, body = ApiError), (status = 403, body = ApiError),
+              (status = 404, description = "no such image or template", body = ApiError),
+              (status = 429, body = ApiError)))]
 async fn create_sandbox(
     State(state): AppStateRef,
     Extension(scope): Extension<Scope>,
@@ -815,6 +817,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_documented_constraints_are_the_ones_the_daemon_enforces() {
+        use hutch_types::bounds::*;
+        let doc = serde_json::to_value(api_doc()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let range = |schema: &str, field: &str| {
+            let p = &schemas[schema]["properties"][field];
+            (p["minimum"].as_u64(), p["maximum"].as_u64())
+        };
+        for schema in ["SandboxSpec", "TemplateSpec"] {
+            assert_eq!(range(schema, "cpus"), (Some(1), Some(MAX_CPUS.into())));
+            assert_eq!(
+                range(schema, "memory_mib"),
+                (Some(MIN_MEMORY_MIB.into()), Some(MAX_MEMORY_MIB.into()))
+            );
+            assert_eq!(
+                range(schema, "disk_mib"),
+                (Some(MIN_DISK_MIB), Some(MAX_DISK_MIB))
+            );
+            // `hutch_types::valid_name`'s rule.
+            assert_eq!(
+                schemas[schema]["properties"]["image"]["pattern"],
+                "^[a-z0-9][a-z0-9._-]{0,62}$"
+            );
+            assert_eq!(schemas[schema]["additionalProperties"], false);
+        }
+        assert_eq!(
+            range("SandboxSpec", "ttl_secs"),
+            (Some(1), Some(MAX_TTL_SECS))
+        );
+        assert_eq!(
+            range("ForkBody", "count"),
+            (Some(1), Some(hutch_core::MAX_FORK.into()))
+        );
+        assert_eq!(
+            range("PoolBody", "size").1,
+            Some(hutch_core::MAX_POOL.into())
+        );
+        assert_eq!(schemas["ExecBody"]["properties"]["argv"]["minItems"], 1);
     }
 
     #[tokio::test]

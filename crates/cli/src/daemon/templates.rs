@@ -24,7 +24,9 @@ const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may cre
 #[utoipa::path(post, path = "/v1/templates", request_body = TemplateSpec, tag = "templates",
     responses((status = 201, description = "booted, provisioned and saved", body = TemplateInfo),
               (status = 400, body = ApiError), (status = 403, body = ApiError),
+              (status = 404, description = "no such image", body = ApiError),
               (status = 409, description = "the name is taken", body = ApiError),
+              (status = 429, description = "no room to boot it", body = ApiError),
               (status = 422, description = "provisioning failed", body = ApiError)))]
 pub(super) async fn create_template(
     State(state): State<Arc<AppState>>,
