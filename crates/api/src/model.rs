@@ -194,6 +194,7 @@ pub struct NetEvent {
 pub struct PublishPort {
     /// Host loopback port to listen on; absent: any free port.
     #[serde(default)]
+    #[schema(maximum = 65535)]
     pub host_port: Option<u16>,
 }
 

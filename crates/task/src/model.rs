@@ -12,6 +12,7 @@ use crate::changeset::{Change, Changeset, Limits, Policy, Rejection};
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// The agent command (argv), run in the workspace.
+    #[schema(min_items = 1)]
     pub command: Vec<String>,
     /// Restore the sandbox from this template instead of booting the default image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -22,8 +23,9 @@ pub struct TaskSpec {
     /// Environment for the agent command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Kill the agent after this many seconds.
+    /// Kill the agent after this many seconds (at most a day).
     #[serde(default = "default_timeout")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_secs: u64,
     /// Globs the changed paths must match (empty: everything outside `.git`).
     #[serde(default)]

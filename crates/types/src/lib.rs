@@ -96,6 +96,7 @@ pub struct WireGuardSpec {
     pub allowed_ips: Vec<String>,
     /// Persistent keepalive, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 65535)]
     pub keepalive: Option<u16>,
     /// Resolver behind the tunnel for the sandbox's DNS filter; default: the host's, asked
     /// through the tunnel.

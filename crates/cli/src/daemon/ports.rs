@@ -26,7 +26,7 @@ fn mapping(p: hutch_net::PublishedPort) -> PortMapping {
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
     request_body = PublishPort,
-    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    params(("id" = String, Path), ("guest_port" = u16, Path, minimum = 0, maximum = 65535)),
     responses((status = 200, body = PortMapping),
               (status = 409, description = "host port taken, guest port published elsewhere, or no network", body = ApiError)))]
 pub async fn publish_port(
@@ -43,7 +43,7 @@ pub async fn publish_port(
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
-    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    params(("id" = String, Path), ("guest_port" = u16, Path, minimum = 0, maximum = 65535)),
     responses((status = 200, description = "the ports still published", body = Vec<PortMapping>)))]
 pub async fn unpublish_port(
     State(state): State<Arc<AppState>>,

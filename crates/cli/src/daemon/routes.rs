@@ -189,7 +189,7 @@ async fn create_sandbox(
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
     params(("state" = Option<String>, Query, description = "only this state"),
-           ("label" = Option<String>, Query, description = "key=value; repeatable")),
+           ("label" = Option<String>, Query, description = "key=value; repeatable", pattern = "=")),
     responses((status = 200, body = Vec<SandboxInfo>)))]
 async fn list_sandboxes(
     State(state): AppStateRef,
@@ -858,6 +858,7 @@ mod tests {
             Some(hutch_core::MAX_POOL.into())
         );
         assert_eq!(schemas["ExecBody"]["properties"]["argv"]["minItems"], 1);
+        assert_eq!(schemas["TaskSpec"]["properties"]["command"]["minItems"], 1);
     }
 
     #[tokio::test]
