@@ -232,7 +232,7 @@ impl Client {
             .await
     }
 
-    /// `pause`, `resume` or `stop`.
+    /// `pause`, `resume`, `suspend`, `stop` or `start`.
     pub async fn lifecycle(&self, id: &str, action: &str) -> Result<SandboxInfo, ClientError> {
         self.call(
             Method::POST,

@@ -61,6 +61,8 @@ pub enum Command {
     Task(crate::task_cmd::TaskCommand),
     /// Power a sandbox off, keeping its record.
     Stop(IdArgs),
+    /// Boot a stopped sandbox again (same id and spec; a fresh disk).
+    Start(IdArgs),
     /// Destroy sandboxes and everything they own.
     Rm(RmArgs),
     /// Show or change a sandbox's network policy and decisions.

@@ -111,6 +111,9 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             let client = remote::client(&home, c.conn());
             task_cmd::run(&client, c).await
         }
+        args::Command::Start(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "start", a.json).await
+        }
         args::Command::Stop(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "stop", a.json).await
         }

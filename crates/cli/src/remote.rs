@@ -165,7 +165,7 @@ pub async fn inspect(client: &Client, id: &str, json: bool) -> Result<i32, CliEr
     Ok(0)
 }
 
-/// `hutch pause | resume | suspend | stop`: one lifecycle action, printing the new state.
+/// `hutch pause | resume | suspend | stop | start`: one lifecycle action, printing the new state.
 pub async fn lifecycle(
     client: &Client,
     id: &str,

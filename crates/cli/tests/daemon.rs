@@ -130,6 +130,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         files_and_trees_round_trip,
         pty_shell_echoes,
         pause_then_resume_keeps_processes_alive,
+        a_stopped_sandbox_starts_again,
         ttl_expires,
         tokens_are_scoped,
         tokens_expire_are_listed_and_can_be_removed,
@@ -406,6 +407,41 @@ fn pause_then_resume_keeps_processes_alive() -> Result {
         let alive = sh(&c, &id, &format!("kill -0 {pid} && echo alive")).await?;
         c.destroy(&id).await.map_err(|e| e.to_string())?;
         check(alive == "alive", "process died across pause/resume")
+    })
+}
+
+fn a_stopped_sandbox_starts_again() -> Result {
+    let id = on_rt(async {
+        let c = suite().client.clone();
+        let id = c.create(&spec(&[])).await.map_err(|e| e.to_string())?.id;
+        let stopped = c.lifecycle(&id, "stop").await.map_err(|e| e.to_string())?;
+        check(stopped.state == SandboxState::Stopped, "not stopped")?;
+        let exec = ExecBody {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        check(
+            api_code(c.exec(&id, &exec).await) == Some(ErrorCode::Conflict),
+            "exec in a stopped sandbox",
+        )?;
+        Ok::<_, Failed>(id)
+    })?;
+    let (ok, out, err) = cli(&["start", "--json", &id])?;
+    check(ok, format!("hutch start: {err}"))?;
+    let started: SandboxInfo = serde_json::from_str(&out)?;
+    check(
+        started.id == id && started.state == SandboxState::Running,
+        format!("started: {:?}", started.state),
+    )?;
+    on_rt(async move {
+        let c = suite().client.clone();
+        check(sh(&c, &id, "echo ok").await? == "ok", "exec after start")?;
+        check(
+            api_code(c.lifecycle(&id, "start").await) == Some(ErrorCode::Conflict),
+            "start of a running sandbox",
+        )?;
+        c.destroy(&id).await.map_err(|e| e.to_string())?;
+        Ok(())
     })
 }
 

@@ -53,6 +53,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(stop))
+        .routes(routes!(start))
         .routes(routes!(suspend))
         .routes(routes!(templates::fork))
         .routes(routes!(
@@ -259,7 +260,8 @@ macro_rules! lifecycle_route {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "sandboxes", params(("id" = String, Path)),
                     responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError),
-                              (status = 409, body = ApiError)))]
+                              (status = 409, body = ApiError),
+                              (status = 429, description = "no room to boot or restore it", body = ApiError)))]
         async fn $name(
             State(state): AppStateRef,
             Extension(scope): Extension<Scope>,
@@ -289,6 +291,12 @@ lifecycle_route!(
     "/v1/sandboxes/{id}/suspend",
     suspend,
     "Pauses the sandbox to disk: saves its memory and disk and stops its VMM."
+);
+lifecycle_route!(
+    start,
+    "/v1/sandboxes/{id}/start",
+    start,
+    "Boots a stopped sandbox again (a cold boot on a fresh disk, same id and spec)."
 );
 lifecycle_route!(
     stop,
@@ -515,6 +523,7 @@ mod tests {
         ("post", "/v1/sandboxes/{id}/pause"),
         ("post", "/v1/sandboxes/{id}/resume"),
         ("post", "/v1/sandboxes/{id}/stop"),
+        ("post", "/v1/sandboxes/{id}/start"),
         ("get", "/v1/sandboxes/{id}/console"),
         ("put", "/v1/sandboxes/{id}/network"),
         ("get", "/v1/sandboxes/{id}/network/log"),
