@@ -35,7 +35,8 @@ def main(base, token):
         f"a 404 is a typed ApiError: {missing.parsed!r}",
     )
 
-    full = create_sandbox.sync_detailed(client=client, body=CreateSandbox.from_dict({}))
+    body = CreateSandbox.from_dict({"idempotency_key": "roundtrip", "labels": {"team": "a"}})
+    full = create_sandbox.sync_detailed(client=client, body=body)
     expect(
         full.status_code == 429 and full.parsed.code == ErrorCode.OVER_CAPACITY,
         f"create on a full daemon: {full.status_code} {full.parsed!r}",

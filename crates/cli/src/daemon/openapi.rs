@@ -29,6 +29,7 @@ pub fn complete(doc: &mut OpenApi) {
             ),
         );
     doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+    inline_create_sandbox(doc);
     for (path, item) in doc.paths.paths.iter_mut() {
         let ops = [
             &mut item.get,
@@ -42,6 +43,28 @@ pub fn complete(doc: &mut OpenApi) {
             }
         }
     }
+}
+
+/// `CreateSandbox` flattens `SandboxSpec`, which utoipa writes as an `allOf` of the two; but
+/// the spec's `additionalProperties: false` then refuses the create's own
+/// `idempotency_key`. The schema becomes the spec's with that property added.
+fn inline_create_sandbox(doc: &mut OpenApi) {
+    let Some(schemas) = doc.components.as_mut().map(|c| &mut c.schemas) else {
+        return;
+    };
+    let as_json = |s: &utoipa::openapi::RefOr<utoipa::openapi::Schema>| {
+        serde_json::to_value(s).expect("serializable")
+    };
+    let (Some(spec), Some(create)) = (schemas.get("SandboxSpec"), schemas.get("CreateSandbox"))
+    else {
+        return;
+    };
+    let (mut merged, create) = (as_json(spec), as_json(create));
+    let key = &create["allOf"][1]["properties"]["idempotency_key"];
+    merged["properties"]["idempotency_key"] = key.clone();
+    merged["description"] = create["description"].clone();
+    let merged = serde_json::from_value(merged).expect("a schema stays a schema");
+    schemas.insert("CreateSandbox".into(), merged);
 }
 
 /// The error statuses a route at `path` can answer with whatever it does.

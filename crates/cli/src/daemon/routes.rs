@@ -868,6 +868,17 @@ mod tests {
         );
         assert_eq!(schemas["ExecBody"]["properties"]["argv"]["minItems"], 1);
         assert_eq!(schemas["TaskSpec"]["properties"]["command"]["minItems"], 1);
+        // A create's idempotency key is one of its properties, not an unknown one.
+        let create = &schemas["CreateSandbox"];
+        assert_eq!(create["additionalProperties"], false, "{create}");
+        assert!(
+            create["properties"]["idempotency_key"].is_object(),
+            "{create}"
+        );
+        assert_eq!(
+            create["properties"]["cpus"],
+            schemas["SandboxSpec"]["properties"]["cpus"]
+        );
     }
 
     #[tokio::test]
