@@ -270,7 +270,8 @@ fn spinner(progress: bool, prefix: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let target = indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::default()));
+        let target =
+            indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::new(std::io::stderr())));
         let bar = ProgressBar::with_draw_target(None, target).with_prefix(prefix.to_owned());
         bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").expect("valid template"));
         return bar;
@@ -284,26 +285,34 @@ fn spinner(progress: bool, prefix: &str) -> ProgressBar {
     bar
 }
 
-/// A draw target that writes each new progress line once, plainly, to stderr: what a spinner
-/// says when stderr is not a terminal.
-#[derive(Debug, Default)]
-struct PlainLines {
-    last: std::sync::Mutex<String>,
+/// A draw target that writes each new progress line once, plainly (to stderr): what a
+/// spinner says when stderr is not a terminal.
+#[derive(Debug)]
+struct PlainLines<W> {
+    /// The last line written, and where lines go.
+    out: std::sync::Mutex<(String, W)>,
 }
 
-impl PlainLines {
+impl<W: std::io::Write> PlainLines<W> {
+    fn new(out: W) -> Self {
+        PlainLines {
+            out: std::sync::Mutex::new((String::new(), out)),
+        }
+    }
+
     fn line(&self, s: &str) -> std::io::Result<()> {
         let s = s.trim_end();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if !s.is_empty() && *last != s {
-            std::io::Write::write_all(&mut std::io::stderr(), format!("{s}\n").as_bytes())?;
+        let mut guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, out) = &mut *guard;
+        if !s.is_empty() && last != s {
+            out.write_all(format!("{s}\n").as_bytes())?;
             *last = s.to_owned();
         }
         Ok(())
     }
 }
 
-impl indicatif::TermLike for PlainLines {
+impl<W: std::io::Write + std::fmt::Debug + Send> indicatif::TermLike for PlainLines<W> {
     fn width(&self) -> u16 {
         160
     }
@@ -646,6 +655,42 @@ pub fn list(images_dir: &Path) -> Result<Vec<Image>, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer whose bytes the test can still read after handing it away.
+    #[derive(Debug, Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn progress_without_a_terminal_is_plain_lines_each_once() {
+        let out = Shared::default();
+        let target =
+            indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::new(out.clone())));
+        let bar = ProgressBar::with_draw_target(None, target).with_prefix("rootfs");
+        bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").unwrap());
+        bar.set_message("debootstrap");
+        bar.set_message("debootstrap");
+        bar.set_message("hashing rootfs.ext4");
+        finish(&bar, Instant::now(), "rootfs ready".into());
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..2],
+            ["rootfs: debootstrap", "rootfs: hashing rootfs.ext4"],
+            "{text}"
+        );
+        assert!(lines[2].starts_with("  rootfs rootfs ready ("), "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
+    }
 
     #[test]
     fn names() {
