@@ -84,6 +84,10 @@ fn shared_errors(path: &str) -> Vec<(&'static str, &'static str)> {
     if path.starts_with("/v1/sandboxes/{id}/") {
         out.push(("409", "not legal in the sandbox's current state"));
     }
+    // Routes that wait on a guest: a sandbox's own, and the ones that boot one.
+    if path.starts_with("/v1/sandboxes/{id}") || path == "/v1/templates" || path == "/v1/tasks" {
+        out.push(("504", "the guest did not answer in time"));
+    }
     out
 }
 
