@@ -17,3 +17,5 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== tests (unit, host-process agent, real VMs)"
 # A missing VM prerequisite fails the run instead of skipping.
 HUTCH_REQUIRE_VM_TESTS=1 cargo test --locked --workspace
+echo "== API contract (schemathesis, generated Python client)"
+./scripts/api_contract.sh target/release/hutch

@@ -16,6 +16,8 @@ use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 
 mod tasks;
 
+pub use tasks::task_form;
+
 use crate::{
     ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart, ForkBody,
     NetEvent, PoolBody, PortMapping, PublishPort, API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
@@ -119,15 +121,27 @@ impl Client {
         })
     }
 
-    /// Sends one JSON request; returns the response with its body still to be read.
+    /// Sends one request with a JSON body; returns the response with its body still to be read.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        self.send_with(method, path, "application/json", body).await
+    }
+
+    /// Sends one request with a whole body of `content_type`; returns the response with its
+    /// body still to be read.
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
-        self.send_body(method, path, "application/json", BoxBody::new(body))
+        self.send_body(method, path, content_type, BoxBody::new(body))
             .await
     }
 
@@ -163,15 +177,7 @@ impl Client {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let resp = self.send(method, path, body).await?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Http)?
-            .to_bytes();
-        Ok((status, bytes))
+        read_all(self.send(method, path, body).await?).await
     }
 
     /// Sends a request and decodes a JSON answer (or the API error).
@@ -187,7 +193,19 @@ impl Client {
 
     /// Sends a request; any non-2xx answer becomes [`ClientError::Api`].
     async fn ok(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
-        let (status, bytes) = self.raw(method, path, body).await?;
+        self.ok_with(method, path, "application/json", body).await
+    }
+
+    /// [`Client::ok`] with a body of `content_type`.
+    async fn ok_with(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
+        let resp = self.send_with(method, path, content_type, body).await?;
+        let (status, bytes) = read_all(resp).await?;
         if status.is_success() {
             return Ok(bytes);
         }
@@ -228,7 +246,7 @@ impl Client {
             .await
     }
 
-    /// `pause`, `resume` or `stop`.
+    /// `pause`, `resume`, `suspend`, `stop` or `start`.
     pub async fn lifecycle(&self, id: &str, action: &str) -> Result<SandboxInfo, ClientError> {
         self.call(
             Method::POST,
@@ -451,7 +469,7 @@ impl Client {
         }
         let (mut ws, _) = tokio_tungstenite::client_async(req, io)
             .await
-            .map_err(ClientError::WebSocket)?;
+            .map_err(upgrade_error)?;
         let first = serde_json::to_string(start).expect("serializable");
         ws.send(Message::text(first))
             .await
@@ -551,17 +569,36 @@ async fn collect(mut download: Download) -> Result<Vec<u8>, ClientError> {
 async fn check_status(
     resp: hyper::Response<hyper::body::Incoming>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-    let status = resp.status();
-    if status.is_success() {
+    if resp.status().is_success() {
         return Ok(resp);
     }
-    let body = resp
+    let (status, body) = read_all(resp).await?;
+    Err(api_error(status, &body))
+}
+
+/// A response's status and its whole body.
+async fn read_all(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let status = resp.status();
+    let bytes = resp
         .into_body()
         .collect()
         .await
         .map_err(ClientError::Http)?
         .to_bytes();
-    Err(api_error(status, &body))
+    Ok((status, bytes))
+}
+
+/// A refused WebSocket upgrade is the daemon's API error (e.g. 404 for an unknown sandbox),
+/// not a bare status.
+fn upgrade_error(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            api_error(resp.status(), resp.body().as_deref().unwrap_or_default())
+        }
+        e => ClientError::WebSocket(e),
+    }
 }
 
 /// The error a non-2xx answer stands for: its `ApiError` body, or the status and the start of

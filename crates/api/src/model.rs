@@ -30,6 +30,7 @@ pub struct CreateSandbox {
 pub struct ForkBody {
     /// How many children to restore from the snapshot.
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 16)]
     pub count: u32,
 }
 
@@ -38,6 +39,7 @@ pub struct ForkBody {
 #[serde(deny_unknown_fields)]
 pub struct PoolBody {
     /// How many restored clones to keep ready (0 turns the pool off).
+    #[schema(maximum = 32)]
     pub size: u32,
 }
 
@@ -50,6 +52,7 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Program and arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     /// Extra environment for this command.
     #[serde(default)]
@@ -87,6 +90,7 @@ pub struct ExecResult {
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
     /// Program and arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     /// Extra environment.
     #[serde(default)]
@@ -190,6 +194,7 @@ pub struct NetEvent {
 pub struct PublishPort {
     /// Host loopback port to listen on; absent: any free port.
     #[serde(default)]
+    #[schema(maximum = 65535)]
     pub host_port: Option<u16>,
 }
 

@@ -41,8 +41,8 @@ pub enum Command {
     Shell(ShellArgs),
     /// Copy a file or directory tree into or out of a sandbox (`ID:/path` names the guest side).
     Cp(CpArgs),
-    /// Print a sandbox's console log.
-    Logs(IdArgs),
+    /// Print a sandbox's console log (`-f`: and follow it).
+    Logs(LogsArgs),
     /// Freeze a sandbox's vCPUs.
     Pause(IdArgs),
     /// Thaw a paused sandbox, or restore one paused to disk.
@@ -61,8 +61,10 @@ pub enum Command {
     Task(crate::task_cmd::TaskCommand),
     /// Power a sandbox off, keeping its record.
     Stop(IdArgs),
-    /// Destroy a sandbox and everything it owns.
-    Rm(IdArgs),
+    /// Boot a stopped sandbox again (same id and spec; a fresh disk).
+    Start(IdArgs),
+    /// Destroy sandboxes and everything they own.
+    Rm(RmArgs),
     /// Show or change a sandbox's network policy and decisions.
     #[command(subcommand)]
     Net(NetCommand),
@@ -175,8 +177,9 @@ pub struct CreateArgs {
     /// Send all allowed egress through this WireGuard tunnel (a wg-quick file; fails closed).
     #[arg(long, value_name = "FILE")]
     pub wireguard: Option<String>,
-    /// Restore from this template instead of booting (its image and shape win).
-    #[arg(long, value_name = "NAME")]
+    /// Restore from this template instead of booting (its image and shape are the
+    /// sandbox's: --image, --cpus, --memory and --disk are refused with it).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "cpus", "memory", "disk"])]
     pub template: Option<String>,
     /// Print the sandbox as JSON.
     #[arg(long)]
@@ -209,6 +212,33 @@ pub struct IdArgs {
     /// Sandbox id.
     pub id: String,
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `hutch logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Sandbox id.
+    pub id: String,
+    /// Keep printing what the guest writes, until the sandbox is gone or Ctrl-C.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// `hutch rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Sandbox ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Print the destroyed sandboxes as one JSON array.
     #[arg(long)]
     pub json: bool,
 }
@@ -281,12 +311,52 @@ pub enum NetCommand {
 /// `hutch token …`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a token and print it once (only its hash is stored).
+    /// Create a token and print it once (only its hash is stored); its id goes to stderr.
     Create {
         /// Limit the token to sandboxes with this label; admin otherwise.
         #[arg(long, value_name = "K=V", value_parser = parse_label)]
         label: Option<(String, String)>,
+        /// Refuse the token (401) after this long: seconds, or a number with s, m, h or d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<u64>,
     },
+    /// List tokens: id, scope, creation, expiry and last use (never the secret).
+    Ls {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove tokens: requests presenting them are refused from then on.
+    Rm {
+        /// Token ids (`tok-…`, from `hutch token ls`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Most a token's TTL may be: ten years.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 86_400;
+
+/// A duration in seconds: `90`, `90s`, `15m`, `12h` or `30d`; at least 1 s, at most ten years.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number with s, m, h or d"))?;
+    match n.checked_mul(scale) {
+        Some(secs @ 1..=MAX_TOKEN_TTL_SECS) => Ok(secs),
+        _ => Err(format!("{s:?} must be between 1s and 3650d")),
+    }
 }
 
 /// VM shape shared by commands that boot one.
@@ -344,7 +414,11 @@ pub enum ImageCommand {
     /// Build (or reuse from cache) a guest image: kernel, initramfs with the agent, rootfs.
     Build(ImageBuildArgs),
     /// List built images.
-    Ls,
+    Ls {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a minimal microVM kernel (vmlinux + bzImage) into the image cache.
     Kernel(crate::image_cmd::ImageKernelArgs),
 }
@@ -361,9 +435,13 @@ pub struct ImageBuildArgs {
     /// Debian mirror URL (default: the Debian archive in this host's apt sources).
     #[arg(long)]
     pub mirror: Option<String>,
-    /// Packages to install in the rootfs (repeatable; replaces the default list).
+    /// Packages to install in the rootfs besides the defaults (repeatable).
     #[arg(long = "package", short = 'p', value_name = "PKG")]
     pub packages: Vec<String>,
+    /// Install only the --package packages, not the default ones
+    /// (ca-certificates, git, python3, curl).
+    #[arg(long)]
+    pub no_default_packages: bool,
     /// The guest agent binary (default: next to `hutch`, or $HUTCH_AGENT).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
@@ -437,4 +515,20 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         return Err("values cannot contain NUL".into());
     }
     Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_and_stay_in_range() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert_eq!(parse_duration("12h"), Ok(43_200));
+        assert_eq!(parse_duration("30d"), Ok(2_592_000));
+        for bad in ["", "0", "5w", "h", "-1d", "99999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

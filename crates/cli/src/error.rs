@@ -79,7 +79,6 @@ pub enum CliError {
     /// The command line is inconsistent.
     #[error("{0}")]
     Usage(String),
-    /// Local terminal I/O failed.
     /// An input file named on the command line is unreadable.
     #[error("cannot read {path}")]
     ReadInput {
@@ -89,11 +88,22 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// Local terminal I/O failed.
     #[error("terminal I/O failed")]
     Io(#[source] std::io::Error),
 }
 
 pub use hutch_core::chain;
+
+impl CliError {
+    /// For `map_err`: reading the local `path` failed.
+    pub fn reading(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+        move |source| CliError::ReadInput {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
 
 impl From<hutch_api::client::ClientError> for CliError {
     fn from(e: hutch_api::client::ClientError) -> CliError {

@@ -8,12 +8,12 @@ pub async fn build(home: &Home, args: ImageBuildArgs) -> Result<i32, CliError> {
     let mut spec = hutch_image::BuildSpec::new(args.name, agent);
     spec.suite = args.suite;
     spec.mirror = args.mirror;
-    if !args.packages.is_empty() {
-        spec.packages = args.packages;
+    if args.no_default_packages {
+        spec.packages.clear();
     }
+    spec.packages.extend(args.packages);
     let images = home.images();
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let image = tokio::task::spawn_blocking(move || hutch_image::build(&images, &spec, progress))
+    let image = tokio::task::spawn_blocking(move || hutch_image::build(&images, &spec, true))
         .await
         .map_err(|_| CliError::Interrupted)??;
     println!(
@@ -52,21 +52,26 @@ pub async fn kernel(home: &Home, args: ImageKernelArgs) -> Result<i32, CliError>
     };
     hutch_image::kernel_src::validate(&spec)?;
     let images = home.images();
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let k = tokio::task::spawn_blocking(move || {
-        hutch_image::kernel_src::build(&images, &spec, progress)
-    })
-    .await
-    .map_err(|_| CliError::Interrupted)??;
+    let k =
+        tokio::task::spawn_blocking(move || hutch_image::kernel_src::build(&images, &spec, true))
+            .await
+            .map_err(|_| CliError::Interrupted)??;
     println!("kernel {}", k.release);
     println!("vmlinux {}", k.vmlinux.display());
     println!("bzImage {}", k.bzimage.display());
     Ok(0)
 }
 
-/// Lists built images.
-pub fn list(home: &Home) -> Result<i32, CliError> {
+/// Lists built images: a table, or a JSON array with `json`.
+pub fn list(home: &Home, json: bool) -> Result<i32, CliError> {
     let images = hutch_image::list(&home.images())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&images).expect("serializable")
+        );
+        return Ok(0);
+    }
     if images.is_empty() {
         eprintln!("no images: build one with `hutch image build`");
     }

@@ -59,7 +59,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
     match cli.command {
         args::Command::Run(a) => run::run(&home, a).await,
         args::Command::Image(args::ImageCommand::Build(a)) => image_cmd::build(&home, a).await,
-        args::Command::Image(args::ImageCommand::Ls) => image_cmd::list(&home),
+        args::Command::Image(args::ImageCommand::Ls { json }) => image_cmd::list(&home, json),
         args::Command::Image(args::ImageCommand::Kernel(a)) => image_cmd::kernel(&home, a).await,
         args::Command::Doctor => doctor::doctor(&home).await,
         args::Command::Setup(c) => setup_cmd::run(&home, c).await,
@@ -87,7 +87,9 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             remote::exec(&remote::client(&home, &exec.conn), exec, true).await
         }
         args::Command::Cp(a) => remote::cp(&remote::client(&home, &a.conn), a).await,
-        args::Command::Logs(a) => remote::logs(&remote::client(&home, &a.conn), &a.id).await,
+        args::Command::Logs(a) => {
+            remote::logs(&remote::client(&home, &a.conn), &a.id, a.follow).await
+        }
         args::Command::Pause(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "pause", a.json).await
         }
@@ -111,11 +113,14 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             let client = remote::client(&home, c.conn());
             task_cmd::run(&client, c).await
         }
+        args::Command::Start(a) => {
+            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "start", a.json).await
+        }
         args::Command::Stop(a) => {
             remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "stop", a.json).await
         }
         args::Command::Rm(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "rm", a.json).await
+            remote::remove(&remote::client(&home, &a.conn), &a.ids, a.json).await
         }
         args::Command::Net(args::NetCommand::Set { conn, id, net }) => {
             remote::net_set(&remote::client(&home, &conn), &id, &net).await
@@ -124,7 +129,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             remote::net_log(&remote::client(&home, &a.conn), &a.id, a.json).await
         }
         args::Command::Port(a) => port_cmd::run(&remote::client(&home, &a.conn), a).await,
-        args::Command::Token(args::TokenCommand::Create { label }) => token::create(&home, label),
+        args::Command::Token(c) => token::run(&home, c),
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "hutch", &mut std::io::stdout());

@@ -35,7 +35,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
             env: args.env.into_iter().collect(),
             labels: args.labels.into_iter().collect(),
             ttl_secs: args.ttl,
-            network: policy(&args.net),
+            network: policy(&args.net)?,
             wireguard: args
                 .wireguard
                 .as_deref()
@@ -55,9 +55,16 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
     Ok(0)
 }
 
-/// The policy the `--net`, `--allow` and `--port` flags describe.
-pub fn policy(net: &NetArgs) -> NetworkPolicy {
-    match net.mode.as_str() {
+/// The policy the `--net`, `--allow` and `--port` flags describe; `--allow` or `--port`
+/// without `--net allow` is refused rather than dropped.
+pub fn policy(net: &NetArgs) -> Result<NetworkPolicy, CliError> {
+    if net.mode != "allow" && !(net.allow.is_empty() && net.ports.is_empty()) {
+        return Err(CliError::Usage(format!(
+            "--allow and --port need --net allow (the policy is --net {})",
+            net.mode
+        )));
+    }
+    Ok(match net.mode.as_str() {
         "open" => NetworkPolicy::Open,
         "allow" => {
             let (cidrs, domains): (Vec<String>, Vec<String>) = net
@@ -81,12 +88,12 @@ pub fn policy(net: &NetArgs) -> NetworkPolicy {
             }
         }
         _ => NetworkPolicy::None,
-    }
+    })
 }
 
 /// `hutch net set`.
 pub async fn net_set(client: &Client, id: &str, net: &NetArgs) -> Result<i32, CliError> {
-    let info = client.set_network(id, &policy(net)).await?;
+    let info = client.set_network(id, &policy(net)?).await?;
     println!(
         "{} network {}",
         info.id,
@@ -159,17 +166,14 @@ pub async fn inspect(client: &Client, id: &str, json: bool) -> Result<i32, CliEr
     Ok(0)
 }
 
-/// `hutch pause | resume | stop | rm`: one lifecycle action, printing the new state.
+/// `hutch pause | resume | suspend | stop | start`: one lifecycle action, printing the new state.
 pub async fn lifecycle(
     client: &Client,
     id: &str,
     action: &str,
     json: bool,
 ) -> Result<i32, CliError> {
-    let info = match action {
-        "rm" => client.destroy(id).await?,
-        _ => client.lifecycle(id, action).await?,
-    };
+    let info = client.lifecycle(id, action).await?;
     if json {
         print_json(&info);
     } else {
@@ -178,13 +182,53 @@ pub async fn lifecycle(
     Ok(0)
 }
 
-/// `hutch logs`: the guest console (guest-controlled bytes, written as they are).
-pub async fn logs(client: &Client, id: &str) -> Result<i32, CliError> {
-    let log = client.console(id).await?;
+/// How often `hutch logs -f` asks for more.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `hutch logs [-f]`: the guest console (guest-controlled bytes, written as they are); with
+/// `follow`, then whatever the guest writes next, until the sandbox is gone or Ctrl-C.
+pub async fn logs(client: &Client, id: &str, follow: bool) -> Result<i32, CliError> {
     let mut out = tokio::io::stdout();
-    out.write_all(&log).await.map_err(CliError::Io)?;
-    out.flush().await.map_err(CliError::Io)?;
-    Ok(0)
+    let mut shown = 0;
+    loop {
+        let log = match client.console(id).await {
+            Ok(log) => log,
+            // The sandbox went away while followed: that is the end of its log.
+            Err(e) if follow && shown > 0 && e.code() == Some(hutch_types::ErrorCode::NotFound) => {
+                return Ok(0)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // A log that shrank was restarted (a restore): show it from its start.
+        let start = if log.len() < shown { 0 } else { shown };
+        write_flush(&mut out, &log[start..]).await?;
+        shown = log.len();
+        if !follow {
+            return Ok(0);
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+    }
+}
+
+/// `hutch rm ID…`: destroys each, going on past failures; prints each result (with `--json`,
+/// one array of the destroyed sandboxes) and fails if any failed.
+pub async fn remove(client: &Client, ids: &[String], json: bool) -> Result<i32, CliError> {
+    let mut removed = Vec::new();
+    let mut failed = 0;
+    for id in ids {
+        match client.destroy(id).await {
+            Ok(info) if json => removed.push(info),
+            Ok(info) => println!("{} {}", info.id, info.state.name()),
+            Err(e) => {
+                eprintln!("hutch: {id}: {}", crate::error::chain(&e));
+                failed += 1;
+            }
+        }
+    }
+    if json {
+        print_json(&removed);
+    }
+    Ok(i32::from(failed > 0))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -364,12 +408,12 @@ fn split_remote(s: &str) -> Option<(&str, &str)> {
 }
 
 async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i32, CliError> {
-    let meta = std::fs::symlink_metadata(src).map_err(CliError::Io)?;
+    let meta = std::fs::symlink_metadata(src).map_err(CliError::reading(src))?;
     if meta.is_dir() {
         // The tar is built on a blocking thread into a small pipe the request body reads.
         let (pipe, body) = tokio::io::duplex(256 << 10);
         let writer = SyncIoBridge::new(pipe);
-        let src = src.to_path_buf();
+        let (src_shown, src) = (src, src.to_path_buf());
         let build = tokio::task::spawn_blocking(move || {
             let mut builder = tar::Builder::new(writer);
             builder.follow_symlinks(false);
@@ -380,11 +424,13 @@ async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i3
         let (sent, built) = tokio::join!(sent, build);
         built
             .map_err(|e| CliError::Io(std::io::Error::other(e)))?
-            .map_err(CliError::Io)?;
+            .map_err(CliError::reading(src_shown))?;
         sent?;
     } else if meta.is_file() {
         use std::os::unix::fs::PermissionsExt;
-        let file = tokio::fs::File::open(src).await.map_err(CliError::Io)?;
+        let file = tokio::fs::File::open(src)
+            .await
+            .map_err(CliError::reading(src))?;
         client
             .upload_file(
                 id,

@@ -334,7 +334,7 @@ async fn run_task(client: &Client, a: TaskRunArgs) -> Result<i32, CliError> {
     let spec = TaskSpec {
         command: a.command,
         template: a.template,
-        network: crate::remote::policy(&net),
+        network: crate::remote::policy(&net)?,
         env: a.env.into_iter().collect(),
         timeout_secs: a.timeout,
         allow: a.allow,

@@ -98,12 +98,17 @@ pub async fn template(client: &Client, cmd: TemplateCommand) -> Result<i32, CliE
                 memory_mib: a.vm.memory,
                 disk_mib: a.vm.disk,
                 provision,
-                network: crate::remote::policy(&a.net),
+                network: crate::remote::policy(&a.net)?,
             };
             let info = client.create_template(&spec).await?;
-            print(&[info], a.json);
+            if a.json {
+                print_json(&info);
+            } else {
+                print_table(&[info]);
+            }
         }
-        TemplateCommand::Ls { json, .. } => print(&client.templates().await?, json),
+        TemplateCommand::Ls { json: true, .. } => print_json(&client.templates().await?),
+        TemplateCommand::Ls { json: false, .. } => print_table(&client.templates().await?),
         TemplateCommand::Rm { name, .. } => {
             client.remove_template(&name).await?;
         }
@@ -142,17 +147,13 @@ fn read_script(path: &str) -> Result<String, CliError> {
     })
 }
 
-fn print(templates: &[TemplateInfo], json: bool) {
-    if json {
-        let one = templates.len() == 1;
-        let text = if one {
-            serde_json::to_string_pretty(&templates[0])
-        } else {
-            serde_json::to_string_pretty(templates)
-        };
-        println!("{}", text.expect("serializable"));
-        return;
-    }
+/// JSON of one shape per command: `template create` an object, `template ls` an array (also
+/// of one).
+fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn print_table(templates: &[TemplateInfo]) {
     for t in templates {
         let s = &t.spec;
         println!(

@@ -132,8 +132,11 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         downloads_stream_in_bounded_memory,
         pty_shell_echoes,
         pause_then_resume_keeps_processes_alive,
+        a_stopped_sandbox_starts_again,
         ttl_expires,
         tokens_are_scoped,
+        tokens_expire_are_listed_and_can_be_removed,
+        cli_errors_and_json_keep_their_shape,
         bad_input_gets_stable_4xx_codes,
         clients_that_hang_up_leave_nothing_half_done,
         kill9_during_concurrent_creates_then_restart_reconciles,
@@ -577,6 +580,41 @@ fn pause_then_resume_keeps_processes_alive() -> Result {
     })
 }
 
+fn a_stopped_sandbox_starts_again() -> Result {
+    let id = on_rt(async {
+        let c = suite().client.clone();
+        let id = c.create(&spec(&[])).await.map_err(|e| e.to_string())?.id;
+        let stopped = c.lifecycle(&id, "stop").await.map_err(|e| e.to_string())?;
+        check(stopped.state == SandboxState::Stopped, "not stopped")?;
+        let exec = ExecBody {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        check(
+            api_code(c.exec(&id, &exec).await) == Some(ErrorCode::Conflict),
+            "exec in a stopped sandbox",
+        )?;
+        Ok::<_, Failed>(id)
+    })?;
+    let (ok, out, err) = cli(&["start", "--json", &id])?;
+    check(ok, format!("hutch start: {err}"))?;
+    let started: SandboxInfo = serde_json::from_str(&out)?;
+    check(
+        started.id == id && started.state == SandboxState::Running,
+        format!("started: {:?}", started.state),
+    )?;
+    on_rt(async move {
+        let c = suite().client.clone();
+        check(sh(&c, &id, "echo ok").await? == "ok", "exec after start")?;
+        check(
+            api_code(c.lifecycle(&id, "start").await) == Some(ErrorCode::Conflict),
+            "start of a running sandbox",
+        )?;
+        c.destroy(&id).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
 fn ttl_expires() -> Result {
     on_rt(async {
         let c = suite().client.clone();
@@ -664,6 +702,149 @@ fn tokens_are_scoped() -> Result {
         c.destroy(&b).await.map_err(|e| e.to_string())?;
         Ok(())
     })
+}
+
+/// Runs `hutch token ARGS` on the suite's home; its stdout.
+fn token_cmd(args: &[&str]) -> Result<String> {
+    let out = hutch(&suite().home).arg("token").args(args).output()?;
+    check(
+        out.status.success(),
+        format!("token {args:?}: {}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `hutch token ls --json`, by id.
+fn listed_tokens() -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let all: Vec<serde_json::Value> = serde_json::from_str(&token_cmd(&["ls", "--json"])?)?;
+    Ok(all
+        .into_iter()
+        .map(|t| (t["id"].as_str().unwrap_or_default().to_string(), t))
+        .collect())
+}
+
+fn tokens_expire_are_listed_and_can_be_removed() -> Result {
+    let before = listed_tokens()?;
+    let short = token_cmd(&["create", "--ttl", "1s"])?.trim().to_string();
+    let long = token_cmd(&["create", "--ttl", "1h", "--label", "team=z"])?
+        .trim()
+        .to_string();
+    let (short_client, long_client) = {
+        let d = suite().daemon.lock().unwrap();
+        (d.tcp_client(Some(&short)), d.tcp_client(Some(&long)))
+    };
+    let fresh: Vec<(String, serde_json::Value)> = listed_tokens()?
+        .into_iter()
+        .filter(|(id, _)| !before.contains_key(id))
+        .collect();
+    check(
+        fresh.len() == 2,
+        format!("two new tokens listed: {fresh:?}"),
+    )?;
+    let shown = serde_json::to_string(&fresh)?;
+    check(
+        !shown.contains(short.trim_start_matches("hutch_"))
+            && !shown.contains(long.trim_start_matches("hutch_")),
+        "token ls shows a secret",
+    )?;
+    let (long_id, listed) = fresh
+        .iter()
+        .find(|(_, t)| t["label"] == "team=z")
+        .ok_or("the labelled token is not listed")?;
+    check(
+        listed["last_used_at_ms"].is_null() && listed["expires_at_ms"].is_i64(),
+        format!("a fresh token: {listed}"),
+    )?;
+    // Well past the short token's second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (expired, used) = on_rt(async move {
+        (
+            short_client.list(None, &[]).await,
+            long_client.list(None, &[]).await.map(|l| l.len()),
+        )
+    });
+    check(
+        matches!(&expired, Err(ClientError::Api { status: 401, error }) if error.message.contains("expired")),
+        format!("an expired token: {expired:?}"),
+    )?;
+    check(used.is_ok(), format!("a valid token: {used:?}"))?;
+    check(
+        listed_tokens()?[long_id]["last_used_at_ms"].is_i64(),
+        "last use not recorded",
+    )?;
+
+    token_cmd(&["rm", long_id])?;
+    let long_client = suite().daemon.lock().unwrap().tcp_client(Some(&long));
+    let removed = on_rt(async move { long_client.list(None, &[]).await });
+    check(
+        matches!(&removed, Err(ClientError::Api { status: 401, .. })),
+        format!("a removed token: {removed:?}"),
+    )?;
+    check(
+        !listed_tokens()?.contains_key(long_id.as_str()),
+        "a removed token is listed",
+    )?;
+    let again = hutch(&suite().home)
+        .args(["token", "rm", long_id])
+        .output()?;
+    check(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("no such token"),
+        "removing an unknown token succeeded",
+    )
+}
+
+/// Runs `hutch ARGS` against the suite's daemon: (success, stdout, stderr).
+fn cli(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = hutch(&suite().home).args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn cli_errors_and_json_keep_their_shape() -> Result {
+    // A refused WebSocket upgrade is the API's error, not a bare status.
+    let (ok, _, err) = cli(&["exec", "sb-00000000", "--", "true"])?;
+    check(
+        !ok && err.contains("no such sandbox"),
+        format!("exec on an unknown id: {err}"),
+    )?;
+    let refused = on_rt(async {
+        suite()
+            .client
+            .exec_stream("sb-00000000", &ExecStart::default())
+            .await
+            .map(drop)
+    });
+    check(
+        api_code(refused) == Some(ErrorCode::NotFound),
+        "exec stream on an unknown id",
+    )?;
+    // Listings are arrays whatever their length.
+    for args in [
+        &["ls", "--json"][..],
+        &["template", "ls", "--json"],
+        &["image", "ls", "--json"],
+        &["token", "ls", "--json"],
+    ] {
+        let (ok, out, err) = cli(args)?;
+        check(ok, format!("{args:?}: {err}"))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        check(v.is_array(), format!("{args:?} printed {out}"))?;
+    }
+    let (ok, out, _) = cli(&["rm", "--json", "sb-00000000", "sb-00000001"])?;
+    check(!ok, "rm of unknown ids succeeded")?;
+    check(out.trim() == "[]", format!("rm --json printed {out}"))?;
+    // Flags that would be dropped are refused instead.
+    for args in [
+        &["create", "--allow", "203.0.113.1"][..],
+        &["create", "--template", "t", "--memory", "1024"],
+    ] {
+        let (ok, _, err) = cli(args)?;
+        check(!ok && !err.is_empty(), format!("{args:?} was accepted"))?;
+    }
+    Ok(())
 }
 
 fn bad_input_gets_stable_4xx_codes() -> Result {

@@ -32,6 +32,7 @@ impl Manager {
         spec: &mut SandboxSpec,
         name: &str,
     ) -> Result<Snapshot, CoreError> {
+        hutch_types::check_template_name(name)?;
         let record = self.cfg.templates.get(name)?;
         let t = &record.info.spec;
         let image = hutch_image::open(&self.cfg.images_dir, &t.image).map_err(CoreError::Image)?;

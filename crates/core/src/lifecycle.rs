@@ -13,6 +13,8 @@ pub enum ActionKind {
     Resume,
     /// Power off, keep the record.
     Stop,
+    /// Boot a stopped sandbox again.
+    Start,
     /// Remove everything.
     Destroy,
     /// Read the console log.
@@ -44,6 +46,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
         Pause => matches!(state, S::Running),
         Resume => matches!(state, S::Paused | S::Suspended),
         Stop => matches!(state, S::Running | S::Paused),
+        Start => matches!(state, S::Stopped),
         // A create in flight always ends (running or failed, within the boot timeout); tearing
         // it down meanwhile would race the boot, which would bring the sandbox back.
         Destroy => !matches!(state, S::Destroyed | S::Creating),
@@ -60,6 +63,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
                 Pause => "pause",
                 Resume => "resume",
                 Stop => "stop",
+                Start => "start",
                 Destroy => "destroy",
                 Console => "read the console of",
                 Network => "change the network of",
@@ -91,6 +95,9 @@ mod tests {
         assert!(check(&S::Creating, ActionKind::Pause).is_err());
         assert!(check(&S::Failed("x".into()), ActionKind::Destroy).is_ok());
         assert!(check(&S::Creating, ActionKind::Destroy).is_err());
+        assert!(check(&S::Stopped, ActionKind::Start).is_ok());
+        assert!(check(&S::Running, ActionKind::Start).is_err());
+        assert!(check(&S::Failed("x".into()), ActionKind::Start).is_err());
         let e = check(&S::Destroyed, ActionKind::Destroy).unwrap_err();
         assert_eq!(e.to_string(), "cannot destroy a sandbox that is destroyed");
     }

@@ -599,6 +599,33 @@ impl Manager {
             .await
     }
 
+    /// Boots a stopped sandbox again from its image, with its spec, id and labels: a cold
+    /// boot on a fresh disk (a stopped sandbox's disk went with its VM). A restored sandbox
+    /// (template clone or fork) cannot boot again: its snapshot was released when it stopped.
+    pub async fn start(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        let spec = self.info(id)?.spec;
+        if spec.origin.is_some() {
+            return Err(CoreError::Illegal(IllegalAction {
+                action: "start",
+                state: "restored from a snapshot (create a new one instead)",
+            }));
+        }
+        let plan = self.plan_network(&spec, None)?;
+        let image =
+            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        {
+            let _admit = self.admission.lock().await;
+            // Checked under the admission lock, so two starts cannot both boot it.
+            check(&self.info(id)?.state, ActionKind::Start)?;
+            self.admit(&spec)?;
+            self.store
+                .set_state(id, &SandboxState::Creating, now_ms())?;
+            self.intend(id, plan.is_some())?;
+        }
+        self.launch(id, &spec, image, plan, None).await?;
+        self.info(id)
+    }
+
     /// Removes a sandbox and everything it owns on the host.
     pub async fn destroy(&self, id: &str) -> Result<SandboxInfo, CoreError> {
         self.teardown(id, ActionKind::Destroy, SandboxState::Destroyed)

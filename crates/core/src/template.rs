@@ -127,8 +127,12 @@ impl Templates {
         self.dir.join(format!("{name}.json"))
     }
 
-    /// The named template.
+    /// The named template. A name that cannot be a template's (`..`, `/`, NUL) is never
+    /// looked up on disk: it is simply unknown.
     pub fn get(&self, name: &str) -> Result<TemplateRecord, TemplateError> {
+        if !hutch_types::valid_name(name) {
+            return Err(TemplateError::NotFound(name.chars().take(40).collect()));
+        }
         let path = self.record_path(name);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,

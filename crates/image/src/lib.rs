@@ -264,10 +264,18 @@ fn image_digest(vmlinuz: &str, initrd: &str, rootfs: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
 }
 
-/// A spinner for one build step: hidden unless `progress` is set and stderr is a terminal.
+/// A spinner for one build step when `progress` is set: drawn on stderr when it is a
+/// terminal, else written as plain lines (a log or CI shows each step and its end).
 fn spinner(progress: bool, prefix: &str) -> ProgressBar {
     if !progress {
         return ProgressBar::hidden();
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let target =
+            indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::new(std::io::stderr())));
+        let bar = ProgressBar::with_draw_target(None, target).with_prefix(prefix.to_owned());
+        bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").expect("valid template"));
+        return bar;
     }
     let bar = ProgressBar::new_spinner().with_prefix(prefix.to_owned());
     bar.set_style(
@@ -276,6 +284,63 @@ fn spinner(progress: bool, prefix: &str) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
+}
+
+/// A draw target that writes each new progress line once, plainly (to stderr): what a
+/// spinner says when stderr is not a terminal.
+#[derive(Debug)]
+struct PlainLines<W> {
+    /// The last line written, and where lines go.
+    out: std::sync::Mutex<(String, W)>,
+}
+
+impl<W: std::io::Write> PlainLines<W> {
+    fn new(out: W) -> Self {
+        PlainLines {
+            out: std::sync::Mutex::new((String::new(), out)),
+        }
+    }
+
+    fn line(&self, s: &str) -> std::io::Result<()> {
+        let s = s.trim_end();
+        let mut guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, out) = &mut *guard;
+        if !s.is_empty() && last != s {
+            out.write_all(format!("{s}\n").as_bytes())?;
+            *last = s.to_owned();
+        }
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write + std::fmt::Debug + Send> indicatif::TermLike for PlainLines<W> {
+    fn width(&self) -> u16 {
+        160
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn finish(bar: &ProgressBar, started: Instant, what: String) {
@@ -298,7 +363,8 @@ fn meta_sha(meta: &ArtifactMeta, file: &str) -> Result<String, ImageError> {
 /// it as `<images_dir>/<name>.json`, replacing an older image of that name.
 ///
 /// Steps that are cached are skipped, including their host checks: a fully cached build needs
-/// neither root nor network. `progress` shows spinners on stderr (only when it is a terminal).
+/// neither root nor network. `progress` shows spinners on stderr (plain lines when it is not a
+/// terminal).
 pub fn build(images_dir: &Path, spec: &BuildSpec, progress: bool) -> Result<Image, ImageError> {
     let started = Instant::now();
     let r = resolve(spec)?;
@@ -590,6 +656,42 @@ pub fn list(images_dir: &Path) -> Result<Vec<Image>, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer whose bytes the test can still read after handing it away.
+    #[derive(Debug, Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn progress_without_a_terminal_is_plain_lines_each_once() {
+        let out = Shared::default();
+        let target =
+            indicatif::ProgressDrawTarget::term_like(Box::new(PlainLines::new(out.clone())));
+        let bar = ProgressBar::with_draw_target(None, target).with_prefix("rootfs");
+        bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").unwrap());
+        bar.set_message("debootstrap");
+        bar.set_message("debootstrap");
+        bar.set_message("hashing rootfs.ext4");
+        finish(&bar, Instant::now(), "rootfs ready".into());
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..2],
+            ["rootfs: debootstrap", "rootfs: hashing rootfs.ext4"],
+            "{text}"
+        );
+        assert!(lines[2].starts_with("  rootfs rootfs ready ("), "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
+    }
 
     #[test]
     fn names() {

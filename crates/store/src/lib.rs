@@ -109,6 +109,32 @@ pub enum TokenScope {
     },
 }
 
+/// An API token as listed: everything but its secret (which is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Its id (`tok-…`), for `hutch token rm`.
+    pub id: String,
+    /// What it may do.
+    pub scope: TokenScope,
+    /// When it was created, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// When it stops working, Unix milliseconds; never if absent.
+    pub expires_at_ms: Option<i64>,
+    /// When a request last presented it, Unix milliseconds.
+    pub last_used_at_ms: Option<i64>,
+}
+
+/// What presenting a token gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUse {
+    /// No token has this hash (never created, or removed).
+    Unknown,
+    /// The token's time is up.
+    Expired,
+    /// The token is good for this scope; its use is recorded.
+    Valid(TokenScope),
+}
+
 /// Filter for listing sandboxes.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -156,14 +182,19 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Every recorded host object.
     fn objects(&self) -> Result<Vec<HostObject>, StoreError>;
-    /// Stores a token (by its hash) with a scope.
+    /// Stores a token (by its hash) with a scope, good until `expires_at_ms` (or forever).
     fn insert_token(
         &self,
         id: &str,
         hash: &str,
         scope: &TokenScope,
         now_ms: i64,
+        expires_at_ms: Option<i64>,
     ) -> Result<(), StoreError>;
-    /// Looks a token up by its hash.
-    fn token_scope(&self, hash: &str) -> Result<Option<TokenScope>, StoreError>;
+    /// Checks the token with this hash at `now_ms`, recording the use of a valid one.
+    fn use_token(&self, hash: &str, now_ms: i64) -> Result<TokenUse, StoreError>;
+    /// Every token, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Removes a token; `false` if there was none with this id.
+    fn remove_token(&self, id: &str) -> Result<bool, StoreError>;
 }

@@ -30,4 +30,7 @@ pub const MIGRATIONS: &[&str] = &[
         scope_value TEXT,
         created_at INTEGER NOT NULL
      );",
+    // 2: tokens expire and record when they were last used.
+    "ALTER TABLE tokens ADD COLUMN expires_at INTEGER;
+     ALTER TABLE tokens ADD COLUMN last_used_at INTEGER;",
 ];

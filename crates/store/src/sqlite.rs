@@ -6,7 +6,8 @@ use hutch_types::{SandboxInfo, SandboxSpec, SandboxState};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::{
-    migrations::MIGRATIONS, HostObject, ListFilter, ObjectKind, Store, StoreError, TokenScope,
+    migrations::MIGRATIONS, HostObject, ListFilter, ObjectKind, Store, StoreError, TokenRecord,
+    TokenScope, TokenUse,
 };
 
 /// The SQLite-backed store.
@@ -249,30 +250,71 @@ impl Store for SqliteStore {
         hash: &str,
         scope: &TokenScope,
         now_ms: i64,
+        expires_at_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         let (k, v) = match scope {
             TokenScope::Admin => (None, None),
             TokenScope::Label { key, value } => (Some(key.as_str()), Some(value.as_str())),
         };
         self.conn().execute(
-            "INSERT INTO tokens (id, hash, scope_key, scope_value, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, hash, k, v, now_ms],
+            "INSERT INTO tokens (id, hash, scope_key, scope_value, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, hash, k, v, now_ms, expires_at_ms],
         )?;
         Ok(())
     }
 
-    fn token_scope(&self, hash: &str) -> Result<Option<TokenScope>, StoreError> {
+    fn use_token(&self, hash: &str, now_ms: i64) -> Result<TokenUse, StoreError> {
         let conn = self.conn();
-        let row: Option<(Option<String>, Option<String>)> = conn
+        let token = conn
             .query_row(
-                "SELECT scope_key, scope_value FROM tokens WHERE hash = ?1",
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"),
                 [hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                token_row,
             )
             .optional()?;
-        Ok(row.map(|(k, v)| match (k, v) {
-            (Some(key), Some(value)) => TokenScope::Label { key, value },
-            _ => TokenScope::Admin,
-        }))
+        let Some(token) = token else {
+            return Ok(TokenUse::Unknown);
+        };
+        if token.expires_at_ms.is_some_and(|t| t <= now_ms) {
+            return Ok(TokenUse::Expired);
+        }
+        conn.execute(
+            "UPDATE tokens SET last_used_at = ?2 WHERE id = ?1",
+            params![token.id, now_ms],
+        )?;
+        Ok(TokenUse::Valid(token.scope))
     }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map([], token_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn remove_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tokens WHERE id = ?1", [id])?
+            > 0)
+    }
+}
+
+const TOKEN_COLUMNS: &str = "id, scope_key, scope_value, created_at, expires_at, last_used_at";
+
+fn token_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let scope = match (row.get(1)?, row.get(2)?) {
+        (Some(key), Some(value)) => TokenScope::Label { key, value },
+        _ => TokenScope::Admin,
+    };
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        scope,
+        created_at_ms: row.get(3)?,
+        expires_at_ms: row.get(4)?,
+        last_used_at_ms: row.get(5)?,
+    })
 }

@@ -1,6 +1,6 @@
 //! The store's behaviour; written against the `Store` trait so a Postgres store can reuse it.
 
-use hutch_store::{HostObject, ListFilter, ObjectKind, SqliteStore, Store, TokenScope};
+use hutch_store::{HostObject, ListFilter, ObjectKind, SqliteStore, Store, TokenScope, TokenUse};
 use hutch_types::{SandboxSpec, SandboxState};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -111,16 +111,75 @@ fn host_objects_are_intended_then_confirmed_then_forgotten() {
 #[test]
 fn tokens_keep_their_scope() {
     let (_d, s) = store();
-    s.insert_token("t1", "hash-a", &TokenScope::Admin, 1)
+    s.insert_token("t1", "hash-a", &TokenScope::Admin, 1, None)
         .unwrap();
     let scope = TokenScope::Label {
         key: "team".into(),
         value: "a".into(),
     };
-    s.insert_token("t2", "hash-b", &scope, 1).unwrap();
-    assert_eq!(s.token_scope("hash-a").unwrap(), Some(TokenScope::Admin));
-    assert_eq!(s.token_scope("hash-b").unwrap(), Some(scope));
-    assert_eq!(s.token_scope("nope").unwrap(), None);
+    s.insert_token("t2", "hash-b", &scope, 1, None).unwrap();
+    assert_eq!(
+        s.use_token("hash-a", 2).unwrap(),
+        TokenUse::Valid(TokenScope::Admin)
+    );
+    assert_eq!(s.use_token("hash-b", 2).unwrap(), TokenUse::Valid(scope));
+    assert_eq!(s.use_token("nope", 2).unwrap(), TokenUse::Unknown);
+}
+
+#[test]
+fn tokens_expire_record_their_last_use_and_can_be_removed() {
+    let (_d, s) = store();
+    s.insert_token("t1", "hash-a", &TokenScope::Admin, 10, Some(100))
+        .unwrap();
+    s.insert_token("t2", "hash-b", &TokenScope::Admin, 20, None)
+        .unwrap();
+    let listed = s.tokens().unwrap();
+    assert_eq!(
+        listed.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["t1", "t2"]
+    );
+    assert_eq!(listed[0].expires_at_ms, Some(100));
+    assert_eq!(listed[0].last_used_at_ms, None);
+
+    assert_eq!(
+        s.use_token("hash-a", 99).unwrap(),
+        TokenUse::Valid(TokenScope::Admin)
+    );
+    assert_eq!(s.tokens().unwrap()[0].last_used_at_ms, Some(99));
+    assert_eq!(s.use_token("hash-a", 100).unwrap(), TokenUse::Expired);
+    assert_eq!(
+        s.tokens().unwrap()[0].last_used_at_ms,
+        Some(99),
+        "a refused use is not a use"
+    );
+
+    assert!(s.remove_token("t2").unwrap());
+    assert!(!s.remove_token("t2").unwrap());
+    assert_eq!(s.use_token("hash-b", 30).unwrap(), TokenUse::Unknown);
+    assert_eq!(s.tokens().unwrap().len(), 1);
+}
+
+#[test]
+fn a_version_1_database_gains_token_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let conn = rusqlite_conn(&path);
+    conn.execute_batch(
+        "CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
+            scope_key TEXT, scope_value TEXT, created_at INTEGER NOT NULL);
+         CREATE TABLE sandboxes (id TEXT PRIMARY KEY);
+         INSERT INTO tokens VALUES ('t0', 'hash-old', NULL, NULL, 5);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    let s = SqliteStore::open(&path).unwrap();
+    let old = &s.tokens().unwrap()[0];
+    assert_eq!((old.id.as_str(), old.expires_at_ms), ("t0", None));
+    assert_eq!(
+        s.use_token("hash-old", 6).unwrap(),
+        TokenUse::Valid(TokenScope::Admin)
+    );
 }
 
 #[test]

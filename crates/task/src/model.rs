@@ -12,6 +12,7 @@ use crate::changeset::{Change, Changeset, Limits, Policy, Rejection};
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// The agent command (argv), run in the workspace.
+    #[schema(min_items = 1)]
     pub command: Vec<String>,
     /// Restore the sandbox from this template instead of booting the default image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -22,8 +23,9 @@ pub struct TaskSpec {
     /// Environment for the agent command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Kill the agent after this many seconds.
+    /// Kill the agent after this many seconds (at most a day).
     #[serde(default = "default_timeout")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_secs: u64,
     /// Globs the changed paths must match (empty: everything outside `.git`).
     #[serde(default)]
@@ -180,29 +182,6 @@ pub struct TaskRecord {
     pub signature: Option<String>,
 }
 
-/// The body of `POST /v1/tasks`: `u32 LE n ‖ n bytes of JSON TaskSpec ‖ the workspace tar`.
-pub fn encode_request(spec: &TaskSpec, workspace_tar: &[u8]) -> Vec<u8> {
-    let json = serde_json::to_vec(spec).expect("serializable");
-    let mut out = Vec::with_capacity(4 + json.len() + workspace_tar.len());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(workspace_tar);
-    out
-}
-
-/// Splits a `POST /v1/tasks` body into the spec and the workspace tar.
-pub fn decode_request(body: &[u8]) -> Result<(TaskSpec, &[u8]), String> {
-    let n = body
-        .get(..4)
-        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-        .ok_or("the body is shorter than its spec length")?;
-    let json = body
-        .get(4..4 + n)
-        .ok_or("the spec length runs past the body")?;
-    let spec = serde_json::from_slice(json).map_err(|e| format!("task spec: {e}"))?;
-    Ok((spec, &body[4 + n..]))
-}
-
 /// Frame kind of a streamed task run: the agent's (or the verify command's) standard output.
 pub const FRAME_STDOUT: u8 = 1;
 /// Frame kind: standard error.
@@ -264,14 +243,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_round_trip_and_short_ones_are_refused() {
+    fn a_spec_gets_the_default_timeout() {
         let spec: TaskSpec = serde_json::from_str(r#"{"command":["true"]}"#).unwrap();
         assert_eq!(spec.timeout_secs, 600);
-        let body = encode_request(&spec, b"tar");
-        let (back, tar) = decode_request(&body).unwrap();
-        assert_eq!((back, tar), (spec, &b"tar"[..]));
-        assert!(decode_request(&body[..2]).is_err());
-        assert!(decode_request(&[255, 0, 0, 0, b'{']).is_err());
     }
 
     #[test]

@@ -19,15 +19,19 @@ pub type Labels = BTreeMap<String, String>;
 pub struct SandboxSpec {
     /// Guest image name.
     #[serde(default = "default_image")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub image: String,
     /// vCPUs.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u8,
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 128, maximum = 262144)]
     pub memory_mib: u32,
     /// Size of the writable disk in MiB; the guest can never write more than this.
     #[serde(default = "default_disk")]
+    #[schema(minimum = 16, maximum = 1048576)]
     pub disk_mib: u64,
     /// Environment given to every command run in the sandbox.
     #[serde(default)]
@@ -37,6 +41,7 @@ pub struct SandboxSpec {
     pub labels: Labels,
     /// Destroy the sandbox this many seconds after creation.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub ttl_secs: Option<u64>,
     /// What the sandbox may reach on the network.
     #[serde(default)]
@@ -48,6 +53,7 @@ pub struct SandboxSpec {
     /// Restore the sandbox from this template (`hutch template create`) instead of booting
     /// `image`: its image, vCPUs, memory and disk are the template's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub template: Option<String>,
     /// Where the sandbox came from, when it was restored rather than booted. Set by Hutch
     /// (templates and forks), never by a client.
@@ -65,7 +71,8 @@ pub struct Origin {
     /// The sandbox it was forked from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
-    /// The snapshot directory it was restored from (its disk reads through to it).
+    /// The snapshot it was restored from (its disk reads through to it): the host keeps the
+    /// directory's path; the API shows only the directory's name.
     pub snapshot: String,
 }
 
@@ -91,6 +98,7 @@ pub struct WireGuardSpec {
     pub allowed_ips: Vec<String>,
     /// Persistent keepalive, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 65535)]
     pub keepalive: Option<u16>,
     /// Resolver behind the tunnel for the sandbox's DNS filter; default: the host's, asked
     /// through the tunnel.
@@ -106,8 +114,12 @@ fn default_allowed_ips() -> Vec<String> {
 }
 
 impl SandboxInfo {
-    /// The sandbox as the API shows it: secrets (the WireGuard keys) replaced by [`REDACTED`].
+    /// The sandbox as the API shows it: secrets (the WireGuard keys) replaced by [`REDACTED`],
+    /// and the origin's snapshot named by its directory alone, never by a host path.
     pub fn redacted(mut self) -> SandboxInfo {
+        if let Some(origin) = &mut self.spec.origin {
+            origin.snapshot = snapshot_name(&origin.snapshot).to_string();
+        }
         if let Some(w) = &mut self.spec.wireguard {
             w.private_key = REDACTED.into();
             if let Some(k) = &mut w.preshared_key {
@@ -116,6 +128,11 @@ impl SandboxInfo {
         }
         self
     }
+}
+
+/// The last component of a snapshot directory's path: what the API shows of it.
+fn snapshot_name(dir: &str) -> &str {
+    dir.rsplit('/').find(|c| !c.is_empty()).unwrap_or("")
 }
 
 /// A sandbox's egress policy. Whatever it says, the host, private and link-local ranges,
@@ -227,17 +244,26 @@ impl SandboxSpec {
         if !(MIN_DISK_MIB..=MAX_DISK_MIB).contains(&self.disk_mib) {
             return bad(format!("disk_mib must be {MIN_DISK_MIB}..={MAX_DISK_MIB}"));
         }
-        if let Some(t) = self.template.as_deref().filter(|t| !valid_name(t)) {
-            return bad(format!(
-                "template name {:?} is not [a-z0-9][a-z0-9._-]*",
-                truncate(t)
-            ));
+        if let Some(t) = &self.template {
+            check_template_name(t)?;
         }
         if self.ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
             return bad(format!("ttl_secs must be 1..={MAX_TTL_SECS}"));
         }
         check_map("labels", &self.labels, valid_label_key)?;
         check_map("env", &self.env, valid_env_name)
+    }
+}
+
+/// Refuses a template name that is not [`valid_name`].
+pub fn check_template_name(name: &str) -> Result<(), SpecError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(SpecError(format!(
+            "template name {:?} is not [a-z0-9][a-z0-9._-]*",
+            truncate(name)
+        )))
     }
 }
 
@@ -366,18 +392,23 @@ impl SandboxState {
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// The template's name (`[a-z0-9][a-z0-9._-]*`).
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     /// Guest image name.
     #[serde(default = "default_image")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub image: String,
     /// vCPUs of every sandbox restored from it.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u8,
     /// Guest memory in MiB of every sandbox restored from it.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 128, maximum = 262144)]
     pub memory_mib: u32,
     /// Writable disk in MiB.
     #[serde(default = "default_disk")]
+    #[schema(minimum = 16, maximum = 1048576)]
     pub disk_mib: u64,
     /// A shell script run as root in the VM before it is saved; it must exit 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -391,12 +422,7 @@ pub struct TemplateSpec {
 impl TemplateSpec {
     /// Checks the name and the same bounds as a sandbox's.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if !valid_name(&self.name) {
-            return Err(SpecError(format!(
-                "template name {:?} is not [a-z0-9][a-z0-9._-]*",
-                truncate(&self.name)
-            )));
-        }
+        check_template_name(&self.name)?;
         if self.provision.as_ref().is_some_and(|p| p.len() > 1 << 20) {
             return Err(SpecError("the provisioning script is over 1 MiB".into()));
         }
@@ -564,6 +590,28 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains(REDACTED) && shown.contains("\"p\""));
+    }
+
+    #[test]
+    fn the_api_shows_no_host_path_of_a_clones_snapshot() {
+        let info = SandboxInfo {
+            id: "sb-1".into(),
+            state: SandboxState::Running,
+            spec: SandboxSpec {
+                origin: Some(Origin {
+                    template: Some("tpl".into()),
+                    parent: None,
+                    snapshot: "/var/lib/hutch/templates/sha256-ab12/".into(),
+                }),
+                ..Default::default()
+            },
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            expires_at_ms: None,
+        };
+        let origin = info.redacted().spec.origin.unwrap();
+        assert_eq!(origin.snapshot, "sha256-ab12");
+        assert_eq!(origin.template.as_deref(), Some("tpl"));
     }
 
     #[test]

@@ -11,6 +11,47 @@ use hyper::Method;
 use super::{api_error, Client, ClientError};
 use crate::API_PREFIX;
 
+/// The `multipart/form-data` body of `POST /v1/tasks` and its content type: a `spec` part
+/// (the spec as JSON) and a `workspace` part (the tar archive).
+pub fn task_form(spec: &TaskSpec, workspace_tar: &[u8]) -> (String, Vec<u8>) {
+    let json = serde_json::to_vec(spec).expect("serializable");
+    let boundary = free_boundary(&[&json, workspace_tar]);
+    let mut body = Vec::with_capacity(json.len() + workspace_tar.len() + 512);
+    let parts: [(&str, &str, &[u8]); 2] = [
+        ("name=\"spec\"", "application/json", &json),
+        (
+            "name=\"workspace\"; filename=\"workspace.tar\"",
+            "application/x-tar",
+            workspace_tar,
+        ),
+    ];
+    for (disposition, content_type, data) in parts {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\
+                 Content-Type: {content_type}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A form boundary that occurs in none of the parts.
+fn free_boundary(parts: &[&[u8]]) -> String {
+    (0u64..)
+        .map(|n| format!("hutch-task-form-{n:08x}"))
+        .find(|b| {
+            parts
+                .iter()
+                .all(|p| !p.windows(b.len()).any(|w| w == b.as_bytes()))
+        })
+        .expect("a free boundary")
+}
+
 fn task_path(id: &str, tail: &str) -> String {
     format!("{API_PREFIX}/tasks/{}{tail}", super::encode(id))
 }
@@ -23,9 +64,16 @@ impl Client {
         spec: &TaskSpec,
         workspace_tar: &[u8],
     ) -> Result<TaskRecord, ClientError> {
-        let body = hutch_task::model::encode_request(spec, workspace_tar);
-        self.call(Method::POST, &format!("{API_PREFIX}/tasks"), body)
-            .await
+        let (content_type, body) = task_form(spec, workspace_tar);
+        let bytes = self
+            .ok_with(
+                Method::POST,
+                &format!("{API_PREFIX}/tasks"),
+                &content_type,
+                body,
+            )
+            .await?;
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 
     /// Runs an agent task like [`Client::run_task`], handing the agent's (and the verify
@@ -36,11 +84,12 @@ impl Client {
         workspace_tar: &[u8],
         mut on_output: impl FnMut(u8, &[u8]),
     ) -> Result<TaskRecord, ClientError> {
-        let body = hutch_task::model::encode_request(spec, workspace_tar);
+        let (content_type, body) = task_form(spec, workspace_tar);
         let resp = self
-            .send(
+            .send_with(
                 Method::POST,
                 &format!("{API_PREFIX}/tasks?stream=true"),
+                &content_type,
                 body,
             )
             .await?;

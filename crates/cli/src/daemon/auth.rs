@@ -7,7 +7,7 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use hutch_store::TokenScope;
+use hutch_store::{TokenScope, TokenUse};
 use hutch_types::{ErrorCode, SandboxInfo};
 use sha2::{Digest, Sha256};
 
@@ -28,7 +28,6 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// Refuses (403) a sandbox outside this scope.
     /// Refuses a caller whose token is limited to some sandboxes, with `why` (for host-wide
     /// resources such as templates and tasks).
     pub fn require_admin(&self, why: &'static str) -> Result<(), HttpError> {
@@ -38,6 +37,7 @@ impl Scope {
         }
     }
 
+    /// Refuses (403) a sandbox outside this scope.
     pub fn allows(&self, info: &SandboxInfo) -> Result<(), HttpError> {
         match self {
             Scope::Admin => Ok(()),
@@ -55,7 +55,8 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Middleware for TCP: resolves `Authorization: Bearer …` to a [`Scope`], or answers 401.
+/// Middleware for TCP: resolves `Authorization: Bearer …` to a [`Scope`] (recording the
+/// token's use), or answers 401 for a missing, unknown, removed or expired token.
 pub async fn require_token(
     State(state): State<Arc<AppState>>,
     mut req: Request,
@@ -67,11 +68,20 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "a bearer token is required"))?;
-    let scope = state
+    let used = state
         .store
-        .token_scope(&token_hash(token.trim()))
-        .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?
-        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "unknown token"))?;
+        .use_token(&token_hash(token.trim()), hutch_core::now_ms())
+        .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?;
+    let scope = match used {
+        TokenUse::Valid(scope) => scope,
+        TokenUse::Unknown => return Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
+        TokenUse::Expired => {
+            return Err(HttpError::new(
+                ErrorCode::Unauthorized,
+                "this token has expired",
+            ))
+        }
+    };
     req.extensions_mut().insert(match scope {
         TokenScope::Admin => Scope::Admin,
         TokenScope::Label { key, value } => Scope::Label { key, value },

@@ -14,7 +14,7 @@ use std::{future::Future, io, sync::Arc};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, Query, State},
+    extract::State,
     http::{header, StatusCode},
     response::Response,
     Extension,
@@ -32,6 +32,7 @@ use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 use super::{
     auth::Scope,
     error::{exec_start_error, HttpError},
+    extract::{Path, Query},
     routes::{authorize, exec_request, MAX_UPLOAD},
     AppState,
 };

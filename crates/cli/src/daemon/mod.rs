@@ -6,9 +6,11 @@
 
 mod auth;
 mod error;
+mod extract;
 mod files;
 mod listen;
 mod lock;
+mod openapi;
 mod ports;
 mod routes;
 mod tasks;

@@ -2,16 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{rejection::JsonRejection, Path, State},
-    Extension, Json,
-};
+use axum::{extract::State, Extension, Json};
 use hutch_api::{ApiError, PortMapping, PublishPort};
 
 use super::{
     auth::Scope,
     error::HttpError,
-    routes::{authorize, completed, json},
+    extract::{JsonBody, Path},
+    routes::{authorize, completed},
     AppState,
 };
 
@@ -28,16 +26,15 @@ fn mapping(p: hutch_net::PublishedPort) -> PortMapping {
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
     request_body = PublishPort,
-    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    params(("id" = String, Path), ("guest_port" = u16, Path, minimum = 0, maximum = 65535)),
     responses((status = 200, body = PortMapping),
               (status = 409, description = "host port taken, guest port published elsewhere, or no network", body = ApiError)))]
 pub async fn publish_port(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path((id, guest_port)): Path<(String, u16)>,
-    body: std::result::Result<Json<PublishPort>, JsonRejection>,
+    JsonBody(req): JsonBody<PublishPort>,
 ) -> Result<Json<PortMapping>> {
-    let req = json(body)?;
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     let p = completed(async move { manager.publish_port(&id, guest_port, req.host_port).await })
@@ -46,7 +43,7 @@ pub async fn publish_port(
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/ports/{guest_port}", tag = "network",
-    params(("id" = String, Path), ("guest_port" = u16, Path)),
+    params(("id" = String, Path), ("guest_port" = u16, Path, minimum = 0, maximum = 65535)),
     responses((status = 200, description = "the ports still published", body = Vec<PortMapping>)))]
 pub async fn unpublish_port(
     State(state): State<Arc<AppState>>,

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
-    extract::{rejection::JsonRejection, DefaultBodyLimit, Path, Query, State},
+    extract::{DefaultBodyLimit, State},
     http::StatusCode,
     middleware,
     response::IntoResponse,
@@ -20,7 +20,12 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{auth::Scope, error::HttpError, files, ports, tasks, templates, ws, AppState};
+use super::{
+    auth::Scope,
+    error::HttpError,
+    extract::{JsonBody, Path, Query},
+    files, ports, tasks, templates, ws, AppState,
+};
 
 type Result<T> = std::result::Result<T, HttpError>;
 type AppStateRef = State<Arc<AppState>>;
@@ -48,6 +53,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(stop))
+        .routes(routes!(start))
         .routes(routes!(suspend))
         .routes(routes!(templates::fork))
         .routes(routes!(
@@ -71,16 +77,27 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tasks::task_signature))
 }
 
+/// The routes and their complete OpenAPI document.
+fn api_parts() -> (axum::Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api().split_for_parts();
+    super::openapi::complete(&mut doc);
+    (router, doc)
+}
+
 /// The generated OpenAPI document.
 #[cfg(test)]
 pub(super) fn api_doc() -> utoipa::openapi::OpenApi {
-    api().split_for_parts().1
+    api_parts().1
 }
 
+/// What an unknown path gets: the API's JSON 404, like every other error.
+const NO_ROUTE: &str = "no such route";
+
 fn build(state: Arc<AppState>) -> Router {
-    let (router, doc) = api().split_for_parts();
+    let (router, doc) = api_parts();
     let doc = Arc::new(doc);
     router
+        .fallback(|| async { HttpError::new(ErrorCode::NotFound, NO_ROUTE) })
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -134,22 +151,17 @@ pub async fn completed<T: Send + 'static>(
         .map_err(HttpError::from)
 }
 
-/// A JSON body, or 400 with the parser's reason.
-pub fn json<T>(body: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
-    body.map(|Json(v)| v)
-        .map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))
-}
-
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
     responses((status = 201, description = "created and running", body = SandboxInfo),
               (status = 200, description = "an earlier create with the same idempotency key", body = SandboxInfo),
-              (status = 400, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
+              (status = 400, body = ApiError), (status = 403, body = ApiError),
+              (status = 404, description = "no such image or template", body = ApiError),
+              (status = 429, body = ApiError)))]
 async fn create_sandbox(
     State(state): AppStateRef,
     Extension(scope): Extension<Scope>,
-    body: std::result::Result<Json<CreateSandbox>, JsonRejection>,
+    JsonBody(mut req): JsonBody<CreateSandbox>,
 ) -> Result<impl IntoResponse> {
-    let mut req = json(body)?;
     if let Scope::Label { key, value } = &scope {
         match req.spec.labels.get(key) {
             Some(v) if v != value => {
@@ -181,7 +193,7 @@ async fn create_sandbox(
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
     params(("state" = Option<String>, Query, description = "only this state"),
-           ("label" = Option<String>, Query, description = "key=value; repeatable")),
+           ("label" = Option<String>, Query, description = "key=value; repeatable", pattern = "=")),
     responses((status = 200, body = Vec<SandboxInfo>)))]
 async fn list_sandboxes(
     State(state): AppStateRef,
@@ -251,7 +263,8 @@ macro_rules! lifecycle_route {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "sandboxes", params(("id" = String, Path)),
                     responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError),
-                              (status = 409, body = ApiError)))]
+                              (status = 409, body = ApiError),
+                              (status = 429, description = "no room to boot or restore it", body = ApiError)))]
         async fn $name(
             State(state): AppStateRef,
             Extension(scope): Extension<Scope>,
@@ -283,6 +296,12 @@ lifecycle_route!(
     "Pauses the sandbox to disk: saves its memory and disk and stops its VMM."
 );
 lifecycle_route!(
+    start,
+    "/v1/sandboxes/{id}/start",
+    start,
+    "Boots a stopped sandbox again (a cold boot on a fresh disk, same id and spec)."
+);
+lifecycle_route!(
     stop,
     "/v1/sandboxes/{id}/stop",
     stop,
@@ -308,9 +327,8 @@ async fn set_network(
     State(state): AppStateRef,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
-    body: std::result::Result<Json<NetworkPolicy>, JsonRejection>,
+    JsonBody(policy): JsonBody<NetworkPolicy>,
 ) -> Result<Json<SandboxInfo>> {
-    let policy = json(body)?;
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     Ok(Json(
@@ -366,9 +384,8 @@ async fn exec(
     State(state): AppStateRef,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
-    body: std::result::Result<Json<ExecBody>, JsonRejection>,
+    JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Json<ExecResult>> {
-    let body = json(body)?;
     let info = authorize(&state, &scope, &id)?;
     let channel = state.manager.channel(&id)?;
     let stdin = body.stdin.map(String::into_bytes);
@@ -509,6 +526,7 @@ mod tests {
         ("post", "/v1/sandboxes/{id}/pause"),
         ("post", "/v1/sandboxes/{id}/resume"),
         ("post", "/v1/sandboxes/{id}/stop"),
+        ("post", "/v1/sandboxes/{id}/start"),
         ("get", "/v1/sandboxes/{id}/console"),
         ("put", "/v1/sandboxes/{id}/network"),
         ("get", "/v1/sandboxes/{id}/network/log"),
@@ -638,6 +656,7 @@ mod tests {
             }
             let err = parsed
                 .unwrap_or_else(|_| panic!("{method} {path}: {status} without an API error body"));
+            assert_ne!(err.message, NO_ROUTE, "{method} {path} is not served");
             let want = if *path == "/v1/sandboxes" {
                 ErrorCode::InvalidSpec
             } else if *path == "/v1/tasks" {
@@ -668,6 +687,201 @@ mod tests {
             let err: ApiError = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(err.code, ErrorCode::BadRequest);
         }
+    }
+
+    /// Sends `method uri` with a JSON `body`; the status and the API error it answered with.
+    async fn error_of(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, ApiError) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let err = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!(
+                "{method} {uri}: {status} {:?} is not an API error",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        (status, err)
+    }
+
+    #[tokio::test]
+    async fn malformed_paths_queries_and_bodies_get_the_json_error() {
+        let (_dir, state) = state();
+        let app = router(state, Scope::Admin);
+        for (method, uri, body) in [
+            ("PUT", "/v1/sandboxes/sb-01/ports/http", "{}"),
+            ("PUT", "/v1/sandboxes/sb-01/ports/70000", "{}"),
+            ("POST", "/v1/tasks?stream=maybe", ""),
+            ("GET", "/v1/sandboxes/sb-01/files?path=/x&path=/y&what", ""),
+            ("POST", "/v1/sandboxes/sb-01/exec", "{\"argv\":"),
+            (
+                "POST",
+                "/v1/sandboxes/sb-01/exec",
+                "{\"argv\":[\"true\"],\"shell\":1}",
+            ),
+            ("PUT", "/v1/templates/t/pool", "{\"size\":-1}"),
+        ] {
+            let (status, err) = error_of(&app, method, uri, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri} {body}");
+            assert_eq!(err.code, ErrorCode::BadRequest, "{method} {uri} {body}");
+        }
+        let (status, err) = error_of(&app, "GET", "/v2/nothing", "").await;
+        assert_eq!(
+            (status, err.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_template_name_with_nul_is_a_400_that_shows_no_host_path() {
+        let (dir, state) = state();
+        std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+        let app = router(state, Scope::Admin);
+        let (status, err) = error_of(
+            &app,
+            "POST",
+            "/v1/sandboxes",
+            "{\"template\":\"t\\u0000x\"}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{}", err.message);
+        assert_eq!(err.code, ErrorCode::InvalidSpec);
+        let home = dir.path().to_string_lossy().into_owned();
+        assert!(!err.message.contains(&home), "{}", err.message);
+        for method in ["GET", "DELETE"] {
+            let (status, err) = error_of(&app, method, "/v1/templates/t%00x", "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method}: {}", err.message);
+            assert!(!err.message.contains(&home), "{}", err.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_upload_is_a_multipart_form_of_spec_and_workspace() {
+        let (_dir, state) = state();
+        let app = router(state, Scope::Admin);
+        let spec: hutch_task::TaskSpec =
+            serde_json::from_str(r#"{"command":["true"],"verify":"false"}"#).unwrap();
+        let (content_type, body) = hutch_api::client::task_form(&spec, b"not a tar");
+        let req = Request::builder()
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let form =
+            <axum::extract::Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+                .await;
+        let upload = tasks::TaskUpload::read(form).await.unwrap();
+        assert_eq!(upload.spec, spec);
+        assert_eq!(upload.workspace, b"not a tar");
+
+        let (no_workspace_type, no_workspace) = hutch_api::client::task_form(&spec, b"");
+        let cut = String::from_utf8_lossy(&no_workspace)
+            .find("workspace")
+            .unwrap();
+        let mut truncated = no_workspace[..cut].to_vec();
+        truncated.extend_from_slice(b"x\"\r\n\r\n\r\n");
+        for (content_type, body) in [
+            (
+                "application/octet-stream".to_string(),
+                b"\x05\0\0\0{}".to_vec(),
+            ),
+            (no_workspace_type, truncated),
+        ] {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/v1/tasks")
+                .header("content-type", content_type)
+                .body(Body::from(body))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let err: ApiError = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn the_openapi_document_names_its_security_and_every_error_status() {
+        let doc = serde_json::to_value(api_doc()).unwrap();
+        let scheme = &doc["components"]["securitySchemes"]["bearer"];
+        assert_eq!(scheme["type"], "http");
+        assert_eq!(scheme["scheme"], "bearer");
+        assert_eq!(doc["security"][0]["bearer"], serde_json::json!([]));
+        for (method, path) in OPERATIONS {
+            let responses = &doc["paths"][path][method]["responses"];
+            let mut want = vec!["400", "401", "500"];
+            if path.contains('{') {
+                want.extend(["403", "404"]);
+            }
+            for status in want {
+                assert!(
+                    responses[status]["content"]["application/json"].is_object(),
+                    "{method} {path} does not document {status}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_documented_constraints_are_the_ones_the_daemon_enforces() {
+        use hutch_types::bounds::*;
+        let doc = serde_json::to_value(api_doc()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let range = |schema: &str, field: &str| {
+            let p = &schemas[schema]["properties"][field];
+            (p["minimum"].as_u64(), p["maximum"].as_u64())
+        };
+        for schema in ["SandboxSpec", "TemplateSpec"] {
+            assert_eq!(range(schema, "cpus"), (Some(1), Some(MAX_CPUS.into())));
+            assert_eq!(
+                range(schema, "memory_mib"),
+                (Some(MIN_MEMORY_MIB.into()), Some(MAX_MEMORY_MIB.into()))
+            );
+            assert_eq!(
+                range(schema, "disk_mib"),
+                (Some(MIN_DISK_MIB), Some(MAX_DISK_MIB))
+            );
+            // `hutch_types::valid_name`'s rule.
+            assert_eq!(
+                schemas[schema]["properties"]["image"]["pattern"],
+                "^[a-z0-9][a-z0-9._-]{0,62}$"
+            );
+            assert_eq!(schemas[schema]["additionalProperties"], false);
+        }
+        assert_eq!(
+            range("SandboxSpec", "ttl_secs"),
+            (Some(1), Some(MAX_TTL_SECS))
+        );
+        assert_eq!(
+            range("ForkBody", "count"),
+            (Some(1), Some(hutch_core::MAX_FORK.into()))
+        );
+        assert_eq!(
+            range("PoolBody", "size").1,
+            Some(hutch_core::MAX_POOL.into())
+        );
+        assert_eq!(schemas["ExecBody"]["properties"]["argv"]["minItems"], 1);
+        assert_eq!(schemas["TaskSpec"]["properties"]["command"]["minItems"], 1);
+        // A create's idempotency key is one of its properties, not an unknown one.
+        let create = &schemas["CreateSandbox"];
+        assert_eq!(create["additionalProperties"], false, "{create}");
+        assert!(
+            create["properties"]["idempotency_key"].is_object(),
+            "{create}"
+        );
+        assert_eq!(
+            create["properties"]["cpus"],
+            schemas["SandboxSpec"]["properties"]["cpus"]
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use futures::StreamExt;
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, Query, State},
+    extract::{multipart::MultipartRejection, Multipart, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Extension, Json,
@@ -17,12 +17,17 @@ use hutch_core::task::TaskError;
 use hutch_task::{
     model::{encode_frame, FRAME_ERROR, FRAME_RECORD},
     sign::SignatureCheck,
-    TaskRecord,
+    TaskRecord, TaskSpec,
 };
 use hutch_types::ErrorCode;
 use serde::Deserialize;
 
-use super::{auth::Scope, error::HttpError, AppState};
+use super::{
+    auth::Scope,
+    error::HttpError,
+    extract::{Path, Query},
+    AppState,
+};
 
 type Result<T> = std::result::Result<T, HttpError>;
 
@@ -42,22 +47,63 @@ pub(super) struct RunQuery {
     stream: bool,
 }
 
+/// The form `POST /v1/tasks` takes (`multipart/form-data`).
+#[derive(utoipa::ToSchema)]
+pub(super) struct TaskUpload {
+    /// What to run (`application/json`).
+    pub(super) spec: TaskSpec,
+    /// The workspace, a tar archive (`application/x-tar`).
+    #[schema(value_type = String, format = Binary)]
+    pub(super) workspace: Vec<u8>,
+}
+
+impl TaskUpload {
+    /// Reads the form's two parts, `spec` and `workspace`; anything else is refused.
+    pub(super) async fn read(
+        form: std::result::Result<Multipart, MultipartRejection>,
+    ) -> Result<TaskUpload> {
+        let bad = |m: String| HttpError::new(ErrorCode::BadRequest, m);
+        let mut form = form.map_err(|e| bad(e.body_text()))?;
+        let (mut spec, mut workspace) = (None, None);
+        while let Some(field) = form.next_field().await.map_err(|e| bad(e.body_text()))? {
+            let name = field.name().unwrap_or_default().to_string();
+            let data = field.bytes().await.map_err(|e| bad(e.body_text()))?;
+            match name.as_str() {
+                "spec" => {
+                    spec = Some(
+                        serde_json::from_slice(&data)
+                            .map_err(|e| bad(format!("task spec: {e}")))?,
+                    )
+                }
+                "workspace" => workspace = Some(data.to_vec()),
+                other => return Err(bad(format!("unknown form part {other:.40}"))),
+            }
+        }
+        Ok(TaskUpload {
+            spec: spec.ok_or_else(|| bad("the form has no spec part".into()))?,
+            workspace: workspace.ok_or_else(|| bad("the form has no workspace part".into()))?,
+        })
+    }
+}
+
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", params(RunQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream",
-        description = "u32 LE n, n bytes of JSON TaskSpec, then the workspace as a tar archive"),
+    request_body(content = TaskUpload, content_type = "multipart/form-data",
+        description = "the task's spec (JSON) and its workspace (a tar archive)"),
     responses((status = 201, description = "the task ran; see its verdict", body = TaskRecord),
               (status = 200, description = "with stream=true: output frames, then the record frame", content_type = "application/octet-stream"),
-              (status = 400, body = ApiError), (status = 403, body = ApiError)))]
+              (status = 400, body = ApiError), (status = 403, body = ApiError),
+              (status = 429, body = ApiError)))]
 pub(super) async fn run_task(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Query(query): Query<RunQuery>,
-    body: Bytes,
+    form: std::result::Result<Multipart, MultipartRejection>,
 ) -> Result<Response> {
     scope.require_admin(HOST_WIDE)?;
-    let (spec, tar) = hutch_task::model::decode_request(&body)
-        .map_err(|e| HttpError::new(ErrorCode::BadRequest, e))?;
-    let tar = tar.to_vec();
+    let TaskUpload {
+        spec,
+        workspace: tar,
+    } = TaskUpload::read(form).await?;
     let tasks = state.tasks.clone();
     let (sink, output) = tokio::sync::mpsc::channel(64);
     let sink = query.stream.then_some(sink);

@@ -4,19 +4,15 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{rejection::JsonRejection, Path, State},
-    http::StatusCode,
-    response::IntoResponse,
-    Extension, Json,
-};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, Extension, Json};
 use hutch_api::{ApiError, ForkBody, PoolBody};
 use hutch_types::{ErrorCode, SandboxInfo, TemplateInfo, TemplateSpec};
 
 use super::{
     auth::Scope,
     error::HttpError,
-    routes::{authorize, completed, json},
+    extract::{JsonBody, Path},
+    routes::{authorize, completed},
     AppState,
 };
 
@@ -28,14 +24,15 @@ const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may cre
 #[utoipa::path(post, path = "/v1/templates", request_body = TemplateSpec, tag = "templates",
     responses((status = 201, description = "booted, provisioned and saved", body = TemplateInfo),
               (status = 400, body = ApiError), (status = 403, body = ApiError),
+              (status = 404, description = "no such image", body = ApiError),
               (status = 409, description = "the name is taken", body = ApiError),
+              (status = 429, description = "no room to boot it", body = ApiError),
               (status = 422, description = "provisioning failed", body = ApiError)))]
 pub(super) async fn create_template(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
-    body: std::result::Result<Json<TemplateSpec>, JsonRejection>,
+    JsonBody(spec): JsonBody<TemplateSpec>,
 ) -> Result<impl IntoResponse> {
-    let spec = json(body)?;
     scope.require_admin(HOST_WIDE)?;
     let manager = state.manager.clone();
     let info = completed(async move { manager.create_template(spec).await }).await?;
@@ -85,9 +82,8 @@ pub(super) async fn set_pool(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
-    body: std::result::Result<Json<PoolBody>, JsonRejection>,
+    JsonBody(body): JsonBody<PoolBody>,
 ) -> Result<Json<TemplateInfo>> {
-    let body = json(body)?;
     scope.require_admin(HOST_WIDE)?;
     valid(&name)?;
     let manager = state.manager.clone();
@@ -117,9 +113,8 @@ pub(super) async fn fork(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
-    body: std::result::Result<Json<ForkBody>, JsonRejection>,
+    JsonBody(body): JsonBody<ForkBody>,
 ) -> Result<impl IntoResponse> {
-    let body = json(body)?;
     authorize(&state, &scope, &id)?;
     let manager = state.manager.clone();
     let children = completed(async move { manager.fork(&id, body.count).await }).await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::{
     extract::{
         ws::{rejection::WebSocketUpgradeRejection, Message, WebSocket, WebSocketUpgrade},
-        Path, State,
+        State,
     },
     response::Response,
     Extension,
@@ -24,6 +24,7 @@ use hutch_types::ErrorCode;
 use super::{
     auth::Scope,
     error::HttpError,
+    extract::Path,
     routes::{authorize, exec_request, split_status},
     AppState,
 };

@@ -1,0 +1,63 @@
+//! Extractors whose rejections are the API's JSON error: axum's own answer a malformed body,
+//! path or query with plain text, which no client of the documented [`hutch_api::ApiError`]
+//! can parse. Each wraps axum's extractor of the same name and maps its rejection to a
+//! `bad_request` [`HttpError`] with the parser's reason.
+
+use axum::{
+    extract::{FromRequest, FromRequestParts, Request},
+    http::request::Parts,
+};
+use hutch_types::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use super::error::HttpError;
+
+/// A JSON request body (`application/json`).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+/// Path parameters.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+/// Query parameters.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+/// The 400 every rejection becomes.
+fn rejected(reason: String) -> HttpError {
+    HttpError::new(ErrorCode::BadRequest, reason)
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(v)| JsonBody(v))
+            .map_err(|e| rejected(e.body_text()))
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| rejected(e.body_text()))
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| rejected(e.body_text()))
+    }
+}
