@@ -7,7 +7,11 @@
 //! dies, reconciliation removes pooled VMs like any VM no sandbox owns. Pooled clones count
 //! against the memory budget.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use hutch_types::{SandboxInfo, SandboxSpec, SandboxState, TemplateInfo};
 
@@ -37,6 +41,9 @@ pub(crate) struct Pools {
     ready: std::sync::Mutex<HashMap<String, Vec<Pooled>>>,
     /// Templates with a refill task running.
     refilling: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Set when the daemon stops: no refill starts, and a clone restored after this is
+    /// removed instead of kept.
+    closed: AtomicBool,
 }
 
 impl Pools {
@@ -56,6 +63,14 @@ impl Pools {
             .expect("pool lock")
             .get_mut(template)?
             .pop()
+    }
+
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn refills_running(&self) -> bool {
+        !self.refilling.lock().expect("pool lock").is_empty()
     }
 
     fn len(&self, template: &str) -> usize {
@@ -164,6 +179,9 @@ impl Manager {
         let Some(me) = self.me.upgrade() else {
             return;
         };
+        if self.pools.closed() {
+            return;
+        }
         if !self
             .pools
             .refilling
@@ -189,6 +207,9 @@ impl Manager {
     async fn refill(&self, template: &str) {
         let mut failures = 0;
         loop {
+            if self.pools.closed() {
+                return;
+            }
             let want = match self.cfg.templates.get(template) {
                 Ok(r) => r.info.pool_size as usize,
                 Err(_) => 0,
@@ -197,6 +218,11 @@ impl Manager {
                 return;
             }
             match self.restore_pooled(template).await {
+                // Restored while the daemon was stopping: nobody will drain it now.
+                Ok(p) if self.pools.closed() => {
+                    self.discard_pooled(p).await;
+                    return;
+                }
                 Ok(p) => {
                     failures = 0;
                     let mut ready = self.pools.ready.lock().expect("pool lock");
@@ -249,8 +275,14 @@ impl Manager {
         }
     }
 
-    /// Removes every pooled clone (when the daemon stops: they belong to no sandbox).
+    /// Removes every pooled clone (when the daemon stops: they belong to no sandbox). Refills
+    /// stop first: one still restoring a clone removes it itself, and this waits for it, so no
+    /// clone (nor its network) outlives the daemon.
     pub async fn drain_pools(&self) {
+        self.pools.closed.store(true, Ordering::SeqCst);
+        while self.pools.refills_running() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let names: Vec<String> = {
             let ready = self.pools.ready.lock().expect("pool lock");
             ready.keys().cloned().collect()
