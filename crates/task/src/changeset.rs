@@ -342,7 +342,7 @@ pub fn check_path(path: &str) -> Result<(), (RejectKind, String)> {
 }
 
 /// Checks a path a change touches: normalised, outside `.git`, allowed.
-fn check_touch(path: &str, policy: &Policy) -> Result<(), Rejection> {
+fn check_touch(path: &str, allow: Option<&glob::AllowList>) -> Result<(), Rejection> {
     check_path(path).map_err(|(k, why)| reject(k, path, why))?;
     if in_git_dir(path) {
         return Err(reject(
@@ -351,7 +351,7 @@ fn check_touch(path: &str, policy: &Policy) -> Result<(), Rejection> {
             "inside .git (hooks, config and objects are never taken from a guest)",
         ));
     }
-    if !policy.allow.is_empty() && !policy.allow.iter().any(|g| glob::matches(g, path)) {
+    if allow.is_some_and(|a| !a.allows(path)) {
         return Err(reject(
             RejectKind::NotAllowed,
             path,
@@ -752,6 +752,7 @@ fn check_changes(
 ) {
     let mut seen = BTreeSet::new();
     let tree = tree_links(baseline, changes);
+    let allow = (!policy.allow.is_empty()).then(|| glob::AllowList::new(&policy.allow));
     let mut links: BTreeSet<&str> = baseline
         .entries
         .iter()
@@ -766,7 +767,7 @@ fn check_changes(
     for c in changes {
         let before = out.len();
         for path in c.paths() {
-            if let Err(r) = check_touch(path, policy) {
+            if let Err(r) = check_touch(path, allow.as_ref()) {
                 out.push(r);
                 continue;
             }

@@ -1,38 +1,80 @@
 //! Path globs for the `--allow` list: `*` matches within one path component, `**` matches any
 //! number of whole components (also none), `?` one character; everything else is literal.
+//!
+//! Matching is `globset`'s (compiled to a finite automaton, so a hostile pattern such as
+//! `*a*a*a*…b` costs linear time, never exponential backtracking); patterns are translated so
+//! that `[`, `]`, `{`, `}` and `\` stay literal, as the list has always treated them.
 
-/// Whether `path` (relative, `/`-separated) matches `pattern`.
-pub fn matches(pattern: &str, path: &str) -> bool {
-    let pat: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
-    let parts: Vec<&str> = path.split('/').collect();
-    match_parts(&pat, &parts)
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+/// A compiled `--allow` list.
+#[derive(Debug, Clone)]
+pub struct AllowList {
+    set: GlobSet,
 }
 
-fn match_parts(pat: &[&str], parts: &[&str]) -> bool {
-    match pat.split_first() {
-        None => parts.is_empty(),
-        Some((&"**", rest)) => (0..=parts.len()).any(|i| match_parts(rest, &parts[i..])),
-        Some((p, rest)) => match parts.split_first() {
-            Some((first, tail)) => {
-                match_component(p.as_bytes(), first.as_bytes()) && match_parts(rest, tail)
+impl AllowList {
+    /// Compiles `patterns`; an empty list allows nothing (callers treat "no list" apart).
+    pub fn new(patterns: &[String]) -> AllowList {
+        let mut set = GlobSetBuilder::new();
+        for p in patterns {
+            let glob = GlobBuilder::new(&translate(p))
+                .literal_separator(true)
+                .backslash_escape(false)
+                .build()
+                .expect("a translated pattern is always a valid glob");
+            set.add(glob);
+        }
+        AllowList {
+            set: set.build().expect("valid globs build a set"),
+        }
+    }
+
+    /// Whether `path` (relative, `/`-separated) matches any pattern.
+    pub fn allows(&self, path: &str) -> bool {
+        self.set.is_match(path)
+    }
+}
+
+/// `pattern` in globset's syntax with this list's meaning: empty components dropped, `**`
+/// only as a whole component (elsewhere a run of `*` is one `*`), glob metacharacters other
+/// than `*` and `?` literal.
+fn translate(pattern: &str) -> String {
+    let parts: Vec<String> = pattern
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(|c| match c {
+            "**" => "**".to_string(),
+            c => component(c),
+        })
+        .collect();
+    parts.join("/")
+}
+
+fn component(c: &str) -> String {
+    let mut out = String::with_capacity(c.len());
+    for ch in c.chars() {
+        match ch {
+            '*' if out.ends_with('*') => {}
+            '*' | '?' => out.push(ch),
+            '[' | ']' | '{' | '}' | '\\' => {
+                out.push('[');
+                out.push(ch);
+                out.push(']');
             }
-            None => false,
-        },
+            ch => out.push(ch),
+        }
     }
-}
-
-fn match_component(p: &[u8], s: &[u8]) -> bool {
-    match p.split_first() {
-        None => s.is_empty(),
-        Some((b'*', rest)) => (0..=s.len()).any(|i| match_component(rest, &s[i..])),
-        Some((b'?', rest)) => !s.is_empty() && match_component(rest, &s[1..]),
-        Some((c, rest)) => s.first() == Some(c) && match_component(rest, &s[1..]),
-    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::AllowList;
+
+    fn matches(pattern: &str, path: &str) -> bool {
+        AllowList::new(&[pattern.to_string()]).allows(path)
+    }
 
     #[test]
     fn globs() {
@@ -46,5 +88,25 @@ mod tests {
         assert!(matches("a?c", "abc"));
         assert!(!matches("a?c", "ac"));
         assert!(!matches("docs", "docs/x"));
+    }
+
+    #[test]
+    fn metacharacters_other_than_star_and_question_mark_are_literal() {
+        assert!(matches("a[b]c", "a[b]c"));
+        assert!(!matches("a[b]c", "abc"));
+        assert!(matches("{x,y}.rs", "{x,y}.rs"));
+        assert!(!matches("{x,y}.rs", "x.rs"));
+        assert!(matches("a\\b", "a\\b"));
+        assert!(matches("a**b", "axyzb"));
+        assert!(!matches("a**b", "ax/yb"));
+        assert!(matches("src//*.rs", "src/main.rs"));
+    }
+
+    #[test]
+    fn a_hostile_pattern_does_not_backtrack() {
+        // Exponential for a backtracking matcher (2^30 ways to place the stars); linear here.
+        let pattern = format!("{}b", "*a".repeat(30));
+        let path = "a".repeat(200);
+        assert!(!matches(&pattern, &path));
     }
 }
