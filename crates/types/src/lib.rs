@@ -135,6 +135,17 @@ fn snapshot_name(dir: &str) -> &str {
     dir.rsplit('/').find(|c| !c.is_empty()).unwrap_or("")
 }
 
+/// The schema of a list of TCP/UDP ports: integers 0–65535 (utoipa gives a `u16` list item no
+/// bounds of its own).
+fn port_list() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let port = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(65535));
+    ArrayBuilder::new().items(port).build()
+}
+
 /// A sandbox's egress policy. Whatever it says, the host, private and link-local ranges,
 /// cloud metadata and other sandboxes stay unreachable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -152,6 +163,7 @@ pub enum NetworkPolicy {
         cidrs: Vec<String>,
         /// Allowed ports; empty means any.
         #[serde(default)]
+        #[schema(schema_with = port_list)]
         ports: Vec<u16>,
         /// Allowed names: exact or `*.suffix`; reachable once resolved through Hutch's DNS.
         #[serde(default)]

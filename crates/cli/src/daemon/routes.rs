@@ -810,6 +810,21 @@ mod tests {
     }
 
     #[test]
+    fn allowed_ports_are_documented_as_ports() {
+        let doc = serde_json::to_value(api_doc()).unwrap();
+        let variants = doc["components"]["schemas"]["NetworkPolicy"]["oneOf"]
+            .as_array()
+            .expect("NetworkPolicy is a oneOf");
+        let items = variants
+            .iter()
+            .find_map(|v| v["properties"]["ports"]["items"].as_object())
+            .expect("the allow variant lists ports");
+        assert_eq!(items["type"], "integer");
+        assert_eq!(items["minimum"].as_f64(), Some(0.0));
+        assert_eq!(items["maximum"].as_f64(), Some(65535.0));
+    }
+
+    #[test]
     fn the_openapi_document_names_its_security_and_every_error_status() {
         let doc = serde_json::to_value(api_doc()).unwrap();
         let scheme = &doc["components"]["securitySchemes"]["bearer"];
