@@ -16,8 +16,14 @@ use crate::{in_netns, NetConfig};
 
 /// A public-looking address served in the internet namespace (TEST-NET-3).
 pub const INET: &str = "203.0.113.10";
+/// A second public-looking address in the internet namespace (no server of its own).
+pub const INET2: &str = "203.0.113.20";
 /// An RFC 1918 address served in the LAN namespace.
 pub const LAN: &str = "192.168.77.10";
+/// The host namespace's uplink: a veth to the internet namespace.
+pub const UPLINK: &str = "nv-up";
+/// The uplink's peer, in the internet namespace (where tests capture what leaves).
+pub const UPLINK_PEER: &str = "nv-upi";
 /// The cloud metadata address, served in the internet namespace.
 pub const METADATA: &str = "169.254.169.254";
 
@@ -47,8 +53,19 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the world; names carry `tag` so parallel tests do not collide.
+    /// Builds the world with its HTTP servers; names carry `tag` so parallel tests do not
+    /// collide.
     pub fn new(tag: &str) -> World {
+        let w = World::bare(tag);
+        http(&w.inet, 8080, "inet");
+        http(&w.inet, 80, "metadata");
+        http(&w.lan, 8080, "lan");
+        w
+    }
+
+    /// Builds the namespaces, links, addresses and routes only, for tests that run servers of
+    /// their own.
+    pub fn bare(tag: &str) -> World {
         let w = World {
             host: format!("nv-h-{tag}"),
             inet: format!("nv-i-{tag}"),
@@ -67,13 +84,13 @@ impl World {
         };
         ip(
             h,
-            &format!("link add nv-up type veth peer name nv-upi netns {i}"),
+            &format!("link add {UPLINK} type veth peer name {UPLINK_PEER} netns {i}"),
         );
-        ip(h, "addr add 198.51.100.1/24 dev nv-up");
-        ip(h, "link set nv-up up");
-        ip(i, "addr add 198.51.100.2/24 dev nv-upi");
-        ip(i, "link set nv-upi up");
-        for a in [INET, METADATA] {
+        ip(h, &format!("addr add 198.51.100.1/24 dev {UPLINK}"));
+        ip(h, &format!("link set {UPLINK} up"));
+        ip(i, &format!("addr add 198.51.100.2/24 dev {UPLINK_PEER}"));
+        ip(i, &format!("link set {UPLINK_PEER} up"));
+        for a in [INET, INET2, METADATA] {
             ip(i, &format!("addr add {a}/32 dev lo"));
         }
         ip(h, "route add default via 198.51.100.2");
@@ -86,9 +103,6 @@ impl World {
         ip(l, "addr add 192.168.77.10/24 dev nv-lanl");
         ip(l, "link set nv-lanl up");
         ip(l, "route add default via 192.168.77.1");
-        http(i, 8080, "inet");
-        http(i, 80, "metadata");
-        http(l, 8080, "lan");
         w
     }
 

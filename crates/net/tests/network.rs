@@ -1,4 +1,5 @@
-//! Real kernel objects, run as root. A test "world" is three namespaces the test creates:
+//! Real kernel objects, run as root. A test "world" is `hutch_net::testbed`'s three namespaces
+//! (without its HTTP servers: these tests run servers of their own), which the test creates:
 //! `H` plays the host (the Network's host side runs there, via `NetConfig::host_netns`),
 //! `I` the internet (203.0.113.10 and .20, plus 169.254.169.254, behind H's uplink
 //! 198.51.100.1/24) and `L` a LAN (192.168.77.10/24 on a second H interface). Nothing leaves
@@ -12,8 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use hutch_net::{
-    dns, in_netns, tap_info, FlowEvent, GuestDevice, NetConfig, Network, OwnedObject, Policy,
-    Proto, RuleName, SandboxNet, Verdict, GATEWAY_ADDR, GUEST_ADDR, TAP_FLAGS,
+    dns, in_netns, tap_info, testbed, FlowEvent, GuestDevice, NetConfig, Network, OwnedObject,
+    Policy, Proto, RuleName, SandboxNet, Verdict, GATEWAY_ADDR, GUEST_ADDR, TAP_FLAGS,
 };
 
 fn sh(args: &[&str]) {
@@ -30,105 +31,33 @@ fn sh_out(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Test namespaces and every sandbox id used; all removed on drop, even after a failed assert.
+/// The test namespaces ([`testbed::World`], without its HTTP servers: these tests run their
+/// own) and every sandbox id used; all removed on drop, even after a failed assert.
 struct World {
+    bed: testbed::World,
     tag: String,
-    host: String,
-    inet: String,
-    lan: String,
     ids: Mutex<Vec<String>>,
+}
+
+/// `host`, `inet` and `lan` are the test bed's namespaces.
+impl std::ops::Deref for World {
+    type Target = testbed::World;
+
+    fn deref(&self) -> &testbed::World {
+        &self.bed
+    }
 }
 
 impl World {
     fn new(name: &str) -> World {
         let tag = format!("{name}{}", std::process::id() % 100_000);
+        let bed = testbed::World::bare(&format!("n{tag}"));
         let w = World {
-            host: format!("hn-h-{tag}"),
-            inet: format!("hn-i-{tag}"),
-            lan: format!("hn-l-{tag}"),
+            bed,
             tag,
             ids: Mutex::new(Vec::new()),
         };
         let (h, i, l) = (w.host.as_str(), w.inet.as_str(), w.lan.as_str());
-        for n in [h, i, l] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        sh(&[
-            "ip", "-n", h, "link", "add", "hn-up", "type", "veth", "peer", "name", "hn-upi",
-            "netns", i,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "addr",
-            "add",
-            "198.51.100.1/24",
-            "dev",
-            "hn-up",
-        ]);
-        sh(&["ip", "-n", h, "link", "set", "hn-up", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            i,
-            "addr",
-            "add",
-            "198.51.100.2/24",
-            "dev",
-            "hn-upi",
-        ]);
-        sh(&["ip", "-n", i, "link", "set", "hn-upi", "up"]);
-        for a in ["203.0.113.10/32", "203.0.113.20/32", "169.254.169.254/32"] {
-            sh(&["ip", "-n", i, "addr", "add", a, "dev", "lo"]);
-        }
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "route",
-            "add",
-            "default",
-            "via",
-            "198.51.100.2",
-        ]);
-        sh(&[
-            "ip", "-n", h, "link", "add", "hn-lan", "type", "veth", "peer", "name", "hn-lanl",
-            "netns", l,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "addr",
-            "add",
-            "192.168.77.1/24",
-            "dev",
-            "hn-lan",
-        ]);
-        sh(&["ip", "-n", h, "link", "set", "hn-lan", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            l,
-            "addr",
-            "add",
-            "192.168.77.10/24",
-            "dev",
-            "hn-lanl",
-        ]);
-        sh(&["ip", "-n", l, "link", "set", "hn-lanl", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            l,
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.77.1",
-        ]);
         for p in [53, 8080, 8081] {
             serve(i, p, "inet");
         }
@@ -176,14 +105,12 @@ impl World {
 }
 
 impl Drop for World {
+    /// The sandboxes' namespaces; `bed` then removes its own.
     fn drop(&mut self) {
         for id in self.ids.lock().unwrap().iter() {
             for n in [format!("hutch-{id}"), format!("hutch-{id}.guest")] {
                 let _ = Command::new("ip").args(["netns", "del", &n]).output();
             }
-        }
-        for n in [&self.host, &self.inet, &self.lan] {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
     }
 }
@@ -246,7 +173,7 @@ const HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 async fn open_reaches_internet_but_never_lan_metadata_or_host() {
     let w = World::new("open");
     let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
-    assert_eq!(net.uplink(), "hn-up");
+    assert_eq!(net.uplink(), testbed::UPLINK);
     let id = w.id("a");
     let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
     let g = guest(&n);
@@ -1027,7 +954,10 @@ async fn wireguard_egress_goes_through_the_tunnel_and_fails_closed() {
     assert!(connect(&t.netns, INET2, 8080).is_err());
     // Spoofed sources get nowhere either: not out of the tunnel, not out of the veth.
     give_spoofed_addresses(&gt);
-    let wires = [(w.inet.as_str(), "wgpeer"), (w.inet.as_str(), "hn-upi")];
+    let wires = [
+        (w.inet.as_str(), "wgpeer"),
+        (w.inet.as_str(), testbed::UPLINK_PEER),
+    ];
     spoofing_leaves_nothing(&net, &it, &gt, &wires, b"tunnel-spoof").await;
 
     // Peer down: connections fail, and nothing leaks out directly.
@@ -1454,11 +1384,11 @@ async fn spoofed_guest_packets_and_their_rejections_never_leave() {
     net.refill().await.unwrap();
     let b = net.create(&ib, &allow).await.unwrap().unwrap();
     assert_eq!(net.spares(), 0, "b was handed out from the pool");
-    let uplink = [(w.inet.as_str(), "hn-upi")];
+    let uplink = [(w.inet.as_str(), testbed::UPLINK_PEER)];
 
     // Control: the capture sees what the guest sends with its own address (masqueraded).
     let ga = guest(&a);
-    let cap = Capture::start(&w.inet, "hn-upi");
+    let cap = Capture::start(&w.inet, testbed::UPLINK_PEER);
     send_udp_from(&ga, GUEST_ADDR, SocketAddr::from((INET2, 9999)), b"own-0");
     let seen = carrying(&cap.stop().await, b"own-0");
     assert!(seen.iter().any(|(src, ..)| *src == HOST), "{seen:?}");
@@ -1579,7 +1509,7 @@ async fn nothing_leaves_the_uplink_from_a_transit_address() {
     let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
     let id = w.id("a");
     let n = net.create(&id, &Policy::Open).await.unwrap().unwrap();
-    let cap = Capture::start(&w.inet, "hn-upi");
+    let cap = Capture::start(&w.inet, testbed::UPLINK_PEER);
     // An echo request starts a flow the host's conntrack tracks, so it is masqueraded; an echo
     // reply nobody asked for is tracked by nobody, so no NAT rule ever sees it.
     send_icmp(&n.netns, INET1, 8, b"masq-request");
@@ -1830,7 +1760,7 @@ async fn the_host_answers_no_veth_packet_from_a_forged_source() {
     // The namespace's own stack sends from addresses that are not its transit address (the
     // guest's forged packets never get this far).
     give_spoofed_addresses(&n.netns);
-    let cap = Capture::start(&w.inet, "hn-upi");
+    let cap = Capture::start(&w.inet, testbed::UPLINK_PEER);
     send_udp_from(
         &n.netns,
         n.transit.ns,
