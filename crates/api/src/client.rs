@@ -205,11 +205,7 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<Bytes, ClientError> {
         let resp = self.send_with(method, path, content_type, body).await?;
-        let (status, bytes) = read_all(resp).await?;
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        Err(api_error(status, &bytes))
+        Ok(read_all(check_status(resp).await?).await?.1)
     }
 
     /// Creates a sandbox and waits until it runs.
@@ -566,7 +562,7 @@ async fn collect(mut download: Download) -> Result<Vec<u8>, ClientError> {
 }
 
 /// The response if its status is 2xx; otherwise the API error its body holds.
-async fn check_status(
+pub(super) async fn check_status(
     resp: hyper::Response<hyper::body::Incoming>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
     if resp.status().is_success() {

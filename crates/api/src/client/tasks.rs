@@ -93,12 +93,7 @@ impl Client {
                 body,
             )
             .await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await.map_err(ClientError::Http)?.to_bytes();
-            return Err(api_error(status, &bytes));
-        }
+        let mut body = super::check_status(resp).await?.into_body();
         let mut reader = FrameReader::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(ClientError::Http)?;
