@@ -28,7 +28,7 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve the sandbox API on a Unix socket (and optionally TCP with tokens).
-    Daemon(DaemonArgs),
+    Daemon(hutch_daemon::DaemonArgs),
     /// Create a sandbox through the daemon and print its id.
     Create(CreateArgs),
     /// List sandboxes.
@@ -90,50 +90,6 @@ pub struct ConnArgs {
     /// Bearer token for TCP.
     #[arg(long, env = "HUTCH_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-}
-
-/// `hutch daemon`.
-#[derive(Debug, Args)]
-pub struct DaemonArgs {
-    /// Unix socket path (default `$HUTCH_HOME/hutch.sock`).
-    #[arg(long)]
-    pub socket: Option<std::path::PathBuf>,
-    /// Also serve on TCP at this address; every request then needs a bearer token.
-    #[arg(long, value_name = "ADDR")]
-    pub listen_tcp: Option<String>,
-    /// Most sandboxes alive at once.
-    #[arg(long, default_value_t = 32)]
-    pub max_sandboxes: usize,
-    /// Most guest memory in MiB over all live sandboxes.
-    #[arg(long, default_value_t = 16384)]
-    pub memory_budget_mib: u64,
-    /// Seconds a boot may take.
-    #[arg(long, default_value_t = 120)]
-    pub boot_timeout: u64,
-    /// The VMM, and whether Firecracker is jailed.
-    #[command(flatten)]
-    pub vmm: crate::launch::BackendArgs,
-    /// Run the host side of sandbox networks inside this network namespace instead of the
-    /// host's own (for tests that must not touch the host).
-    #[arg(long, hide = true)]
-    pub net_host_netns: Option<String>,
-    /// Run without sandbox networking: only `--net none` sandboxes, and templates without a
-    /// NIC.
-    #[arg(long)]
-    pub no_network: bool,
-    /// Sandbox networks kept made ahead (namespace, links, deny-all table), so that a create
-    /// only renames one and applies its policy; refilled in the background. 0: make each on
-    /// demand.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
-    pub net_spares: u16,
-    /// Most TCP connections served at once that have not yet presented a valid token; more
-    /// are closed as soon as they are accepted.
-    #[arg(long, hide = true, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    pub tcp_max_unauthenticated: u32,
-    /// Seconds a TCP connection may take to send a request's headers, or sit idle between
-    /// requests, before it is closed.
-    #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    pub tcp_header_timeout: u64,
 }
 
 /// A network policy on the command line.
@@ -379,7 +335,7 @@ pub struct VmArgs {
     pub boot_timeout: u64,
     /// The VMM, and whether Firecracker is jailed.
     #[command(flatten)]
-    pub vmm: crate::launch::BackendArgs,
+    pub vmm: hutch_daemon::BackendArgs,
 }
 
 /// `hutch run`: through the daemon when one answers (or `--host` is given), else locally.

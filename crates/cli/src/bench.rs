@@ -18,9 +18,9 @@ use hutch_types::SandboxSpec;
 use crate::{
     args::{BenchBootArgs, BenchCommand, BenchDaemonArgs, VmArgs},
     error::CliError,
-    home::Home,
     launch,
 };
+use hutch_daemon::Home;
 
 /// Memory of each sandbox in the parallel creates, in MiB.
 const PARALLEL_MEMORY_MIB: u32 = 256;
@@ -252,7 +252,7 @@ impl DaemonChild {
         extra: &[&str],
     ) -> Result<DaemonChild, CliError> {
         let dir = std::env::temp_dir().join(format!("hutch-bench-{}", hutch_core::new_id()));
-        let home_err = |source| CliError::Home {
+        let home_err = |source| CliError::Workdir {
             path: dir.clone(),
             source,
         };
@@ -337,7 +337,7 @@ impl DaemonChild {
                 self.dir.display()
             )));
         }
-        std::fs::remove_dir_all(&self.dir).map_err(|source| CliError::Home {
+        std::fs::remove_dir_all(&self.dir).map_err(|source| CliError::Workdir {
             path: self.dir.clone(),
             source,
         })?;

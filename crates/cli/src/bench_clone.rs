@@ -15,9 +15,9 @@ use crate::{
     args::VmArgs,
     bench::{pct, print_accel, summary, DaemonChild},
     error::CliError,
-    home::Home,
     launch,
 };
+use hutch_daemon::Home;
 
 /// `hutch bench clone`.
 #[derive(Debug, Args)]

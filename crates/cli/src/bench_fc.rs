@@ -12,7 +12,8 @@ use hutch_vmm::firecracker::{
 };
 use hutch_vmm::{FirecrackerVmm, GuestMemory, Lifetime, Vm, VmSpec};
 
-use crate::{error::CliError, home::Home};
+use crate::error::CliError;
+use hutch_daemon::Home;
 
 /// How long one Firecracker process may take to answer on its API socket.
 const API_READY: Duration = Duration::from_secs(10);

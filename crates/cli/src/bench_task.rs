@@ -17,9 +17,9 @@ use crate::{
     args::VmArgs,
     bench::{print_accel, summary, DaemonChild},
     error::CliError,
-    home::Home,
     launch,
 };
+use hutch_daemon::Home;
 
 /// `hutch bench task`.
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! `hutch doctor`: what this host has and lacks, each with its remedy.
 
-use crate::{agent_bin, error::CliError, home::Home};
+use crate::{agent_bin, error::CliError};
+use hutch_daemon::Home;
 
 /// One line of the report.
 struct Check {
@@ -84,8 +85,8 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
                     Err("KVM does not run guests here: Firecracker VMs cannot boot (QEMU falls back to TCG)".into())
                 },
             ));
-            let found = crate::launch::Found::look(home, true);
-            let (backend, why) = crate::launch::describe_auto(&found, report.accel);
+            let found = hutch_daemon::backend::Found::look(home, true);
+            let (backend, why) = hutch_daemon::backend::describe_auto(&found, report.accel);
             checks.push(Check::new(
                 "backend",
                 Ok(format!("{backend} under --backend auto ({why})")),

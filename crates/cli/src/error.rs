@@ -5,9 +5,9 @@ use std::path::PathBuf;
 /// Everything a `hutch` command can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// `$HUTCH_HOME` is unusable.
-    #[error("HUTCH_HOME {path} is unusable")]
-    Home {
+    /// A benchmark's scratch directory is unusable.
+    #[error("scratch directory {path} is unusable")]
+    Workdir {
         /// The directory.
         path: PathBuf,
         /// Why.
@@ -41,38 +41,15 @@ pub enum CliError {
     /// A sandbox manager action failed.
     #[error(transparent)]
     Core(Box<hutch_core::CoreError>),
+    /// The daemon (or the backend choice) failed.
+    #[error(transparent)]
+    Daemon(#[from] hutch_daemon::DaemonError),
     /// A daemon API call failed.
     #[error(transparent)]
     Client(Box<hutch_api::client::ClientError>),
     /// An archive was refused or could not be unpacked.
     #[error(transparent)]
-    Archive(#[from] crate::archive::ArchiveError),
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// The address or socket path.
-        addr: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another daemon serves this home.
-    #[error("another hutch daemon{} holds {}: stop it first (this one touched nothing)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default(), lock.display())]
-    DaemonRunning {
-        /// The lock file.
-        lock: PathBuf,
-        /// The holder's pid, when it wrote one.
-        holder: Option<u32>,
-    },
-    /// The home's daemon lock could not be taken.
-    #[error("cannot lock {path}")]
-    Lock {
-        /// The lock file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    Archive(#[from] hutch_task::archive::ArchiveError),
     /// `hutch setup` failed.
     #[error(transparent)]
     Setup(#[from] crate::setup_cmd::SetupError),

@@ -1,6 +1,7 @@
 //! `hutch image build | ls | kernel`.
 
-use crate::{agent_bin, args::ImageBuildArgs, error::CliError, home::Home};
+use crate::{agent_bin, args::ImageBuildArgs, error::CliError};
+use hutch_daemon::Home;
 
 /// Builds (or reuses) an image and prints where it is.
 pub async fn build(home: &Home, args: ImageBuildArgs) -> Result<i32, CliError> {

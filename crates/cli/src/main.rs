@@ -3,16 +3,13 @@
 #![forbid(unsafe_code)]
 
 mod agent_bin;
-mod archive;
 mod args;
 mod bench;
 mod bench_clone;
 mod bench_fc;
 mod bench_task;
-mod daemon;
 mod doctor;
 mod error;
-mod home;
 mod image_cmd;
 mod launch;
 mod port_cmd;
@@ -55,7 +52,7 @@ fn main() {
 }
 
 async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
-    let home = home::Home::from_env()?;
+    let home = hutch_daemon::Home::from_env()?;
     match cli.command {
         args::Command::Run(a) => run::run(&home, a).await,
         args::Command::Image(args::ImageCommand::Build(a)) => image_cmd::build(&home, a).await,
@@ -64,7 +61,13 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Doctor => doctor::doctor(&home).await,
         args::Command::Setup(c) => setup_cmd::run(&home, c).await,
         args::Command::Bench(a) => bench::bench(&home, a).await,
-        args::Command::Daemon(a) => daemon::run(&home, a).await,
+        args::Command::Daemon(a) => {
+            hutch_daemon::run(&home, a, async {
+                run::interrupted().await;
+            })
+            .await?;
+            Ok(0)
+        }
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
         args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,
         args::Command::Inspect(a) => {

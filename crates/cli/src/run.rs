@@ -12,7 +12,8 @@ use hutch_protocol::{
 use hutch_types::SandboxSpec;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{args::RunArgs, error::CliError, home::Home, launch};
+use crate::{args::RunArgs, error::CliError, launch};
+use hutch_daemon::Home;
 
 /// Exit code when hutch itself is interrupted (SIGINT convention).
 pub const INTERRUPTED: i32 = 130;

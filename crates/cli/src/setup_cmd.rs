@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use sha2::{Digest, Sha256};
 
-use crate::{error::CliError, home::Home};
+use crate::error::CliError;
+use hutch_daemon::Home;
 
 /// The Firecracker release `hutch setup firecracker` downloads.
 pub const FIRECRACKER_VERSION: &str = "v1.16.1";

@@ -5,7 +5,8 @@ use hutch_store::{SqliteStore, Store, TokenRecord, TokenScope};
 use rand::RngCore;
 use serde::Serialize;
 
-use crate::{args::TokenCommand, daemon::token_hash, error::CliError, home::Home};
+use crate::{args::TokenCommand, error::CliError};
+use hutch_daemon::{token_hash, Home};
 
 /// Runs a `hutch token` subcommand against this home's state database.
 pub fn run(home: &Home, cmd: TokenCommand) -> Result<i32, CliError> {

@@ -10,7 +10,7 @@ use axum::{
 use hutch_types::ErrorCode;
 use serde::de::DeserializeOwned;
 
-use super::error::HttpError;
+use crate::http_error::HttpError;
 
 /// A JSON request body (`application/json`).
 #[derive(Debug)]

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use axum::{extract::State, Extension, Json};
 use hutch_api::{ApiError, PortMapping, PublishPort};
 
-use super::{
+use crate::{
     auth::Scope,
-    error::HttpError,
     extract::{JsonBody, Path},
+    http_error::HttpError,
     routes::{authorize, completed},
     AppState,
 };

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::error::CliError;
+use crate::error::DaemonError;
 
 /// The state directory and the well-known places in it.
 #[derive(Debug, Clone)]
@@ -12,12 +12,12 @@ pub struct Home {
 
 impl Home {
     /// `$HUTCH_HOME`, or `/var/lib/hutch`.
-    pub fn from_env() -> Result<Home, CliError> {
+    pub fn from_env() -> Result<Home, DaemonError> {
         let root = std::env::var_os("HUTCH_HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/hutch"));
         for dir in ["vms", "local"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(|source| CliError::Home {
+            std::fs::create_dir_all(root.join(dir)).map_err(|source| DaemonError::Home {
                 path: root.clone(),
                 source,
             })?;

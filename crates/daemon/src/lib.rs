@@ -1,13 +1,20 @@
-//! `hutch daemon`: the sandbox service.
+//! The Hutch daemon: the composition root that picks the backend, opens the store, builds the
+//! [`Manager`] and serves the HTTP API (`hutch daemon` calls [`run`]).
 //!
 //! Serves the HTTP API on a Unix socket (mode 0660: file permissions are the access control,
 //! every caller is admin) and, when asked, on TCP where every request needs a bearer token.
 //! Handlers only parse requests and map results; the [`Manager`] decides what is legal.
 
+#![forbid(unsafe_code)]
+
+pub mod args;
 mod auth;
+pub mod backend;
 mod error;
 mod extract;
 mod files;
+mod home;
+mod http_error;
 mod listen;
 mod lock;
 mod openapi;
@@ -23,9 +30,11 @@ use hutch_core::{Limits, Manager, ManagerConfig};
 use hutch_store::{SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::{args::DaemonArgs, error::CliError, home::Home};
-
+pub use args::DaemonArgs;
 pub use auth::{token_hash, Scope};
+pub use backend::{BackendArgs, BackendChoice};
+pub use error::DaemonError;
+pub use home::Home;
 
 /// Shared by every handler.
 pub struct AppState {
@@ -40,15 +49,19 @@ pub struct AppState {
 /// How often TTLs are checked.
 const TTL_TICK: Duration = Duration::from_secs(1);
 
-/// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running when it stops; the next
-/// start adopts them.
-pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
+/// Runs the daemon until `shutdown` resolves (the CLI passes SIGINT/SIGTERM/SIGHUP).
+/// Sandboxes keep running when it stops; the next start adopts them.
+pub async fn run(
+    home: &Home,
+    args: DaemonArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
     // Before anything that reads or changes the home: a second daemon must touch nothing.
     let _lock = lock::acquire(&home.daemon_lock())?;
     listen::raise_fd_limit();
     let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&home.state_db()).map_err(CliError::Store)?);
-    let backend = crate::launch::backend(home, "default", &args.vmm).await?;
+        Arc::new(SqliteStore::open(&home.state_db()).map_err(DaemonError::Store)?);
+    let backend = backend::backend(home, "default", &args.vmm).await?;
     eprintln!(
         "hutch daemon: backend {} ({})",
         backend.vmm.name(),
@@ -103,7 +116,7 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     if let Some(addr) = &args.listen_tcp {
         let tcp = TcpListener::bind(addr)
             .await
-            .map_err(|source| CliError::Bind {
+            .map_err(|source| DaemonError::Bind {
                 addr: addr.clone(),
                 source,
             })?;
@@ -120,10 +133,10 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     }
     eprintln!("hutch daemon: listening on {}", socket.display());
     tokio::select! {
-        _ = crate::run::interrupted() => {}
+        _ = shutdown => {}
         Some(r) = servers.join_next() => {
             if let Ok(Err(e)) = r {
-                return Err(CliError::Io(e));
+                return Err(DaemonError::Io(e));
             }
         }
     }
@@ -136,7 +149,7 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
         net.settle().await;
     }
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
-    Ok(0)
+    Ok(())
 }
 
 /// Sandbox networking on this host, or why it is unavailable (sandboxes asking for a network
@@ -169,8 +182,8 @@ async fn network(home: &Home, args: &DaemonArgs) -> Result<Arc<hutch_net::Networ
 }
 
 /// Binds the Unix socket with mode 0660, replacing a stale socket file but never a live one.
-fn bind_unix(path: &Path) -> Result<UnixListener, CliError> {
-    let err = |source| CliError::Bind {
+fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Bind {
         addr: path.display().to_string(),
         source,
     };

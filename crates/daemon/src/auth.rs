@@ -11,7 +11,7 @@ use hutch_store::{TokenScope, TokenUse};
 use hutch_types::{ErrorCode, SandboxInfo};
 use sha2::{Digest, Sha256};
 
-use super::{error::HttpError, AppState};
+use crate::{http_error::HttpError, AppState};
 
 /// The caller's rights, attached to every request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use crate::error::CliError;
+use crate::error::DaemonError;
 
 /// The held lock; released when dropped (or when the process ends, however it ends).
 pub struct HomeLock {
@@ -23,8 +23,8 @@ pub struct HomeLock {
 }
 
 /// Takes the lock at `path`, writing this process's pid into it, or says which daemon holds it.
-pub fn acquire(path: &Path) -> Result<HomeLock, CliError> {
-    let io_err = |source| CliError::Lock {
+pub fn acquire(path: &Path) -> Result<HomeLock, DaemonError> {
+    let io_err = |source| DaemonError::Lock {
         path: path.to_path_buf(),
         source,
     };
@@ -46,7 +46,7 @@ pub fn acquire(path: &Path) -> Result<HomeLock, CliError> {
         Err((mut file, Errno::EWOULDBLOCK)) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            Err(CliError::DaemonRunning {
+            Err(DaemonError::DaemonRunning {
                 lock: path.to_path_buf(),
                 holder: text.trim().parse().ok(),
             })
@@ -65,7 +65,7 @@ mod tests {
         let path = dir.path().join("daemon.lock");
         let held = acquire(&path).unwrap();
         match acquire(&path) {
-            Err(CliError::DaemonRunning { holder, .. }) => {
+            Err(DaemonError::DaemonRunning { holder, .. }) => {
                 assert_eq!(holder, Some(std::process::id()))
             }
             other => panic!("expected DaemonRunning, got {:?}", other.map(|_| ())),

@@ -11,7 +11,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use hutch_task::beneath::{is_symlink_refusal, Beneath};
+use crate::beneath::{is_symlink_refusal, Beneath};
 
 /// Most entries one archive may hold.
 pub const MAX_ENTRIES: usize = 100_000;

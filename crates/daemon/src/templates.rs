@@ -8,10 +8,10 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, Extension, 
 use hutch_api::{ApiError, ForkBody, PoolBody};
 use hutch_types::{ErrorCode, SandboxInfo, TemplateInfo, TemplateSpec};
 
-use super::{
+use crate::{
     auth::Scope,
-    error::HttpError,
     extract::{JsonBody, Path},
+    http_error::HttpError,
     routes::{authorize, completed},
     AppState,
 };

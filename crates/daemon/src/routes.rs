@@ -20,11 +20,12 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{
+use crate::{
     auth::Scope,
-    error::HttpError,
     extract::{JsonBody, Path, Query},
-    files, ports, tasks, templates, ws, AppState,
+    files,
+    http_error::HttpError,
+    ports, tasks, templates, ws, AppState,
 };
 
 type Result<T> = std::result::Result<T, HttpError>;
@@ -80,7 +81,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
 /// The routes and their complete OpenAPI document.
 fn api_parts() -> (axum::Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = api().split_for_parts();
-    super::openapi::complete(&mut doc);
+    crate::openapi::complete(&mut doc);
     (router, doc)
 }
 
@@ -115,13 +116,13 @@ pub fn router(state: Arc<AppState>, scope: Scope) -> Router {
 }
 
 /// The API where each request's scope comes from its bearer token (TCP). A request that
-/// passes the token check marks its connection authenticated (see [`super::listen`]).
+/// passes the token check marks its connection authenticated (see [`crate::listen`]).
 pub fn router_with_tokens(state: Arc<AppState>) -> Router {
     build(state.clone())
-        .layer(middleware::from_fn(super::listen::authenticated))
+        .layer(middleware::from_fn(crate::listen::authenticated))
         .layer(middleware::from_fn_with_state(
             state,
-            super::auth::require_token,
+            crate::auth::require_token,
         ))
 }
 
@@ -432,7 +433,7 @@ pub async fn collect(
     let mut exec = channel
         .exec(req)
         .await
-        .map_err(super::error::exec_start_error)?;
+        .map_err(crate::http_error::exec_start_error)?;
     if let Some(input) = stdin {
         let ctl = exec.control();
         tokio::spawn(async move {

@@ -21,10 +21,10 @@ use hutch_protocol::{
 };
 use hutch_types::ErrorCode;
 
-use super::{
+use crate::{
     auth::Scope,
-    error::HttpError,
     extract::Path,
+    http_error::HttpError,
     routes::{authorize, exec_request, split_status},
     AppState,
 };
@@ -76,7 +76,7 @@ async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(),
     let mut exec = channel
         .exec(req)
         .await
-        .map_err(super::error::exec_start_error)?;
+        .map_err(crate::http_error::exec_start_error)?;
     let control = exec.control();
     send_event(socket, &ExecEventMsg::Started { pid: exec.pid() }).await?;
     // Every way out before the exit (the client went away, stopped reading and then closed,

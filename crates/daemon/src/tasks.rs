@@ -22,10 +22,10 @@ use hutch_task::{
 use hutch_types::ErrorCode;
 use serde::Deserialize;
 
-use super::{
+use crate::{
     auth::Scope,
-    error::HttpError,
     extract::{Path, Query},
+    http_error::HttpError,
     AppState,
 };
 

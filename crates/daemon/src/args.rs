@@ -1,0 +1,45 @@
+//! `hutch daemon`'s options: where it listens, its limits, its backend and networking.
+
+/// `hutch daemon`.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Unix socket path (default `$HUTCH_HOME/hutch.sock`).
+    #[arg(long)]
+    pub socket: Option<std::path::PathBuf>,
+    /// Also serve on TCP at this address; every request then needs a bearer token.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_tcp: Option<String>,
+    /// Most sandboxes alive at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_sandboxes: usize,
+    /// Most guest memory in MiB over all live sandboxes.
+    #[arg(long, default_value_t = 16384)]
+    pub memory_budget_mib: u64,
+    /// Seconds a boot may take.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// The VMM, and whether Firecracker is jailed.
+    #[command(flatten)]
+    pub vmm: crate::backend::BackendArgs,
+    /// Run the host side of sandbox networks inside this network namespace instead of the
+    /// host's own (for tests that must not touch the host).
+    #[arg(long, hide = true)]
+    pub net_host_netns: Option<String>,
+    /// Run without sandbox networking: only `--net none` sandboxes, and templates without a
+    /// NIC.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Sandbox networks kept made ahead (namespace, links, deny-all table), so that a create
+    /// only renames one and applies its policy; refilled in the background. 0: make each on
+    /// demand.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub net_spares: u16,
+    /// Most TCP connections served at once that have not yet presented a valid token; more
+    /// are closed as soon as they are accepted.
+    #[arg(long, hide = true, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tcp_max_unauthenticated: u32,
+    /// Seconds a TCP connection may take to send a request's headers, or sit idle between
+    /// requests, before it is closed.
+    #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tcp_header_timeout: u64,
+}
