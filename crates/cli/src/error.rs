@@ -44,6 +44,9 @@ pub enum CliError {
     /// The daemon (or the backend choice) failed.
     #[error(transparent)]
     Daemon(#[from] hutch_daemon::DaemonError),
+    /// A request to the in-process request surface failed.
+    #[error(transparent)]
+    Service(Box<hutch_core::service::ServiceError>),
     /// A daemon API call failed.
     #[error(transparent)]
     Client(Box<hutch_api::client::ClientError>),
@@ -91,5 +94,11 @@ impl From<hutch_api::client::ClientError> for CliError {
 impl From<hutch_core::CoreError> for CliError {
     fn from(e: hutch_core::CoreError) -> CliError {
         CliError::Core(Box::new(e))
+    }
+}
+
+impl From<hutch_core::service::ServiceError> for CliError {
+    fn from(e: hutch_core::service::ServiceError) -> CliError {
+        CliError::Service(Box::new(e))
     }
 }

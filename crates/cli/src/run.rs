@@ -1,15 +1,16 @@
 //! `hutch run`: boot, run one command with stdio passed through, tear down. Through the
-//! daemon when one answers (or `--host` names one), in this process otherwise (or `--local`).
+//! daemon when one answers (or `--host` names one), otherwise (or with `--local`) through the
+//! same request surface on a private manager in this process.
 
 use std::time::Duration;
 
 use hutch_api::{client::Client, CreateSandbox, ExecStart};
-use hutch_core::Sandbox;
+use hutch_core::service::{Caller, Command, Create, Lifecycle, SandboxApi};
 use hutch_protocol::{
-    host::{ExecControl, ExecEvent},
-    ExecRequest, ExitInfo,
+    host::{Exec, ExecControl, ExecEvent},
+    ExitInfo,
 };
-use hutch_types::SandboxSpec;
+use hutch_types::{ErrorCode, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{args::RunArgs, error::CliError, launch};
@@ -39,7 +40,11 @@ pub async fn run(home: &Home, args: RunArgs) -> Result<i32, CliError> {
 /// `hutch run` through the daemon: create, stream one exec, destroy (also after a signal).
 async fn run_remote(client: &Client, args: RunArgs) -> Result<i32, CliError> {
     let (req, start) = remote_request(args);
-    let (id, outcome) = match create_remote(client, &req).await? {
+    let ttl = req.spec.ttl_secs.unwrap_or_default();
+    let abandoned =
+        format!("hutch: interrupted again; the daemon removes the sandbox in {ttl}s (its TTL)");
+    let create = async { Ok(client.create(&req).await?.id) };
+    let (id, outcome) = match create_interruptibly(create, &abandoned).await? {
         Created::Abandoned => return Ok(INTERRUPTED),
         Created::Interrupted(id) => (id, Ok(INTERRUPTED)),
         Created::Ready(id) => {
@@ -96,21 +101,23 @@ enum Created {
     Abandoned,
 }
 
-/// Creates the sandbox. A first signal lets the create finish, so that what it made can be
-/// destroyed (the daemon completes a create even when its client hangs up).
-async fn create_remote(client: &Client, req: &CreateSandbox) -> Result<Created, CliError> {
-    let create = client.create(req);
+/// Runs `create` (to the new sandbox's id). A first signal lets it finish, so that what it
+/// made can be destroyed (the surface completes a create even when its caller goes away); a
+/// second one abandons it, saying `abandoned`.
+async fn create_interruptibly(
+    create: impl std::future::Future<Output = Result<String, CliError>>,
+    abandoned: &str,
+) -> Result<Created, CliError> {
     tokio::pin!(create);
     tokio::select! {
-        r = &mut create => return Ok(Created::Ready(r?.id)),
+        r = &mut create => return Ok(Created::Ready(r?)),
         sig = interrupted() => tracing::info!(signal = sig, "interrupted during create"),
     }
     eprintln!("hutch: interrupted; removing the sandbox once it is up");
     tokio::select! {
-        r = create => Ok(Created::Interrupted(r?.id)),
+        r = create => Ok(Created::Interrupted(r?)),
         _ = interrupted() => {
-            let ttl = req.spec.ttl_secs.unwrap_or_default();
-            eprintln!("hutch: interrupted again; the daemon removes the sandbox in {ttl}s (its TTL)");
+            eprintln!("{abandoned}");
             Ok(Created::Abandoned)
         }
     }
@@ -122,63 +129,85 @@ async fn exec_remote(client: &Client, id: &str, start: &ExecStart) -> Result<i32
     crate::remote::attach(tx, rx, false).await
 }
 
-/// `hutch run` in this process: the VM is owned here and dies with it.
+/// `hutch run` in this process, through the same request surface as the daemon's
+/// ([`SandboxApi`]) on a private manager whose VM dies with this process.
 async fn run_local(home: &Home, args: RunArgs) -> Result<i32, CliError> {
-    let launcher = launch::prepare(home, &args.vm).await?;
-    let req = ExecRequest {
-        env: args.env,
-        cwd: args.workdir,
-        stdin: true,
-        timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
-        ..ExecRequest::new(args.command)
+    let host = launch::in_process(home, &args.vm).await?;
+    let (api, caller) = (&host.api, Caller::admin());
+    let (req, start) = local_request(args);
+    let create = async {
+        let (info, _) = api.create(&caller, req).await?;
+        Ok(info.id)
     };
-    let boot = Sandbox::boot(&*launcher.vmm, &launcher.options);
-    let sandbox = tokio::select! {
-        s = boot => s?,
-        sig = interrupted() => {
-            // Dropping the boot future dropped the VM, which kills it and removes its files.
-            tracing::info!(signal = sig, "interrupted during boot");
-            return Ok(INTERRUPTED);
+    let abandoned = "hutch: interrupted again; the VM dies with this process";
+    let (id, outcome) = match create_interruptibly(create, abandoned).await? {
+        Created::Abandoned => return Ok(INTERRUPTED),
+        Created::Interrupted(id) => (id, Ok(INTERRUPTED)),
+        Created::Ready(id) => {
+            let outcome = tokio::select! {
+                r = exec_local(api, &caller, &id, start) => r,
+                sig = interrupted() => {
+                    // Dropping the exec kills the process.
+                    tracing::info!(signal = sig, "interrupted");
+                    Ok(INTERRUPTED)
+                }
+            };
+            (id, outcome)
         }
     };
-    let outcome = tokio::select! {
-        r = exec_attached(&sandbox, req) => r.map(|info| info.status.shell_code()),
-        sig = interrupted() => {
-            tracing::info!(signal = sig, "interrupted");
-            Ok(INTERRUPTED)
-        }
-    };
-    let destroyed = sandbox.destroy().await;
-    let code = match outcome {
-        Ok(code) => code,
-        Err(e) => match shell_code_for(&e) {
-            Some(code) => {
-                eprintln!("hutch: {}", crate::error::chain(&e));
-                code
-            }
-            None => return Err(e),
-        },
-    };
+    let destroyed = api.lifecycle(&caller, &id, Lifecycle::Destroy).await;
+    let code = outcome?;
     destroyed?;
     Ok(code)
 }
 
-/// The shell's exit codes for a command that could not start: 127 not found, 126 not executable.
-fn shell_code_for(e: &CliError) -> Option<i32> {
-    use hutch_protocol::{host::ChannelError, ErrorCode};
-    match e {
-        CliError::Channel(ChannelError::Remote(op)) => match op.code {
-            ErrorCode::NotFound => Some(127),
-            ErrorCode::PermissionDenied => Some(126),
-            _ => None,
+/// The create request and the command for a local `hutch run`'s flags (no TTL: the VM dies
+/// with this process).
+fn local_request(args: RunArgs) -> (Create, Command) {
+    let (req, start) = remote_request(args);
+    let spec = SandboxSpec {
+        ttl_secs: None,
+        ..req.spec
+    };
+    let command = Command {
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        timeout_secs: start.timeout_secs,
+    };
+    (
+        Create {
+            spec,
+            idempotency_key: None,
         },
-        _ => None,
+        command,
+    )
+}
+
+/// Runs `command` with this process's stdio attached; the shell-style exit code (127 for a
+/// command not found, 126 for one that could not run).
+async fn exec_local(
+    api: &dyn SandboxApi,
+    caller: &Caller,
+    id: &str,
+    command: Command,
+) -> Result<i32, CliError> {
+    match api.exec_stream(caller, id, command, None).await {
+        Ok(exec) => Ok(exec_attached(exec).await?.status.shell_code()),
+        Err(e) => {
+            let code = match e.code() {
+                ErrorCode::CommandNotFound => 127,
+                ErrorCode::ExecFailed => 126,
+                _ => return Err(e.into()),
+            };
+            eprintln!("hutch: {}", crate::error::chain(&e));
+            Ok(code)
+        }
     }
 }
 
-/// Runs `req` with this process's stdin, stdout and stderr attached.
-pub async fn exec_attached(sandbox: &Sandbox, req: ExecRequest) -> Result<ExitInfo, CliError> {
-    let mut exec = sandbox.channel().exec(req).await?;
+/// Runs `exec` with this process's stdin, stdout and stderr attached.
+pub async fn exec_attached(mut exec: Exec) -> Result<ExitInfo, CliError> {
     let feeder = tokio::spawn(forward_stdin(exec.control()));
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();

@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod clones;
+pub mod exec;
 pub mod lifecycle;
 mod manager;
 mod network;
 mod pool;
 mod sandbox;
+pub mod service;
 pub mod task;
 mod template;
 

@@ -56,6 +56,9 @@ pub struct ManagerConfig {
     /// Where a jailed backend keeps its VMs' chroots (`<dir>/<exec>/<id>/root`), so that a
     /// restart finds and removes those no sandbox owns; `None` when nothing runs jailed.
     pub jails_dir: Option<PathBuf>,
+    /// Whether VMs outlive this process: the daemon's do (its successor adopts them); those
+    /// of an in-process manager (`hutch run --local`) die with it.
+    pub detached: bool,
 }
 
 /// Why a manager action failed. [`CoreError::code`] gives the stable API category.
@@ -326,8 +329,7 @@ impl Manager {
         }))
     }
 
-    /// Creates a sandbox's network and VM (booted, or restored from `snapshot`), detached;
-    /// on failure removes the network again.
+    /// Creates a sandbox's network and VM (booted, or restored from `snapshot`); on failure removes the network again.
     pub(crate) async fn start_vm(
         &self,
         id: &str,
@@ -350,7 +352,7 @@ impl Manager {
             disk_mib: spec.disk_mib,
             runs_dir: self.cfg.runs_dir.clone(),
             boot_timeout: self.cfg.boot_timeout,
-            detached: true,
+            detached: self.cfg.detached,
             network,
             memory: GuestMemory::Anonymous,
         };

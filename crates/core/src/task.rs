@@ -15,15 +15,11 @@ use std::{
     time::Instant,
 };
 
-use hutch_protocol::{
-    host::{Channel, ExecEvent},
-    ExecRequest, ExitStatus, WriteFileRequest,
-};
+use hutch_protocol::{host::Channel, ExecRequest, ExitStatus, WriteFileRequest};
 use hutch_store::ListFilter;
 use hutch_task::{
     baseline::{sha256_hex, tar_files, ArchiveError},
     changeset::validate,
-    model::{FRAME_STDERR, FRAME_STDOUT},
     sign::{HostKey, KeyError, SignatureCheck},
     BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,
     VerifyOutcome,
@@ -31,7 +27,11 @@ use hutch_task::{
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxSpec};
 use rand::RngCore;
 
-use crate::{chain, now_ms, CoreError, Manager};
+use crate::{
+    chain,
+    exec::{run_capped, split_status, Collected, ExecError, OverCap},
+    now_ms, CoreError, Manager,
+};
 
 /// Where the workspace lives in the guest.
 pub const GUEST_WORKSPACE: &str = "/workspace";
@@ -47,9 +47,8 @@ pub const TASK_LABEL: &str = "hutch.task";
 /// Why a task without a record is marked failed at daemon start.
 const INTERRUPTED: &str = "interrupted by a daemon restart";
 
-/// Where a running task's output goes as it comes: `(FRAME_STDOUT | FRAME_STDERR, bytes)`.
-/// A sink whose receiver is gone is ignored.
-pub type OutputSink = tokio::sync::mpsc::Sender<(u8, Vec<u8>)>;
+/// Where a running task's output goes as it comes (the agent's and the verify command's).
+pub use crate::exec::OutputSink;
 
 /// Why a task could not be run or read.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +113,7 @@ enum StepError {
     Core(#[from] CoreError),
     #[error("guest channel")]
     Channel(#[from] hutch_protocol::host::ChannelError),
+
     #[error("{what} failed in the guest ({status:?}): {stderr}")]
     Guest {
         what: &'static str,
@@ -122,86 +122,16 @@ enum StepError {
     },
 }
 
+impl From<ExecError> for StepError {
+    fn from(e: ExecError) -> StepError {
+        StepError::Channel(e.into_channel())
+    }
+}
+
 /// The task store and runner.
 pub struct Tasks {
     dir: PathBuf,
     manager: Arc<Manager>,
-}
-
-/// A process's output, capped.
-struct Collected {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    /// Bytes beyond the cap, per stream (not kept).
-    dropped: [u64; 2],
-    status: ExitStatus,
-    timed_out: bool,
-}
-
-impl Collected {
-    fn truncated(&self) -> bool {
-        self.dropped != [0, 0]
-    }
-}
-
-/// What to do with output beyond the cap.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OverCap {
-    /// Kill the process (its output is data, e.g. the changeset stream).
-    Kill,
-    /// Let it run; the rest is only streamed, not kept.
-    Drop,
-}
-
-/// Runs `req` to its end, feeding `stdin`, keeping at most `cap` bytes per stream and
-/// forwarding all of it to `sink`.
-async fn run_capped(
-    channel: &Channel,
-    req: ExecRequest,
-    stdin: Option<Vec<u8>>,
-    cap: usize,
-    over: OverCap,
-    sink: Option<&OutputSink>,
-) -> Result<Collected, StepError> {
-    let mut exec = channel.exec(req).await?;
-    let ctl = exec.control();
-    if let Some(input) = stdin {
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
-            let _ = ctl.write_stdin(&input).await;
-            let _ = ctl.close_stdin().await;
-        });
-    }
-    let (mut stdout, mut stderr, mut dropped) = (Vec::new(), Vec::new(), [0u64; 2]);
-    loop {
-        let (buf, n, data) = match exec.next_event().await? {
-            ExecEvent::Stdout(d) => (&mut stdout, 0, d),
-            ExecEvent::Stderr(d) => (&mut stderr, 1, d),
-            ExecEvent::Exited(exit) => {
-                return Ok(Collected {
-                    stdout,
-                    stderr,
-                    dropped,
-                    status: exit.status,
-                    timed_out: exit.timed_out,
-                })
-            }
-        };
-        if let Some(sink) = sink {
-            let kind = if n == 0 { FRAME_STDOUT } else { FRAME_STDERR };
-            let _ = sink.send((kind, data.clone())).await;
-        }
-        let room = cap.saturating_sub(buf.len());
-        if data.len() > room {
-            if over == OverCap::Kill && dropped == [0, 0] {
-                let _ = ctl.signal(libc::SIGKILL).await;
-            }
-            buf.extend_from_slice(&data[..room]);
-            dropped[n] += (data.len() - room) as u64;
-        } else {
-            buf.extend_from_slice(&data);
-        }
-    }
 }
 
 /// A stream as stored: lossy UTF-8, with a note when bytes beyond the cap were dropped.
@@ -224,10 +154,7 @@ fn excerpt(b: &[u8]) -> String {
 }
 
 fn outcome(c: &Collected, started: Instant) -> ProcessOutcome {
-    let (exit_code, signal) = match c.status {
-        ExitStatus::Code(n) => (Some(n), None),
-        ExitStatus::Signal(s) => (None, Some(s)),
-    };
+    let (exit_code, signal) = split_status(c.status);
     ProcessOutcome {
         exit_code,
         signal,
@@ -826,6 +753,7 @@ mod tests {
             snapshots_dir: dir.join("snapshots"),
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
+            detached: true,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

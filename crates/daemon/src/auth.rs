@@ -7,55 +7,19 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use hutch_store::{TokenScope, TokenUse};
-use hutch_types::{ErrorCode, SandboxInfo};
+use hutch_core::service::Caller;
+use hutch_store::TokenUse;
+use hutch_types::ErrorCode;
 use sha2::{Digest, Sha256};
 
 use crate::{http_error::HttpError, AppState};
-
-/// The caller's rights, attached to every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    /// Everything.
-    Admin,
-    /// Only sandboxes labelled `key=value`.
-    Label {
-        /// Label key.
-        key: String,
-        /// Label value.
-        value: String,
-    },
-}
-
-impl Scope {
-    /// Refuses a caller whose token is limited to some sandboxes, with `why` (for host-wide
-    /// resources such as templates and tasks).
-    pub fn require_admin(&self, why: &'static str) -> Result<(), HttpError> {
-        match self {
-            Scope::Admin => Ok(()),
-            Scope::Label { .. } => Err(HttpError::new(ErrorCode::Forbidden, why)),
-        }
-    }
-
-    /// Refuses (403) a sandbox outside this scope.
-    pub fn allows(&self, info: &SandboxInfo) -> Result<(), HttpError> {
-        match self {
-            Scope::Admin => Ok(()),
-            Scope::Label { key, value } if info.spec.labels.get(key) == Some(value) => Ok(()),
-            Scope::Label { key, value } => Err(HttpError::new(
-                ErrorCode::Forbidden,
-                format!("this token is limited to sandboxes labelled {key}={value}"),
-            )),
-        }
-    }
-}
 
 /// The stored form of a token: its SHA-256, hex.
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Middleware for TCP: resolves `Authorization: Bearer …` to a [`Scope`] (recording the
+/// Middleware for TCP: resolves `Authorization: Bearer …` to a [`Caller`] (recording the
 /// token's use), or answers 401 for a missing, unknown, removed or expired token.
 pub async fn require_token(
     State(state): State<Arc<AppState>>,
@@ -82,9 +46,6 @@ pub async fn require_token(
             ))
         }
     };
-    req.extensions_mut().insert(match scope {
-        TokenScope::Admin => Scope::Admin,
-        TokenScope::Label { key, value } => Scope::Label { key, value },
-    });
+    req.extensions_mut().insert(Caller::scoped(scope));
     Ok(next.run(req).await)
 }

@@ -6,7 +6,7 @@ use axum::{
     Json,
 };
 use hutch_api::ApiError;
-use hutch_core::CoreError;
+use hutch_core::{service::ServiceError, CoreError};
 use hutch_types::ErrorCode;
 
 /// An error a handler returns.
@@ -29,18 +29,15 @@ impl From<CoreError> for HttpError {
     }
 }
 
+impl From<ServiceError> for HttpError {
+    fn from(e: ServiceError) -> HttpError {
+        HttpError::new(e.code(), hutch_core::chain(&e))
+    }
+}
+
 impl From<hutch_protocol::host::ChannelError> for HttpError {
     fn from(e: hutch_protocol::host::ChannelError) -> HttpError {
-        use hutch_protocol::{host::ChannelError, ErrorCode as Guest};
-        let code = match &e {
-            ChannelError::Remote(op) if op.code == Guest::NotFound => ErrorCode::NotFound,
-            ChannelError::Remote(op) if op.code == Guest::InvalidRequest => ErrorCode::BadRequest,
-            ChannelError::Remote(op) if op.code == Guest::TooLarge => ErrorCode::BadRequest,
-            ChannelError::Remote(_) | ChannelError::TooLarge(_) => ErrorCode::ExecFailed,
-            ChannelError::Timeout(_) => ErrorCode::Timeout,
-            _ => ErrorCode::Internal,
-        };
-        HttpError::new(code, hutch_core::chain(&e))
+        ServiceError::Channel(e).into()
     }
 }
 
@@ -58,19 +55,6 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::ExecFailed | ErrorCode::CommandNotFound => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-    }
-}
-
-/// An exec that could not start: the guest's reason, with a code saying whether the command
-/// is missing (shells exit 127) or could not run (126).
-pub fn exec_start_error(e: hutch_protocol::host::ChannelError) -> HttpError {
-    use hutch_protocol::{host::ChannelError, ErrorCode as Guest};
-    match &e {
-        ChannelError::Remote(op) if op.code == Guest::NotFound => {
-            HttpError::new(ErrorCode::CommandNotFound, op.message.clone())
-        }
-        ChannelError::Remote(op) => HttpError::new(ErrorCode::ExecFailed, op.message.clone()),
-        _ => e.into(),
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! Serves the HTTP API on a Unix socket (mode 0660: file permissions are the access control,
 //! every caller is admin) and, when asked, on TCP where every request needs a bearer token.
-//! Handlers only parse requests and map results; the [`Manager`] decides what is legal.
+//! Handlers only parse requests into calls on the one request surface
+//! ([`SandboxApi`], here [`LocalApi`]) and format the results; the [`Manager`] behind it
+//! decides what is legal.
 
 #![forbid(unsafe_code)]
 
@@ -26,24 +28,25 @@ mod ws;
 
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
-use hutch_core::{Limits, Manager, ManagerConfig};
+use hutch_core::{
+    service::{Caller, LocalApi, SandboxApi},
+    Limits, Manager, ManagerConfig,
+};
 use hutch_store::{SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
 pub use args::DaemonArgs;
-pub use auth::{token_hash, Scope};
+pub use auth::token_hash;
 pub use backend::{BackendArgs, BackendChoice};
 pub use error::DaemonError;
 pub use home::Home;
 
 /// Shared by every handler.
 pub struct AppState {
-    /// Drives the sandboxes.
-    pub manager: Arc<Manager>,
+    /// The request surface every route calls.
+    pub api: Arc<dyn SandboxApi>,
     /// Token lookups.
     pub store: Arc<dyn Store>,
-    /// Agent tasks.
-    pub tasks: Arc<hutch_core::task::Tasks>,
 }
 
 /// How often TTLs are checked.
@@ -78,6 +81,7 @@ pub async fn run(
         snapshots_dir: home.snapshots(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         jails_dir: Some(home.jails()),
+        detached: true,
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();
@@ -92,12 +96,8 @@ pub async fn run(
         report.removed_dirs,
         report.removed_snapshots
     );
-    let state = Arc::new(AppState {
-        manager: manager.clone(),
-        store,
-        tasks: Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone())),
-    });
-    match state.tasks.recover().await {
+    let tasks = Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone()));
+    match tasks.recover().await {
         Ok(ids) if !ids.is_empty() => eprintln!(
             "hutch daemon: {} task(s) interrupted by the restart marked failed",
             ids.len()
@@ -105,12 +105,16 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
     }
+    let state = Arc::new(AppState {
+        api: Arc::new(LocalApi::new(manager.clone(), tasks)),
+        store,
+    });
     manager.start_pools();
-    tokio::spawn(expire_loop(manager));
+    tokio::spawn(expire_loop(manager.clone()));
 
     let socket = args.socket.clone().unwrap_or_else(|| home.socket());
     let unix = bind_unix(&socket)?;
-    let unix_app = routes::router(state.clone(), Scope::Admin);
+    let unix_app = routes::router(state.clone(), Caller::admin());
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(async move { axum::serve(unix, unix_app).await });
     if let Some(addr) = &args.listen_tcp {
@@ -142,7 +146,7 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&socket);
     // Pooled clones belong to no sandbox: they go with the daemon.
-    state.manager.drain_pools().await;
+    manager.drain_pools().await;
     // So are spare networks (a daemon killed instead leaves them to its successor).
     if let Some(net) = spares {
         net.set_spares(0).await;

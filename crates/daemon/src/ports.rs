@@ -4,12 +4,11 @@ use std::sync::Arc;
 
 use axum::{extract::State, Extension, Json};
 use hutch_api::{ApiError, PortMapping, PublishPort};
+use hutch_core::service::Caller;
 
 use crate::{
-    auth::Scope,
     extract::{JsonBody, Path},
     http_error::HttpError,
-    routes::{authorize, completed},
     AppState,
 };
 
@@ -31,13 +30,13 @@ fn mapping(p: hutch_net::PublishedPort) -> PortMapping {
               (status = 409, description = "host port taken, guest port published elsewhere, or no network", body = ApiError)))]
 pub async fn publish_port(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path((id, guest_port)): Path<(String, u16)>,
     JsonBody(req): JsonBody<PublishPort>,
 ) -> Result<Json<PortMapping>> {
-    authorize(&state, &scope, &id)?;
-    let manager = state.manager.clone();
-    let p = completed(async move { manager.publish_port(&id, guest_port, req.host_port).await })
+    let p = state
+        .api
+        .publish_port(&caller, &id, guest_port, req.host_port)
         .await?;
     Ok(Json(mapping(p)))
 }
@@ -47,12 +46,10 @@ pub async fn publish_port(
     responses((status = 200, description = "the ports still published", body = Vec<PortMapping>)))]
 pub async fn unpublish_port(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path((id, guest_port)): Path<(String, u16)>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    authorize(&state, &scope, &id)?;
-    let manager = state.manager.clone();
-    let left = completed(async move { manager.unpublish_port(&id, guest_port).await }).await?;
+    let left = state.api.unpublish_port(&caller, &id, guest_port).await?;
     Ok(Json(left.into_iter().map(mapping).collect()))
 }
 
@@ -61,10 +58,9 @@ pub async fn unpublish_port(
     responses((status = 200, body = Vec<PortMapping>)))]
 pub async fn list_ports(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    authorize(&state, &scope, &id)?;
-    let ports = state.manager.published_ports(&id)?;
+    let ports = state.api.ports(&caller, &id).await?;
     Ok(Json(ports.into_iter().map(mapping).collect()))
 }

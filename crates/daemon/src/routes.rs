@@ -1,7 +1,9 @@
-//! Routes: each handler parses its request, checks the caller's scope, calls the manager and
-//! maps the result. The OpenAPI document is generated from these same annotations.
+//! Routes: each handler parses its request into one call on the [`SandboxApi`] and formats
+//! the result; scope checks, validation and the work itself happen behind that surface.
+//!
+//! [`SandboxApi`]: hutch_core::service::SandboxApi The OpenAPI document is generated from these same annotations.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     extract::{DefaultBodyLimit, State},
@@ -11,9 +13,9 @@ use axum::{
     Extension, Json, Router,
 };
 use hutch_api::{ApiError, CreateSandbox, ExecBody, ExecResult, NetEvent, JSON_EXEC_OUTPUT_LIMIT};
-use hutch_protocol::{
-    host::{Channel, ExecEvent},
-    ExecRequest, ExitInfo, ExitStatus,
+use hutch_core::{
+    exec::split_status,
+    service::{Caller, Command, Create, Lifecycle},
 };
 use hutch_store::ListFilter;
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
@@ -21,7 +23,6 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    auth::Scope,
     extract::{JsonBody, Path, Query},
     files,
     http_error::HttpError,
@@ -32,7 +33,7 @@ type Result<T> = std::result::Result<T, HttpError>;
 type AppStateRef = State<Arc<AppState>>;
 
 /// Largest upload body (one file or one archive).
-pub const MAX_UPLOAD: usize = 256 << 20;
+pub const MAX_UPLOAD: usize = hutch_core::service::transfer::MAX_UPLOAD;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -110,9 +111,9 @@ fn build(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The API where every caller has `scope` (the Unix socket: admin).
-pub fn router(state: Arc<AppState>, scope: Scope) -> Router {
-    build(state).layer(Extension(scope))
+/// The API where every request comes from `caller` (the Unix socket: admin).
+pub fn router(state: Arc<AppState>, caller: Caller) -> Router {
+    build(state).layer(Extension(caller))
 }
 
 /// The API where each request's scope comes from its bearer token (TCP). A request that
@@ -126,32 +127,6 @@ pub fn router_with_tokens(state: Arc<AppState>) -> Router {
         ))
 }
 
-/// Loads a sandbox the caller may act on: 404 if unknown, 403 if out of scope.
-pub fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInfo> {
-    if !hutch_types::valid_sandbox_id(id) {
-        return Err(HttpError::new(
-            ErrorCode::NotFound,
-            format!("no such sandbox: {id:.40}"),
-        ));
-    }
-    let info = state.manager.get(id)?;
-    scope.allows(&info)?;
-    Ok(info)
-}
-
-/// Runs a state-changing manager call to completion even if the client hangs up meanwhile,
-/// so a disconnect never leaves a sandbox half created or half destroyed.
-pub async fn completed<T: Send + 'static>(
-    call: impl std::future::Future<Output = std::result::Result<T, hutch_core::CoreError>>
-        + Send
-        + 'static,
-) -> Result<T> {
-    tokio::spawn(call)
-        .await
-        .map_err(|e| HttpError::new(ErrorCode::Internal, format!("manager task failed: {e}")))?
-        .map_err(HttpError::from)
-}
-
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
     responses((status = 201, description = "created and running", body = SandboxInfo),
               (status = 200, description = "an earlier create with the same idempotency key", body = SandboxInfo),
@@ -160,36 +135,20 @@ pub async fn completed<T: Send + 'static>(
               (status = 429, body = ApiError)))]
 async fn create_sandbox(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
-    JsonBody(mut req): JsonBody<CreateSandbox>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(req): JsonBody<CreateSandbox>,
 ) -> Result<impl IntoResponse> {
-    if let Scope::Label { key, value } = &scope {
-        match req.spec.labels.get(key) {
-            Some(v) if v != value => {
-                return Err(HttpError::new(
-                    ErrorCode::Forbidden,
-                    format!("this token may only create sandboxes labelled {key}={value}"),
-                ))
-            }
-            _ => {
-                req.spec.labels.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    let manager = state.manager.clone();
-    let (info, created) = completed(async move {
-        manager
-            .create(req.spec, req.idempotency_key.as_deref())
-            .await
-    })
-    .await?;
-    scope.allows(&info)?;
+    let req = Create {
+        spec: req.spec,
+        idempotency_key: req.idempotency_key,
+    };
+    let (info, created) = state.api.create(&caller, req).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(info.redacted())))
+    Ok((status, Json(info)))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
@@ -198,7 +157,7 @@ async fn create_sandbox(
     responses((status = 200, body = Vec<SandboxInfo>)))]
 async fn list_sandboxes(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Result<Json<Vec<SandboxInfo>>> {
     let mut filter = ListFilter::default();
@@ -222,11 +181,7 @@ async fn list_sandboxes(
             }
         }
     }
-    if let Scope::Label { key, value } = &scope {
-        filter.labels.push((key.clone(), value.clone()));
-    }
-    let all = state.manager.list(&filter).await?;
-    Ok(Json(all.into_iter().map(SandboxInfo::redacted).collect()))
+    Ok(Json(state.api.list(&caller, filter).await?))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -235,11 +190,10 @@ async fn list_sandboxes(
               (status = 404, body = ApiError)))]
 async fn get_sandbox(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
-    Ok(Json(state.manager.inspect(&id).await?.redacted()))
+    Ok(Json(state.api.get(&caller, &id).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -247,15 +201,14 @@ async fn get_sandbox(
     responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError)))]
 async fn destroy_sandbox(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
-    let manager = state.manager.clone();
     Ok(Json(
-        completed(async move { manager.destroy(&id).await })
-            .await?
-            .redacted(),
+        state
+            .api
+            .lifecycle(&caller, &id, Lifecycle::Destroy)
+            .await?,
     ))
 }
 
@@ -268,12 +221,10 @@ macro_rules! lifecycle_route {
                               (status = 429, description = "no room to boot or restore it", body = ApiError)))]
         async fn $name(
             State(state): AppStateRef,
-            Extension(scope): Extension<Scope>,
+            Extension(caller): Extension<Caller>,
             Path(id): Path<String>,
         ) -> Result<Json<SandboxInfo>> {
-            authorize(&state, &scope, &id)?;
-            let manager = state.manager.clone();
-            Ok(Json(completed(async move { manager.$method(&id).await }).await?.redacted()))
+            Ok(Json(state.api.lifecycle(&caller, &id, Lifecycle::$method).await?))
         }
     };
 }
@@ -281,31 +232,31 @@ macro_rules! lifecycle_route {
 lifecycle_route!(
     pause,
     "/v1/sandboxes/{id}/pause",
-    pause,
+    Pause,
     "Freezes the sandbox's vCPUs."
 );
 lifecycle_route!(
     resume,
     "/v1/sandboxes/{id}/resume",
-    resume,
+    Resume,
     "Thaws a paused sandbox, or restores one paused to disk."
 );
 lifecycle_route!(
     suspend,
     "/v1/sandboxes/{id}/suspend",
-    suspend,
+    Suspend,
     "Pauses the sandbox to disk: saves its memory and disk and stops its VMM."
 );
 lifecycle_route!(
     start,
     "/v1/sandboxes/{id}/start",
-    start,
+    Start,
     "Boots a stopped sandbox again (a cold boot on a fresh disk, same id and spec)."
 );
 lifecycle_route!(
     stop,
     "/v1/sandboxes/{id}/stop",
-    stop,
+    Stop,
     "Powers the sandbox off, keeping its record."
 );
 
@@ -314,11 +265,10 @@ lifecycle_route!(
     responses((status = 200, description = "guest console log (guest-controlled bytes)", content_type = "application/octet-stream")))]
 async fn console(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
-    authorize(&state, &scope, &id)?;
-    Ok(state.manager.console_log(&id)?)
+    Ok(state.api.console(&caller, &id).await?)
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network", request_body = NetworkPolicy,
@@ -326,17 +276,11 @@ async fn console(
     responses((status = 200, body = SandboxInfo), (status = 409, body = ApiError)))]
 async fn set_network(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(policy): JsonBody<NetworkPolicy>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
-    let manager = state.manager.clone();
-    Ok(Json(
-        completed(async move { manager.set_network(&id, policy).await })
-            .await?
-            .redacted(),
-    ))
+    Ok(Json(state.api.set_network(&caller, &id, policy).await?))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/network/log", tag = "network",
@@ -344,11 +288,10 @@ async fn set_network(
     responses((status = 200, body = Vec<NetEvent>)))]
 async fn network_log(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<NetEvent>>> {
-    authorize(&state, &scope, &id)?;
-    let events = state.manager.network_events(&id)?;
+    let events = state.api.network_log(&caller, &id).await?;
     Ok(Json(events.into_iter().map(net_event).collect()))
 }
 
@@ -383,126 +326,30 @@ fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
     responses((status = 200, body = ExecResult), (status = 422, description = "command could not start", body = ApiError)))]
 async fn exec(
     State(state): AppStateRef,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Json<ExecResult>> {
-    let info = authorize(&state, &scope, &id)?;
-    let channel = state.manager.channel(&id)?;
+    let command = Command {
+        argv: body.argv,
+        env: body.env,
+        cwd: body.cwd,
+        timeout_secs: body.timeout_secs,
+    };
     let stdin = body.stdin.map(String::into_bytes);
-    let req = exec_request(
-        &info,
-        body.argv,
-        body.env,
-        body.cwd,
-        body.timeout_secs,
-        stdin.is_some(),
-    )?;
-    let out = collect(&channel, req, stdin, JSON_EXEC_OUTPUT_LIMIT).await?;
-    let (exit_code, signal) = split_status(out.exit.status);
+    let out = state
+        .api
+        .exec(&caller, &id, command, stdin, JSON_EXEC_OUTPUT_LIMIT)
+        .await?;
+    let (exit_code, signal) = split_status(out.status);
     Ok(Json(ExecResult {
         exit_code,
         signal,
-        timed_out: out.exit.timed_out,
+        timed_out: out.timed_out,
+        truncated: out.truncated(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        truncated: out.truncated,
     }))
-}
-
-/// A finished command's output, each stream cut at a limit.
-pub struct Collected {
-    /// Stdout, at most the limit.
-    pub stdout: Vec<u8>,
-    /// Stderr, at most the limit.
-    pub stderr: Vec<u8>,
-    /// Whether either stream was cut.
-    pub truncated: bool,
-    /// How it ended.
-    pub exit: ExitInfo,
-}
-
-/// Runs `req`, feeding `stdin`, and collects at most `limit` bytes of each stream (the rest
-/// is read and dropped, so the guest never blocks).
-pub async fn collect(
-    channel: &Channel,
-    req: ExecRequest,
-    stdin: Option<Vec<u8>>,
-    limit: usize,
-) -> Result<Collected> {
-    let mut exec = channel
-        .exec(req)
-        .await
-        .map_err(crate::http_error::exec_start_error)?;
-    if let Some(input) = stdin {
-        let ctl = exec.control();
-        tokio::spawn(async move {
-            let _ = ctl.write_stdin(&input).await;
-            let _ = ctl.close_stdin().await;
-        });
-    }
-    let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
-    loop {
-        match exec.next_event().await? {
-            ExecEvent::Stdout(d) => truncated |= append_capped(&mut stdout, &d, limit),
-            ExecEvent::Stderr(d) => truncated |= append_capped(&mut stderr, &d, limit),
-            ExecEvent::Exited(exit) => {
-                return Ok(Collected {
-                    stdout,
-                    stderr,
-                    truncated,
-                    exit,
-                })
-            }
-        }
-    }
-}
-
-/// Appends up to `limit` bytes in all; true if something was dropped.
-fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize) -> bool {
-    let room = limit.saturating_sub(buf.len());
-    buf.extend_from_slice(&data[..data.len().min(room)]);
-    data.len() > room
-}
-
-/// (exit code, signal) of a status.
-pub fn split_status(status: ExitStatus) -> (Option<i32>, Option<i32>) {
-    match status {
-        ExitStatus::Code(c) => (Some(c), None),
-        ExitStatus::Signal(s) => (None, Some(s)),
-    }
-}
-
-/// Builds the guest request: the sandbox's env, then the command's own on top.
-pub fn exec_request(
-    info: &SandboxInfo,
-    argv: Vec<String>,
-    env: BTreeMap<String, String>,
-    cwd: Option<String>,
-    timeout_secs: Option<u64>,
-    stdin: bool,
-) -> Result<ExecRequest> {
-    if argv.is_empty() || argv.iter().any(|a| a.contains('\0')) {
-        return Err(HttpError::new(
-            ErrorCode::BadRequest,
-            "argv must be non-empty and free of NUL",
-        ));
-    }
-    if let Some(bad) = env.keys().find(|k| !hutch_types::valid_env_name(k)) {
-        return Err(HttpError::new(
-            ErrorCode::BadRequest,
-            format!("invalid variable name {bad:.40}"),
-        ));
-    }
-    let mut merged = info.spec.env.clone();
-    merged.extend(env);
-    Ok(ExecRequest {
-        env: merged.into_iter().collect(),
-        cwd,
-        stdin,
-        timeout_ms: timeout_secs.map(|s| s.saturating_mul(1000)),
-        ..ExecRequest::new(argv)
-    })
 }
 
 #[cfg(test)]
@@ -572,6 +419,7 @@ mod tests {
             snapshots_dir: dir.path().join("snapshots"),
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
+            detached: true,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),
@@ -585,9 +433,8 @@ mod tests {
         (
             dir,
             Arc::new(AppState {
-                manager,
+                api: Arc::new(hutch_core::service::LocalApi::new(manager, tasks)),
                 store,
-                tasks,
             }),
         )
     }
@@ -620,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn every_documented_route_is_served() {
         let (_dir, state) = state();
-        let app = router(state, Scope::Admin);
+        let app = router(state, Caller::admin());
         for (method, path) in OPERATIONS {
             let mut uri = path
                 .replace("{id}", "sb-0123456789")
@@ -672,7 +519,7 @@ mod tests {
     #[tokio::test]
     async fn bad_json_is_a_400_with_a_stable_code() {
         let (_dir, state) = state();
-        let app = router(state, Scope::Admin);
+        let app = router(state, Caller::admin());
         for body in ["{not json", "{\"cpus\":1,\"gpus\":4}", "[]"] {
             let req = Request::builder()
                 .method("POST")
@@ -715,7 +562,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_paths_queries_and_bodies_get_the_json_error() {
         let (_dir, state) = state();
-        let app = router(state, Scope::Admin);
+        let app = router(state, Caller::admin());
         for (method, uri, body) in [
             ("PUT", "/v1/sandboxes/sb-01/ports/http", "{}"),
             ("PUT", "/v1/sandboxes/sb-01/ports/70000", "{}"),
@@ -744,7 +591,7 @@ mod tests {
     async fn a_template_name_with_nul_is_a_400_that_shows_no_host_path() {
         let (dir, state) = state();
         std::fs::create_dir_all(dir.path().join("templates")).unwrap();
-        let app = router(state, Scope::Admin);
+        let app = router(state, Caller::admin());
         let (status, err) = error_of(
             &app,
             "POST",
@@ -766,7 +613,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_upload_is_a_multipart_form_of_spec_and_workspace() {
         let (_dir, state) = state();
-        let app = router(state, Scope::Admin);
+        let app = router(state, Caller::admin());
         let spec: hutch_task::TaskSpec =
             serde_json::from_str(r#"{"command":["true"],"verify":"false"}"#).unwrap();
         let (content_type, body) = hutch_api::client::task_form(&spec, b"not a tar");

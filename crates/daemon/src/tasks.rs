@@ -13,7 +13,7 @@ use axum::{
     Extension, Json,
 };
 use hutch_api::ApiError;
-use hutch_core::task::TaskError;
+use hutch_core::service::{Caller, TASKS_HOST_WIDE};
 use hutch_task::{
     model::{encode_frame, FRAME_ERROR, FRAME_RECORD},
     sign::SignatureCheck,
@@ -23,20 +23,12 @@ use hutch_types::ErrorCode;
 use serde::Deserialize;
 
 use crate::{
-    auth::Scope,
     extract::{Path, Query},
     http_error::HttpError,
     AppState,
 };
 
 type Result<T> = std::result::Result<T, HttpError>;
-
-/// Why a label-scoped token is refused here.
-const HOST_WIDE: &str = "tasks are host-wide: only an unscoped token may run or read them";
-
-fn task_error(e: TaskError) -> HttpError {
-    HttpError::new(e.code(), hutch_core::chain(&e))
-}
 
 /// Query of `POST /v1/tasks`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -95,25 +87,24 @@ impl TaskUpload {
               (status = 429, body = ApiError)))]
 pub(super) async fn run_task(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<RunQuery>,
     form: std::result::Result<Multipart, MultipartRejection>,
 ) -> Result<Response> {
-    scope.require_admin(HOST_WIDE)?;
+    // Refused before the upload is read (the surface checks again).
+    caller.require_admin(TASKS_HOST_WIDE)?;
     let TaskUpload {
         spec,
         workspace: tar,
     } = TaskUpload::read(form).await?;
-    let tasks = state.tasks.clone();
     let (sink, output) = tokio::sync::mpsc::channel(64);
     let sink = query.stream.then_some(sink);
-    // Runs to its end even if the client hangs up, so no sandbox is left behind.
-    let run = tokio::spawn(async move { tasks.run(spec, tar, sink).await });
+    // The surface runs the task to its end even if the client hangs up.
+    let run = tokio::spawn(async move { state.api.run_task(&caller, spec, tar, sink).await });
     if !query.stream {
         let record = run
             .await
-            .map_err(|e| HttpError::new(ErrorCode::Internal, format!("task failed: {e}")))?
-            .map_err(task_error)?;
+            .map_err(|e| HttpError::new(ErrorCode::Internal, format!("task failed: {e}")))??;
         return Ok((StatusCode::CREATED, Json(record)).into_response());
     }
     // Output frames until the task drops its sink, then the record (or the error).
@@ -126,7 +117,7 @@ pub(super) async fn run_task(
                 FRAME_RECORD,
                 &serde_json::to_vec(&record).expect("serializable"),
             ),
-            Ok(Err(e)) => encode_frame(FRAME_ERROR, &error_json(task_error(e))),
+            Ok(Err(e)) => encode_frame(FRAME_ERROR, &error_json(HttpError::from(e))),
             Err(e) => encode_frame(
                 FRAME_ERROR,
                 &error_json(HttpError::new(
@@ -152,21 +143,19 @@ fn error_json(e: HttpError) -> Vec<u8> {
     responses((status = 200, body = Vec<TaskRecord>), (status = 403, body = ApiError)))]
 pub(super) async fn list_tasks(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<TaskRecord>>> {
-    scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.list().map_err(task_error)?))
+    Ok(Json(state.api.tasks(&caller).await?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = TaskRecord), (status = 404, body = ApiError)))]
 pub(super) async fn get_task(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>> {
-    scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.get(&id).map_err(task_error)?))
+    Ok(Json(state.api.task(&caller, &id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/signature", tag = "tasks", params(("id" = String, Path)),
@@ -174,11 +163,10 @@ pub(super) async fn get_task(
               (status = 404, body = ApiError)))]
 pub(super) async fn task_signature(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SignatureCheck>> {
-    scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.verify_signature(&id).map_err(task_error)?))
+    Ok(Json(state.api.task_signature(&caller, &id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/baseline", tag = "tasks", params(("id" = String, Path)),
@@ -186,11 +174,10 @@ pub(super) async fn task_signature(
               (status = 404, body = ApiError)))]
 pub(super) async fn task_baseline(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<hutch_task::Baseline>> {
-    scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.baseline(&id).map_err(task_error)?))
+    Ok(Json(state.api.task_baseline(&caller, &id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/changeset", tag = "tasks", params(("id" = String, Path)),
@@ -198,11 +185,10 @@ pub(super) async fn task_baseline(
               (status = 404, body = ApiError)))]
 pub(super) async fn task_changeset(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
-    scope.require_admin(HOST_WIDE)?;
-    state.tasks.changeset(&id).map_err(task_error)
+    Ok(state.api.task_changeset(&caller, &id).await?)
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/diff", tag = "tasks", params(("id" = String, Path)),
@@ -210,9 +196,8 @@ pub(super) async fn task_changeset(
               (status = 404, body = ApiError)))]
 pub(super) async fn task_diff(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<String> {
-    scope.require_admin(HOST_WIDE)?;
-    state.tasks.diff(&id).map_err(task_error)
+    Ok(state.api.task_diff(&caller, &id).await?)
 }

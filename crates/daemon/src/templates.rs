@@ -6,20 +6,16 @@ use std::sync::Arc;
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, Extension, Json};
 use hutch_api::{ApiError, ForkBody, PoolBody};
-use hutch_types::{ErrorCode, SandboxInfo, TemplateInfo, TemplateSpec};
+use hutch_core::service::Caller;
+use hutch_types::{SandboxInfo, TemplateInfo, TemplateSpec};
 
 use crate::{
-    auth::Scope,
     extract::{JsonBody, Path},
     http_error::HttpError,
-    routes::{authorize, completed},
     AppState,
 };
 
 type Result<T> = std::result::Result<T, HttpError>;
-
-/// Why a label-scoped token is refused here.
-const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may create or remove them";
 
 #[utoipa::path(post, path = "/v1/templates", request_body = TemplateSpec, tag = "templates",
     responses((status = 201, description = "booted, provisioned and saved", body = TemplateInfo),
@@ -30,12 +26,10 @@ const HOST_WIDE: &str = "templates are host-wide: only an unscoped token may cre
               (status = 422, description = "provisioning failed", body = ApiError)))]
 pub(super) async fn create_template(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     JsonBody(spec): JsonBody<TemplateSpec>,
 ) -> Result<impl IntoResponse> {
-    scope.require_admin(HOST_WIDE)?;
-    let manager = state.manager.clone();
-    let info = completed(async move { manager.create_template(spec).await }).await?;
+    let info = state.api.create_template(&caller, spec).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -43,8 +37,9 @@ pub(super) async fn create_template(
     responses((status = 200, body = Vec<TemplateInfo>)))]
 pub(super) async fn list_templates(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<TemplateInfo>>> {
-    Ok(Json(state.manager.templates()?))
+    Ok(Json(state.api.templates(&caller).await?))
 }
 
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",
@@ -52,10 +47,10 @@ pub(super) async fn list_templates(
     responses((status = 200, body = TemplateInfo), (status = 404, body = ApiError)))]
 pub(super) async fn get_template(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<TemplateInfo>> {
-    valid(&name)?;
-    Ok(Json(state.manager.template(&name)?))
+    Ok(Json(state.api.template(&caller, &name).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates",
@@ -64,15 +59,10 @@ pub(super) async fn get_template(
               (status = 409, description = "sandboxes still use it", body = ApiError)))]
 pub(super) async fn remove_template(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<TemplateInfo>> {
-    scope.require_admin(HOST_WIDE)?;
-    valid(&name)?;
-    let manager = state.manager.clone();
-    Ok(Json(
-        completed(async move { manager.remove_template(&name).await }).await?,
-    ))
+    Ok(Json(state.api.remove_template(&caller, &name).await?))
 }
 
 #[utoipa::path(put, path = "/v1/templates/{name}/pool", request_body = PoolBody, tag = "templates",
@@ -80,28 +70,11 @@ pub(super) async fn remove_template(
     responses((status = 200, body = TemplateInfo), (status = 404, body = ApiError)))]
 pub(super) async fn set_pool(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<PoolBody>,
 ) -> Result<Json<TemplateInfo>> {
-    scope.require_admin(HOST_WIDE)?;
-    valid(&name)?;
-    let manager = state.manager.clone();
-    Ok(Json(
-        completed(async move { manager.set_pool_size(&name, body.size).await }).await?,
-    ))
-}
-
-/// 404 for a name that cannot be a template's (and so never reaches the filesystem).
-fn valid(name: &str) -> Result<()> {
-    if hutch_types::valid_name(name) {
-        Ok(())
-    } else {
-        Err(HttpError::new(
-            ErrorCode::NotFound,
-            format!("no such template: {name:.40}"),
-        ))
-    }
+    Ok(Json(state.api.set_pool(&caller, &name, body.size).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", request_body = ForkBody, tag = "sandboxes",
@@ -111,13 +84,10 @@ fn valid(name: &str) -> Result<()> {
               (status = 429, body = ApiError)))]
 pub(super) async fn fork(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ForkBody>,
 ) -> Result<impl IntoResponse> {
-    authorize(&state, &scope, &id)?;
-    let manager = state.manager.clone();
-    let children = completed(async move { manager.fork(&id, body.count).await }).await?;
-    let children: Vec<SandboxInfo> = children.into_iter().map(SandboxInfo::redacted).collect();
+    let children = state.api.fork(&caller, &id, body.count).await?;
     Ok((StatusCode::CREATED, Json(children)))
 }

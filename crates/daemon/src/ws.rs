@@ -21,34 +21,39 @@ use hutch_protocol::{
 };
 use hutch_types::ErrorCode;
 
-use crate::{
-    auth::Scope,
-    extract::Path,
-    http_error::HttpError,
-    routes::{authorize, exec_request, split_status},
-    AppState,
+use hutch_core::{
+    exec::split_status,
+    service::{Caller, Command},
 };
+
+use crate::{extract::Path, http_error::HttpError, AppState};
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path)),
     responses((status = 101, description = "WebSocket: first text frame ExecStart; binary frames stdin/output; text frames ExecControl/ExecEventMsg")))]
 pub async fn exec_stream(
     State(state): State<Arc<AppState>>,
-    Extension(scope): Extension<Scope>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
-    authorize(&state, &scope, &id)?;
+    // Refused before the upgrade when out of scope (the exec itself checks again).
+    state.api.get(&caller, &id).await?;
     let upgrade = upgrade.map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         let mut socket = socket;
-        if let Err(e) = serve(&state, &id, &mut socket).await {
+        if let Err(e) = serve(&state, &caller, &id, &mut socket).await {
             let _ = send_event(&mut socket, &ExecEventMsg::Error(e.0)).await;
         }
         let _ = socket.send(Message::Close(None)).await;
     }))
 }
 
-async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(), HttpError> {
+async fn serve(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    socket: &mut WebSocket,
+) -> Result<(), HttpError> {
     let start: ExecStart = match socket.recv().await {
         Some(Ok(Message::Text(t))) => serde_json::from_str(t.as_str())
             .map_err(|e| HttpError::new(ErrorCode::BadRequest, format!("bad ExecStart: {e}")))?,
@@ -59,24 +64,17 @@ async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(),
             ))
         }
     };
-    let info = state.manager.get(id)?;
-    let channel = state.manager.channel(id)?;
-    let mut req = exec_request(
-        &info,
-        start.argv,
-        start.env,
-        start.cwd,
-        start.timeout_secs,
-        true,
-    )?;
-    req.tty = start.tty.map(|t| TtySize {
+    let command = Command {
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        timeout_secs: start.timeout_secs,
+    };
+    let tty = start.tty.map(|t| TtySize {
         rows: t.rows,
         cols: t.cols,
     });
-    let mut exec = channel
-        .exec(req)
-        .await
-        .map_err(crate::http_error::exec_start_error)?;
+    let mut exec = state.api.exec_stream(caller, id, command, tty).await?;
     let control = exec.control();
     send_event(socket, &ExecEventMsg::Started { pid: exec.pid() }).await?;
     // Every way out before the exit (the client went away, stopped reading and then closed,

@@ -1,0 +1,203 @@
+//! The one request surface: every operation a front end (the HTTP API, `hutch run` in
+//! process, and later MCP, an E2B-compatible API or a fleet gateway) may ask of a host, in the
+//! manner of Cloud Hypervisor's `RequestHandler`.
+//!
+//! Front ends only parse their wire format into these calls and format the results out.
+//! Everything else happens here, once: the caller's scope ([`Caller`]), request validation
+//! (argv, environment names, guest paths, upload caps), redaction of what a response must
+//! not carry, running state changes to completion even when the caller goes away, capped and
+//! streaming exec, and file and archive transfers with the archive checker in the stream.
+//! [`LocalApi`] implements it on this host's [`Manager`](crate::Manager) and
+//! [`Tasks`](crate::task::Tasks).
+
+mod caller;
+mod error;
+mod local;
+pub mod transfer;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use hutch_net::{FlowEvent, PublishedPort};
+use hutch_protocol::{host::Exec, TtySize};
+use hutch_store::ListFilter;
+use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
+use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec, TemplateInfo, TemplateSpec};
+use tokio::io::DuplexStream;
+
+pub use caller::Caller;
+pub use error::ServiceError;
+pub use local::{LocalApi, TASKS_HOST_WIDE};
+pub use transfer::ByteStream;
+
+use crate::exec::{Collected, OutputSink};
+
+/// A request's result.
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// A lifecycle change of one sandbox (the legality table in [`crate::lifecycle`] decides
+/// whether it may happen in the sandbox's state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Freeze its vCPUs.
+    Pause,
+    /// Thaw a paused sandbox, or restore one paused to disk.
+    Resume,
+    /// Save memory and disk and stop its VMM.
+    Suspend,
+    /// Boot a stopped sandbox again.
+    Start,
+    /// Power it off, keeping its record.
+    Stop,
+    /// Remove it and everything it holds on the host.
+    Destroy,
+}
+
+/// A command to run in a sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Command {
+    /// Program and arguments (non-empty, free of NUL).
+    pub argv: Vec<String>,
+    /// Variables on top of the sandbox's own environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the guest.
+    pub cwd: Option<String>,
+    /// Kill it after this many seconds.
+    pub timeout_secs: Option<u64>,
+}
+
+/// A sandbox to create.
+#[derive(Debug, Clone, Default)]
+pub struct Create {
+    /// What to boot.
+    pub spec: SandboxSpec,
+    /// A key that makes retries return the first create's sandbox.
+    pub idempotency_key: Option<String>,
+}
+
+/// Every operation on a host's sandboxes, templates and tasks. Each call names its
+/// [`Caller`]; a sandbox outside the caller's scope is refused as if by the front end.
+#[async_trait]
+pub trait SandboxApi: Send + Sync {
+    /// Creates and boots a sandbox (or returns the earlier one with the same idempotency
+    /// key): the sandbox and whether it is new.
+    async fn create(&self, caller: &Caller, req: Create) -> Result<(SandboxInfo, bool)>;
+    /// The sandboxes matching `filter` that the caller may see.
+    async fn list(&self, caller: &Caller, filter: ListFilter) -> Result<Vec<SandboxInfo>>;
+    /// One sandbox, its state confirmed by a health check.
+    async fn get(&self, caller: &Caller, id: &str) -> Result<SandboxInfo>;
+    /// Changes a sandbox's lifecycle state.
+    async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo>;
+    /// The guest's console log (guest-controlled bytes).
+    async fn console(&self, caller: &Caller, id: &str) -> Result<Vec<u8>>;
+    /// Replaces a sandbox's egress policy.
+    async fn set_network(
+        &self,
+        caller: &Caller,
+        id: &str,
+        policy: NetworkPolicy,
+    ) -> Result<SandboxInfo>;
+    /// The sandbox's recent network decisions.
+    async fn network_log(&self, caller: &Caller, id: &str) -> Result<Vec<FlowEvent>>;
+    /// Publishes a guest port on the host (on `host_port`, or any free one).
+    async fn publish_port(
+        &self,
+        caller: &Caller,
+        id: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<PublishedPort>;
+    /// Unpublishes a guest port: the ports still published.
+    async fn unpublish_port(
+        &self,
+        caller: &Caller,
+        id: &str,
+        guest_port: u16,
+    ) -> Result<Vec<PublishedPort>>;
+    /// The sandbox's published ports.
+    async fn ports(&self, caller: &Caller, id: &str) -> Result<Vec<PublishedPort>>;
+    /// Runs a command to its end, feeding `stdin`, keeping at most `limit` bytes per stream.
+    async fn exec(
+        &self,
+        caller: &Caller,
+        id: &str,
+        command: Command,
+        stdin: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Collected>;
+    /// Starts a command with open stdin (and a terminal when `tty` is set) and hands back
+    /// its stream; dropping it kills the command.
+    async fn exec_stream(
+        &self,
+        caller: &Caller,
+        id: &str,
+        command: Command,
+        tty: Option<TtySize>,
+    ) -> Result<Exec>;
+    /// Writes `body` to the guest file `path` (octal `mode`), making parent directories.
+    async fn write_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        mode: u32,
+        body: ByteStream,
+    ) -> Result<()>;
+    /// Copies the guest file `path` into `sink`.
+    async fn read_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        sink: DuplexStream,
+    ) -> Result<()>;
+    /// Unpacks the tar `body` into the guest directory `dir`, checking every entry.
+    async fn put_archive(
+        &self,
+        caller: &Caller,
+        id: &str,
+        dir: &str,
+        body: ByteStream,
+    ) -> Result<()>;
+    /// Packs the guest directory `dir` as a tar into `sink`, checking every entry.
+    async fn get_archive(
+        &self,
+        caller: &Caller,
+        id: &str,
+        dir: &str,
+        sink: DuplexStream,
+    ) -> Result<()>;
+    /// Clones a running sandbox `count` times: the children, running.
+    async fn fork(&self, caller: &Caller, id: &str, count: u32) -> Result<Vec<SandboxInfo>>;
+    /// Boots, provisions and saves a template (host-wide: admin only).
+    async fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> Result<TemplateInfo>;
+    /// Every template.
+    async fn templates(&self, caller: &Caller) -> Result<Vec<TemplateInfo>>;
+    /// One template.
+    async fn template(&self, caller: &Caller, name: &str) -> Result<TemplateInfo>;
+    /// Removes a template no sandbox uses (admin only).
+    async fn remove_template(&self, caller: &Caller, name: &str) -> Result<TemplateInfo>;
+    /// Sets how many clones of a template are kept ready (admin only).
+    async fn set_pool(&self, caller: &Caller, name: &str, size: u32) -> Result<TemplateInfo>;
+    /// Runs an agent task on `workspace` (a tar) to its end, streaming output to `sink`
+    /// (admin only).
+    async fn run_task(
+        &self,
+        caller: &Caller,
+        spec: TaskSpec,
+        workspace: Vec<u8>,
+        sink: Option<OutputSink>,
+    ) -> Result<TaskRecord>;
+    /// Every task's record (admin only).
+    async fn tasks(&self, caller: &Caller) -> Result<Vec<TaskRecord>>;
+    /// One task's record (admin only).
+    async fn task(&self, caller: &Caller, id: &str) -> Result<TaskRecord>;
+    /// The host baseline of a task's workspace (admin only).
+    async fn task_baseline(&self, caller: &Caller, id: &str) -> Result<Baseline>;
+    /// A task's validated changeset, as stored (admin only).
+    async fn task_changeset(&self, caller: &Caller, id: &str) -> Result<Vec<u8>>;
+    /// A task's changes as a unified diff (admin only).
+    async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String>;
+    /// Whether a task's record carries a valid host signature (admin only).
+    async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck>;
+}
