@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod clones;
+mod host;
 pub mod lifecycle;
 mod manager;
 mod network;
@@ -17,6 +18,7 @@ pub mod task;
 mod template;
 
 pub use clones::MAX_FORK;
+pub use host::{HostNetwork, ImageDir, ImageSource};
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use pool::MAX_POOL;
 pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};

@@ -13,13 +13,14 @@ use std::{
 };
 
 use hutch_image::ImageError;
-use hutch_net::{FlowEvent, NetError, Network, WireGuardConfig};
+use hutch_net::{FlowEvent, NetError, WireGuardConfig};
 use hutch_protocol::host::{Channel, ChannelError};
 use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
 use hutch_vmm::{GuestMemory, Snapshot, Vmm, VmmError};
 
 use crate::{
+    host::{HostNetwork, ImageSource},
     lifecycle::{check, ActionKind, IllegalAction},
     network,
     sandbox::{BootOptions, Sandbox, SandboxError},
@@ -41,8 +42,8 @@ pub struct Limits {
 /// Where the manager keeps things and how it boots.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// Built images.
-    pub images_dir: PathBuf,
+    /// Where images are found by name (an [`ImageDir`](crate::ImageDir) in the daemon).
+    pub images: Arc<dyn ImageSource>,
     /// Parent of every sandbox's run dir.
     pub runs_dir: PathBuf,
     /// Admission limits.
@@ -154,7 +155,7 @@ pub struct ReconcileReport {
 
 /// The network a sandbox is about to get.
 pub(crate) struct NetPlan {
-    pub(crate) net: Arc<Network>,
+    pub(crate) net: Arc<dyn HostNetwork>,
     pub(crate) policy: hutch_net::Policy,
     pub(crate) tunnel: Option<WireGuardConfig>,
 }
@@ -171,7 +172,7 @@ pub struct Manager {
     store: Arc<dyn Store>,
     pub(crate) vmm: Arc<dyn Vmm>,
     /// Sandbox networking, or why this host cannot offer it.
-    net: Result<Arc<Network>, String>,
+    net: Result<Arc<dyn HostNetwork>, String>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pub(crate) admission: tokio::sync::Mutex<()>,
     /// Ready clones of templates.
@@ -194,7 +195,7 @@ impl Manager {
         cfg: ManagerConfig,
         store: Arc<dyn Store>,
         vmm: Arc<dyn Vmm>,
-        net: Result<Arc<Network>, String>,
+        net: Result<Arc<dyn HostNetwork>, String>,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             cfg,
@@ -208,12 +209,17 @@ impl Manager {
         })
     }
 
+    /// The image called `name`.
+    pub(crate) fn image(&self, name: &str) -> Result<hutch_image::Image, CoreError> {
+        self.cfg.images.open(name).map_err(CoreError::Image)
+    }
+
     fn run_dir(&self, id: &str) -> PathBuf {
         self.cfg.runs_dir.join(id)
     }
 
     /// The host network, or why this host has none (for `network.rs`).
-    pub(crate) fn net(&self) -> Result<&Arc<Network>, CoreError> {
+    pub(crate) fn net(&self) -> Result<&Arc<dyn HostNetwork>, CoreError> {
         self.net
             .as_ref()
             .map_err(|why| CoreError::NoNetwork(why.clone()))
@@ -264,8 +270,7 @@ impl Manager {
         {
             return Ok((info, true));
         }
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         let id = crate::new_id();
         {
             let _admit = self.admission.lock().await;
@@ -338,7 +343,14 @@ impl Manager {
     ) -> Result<Sandbox, CoreError> {
         let network = match plan {
             Some(p) => {
-                network::attach(&p.net, self.vmm.as_ref(), id, &p.policy, p.tunnel.as_ref()).await?
+                network::attach(
+                    p.net.as_ref(),
+                    self.vmm.as_ref(),
+                    id,
+                    &p.policy,
+                    p.tunnel.as_ref(),
+                )
+                .await?
             }
             None => None,
         };
@@ -611,8 +623,7 @@ impl Manager {
             }));
         }
         let plan = self.plan_network(&spec, None)?;
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         {
             let _admit = self.admission.lock().await;
             // Checked under the admission lock, so two starts cannot both boot it.

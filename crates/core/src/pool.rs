@@ -251,8 +251,7 @@ impl Manager {
             let _admit = self.admission.lock().await;
             self.admit(&spec)?;
         }
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         let plan = self.plan_network(&spec, Some(&snapshot))?;
         let id = crate::new_id();
         let sandbox = self
