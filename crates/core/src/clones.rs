@@ -165,7 +165,6 @@ impl Manager {
             let _admit = self.admission.lock().await;
             self.admit(spec)?;
             self.store().insert_sandbox(&id, spec, None, now_ms())?;
-            self.intend(&id, plan.is_some())?;
         }
         self.launch(&id, spec, image, plan, Some(snapshot)).await?;
         self.info(&id)
@@ -246,7 +245,6 @@ impl Manager {
             self.admit(&info.spec)?;
             self.store()
                 .set_state(id, &SandboxState::Creating, now_ms())?;
-            self.intend(id, plan.is_some())?;
         }
         if let Err(e) = self
             .launch(id, &info.spec, image, plan, Some(&snapshot))

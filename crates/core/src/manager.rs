@@ -281,7 +281,6 @@ impl Manager {
             if !created {
                 return Ok((self.info(&id)?, false));
             }
-            self.intend(&id, plan.is_some())?;
         }
         self.launch(&id, &spec, image, plan, snapshot.as_ref())
             .await?;
@@ -379,8 +378,9 @@ impl Manager {
         Ok(started?)
     }
 
-    /// Creates the network and the VM of a recorded sandbox (booted, or restored from
-    /// `snapshot`) and makes it live; on failure removes what was made and marks it failed.
+    /// Records the intent, then creates the network and the VM of a recorded sandbox (booted,
+    /// or restored from `snapshot`) and makes it live; on any failure (the store's included)
+    /// removes what was made and marks it failed.
     pub(crate) async fn launch(
         &self,
         id: &str,
@@ -389,16 +389,21 @@ impl Manager {
         plan: Option<NetPlan>,
         snapshot: Option<&Snapshot>,
     ) -> Result<(), CoreError> {
-        match self
-            .start_vm(id, spec, image, plan.as_ref(), snapshot)
-            .await
-        {
-            Ok(sandbox) => {
-                if plan.is_some() {
-                    self.store.confirm_object(&netns_object(id, true))?;
+        let launched = async {
+            self.intend(id, plan.is_some())?;
+            let sandbox = self
+                .start_vm(id, spec, image, plan.as_ref(), snapshot)
+                .await?;
+            if plan.is_some() {
+                if let Err(e) = self.store.confirm_object(&netns_object(id, true)) {
+                    let _ = sandbox.discard().await;
+                    return Err(e.into());
                 }
-                self.record_running(id, sandbox)
             }
+            self.record_running(id, sandbox).await
+        };
+        match launched.await {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.remove_recorded(id).await?;
                 self.store
@@ -487,17 +492,27 @@ impl Manager {
         }
     }
 
-    /// Records a booted (or adopted) sandbox's objects and makes it live and running.
-    pub(crate) fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
+    /// Records a booted (or adopted) sandbox's objects and makes it live and running. If the
+    /// store fails, the VM is discarded (a detached VM's handle would leave it running,
+    /// perhaps unrecorded) and the caller removes what is recorded.
+    pub(crate) async fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
         let vm = sandbox.vm();
-        self.store.confirm_object(&self.run_dir_object(id, true))?;
-        self.store.confirm_object(&HostObject {
-            sandbox_id: id.to_string(),
-            kind: ObjectKind::VmProcess,
-            name: vm.pid().to_string(),
-            detail: vm.start_time().to_string(),
-            confirmed: true,
-        })?;
+        let recorded = self
+            .store
+            .confirm_object(&self.run_dir_object(id, true))
+            .and_then(|()| {
+                self.store.confirm_object(&HostObject {
+                    sandbox_id: id.to_string(),
+                    kind: ObjectKind::VmProcess,
+                    name: vm.pid().to_string(),
+                    detail: vm.start_time().to_string(),
+                    confirmed: true,
+                })
+            });
+        if let Err(e) = recorded {
+            let _ = sandbox.discard().await;
+            return Err(e.into());
+        }
         let live = Arc::new(Live {
             channel: sandbox.channel().clone(),
             sandbox: tokio::sync::Mutex::new(Some(sandbox)),
@@ -506,7 +521,14 @@ impl Manager {
             .lock()
             .expect("live lock")
             .insert(id.to_string(), live);
-        self.store.set_state(id, &SandboxState::Running, now_ms())?;
+        if let Err(e) = self.store.set_state(id, &SandboxState::Running, now_ms()) {
+            if let Some(live) = self.take_live(id) {
+                if let Some(sandbox) = live.sandbox.lock().await.take() {
+                    let _ = sandbox.discard().await;
+                }
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -631,7 +653,6 @@ impl Manager {
             self.admit(&spec)?;
             self.store
                 .set_state(id, &SandboxState::Creating, now_ms())?;
-            self.intend(id, plan.is_some())?;
         }
         self.launch(id, &spec, image, plan, None).await?;
         self.info(id)
@@ -845,6 +866,7 @@ impl Manager {
             sandbox.vm().pause().await.map_err(|e| chain(&e))?;
         }
         self.record_running(&info.id, sandbox)
+            .await
             .map_err(|e| chain(&e))?;
         if paused {
             self.store
