@@ -5,7 +5,7 @@ use hutch_core::CoreError;
 use hutch_testkit::{NetStep, StoreOp, VmmStep};
 use hutch_types::{NetworkPolicy, SandboxState};
 
-use crate::world::{sh, spec, World};
+use crate::world::{clone_of, sh, spec, template, World};
 
 /// Asserts that `state` is failed, saying why with `because`.
 fn assert_failed(state: &SandboxState, because: &str) {
@@ -247,4 +247,23 @@ async fn an_adopt_that_fails() {
     assert!(w.net.networks().is_empty(), "its network is left");
     w.manager.destroy(&info.id).await.unwrap();
     w.assert_nothing_left();
+}
+
+/// The store fails while recording a pooled clone being handed out: the clone goes, with its
+/// network, and the sandbox is failed.
+#[tokio::test]
+async fn a_store_write_that_fails_during_a_pool_handout() {
+    let w = World::new().await;
+    w.manager.create_template(template("t")).await.unwrap();
+    w.manager.set_pool_size("t", 1).await.unwrap();
+    w.pool_ready("t", 1).await;
+    // Confirmed in turn: the network, the run dir, the VM process.
+    w.store.fail_at(StoreOp::ConfirmObject, 1);
+    let err = w.manager.create(clone_of("t"), None).await.unwrap_err();
+    assert!(matches!(err, CoreError::Store(_)), "{err:?}");
+    assert!(!w.store.armed());
+    // The pool's refill goes with the daemon.
+    w.manager.drain_pools().await;
+    assert_create_failed(&w, "state store failed").await;
+    w.manager.remove_template("t").await.unwrap();
 }

@@ -5,7 +5,7 @@ use hutch_net::Policy;
 use hutch_protocol::{ExitStatus, ReadFileRequest, WriteFileRequest};
 use hutch_types::{NetworkPolicy, SandboxState};
 
-use crate::world::{sh, spec, World};
+use crate::world::{clone_of, sh, spec, template, World};
 
 #[tokio::test]
 async fn create_exec_files_destroy() {
@@ -224,5 +224,35 @@ async fn forks_and_pauses_to_disk() {
     for id in children.iter().map(|c| &c.id).chain([&parent.id]) {
         w.manager.destroy(id).await.unwrap();
     }
+    w.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn templates_clones_and_pools() {
+    let w = World::new().await;
+    let t = w.manager.create_template(template("t")).await.unwrap();
+    assert!(t.has_nic);
+    assert!(
+        w.vmm.running().is_empty(),
+        "the template's VM is gone once saved"
+    );
+    assert!(w.net.networks().is_empty(), "so is its network");
+
+    let (restored, _) = w.manager.create(clone_of("t"), None).await.unwrap();
+    let channel = w.manager.channel(&restored.id).unwrap();
+    assert_eq!(sh(&channel, "echo clone").await.0, "clone\n");
+
+    w.manager.set_pool_size("t", 1).await.unwrap();
+    w.pool_ready("t", 1).await;
+    let (pooled, _) = w.manager.create(clone_of("t"), None).await.unwrap();
+    assert_eq!(pooled.state, SandboxState::Running);
+    let channel = w.manager.channel(&pooled.id).unwrap();
+    assert_eq!(sh(&channel, "echo pooled").await.0, "pooled\n");
+    w.pool_ready("t", 1).await;
+
+    for id in [&restored.id, &pooled.id] {
+        w.manager.destroy(id).await.unwrap();
+    }
+    w.manager.remove_template("t").await.unwrap();
     w.assert_nothing_left();
 }

@@ -155,3 +155,38 @@ pub async fn sh(channel: &Channel, script: &str) -> (String, ExitStatus) {
         }
     }
 }
+
+/// A small template called `name` with a network.
+pub fn template(name: &str) -> hutch_types::TemplateSpec {
+    hutch_types::TemplateSpec {
+        name: name.into(),
+        image: "default".into(),
+        cpus: 1,
+        memory_mib: 128,
+        disk_mib: 256,
+        provision: Some("echo provisioned".into()),
+        network: NetworkPolicy::Open,
+    }
+}
+
+/// A sandbox cloned from template `name`.
+pub fn clone_of(name: &str) -> SandboxSpec {
+    SandboxSpec {
+        template: Some(name.into()),
+        ..spec(NetworkPolicy::Open)
+    }
+}
+
+impl World {
+    /// Waits (bounded) until template `name` has `ready` clones in its pool.
+    pub async fn pool_ready(&self, name: &str, ready: u32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.manager.template(name).unwrap().pool_ready != ready {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pool never got {ready} ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
