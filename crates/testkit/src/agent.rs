@@ -66,7 +66,11 @@ fn build() -> Result<PathBuf, String> {
         .arg(&workspace)
         .status();
     match status {
-        Ok(s) if s.success() => Ok(agent),
+        Ok(s) if s.success() && agent.exists() => Ok(agent),
+        Ok(s) if s.success() => Err(format!(
+            "cargo built hutch-agent, but not as {} (another --target?); set {AGENT_ENV}",
+            agent.display()
+        )),
         Ok(s) => Err(format!("cargo build -p hutch-agent failed ({s})")),
         // No Cargo here: an agent built beforehand will do.
         Err(_) if agent.exists() => Ok(agent),
