@@ -683,7 +683,14 @@ impl Manager {
                 }
             }
         }
-        self.remove_recorded(id).await?;
+        if let Err(e) = self.remove_recorded(id).await {
+            // Its VM is gone, not all of what it owned: failed (a destroy may be retried),
+            // not `running` or `stopping`.
+            let why = format!("teardown incomplete: {}", chain(&e));
+            self.store
+                .set_state(id, &SandboxState::Failed(why), now_ms())?;
+            return Err(e);
+        }
         self.store.set_state(id, &to, now_ms())?;
         self.release_snapshots(&info);
         self.info(id)
