@@ -148,20 +148,29 @@ async fn a_store_write_that_fails_after_the_vm_runs() {
     }
 }
 
-/// A failed destroy can be retried, and the retry removes everything.
+/// A stop or destroy whose network cannot be removed: the VM is gone, so the sandbox is
+/// failed (not `running` or `stopping`), and destroying it again removes everything.
 #[tokio::test]
-async fn a_destroy_that_fails_can_be_retried() {
+async fn a_teardown_that_fails_can_be_retried() {
     let w = World::new().await;
-    let (info, _) = w
-        .manager
-        .create(spec(NetworkPolicy::Open), None)
-        .await
-        .unwrap();
-    w.net.fail_at(NetStep::Destroy);
-    w.manager.destroy(&info.id).await.unwrap_err();
-    assert_ne!(w.state(&info.id), SandboxState::Destroyed);
-    w.manager.destroy(&info.id).await.unwrap();
-    w.assert_nothing_left();
+    for stop in [true, false] {
+        let (info, _) = w
+            .manager
+            .create(spec(NetworkPolicy::Open), None)
+            .await
+            .unwrap();
+        w.net.fail_at(NetStep::Destroy);
+        let err = match stop {
+            true => w.manager.stop(&info.id).await.unwrap_err(),
+            false => w.manager.destroy(&info.id).await.unwrap_err(),
+        };
+        assert!(matches!(err, CoreError::Net(_)), "{err:?}");
+        assert_failed(&w.state(&info.id), "teardown incomplete");
+        assert!(w.vmm.running().is_empty(), "the VM still runs");
+        assert_eq!(w.net.networks(), vec![info.id.clone()]);
+        w.manager.destroy(&info.id).await.unwrap();
+        w.assert_nothing_left();
+    }
 }
 
 /// Resuming a sandbox paused to disk, whose restore fails once its network exists: the
