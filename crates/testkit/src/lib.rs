@@ -8,9 +8,10 @@
 //! * [`FakeNetwork`] implements [`hutch_core::HostNetwork`] and records which sandboxes have a
 //!   network, so a test can assert that nothing is left behind;
 //! * [`FakeImages`] implements [`hutch_core::ImageSource`] with images of any name;
-//! * failure injection: [`FailingVmm`] fails at a chosen [`VmmStep`], [`FakeNetwork::fail_at`]
-//!   fails a network step halfway (after the network exists), and [`FailingStore`] fails a
-//!   chosen [`StoreOp`] of any [`hutch_store::Store`].
+//! * failure injection, once per arming: [`FailingVmm`] fails at a chosen [`VmmStep`] (e.g. the
+//!   VM dies during boot), [`FakeNetwork::fail_at`] at a chosen [`NetStep`] (e.g. the TAP
+//!   hand-over, once the network exists), and [`FailingStore`] fails a chosen [`StoreOp`] of
+//!   any [`hutch_store::Store`].
 //!
 //! The agent binary is found by [`agent_binary`].
 
