@@ -67,7 +67,7 @@ pub async fn in_process(home: &Home, vm: &VmArgs) -> Result<InProcess, CliError>
         hutch_store::SqliteStore::open(&state.path().join("state.db")).map_err(CliError::Store)?,
     );
     let cfg = hutch_core::ManagerConfig {
-        images_dir: home.images(),
+        images: Arc::new(hutch_core::ImageDir::new(home.images())),
         runs_dir: home.local_vms(),
         limits: hutch_core::Limits {
             max_sandboxes: 1,

@@ -35,7 +35,7 @@ impl Manager {
         hutch_types::check_template_name(name)?;
         let record = self.cfg.templates.get(name)?;
         let t = &record.info.spec;
-        let image = hutch_image::open(&self.cfg.images_dir, &t.image).map_err(CoreError::Image)?;
+        let image = self.image(&t.image)?;
         Templates::check_image(&record, &image)?;
         spec.image = t.image.clone();
         spec.cpus = t.cpus;
@@ -61,14 +61,14 @@ impl Manager {
                 ..SandboxSpec::default()
             })?;
         }
-        let net = self.net().ok();
+        let net = self.net().ok().map(|n| n.as_ref());
         let record = self
             .cfg
             .templates
             .create(
                 self.vmm.as_ref(),
                 net,
-                &self.cfg.images_dir,
+                self.cfg.images.as_ref(),
                 &self.cfg.runs_dir,
                 &spec,
             )
@@ -159,14 +159,12 @@ impl Manager {
         snapshot: &Snapshot,
     ) -> Result<SandboxInfo, CoreError> {
         let plan = self.plan_network(spec, Some(snapshot))?;
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         let id = crate::new_id();
         {
             let _admit = self.admission.lock().await;
             self.admit(spec)?;
             self.store().insert_sandbox(&id, spec, None, now_ms())?;
-            self.intend(&id, plan.is_some())?;
         }
         self.launch(&id, spec, image, plan, Some(snapshot)).await?;
         self.info(&id)
@@ -241,14 +239,12 @@ impl Manager {
         })?;
         let snapshot = Snapshot::load(&dir)?;
         let plan = self.plan_network(&info.spec, Some(&snapshot))?;
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &info.spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&info.spec.image)?;
         {
             let _admit = self.admission.lock().await;
             self.admit(&info.spec)?;
             self.store()
                 .set_state(id, &SandboxState::Creating, now_ms())?;
-            self.intend(id, plan.is_some())?;
         }
         if let Err(e) = self
             .launch(id, &info.spec, image, plan, Some(&snapshot))

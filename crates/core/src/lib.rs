@@ -9,6 +9,7 @@
 
 mod clones;
 pub mod exec;
+mod host;
 pub mod lifecycle;
 mod manager;
 mod network;
@@ -19,6 +20,7 @@ pub mod task;
 mod template;
 
 pub use clones::MAX_FORK;
+pub use host::{HostNetwork, ImageDir, ImageSource};
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use pool::MAX_POOL;
 pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};

@@ -13,13 +13,14 @@ use std::{
 };
 
 use hutch_image::ImageError;
-use hutch_net::{FlowEvent, NetError, Network, WireGuardConfig};
+use hutch_net::{FlowEvent, NetError, WireGuardConfig};
 use hutch_protocol::host::{Channel, ChannelError};
 use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
 use hutch_vmm::{GuestMemory, Snapshot, Vmm, VmmError};
 
 use crate::{
+    host::{HostNetwork, ImageSource},
     lifecycle::{check, ActionKind, IllegalAction},
     network,
     sandbox::{BootOptions, Sandbox, SandboxError},
@@ -41,8 +42,8 @@ pub struct Limits {
 /// Where the manager keeps things and how it boots.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// Built images.
-    pub images_dir: PathBuf,
+    /// Where images are found by name (an [`ImageDir`](crate::ImageDir) in the daemon).
+    pub images: Arc<dyn ImageSource>,
     /// Parent of every sandbox's run dir.
     pub runs_dir: PathBuf,
     /// Admission limits.
@@ -157,7 +158,7 @@ pub struct ReconcileReport {
 
 /// The network a sandbox is about to get.
 pub(crate) struct NetPlan {
-    pub(crate) net: Arc<Network>,
+    pub(crate) net: Arc<dyn HostNetwork>,
     pub(crate) policy: hutch_net::Policy,
     pub(crate) tunnel: Option<WireGuardConfig>,
 }
@@ -174,7 +175,7 @@ pub struct Manager {
     store: Arc<dyn Store>,
     pub(crate) vmm: Arc<dyn Vmm>,
     /// Sandbox networking, or why this host cannot offer it.
-    net: Result<Arc<Network>, String>,
+    net: Result<Arc<dyn HostNetwork>, String>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pub(crate) admission: tokio::sync::Mutex<()>,
     /// Ready clones of templates.
@@ -197,7 +198,7 @@ impl Manager {
         cfg: ManagerConfig,
         store: Arc<dyn Store>,
         vmm: Arc<dyn Vmm>,
-        net: Result<Arc<Network>, String>,
+        net: Result<Arc<dyn HostNetwork>, String>,
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             cfg,
@@ -211,12 +212,17 @@ impl Manager {
         })
     }
 
+    /// The image called `name`.
+    pub(crate) fn image(&self, name: &str) -> Result<hutch_image::Image, CoreError> {
+        self.cfg.images.open(name).map_err(CoreError::Image)
+    }
+
     fn run_dir(&self, id: &str) -> PathBuf {
         self.cfg.runs_dir.join(id)
     }
 
     /// The host network, or why this host has none (for `network.rs`).
-    pub(crate) fn net(&self) -> Result<&Arc<Network>, CoreError> {
+    pub(crate) fn net(&self) -> Result<&Arc<dyn HostNetwork>, CoreError> {
         self.net
             .as_ref()
             .map_err(|why| CoreError::NoNetwork(why.clone()))
@@ -267,8 +273,7 @@ impl Manager {
         {
             return Ok((info, true));
         }
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         let id = crate::new_id();
         {
             let _admit = self.admission.lock().await;
@@ -279,7 +284,6 @@ impl Manager {
             if !created {
                 return Ok((self.info(&id)?, false));
             }
-            self.intend(&id, plan.is_some())?;
         }
         self.launch(&id, &spec, image, plan, snapshot.as_ref())
             .await?;
@@ -340,7 +344,14 @@ impl Manager {
     ) -> Result<Sandbox, CoreError> {
         let network = match plan {
             Some(p) => {
-                network::attach(&p.net, self.vmm.as_ref(), id, &p.policy, p.tunnel.as_ref()).await?
+                network::attach(
+                    p.net.as_ref(),
+                    self.vmm.as_ref(),
+                    id,
+                    &p.policy,
+                    p.tunnel.as_ref(),
+                )
+                .await?
             }
             None => None,
         };
@@ -369,8 +380,9 @@ impl Manager {
         Ok(started?)
     }
 
-    /// Creates the network and the VM of a recorded sandbox (booted, or restored from
-    /// `snapshot`) and makes it live; on failure removes what was made and marks it failed.
+    /// Records the intent, then creates the network and the VM of a recorded sandbox (booted,
+    /// or restored from `snapshot`) and makes it live; on any failure (the store's included)
+    /// removes what was made and marks it failed.
     pub(crate) async fn launch(
         &self,
         id: &str,
@@ -379,16 +391,21 @@ impl Manager {
         plan: Option<NetPlan>,
         snapshot: Option<&Snapshot>,
     ) -> Result<(), CoreError> {
-        match self
-            .start_vm(id, spec, image, plan.as_ref(), snapshot)
-            .await
-        {
-            Ok(sandbox) => {
-                if plan.is_some() {
-                    self.store.confirm_object(&netns_object(id, true))?;
+        let launched = async {
+            self.intend(id, plan.is_some())?;
+            let sandbox = self
+                .start_vm(id, spec, image, plan.as_ref(), snapshot)
+                .await?;
+            if plan.is_some() {
+                if let Err(e) = self.store.confirm_object(&netns_object(id, true)) {
+                    let _ = sandbox.discard().await;
+                    return Err(e.into());
                 }
-                self.record_running(id, sandbox)
             }
+            self.record_running(id, sandbox).await
+        };
+        match launched.await {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.remove_recorded(id).await?;
                 self.store
@@ -477,17 +494,27 @@ impl Manager {
         }
     }
 
-    /// Records a booted (or adopted) sandbox's objects and makes it live and running.
-    pub(crate) fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
+    /// Records a booted (or adopted) sandbox's objects and makes it live and running. If the
+    /// store fails, the VM is discarded (a detached VM's handle would leave it running,
+    /// perhaps unrecorded) and the caller removes what is recorded.
+    pub(crate) async fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
         let vm = sandbox.vm();
-        self.store.confirm_object(&self.run_dir_object(id, true))?;
-        self.store.confirm_object(&HostObject {
-            sandbox_id: id.to_string(),
-            kind: ObjectKind::VmProcess,
-            name: vm.pid().to_string(),
-            detail: vm.start_time().to_string(),
-            confirmed: true,
-        })?;
+        let recorded = self
+            .store
+            .confirm_object(&self.run_dir_object(id, true))
+            .and_then(|()| {
+                self.store.confirm_object(&HostObject {
+                    sandbox_id: id.to_string(),
+                    kind: ObjectKind::VmProcess,
+                    name: vm.pid().to_string(),
+                    detail: vm.start_time().to_string(),
+                    confirmed: true,
+                })
+            });
+        if let Err(e) = recorded {
+            let _ = sandbox.discard().await;
+            return Err(e.into());
+        }
         let live = Arc::new(Live {
             channel: sandbox.channel().clone(),
             sandbox: tokio::sync::Mutex::new(Some(sandbox)),
@@ -496,7 +523,14 @@ impl Manager {
             .lock()
             .expect("live lock")
             .insert(id.to_string(), live);
-        self.store.set_state(id, &SandboxState::Running, now_ms())?;
+        if let Err(e) = self.store.set_state(id, &SandboxState::Running, now_ms()) {
+            if let Some(live) = self.take_live(id) {
+                if let Some(sandbox) = live.sandbox.lock().await.take() {
+                    let _ = sandbox.discard().await;
+                }
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -613,8 +647,7 @@ impl Manager {
             }));
         }
         let plan = self.plan_network(&spec, None)?;
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         {
             let _admit = self.admission.lock().await;
             // Checked under the admission lock, so two starts cannot both boot it.
@@ -622,7 +655,6 @@ impl Manager {
             self.admit(&spec)?;
             self.store
                 .set_state(id, &SandboxState::Creating, now_ms())?;
-            self.intend(id, plan.is_some())?;
         }
         self.launch(id, &spec, image, plan, None).await?;
         self.info(id)
@@ -653,7 +685,14 @@ impl Manager {
                 }
             }
         }
-        self.remove_recorded(id).await?;
+        if let Err(e) = self.remove_recorded(id).await {
+            // Its VM is gone, not all of what it owned: failed (a destroy may be retried),
+            // not `running` or `stopping`.
+            let why = format!("teardown incomplete: {}", chain(&e));
+            self.store
+                .set_state(id, &SandboxState::Failed(why), now_ms())?;
+            return Err(e);
+        }
         self.store.set_state(id, &to, now_ms())?;
         self.release_snapshots(&info);
         self.info(id)
@@ -836,6 +875,7 @@ impl Manager {
             sandbox.vm().pause().await.map_err(|e| chain(&e))?;
         }
         self.record_running(&info.id, sandbox)
+            .await
             .map_err(|e| chain(&e))?;
         if paused {
             self.store

@@ -3,12 +3,13 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use hutch_net::{wg, Network, Policy, PublishedPort, WireGuardConfig};
+use hutch_net::{wg, Policy, PublishedPort, WireGuardConfig};
 use hutch_protocol::NetworkConfig;
 use hutch_store::{HostObject, ObjectKind};
 use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec, SpecError};
 use hutch_vmm::{Nic, Tap, Vmm};
 
+use crate::host::HostNetwork;
 use crate::lifecycle::{check, ActionKind, IllegalAction};
 use crate::manager::{chain, CoreError, Manager};
 
@@ -99,13 +100,13 @@ pub fn nic_policy(policy: &NetworkPolicy) -> Result<Policy, SpecError> {
 /// TAP open, or its `TUNSETIFF` would fail with `EBUSY`). `None` for a sandbox without a NIC.
 /// Either way the TAP goes with the network's namespace.
 pub async fn attach(
-    net: &Arc<Network>,
+    net: &dyn HostNetwork,
     vmm: &dyn Vmm,
     id: &str,
     policy: &Policy,
     tunnel: Option<&WireGuardConfig>,
 ) -> Result<Option<(Nic, NetworkConfig)>, CoreError> {
-    let Some(sn) = net.create_with(id, policy, tunnel).await? else {
+    let Some(sn) = net.create(id, policy, tunnel).await? else {
         return Ok(None);
     };
     let tap = if vmm.opens_tap_by_name() {

@@ -156,14 +156,20 @@ impl Manager {
             pooled.sandbox.refresh().await?;
             Ok::<_, CoreError>(())
         };
-        match handed.await {
+        // Recording discards the clone itself if the store fails.
+        let outcome = match handed.await {
+            Ok(()) => self.record_running(&id, pooled.sandbox).await,
+            Err(e) => {
+                self.discard_pooled(pooled).await;
+                Err(e)
+            }
+        };
+        match outcome {
             Ok(()) => {
-                self.record_running(&id, pooled.sandbox)?;
                 tracing::info!(%id, template, "handed out a pooled clone");
                 Ok(Some(self.info(&id)?))
             }
             Err(e) => {
-                self.discard_pooled(pooled).await;
                 if self.store().get(&id)?.is_some() {
                     self.remove_recorded(&id).await?;
                     self.store()
@@ -251,8 +257,7 @@ impl Manager {
             let _admit = self.admission.lock().await;
             self.admit(&spec)?;
         }
-        let image =
-            hutch_image::open(&self.cfg.images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = self.image(&spec.image)?;
         let plan = self.plan_network(&spec, Some(&snapshot))?;
         let id = crate::new_id();
         let sandbox = self

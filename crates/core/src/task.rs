@@ -743,7 +743,7 @@ mod tests {
     fn tasks(dir: &Path) -> Tasks {
         let store = Arc::new(SqliteStore::open(&dir.join("s.db")).unwrap());
         let cfg = ManagerConfig {
-            images_dir: dir.join("images"),
+            images: Arc::new(crate::ImageDir::new(dir.join("images"))),
             runs_dir: dir.join("vms"),
             limits: Limits {
                 max_sandboxes: 1,

@@ -17,11 +17,9 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use hutch_net::Network;
 use hutch_protocol::{
     host::{Channel, ChannelError, ExecEvent},
     ExecRequest, ExitStatus,
@@ -32,6 +30,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    host::{HostNetwork, ImageSource},
     manager::{now_ms, CoreError},
     network,
     sandbox::{BootOptions, Sandbox},
@@ -232,8 +231,8 @@ impl Templates {
     pub async fn create(
         &self,
         vmm: &dyn Vmm,
-        net: Option<&Arc<Network>>,
-        images_dir: &Path,
+        net: Option<&dyn HostNetwork>,
+        images: &dyn ImageSource,
         runs_dir: &Path,
         spec: &TemplateSpec,
     ) -> Result<TemplateRecord, CoreError> {
@@ -241,7 +240,7 @@ impl Templates {
         if self.record_path(&spec.name).exists() {
             return Err(TemplateError::Exists(spec.name.clone()).into());
         }
-        let image = hutch_image::open(images_dir, &spec.image).map_err(CoreError::Image)?;
+        let image = images.open(&spec.image).map_err(CoreError::Image)?;
         let started = Instant::now();
         let nonce = format!("{:016x}", rand::thread_rng().next_u64());
         let vm_id = format!("tpl-{}", &nonce[..10]);

@@ -71,7 +71,7 @@ pub async fn run(
         backend.why
     );
     let cfg = ManagerConfig {
-        images_dir: home.images(),
+        images: Arc::new(hutch_core::ImageDir::new(home.images())),
         runs_dir: home.vms(),
         limits: Limits {
             max_sandboxes: args.max_sandboxes,
@@ -85,6 +85,7 @@ pub async fn run(
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();
+    let net = net.map(|n| n as Arc<dyn hutch_core::HostNetwork>);
     let manager = Manager::new(cfg, store.clone(), backend.vmm, net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");

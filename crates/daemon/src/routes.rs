@@ -406,7 +406,7 @@ mod tests {
         let store: Arc<dyn hutch_store::Store> =
             Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
         let cfg = ManagerConfig {
-            images_dir: dir.path().join("images"),
+            images: Arc::new(hutch_core::ImageDir::new(dir.path().join("images"))),
             runs_dir: dir.path().join("vms"),
             limits: Limits {
                 max_sandboxes: 1,

@@ -193,7 +193,7 @@ async fn tap_by_name_and_clones(test: &str, jailed: bool) {
     let mut pids = Vec::new();
 
     // The template: core's attach gives the TAP by name; nothing here holds it open.
-    let (nic, _) = attach(&net, &vmm, &ids[0], &policy, None)
+    let (nic, _) = attach(net.as_ref(), &vmm, &ids[0], &policy, None)
         .await
         .unwrap()
         .expect("a NIC");
@@ -222,7 +222,7 @@ async fn tap_by_name_and_clones(test: &str, jailed: bool) {
     // Two clones at once, each in a namespace of its own with its own TAP.
     let mut clones = Vec::new();
     for id in &ids[1..] {
-        let (nic, _) = attach(&net, &vmm, id, &policy, None)
+        let (nic, _) = attach(net.as_ref(), &vmm, id, &policy, None)
             .await
             .unwrap()
             .unwrap();
