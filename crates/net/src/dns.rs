@@ -19,7 +19,7 @@ use hickory_proto::{ProtoError, ProtoErrorKind};
 pub const MAX_QUERY: usize = 1232;
 /// Largest message accepted from the upstream resolver.
 pub const MAX_RESPONSE: usize = 4096;
-/// Most answer records walked in one response.
+/// Most answer records walked in one response (documented on [`parse_answer`]: keep in step).
 const MAX_RECORDS: u16 = 128;
 /// `A` record type.
 pub const TYPE_A: u16 = 1;
@@ -340,7 +340,7 @@ pub struct Answer {
 }
 
 /// Checks that `resp` answers `q` (same id, a response, same single question) and collects the
-/// addresses of its answer section (the first [`MAX_RECORDS`] records; the rest of the message
+/// addresses of its answer section (the first 128 records; the rest of the message
 /// is not read).
 pub fn parse_answer(resp: &[u8], q: &Query) -> Result<Answer, DnsError> {
     if resp.len() > MAX_RESPONSE {
