@@ -175,6 +175,20 @@ fn read_plain_name(d: &mut BinDecoder<'_>) -> Result<String, DnsError> {
     String::from_utf8(text).map_err(|_| DnsError::BadName)
 }
 
+/// Reads a name and tells whether it is `name` (as [`parse_query`] gives it) written out in
+/// full, up to letter case: a response repeats the question it answers.
+fn repeats_name(d: &mut BinDecoder<'_>, name: &str) -> Result<bool, DnsError> {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        let len = read_u8(d)?;
+        if usize::from(len) != label.len()
+            || !read_slice(d, len.into())?.eq_ignore_ascii_case(label.as_bytes())
+        {
+            return Ok(false);
+        }
+    }
+    Ok(read_u8(d)? == 0)
+}
+
 /// Parses a guest's query: a standard query (opcode 0) with exactly one question, no answers or
 /// authority records, at most one additional record, which must be a well-formed EDNS record,
 /// and nothing after that.
@@ -351,12 +365,7 @@ pub fn parse_answer(resp: &[u8], q: &Query) -> Result<Answer, DnsError> {
     if h.id() != q.id || h.message_type() != MessageType::Response || h.query_count() != 1 {
         return Err(DnsError::Mismatch);
     }
-    let name = match read_plain_name(&mut d) {
-        Err(DnsError::Truncated) => return Err(DnsError::Truncated),
-        Err(_) => return Err(DnsError::Mismatch),
-        Ok(name) => name,
-    };
-    if name != q.name
+    if !repeats_name(&mut d, &q.name)?
         || d.index() + 4 != q.question_end
         || read_u16(&mut d)? != q.qtype
         || read_u16(&mut d)? != q.qclass
