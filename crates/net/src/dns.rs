@@ -1,12 +1,12 @@
 //! The few pieces of the DNS wire format (RFC 1035, 3596, 6891) the per-sandbox filter needs.
-//! Messages are read with `hickory-proto`'s bounds-checked decoder and name reader (pointer
-//! loops, overlong names and labels and short reads are its refusals); what this module adds is
-//! the filter's own strictness. The guest is hostile, so every count is checked against the
-//! header before anything is read and nothing panics. Queries from the guest are parsed
-//! strictly (one question, no compression, host-name bytes only, at most an EDNS record, nothing
-//! after it) and never forwarded: the upstream gets a query rebuilt from the parsed question
-//! ([`upstream_query`]), so no byte the guest chose but the name and type reaches it. Answers from
-//! the upstream are only walked to collect A/AAAA records.
+//! Messages are read with `hickory-proto`'s bounds-checked decoder, and a guest's question name
+//! with its name reader (pointer loops, overlong names and labels and short reads are its
+//! refusals); what this module adds is the filter's own strictness. The guest is hostile, so
+//! the header's counts are checked or capped before any section is read and nothing panics.
+//! Queries from the guest are parsed strictly (one question, no compression, host-name bytes
+//! only, at most an EDNS record, nothing after it) and never forwarded: the upstream gets a query
+//! rebuilt from the parsed question ([`upstream_query`]), so no byte the guest chose but the name
+//! and type reaches it. Answers from the upstream are only walked to collect A/AAAA records.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
