@@ -1,19 +1,26 @@
-//! The few pieces of the DNS wire format (RFC 1035, 3596, 6891) the per-sandbox filter needs,
-//! written by hand: the guest is hostile, so every length is bounded, every read is checked,
-//! nothing recurses and nothing panics. Queries from the guest are parsed strictly (one
-//! question, no compression, at most an EDNS record, nothing after it) and never forwarded: the
-//! upstream gets a query rebuilt from the parsed question ([`upstream_query`]), so no byte the
-//! guest chose but the name and type reaches it. Answers from the upstream are only walked to
-//! collect A/AAAA records.
+//! The few pieces of the DNS wire format (RFC 1035, 3596, 6891) the per-sandbox filter needs.
+//! Messages are read with `hickory-proto`'s bounds-checked decoder, and a guest's question name
+//! with its name reader (pointer loops, overlong names and labels and short reads are its
+//! refusals); what this module adds is the filter's own strictness. The guest is hostile, so
+//! the header's counts are checked or capped before any section is read and nothing panics.
+//! Queries from the guest are parsed strictly (one question, no compression, host-name bytes
+//! only, at most an EDNS record, nothing after it) and never forwarded: the upstream gets a query
+//! rebuilt from the parsed question ([`upstream_query`]), so no byte the guest chose but the name
+//! and type reaches it. Answers from the upstream are only walked to collect A/AAAA records.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::op::{Header, MessageType, OpCode};
+use hickory_proto::rr::Name;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, DecodeError};
+use hickory_proto::{ProtoError, ProtoErrorKind};
 
 /// Largest DNS message the filter reads from a guest (UDP datagram or TCP frame).
 pub const MAX_QUERY: usize = 1232;
 /// Largest message accepted from the upstream resolver.
 pub const MAX_RESPONSE: usize = 4096;
-/// Most answer records walked in one response.
-const MAX_RECORDS: usize = 128;
+/// Most answer records walked in one response (documented on [`parse_answer`]: keep in step).
+const MAX_RECORDS: u16 = 128;
 /// `A` record type.
 pub const TYPE_A: u16 = 1;
 /// `AAAA` record type.
@@ -81,73 +88,105 @@ pub struct Query {
     pub edns: Option<u16>,
 }
 
-fn u16_at(b: &[u8], i: usize) -> Result<u16, DnsError> {
-    let s = b.get(i..i + 2).ok_or(DnsError::Truncated)?;
-    Ok(u16::from_be_bytes([s[0], s[1]]))
+/// Running out of message is the only way the decoder's fixed-size reads fail.
+fn short(_: DecodeError) -> DnsError {
+    DnsError::Truncated
 }
 
-fn u32_at(b: &[u8], i: usize) -> Result<u32, DnsError> {
-    let s = b.get(i..i + 4).ok_or(DnsError::Truncated)?;
-    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+fn read_u8(d: &mut BinDecoder<'_>) -> Result<u8, DnsError> {
+    Ok(d.read_u8().map_err(short)?.unverified(/* any value; checked where used */))
 }
 
-/// Reads an uncompressed name at `i`; returns it (lower case, no trailing dot) and the offset
-/// after it.
-fn read_plain_name(b: &[u8], mut i: usize) -> Result<(String, usize), DnsError> {
-    let mut name = String::new();
-    let mut wire_len = 0usize;
-    loop {
-        let len = *b.get(i).ok_or(DnsError::Truncated)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
+fn read_u16(d: &mut BinDecoder<'_>) -> Result<u16, DnsError> {
+    Ok(d.read_u16().map_err(short)?.unverified(/* any value; checked where used */))
+}
+
+fn read_u32(d: &mut BinDecoder<'_>) -> Result<u32, DnsError> {
+    Ok(d.read_u32().map_err(short)?.unverified(/* any value; checked where used */))
+}
+
+fn read_slice<'a>(d: &mut BinDecoder<'a>, len: u16) -> Result<&'a [u8], DnsError> {
+    Ok(d.read_slice(len.into()).map_err(short)?.unverified(/* bounded by the message */))
+}
+
+/// A message's header; only a message shorter than one has none.
+fn read_header(d: &mut BinDecoder<'_>) -> Result<Header, DnsError> {
+    Header::read(d).map_err(|_| DnsError::Truncated)
+}
+
+/// Reads a (possibly compressed) name. A name over 255 bytes is [`DnsError::BadName`]; a
+/// reserved label form, or a pointer that does not point before the name (the only way to
+/// loop), [`DnsError::Unsupported`]; running out of message, [`DnsError::Truncated`].
+fn read_name(d: &mut BinDecoder<'_>) -> Result<Name, DnsError> {
+    Name::read(d).map_err(|e: ProtoError| match e.kind() {
+        ProtoErrorKind::DomainNameTooLong(_) | ProtoErrorKind::LabelBytesTooLong(_) => {
+            DnsError::BadName
         }
-        if len & 0xc0 != 0 {
-            // Compression (or the reserved 0x40/0x80 forms) has no place in a question.
-            return Err(DnsError::Unsupported);
+        ProtoErrorKind::UnrecognizedLabelCode(_)
+        | ProtoErrorKind::PointerNotPriorToLabel { .. }
+        | ProtoErrorKind::LabelOverlapsWithOther { .. } => DnsError::Unsupported,
+        _ => DnsError::Truncated,
+    })
+}
+
+/// Steps over a (possibly compressed) owner name without reading it: the filter needs only the
+/// records' types and data. A pointer ends a name and is not followed, so nothing can loop, and
+/// no name is built for each of up to [`MAX_RECORDS`] records.
+fn skip_name(d: &mut BinDecoder<'_>) -> Result<(), DnsError> {
+    // 127 labels and the root fill the 255 bytes a name may have.
+    for _ in 0..=127 {
+        match read_u8(d)? {
+            0 => return Ok(()),
+            len if len & 0xc0 == 0xc0 => return read_u8(d).map(drop),
+            len if len & 0xc0 == 0 => drop(read_slice(d, len.into())?),
+            _ => return Err(DnsError::BadName),
         }
-        wire_len += len + 1;
-        if wire_len > 254 {
-            return Err(DnsError::BadName);
-        }
-        let label = b.get(i..i + len).ok_or(DnsError::Truncated)?;
+    }
+    Err(DnsError::BadName)
+}
+
+/// Reads a question name written out in full (no compression) and returns it as the filter
+/// keeps it: lower case, no trailing dot, only letters, digits, `-` and `_`.
+fn read_plain_name(d: &mut BinDecoder<'_>) -> Result<String, DnsError> {
+    let start = d.index();
+    let name = read_name(d)?;
+    let mut text = Vec::with_capacity(name.len());
+    let mut wire_len = 1;
+    for label in name.iter() {
         if !label
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
         {
             return Err(DnsError::BadName);
         }
-        if !name.is_empty() {
-            name.push('.');
+        if wire_len > 1 {
+            text.push(b'.');
         }
-        name.extend(label.iter().map(|c| c.to_ascii_lowercase() as char));
-        i += len;
+        text.extend_from_slice(label);
+        wire_len += 1 + label.len();
     }
-    Ok((name, i))
+    // A pointer makes the name take fewer bytes than its labels: compression, which has no
+    // place in a question.
+    if d.index() - start != wire_len {
+        return Err(DnsError::Unsupported);
+    }
+    text.make_ascii_lowercase();
+    // Only ASCII gets here.
+    String::from_utf8(text).map_err(|_| DnsError::BadName)
 }
 
-/// Skips a possibly compressed name at `i` and returns the offset after it. A pointer ends a
-/// name, so this never follows one and cannot loop.
-fn skip_name(b: &[u8], mut i: usize) -> Result<usize, DnsError> {
-    let mut labels = 0;
-    loop {
-        let len = *b.get(i).ok_or(DnsError::Truncated)? as usize;
-        match len & 0xc0 {
-            0x00 if len == 0 => return Ok(i + 1),
-            0x00 => {
-                i += 1 + len;
-                labels += 1;
-                if labels > 127 || i > b.len() {
-                    return Err(DnsError::BadName);
-                }
-            }
-            0xc0 => {
-                b.get(i + 1).ok_or(DnsError::Truncated)?;
-                return Ok(i + 2);
-            }
-            _ => return Err(DnsError::BadName),
+/// Reads a name and tells whether it is `name` (as [`parse_query`] gives it) written out in
+/// full, up to letter case: a response repeats the question it answers.
+fn repeats_name(d: &mut BinDecoder<'_>, name: &str) -> Result<bool, DnsError> {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        let len = read_u8(d)?;
+        if usize::from(len) != label.len()
+            || !read_slice(d, len.into())?.eq_ignore_ascii_case(label.as_bytes())
+        {
+            return Ok(false);
         }
     }
+    Ok(read_u8(d)? == 0)
 }
 
 /// Parses a guest's query: a standard query (opcode 0) with exactly one question, no answers or
@@ -157,70 +196,61 @@ pub fn parse_query(b: &[u8]) -> Result<Query, DnsError> {
     if b.len() > MAX_QUERY {
         return Err(DnsError::Unsupported);
     }
-    if b.len() < HEADER {
-        return Err(DnsError::Truncated);
-    }
-    let id = u16_at(b, 0)?;
-    let flags = u16_at(b, 2)?;
-    let qr = flags & 0x8000 != 0;
-    let opcode = (flags >> 11) & 0xf;
-    if qr || opcode != 0 {
+    let mut d = BinDecoder::new(b);
+    let h = read_header(&mut d)?;
+    if h.message_type() != MessageType::Query || h.op_code() != OpCode::Query {
         return Err(DnsError::Unsupported);
     }
-    let (qd, an, ns, ar) = (u16_at(b, 4)?, u16_at(b, 6)?, u16_at(b, 8)?, u16_at(b, 10)?);
-    if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+    let ar = h.additional_count();
+    if h.query_count() != 1 || h.answer_count() != 0 || h.name_server_count() != 0 || ar > 1 {
         return Err(DnsError::Unsupported);
     }
-    let (name, i) = read_plain_name(b, HEADER)?;
-    let qtype = u16_at(b, i)?;
-    let qclass = u16_at(b, i + 2)?;
-    let question_end = i + 4;
-    let (edns, end) = match ar {
-        0 => (None, question_end),
-        _ => {
-            let (size, end) = read_opt(b, question_end)?;
-            (Some(size), end)
-        }
+    let name = read_plain_name(&mut d)?;
+    let qtype = read_u16(&mut d)?;
+    let qclass = read_u16(&mut d)?;
+    let question_end = d.index();
+    let edns = match ar {
+        0 => None,
+        _ => Some(read_opt(&mut d)?),
     };
-    if end != b.len() {
+    if !d.is_empty() {
         return Err(DnsError::Trailing);
     }
     Ok(Query {
-        id,
+        id: h.id(),
         name,
         qtype,
         qclass,
-        rd: flags & 0x0100 != 0,
+        rd: h.recursion_desired(),
         question_end,
         edns,
     })
 }
 
-/// Reads the EDNS record at `i`: the root name, type OPT, version 0 and options that fill its
-/// data exactly. Returns the UDP payload size it announces and the offset after it.
-fn read_opt(b: &[u8], i: usize) -> Result<(u16, usize), DnsError> {
+/// Reads an EDNS record: the root name, type OPT, version 0 and options that fill its data
+/// exactly (their contents are not looked at: the upstream never sees them). Returns the UDP
+/// payload size it announces.
+fn read_opt(d: &mut BinDecoder<'_>) -> Result<u16, DnsError> {
     // name (1), type (2), payload size (2), extended rcode (1), version (1), flags (2),
     // data length (2), data.
-    if *b.get(i).ok_or(DnsError::Truncated)? != 0 || u16_at(b, i + 1)? != TYPE_OPT {
+    if read_u8(d)? != 0 || read_u16(d)? != TYPE_OPT {
         return Err(DnsError::Unsupported);
     }
-    let size = u16_at(b, i + 3)?;
-    if *b.get(i + 6).ok_or(DnsError::Truncated)? != 0 {
+    let size = read_u16(d)?;
+    let _extended_rcode = read_u8(d)?;
+    if read_u8(d)? != 0 {
         return Err(DnsError::Unsupported);
     }
-    let end = i + 11 + u16_at(b, i + 9)? as usize;
-    if end > b.len() {
-        return Err(DnsError::Truncated);
-    }
+    let _flags = read_u16(d)?;
+    let len = read_u16(d)?;
     // Options: code (2), length (2), data; the last one ends where the record does.
-    let mut o = i + 11;
-    while o < end {
-        o += 4 + u16_at(b, o + 2)? as usize;
+    let mut options = BinDecoder::new(read_slice(d, len)?);
+    while !options.is_empty() {
+        let _code = read_u16(&mut options)?;
+        let len = read_u16(&mut options)?;
+        read_slice(&mut options, len)?;
     }
-    if o != end {
-        return Err(DnsError::Truncated);
-    }
-    Ok((size, end))
+    Ok(size)
 }
 
 /// True if the filter forwards `q`'s question: class IN, a type of [`FORWARDED_TYPES`].
@@ -282,9 +312,9 @@ pub fn reply_truncated(query: &[u8], q: &Query) -> Vec<u8> {
 /// bit; no records) with FORMERR, or NOTIMP for an opcode other than QUERY. `None` for a
 /// message too short for a header or that is itself a response: those get no answer.
 pub fn reply_malformed(msg: &[u8]) -> Option<Vec<u8>> {
-    let id = u16_at(msg, 0).ok()?;
-    let flags = u16_at(msg, 2).ok()?;
-    if msg.len() < HEADER || flags & 0x8000 != 0 {
+    let header = msg.get(..HEADER)?;
+    let flags = u16::from_be_bytes([header[2], header[3]]);
+    if flags & 0x8000 != 0 {
         return None;
     }
     let opcode = flags & 0x7800;
@@ -295,7 +325,7 @@ pub fn reply_malformed(msg: &[u8]) -> Option<Vec<u8>> {
     };
     let flags = 0x8000 | opcode | (flags & 0x0100) | 0x0080 | u16::from(rcode);
     let mut out = Vec::with_capacity(HEADER);
-    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&header[..2]);
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0; 8]);
     Some(out)
@@ -324,63 +354,53 @@ pub struct Answer {
 }
 
 /// Checks that `resp` answers `q` (same id, a response, same single question) and collects the
-/// addresses of its answer section.
+/// addresses of its answer section (the first 128 records; the rest of the message
+/// is not read).
 pub fn parse_answer(resp: &[u8], q: &Query) -> Result<Answer, DnsError> {
     if resp.len() > MAX_RESPONSE {
         return Err(DnsError::Unsupported);
     }
-    if resp.len() < HEADER {
-        return Err(DnsError::Truncated);
-    }
-    let flags = u16_at(resp, 2)?;
-    if u16_at(resp, 0)? != q.id || flags & 0x8000 == 0 || u16_at(resp, 4)? != 1 {
+    let mut d = BinDecoder::new(resp);
+    let h = read_header(&mut d)?;
+    if h.id() != q.id || h.message_type() != MessageType::Response || h.query_count() != 1 {
         return Err(DnsError::Mismatch);
     }
-    let an = u16_at(resp, 6)? as usize;
-    let (name, mut i) = match read_plain_name(resp, HEADER) {
-        Ok(v) => v,
-        Err(DnsError::Truncated) => return Err(DnsError::Truncated),
-        Err(_) => return Err(DnsError::Mismatch),
-    };
-    if name != q.name
-        || i + 4 != q.question_end
-        || u16_at(resp, i)? != q.qtype
-        || u16_at(resp, i + 2)? != q.qclass
+    if !repeats_name(&mut d, &q.name)?
+        || d.index() + 4 != q.question_end
+        || read_u16(&mut d)? != q.qtype
+        || read_u16(&mut d)? != q.qclass
     {
         return Err(DnsError::Mismatch);
     }
-    i += 4;
     let mut a = Answer {
-        rcode: (flags & 0xf) as u8,
-        truncated: flags & 0x0200 != 0,
+        rcode: h.response_code().low(),
+        truncated: h.truncated(),
         addrs: Vec::new(),
     };
-    for _ in 0..an.min(MAX_RECORDS) {
-        i = skip_name(resp, i)?;
-        let ty = u16_at(resp, i)?;
-        let class = u16_at(resp, i + 2)?;
-        let ttl = u32_at(resp, i + 4)?;
-        let rdlen = u16_at(resp, i + 8)? as usize;
-        let rdata = resp
-            .get(i + 10..i + 10 + rdlen)
-            .ok_or(DnsError::Truncated)?;
-        i += 10 + rdlen;
+    for _ in 0..h.answer_count().min(MAX_RECORDS) {
+        skip_name(&mut d)?;
+        let ty = read_u16(&mut d)?;
+        let class = read_u16(&mut d)?;
+        let ttl = read_u32(&mut d)?;
+        let len = read_u16(&mut d)?;
+        let rdata = read_slice(&mut d, len)?;
         // A TTL with the top bit set is treated as 0 (RFC 2181 §8).
         let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
         if class != CLASS_IN {
             continue;
         }
-        match (ty, rdlen) {
-            (TYPE_A, 4) => {
-                let o: [u8; 4] = rdata.try_into().map_err(|_| DnsError::Truncated)?;
-                a.addrs.push((IpAddr::V4(Ipv4Addr::from(o)), ttl));
-            }
-            (TYPE_AAAA, 16) => {
-                let o: [u8; 16] = rdata.try_into().map_err(|_| DnsError::Truncated)?;
-                a.addrs.push((IpAddr::V6(Ipv6Addr::from(o)), ttl));
-            }
-            _ => {}
-        }
+        let addr = match ty {
+            TYPE_A => <[u8; 4]>::try_from(rdata)
+                .ok()
+                .map(Ipv4Addr::from)
+                .map(IpAddr::V4),
+            TYPE_AAAA => <[u8; 16]>::try_from(rdata)
+                .ok()
+                .map(Ipv6Addr::from)
+                .map(IpAddr::V6),
+            _ => None,
+        };
+        a.addrs.extend(addr.map(|ip| (ip, ttl)));
     }
     Ok(a)
 }
@@ -548,6 +568,116 @@ mod tests {
         assert_eq!(parse_query(&good), Err(DnsError::Unsupported));
         let bad = build_query(1, "a b.com", TYPE_A).unwrap();
         assert_eq!(parse_query(&bad), Err(DnsError::BadName));
+    }
+
+    /// A query for `a.b.c`/AAAA with its question count set to `qd` and `extra` appended.
+    fn with_questions(qd: u16, extra: &[u8]) -> Vec<u8> {
+        let mut m = build_query(7, "a.b.c", TYPE_AAAA).unwrap();
+        m[4..6].copy_from_slice(&qd.to_be_bytes());
+        m.extend_from_slice(extra);
+        m
+    }
+
+    #[test]
+    fn a_query_must_ask_exactly_one_question() {
+        let second = b"\x01d\x00\x00\x01\x00\x01";
+        assert_eq!(
+            parse_query(&with_questions(2, second)),
+            Err(DnsError::Unsupported)
+        );
+        assert_eq!(
+            parse_query(&with_questions(0, &[])),
+            Err(DnsError::Unsupported)
+        );
+        assert_eq!(
+            parse_query(&with_questions(0xffff, &[])),
+            Err(DnsError::Unsupported)
+        );
+        assert!(parse_query(&with_questions(1, &[])).is_ok());
+    }
+
+    #[test]
+    fn compression_pointers_cannot_loop_or_enter_a_question() {
+        // A question name that is a pointer: to itself, into the header, or forward.
+        for ptr in [0x0c, 0x00, 0x20] {
+            let mut m = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, ptr];
+            m.extend_from_slice(&[0, 1, 0, 1]);
+            assert!(parse_query(&m).is_err(), "pointer to {ptr}");
+        }
+        // A label, then a pointer back to it: a name that repeats itself, still compressed.
+        let mut m = with_questions(1, &[]);
+        m.truncate(12);
+        m.extend_from_slice(&[1, b'a', 0xc0, 12, 0, 1, 0, 1]);
+        assert_eq!(parse_query(&m), Err(DnsError::Unsupported));
+
+        // In an answer, owner names are stepped over, pointers not followed: an owner name
+        // pointing at itself, or two pointing at each other, cannot loop.
+        let qb = build_query(7, "a.b.c", TYPE_A).unwrap();
+        let q = parse_query(&qb).unwrap();
+        let answer = build_answer(&qb, &q, &["203.0.113.5".parse().unwrap()], 5);
+        let own = answer.len() as u8;
+        let record = |ptr: u8, last: u8| [0xc0, ptr, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, last];
+        let mut self_loop = answer.clone();
+        self_loop[6..8].copy_from_slice(&2u16.to_be_bytes());
+        self_loop.extend_from_slice(&record(own, 4));
+        assert_eq!(parse_answer(&self_loop, &q).unwrap().addrs.len(), 2);
+        let mut pair = answer.clone();
+        pair[6..8].copy_from_slice(&3u16.to_be_bytes());
+        pair.extend_from_slice(&record(own + 16, 4));
+        pair.extend_from_slice(&record(own, 5));
+        let addrs = parse_answer(&pair, &q).unwrap().addrs;
+        assert_eq!(addrs[2], ("1.2.3.5".parse().unwrap(), 5));
+        let mut back = answer;
+        back[6..8].copy_from_slice(&2u16.to_be_bytes());
+        back.extend_from_slice(&record(12, 4));
+        assert_eq!(parse_answer(&back, &q).unwrap().addrs.len(), 2);
+    }
+
+    #[test]
+    fn names_end_at_255_bytes() {
+        // 63 + 63 + 63 + 61 characters in four labels: 255 bytes on the wire with the root.
+        let label = |n| "x".repeat(n);
+        let longest = [label(63), label(63), label(63), label(61)].join(".");
+        let q = parse_query(&build_query(1, &longest, TYPE_A).unwrap()).unwrap();
+        assert_eq!(q.name, longest);
+        let mut over = build_query(1, &longest, TYPE_A).unwrap();
+        over[12 + 3 * 64] = 62;
+        over.insert(12 + 3 * 64 + 1, b'x');
+        assert_eq!(parse_query(&over), Err(DnsError::BadName));
+        // An owner name of 128 labels cannot fit in 255 bytes.
+        let qb = build_query(7, "a.b.c", TYPE_A).unwrap();
+        let q = parse_query(&qb).unwrap();
+        let mut resp = build_answer(&qb, &q, &["203.0.113.5".parse().unwrap()], 5);
+        resp[6..8].copy_from_slice(&2u16.to_be_bytes());
+        for _ in 0..128 {
+            resp.extend_from_slice(&[1, b'y']);
+        }
+        resp.extend_from_slice(&[0, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4]);
+        assert_eq!(parse_answer(&resp, &q), Err(DnsError::BadName));
+    }
+
+    #[test]
+    fn counts_larger_than_the_message_are_refused_without_reading_on() {
+        let qb = build_query(7, "a.b.c", TYPE_A).unwrap();
+        let q = parse_query(&qb).unwrap();
+        let mut resp = build_answer(&qb, &q, &["203.0.113.5".parse().unwrap()], 5);
+        resp[6..8].copy_from_slice(&0xffffu16.to_be_bytes());
+        assert_eq!(parse_answer(&resp, &q), Err(DnsError::Truncated));
+        // More records than the filter walks: the first ones count, the rest is not read.
+        let mut many = build_answer(&qb, &q, &["203.0.113.5".parse().unwrap()], 5);
+        let record = many[many.len() - 16..].to_vec();
+        for _ in 0..200 {
+            many.extend_from_slice(&record);
+        }
+        many[6..8].copy_from_slice(&0xffffu16.to_be_bytes());
+        assert_eq!(
+            parse_answer(&many, &q).unwrap().addrs.len(),
+            MAX_RECORDS as usize
+        );
+        let mut header_only = qb.clone();
+        header_only.truncate(12);
+        header_only[7] = 0xff;
+        assert_eq!(parse_query(&header_only), Err(DnsError::Unsupported));
     }
 
     /// A guest query for `Api.Example.COM`/`qtype`: id 0x4242, RD, AD and CD set, then

@@ -28,6 +28,7 @@ pub mod dns;
 mod error;
 pub mod events;
 mod filter;
+mod libnftables;
 pub mod names;
 mod netlink;
 mod network;

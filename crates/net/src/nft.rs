@@ -1,16 +1,14 @@
 //! nftables rules, built as the `nftables` crate's JSON schema and applied in one transaction.
 //!
-//! The JSON goes to libnftables in-process (loaded with `dlopen`, no fork) when the library is
-//! present, otherwise to `nft -j -f -`. Either way it runs on the calling thread, so an ns worker
+//! The JSON goes to libnftables in-process (loaded by `libnftables.rs`, no fork) when the library
+//! is present, otherwise to `nft -j -f -`. Either way it runs on the calling thread, so an ns worker
 //! thread applies rules inside its namespace.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use nftables::expr::{
@@ -28,6 +26,7 @@ use nftables::stmt::{
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::events::{RuleName, LOG_GROUP};
+use crate::libnftables;
 use crate::plan::{GATEWAY_ADDR, GUEST_ADDR};
 use crate::{NetError, Policy};
 
@@ -878,71 +877,9 @@ pub fn delete_table(table: &str) -> String {
 
 // ---------- runner ----------
 
-type NewFn = unsafe extern "C" fn(c_uint) -> *mut c_void;
-type FreeFn = unsafe extern "C" fn(*mut c_void);
-type SetFlagsFn = unsafe extern "C" fn(*mut c_void, c_uint);
-type BufFn = unsafe extern "C" fn(*mut c_void) -> c_int;
-type GetBufFn = unsafe extern "C" fn(*mut c_void) -> *const c_char;
-type RunFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
-
-struct Lib {
-    new: NewFn,
-    free: FreeFn,
-    set_output_flags: SetFlagsFn,
-    buffer_output: BufFn,
-    buffer_error: BufFn,
-    get_output: GetBufFn,
-    get_error: GetBufFn,
-    run: RunFn,
-}
-
-const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
-
-fn lib() -> Option<&'static Lib> {
-    static LIB: OnceLock<Option<Lib>> = OnceLock::new();
-    LIB.get_or_init(|| {
-        // SAFETY: dlopen/dlsym with valid C strings; symbols are cast to the signatures
-        // documented in libnftables(3).
-        unsafe {
-            let h = libc::dlopen(
-                c"libnftables.so.1".as_ptr(),
-                libc::RTLD_NOW | libc::RTLD_LOCAL,
-            );
-            if h.is_null() {
-                return None;
-            }
-            let sym = |n: &CStr| {
-                let p = libc::dlsym(h, n.as_ptr());
-                (!p.is_null()).then_some(p)
-            };
-            Some(Lib {
-                new: std::mem::transmute::<*mut c_void, NewFn>(sym(c"nft_ctx_new")?),
-                free: std::mem::transmute::<*mut c_void, FreeFn>(sym(c"nft_ctx_free")?),
-                set_output_flags: std::mem::transmute::<*mut c_void, SetFlagsFn>(sym(
-                    c"nft_ctx_output_set_flags",
-                )?),
-                buffer_output: std::mem::transmute::<*mut c_void, BufFn>(sym(
-                    c"nft_ctx_buffer_output",
-                )?),
-                buffer_error: std::mem::transmute::<*mut c_void, BufFn>(sym(
-                    c"nft_ctx_buffer_error",
-                )?),
-                get_output: std::mem::transmute::<*mut c_void, GetBufFn>(sym(
-                    c"nft_ctx_get_output_buffer",
-                )?),
-                get_error: std::mem::transmute::<*mut c_void, GetBufFn>(sym(
-                    c"nft_ctx_get_error_buffer",
-                )?),
-                run: std::mem::transmute::<*mut c_void, RunFn>(sym(c"nft_run_cmd_from_buffer")?),
-            })
-        }
-    })
-    .as_ref()
-}
-
 /// True if rules go through libnftables in-process.
 pub fn uses_library(backend: NftBackend) -> bool {
-    backend == NftBackend::Auto && lib().is_some()
+    backend == NftBackend::Auto && libnftables::api().is_some()
 }
 
 /// Runs one nft command buffer (JSON, or text such as `list tables`) in the calling thread's
@@ -952,33 +889,8 @@ pub fn run(backend: NftBackend, what: &str, cmd: &str) -> Result<String, NetErro
         what: what.to_string(),
         message,
     };
-    if let (NftBackend::Auto, Some(l)) = (backend, lib()) {
-        // libnftables keeps some process-global state; one call at a time.
-        static LOCK: Mutex<()> = Mutex::new(());
-        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let c = CString::new(cmd).map_err(|_| fail("NUL in command".into()))?;
-        // SAFETY: ctx is created, used and freed on this thread; buffers are read before free.
-        unsafe {
-            let ctx = (l.new)(0);
-            if ctx.is_null() {
-                return Err(fail("nft_ctx_new failed".into()));
-            }
-            (l.set_output_flags)(ctx, NFT_CTX_OUTPUT_JSON);
-            (l.buffer_output)(ctx);
-            (l.buffer_error)(ctx);
-            let rc = (l.run)(ctx, c.as_ptr());
-            let out = CStr::from_ptr((l.get_output)(ctx))
-                .to_string_lossy()
-                .into_owned();
-            let err = CStr::from_ptr((l.get_error)(ctx))
-                .to_string_lossy()
-                .into_owned();
-            (l.free)(ctx);
-            if rc != 0 {
-                return Err(fail(err.trim().to_string()));
-            }
-            return Ok(out);
-        }
+    if let (NftBackend::Auto, Some(lib)) = (backend, libnftables::api()) {
+        return lib.run(cmd).map_err(fail);
     }
     let json_in = cmd.trim_start().starts_with('{');
     let mut c = Command::new("nft");
