@@ -46,7 +46,7 @@ pub enum CliError {
     Client(Box<hutch_api::client::ClientError>),
     /// An archive was refused or could not be unpacked.
     #[error(transparent)]
-    Archive(#[from] crate::archive::ArchiveError),
+    Archive(#[from] hutch_task::archive::ArchiveError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 mod agent_bin;
-mod archive;
 mod args;
 mod bench;
 mod bench_clone;

@@ -455,7 +455,7 @@ async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<
     match client.download_file(id, guest).await {
         Ok(data) => {
             let data = SyncIoBridge::new(StreamReader::new(data));
-            on_thread(move || crate::archive::save_file(data, &dst)).await?;
+            on_thread(move || hutch_task::archive::save_file(data, &dst)).await?;
             return Ok(0);
         }
         // Not a regular file: fetch the directory as an archive.
@@ -465,11 +465,13 @@ async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<
     }
     let tar = SyncIoBridge::new(StreamReader::new(client.download_archive(id, guest).await?));
     on_thread(move || {
-        std::fs::create_dir_all(&dst).map_err(|source| crate::archive::ArchiveError::Write {
-            path: dst.clone(),
-            source,
+        std::fs::create_dir_all(&dst).map_err(|source| {
+            hutch_task::archive::ArchiveError::Write {
+                path: dst.clone(),
+                source,
+            }
         })?;
-        crate::archive::unpack(tar, &dst)
+        hutch_task::archive::unpack(tar, &dst)
     })
     .await?;
     Ok(0)
@@ -477,7 +479,7 @@ async fn download(client: &Client, id: &str, guest: &str, dst: &Path) -> Result<
 
 /// Runs blocking file-system work off the async workers.
 async fn on_thread<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, crate::archive::ArchiveError> + Send + 'static,
+    work: impl FnOnce() -> Result<T, hutch_task::archive::ArchiveError> + Send + 'static,
 ) -> Result<T, CliError> {
     tokio::task::spawn_blocking(work)
         .await

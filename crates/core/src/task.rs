@@ -21,7 +21,8 @@ use hutch_protocol::{
 };
 use hutch_store::ListFilter;
 use hutch_task::{
-    baseline::{sha256_hex, tar_files, ArchiveError},
+    archive::ArchiveError,
+    baseline::{sha256_hex, tar_files},
     changeset::validate,
     model::{FRAME_STDERR, FRAME_STDOUT},
     sign::{HostKey, KeyError, SignatureCheck},

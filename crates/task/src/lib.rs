@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod archive;
 pub mod baseline;
 pub mod beneath;
 pub mod changeset;

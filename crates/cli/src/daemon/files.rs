@@ -369,14 +369,14 @@ async fn kill(ctl: &ExecControl) {
     }
 }
 
-/// A tar stream checked entry by entry as it flows: [`crate::archive::check_each`] reads it on
+/// A tar stream checked entry by entry as it flows: [`hutch_task::archive::check_each`] reads it on
 /// a blocking thread, and only bytes that belong to entries it has passed come out of
 /// `passed` (the header being judged is held back), so a refused entry never reaches the
 /// other side. Queues are a few chunks long: memory stays bounded whatever the size.
 struct TarGate {
     /// The checked bytes, in order; ends when the input does or the check refuses.
     passed: tokio::sync::mpsc::Receiver<Bytes>,
-    verdict: tokio::task::JoinHandle<std::result::Result<usize, crate::archive::ArchiveError>>,
+    verdict: tokio::task::JoinHandle<std::result::Result<usize, hutch_task::archive::ArchiveError>>,
 }
 
 /// The gate's state on the checking thread.
@@ -436,7 +436,7 @@ impl TarGate {
                 inner: reader,
                 state: state.clone(),
             };
-            let entries = crate::archive::check_each(&mut recording, |end| {
+            let entries = hutch_task::archive::check_each(&mut recording, |end| {
                 let mut s = state.borrow_mut();
                 s.safe_until = end;
                 s.release();
@@ -445,7 +445,7 @@ impl TarGate {
             state.borrow_mut().safe_until = u64::MAX;
             state.borrow_mut().release();
             io::copy(&mut recording, &mut io::sink())
-                .map_err(crate::archive::ArchiveError::Malformed)?;
+                .map_err(hutch_task::archive::ArchiveError::Malformed)?;
             Ok(entries)
         });
         TarGate { passed, verdict }
