@@ -11,10 +11,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 mod id;
+mod scope;
 pub use id::{
     check_host_id, valid_sandbox_id, InvalidSandboxId, SandboxId, MAX_HOST_ID_LEN,
     MAX_SANDBOX_ID_LEN,
 };
+pub use scope::{Forbidden, TokenScope};
 
 /// Labels attached to a sandbox: `key=value` pairs used for filtering and token scoping.
 pub type Labels = BTreeMap<String, String>;

@@ -7,46 +7,18 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use hutch_store::{TokenScope, TokenUse};
-use hutch_types::{ErrorCode, SandboxInfo};
+use hutch_store::TokenUse;
+use hutch_types::{ErrorCode, Forbidden};
 use sha2::{Digest, Sha256};
 
 use super::{error::HttpError, AppState};
 
-/// The caller's rights, attached to every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    /// Everything.
-    Admin,
-    /// Only sandboxes labelled `key=value`.
-    Label {
-        /// Label key.
-        key: String,
-        /// Label value.
-        value: String,
-    },
-}
+/// The caller's rights, attached to every request: the one token-scope type.
+pub use hutch_types::TokenScope as Scope;
 
-impl Scope {
-    /// Refuses a caller whose token is limited to some sandboxes, with `why` (for host-wide
-    /// resources such as templates and tasks).
-    pub fn require_admin(&self, why: &'static str) -> Result<(), HttpError> {
-        match self {
-            Scope::Admin => Ok(()),
-            Scope::Label { .. } => Err(HttpError::new(ErrorCode::Forbidden, why)),
-        }
-    }
-
-    /// Refuses (403) a sandbox outside this scope.
-    pub fn allows(&self, info: &SandboxInfo) -> Result<(), HttpError> {
-        match self {
-            Scope::Admin => Ok(()),
-            Scope::Label { key, value } if info.spec.labels.get(key) == Some(value) => Ok(()),
-            Scope::Label { key, value } => Err(HttpError::new(
-                ErrorCode::Forbidden,
-                format!("this token is limited to sandboxes labelled {key}={value}"),
-            )),
-        }
+impl From<Forbidden> for HttpError {
+    fn from(e: Forbidden) -> HttpError {
+        HttpError::new(ErrorCode::Forbidden, e.0)
     }
 }
 
@@ -82,9 +54,6 @@ pub async fn require_token(
             ))
         }
     };
-    req.extensions_mut().insert(match scope {
-        TokenScope::Admin => Scope::Admin,
-        TokenScope::Label { key, value } => Scope::Label { key, value },
-    });
+    req.extensions_mut().insert(scope);
     Ok(next.run(req).await)
 }
