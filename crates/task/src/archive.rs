@@ -170,7 +170,11 @@ fn relative_path(raw: &[u8]) -> Result<String, String> {
         return Ok(String::new());
     }
     let path = text.strip_prefix("./").unwrap_or(text);
-    let path = path.strip_suffix('/').unwrap_or(path);
+    // A directory's trailing `/` goes; `/` itself stays, to be refused as absolute.
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
     check_path(path).map_err(|(_, why)| why)?;
     Ok(path.to_string())
 }
@@ -414,6 +418,10 @@ mod tests {
         ];
         for (case, tar) in &cases {
             let dest = tempfile::tempdir().unwrap();
+            if case.starts_with("absolute") {
+                let err = check(&tar[..]).unwrap_err().to_string();
+                assert!(err.contains("absolute path"), "{case}: {err}");
+            }
             assert!(
                 matches!(check(&tar[..]), Err(ArchiveError::Unsafe { .. })),
                 "case {case:?} passed the check"
