@@ -1,6 +1,7 @@
 //! Command-line grammar.
 
 use clap::{Args, Parser, Subcommand};
+use hutch_types::SandboxId;
 
 /// Give every coding agent its own disposable microVM.
 #[derive(Debug, Parser)]
@@ -166,7 +167,7 @@ pub struct IdArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Sandbox id.
-    pub id: String,
+    pub id: SandboxId,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -179,7 +180,7 @@ pub struct LogsArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Sandbox id.
-    pub id: String,
+    pub id: SandboxId,
     /// Keep printing what the guest writes, until the sandbox is gone or Ctrl-C.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -193,7 +194,7 @@ pub struct RmArgs {
     pub conn: ConnArgs,
     /// Sandbox ids.
     #[arg(required = true)]
-    pub ids: Vec<String>,
+    pub ids: Vec<SandboxId>,
     /// Print the destroyed sandboxes as one JSON array.
     #[arg(long)]
     pub json: bool,
@@ -206,7 +207,7 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Sandbox id.
-    pub id: String,
+    pub id: SandboxId,
     /// Environment variable (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -231,7 +232,7 @@ pub struct ShellArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Sandbox id.
-    pub id: String,
+    pub id: SandboxId,
 }
 
 /// `hutch cp`.
@@ -255,7 +256,7 @@ pub enum NetCommand {
         #[command(flatten)]
         conn: ConnArgs,
         /// Sandbox id.
-        id: String,
+        id: SandboxId,
         /// The new policy.
         #[command(flatten)]
         net: NetArgs,
@@ -485,6 +486,30 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(2_592_000));
         for bad in ["", "0", "5w", "h", "-1d", "99999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sandbox_ids_are_parsed_where_they_come_in() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["hutch"][..], args].concat());
+        for good in [
+            &["inspect", "sb-0a"][..],
+            &["rm", "sb-01", "sb-02"],
+            &["exec", "sb-1", "--", "true"],
+        ] {
+            assert!(parse(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            &["inspect", "sb-../x"][..],
+            &["rm", "sb-01", "SB-02"],
+            &["exec", "x", "--", "true"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
         }
     }
 }

@@ -71,7 +71,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
         args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,
         args::Command::Inspect(a) => {
-            remote::inspect(&remote::client(&home, &a.conn), &a.id, a.json).await
+            remote::inspect(&remote::client(&home, &a.conn), a.id.as_str(), a.json).await
         }
         args::Command::Exec(a) => {
             let tty = a.tty;
@@ -91,16 +91,34 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         }
         args::Command::Cp(a) => remote::cp(&remote::client(&home, &a.conn), a).await,
         args::Command::Logs(a) => {
-            remote::logs(&remote::client(&home, &a.conn), &a.id, a.follow).await
+            remote::logs(&remote::client(&home, &a.conn), a.id.as_str(), a.follow).await
         }
         args::Command::Pause(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "pause", a.json).await
+            remote::lifecycle(
+                &remote::client(&home, &a.conn),
+                a.id.as_str(),
+                "pause",
+                a.json,
+            )
+            .await
         }
         args::Command::Resume(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "resume", a.json).await
+            remote::lifecycle(
+                &remote::client(&home, &a.conn),
+                a.id.as_str(),
+                "resume",
+                a.json,
+            )
+            .await
         }
         args::Command::Suspend(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "suspend", a.json).await
+            remote::lifecycle(
+                &remote::client(&home, &a.conn),
+                a.id.as_str(),
+                "suspend",
+                a.json,
+            )
+            .await
         }
         args::Command::Fork(a) => template_cmd::fork(&remote::client(&home, &a.conn), a).await,
         args::Command::Template(c) => {
@@ -117,19 +135,31 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             task_cmd::run(&client, c).await
         }
         args::Command::Start(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "start", a.json).await
+            remote::lifecycle(
+                &remote::client(&home, &a.conn),
+                a.id.as_str(),
+                "start",
+                a.json,
+            )
+            .await
         }
         args::Command::Stop(a) => {
-            remote::lifecycle(&remote::client(&home, &a.conn), &a.id, "stop", a.json).await
+            remote::lifecycle(
+                &remote::client(&home, &a.conn),
+                a.id.as_str(),
+                "stop",
+                a.json,
+            )
+            .await
         }
         args::Command::Rm(a) => {
             remote::remove(&remote::client(&home, &a.conn), &a.ids, a.json).await
         }
         args::Command::Net(args::NetCommand::Set { conn, id, net }) => {
-            remote::net_set(&remote::client(&home, &conn), &id, &net).await
+            remote::net_set(&remote::client(&home, &conn), id.as_str(), &net).await
         }
         args::Command::Net(args::NetCommand::Log(a)) => {
-            remote::net_log(&remote::client(&home, &a.conn), &a.id, a.json).await
+            remote::net_log(&remote::client(&home, &a.conn), a.id.as_str(), a.json).await
         }
         args::Command::Port(a) => port_cmd::run(&remote::client(&home, &a.conn), a).await,
         args::Command::Token(c) => token::run(&home, c),

@@ -12,7 +12,7 @@ pub struct PortArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Sandbox id.
-    pub id: String,
+    pub id: hutch_types::SandboxId,
     /// Guest TCP port to publish (or, with --remove, to unpublish); none: list.
     pub guest_port: Option<u16>,
     /// Host port on 127.0.0.1 (default: any free port).
@@ -42,10 +42,12 @@ fn print(ports: &[PortMapping], json: bool) {
 /// Runs `hutch port`.
 pub async fn run(client: &Client, args: PortArgs) -> Result<i32, CliError> {
     let ports = match args.guest_port {
-        None => client.ports(&args.id).await?,
-        Some(g) if args.remove => client.unpublish_port(&args.id, g).await?,
+        None => client.ports(args.id.as_str()).await?,
+        Some(g) if args.remove => client.unpublish_port(args.id.as_str(), g).await?,
         Some(g) => {
-            let p = client.publish_port(&args.id, g, args.host_port).await?;
+            let p = client
+                .publish_port(args.id.as_str(), g, args.host_port)
+                .await?;
             if args.json {
                 print(&[p], true);
             } else {

@@ -6,7 +6,7 @@ use hutch_api::{
     client::{Client, ClientError, Endpoint, ExecReceiver, ExecSender, StreamEvent},
     CreateSandbox, ExecControl, ExecEventMsg, ExecStart, TtySize,
 };
-use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec};
+use hutch_types::{NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
@@ -212,11 +212,11 @@ pub async fn logs(client: &Client, id: &str, follow: bool) -> Result<i32, CliErr
 
 /// `hutch rm ID…`: destroys each, going on past failures; prints each result (with `--json`,
 /// one array of the destroyed sandboxes) and fails if any failed.
-pub async fn remove(client: &Client, ids: &[String], json: bool) -> Result<i32, CliError> {
+pub async fn remove(client: &Client, ids: &[SandboxId], json: bool) -> Result<i32, CliError> {
     let mut removed = Vec::new();
     let mut failed = 0;
     for id in ids {
-        match client.destroy(id).await {
+        match client.destroy(id.as_str()).await {
             Ok(info) if json => removed.push(info),
             Ok(info) => println!("{} {}", info.id, info.state.name()),
             Err(e) => {
@@ -271,7 +271,7 @@ pub async fn exec(client: &Client, args: ExecArgs, tty: bool) -> Result<i32, Cli
         tty: tty.then(|| size.unwrap_or(TtySize { rows: 24, cols: 80 })),
         timeout_secs: args.timeout,
     };
-    let (tx, rx) = client.exec_stream(&args.id, &start).await?;
+    let (tx, rx) = client.exec_stream(args.id.as_str(), &start).await?;
     let _raw = if tty && std::io::stdin().is_terminal() {
         Some(RawMode::enter()?)
     } else {
@@ -394,17 +394,21 @@ impl Drop for RawMode {
 /// archives (checked by the daemon on the way in, and here on the way out).
 pub async fn cp(client: &Client, args: CpArgs) -> Result<i32, CliError> {
     match (split_remote(&args.src), split_remote(&args.dst)) {
-        (None, Some((id, guest))) => upload(client, Path::new(&args.src), id, guest).await,
-        (Some((id, guest)), None) => download(client, id, guest, Path::new(&args.dst)).await,
+        (None, Some((id, guest))) => upload(client, Path::new(&args.src), id.as_str(), guest).await,
+        (Some((id, guest)), None) => {
+            download(client, id.as_str(), guest, Path::new(&args.dst)).await
+        }
         _ => Err(CliError::Usage(
             "exactly one of SRC and DST must be ID:/path".into(),
         )),
     }
 }
 
-fn split_remote(s: &str) -> Option<(&str, &str)> {
+/// `ID:/guest/path` as the sandbox id and the guest path; `None` for a host path.
+fn split_remote(s: &str) -> Option<(SandboxId, &str)> {
     let (id, path) = s.split_once(':')?;
-    (hutch_types::valid_sandbox_id(id) && path.starts_with('/')).then_some((id, path))
+    let id = id.parse().ok()?;
+    path.starts_with('/').then_some((id, path))
 }
 
 async fn upload(client: &Client, src: &Path, id: &str, guest: &str) -> Result<i32, CliError> {
@@ -485,4 +489,18 @@ async fn on_thread<T: Send + 'static>(
         .await
         .map_err(|e| CliError::Io(std::io::Error::other(e)))?
         .map_err(CliError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sandbox_id_and_an_absolute_path_name_a_guest_file() {
+        let (id, path) = split_remote("sb-0a:/root/x").unwrap();
+        assert_eq!((id.as_str(), path), ("sb-0a", "/root/x"));
+        for host in ["C:/x", "sb-0a:relative", "sb-zz:/x", "plain/path", "a:b:/c"] {
+            assert!(split_remote(host).is_none(), "{host}");
+        }
+    }
 }

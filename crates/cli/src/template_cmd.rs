@@ -77,7 +77,7 @@ pub struct ForkArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// The sandbox to fork.
-    pub id: String,
+    pub id: hutch_types::SandboxId,
     /// How many children.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=hutch_core::MAX_FORK as i64))]
     pub count: u32,
@@ -121,7 +121,7 @@ pub async fn template(client: &Client, cmd: TemplateCommand) -> Result<i32, CliE
 
 /// Runs `hutch fork`: prints the children's ids, one per line.
 pub async fn fork(client: &Client, a: ForkArgs) -> Result<i32, CliError> {
-    let children = client.fork(&a.id, a.count).await?;
+    let children = client.fork(a.id.as_str(), a.count).await?;
     if a.json {
         println!(
             "{}",

@@ -18,7 +18,8 @@ use std::{
 use hutch_protocol::{host::Channel, ExecRequest, ExitStatus, WriteFileRequest};
 use hutch_store::ListFilter;
 use hutch_task::{
-    baseline::{sha256_hex, tar_files, ArchiveError},
+    archive::ArchiveError,
+    baseline::{sha256_hex, tar_files},
     changeset::validate,
     sign::{HostKey, KeyError, SignatureCheck},
     BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,

@@ -12,6 +12,7 @@ mod sqlite;
 
 use hutch_types::{SandboxInfo, SandboxSpec, SandboxState};
 
+pub use hutch_types::TokenScope;
 pub use sqlite::SqliteStore;
 
 /// A store operation failed.
@@ -93,20 +94,6 @@ pub struct HostObject {
     pub detail: String,
     /// `false` while only intended, `true` once confirmed created.
     pub confirmed: bool,
-}
-
-/// What an API token may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenScope {
-    /// Everything.
-    Admin,
-    /// Only sandboxes carrying this label (and creating sandboxes that carry it).
-    Label {
-        /// Label key.
-        key: String,
-        /// Label value.
-        value: String,
-    },
 }
 
 /// An API token as listed: everything but its secret (which is never stored).

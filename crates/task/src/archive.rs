@@ -1,20 +1,35 @@
-//! Checking tar archives that cross the host/guest boundary as they stream, and writing
+//! Tar archives that cross the trust boundary: one checker for every archive Hutch reads
+//! (`hutch cp` both ways, the daemon's archive routes, task workspaces), and writing
 //! guest-made archives and files on the host without ever leaving the destination directory.
 //!
-//! Accepted entries: regular files, directories and symlinks, at relative paths without `..`,
-//! never *through* (or over) a symlink that the same archive made. Refused: absolute paths, `..`,
-//! device nodes, FIFOs, hard links, and anything else.
+//! Accepted entries: regular files, directories and symlinks (with a UTF-8 target), at
+//! UTF-8 relative paths that [`check_path`] accepts once a leading `./` and a trailing `/`
+//! are dropped, never *through* (or over) a symlink that the same archive made, and at most
+//! a caller-chosen number of them ([`MAX_COPY_ENTRIES`], [`MAX_WORKSPACE_ENTRIES`]). The
+//! archive's root (`.` or `./`) may only be a directory. Refused: absolute paths, `..`, `.`
+//! and empty components, names that are not UTF-8, device nodes, FIFOs, hard links, and
+//! anything else.
 
 use std::{
     collections::HashSet,
     io::Read,
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
 };
 
 use crate::beneath::{is_symlink_refusal, Beneath};
+use crate::changeset::check_path;
 
-/// Most entries one archive may hold.
-pub const MAX_ENTRIES: usize = 100_000;
+/// Most entries one archive copied in or out of a sandbox (`hutch cp`, the daemon's archive
+/// routes) may hold.
+pub const MAX_COPY_ENTRIES: usize = 100_000;
+
+/// Most entries one task workspace archive may hold. Every entry of a workspace is kept in
+/// its baseline, so this bounds the baseline's size; it is above what a 256 MiB upload can
+/// carry in all but the most degenerate archives (one 512-byte header per entry).
+pub const MAX_WORKSPACE_ENTRIES: usize = 500_000;
+
+/// Most characters of a refused entry's path quoted in an error.
+const SHOWN_CHARS: usize = 200;
 
 /// Why an archive was refused.
 #[derive(Debug, thiserror::Error)]
@@ -22,14 +37,17 @@ pub enum ArchiveError {
     /// An entry's path or type is not allowed.
     #[error("archive entry {path:?} refused: {why}")]
     Unsafe {
-        /// The entry's path as written in the archive.
+        /// The entry's path as written in the archive (lossy, shortened).
         path: String,
         /// What is wrong with it.
-        why: &'static str,
+        why: String,
     },
     /// Too many entries.
-    #[error("archive has more than {MAX_ENTRIES} entries")]
-    TooManyEntries,
+    #[error("archive has more than {limit} entries")]
+    TooManyEntries {
+        /// The cap it went over.
+        limit: usize,
+    },
     /// The archive is not a readable tar stream.
     #[error("archive is malformed")]
     Malformed(#[source] std::io::Error),
@@ -44,27 +62,144 @@ pub enum ArchiveError {
     },
 }
 
-/// A checked entry: where it goes (relative) and what it is.
-enum Checked {
-    Dir(PathBuf, u32),
-    File(PathBuf, u32),
-    Symlink(PathBuf, PathBuf),
+/// What a checked entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file (its contents follow in the stream).
+    File,
+    /// A symbolic link, with its target as stored.
+    Symlink(String),
 }
 
-/// Checks every entry of the tar stream `tar` as it is read; `Ok` (the entry count) means it
-/// is safe to unpack anywhere. File contents are skipped, never held. `passed(end)` is called
-/// as soon as each entry is judged safe, where `end` is the stream offset its contents (and
-/// their padding) end at: every byte before `end` belongs to checked entries, so a caller may
-/// pass it on while the next header is still being read.
+/// An entry that passed the checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// Normalised relative path (no `./` prefix, no trailing `/`); empty for the root.
+    pub path: String,
+    /// Permission bits as the header gives them.
+    pub mode: u32,
+    /// What it is.
+    pub kind: Kind,
+}
+
+impl Checked {
+    /// Whether this is the archive's root directory (`.` or `./`).
+    pub fn is_root(&self) -> bool {
+        self.path.is_empty()
+    }
+}
+
+/// Reads every entry of the tar stream `tar`, checks it, and hands it (with its contents
+/// still to read) to `each`; refuses the archive at the first entry that breaks a rule, or
+/// past `max_entries`. `Ok` is the entry count.
+pub fn walk<R: Read>(
+    tar: R,
+    max_entries: usize,
+    mut each: impl FnMut(&Checked, &mut tar::Entry<'_, R>) -> Result<(), ArchiveError>,
+) -> Result<usize, ArchiveError> {
+    let mut archive = tar::Archive::new(tar);
+    let mut symlinks: HashSet<String> = HashSet::new();
+    let mut count = 0;
+    for entry in archive.entries().map_err(ArchiveError::Malformed)? {
+        let mut entry = entry.map_err(ArchiveError::Malformed)?;
+        count += 1;
+        if count > max_entries {
+            return Err(ArchiveError::TooManyEntries { limit: max_entries });
+        }
+        let checked = check_entry(&entry, &symlinks)?;
+        if let Kind::Symlink(_) = checked.kind {
+            symlinks.insert(checked.path.clone());
+        }
+        each(&checked, &mut entry)?;
+    }
+    Ok(count)
+}
+
+/// Checks one entry against every rule, given the symlinks the archive made before it.
+fn check_entry<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    symlinks: &HashSet<String>,
+) -> Result<Checked, ArchiveError> {
+    let raw = entry.path_bytes();
+    let refuse = |why: &str| ArchiveError::Unsafe {
+        path: String::from_utf8_lossy(&raw)
+            .chars()
+            .take(SHOWN_CHARS)
+            .collect(),
+        why: why.to_string(),
+    };
+    let path = relative_path(&raw).map_err(|why| refuse(&why))?;
+    let header = entry.header();
+    let mode = header.mode().map_err(ArchiveError::Malformed)?;
+    let kind = header.entry_type();
+    if path.is_empty() && !kind.is_dir() {
+        return Err(refuse("the archive's root may only be a directory"));
+    }
+    if ancestors(&path).any(|a| symlinks.contains(a)) {
+        return Err(refuse("path goes through a symlink in the archive"));
+    }
+    // A naive unpacker keeps a symlink where a directory entry follows (and chmods its
+    // target): refused here, so no client of a checked archive can be led there.
+    if symlinks.contains(&path) {
+        return Err(refuse("replaces a symlink the archive made"));
+    }
+    let kind = if kind.is_dir() {
+        Kind::Dir
+    } else if kind.is_file() {
+        Kind::File
+    } else if kind.is_symlink() {
+        let target = header
+            .link_name_bytes()
+            .ok_or_else(|| refuse("symlink without a target"))?;
+        let target =
+            std::str::from_utf8(&target).map_err(|_| refuse("symlink target is not UTF-8"))?;
+        Kind::Symlink(target.to_string())
+    } else {
+        return Err(refuse("only files, directories and symlinks are allowed"));
+    };
+    Ok(Checked { path, mode, kind })
+}
+
+/// `raw` as a normalised relative path: a leading `./` and a trailing `/` dropped, then
+/// held to [`check_path`]; empty for the root (`.` or `./`).
+fn relative_path(raw: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "path is not UTF-8".to_string())?;
+    if matches!(text, "." | "./") {
+        return Ok(String::new());
+    }
+    let path = text.strip_prefix("./").unwrap_or(text);
+    // A directory's trailing `/` goes; `/` itself stays, to be refused as absolute.
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    check_path(path).map_err(|(_, why)| why)?;
+    Ok(path.to_string())
+}
+
+/// The proper ancestors of a normalised relative path, nearest last (`a`, `a/b` for `a/b/c`).
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+/// Checks every entry of a copied tar stream (at most [`MAX_COPY_ENTRIES`]) as it is read;
+/// `Ok` (the entry count) means it is safe to unpack anywhere. File contents are skipped,
+/// never held. `passed(end)` is called as soon as each entry is judged safe, where `end` is
+/// the stream offset its contents (and their padding) end at: every byte before `end`
+/// belongs to checked entries, so a caller may pass it on while the next header is still
+/// being read.
 pub fn check_each(tar: impl Read, mut passed: impl FnMut(u64)) -> Result<usize, ArchiveError> {
-    walk(tar, |_, entry| {
+    walk(tar, MAX_COPY_ENTRIES, |_, entry| {
         let padded = entry.size().div_ceil(512) * 512;
         passed(entry.raw_file_position() + padded);
         Ok(())
     })
 }
 
-/// Unpacks the tar stream `tar` into `dest` on the host, checking each entry as it comes.
+/// Unpacks the copied tar stream `tar` into `dest` on the host, checking each entry as it
+/// comes (at most [`MAX_COPY_ENTRIES`]).
 ///
 /// Every write is resolved beneath `dest` without following any symlink ([`Beneath`]), so a
 /// symlink that this archive, or an earlier one unpacked into the same place, left behind is
@@ -75,17 +210,20 @@ pub fn unpack(tar: impl Read, dest: &Path) -> Result<usize, ArchiveError> {
         path: dest.to_path_buf(),
         source,
     })?;
-    walk(tar, |entry, data| {
-        let (rel, done) = match entry {
-            Checked::Dir(rel, _) if rel.as_os_str().is_empty() => return Ok(()),
-            Checked::Dir(rel, mode) => (rel, root.mkdir(rel, *mode)),
-            Checked::File(rel, mode) => (rel, root.write_file(rel, *mode, data).map(drop)),
-            Checked::Symlink(rel, target) => (rel, root.symlink(rel, target)),
+    walk(tar, MAX_COPY_ENTRIES, |entry, data| {
+        if entry.is_root() {
+            return Ok(());
+        }
+        let rel = Path::new(&entry.path);
+        let done = match &entry.kind {
+            Kind::Dir => root.mkdir(rel, entry.mode),
+            Kind::File => root.write_file(rel, entry.mode, data).map(drop),
+            Kind::Symlink(target) => root.symlink(rel, Path::new(target)),
         };
         done.map_err(|source| match source {
             e if is_symlink_refusal(&e) => ArchiveError::Unsafe {
-                path: rel.display().to_string(),
-                why: "path goes through a symlink on the host",
+                path: entry.path.chars().take(SHOWN_CHARS).collect(),
+                why: "path goes through a symlink on the host".into(),
             },
             source => ArchiveError::Write {
                 path: dest.join(rel),
@@ -118,74 +256,6 @@ pub fn save_file(mut data: impl Read, dst: &Path) -> Result<u64, ArchiveError> {
         .map_err(write_err)
 }
 
-/// Reads every entry, checks it, and hands it (with its contents still to read) to `each`.
-fn walk<R: Read>(
-    tar: R,
-    mut each: impl FnMut(&Checked, &mut tar::Entry<'_, R>) -> Result<(), ArchiveError>,
-) -> Result<usize, ArchiveError> {
-    let mut archive = tar::Archive::new(tar);
-    let mut symlinks: HashSet<PathBuf> = HashSet::new();
-    let mut count = 0;
-    for entry in archive.entries().map_err(ArchiveError::Malformed)? {
-        let mut entry = entry.map_err(ArchiveError::Malformed)?;
-        count += 1;
-        if count > MAX_ENTRIES {
-            return Err(ArchiveError::TooManyEntries);
-        }
-        let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
-        let unsafe_entry = |why| ArchiveError::Unsafe {
-            path: shown.clone(),
-            why,
-        };
-        let rel = relative_path(&raw).ok_or_else(|| unsafe_entry("absolute path or `..`"))?;
-        if rel.ancestors().skip(1).any(|a| symlinks.contains(a)) {
-            return Err(unsafe_entry("path goes through a symlink in the archive"));
-        }
-        // A naive unpacker keeps a symlink where a directory entry follows (and chmods its
-        // target): refused here, so no client of a checked archive can be led there.
-        if symlinks.contains(&rel) {
-            return Err(unsafe_entry("replaces a symlink the archive made"));
-        }
-        let mode = entry.header().mode().map_err(ArchiveError::Malformed)?;
-        let kind = entry.header().entry_type();
-        let checked = if kind.is_dir() {
-            Checked::Dir(rel, mode)
-        } else if kind.is_file() {
-            Checked::File(rel, mode)
-        } else if kind.is_symlink() {
-            let target = entry
-                .link_name()
-                .map_err(ArchiveError::Malformed)?
-                .ok_or_else(|| unsafe_entry("symlink without a target"))?
-                .into_owned();
-            symlinks.insert(rel.clone());
-            Checked::Symlink(rel, target)
-        } else {
-            return Err(unsafe_entry(
-                "only files, directories and symlinks are allowed",
-            ));
-        };
-        each(&checked, &mut entry)?;
-    }
-    Ok(count)
-}
-
-/// `raw` as a normalised relative path (`./` dropped), or `None` if absolute or with `..`.
-fn relative_path(raw: &[u8]) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = Path::new(std::ffi::OsStr::from_bytes(raw));
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,10 +286,20 @@ mod tests {
         kind: tar::EntryType,
         link: Option<&str>,
     ) {
+        raw_bytes_entry(b, path.as_bytes(), kind, link.map(str::as_bytes));
+    }
+
+    /// [`raw_entry`] for names that need not be UTF-8.
+    fn raw_bytes_entry(
+        b: &mut tar::Builder<Vec<u8>>,
+        path: &[u8],
+        kind: tar::EntryType,
+        link: Option<&[u8]>,
+    ) {
         let mut h = header(kind, 0);
-        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
         if let Some(l) = link {
-            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
         }
         h.set_cksum();
         b.append(&h, std::io::empty()).unwrap();
@@ -257,31 +337,166 @@ mod tests {
 
     #[test]
     fn escapes_devices_and_links_through_symlinks_are_refused() {
-        let cases: Vec<Vec<u8>> = vec![
-            archive(|b| raw_entry(b, "../evil", tar::EntryType::Regular, None)),
-            archive(|b| raw_entry(b, "/etc/passwd", tar::EntryType::Regular, None)),
-            archive(|b| raw_entry(b, "a/../../x", tar::EntryType::Regular, None)),
-            archive(|b| raw_entry(b, "dev", tar::EntryType::Char, None)),
-            archive(|b| raw_entry(b, "fifo", tar::EntryType::Fifo, None)),
-            archive(|b| raw_entry(b, "hard", tar::EntryType::Link, Some("/etc/shadow"))),
-            archive(|b| {
-                raw_entry(b, "out", tar::EntryType::Symlink, Some("/etc"));
-                raw_entry(b, "out/passwd", tar::EntryType::Regular, None);
-            }),
-            archive(|b| {
-                raw_entry(b, "d", tar::EntryType::Symlink, Some("/etc"));
-                raw_entry(b, "d", tar::EntryType::Directory, None);
-            }),
+        use tar::EntryType::{Char, Directory, Fifo, Link, Regular, Symlink};
+        let long = "x".repeat(256);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("..", archive(|b| raw_entry(b, "../evil", Regular, None))),
+            (
+                "absolute",
+                archive(|b| raw_entry(b, "/etc/passwd", Regular, None)),
+            ),
+            (
+                "absolute root",
+                archive(|b| raw_entry(b, "/", Directory, None)),
+            ),
+            (
+                "inner ..",
+                archive(|b| raw_entry(b, "a/../../x", Regular, None)),
+            ),
+            ("device", archive(|b| raw_entry(b, "dev", Char, None))),
+            ("fifo", archive(|b| raw_entry(b, "fifo", Fifo, None))),
+            (
+                "hard link",
+                archive(|b| raw_entry(b, "hard", Link, Some("/etc/shadow"))),
+            ),
+            (
+                "through a symlink",
+                archive(|b| {
+                    raw_entry(b, "out", Symlink, Some("/etc"));
+                    raw_entry(b, "out/passwd", Regular, None);
+                }),
+            ),
+            (
+                "deep through a symlink",
+                archive(|b| {
+                    raw_entry(b, "out", Symlink, Some("/etc"));
+                    raw_entry(b, "out/ssh/sshd_config", Regular, None);
+                }),
+            ),
+            (
+                "over a symlink",
+                archive(|b| {
+                    raw_entry(b, "d", Symlink, Some("/etc"));
+                    raw_entry(b, "d", Directory, None);
+                }),
+            ),
+            (
+                "not UTF-8",
+                archive(|b| raw_bytes_entry(b, b"bad\xff", Regular, None)),
+            ),
+            (
+                "`.` component",
+                archive(|b| raw_entry(b, "a/./b", Regular, None)),
+            ),
+            (
+                "empty component",
+                archive(|b| raw_entry(b, "a//b", Regular, None)),
+            ),
+            (
+                "long component",
+                archive(|b| {
+                    let mut h = header(Regular, 0);
+                    b.append_data(&mut h, &long, std::io::empty()).unwrap();
+                }),
+            ),
+            (
+                "root as a file",
+                archive(|b| raw_entry(b, ".", Regular, None)),
+            ),
+            (
+                "root as a symlink",
+                archive(|b| raw_entry(b, "./", Symlink, Some("/"))),
+            ),
+            (
+                "symlink without a target",
+                archive(|b| raw_entry(b, "l", Symlink, None)),
+            ),
+            (
+                "symlink target not UTF-8",
+                archive(|b| raw_bytes_entry(b, b"l", Symlink, Some(b"\xff"))),
+            ),
         ];
-        for (i, tar) in cases.iter().enumerate() {
+        for (case, tar) in &cases {
             let dest = tempfile::tempdir().unwrap();
+            if case.starts_with("absolute") {
+                let err = check(&tar[..]).unwrap_err().to_string();
+                assert!(err.contains("absolute path"), "{case}: {err}");
+            }
             assert!(
                 matches!(check(&tar[..]), Err(ArchiveError::Unsafe { .. })),
-                "case {i} passed the check"
+                "case {case:?} passed the check"
             );
-            assert!(unpack(&tar[..], dest.path()).is_err(), "case {i} unpacked");
+            assert!(
+                unpack(&tar[..], dest.path()).is_err(),
+                "case {case:?} unpacked"
+            );
             assert!(!Path::new("/evil").exists());
         }
+    }
+
+    #[test]
+    fn a_tar_of_a_directory_as_tar_makes_it_passes_with_its_root() {
+        let tar = archive(|b| {
+            raw_entry(b, "./", tar::EntryType::Directory, None);
+            raw_entry(b, "./a/", tar::EntryType::Directory, None);
+            raw_entry(b, "./a/f", tar::EntryType::Regular, None);
+            raw_entry(b, "./a/l", tar::EntryType::Symlink, Some("f"));
+        });
+        let mut seen = Vec::new();
+        walk(&tar[..], 4, |c, _| {
+            seen.push(c.clone());
+            Ok(())
+        })
+        .unwrap();
+        let paths: Vec<&str> = seen.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["", "a", "a/f", "a/l"]);
+        assert!(seen[0].is_root());
+        assert_eq!(seen[3].kind, Kind::Symlink("f".into()));
+    }
+
+    #[test]
+    fn the_entry_cap_counts_every_entry() {
+        let tar = archive(|b| {
+            for name in ["a", "b", "c"] {
+                raw_entry(b, name, tar::EntryType::Regular, None);
+            }
+        });
+        assert_eq!(walk(&tar[..], 3, |_, _| Ok(())).unwrap(), 3);
+        assert!(matches!(
+            walk(&tar[..], 2, |_, _| Ok(())),
+            Err(ArchiveError::TooManyEntries { limit: 2 })
+        ));
+    }
+
+    #[test]
+    fn a_copy_holds_at_most_max_copy_entries() {
+        let tar = archive(|b| {
+            for i in 0..=MAX_COPY_ENTRIES {
+                raw_entry(b, &format!("{i:x}"), tar::EntryType::Regular, None);
+            }
+        });
+        assert!(matches!(
+            check(&tar[..]),
+            Err(ArchiveError::TooManyEntries {
+                limit: MAX_COPY_ENTRIES
+            })
+        ));
+        // The same archive less its last entry (and with its end blocks) passes.
+        let mut at_cap = tar[..tar.len() - 1024 - 512].to_vec();
+        at_cap.extend([0u8; 1024]);
+        assert_eq!(check(&at_cap[..]).unwrap(), MAX_COPY_ENTRIES);
+    }
+
+    #[test]
+    fn a_header_with_a_garbled_mode_is_malformed() {
+        let tar = archive(|b| {
+            let mut h = header(tar::EntryType::Regular, 0);
+            h.as_old_mut().name[..1].copy_from_slice(b"f");
+            h.as_old_mut().mode = *b"zzzzzzz\0";
+            h.set_cksum();
+            b.append(&h, std::io::empty()).unwrap();
+        });
+        assert!(matches!(check(&tar[..]), Err(ArchiveError::Malformed(_))));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::changeset::check_path;
+use crate::archive::{self, ArchiveError, Checked, Kind, MAX_WORKSPACE_ENTRIES};
 
 /// One file, symlink or empty directory of the baseline (other directories are implied by
 /// their contents).
@@ -41,22 +41,6 @@ pub struct Baseline {
     pub entries: BTreeMap<String, BaseEntry>,
 }
 
-/// Why a workspace archive was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ArchiveError {
-    /// The archive could not be read.
-    #[error("the workspace archive is unreadable")]
-    Read(#[source] std::io::Error),
-    /// An entry is not allowed in a workspace archive.
-    #[error("workspace archive entry {path:?}: {reason}")]
-    Entry {
-        /// The entry's path (lossy).
-        path: String,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// SHA-256 of `data`, hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -67,59 +51,28 @@ pub fn in_git_dir(path: &str) -> bool {
     path.split('/').any(|c| c == ".git")
 }
 
-/// Visits every entry of a workspace archive after checking it: relative, normalised paths,
-/// only directories, regular files and symlinks, no entry below a symlink the archive made.
-/// `f` gets the normalised path, the header and the contents of regular files.
+/// Visits every entry of a workspace archive (at most [`MAX_WORKSPACE_ENTRIES`]) but its
+/// root after [`archive::walk`] has checked it. `f` gets the entry and the contents of
+/// regular files.
 fn each_entry(
     tar_bytes: &[u8],
-    mut f: impl FnMut(&str, &tar::Header, Option<Vec<u8>>) -> Result<(), ArchiveError>,
+    mut f: impl FnMut(&Checked, Option<Vec<u8>>) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
-    let mut archive = tar::Archive::new(tar_bytes);
-    let mut links = BTreeSet::new();
-    for entry in archive.entries().map_err(ArchiveError::Read)? {
-        let mut entry = entry.map_err(ArchiveError::Read)?;
-        let raw = entry.path_bytes().into_owned();
-        let lossy = String::from_utf8_lossy(&raw).into_owned();
-        let bad = |reason: &str| ArchiveError::Entry {
-            path: lossy.chars().take(200).collect(),
-            reason: reason.into(),
-        };
-        let text = std::str::from_utf8(&raw).map_err(|_| bad("not UTF-8"))?;
-        let trimmed = text
-            .strip_prefix("./")
-            .unwrap_or(text)
-            .trim_end_matches('/');
-        if trimmed.is_empty() || trimmed == "." {
-            continue;
+    archive::walk(tar_bytes, MAX_WORKSPACE_ENTRIES, |entry, contents| {
+        if entry.is_root() {
+            return Ok(());
         }
-        check_path(trimmed).map_err(|(_, why)| bad(&why))?;
-        let mut prefix = String::new();
-        for c in trimmed.split('/') {
-            if !prefix.is_empty() && links.contains(&prefix) {
-                return Err(bad("lies below a symlink"));
-            }
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(c);
-        }
-        let kind = entry.header().entry_type();
-        let data = if kind.is_file() {
+        let data = if entry.kind == Kind::File {
             let mut buf = Vec::new();
-            entry.read_to_end(&mut buf).map_err(ArchiveError::Read)?;
+            contents
+                .read_to_end(&mut buf)
+                .map_err(ArchiveError::Malformed)?;
             Some(buf)
-        } else if kind.is_symlink() {
-            links.insert(trimmed.to_string());
-            None
-        } else if kind.is_dir() {
-            None
         } else {
-            return Err(bad(
-                "only files, directories and symlinks may be in a workspace",
-            ));
+            None
         };
-        f(trimmed, entry.header(), data)?;
-    }
+        f(entry, data)
+    })?;
     Ok(())
 }
 
@@ -128,33 +81,27 @@ impl Baseline {
     pub fn from_tar(tar_bytes: &[u8]) -> Result<Baseline, ArchiveError> {
         let mut entries = BTreeMap::new();
         let mut parents = BTreeSet::new();
-        each_entry(tar_bytes, |path, header, data| {
+        each_entry(tar_bytes, |entry, data| {
+            let path = entry.path.as_str();
             if let Some((parent, _)) = path.rsplit_once('/') {
                 parents.insert(parent.to_string());
             }
-            if header.entry_type().is_dir() {
-                if !in_git_dir(path) {
-                    entries.insert(path.to_string(), BaseEntry::Dir);
-                }
-                return Ok(());
-            }
-            let mode = header.mode().unwrap_or(0o644) & 0o777;
-            if let Some(data) = data {
-                entries.insert(
-                    path.to_string(),
+            let recorded = match (&entry.kind, data) {
+                (Kind::Dir, _) if in_git_dir(path) => return Ok(()),
+                (Kind::Dir, _) => BaseEntry::Dir,
+                (Kind::Symlink(target), _) => BaseEntry::Symlink {
+                    target: target.clone(),
+                },
+                (Kind::File, data) => {
+                    let data = data.unwrap_or_default();
                     BaseEntry::File {
-                        mode,
+                        mode: entry.mode & 0o777,
                         size: data.len() as u64,
                         sha256: sha256_hex(&data),
-                    },
-                );
-            } else if header.entry_type().is_symlink() {
-                let target = header
-                    .link_name_bytes()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
-                entries.insert(path.to_string(), BaseEntry::Symlink { target });
-            }
+                    }
+                }
+            };
+            entries.insert(path.to_string(), recorded);
             Ok(())
         })?;
         // Only empty directories are recorded; the others are implied by their contents.
@@ -179,9 +126,9 @@ pub fn tar_files(
     wanted: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, Vec<u8>>, ArchiveError> {
     let mut out = BTreeMap::new();
-    each_entry(tar_bytes, |path, _, data| {
-        if let Some(data) = data.filter(|_| wanted.contains(path)) {
-            out.insert(path.to_string(), data);
+    each_entry(tar_bytes, |entry, data| {
+        if let Some(data) = data.filter(|_| wanted.contains(&entry.path)) {
+            out.insert(entry.path.clone(), data);
         }
         Ok(())
     })?;

@@ -10,6 +10,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+mod id;
+mod scope;
+pub use id::{
+    check_host_id, valid_sandbox_id, InvalidSandboxId, SandboxId, MAX_HOST_ID_LEN,
+    MAX_SANDBOX_ID_LEN,
+};
+pub use scope::{Forbidden, TokenScope};
+
 /// Labels attached to a sandbox: `key=value` pairs used for filtering and token scoping.
 pub type Labels = BTreeMap<String, String>;
 
@@ -335,16 +343,6 @@ pub fn valid_env_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Sandbox ids: `sb-` followed by lowercase hex.
-pub fn valid_sandbox_id(s: &str) -> bool {
-    s.len() <= 40
-        && s.strip_prefix("sb-").is_some_and(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-}
-
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", tag = "state", content = "reason")]
@@ -635,7 +633,5 @@ mod tests {
             };
             assert_eq!(SandboxState::from_parts(s.name(), reason), Some(s));
         }
-        assert!(valid_sandbox_id("sb-0a1b"));
-        assert!(!valid_sandbox_id("sb-../x"));
     }
 }

@@ -58,7 +58,7 @@ pub use snapshot::copy_sparse;
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
-    /// The VM's id: 1–63 characters of `[a-z0-9-]`, not starting with `-`. It names every host
+    /// The VM's id ([`validate_id`]: 1–48 characters of `[a-z0-9-]`, not starting with `-`). It names every host
     /// object the VM owns (e.g. the QEMU process is started with `-name hutch-<id>`).
     pub id: String,
     /// The guest kernel (`vmlinuz`, bzImage).
@@ -421,30 +421,13 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     async fn destroy(self: Box<Self>) -> Result<(), VmmError>;
 }
 
-/// Checks that `id` is usable in host object names: 1–63 characters of `[a-z0-9-]`, not starting
-/// with `-`.
+/// Checks that `id` is usable in host object names ([`hutch_types::check_host_id`], the rule
+/// the sandbox's network holds its id to as well).
 pub fn validate_id(id: &str) -> Result<(), VmmError> {
-    let why = if id.is_empty() {
-        Some("empty")
-    } else if id.len() > 63 {
-        Some("longer than 63 characters")
-    } else if id.starts_with('-') {
-        Some("starts with '-'")
-    } else if !id
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        Some("only [a-z0-9-] is allowed")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(VmmError::InvalidId {
-            id: id.chars().take(80).collect(),
-            why,
-        }),
-        None => Ok(()),
-    }
+    hutch_types::check_host_id(id).map_err(|why| VmmError::InvalidId {
+        id: id.chars().take(80).collect(),
+        why,
+    })
 }
 
 #[cfg(test)]

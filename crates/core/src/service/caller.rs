@@ -1,7 +1,6 @@
 //! Who is asking: the rights every request to the [`SandboxApi`](super::SandboxApi) carries.
 
-use hutch_store::TokenScope;
-use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec};
+use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, TokenScope};
 
 use super::{Result, ServiceError};
 
@@ -29,22 +28,12 @@ impl Caller {
     /// Refuses a caller limited to some sandboxes, with `why` (for host-wide resources such
     /// as templates and tasks).
     pub fn require_admin(&self, why: &'static str) -> Result<()> {
-        match &self.scope {
-            TokenScope::Admin => Ok(()),
-            TokenScope::Label { .. } => Err(ServiceError::refused(ErrorCode::Forbidden, why)),
-        }
+        Ok(self.scope.require_admin(why)?)
     }
 
     /// Refuses (forbidden) a sandbox outside this caller's scope.
     pub fn allows(&self, info: &SandboxInfo) -> Result<()> {
-        match &self.scope {
-            TokenScope::Admin => Ok(()),
-            TokenScope::Label { key, value } if info.spec.labels.get(key) == Some(value) => Ok(()),
-            TokenScope::Label { key, value } => Err(ServiceError::refused(
-                ErrorCode::Forbidden,
-                format!("this token is limited to sandboxes labelled {key}={value}"),
-            )),
-        }
+        Ok(self.scope.allows(info)?)
     }
 
     /// Labels a new sandbox's `spec` with the caller's scope, refusing a conflicting label.

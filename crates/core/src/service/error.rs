@@ -29,6 +29,12 @@ pub enum ServiceError {
     Channel(#[from] ChannelError),
 }
 
+impl From<hutch_types::Forbidden> for ServiceError {
+    fn from(e: hutch_types::Forbidden) -> ServiceError {
+        ServiceError::refused(ErrorCode::Forbidden, e.0)
+    }
+}
+
 impl ServiceError {
     /// A refusal with `code` and `message`.
     pub fn refused(code: ErrorCode, message: impl Into<String>) -> ServiceError {
