@@ -59,15 +59,15 @@ pub struct PathQuery {
 
 /// What every file route needs: the sandbox (in the caller's scope), the checked guest path,
 /// and the channel to its agent.
-fn target(
+async fn target(
     state: &AppState,
     scope: &Scope,
     id: &str,
     raw: &str,
 ) -> Result<(SandboxInfo, String, Arc<Channel>)> {
-    let info = authorize(state, scope, id)?;
+    let info = authorize(state, scope, id).await?;
     let path = guest_path(raw)?;
-    let channel = state.manager.channel(id)?;
+    let channel = state.manager.channel(id).await?;
     Ok((info, path, channel))
 }
 
@@ -99,7 +99,7 @@ pub async fn put_file(
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> Result<StatusCode> {
-    let (_, path, channel) = target(&state, &scope, &id, &q.path)?;
+    let (_, path, channel) = target(&state, &scope, &id, &q.path).await?;
     let mode = match q.mode.as_deref() {
         None => 0o644,
         Some(m) => u32::from_str_radix(m, 8)
@@ -136,7 +136,7 @@ pub async fn get_file(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response> {
-    let (_, path, channel) = target(&state, &scope, &id, &q.path)?;
+    let (_, path, channel) = target(&state, &scope, &id, &q.path).await?;
     let req = ReadFileRequest {
         path,
         max_bytes: MAX_DOWNLOAD,
@@ -158,7 +158,7 @@ pub async fn put_archive(
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> Result<StatusCode> {
-    let (info, dir, channel) = target(&state, &scope, &id, &q.path)?;
+    let (info, dir, channel) = target(&state, &scope, &id, &q.path).await?;
     let script = "mkdir -p -- \"$1\" && exec tar -x -p --no-same-owner -C \"$1\" -f -";
     let argv = ["sh", "-c", script, "sh", &dir].map(String::from).to_vec();
     let req = exec_request(&info, argv, Default::default(), None, None, true)?;
@@ -195,7 +195,7 @@ pub async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response> {
-    let (info, dir, channel) = target(&state, &scope, &id, &q.path)?;
+    let (info, dir, channel) = target(&state, &scope, &id, &q.path).await?;
     let argv = ["tar", "-c", "-C", &dir, "."].map(String::from).to_vec();
     let req = exec_request(&info, argv, Default::default(), None, None, false)?;
     let exec = channel.exec(req).await.map_err(exec_start_error)?;

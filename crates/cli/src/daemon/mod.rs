@@ -20,7 +20,7 @@ mod ws;
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use hutch_core::{Limits, Manager, ManagerConfig};
-use hutch_store::{SqliteStore, Store};
+use hutch_store::{AsyncStore, SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::{args::DaemonArgs, error::CliError, home::Home};
@@ -31,8 +31,8 @@ pub use auth::{token_hash, Scope};
 pub struct AppState {
     /// Drives the sandboxes.
     pub manager: Arc<Manager>,
-    /// Token lookups.
-    pub store: Arc<dyn Store>,
+    /// Token lookups (the manager's store, off the async workers).
+    pub store: AsyncStore,
     /// Agent tasks.
     pub tasks: Arc<hutch_core::task::Tasks>,
 }
@@ -68,7 +68,7 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();
-    let manager = Manager::new(cfg, store.clone(), backend.vmm, net);
+    let manager = Manager::new(cfg, store, backend.vmm, net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(
@@ -81,7 +81,7 @@ pub async fn run(home: &Home, args: DaemonArgs) -> Result<i32, CliError> {
     );
     let state = Arc::new(AppState {
         manager: manager.clone(),
-        store,
+        store: manager.store().clone(),
         tasks: Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone())),
     });
     match state.tasks.recover().await {

@@ -35,7 +35,7 @@ pub async fn publish_port(
     Path((id, guest_port)): Path<(String, u16)>,
     JsonBody(req): JsonBody<PublishPort>,
 ) -> Result<Json<PortMapping>> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let manager = state.manager.clone();
     let p = completed(async move { manager.publish_port(&id, guest_port, req.host_port).await })
         .await?;
@@ -50,7 +50,7 @@ pub async fn unpublish_port(
     Extension(scope): Extension<Scope>,
     Path((id, guest_port)): Path<(String, u16)>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let manager = state.manager.clone();
     let left = completed(async move { manager.unpublish_port(&id, guest_port).await }).await?;
     Ok(Json(left.into_iter().map(mapping).collect()))
@@ -64,7 +64,7 @@ pub async fn list_ports(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    authorize(&state, &scope, &id)?;
-    let ports = state.manager.published_ports(&id)?;
+    authorize(&state, &scope, &id).await?;
+    let ports = state.manager.published_ports(&id).await?;
     Ok(Json(ports.into_iter().map(mapping).collect()))
 }

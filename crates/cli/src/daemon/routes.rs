@@ -126,14 +126,14 @@ pub fn router_with_tokens(state: Arc<AppState>) -> Router {
 }
 
 /// Loads a sandbox the caller may act on: 404 if unknown, 403 if out of scope.
-pub fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInfo> {
+pub async fn authorize(state: &AppState, scope: &Scope, id: &str) -> Result<SandboxInfo> {
     if !hutch_types::valid_sandbox_id(id) {
         return Err(HttpError::new(
             ErrorCode::NotFound,
             format!("no such sandbox: {id:.40}"),
         ));
     }
-    let info = state.manager.get(id)?;
+    let info = state.manager.get(id).await?;
     scope.allows(&info)?;
     Ok(info)
 }
@@ -237,7 +237,7 @@ async fn get_sandbox(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     Ok(Json(state.manager.inspect(&id).await?.redacted()))
 }
 
@@ -249,7 +249,7 @@ async fn destroy_sandbox(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let manager = state.manager.clone();
     Ok(Json(
         completed(async move { manager.destroy(&id).await })
@@ -270,7 +270,7 @@ macro_rules! lifecycle_route {
             Extension(scope): Extension<Scope>,
             Path(id): Path<String>,
         ) -> Result<Json<SandboxInfo>> {
-            authorize(&state, &scope, &id)?;
+            authorize(&state, &scope, &id).await?;
             let manager = state.manager.clone();
             Ok(Json(completed(async move { manager.$method(&id).await }).await?.redacted()))
         }
@@ -316,8 +316,8 @@ async fn console(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
-    authorize(&state, &scope, &id)?;
-    Ok(state.manager.console_log(&id)?)
+    authorize(&state, &scope, &id).await?;
+    Ok(state.manager.console_log(&id).await?)
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network", request_body = NetworkPolicy,
@@ -329,7 +329,7 @@ async fn set_network(
     Path(id): Path<String>,
     JsonBody(policy): JsonBody<NetworkPolicy>,
 ) -> Result<Json<SandboxInfo>> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let manager = state.manager.clone();
     Ok(Json(
         completed(async move { manager.set_network(&id, policy).await })
@@ -346,8 +346,8 @@ async fn network_log(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<NetEvent>>> {
-    authorize(&state, &scope, &id)?;
-    let events = state.manager.network_events(&id)?;
+    authorize(&state, &scope, &id).await?;
+    let events = state.manager.network_events(&id).await?;
     Ok(Json(events.into_iter().map(net_event).collect()))
 }
 
@@ -386,8 +386,8 @@ async fn exec(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Json<ExecResult>> {
-    let info = authorize(&state, &scope, &id)?;
-    let channel = state.manager.channel(&id)?;
+    let info = authorize(&state, &scope, &id).await?;
+    let channel = state.manager.channel(&id).await?;
     let stdin = body.stdin.map(String::into_bytes);
     let req = exec_request(
         &info,
@@ -576,7 +576,8 @@ mod tests {
             "/nonexistent".into(),
             hutch_vmm::Accel::Tcg,
         ));
-        let manager = Manager::new(cfg, store.clone(), vmm, Err("not in unit tests".into()));
+        let manager = Manager::new(cfg, store, vmm, Err("not in unit tests".into()));
+        let store = manager.store().clone();
         let tasks = Arc::new(hutch_core::task::Tasks::new(
             dir.path().join("tasks"),
             manager.clone(),

@@ -155,7 +155,7 @@ pub(super) async fn list_tasks(
     Extension(scope): Extension<Scope>,
 ) -> Result<Json<Vec<TaskRecord>>> {
     scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.list().map_err(task_error)?))
+    Ok(Json(state.tasks.list().await.map_err(task_error)?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
@@ -166,7 +166,7 @@ pub(super) async fn get_task(
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>> {
     scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.get(&id).map_err(task_error)?))
+    Ok(Json(state.tasks.get(&id).await.map_err(task_error)?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/signature", tag = "tasks", params(("id" = String, Path)),
@@ -178,7 +178,13 @@ pub(super) async fn task_signature(
     Path(id): Path<String>,
 ) -> Result<Json<SignatureCheck>> {
     scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.verify_signature(&id).map_err(task_error)?))
+    Ok(Json(
+        state
+            .tasks
+            .verify_signature(&id)
+            .await
+            .map_err(task_error)?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/baseline", tag = "tasks", params(("id" = String, Path)),
@@ -190,7 +196,7 @@ pub(super) async fn task_baseline(
     Path(id): Path<String>,
 ) -> Result<Json<hutch_task::Baseline>> {
     scope.require_admin(HOST_WIDE)?;
-    Ok(Json(state.tasks.baseline(&id).map_err(task_error)?))
+    Ok(Json(state.tasks.baseline(&id).await.map_err(task_error)?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/changeset", tag = "tasks", params(("id" = String, Path)),
@@ -202,7 +208,7 @@ pub(super) async fn task_changeset(
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
     scope.require_admin(HOST_WIDE)?;
-    state.tasks.changeset(&id).map_err(task_error)
+    state.tasks.changeset(&id).await.map_err(task_error)
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/diff", tag = "tasks", params(("id" = String, Path)),
@@ -214,5 +220,5 @@ pub(super) async fn task_diff(
     Path(id): Path<String>,
 ) -> Result<String> {
     scope.require_admin(HOST_WIDE)?;
-    state.tasks.diff(&id).map_err(task_error)
+    state.tasks.diff(&id).await.map_err(task_error)
 }

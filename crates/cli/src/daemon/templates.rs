@@ -115,7 +115,7 @@ pub(super) async fn fork(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ForkBody>,
 ) -> Result<impl IntoResponse> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let manager = state.manager.clone();
     let children = completed(async move { manager.fork(&id, body.count).await }).await?;
     let children: Vec<SandboxInfo> = children.into_iter().map(SandboxInfo::redacted).collect();

@@ -37,7 +37,7 @@ pub async fn exec_stream(
     Path(id): Path<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
-    authorize(&state, &scope, &id)?;
+    authorize(&state, &scope, &id).await?;
     let upgrade = upgrade.map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         let mut socket = socket;
@@ -59,8 +59,8 @@ async fn serve(state: &AppState, id: &str, socket: &mut WebSocket) -> Result<(),
             ))
         }
     };
-    let info = state.manager.get(id)?;
-    let channel = state.manager.channel(id)?;
+    let info = state.manager.get(id).await?;
+    let channel = state.manager.channel(id).await?;
     let mut req = exec_request(
         &info,
         start.argv,
