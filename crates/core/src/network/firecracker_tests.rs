@@ -9,6 +9,9 @@
 //! (default `/var/lib/hutch`). Without them: a `SKIP <test>: <why>` line, or a failure with
 //! `HUTCH_REQUIRE_FIRECRACKER=1`.
 
+// Tests inspect the host with short synchronous commands.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
