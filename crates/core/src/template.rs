@@ -32,6 +32,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    blocking::{off_worker, remove_tree},
     manager::{now_ms, CoreError},
     network,
     sandbox::{BootOptions, Sandbox},
@@ -289,7 +290,7 @@ impl Templates {
         let (snapshot, has_nic) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&staging);
+                let _ = remove_tree(&staging).await;
                 let _ = std::fs::remove_file(&mem);
                 return Err(e);
             }
@@ -298,7 +299,7 @@ impl Templates {
             .commit(spec, &image, snapshot, &staging, &mem, has_nic, started)
             .await;
         if record.is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = remove_tree(&staging).await;
             let _ = std::fs::remove_file(&mem);
         }
         record
@@ -323,9 +324,14 @@ impl Templates {
         if shared {
             copy_sparse(mem, &staging.join("memory")).await?;
         }
-        let state = std::fs::read(snapshot.state_file())
-            .map_err(|e| TemplateError::io("read", &snapshot.state_file(), e))?;
-        let digest = hex::encode(Sha256::digest(&state));
+        // The state holds the guest's RAM when the VMM keeps it there: hash it off the workers.
+        let state_file = snapshot.state_file();
+        let digest = off_worker(move || {
+            std::fs::read(&state_file)
+                .map(|state| hex::encode(Sha256::digest(&state)))
+                .map_err(|e| TemplateError::io("read", &state_file, e))
+        })
+        .await?;
         let cas = self.dir.join("cas").join(&digest);
         let shm_mem = self.shm.join(format!("{digest}.mem"));
         std::fs::create_dir_all(self.dir.join("cas"))
