@@ -191,7 +191,9 @@ pub fn now_ms() -> i64 {
 }
 
 impl Manager {
-    /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving.
+    /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving. The
+    /// store gets a thread of its own ([`AsyncStore`]): the manager never calls it on an async
+    /// worker.
     pub fn new(
         cfg: ManagerConfig,
         store: Arc<dyn Store>,
