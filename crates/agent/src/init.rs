@@ -241,6 +241,7 @@ fn mount_runtime_dirs() -> Result<(), BootError> {
 }
 
 /// Polls `find` until it yields, for at most [`DEVICE_WAIT`].
+#[allow(clippy::disallowed_methods)] // Boot, before the async server starts.
 fn wait_for<T>(find: impl Fn() -> Option<T>, what: &'static str) -> Result<T, BootError> {
     let deadline = Instant::now() + DEVICE_WAIT;
     loop {
@@ -335,6 +336,7 @@ pub fn fatal(e: &BootError) -> ! {
 }
 
 /// Syncs and powers the VM off.
+#[allow(clippy::disallowed_methods)] // Nothing else runs any more: PID 1 only waits.
 pub fn power_off() -> ! {
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);

@@ -65,6 +65,7 @@ pub struct Plan {
 }
 
 /// Applies `cfg` when the agent is the VM's init; as a host process it only validates.
+#[allow(clippy::disallowed_methods)] // Polls for the NIC: the server calls it on the blocking pool.
 pub fn apply(cfg: &NetworkConfig, is_init: bool) -> Result<(), OpError> {
     let plan = validate(cfg)?;
     if !is_init {

@@ -1,6 +1,9 @@
 //! The real agent binary, run as a host process serving one end of a socket pair, driven by
 //! the real host channel. Exercises protocol, exec, signals, timeouts and files without a VM.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Child, Command},

@@ -444,6 +444,7 @@ mod tests {
         );
         script(&src.join("jailer-v1.16.1-x86_64"), "Jailer v1.16.1");
         let tgz = d.path().join("fc.tgz");
+        #[allow(clippy::disallowed_methods)] // A test's short synchronous setup.
         let ok = std::process::Command::new("tar")
             .arg("czf")
             .arg(&tgz)

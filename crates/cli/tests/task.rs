@@ -2,6 +2,9 @@
 //! workspaces in temp dirs, through one `hutch daemon` child with a private `HUTCH_HOME`.
 //! After everything, no sandbox, VMM process or run dir may remain.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt,

@@ -13,6 +13,9 @@
 //! kernel cannot boot): without them it prints a `SKIP vm suite [firecracker]: <why>` line, or
 //! fails with `HUTCH_REQUIRE_FIRECRACKER=1`.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     cell::Cell,
     io::Read,

@@ -16,6 +16,7 @@ use hutch_types::{
 use hutch_vmm::Snapshot;
 
 use crate::{
+    blocking::{off_worker, remove_tree},
     lifecycle::{check, ActionKind},
     manager::{chain, now_ms, CoreError, Manager},
     template::{TemplateError, Templates},
@@ -59,9 +60,10 @@ impl Manager {
             self.admit(&SandboxSpec {
                 memory_mib: spec.memory_mib,
                 ..SandboxSpec::default()
-            })?;
+            })
+            .await?;
         }
-        let net = self.net().ok().map(|n| n.as_ref());
+        let net = self.net().ok();
         let record = self
             .cfg
             .templates
@@ -97,7 +99,9 @@ impl Manager {
     /// to its disk.
     pub async fn remove_template(&self, name: &str) -> Result<TemplateInfo, CoreError> {
         self.cfg.templates.get(name)?;
-        let users = self.disk_users(|o| o.template.as_deref() == Some(name))?;
+        let users = self
+            .disk_users(|o| o.template.as_deref() == Some(name))
+            .await?;
         if users > 0 {
             return Err(TemplateError::InUse {
                 name: name.to_string(),
@@ -107,7 +111,9 @@ impl Manager {
         }
         self.cfg.templates.set_pool_size(name, 0)?;
         self.drain_pool(name).await;
-        Ok(self.cfg.templates.remove(name)?.info)
+        // Removing its memory and disk files: off the async workers.
+        let (templates, name) = (self.cfg.templates.clone(), name.to_owned());
+        Ok(off_worker(move || templates.remove(&name)).await?.info)
     }
 
     /// Snapshots a running (or paused) sandbox and restores `count` children from it. The
@@ -117,7 +123,7 @@ impl Manager {
         if !(1..=MAX_FORK).contains(&count) {
             return Err(SpecError(format!("count must be 1..={MAX_FORK}")).into());
         }
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         check(&info.state, ActionKind::Fork)?;
         let dir = self
             .cfg
@@ -146,7 +152,7 @@ impl Manager {
             }
         }
         if infos.is_empty() {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = remove_tree(dir).await;
             return Err(first_error.expect("count >= 1"));
         }
         Ok(infos)
@@ -163,11 +169,13 @@ impl Manager {
         let id = crate::new_id();
         {
             let _admit = self.admission.lock().await;
-            self.admit(spec)?;
-            self.store().insert_sandbox(&id, spec, None, now_ms())?;
+            self.admit(spec).await?;
+            self.store()
+                .insert_sandbox(&id, spec, None, now_ms())
+                .await?;
         }
         self.launch(&id, spec, image, plan, Some(snapshot)).await?;
-        self.info(&id)
+        self.info(&id).await
     }
 
     /// Saves a sandbox's VM into `dir`, pausing it for the time it takes. With `resume`, a
@@ -201,7 +209,7 @@ impl Manager {
     /// network, freeing their memory. [`Manager::resume`] restores it, also after a daemon
     /// restart.
     pub async fn suspend(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         check(&info.state, ActionKind::Suspend)?;
         let dir = self
             .cfg
@@ -218,18 +226,19 @@ impl Manager {
         }
         self.remove_recorded(id).await?;
         self.store()
-            .set_state(id, &SandboxState::Suspended, now_ms())?;
+            .set_state(id, &SandboxState::Suspended, now_ms())
+            .await?;
         // The VM's disk read through to the previous save; the new one is standalone.
         for old in older {
-            let _ = std::fs::remove_dir_all(old);
+            let _ = remove_tree(old).await;
         }
         tracing::info!(%id, dir = %dir.display(), "paused to disk");
-        self.info(id)
+        self.info(id).await
     }
 
     /// Restores a sandbox paused to disk. On failure it stays paused to disk, nothing lost.
     pub(crate) async fn resume_from_disk(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         check(&info.state, ActionKind::Resume)?;
         let dir = self.suspend_dirs(id).pop().ok_or_else(|| {
             CoreError::Illegal(crate::lifecycle::IllegalAction {
@@ -242,19 +251,21 @@ impl Manager {
         let image = self.image(&info.spec.image)?;
         {
             let _admit = self.admission.lock().await;
-            self.admit(&info.spec)?;
+            self.admit(&info.spec).await?;
             self.store()
-                .set_state(id, &SandboxState::Creating, now_ms())?;
+                .set_state(id, &SandboxState::Creating, now_ms())
+                .await?;
         }
         if let Err(e) = self
             .launch(id, &info.spec, image, plan, Some(&snapshot))
             .await
         {
             self.store()
-                .set_state(id, &SandboxState::Suspended, now_ms())?;
+                .set_state(id, &SandboxState::Suspended, now_ms())
+                .await?;
             return Err(e);
         }
-        self.info(id)
+        self.info(id).await
     }
 
     /// The sandbox's saves to disk, oldest first.
@@ -276,9 +287,9 @@ impl Manager {
 
     /// After a sandbox is gone: removes its saves to disk, and the fork snapshot it came from
     /// once no other sandbox reads through to it.
-    pub(crate) fn release_snapshots(&self, info: &SandboxInfo) {
+    pub(crate) async fn release_snapshots(&self, info: &SandboxInfo) {
         for dir in self.suspend_dirs(&info.id) {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = remove_tree(dir).await;
         }
         let Some(origin) = &info.spec.origin else {
             return;
@@ -287,16 +298,16 @@ impl Manager {
         if dir.parent() != Some(self.cfg.snapshots_dir.as_path()) {
             return; // a template's: removed with the template
         }
-        if let Ok(0) = self.disk_users(|o| o.snapshot == origin.snapshot) {
-            let _ = std::fs::remove_dir_all(dir);
+        if let Ok(0) = self.disk_users(|o| o.snapshot == origin.snapshot).await {
+            let _ = remove_tree(dir).await;
         }
     }
 
     /// After a restart: removes the saves that a crash cut off from their sandboxes (a fork
     /// whose children were never made, a save to disk of a sandbox that no longer exists).
     /// Returns how many were removed.
-    pub(crate) fn sweep_snapshots(&self) -> Result<usize, CoreError> {
-        let known: Vec<SandboxInfo> = self.store().list(&ListFilter::default())?;
+    pub(crate) async fn sweep_snapshots(&self) -> Result<usize, CoreError> {
+        let known: Vec<SandboxInfo> = self.store().list(&ListFilter::default()).await?;
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.cfg.snapshots_dir)
             .into_iter()
@@ -309,13 +320,13 @@ impl Manager {
                 !known.iter().any(|s| save_of(rest, &s.id))
             } else if name.starts_with("fork-") {
                 let dir = path.display().to_string();
-                self.disk_users(|o| o.snapshot == dir)? == 0
+                self.disk_users(|o| o.snapshot == dir).await? == 0
             } else {
                 false
             };
             if stale {
                 tracing::warn!(dir = %path.display(), "removing a save no sandbox uses");
-                let _ = std::fs::remove_dir_all(&path);
+                let _ = remove_tree(path).await;
                 removed += 1;
             }
         }
@@ -324,10 +335,11 @@ impl Manager {
 
     /// How many sandboxes with a VM (or about to have one) came from an origin matching `uses`:
     /// their disks read through to its snapshot. (A save to disk is standalone.)
-    fn disk_users(&self, uses: impl Fn(&Origin) -> bool) -> Result<usize, CoreError> {
+    async fn disk_users(&self, uses: impl Fn(&Origin) -> bool) -> Result<usize, CoreError> {
         Ok(self
             .store()
-            .list(&ListFilter::default())?
+            .list(&ListFilter::default())
+            .await?
             .into_iter()
             .filter(|s| {
                 matches!(

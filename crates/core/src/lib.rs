@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod blocking;
 mod clones;
 pub mod exec;
 mod host;

@@ -3,7 +3,8 @@
 //! Every front end (HTTP daemon, tests) drives sandboxes through [`Manager`]; it alone decides
 //! which action is legal in which state ([`crate::lifecycle`]), and it records every host
 //! object in the [`Store`] before creating it, so [`Manager::reconcile`] can adopt or remove
-//! whatever a killed daemon left behind.
+//! whatever a killed daemon left behind. Store calls go through an [`AsyncStore`], off the
+//! async workers, each awaited before the step it records.
 
 use std::{
     collections::HashMap,
@@ -15,11 +16,12 @@ use std::{
 use hutch_image::ImageError;
 use hutch_net::{FlowEvent, NetError, WireGuardConfig};
 use hutch_protocol::host::{Channel, ChannelError};
-use hutch_store::{HostObject, ListFilter, ObjectKind, Store, StoreError};
+use hutch_store::{AsyncStore, HostObject, ListFilter, ObjectKind, Store, StoreError};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
 use hutch_vmm::{GuestMemory, Snapshot, Vmm, VmmError};
 
 use crate::{
+    blocking::{off_worker, remove_tree},
     host::{HostNetwork, ImageSource},
     lifecycle::{check, ActionKind, IllegalAction},
     network,
@@ -172,7 +174,7 @@ pub(crate) struct Live {
 /// Drives every sandbox on this host.
 pub struct Manager {
     pub(crate) cfg: ManagerConfig,
-    store: Arc<dyn Store>,
+    store: AsyncStore,
     pub(crate) vmm: Arc<dyn Vmm>,
     /// Sandbox networking, or why this host cannot offer it.
     net: Result<Arc<dyn HostNetwork>, String>,
@@ -193,7 +195,9 @@ pub fn now_ms() -> i64 {
 }
 
 impl Manager {
-    /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving.
+    /// A manager over `store` and `vmm`. Call [`Manager::reconcile`] before serving. The
+    /// store gets a thread of its own ([`AsyncStore`]): the manager never calls it on an async
+    /// worker.
     pub fn new(
         cfg: ManagerConfig,
         store: Arc<dyn Store>,
@@ -202,7 +206,7 @@ impl Manager {
     ) -> Arc<Manager> {
         Arc::new_cyclic(|me| Manager {
             cfg,
-            store,
+            store: AsyncStore::new(store),
             vmm,
             net,
             live: Mutex::new(HashMap::new()),
@@ -228,8 +232,9 @@ impl Manager {
             .map_err(|why| CoreError::NoNetwork(why.clone()))
     }
 
-    /// The state store (for `network.rs`).
-    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+    /// The state store, for async callers: the manager's modules, and front ends that keep
+    /// more in it (API tokens), so that one thread owns the database.
+    pub fn store(&self) -> &AsyncStore {
         &self.store
     }
 
@@ -262,10 +267,10 @@ impl Manager {
         };
         spec.validate()?;
         let plan = self.plan_network(&spec, snapshot.as_ref())?;
-        if let Some(existing) =
-            idempotency_key.and_then(|k| self.store.by_idempotency_key(k).transpose())
-        {
-            return Ok((self.info(&existing?)?, false));
+        if let Some(key) = idempotency_key {
+            if let Some(existing) = self.store.by_idempotency_key(key).await? {
+                return Ok((self.info(&existing).await?, false));
+            }
         }
         if let Some(info) = self
             .take_pooled(&spec, idempotency_key, plan.as_ref())
@@ -277,24 +282,27 @@ impl Manager {
         let id = crate::new_id();
         {
             let _admit = self.admission.lock().await;
-            self.admit(&spec)?;
+            self.admit(&spec).await?;
             let (id, created) = self
                 .store
-                .insert_sandbox(&id, &spec, idempotency_key, now_ms())?;
+                .insert_sandbox(&id, &spec, idempotency_key, now_ms())
+                .await?;
             if !created {
-                return Ok((self.info(&id)?, false));
+                return Ok((self.info(&id).await?, false));
             }
         }
         self.launch(&id, &spec, image, plan, snapshot.as_ref())
             .await?;
-        Ok((self.info(&id)?, true))
+        Ok((self.info(&id).await?, true))
     }
 
     /// Records that a sandbox's run dir (and network) are about to be created.
-    pub(crate) fn intend(&self, id: &str, network: bool) -> Result<(), CoreError> {
-        self.store.intend_object(&self.run_dir_object(id, false))?;
+    pub(crate) async fn intend(&self, id: &str, network: bool) -> Result<(), CoreError> {
+        self.store
+            .intend_object(&self.run_dir_object(id, false))
+            .await?;
         if network {
-            self.store.intend_object(&netns_object(id, false))?;
+            self.store.intend_object(&netns_object(id, false)).await?;
         }
         Ok(())
     }
@@ -344,14 +352,7 @@ impl Manager {
     ) -> Result<Sandbox, CoreError> {
         let network = match plan {
             Some(p) => {
-                network::attach(
-                    p.net.as_ref(),
-                    self.vmm.as_ref(),
-                    id,
-                    &p.policy,
-                    p.tunnel.as_ref(),
-                )
-                .await?
+                network::attach(&p.net, self.vmm.as_ref(), id, &p.policy, p.tunnel.as_ref()).await?
             }
             None => None,
         };
@@ -392,12 +393,12 @@ impl Manager {
         snapshot: Option<&Snapshot>,
     ) -> Result<(), CoreError> {
         let launched = async {
-            self.intend(id, plan.is_some())?;
+            self.intend(id, plan.is_some()).await?;
             let sandbox = self
                 .start_vm(id, spec, image, plan.as_ref(), snapshot)
                 .await?;
             if plan.is_some() {
-                if let Err(e) = self.store.confirm_object(&netns_object(id, true)) {
+                if let Err(e) = self.store.confirm_object(&netns_object(id, true)).await {
                     let _ = sandbox.discard().await;
                     return Err(e.into());
                 }
@@ -409,7 +410,8 @@ impl Manager {
             Err(e) => {
                 self.remove_recorded(id).await?;
                 self.store
-                    .set_state(id, &SandboxState::Failed(chain(&e)), now_ms())?;
+                    .set_state(id, &SandboxState::Failed(chain(&e)), now_ms())
+                    .await?;
                 Err(e)
             }
         }
@@ -421,7 +423,7 @@ impl Manager {
         id: &str,
         policy: NetworkPolicy,
     ) -> Result<SandboxInfo, CoreError> {
-        let mut info = self.info(id)?;
+        let mut info = self.info(id).await?;
         check(&info.state, ActionKind::Network)?;
         let host_policy = network::to_policy(&policy)?;
         if !info.spec.network.has_nic() {
@@ -436,13 +438,13 @@ impl Manager {
             .map_err(|why| CoreError::NoNetwork(why.clone()))?;
         net.set_policy(id, &host_policy).await?;
         info.spec.network = policy;
-        self.store.set_spec(id, &info.spec, now_ms())?;
-        self.info(id)
+        self.store.set_spec(id, &info.spec, now_ms()).await?;
+        self.info(id).await
     }
 
     /// The sandbox's recent network decisions (allowed and denied flows, DNS answers).
-    pub fn network_events(&self, id: &str) -> Result<Vec<FlowEvent>, CoreError> {
-        self.info(id)?;
+    pub async fn network_events(&self, id: &str) -> Result<Vec<FlowEvent>, CoreError> {
+        self.info(id).await?;
         Ok(match &self.net {
             Ok(net) => net.events(id, SystemTime::UNIX_EPOCH),
             Err(_) => Vec::new(),
@@ -450,10 +452,11 @@ impl Manager {
     }
 
     /// Refuses a spec that would exceed the host's limits.
-    pub(crate) fn admit(&self, spec: &SandboxSpec) -> Result<(), CoreError> {
+    pub(crate) async fn admit(&self, spec: &SandboxSpec) -> Result<(), CoreError> {
         let active: Vec<SandboxInfo> = self
             .store
-            .list(&ListFilter::default())?
+            .list(&ListFilter::default())
+            .await?
             .into_iter()
             .filter(|s| {
                 matches!(
@@ -499,18 +502,20 @@ impl Manager {
     /// perhaps unrecorded) and the caller removes what is recorded.
     pub(crate) async fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
         let vm = sandbox.vm();
-        let recorded = self
+        let process = HostObject {
+            sandbox_id: id.to_string(),
+            kind: ObjectKind::VmProcess,
+            name: vm.pid().to_string(),
+            detail: vm.start_time().to_string(),
+            confirmed: true,
+        };
+        let mut recorded = self
             .store
             .confirm_object(&self.run_dir_object(id, true))
-            .and_then(|()| {
-                self.store.confirm_object(&HostObject {
-                    sandbox_id: id.to_string(),
-                    kind: ObjectKind::VmProcess,
-                    name: vm.pid().to_string(),
-                    detail: vm.start_time().to_string(),
-                    confirmed: true,
-                })
-            });
+            .await;
+        if recorded.is_ok() {
+            recorded = self.store.confirm_object(&process).await;
+        }
         if let Err(e) = recorded {
             let _ = sandbox.discard().await;
             return Err(e.into());
@@ -523,7 +528,11 @@ impl Manager {
             .lock()
             .expect("live lock")
             .insert(id.to_string(), live);
-        if let Err(e) = self.store.set_state(id, &SandboxState::Running, now_ms()) {
+        if let Err(e) = self
+            .store
+            .set_state(id, &SandboxState::Running, now_ms())
+            .await
+        {
             if let Some(live) = self.take_live(id) {
                 if let Some(sandbox) = live.sandbox.lock().await.take() {
                     let _ = sandbox.discard().await;
@@ -535,25 +544,26 @@ impl Manager {
     }
 
     /// One sandbox as recorded (no health check; see [`Manager::inspect`]).
-    pub fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        self.info(id)
+    pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.info(id).await
     }
 
-    pub(crate) fn info(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+    pub(crate) async fn info(&self, id: &str) -> Result<SandboxInfo, CoreError> {
         self.store
-            .get(id)?
+            .get(id)
+            .await?
             .ok_or_else(|| CoreError::NotFound(id.to_string()))
     }
 
     /// One sandbox, its state confirmed by a health check.
     pub async fn inspect(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         self.checked(info).await
     }
 
     /// Sandboxes matching `filter`, each running one confirmed by a health check.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SandboxInfo>, CoreError> {
-        let infos = self.store.list(filter)?;
+        let infos = self.store.list(filter).await?;
         let checks = infos.into_iter().map(|i| self.checked(i));
         let checked = futures::future::join_all(checks).await;
         checked.into_iter().collect()
@@ -576,15 +586,16 @@ impl Manager {
                     live.channel.abort(&format!("the sandbox failed: {reason}"));
                 }
                 self.store
-                    .set_state(&info.id, &SandboxState::Failed(reason), now_ms())?;
-                self.info(&info.id)
+                    .set_state(&info.id, &SandboxState::Failed(reason), now_ms())
+                    .await?;
+                self.info(&info.id).await
             }
         }
     }
 
     /// The channel to a running sandbox's agent, for exec and file operations.
-    pub fn channel(&self, id: &str) -> Result<Arc<Channel>, CoreError> {
-        let info = self.info(id)?;
+    pub async fn channel(&self, id: &str) -> Result<Arc<Channel>, CoreError> {
+        let info = self.info(id).await?;
         check(&info.state, ActionKind::Use)?;
         self.live(id)
             .map(|l| l.channel.clone())
@@ -599,7 +610,7 @@ impl Manager {
 
     /// Thaws a paused sandbox, or restores one paused to disk.
     pub async fn resume(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        if self.info(id)?.state == SandboxState::Suspended {
+        if self.info(id).await?.state == SandboxState::Suspended {
             return self.resume_from_disk(id).await;
         }
         self.transition(id, ActionKind::Resume, SandboxState::Running)
@@ -612,7 +623,7 @@ impl Manager {
         action: ActionKind,
         to: SandboxState,
     ) -> Result<SandboxInfo, CoreError> {
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         check(&info.state, action)?;
         let live = self
             .live(id)
@@ -625,8 +636,8 @@ impl Manager {
             ActionKind::Pause => sandbox.vm().pause().await?,
             _ => sandbox.vm().resume().await?,
         }
-        self.store.set_state(id, &to, now_ms())?;
-        self.info(id)
+        self.store.set_state(id, &to, now_ms()).await?;
+        self.info(id).await
     }
 
     /// Powers a sandbox off; its record stays (state `stopped`).
@@ -639,7 +650,7 @@ impl Manager {
     /// boot on a fresh disk (a stopped sandbox's disk went with its VM). A restored sandbox
     /// (template clone or fork) cannot boot again: its snapshot was released when it stopped.
     pub async fn start(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let spec = self.info(id)?.spec;
+        let spec = self.info(id).await?.spec;
         if spec.origin.is_some() {
             return Err(CoreError::Illegal(IllegalAction {
                 action: "start",
@@ -651,13 +662,14 @@ impl Manager {
         {
             let _admit = self.admission.lock().await;
             // Checked under the admission lock, so two starts cannot both boot it.
-            check(&self.info(id)?.state, ActionKind::Start)?;
-            self.admit(&spec)?;
+            check(&self.info(id).await?.state, ActionKind::Start)?;
+            self.admit(&spec).await?;
             self.store
-                .set_state(id, &SandboxState::Creating, now_ms())?;
+                .set_state(id, &SandboxState::Creating, now_ms())
+                .await?;
         }
         self.launch(id, &spec, image, plan, None).await?;
-        self.info(id)
+        self.info(id).await
     }
 
     /// Removes a sandbox and everything it owns on the host.
@@ -672,11 +684,12 @@ impl Manager {
         action: ActionKind,
         to: SandboxState,
     ) -> Result<SandboxInfo, CoreError> {
-        let info = self.info(id)?;
+        let info = self.info(id).await?;
         check(&info.state, action)?;
         if action == ActionKind::Stop {
             self.store
-                .set_state(id, &SandboxState::Stopping, now_ms())?;
+                .set_state(id, &SandboxState::Stopping, now_ms())
+                .await?;
         }
         if let Some(live) = self.take_live(id) {
             if let Some(sandbox) = live.sandbox.lock().await.take() {
@@ -690,12 +703,13 @@ impl Manager {
             // not `running` or `stopping`.
             let why = format!("teardown incomplete: {}", chain(&e));
             self.store
-                .set_state(id, &SandboxState::Failed(why), now_ms())?;
+                .set_state(id, &SandboxState::Failed(why), now_ms())
+                .await?;
             return Err(e);
         }
-        self.store.set_state(id, &to, now_ms())?;
-        self.release_snapshots(&info);
-        self.info(id)
+        self.store.set_state(id, &to, now_ms()).await?;
+        self.release_snapshots(&info).await;
+        self.info(id).await
     }
 
     /// Removes every recorded host object of `id` (by exact pid + start time, by path).
@@ -703,7 +717,8 @@ impl Manager {
         let mut removed = 0;
         for obj in self
             .store
-            .objects()?
+            .objects()
+            .await?
             .into_iter()
             .filter(|o| o.sandbox_id == id)
         {
@@ -711,11 +726,8 @@ impl Manager {
                 ObjectKind::VmProcess => {
                     if let (Ok(pid), Ok(start)) = (obj.name.parse(), obj.detail.parse()) {
                         // Waits (bounded) for the process to die: keep it off async workers.
-                        let killed = tokio::task::spawn_blocking(move || {
-                            hutch_vmm::kill_recorded(pid, start)
-                        })
-                        .await
-                        .expect("kill task panicked")?;
+                        let killed =
+                            off_worker(move || hutch_vmm::kill_recorded(pid, start)).await?;
                         removed += usize::from(killed);
                     }
                 }
@@ -733,32 +745,32 @@ impl Manager {
                 }
                 ObjectKind::RunDir => {
                     if Path::new(&obj.name).exists() {
-                        std::fs::remove_dir_all(&obj.name).map_err(|source| {
-                            CoreError::RemoveDir {
+                        remove_tree(&obj.name)
+                            .await
+                            .map_err(|source| CoreError::RemoveDir {
                                 path: obj.name.clone(),
                                 source,
-                            }
-                        })?;
+                            })?;
                         removed += 1;
                     }
                 }
             }
-            self.store.forget_object(id, obj.kind, &obj.name)?;
+            self.store.forget_object(id, obj.kind, &obj.name).await?;
         }
         Ok(removed)
     }
 
     /// The console log of a sandbox (guest-controlled text, size-capped by the VMM).
-    pub fn console_log(&self, id: &str) -> Result<Vec<u8>, CoreError> {
-        let info = self.info(id)?;
+    pub async fn console_log(&self, id: &str) -> Result<Vec<u8>, CoreError> {
+        let info = self.info(id).await?;
         check(&info.state, ActionKind::Console)?;
         let path = self.run_dir(id).join("console.log");
-        Ok(std::fs::read(path).unwrap_or_default())
+        Ok(tokio::fs::read(path).await.unwrap_or_default())
     }
 
     /// Destroys every sandbox whose TTL has passed; returns their ids.
     pub async fn expire_due(&self) -> Result<Vec<String>, CoreError> {
-        let due = self.store.expired(now_ms())?;
+        let due = self.store.expired(now_ms()).await?;
         for id in &due {
             tracing::info!(%id, "TTL expired; destroying");
             if let Err(e) = self.destroy(id).await {
@@ -772,11 +784,13 @@ impl Manager {
     /// every VMM process and run dir that no sandbox owns.
     pub async fn reconcile(&self) -> Result<ReconcileReport, CoreError> {
         let mut report = ReconcileReport::default();
-        self.cfg.templates.remove_staging();
+        let templates = self.cfg.templates.clone();
+        off_worker(move || templates.remove_staging()).await;
         // Suspended sandboxes have nothing running: their snapshots wait on disk for a resume.
         let recorded: Vec<SandboxInfo> = self
             .store
-            .list(&ListFilter::default())?
+            .list(&ListFilter::default())
+            .await?
             .into_iter()
             .filter(|i| i.state != SandboxState::Suspended)
             .collect();
@@ -799,7 +813,8 @@ impl Manager {
                     self.remove_recorded(&info.id).await?;
                     if !matches!(info.state, SandboxState::Stopped | SandboxState::Failed(_)) {
                         self.store
-                            .set_state(&info.id, &SandboxState::Failed(reason), now_ms())?;
+                            .set_state(&info.id, &SandboxState::Failed(reason), now_ms())
+                            .await?;
                         report.failed.push(info.id.clone());
                     }
                 }
@@ -819,7 +834,7 @@ impl Manager {
                 owned.clone(),
             );
             // Killing waits for each process to die: keep it off the async workers.
-            tokio::task::spawn_blocking(move || {
+            off_worker(move || {
                 use hutch_vmm::orphans::{
                     kill_unowned_vmms, remove_unowned_dirs, remove_unowned_jails,
                 };
@@ -829,11 +844,10 @@ impl Manager {
                 (killed, removed)
             })
             .await
-            .expect("orphan sweep panicked")
         };
         report.killed_processes = killed;
         report.removed_dirs = removed;
-        report.removed_snapshots = self.sweep_snapshots()?;
+        report.removed_snapshots = self.sweep_snapshots().await?;
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net
                 .list_owned()
@@ -880,6 +894,7 @@ impl Manager {
         if paused {
             self.store
                 .set_state(&info.id, &SandboxState::Paused, now_ms())
+                .await
                 .map_err(|e| chain(&e))?;
         }
         Ok(())

@@ -9,6 +9,7 @@ use hutch_store::{HostObject, ObjectKind};
 use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec, SpecError};
 use hutch_vmm::{Nic, Tap, Vmm};
 
+use crate::blocking::off_worker;
 use crate::host::HostNetwork;
 use crate::lifecycle::{check, ActionKind, IllegalAction};
 use crate::manager::{chain, CoreError, Manager};
@@ -100,7 +101,7 @@ pub fn nic_policy(policy: &NetworkPolicy) -> Result<Policy, SpecError> {
 /// TAP open, or its `TUNSETIFF` would fail with `EBUSY`). `None` for a sandbox without a NIC.
 /// Either way the TAP goes with the network's namespace.
 pub async fn attach(
-    net: &dyn HostNetwork,
+    net: &Arc<dyn HostNetwork>,
     vmm: &dyn Vmm,
     id: &str,
     policy: &Policy,
@@ -113,7 +114,11 @@ pub async fn attach(
         net.named_tap(&sn)
             .map(|(name, netns)| Tap::Named { name, netns })
     } else {
-        net.open_tap(&sn).map(|fd| Tap::Fd(Arc::new(fd)))
+        // Opening it joins a thread that entered the namespace: off the async workers.
+        let (net, sn) = (net.clone(), sn.clone());
+        off_worker(move || net.open_tap(&sn))
+            .await
+            .map(|fd| Tap::Fd(Arc::new(fd)))
     };
     let tap = match tap {
         Ok(tap) => tap,
@@ -154,7 +159,7 @@ impl Manager {
         guest_port: u16,
         host_port: Option<u16>,
     ) -> Result<PublishedPort, CoreError> {
-        let info = self.get(id)?;
+        let info = self.get(id).await?;
         check(&info.state, ActionKind::Network)?;
         if guest_port == 0 {
             return Err(SpecError("guest port 0 cannot be published".into()).into());
@@ -167,10 +172,14 @@ impl Manager {
         }
         let net = self.net()?;
         let store = self.store();
-        store.intend_object(&port_object(id, guest_port, host_port.unwrap_or(0), false))?;
+        store
+            .intend_object(&port_object(id, guest_port, host_port.unwrap_or(0), false))
+            .await?;
         match net.publish(id, guest_port, host_port.unwrap_or(0)).await {
             Ok(p) => {
-                store.confirm_object(&port_object(id, guest_port, p.host.port(), true))?;
+                store
+                    .confirm_object(&port_object(id, guest_port, p.host.port(), true))
+                    .await?;
                 Ok(p)
             }
             Err(e) => {
@@ -182,9 +191,15 @@ impl Manager {
                     .find(|p| p.guest_port == guest_port)
                 {
                     Some(p) => {
-                        store.confirm_object(&port_object(id, guest_port, p.host.port(), true))?
+                        store
+                            .confirm_object(&port_object(id, guest_port, p.host.port(), true))
+                            .await?
                     }
-                    None => store.forget_object(id, ObjectKind::Port, &guest_port.to_string())?,
+                    None => {
+                        store
+                            .forget_object(id, ObjectKind::Port, &guest_port.to_string())
+                            .await?
+                    }
                 }
                 Err(e.into())
             }
@@ -197,7 +212,7 @@ impl Manager {
         id: &str,
         guest_port: u16,
     ) -> Result<Vec<PublishedPort>, CoreError> {
-        let info = self.get(id)?;
+        let info = self.get(id).await?;
         check(&info.state, ActionKind::Network)?;
         if let Ok(net) = self.net() {
             if info.spec.network.has_nic() {
@@ -205,13 +220,14 @@ impl Manager {
             }
         }
         self.store()
-            .forget_object(id, ObjectKind::Port, &guest_port.to_string())?;
-        self.published_ports(id)
+            .forget_object(id, ObjectKind::Port, &guest_port.to_string())
+            .await?;
+        self.published_ports(id).await
     }
 
     /// The sandbox's published ports.
-    pub fn published_ports(&self, id: &str) -> Result<Vec<PublishedPort>, CoreError> {
-        self.get(id)?;
+    pub async fn published_ports(&self, id: &str) -> Result<Vec<PublishedPort>, CoreError> {
+        self.get(id).await?;
         Ok(self.net().map(|n| n.published(id)).unwrap_or_default())
     }
 }
@@ -233,6 +249,7 @@ pub(crate) async fn adopt(m: &Manager, info: &SandboxInfo) -> Result<(), String>
     let recorded = m
         .store()
         .objects()
+        .await
         .map_err(|e| chain(&e))?
         .into_iter()
         .filter(|o| o.sandbox_id == info.id && o.kind == ObjectKind::Port);
@@ -246,6 +263,7 @@ pub(crate) async fn adopt(m: &Manager, info: &SandboxInfo) -> Result<(), String>
                 tracing::warn!(id = %info.id, guest, host, error = %chain(&e), "cannot publish a port again; forgetting it");
                 m.store()
                     .forget_object(&info.id, ObjectKind::Port, &obj.name)
+                    .await
                     .map_err(|e| chain(&e))?;
             }
         }

@@ -144,13 +144,16 @@ impl Manager {
             }
             {
                 let _admit = self.admission.lock().await;
-                self.admit(spec)?;
+                self.admit(spec).await?;
                 self.store()
-                    .insert_sandbox(&id, spec, idempotency_key, now_ms())?;
-                self.intend(&id, pooled.has_nic)?;
+                    .insert_sandbox(&id, spec, idempotency_key, now_ms())
+                    .await?;
+                self.intend(&id, pooled.has_nic).await?;
             }
             if pooled.has_nic {
-                self.store().confirm_object(&netns_object(&id, true))?;
+                self.store()
+                    .confirm_object(&netns_object(&id, true))
+                    .await?;
             }
             // The clone waited: its clock and entropy are refreshed now.
             pooled.sandbox.refresh().await?;
@@ -167,13 +170,14 @@ impl Manager {
         match outcome {
             Ok(()) => {
                 tracing::info!(%id, template, "handed out a pooled clone");
-                Ok(Some(self.info(&id)?))
+                Ok(Some(self.info(&id).await?))
             }
             Err(e) => {
-                if self.store().get(&id)?.is_some() {
+                if self.store().get(&id).await?.is_some() {
                     self.remove_recorded(&id).await?;
                     self.store()
-                        .set_state(&id, &SandboxState::Failed(chain(&e)), now_ms())?;
+                        .set_state(&id, &SandboxState::Failed(chain(&e)), now_ms())
+                        .await?;
                 }
                 Err(e)
             }
@@ -255,7 +259,7 @@ impl Manager {
         let snapshot = self.template_snapshot(&mut spec, template).await?;
         {
             let _admit = self.admission.lock().await;
-            self.admit(&spec)?;
+            self.admit(&spec).await?;
         }
         let image = self.image(&spec.image)?;
         let plan = self.plan_network(&spec, Some(&snapshot))?;

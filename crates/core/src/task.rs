@@ -29,6 +29,7 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxSpec};
 use rand::RngCore;
 
 use crate::{
+    blocking::off_worker,
     chain,
     exec::{run_capped, split_status, Collected, ExecError, OverCap},
     now_ms, CoreError, Manager,
@@ -130,6 +131,7 @@ impl From<ExecError> for StepError {
 }
 
 /// The task store and runner.
+#[derive(Clone)]
 pub struct Tasks {
     dir: PathBuf,
     manager: Arc<Manager>,
@@ -274,7 +276,12 @@ impl Tasks {
         sink: Option<OutputSink>,
     ) -> Result<TaskRecord, TaskError> {
         check_spec(&spec)?;
-        let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
+        // Hashing a big workspace takes a while: off the async workers.
+        let (workspace_tar, baseline) = off_worker(move || {
+            let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
+            Ok::<_, TaskError>((workspace_tar, baseline))
+        })
+        .await?;
         let key = self.key()?;
         let started = Instant::now();
         let id = format!(
@@ -282,17 +289,22 @@ impl Tasks {
             rand::thread_rng().next_u64() & 0xff_ffff_ffff
         );
         let dir = self.dir.join(&id);
-        std::fs::create_dir_all(&dir).map_err(|source| TaskError::Store {
-            path: dir.clone(),
-            source,
-        })?;
         let baseline_json = serde_json::to_vec(&baseline).expect("serializable");
-        Self::write(
-            &dir.join("spec.json"),
-            &serde_json::to_vec_pretty(&spec).expect("serializable"),
-        )?;
-        Self::write(&dir.join("workspace.tar"), &workspace_tar)?;
-        Self::write(&dir.join("baseline.json"), &baseline_json)?;
+        let spec_json = serde_json::to_vec_pretty(&spec).expect("serializable");
+        let (workspace_tar, baseline_json) = off_worker({
+            let dir = dir.clone();
+            move || {
+                std::fs::create_dir_all(&dir).map_err(|source| TaskError::Store {
+                    path: dir.clone(),
+                    source,
+                })?;
+                Self::write(&dir.join("spec.json"), &spec_json)?;
+                Self::write(&dir.join("workspace.tar"), &workspace_tar)?;
+                Self::write(&dir.join("baseline.json"), &baseline_json)?;
+                Ok::<_, TaskError>((workspace_tar, baseline_json))
+            }
+        })
+        .await?;
         let mut record = TaskRecord {
             id: id.clone(),
             spec: spec.clone(),
@@ -341,15 +353,24 @@ impl Tasks {
                 self.destroy(&info.id).await;
             }
         }
-        if let Some(cs) = &changeset {
-            let stream = cs.encode();
-            record.changeset_digest = Some(sha256_hex(&stream));
-            Self::write(&dir.join("changeset.bin"), &stream)?;
-        }
+        // Encoding, hashing and writing a changeset of up to a GiB: off the async workers.
+        let stream = match changeset {
+            Some(cs) => {
+                let path = dir.join("changeset.bin");
+                let (stream, digest) = off_worker(move || {
+                    let stream = cs.encode();
+                    let digest = sha256_hex(&stream);
+                    Self::write(&path, &stream).map(|()| (stream, digest))
+                })
+                .await?;
+                record.changeset_digest = Some(digest);
+                Some(stream)
+            }
+            None => None,
+        };
         let verifiable = matches!(record.verdict, Verdict::Accepted { .. } | Verdict::Empty);
         if let (Some(cmd), true) = (&spec.verify, verifiable) {
             let t = Instant::now();
-            let stream = changeset.as_ref().map(Changeset::encode);
             let verified = self
                 .verify(&id, &spec, cmd, &workspace_tar, stream, sink.as_ref())
                 .await;
@@ -360,8 +381,7 @@ impl Tasks {
             record.timings.verify_ms = ms(t);
         }
         record.timings.total_ms = ms(started);
-        Self::store_record(&dir, &key, &mut record)?;
-        Ok(record)
+        off_worker(move || Self::store_record(&dir, &key, &mut record).map(|()| record)).await
     }
 
     /// The host's signing key (made on first use).
@@ -451,9 +471,24 @@ impl Tasks {
         Ok(interrupted)
     }
 
+    /// Runs `read` (file reads, hashing) on this task store off the async workers.
+    async fn reading<T, F>(&self, read: F) -> Result<T, TaskError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tasks) -> Result<T, TaskError> + Send + 'static,
+    {
+        let tasks = self.clone();
+        off_worker(move || read(&tasks)).await
+    }
+
     /// Checks a stored task: its record's signature, and that its baseline and changeset are
     /// the ones the record names.
-    pub fn verify_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
+    pub async fn verify_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| t.check_signature(&id)).await
+    }
+
+    fn check_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
         let dir = self.task_dir(id)?;
         let record: TaskRecord = Self::json(&dir.join("record.json"))?;
         // A task cut off before its baseline was stored is recorded with the empty one's.
@@ -529,7 +564,7 @@ impl Tasks {
         record: &mut TaskRecord,
         sink: Option<&OutputSink>,
     ) -> Result<Option<Changeset>, StepError> {
-        let channel = self.manager.channel(sandbox)?;
+        let channel = self.manager.channel(sandbox).await?;
         let t = Instant::now();
         Self::prepare(&channel, tar, &[(GUEST_BASELINE, baseline_json)]).await?;
         record.timings.copy_in_ms = ms(t);
@@ -576,7 +611,9 @@ impl Tasks {
             };
             None
         } else {
-            let r = validate(&out.stdout, baseline, &spec.policy());
+            // Checking up to a GiB of changes against the baseline: off the async workers.
+            let (baseline, policy) = (baseline.clone(), spec.policy());
+            let r = off_worker(move || validate(&out.stdout, &baseline, &policy)).await;
             record.verdict = Verdict::of(&r);
             match r {
                 Ok(cs) => {
@@ -608,7 +645,7 @@ impl Tasks {
         };
         let (info, _) = self.manager.create(sb, None).await?;
         let r = async {
-            let channel = self.manager.channel(&info.id)?;
+            let channel = self.manager.channel(&info.id).await?;
             let extra: Vec<(&str, &[u8])> = stream
                 .iter()
                 .map(|s| (GUEST_CHANGESET, s.as_slice()))
@@ -647,7 +684,11 @@ impl Tasks {
     }
 
     /// Every stored task, oldest first.
-    pub fn list(&self) -> Result<Vec<TaskRecord>, TaskError> {
+    pub async fn list(&self) -> Result<Vec<TaskRecord>, TaskError> {
+        self.reading(Tasks::records).await
+    }
+
+    fn records(&self) -> Result<Vec<TaskRecord>, TaskError> {
         let mut out = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -670,27 +711,40 @@ impl Tasks {
     }
 
     /// One task's record.
-    pub fn get(&self, id: &str) -> Result<TaskRecord, TaskError> {
-        Self::json(&self.task_dir(id)?.join("record.json"))
+    pub async fn get(&self, id: &str) -> Result<TaskRecord, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| Self::json(&t.task_dir(&id)?.join("record.json")))
+            .await
     }
 
     /// The task's baseline (what `apply` checks the host against).
-    pub fn baseline(&self, id: &str) -> Result<Baseline, TaskError> {
-        Self::json(&self.task_dir(id)?.join("baseline.json"))
+    pub async fn baseline(&self, id: &str) -> Result<Baseline, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| Self::json(&t.task_dir(&id)?.join("baseline.json")))
+            .await
     }
 
     /// The accepted changeset's stream (validate it again before use).
-    pub fn changeset(&self, id: &str) -> Result<Vec<u8>, TaskError> {
-        let path = self.task_dir(id)?.join("changeset.bin");
-        if !path.exists() {
-            return Err(TaskError::NoChangeset(id.into()));
-        }
-        Self::read(&path)
+    pub async fn changeset(&self, id: &str) -> Result<Vec<u8>, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| {
+            let path = t.task_dir(&id)?.join("changeset.bin");
+            if !path.exists() {
+                return Err(TaskError::NoChangeset(id));
+            }
+            Self::read(&path)
+        })
+        .await
     }
 
     /// The accepted changeset as a unified diff against the baseline (empty when there are
     /// no changes).
-    pub fn diff(&self, id: &str) -> Result<String, TaskError> {
+    pub async fn diff(&self, id: &str) -> Result<String, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| t.stored_diff(&id)).await
+    }
+
+    fn stored_diff(&self, id: &str) -> Result<String, TaskError> {
         let dir = self.task_dir(id)?;
         let record: TaskRecord = Self::json(&dir.join("record.json"))?;
         if !dir.join("changeset.bin").exists() {
@@ -776,7 +830,7 @@ mod tests {
         std::fs::create_dir_all(&early).unwrap();
 
         assert_eq!(t.recover().await.unwrap(), ["task-00000000aa"]);
-        let r = t.get("task-00000000aa").unwrap();
+        let r = t.get("task-00000000aa").await.unwrap();
         assert_eq!(r.error.as_deref(), Some(INTERRUPTED));
         assert_eq!(
             r.verdict,
@@ -784,7 +838,7 @@ mod tests {
                 reason: INTERRUPTED.into()
             }
         );
-        assert!(t.verify_signature("task-00000000aa").unwrap().is_ok());
+        assert!(t.verify_signature("task-00000000aa").await.unwrap().is_ok());
         assert!(
             !cut.join("changeset.bin").exists(),
             "an unvouched changeset is dropped"
@@ -801,7 +855,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("sleep", "sleek")).unwrap();
         assert!(matches!(
-            t.verify_signature("task-00000000aa").unwrap(),
+            t.verify_signature("task-00000000aa").await.unwrap(),
             SignatureCheck::Bad { .. }
         ));
     }

@@ -30,6 +30,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    blocking::{off_worker, remove_tree},
     host::{HostNetwork, ImageSource},
     manager::{now_ms, CoreError},
     network,
@@ -231,7 +232,7 @@ impl Templates {
     pub async fn create(
         &self,
         vmm: &dyn Vmm,
-        net: Option<&dyn HostNetwork>,
+        net: Option<&std::sync::Arc<dyn HostNetwork>>,
         images: &dyn ImageSource,
         runs_dir: &Path,
         spec: &TemplateSpec,
@@ -288,7 +289,7 @@ impl Templates {
         let (snapshot, has_nic) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&staging);
+                let _ = remove_tree(&staging).await;
                 let _ = std::fs::remove_file(&mem);
                 return Err(e);
             }
@@ -297,7 +298,7 @@ impl Templates {
             .commit(spec, &image, snapshot, &staging, &mem, has_nic, started)
             .await;
         if record.is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = remove_tree(&staging).await;
             let _ = std::fs::remove_file(&mem);
         }
         record
@@ -322,9 +323,14 @@ impl Templates {
         if shared {
             copy_sparse(mem, &staging.join("memory")).await?;
         }
-        let state = std::fs::read(snapshot.state_file())
-            .map_err(|e| TemplateError::io("read", &snapshot.state_file(), e))?;
-        let digest = hex::encode(Sha256::digest(&state));
+        // The state holds the guest's RAM when the VMM keeps it there: hash it off the workers.
+        let state_file = snapshot.state_file();
+        let digest = off_worker(move || {
+            std::fs::read(&state_file)
+                .map(|state| hex::encode(Sha256::digest(&state)))
+                .map_err(|e| TemplateError::io("read", &state_file, e))
+        })
+        .await?;
         let cas = self.dir.join("cas").join(&digest);
         let shm_mem = self.shm.join(format!("{digest}.mem"));
         std::fs::create_dir_all(self.dir.join("cas"))

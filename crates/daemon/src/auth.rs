@@ -35,6 +35,7 @@ pub async fn require_token(
     let used = state
         .store
         .use_token(&token_hash(token.trim()), hutch_core::now_ms())
+        .await
         .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?;
     let scope = match used {
         TokenUse::Valid(scope) => scope,

@@ -314,6 +314,7 @@ mod tests {
     }
 
     /// The libraries `ldd` lists for `binary` (none for a static one).
+    #[allow(clippy::disallowed_methods)] // A test helper; one short `ldd`.
     fn ldd(binary: &std::path::Path) -> Vec<PathBuf> {
         let out = std::process::Command::new("ldd")
             .arg(binary)

@@ -32,7 +32,7 @@ use hutch_core::{
     service::{Caller, LocalApi, SandboxApi},
     Limits, Manager, ManagerConfig,
 };
-use hutch_store::{SqliteStore, Store};
+use hutch_store::{AsyncStore, SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
 pub use args::DaemonArgs;
@@ -45,8 +45,8 @@ pub use home::Home;
 pub struct AppState {
     /// The request surface every route calls.
     pub api: Arc<dyn SandboxApi>,
-    /// Token lookups.
-    pub store: Arc<dyn Store>,
+    /// Token lookups (the manager's store, off the async workers).
+    pub store: AsyncStore,
 }
 
 /// How often TTLs are checked.
@@ -86,7 +86,7 @@ pub async fn run(
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();
     let net = net.map(|n| n as Arc<dyn hutch_core::HostNetwork>);
-    let manager = Manager::new(cfg, store.clone(), backend.vmm, net);
+    let manager = Manager::new(cfg, store, backend.vmm, net);
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(
@@ -108,7 +108,7 @@ pub async fn run(
     }
     let state = Arc::new(AppState {
         api: Arc::new(LocalApi::new(manager.clone(), tasks)),
-        store,
+        store: manager.store().clone(),
     });
     manager.start_pools();
     tokio::spawn(expire_loop(manager.clone()));

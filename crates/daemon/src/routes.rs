@@ -425,7 +425,7 @@ mod tests {
             "/nonexistent".into(),
             hutch_vmm::Accel::Tcg,
         ));
-        let manager = Manager::new(cfg, store.clone(), vmm, Err("not in unit tests".into()));
+        let manager = Manager::new(cfg, store, vmm, Err("not in unit tests".into()));
         let tasks = Arc::new(hutch_core::task::Tasks::new(
             dir.path().join("tasks"),
             manager.clone(),
@@ -433,8 +433,8 @@ mod tests {
         (
             dir,
             Arc::new(AppState {
+                store: manager.store().clone(),
                 api: Arc::new(hutch_core::service::LocalApi::new(manager, tasks)),
-                store,
             }),
         )
     }

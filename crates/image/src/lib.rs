@@ -22,6 +22,8 @@
 //! configuration and unpacked with `dpkg-deb -x`; the rootfs tree is packed with `mkfs.ext4 -d`.
 
 #![forbid(unsafe_code)]
+// Image builds are synchronous: callers run them on a thread of their own or the blocking pool.
+#![allow(clippy::disallowed_methods)]
 #![warn(missing_docs)]
 
 mod apt;

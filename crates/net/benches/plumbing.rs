@@ -16,6 +16,9 @@
 //!
 //! `cargo bench -p hutch-net --bench plumbing [-- N]`
 
+// The benchmark sets up and waits synchronously, outside its measured async sections.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::sync::Arc;

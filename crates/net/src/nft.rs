@@ -884,6 +884,7 @@ pub fn uses_library(backend: NftBackend) -> bool {
 
 /// Runs one nft command buffer (JSON, or text such as `list tables`) in the calling thread's
 /// network namespace, returning JSON output. One buffer is one kernel transaction.
+#[allow(clippy::disallowed_methods)] // Waits for `nft`: callers run it on a netns thread.
 pub fn run(backend: NftBackend, what: &str, cmd: &str) -> Result<String, NetError> {
     let fail = |message: String| NetError::Nft {
         what: what.to_string(),

@@ -44,6 +44,7 @@ fn enter(path: &Path) -> Result<(), NetError> {
 
 /// Runs `f` on a fresh OS thread inside the namespace `ns` (or the caller's namespace when
 /// `None`) and waits for it synchronously.
+#[allow(clippy::disallowed_methods)] // Joins its thread: async callers use `run_in`.
 pub fn run_in_sync<T, F>(ns: Option<&Path>, f: F) -> Result<T, NetError>
 where
     T: Send + 'static,

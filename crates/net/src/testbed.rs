@@ -7,6 +7,9 @@
 //! H's uplink 198.51.100.1/24) and `L` a LAN (HTTP on [`LAN`]:8080 on a second H interface).
 //! Every server listens on 0.0.0.0, so a refused connection is the sandbox policy's doing.
 
+// A test fixture: it sets its namespaces up and removes them synchronously.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;

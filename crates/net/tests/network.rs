@@ -6,6 +6,9 @@
 //! these namespaces. Every server listens on every address (IPv4 and IPv6), so without the rules
 //! every address would be reachable: a rejected connection is the rules' doing.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;

@@ -3,15 +3,18 @@
 //! Every host object a sandbox owns is recorded *before* it is created (`intended`) and
 //! confirmed after (`created`), so a daemon killed at any point can find, on restart, both what
 //! exists and what might exist, and reconcile. [`Store`] is the interface the core uses;
-//! [`SqliteStore`] implements it on SQLite in WAL mode with versioned migrations.
+//! [`SqliteStore`] implements it on SQLite in WAL mode with versioned migrations. Its calls
+//! block, so async code goes through [`AsyncStore`], which runs them on the store's own thread.
 
 #![forbid(unsafe_code)]
 
+mod facade;
 mod migrations;
 mod sqlite;
 
 use hutch_types::{SandboxInfo, SandboxSpec, SandboxState};
 
+pub use facade::AsyncStore;
 pub use hutch_types::TokenScope;
 pub use sqlite::SqliteStore;
 
@@ -44,6 +47,9 @@ pub enum StoreError {
     /// The idempotency key is taken by another sandbox.
     #[error("idempotency key already used by sandbox {0}")]
     KeyTaken(String),
+    /// The store thread behind an [`AsyncStore`] gave no answer (the call panicked).
+    #[error("the state store's thread gave no answer")]
+    Stopped,
 }
 
 /// What kind of host object a sandbox owns.

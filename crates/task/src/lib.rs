@@ -7,6 +7,8 @@
 //! Python program ([`GUEST_SCRIPT`]).
 
 #![forbid(unsafe_code)]
+// Synchronous: async callers run its hashing, validation and git calls on the blocking pool.
+#![allow(clippy::disallowed_methods)]
 
 pub mod apply;
 pub mod archive;

@@ -2,6 +2,9 @@
 //! in for the guest's `/workspace`) against the host's validation: real frames, real files,
 //! full-size hostile cases (a 200 MB file, 100 000 files) under the default limits.
 
+// Tests run the guest helper synchronously.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     collections::BTreeMap,
     os::unix::fs::{MetadataExt, PermissionsExt},

@@ -32,6 +32,8 @@ pub fn agent_binary() -> PathBuf {
 
 /// Builds the agent for the profile of the running test executable (`<target>/<profile>/deps/
 /// <test>`) and returns `<target>/<profile>/hutch-agent`.
+// A one-time build per test process, before any fake VM starts.
+#[allow(clippy::disallowed_methods)]
 fn build() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let profile_dir = exe

@@ -87,6 +87,7 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// The first line of `<qemu> --version`.
+#[allow(clippy::disallowed_methods)] // Blocking by design: callers use the blocking pool.
 pub(crate) fn qemu_version(qemu: &Path) -> Result<String, VmmError> {
     let out = std::process::Command::new(qemu)
         .arg("--version")

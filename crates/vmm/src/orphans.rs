@@ -150,6 +150,7 @@ pub fn remove_unowned_dirs(runs_dir: &Path, owned: &[String]) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests spawn and reap processes synchronously.
 mod tests {
     use super::*;
 

@@ -247,6 +247,7 @@ impl Proc {
     }
 
     /// As [`Proc::wait`], blocking the thread (for `Drop`).
+    #[allow(clippy::disallowed_methods)] // `Drop` cannot await; only a VM dropped undestroyed.
     pub(crate) fn wait_blocking(&mut self, limit: Duration) -> bool {
         match self {
             Proc::Child(c) => {
@@ -278,6 +279,7 @@ pub(crate) fn remove_run_dir(dir: &std::path::Path) -> Result<(), VmmError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests spawn and reap processes synchronously.
 mod tests {
     use super::*;
 

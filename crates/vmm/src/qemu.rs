@@ -1298,6 +1298,7 @@ mod tests {
         // A dead pid: a child of ours, reaped.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
+        #[allow(clippy::disallowed_methods)] // `true` exits at once.
         child.wait().unwrap();
         write(dead, 1);
         let w = why(adopt(vmm.clone(), run_dir.clone()).await);

@@ -80,6 +80,7 @@ fn cpuinfo_has_flags(want: &[&str]) -> bool {
 
 /// Counts TSC ticks against `CLOCK_MONOTONIC_RAW` over three 20 ms windows and takes the median.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::disallowed_methods)] // Blocking by design: callers use the blocking pool.
 fn measure_tsc_khz() -> Option<u64> {
     use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! by (pid, start time), pause and resume. Real QEMU; see `common/mod.rs` for the inputs and the
 //! SKIP/`HUTCH_REQUIRE_VM_TESTS` rules.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

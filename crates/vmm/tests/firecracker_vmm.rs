@@ -5,6 +5,9 @@
 //! `HUTCH_REQUIRE_VM_TESTS`: CI requires QEMU VMs, but no registry ships Firecracker, so CI
 //! hosts have no binary unless one is provided.)
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -11,6 +11,9 @@
 //! `$HUTCH_HOME` (default `/var/lib/hutch`); otherwise a SKIP line, or a failure with
 //! `HUTCH_REQUIRE_VM_TESTS=1`.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::IpAddr;

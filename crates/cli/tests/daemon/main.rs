@@ -5,6 +5,9 @@
 //! After everything, no VMM process or run dir of either home may remain. This file holds the
 //! harness and the helpers every case uses; the cases live in modules by purpose.
 
+// Tests wait on processes and threads synchronously, on threads of their own.
+#![allow(clippy::disallowed_methods)]
+
 use std::{path::PathBuf, process::Child, sync::OnceLock};
 
 use hutch_api::{

@@ -9,6 +9,9 @@
 //! (default `/var/lib/hutch`). Without them: a `SKIP <test>: <why>` line, or a failure with
 //! `HUTCH_REQUIRE_FIRECRACKER=1`.
 
+// Tests inspect the host with short synchronous commands.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -192,8 +195,9 @@ async fn tap_by_name_and_clones(test: &str, jailed: bool) {
     let policy = nic_policy(&NetworkPolicy::None).unwrap();
     let mut pids = Vec::new();
 
+    let host: std::sync::Arc<dyn crate::HostNetwork> = net.clone();
     // The template: core's attach gives the TAP by name; nothing here holds it open.
-    let (nic, _) = attach(net.as_ref(), &vmm, &ids[0], &policy, None)
+    let (nic, _) = attach(&host, &vmm, &ids[0], &policy, None)
         .await
         .unwrap()
         .expect("a NIC");
@@ -222,7 +226,7 @@ async fn tap_by_name_and_clones(test: &str, jailed: bool) {
     // Two clones at once, each in a namespace of its own with its own TAP.
     let mut clones = Vec::new();
     for id in &ids[1..] {
-        let (nic, _) = attach(net.as_ref(), &vmm, id, &policy, None)
+        let (nic, _) = attach(&host, &vmm, id, &policy, None)
             .await
             .unwrap()
             .unwrap();

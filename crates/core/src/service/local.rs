@@ -45,14 +45,14 @@ impl LocalApi {
 
     /// A sandbox the caller may act on: not found if unknown (or not an id), forbidden if out
     /// of scope.
-    fn authorize(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
+    async fn authorize(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
         if !hutch_types::valid_sandbox_id(id) {
             return Err(ServiceError::refused(
                 ErrorCode::NotFound,
                 format!("no such sandbox: {id:.40}"),
             ));
         }
-        let info = self.manager.get(id)?;
+        let info = self.manager.get(id).await?;
         caller.allows(&info)?;
         Ok(info)
     }
@@ -90,15 +90,15 @@ impl LocalApi {
     }
 
     /// The checked guest path and the channel to the sandbox's agent.
-    fn target(
+    async fn target(
         &self,
         caller: &Caller,
         id: &str,
         raw: &str,
     ) -> Result<(SandboxInfo, String, Arc<hutch_protocol::host::Channel>)> {
-        let info = self.authorize(caller, id)?;
+        let info = self.authorize(caller, id).await?;
         let path = transfer::guest_path(raw)?;
-        let channel = self.manager.channel(id)?;
+        let channel = self.manager.channel(id).await?;
         Ok((info, path, channel))
     }
 }
@@ -155,12 +155,12 @@ impl SandboxApi for LocalApi {
     }
 
     async fn get(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         Ok(self.manager.inspect(id).await?.redacted())
     }
 
     async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         let info = completed(async move {
             match action {
@@ -177,8 +177,8 @@ impl SandboxApi for LocalApi {
     }
 
     async fn console(&self, caller: &Caller, id: &str) -> Result<Vec<u8>> {
-        self.authorize(caller, id)?;
-        Ok(self.manager.console_log(id)?)
+        self.authorize(caller, id).await?;
+        Ok(self.manager.console_log(id).await?)
     }
 
     async fn set_network(
@@ -187,15 +187,15 @@ impl SandboxApi for LocalApi {
         id: &str,
         policy: NetworkPolicy,
     ) -> Result<SandboxInfo> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         let info = completed(async move { manager.set_network(&id, policy).await }).await?;
         Ok(info.redacted())
     }
 
     async fn network_log(&self, caller: &Caller, id: &str) -> Result<Vec<FlowEvent>> {
-        self.authorize(caller, id)?;
-        Ok(self.manager.network_events(id)?)
+        self.authorize(caller, id).await?;
+        Ok(self.manager.network_events(id).await?)
     }
 
     async fn publish_port(
@@ -205,7 +205,7 @@ impl SandboxApi for LocalApi {
         guest_port: u16,
         host_port: Option<u16>,
     ) -> Result<PublishedPort> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         completed(async move { manager.publish_port(&id, guest_port, host_port).await }).await
     }
@@ -216,14 +216,14 @@ impl SandboxApi for LocalApi {
         id: &str,
         guest_port: u16,
     ) -> Result<Vec<PublishedPort>> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         completed(async move { manager.unpublish_port(&id, guest_port).await }).await
     }
 
     async fn ports(&self, caller: &Caller, id: &str) -> Result<Vec<PublishedPort>> {
-        self.authorize(caller, id)?;
-        Ok(self.manager.published_ports(id)?)
+        self.authorize(caller, id).await?;
+        Ok(self.manager.published_ports(id).await?)
     }
 
     async fn exec(
@@ -234,8 +234,8 @@ impl SandboxApi for LocalApi {
         stdin: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<Collected> {
-        let info = self.authorize(caller, id)?;
-        let channel = self.manager.channel(id)?;
+        let info = self.authorize(caller, id).await?;
+        let channel = self.manager.channel(id).await?;
         let req = Self::exec_request(&info, command, stdin.is_some())?;
         run_capped(&channel, req, stdin, limit, OverCap::Drop, None)
             .await
@@ -252,8 +252,8 @@ impl SandboxApi for LocalApi {
         command: Command,
         tty: Option<TtySize>,
     ) -> Result<Exec> {
-        let info = self.authorize(caller, id)?;
-        let channel = self.manager.channel(id)?;
+        let info = self.authorize(caller, id).await?;
+        let channel = self.manager.channel(id).await?;
         let mut req = Self::exec_request(&info, command, true)?;
         req.tty = tty;
         channel.exec(req).await.map_err(ServiceError::exec_start)
@@ -267,7 +267,7 @@ impl SandboxApi for LocalApi {
         mode: u32,
         body: ByteStream,
     ) -> Result<()> {
-        let (_, path, channel) = self.target(caller, id, path)?;
+        let (_, path, channel) = self.target(caller, id, path).await?;
         transfer::write_file(&channel, path, mode, body).await
     }
 
@@ -278,7 +278,7 @@ impl SandboxApi for LocalApi {
         path: &str,
         sink: DuplexStream,
     ) -> Result<()> {
-        let (_, path, channel) = self.target(caller, id, path)?;
+        let (_, path, channel) = self.target(caller, id, path).await?;
         transfer::read_file(&channel, path, sink).await
     }
 
@@ -289,7 +289,7 @@ impl SandboxApi for LocalApi {
         dir: &str,
         body: ByteStream,
     ) -> Result<()> {
-        let (info, dir, channel) = self.target(caller, id, dir)?;
+        let (info, dir, channel) = self.target(caller, id, dir).await?;
         let unpack = Command {
             argv: transfer::unpack_argv(&dir),
             ..Command::default()
@@ -305,7 +305,7 @@ impl SandboxApi for LocalApi {
         dir: &str,
         sink: DuplexStream,
     ) -> Result<()> {
-        let (info, dir, channel) = self.target(caller, id, dir)?;
+        let (info, dir, channel) = self.target(caller, id, dir).await?;
         let pack = Command {
             argv: transfer::pack_argv(&dir),
             ..Command::default()
@@ -315,7 +315,7 @@ impl SandboxApi for LocalApi {
     }
 
     async fn fork(&self, caller: &Caller, id: &str, count: u32) -> Result<Vec<SandboxInfo>> {
-        self.authorize(caller, id)?;
+        self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         let children = completed(async move { manager.fork(&id, count).await }).await?;
         Ok(children.into_iter().map(SandboxInfo::redacted).collect())
@@ -365,31 +365,31 @@ impl SandboxApi for LocalApi {
 
     async fn tasks(&self, caller: &Caller) -> Result<Vec<TaskRecord>> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.list()?)
+        Ok(self.tasks.list().await?)
     }
 
     async fn task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.get(id)?)
+        Ok(self.tasks.get(id).await?)
     }
 
     async fn task_baseline(&self, caller: &Caller, id: &str) -> Result<Baseline> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.baseline(id)?)
+        Ok(self.tasks.baseline(id).await?)
     }
 
     async fn task_changeset(&self, caller: &Caller, id: &str) -> Result<Vec<u8>> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.changeset(id)?)
+        Ok(self.tasks.changeset(id).await?)
     }
 
     async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.diff(id)?)
+        Ok(self.tasks.diff(id).await?)
     }
 
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck> {
         caller.require_admin(TASKS_HOST_WIDE)?;
-        Ok(self.tasks.verify_signature(id)?)
+        Ok(self.tasks.verify_signature(id).await?)
     }
 }

@@ -165,7 +165,7 @@ async fn a_teardown_that_fails_can_be_retried() {
             false => w.manager.destroy(&info.id).await.unwrap_err(),
         };
         assert!(matches!(err, CoreError::Net(_)), "{err:?}");
-        assert_failed(&w.state(&info.id), "teardown incomplete");
+        assert_failed(&w.state(&info.id).await, "teardown incomplete");
         assert!(w.vmm.running().is_empty(), "the VM still runs");
         assert_eq!(w.net.networks(), vec![info.id.clone()]);
         w.manager.destroy(&info.id).await.unwrap();
@@ -189,7 +189,7 @@ async fn a_restore_that_fails_after_the_network_exists() {
         w.failing.fail_at(step);
         let err = w.manager.resume(&id).await.unwrap_err();
         assert!(matches!(err, CoreError::Sandbox(_)), "{step:?}: {err:?}");
-        assert_eq!(w.state(&id), SandboxState::Suspended);
+        assert_eq!(w.state(&id).await, SandboxState::Suspended);
         assert!(w.vmm.running().is_empty(), "{step:?}: agent processes left");
         assert!(w.net.networks().is_empty(), "{step:?}: networks left");
         assert!(
@@ -200,7 +200,7 @@ async fn a_restore_that_fails_after_the_network_exists() {
         );
     }
     w.manager.resume(&id).await.unwrap();
-    let channel = w.manager.channel(&id).unwrap();
+    let channel = w.manager.channel(&id).await.unwrap();
     assert_eq!(sh(&channel, "echo resumed").await.0, "resumed\n");
     w.manager.destroy(&id).await.unwrap();
     w.assert_nothing_left();
@@ -219,7 +219,7 @@ async fn a_fork_whose_restore_fails() {
     w.failing.fail_at(VmmStep::Restore);
     let err = w.manager.fork(&parent.id, 1).await.unwrap_err();
     assert!(matches!(err, CoreError::Sandbox(_)), "{err:?}");
-    assert_eq!(w.state(&parent.id), SandboxState::Running);
+    assert_eq!(w.state(&parent.id).await, SandboxState::Running);
     assert_eq!(w.net.networks(), vec![parent.id.clone()]);
     assert_eq!(w.vmm.running().len(), 1);
     let all = hutch_store::Store::list(w.store.as_ref(), &Default::default()).unwrap();
@@ -229,8 +229,8 @@ async fn a_fork_whose_restore_fails() {
     // A save that fails leaves the parent running.
     w.failing.fail_at(VmmStep::Snapshot);
     w.manager.fork(&parent.id, 1).await.unwrap_err();
-    assert_eq!(w.state(&parent.id), SandboxState::Running);
-    let channel = w.manager.channel(&parent.id).unwrap();
+    assert_eq!(w.state(&parent.id).await, SandboxState::Running);
+    let channel = w.manager.channel(&parent.id).await.unwrap();
     assert_eq!(sh(&channel, "echo parent").await.0, "parent\n");
 
     for id in [&child.id, &parent.id] {
@@ -251,7 +251,7 @@ async fn an_adopt_that_fails() {
     w.failing.fail_at(VmmStep::Adopt);
     let report = w.restart().await;
     assert_eq!(report.failed, vec![info.id.clone()]);
-    assert_failed(&w.state(&info.id), "VM lost across a daemon restart");
+    assert_failed(&w.state(&info.id).await, "VM lost across a daemon restart");
     assert!(w.vmm.running().is_empty(), "the unadopted VM still runs");
     assert!(w.net.networks().is_empty(), "its network is left");
     w.manager.destroy(&info.id).await.unwrap();

@@ -20,7 +20,7 @@ async fn create_exec_files_destroy() {
     assert_eq!(w.vmm.running().len(), 1);
     assert!(w.net.networks().is_empty(), "no network was asked for");
 
-    let channel = w.manager.channel(&info.id).unwrap();
+    let channel = w.manager.channel(&info.id).await.unwrap();
     assert_eq!(
         sh(&channel, "echo $((6 * 7))").await,
         ("42\n".into(), ExitStatus::Code(0))
@@ -47,7 +47,7 @@ async fn create_exec_files_destroy() {
     let gone = w.manager.destroy(&info.id).await.unwrap();
     assert_eq!(gone.state, SandboxState::Destroyed);
     assert!(matches!(
-        w.manager.channel(&info.id),
+        w.manager.channel(&info.id).await,
         Err(CoreError::Illegal(_))
     ));
     w.assert_nothing_left();
@@ -86,7 +86,7 @@ async fn networks_policies_and_ports_follow_the_sandbox() {
     assert_eq!(w.net.policy(&id), Some(Policy::Open));
 
     let p = w.manager.publish_port(&id, 8080, None).await.unwrap();
-    assert_eq!(w.manager.published_ports(&id).unwrap(), vec![p]);
+    assert_eq!(w.manager.published_ports(&id).await.unwrap(), vec![p]);
     let none = NetworkPolicy::Allow {
         cidrs: vec![],
         ports: vec![],
@@ -117,12 +117,15 @@ async fn pause_resume_stop_start() {
         w.manager.inspect(&id).await.unwrap().state,
         SandboxState::Paused
     );
-    assert!(matches!(w.manager.channel(&id), Err(CoreError::Illegal(_))));
+    assert!(matches!(
+        w.manager.channel(&id).await,
+        Err(CoreError::Illegal(_))
+    ));
     assert_eq!(
         w.manager.resume(&id).await.unwrap().state,
         SandboxState::Running
     );
-    let channel = w.manager.channel(&id).unwrap();
+    let channel = w.manager.channel(&id).await.unwrap();
     assert_eq!(sh(&channel, "echo up").await.0, "up\n");
 
     assert_eq!(
@@ -135,7 +138,7 @@ async fn pause_resume_stop_start() {
         w.manager.start(&id).await.unwrap().state,
         SandboxState::Running
     );
-    let channel = w.manager.channel(&id).unwrap();
+    let channel = w.manager.channel(&id).await.unwrap();
     assert_eq!(sh(&channel, "echo again").await.0, "again\n");
     w.manager.destroy(&id).await.unwrap();
     w.assert_nothing_left();
@@ -177,11 +180,11 @@ async fn a_restart_adopts_the_living_and_fails_the_dead() {
     expected.sort();
     assert_eq!(adopted, expected);
     assert_eq!(report.failed, vec![dead.id.clone()]);
-    assert!(matches!(w.state(&dead.id), SandboxState::Failed(_)));
-    assert_eq!(w.state(&paused.id), SandboxState::Paused);
+    assert!(matches!(w.state(&dead.id).await, SandboxState::Failed(_)));
+    assert_eq!(w.state(&paused.id).await, SandboxState::Paused);
     assert_eq!(w.net.networks(), vec![alive.id.clone()]);
 
-    let channel = w.manager.channel(&alive.id).unwrap();
+    let channel = w.manager.channel(&alive.id).await.unwrap();
     assert_eq!(sh(&channel, "echo adopted").await.0, "adopted\n");
     assert_eq!(
         w.manager.resume(&paused.id).await.unwrap().state,
@@ -205,7 +208,7 @@ async fn forks_and_pauses_to_disk() {
     assert_eq!(children.len(), 2);
     for child in &children {
         assert_eq!(child.state, SandboxState::Running);
-        let channel = w.manager.channel(&child.id).unwrap();
+        let channel = w.manager.channel(&child.id).await.unwrap();
         assert_eq!(sh(&channel, "echo child").await.0, "child\n");
     }
     assert_eq!(w.net.networks().len(), 3);
@@ -218,7 +221,7 @@ async fn forks_and_pauses_to_disk() {
         w.manager.resume(&parent.id).await.unwrap().state,
         SandboxState::Running
     );
-    let channel = w.manager.channel(&parent.id).unwrap();
+    let channel = w.manager.channel(&parent.id).await.unwrap();
     assert_eq!(sh(&channel, "echo back").await.0, "back\n");
 
     for id in children.iter().map(|c| &c.id).chain([&parent.id]) {
@@ -239,14 +242,14 @@ async fn templates_clones_and_pools() {
     assert!(w.net.networks().is_empty(), "so is its network");
 
     let (restored, _) = w.manager.create(clone_of("t"), None).await.unwrap();
-    let channel = w.manager.channel(&restored.id).unwrap();
+    let channel = w.manager.channel(&restored.id).await.unwrap();
     assert_eq!(sh(&channel, "echo clone").await.0, "clone\n");
 
     w.manager.set_pool_size("t", 1).await.unwrap();
     w.pool_ready("t", 1).await;
     let (pooled, _) = w.manager.create(clone_of("t"), None).await.unwrap();
     assert_eq!(pooled.state, SandboxState::Running);
-    let channel = w.manager.channel(&pooled.id).unwrap();
+    let channel = w.manager.channel(&pooled.id).await.unwrap();
     assert_eq!(sh(&channel, "echo pooled").await.0, "pooled\n");
     w.pool_ready("t", 1).await;
 

@@ -88,8 +88,8 @@ impl World {
     }
 
     /// The recorded state of `id`.
-    pub fn state(&self, id: &str) -> SandboxState {
-        self.manager.get(id).unwrap().state
+    pub async fn state(&self, id: &str) -> SandboxState {
+        self.manager.get(id).await.unwrap().state
     }
 
     /// The single sandbox recorded (for a create that failed and so returned no id).

@@ -1,5 +1,8 @@
 //! Helpers shared by the hutch-task integration tests.
 
+// Tests run git synchronously.
+#![allow(clippy::disallowed_methods)]
+
 use std::{path::Path, process::Command};
 
 /// Runs git in `dir` (with an identity for commits); panics when it fails; returns stdout.
