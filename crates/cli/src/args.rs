@@ -25,9 +25,6 @@ pub enum Command {
     /// Install optional host components (Firecracker).
     #[command(subcommand)]
     Setup(crate::setup_cmd::SetupCommand),
-    /// Measure performance.
-    #[command(subcommand)]
-    Bench(BenchCommand),
     /// Serve the sandbox API on a Unix socket (and optionally TCP with tokens).
     Daemon(hutch_daemon::DaemonArgs),
     /// Create a sandbox through the daemon and print its id.
@@ -112,7 +109,7 @@ pub struct NetArgs {
 pub struct CreateArgs {
     /// VM shape.
     #[command(flatten)]
-    pub vm: VmArgs,
+    pub vm: hutch_daemon::VmArgs,
     /// Daemon connection.
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -316,35 +313,12 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     }
 }
 
-/// VM shape shared by commands that boot one.
-#[derive(Debug, Args, Clone)]
-pub struct VmArgs {
-    /// Guest image to boot.
-    #[arg(long, default_value = "default")]
-    pub image: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
-    pub cpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=262144))]
-    pub memory: u32,
-    /// Size of the guest's writable disk in MiB.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..=1048576))]
-    pub disk: u64,
-    /// Seconds to wait for the guest agent to come up.
-    #[arg(long, default_value_t = 120)]
-    pub boot_timeout: u64,
-    /// The VMM, and whether Firecracker is jailed.
-    #[command(flatten)]
-    pub vmm: hutch_daemon::BackendArgs,
-}
-
 /// `hutch run`: through the daemon when one answers (or `--host` is given), else locally.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// VM shape.
     #[command(flatten)]
-    pub vm: VmArgs,
+    pub vm: hutch_daemon::VmArgs,
     /// Daemon connection.
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -402,50 +376,6 @@ pub struct ImageBuildArgs {
     /// The guest agent binary (default: next to `hutch`, or $HUTCH_AGENT).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
-}
-
-/// `hutch bench …`.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Boot time (process start → agent ready) and exec round trip, p50/p95.
-    Boot(BenchBootArgs),
-    /// Exec round trip through a daemon vs straight over the channel; parallel creates.
-    Daemon(BenchDaemonArgs),
-    /// Firecracker: process start → API ready, snapshot create, snapshot restore.
-    Firecracker(crate::bench_fc::BenchFirecrackerArgs),
-    /// Templates: restore vs cold boot, the VMM's own restore, pool hand-outs, parallel
-    /// clones, memory per idle clone.
-    Clone(crate::bench_clone::BenchCloneArgs),
-    /// Agent tasks: workspace copy-in and changeset copy-out throughput, task overhead.
-    Task(crate::bench_task::BenchTaskArgs),
-}
-
-/// `hutch bench boot`.
-#[derive(Debug, Args)]
-pub struct BenchBootArgs {
-    /// VM shape.
-    #[command(flatten)]
-    pub vm: VmArgs,
-    /// Number of boots.
-    #[arg(long, default_value_t = 5)]
-    pub boots: usize,
-    /// Exec round trips per boot.
-    #[arg(long, default_value_t = 50)]
-    pub execs: usize,
-}
-
-/// `hutch bench daemon`.
-#[derive(Debug, Args)]
-pub struct BenchDaemonArgs {
-    /// VM shape of the exec sandboxes.
-    #[command(flatten)]
-    pub vm: VmArgs,
-    /// Exec round trips per way (direct, JSON through the daemon, streaming through it).
-    #[arg(long, default_value_t = 50)]
-    pub execs: usize,
-    /// Sandboxes created at once through the daemon.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
-    pub parallel: u16,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

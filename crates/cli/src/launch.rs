@@ -1,46 +1,13 @@
-//! Boot options for sandboxes this process owns (`hutch run --local`, the benchmarks): the
-//! image, the backend the daemon would choose, and the VM shape from the command line.
+//! `hutch run --local`'s private host: the image, the backend the daemon would choose, and a
+//! manager behind the daemon's request surface.
 
 use std::{sync::Arc, time::Duration};
 
-use hutch_core::BootOptions;
 use hutch_daemon::Home;
-use hutch_vmm::{AccelReport, Vmm};
 
-use crate::{args::VmArgs, error::CliError};
+use hutch_daemon::VmArgs;
 
-/// Everything needed to boot sandboxes of one shape.
-pub struct Launcher {
-    /// The backend.
-    pub vmm: Arc<dyn Vmm>,
-    /// The probed accelerator and why.
-    pub accel: AccelReport,
-    /// Boot options; callers set a fresh `id` per sandbox.
-    pub options: BootOptions,
-}
-
-/// Opens the image, picks the backend (cached accelerator probe) and prepares boot options.
-pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, CliError> {
-    let image = hutch_image::open(&home.images(), &vm.image)?;
-    let backend = hutch_daemon::backend::choose(home, &image, &vm.vmm).await?;
-    let options = BootOptions {
-        id: hutch_core::new_id(),
-        image,
-        cpus: vm.cpus,
-        memory_mib: vm.memory,
-        disk_mib: vm.disk,
-        runs_dir: home.local_vms(),
-        boot_timeout: Duration::from_secs(vm.boot_timeout),
-        detached: false,
-        network: None,
-        memory: hutch_vmm::GuestMemory::Anonymous,
-    };
-    Ok(Launcher {
-        vmm: backend.vmm,
-        accel: backend.accel,
-        options,
-    })
-}
+use crate::error::CliError;
 
 /// A private, in-process host for `hutch run --local`: the daemon's request surface over a
 /// manager whose state lives in a temporary directory and whose VMs die with this process.

@@ -4,10 +4,6 @@
 
 mod agent_bin;
 mod args;
-mod bench;
-mod bench_clone;
-mod bench_fc;
-mod bench_task;
 mod doctor;
 mod error;
 mod image_cmd;
@@ -59,10 +55,9 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Image(args::ImageCommand::Kernel(a)) => image_cmd::kernel(&home, a).await,
         args::Command::Doctor => doctor::doctor(&home).await,
         args::Command::Setup(c) => setup_cmd::run(&home, c).await,
-        args::Command::Bench(a) => bench::bench(&home, a).await,
         args::Command::Daemon(a) => {
             hutch_daemon::run(&home, a, async {
-                run::interrupted().await;
+                hutch_daemon::signal::interrupted().await;
             })
             .await?;
             Ok(0)

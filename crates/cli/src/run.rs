@@ -13,11 +13,10 @@ use hutch_protocol::{
 use hutch_types::{ErrorCode, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use hutch_daemon::signal::{interrupted, INTERRUPTED};
+
 use crate::{args::RunArgs, error::CliError, launch};
 use hutch_daemon::Home;
-
-/// Exit code when hutch itself is interrupted (SIGINT convention).
-pub const INTERRUPTED: i32 = 130;
 
 /// TTL of a daemon sandbox whose command has no timeout: the safety net should `hutch run`
 /// die without removing it (SIGKILL). With `--timeout`, that plus the boot timeout and a minute.
@@ -243,21 +242,4 @@ async fn forward_stdin(ctl: ExecControl) {
         }
     }
     let _ = ctl.close_stdin().await;
-}
-
-/// Resolves on SIGINT, SIGTERM or SIGHUP, with the signal number.
-pub async fn interrupted() -> i32 {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => libc::SIGINT,
-        _ = term.recv() => libc::SIGTERM,
-        _ = hup.recv() => libc::SIGHUP,
-    }
 }

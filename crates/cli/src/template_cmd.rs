@@ -6,7 +6,7 @@ use hutch_api::client::Client;
 use hutch_types::{TemplateInfo, TemplateSpec};
 
 use crate::{
-    args::{ConnArgs, NetArgs, VmArgs},
+    args::{ConnArgs, NetArgs},
     error::CliError,
 };
 
@@ -54,7 +54,7 @@ pub struct TemplateCreateArgs {
     pub name: String,
     /// VM shape (every sandbox restored from the template has it).
     #[command(flatten)]
-    pub vm: VmArgs,
+    pub vm: hutch_daemon::VmArgs,
     /// Daemon connection.
     #[command(flatten)]
     pub conn: ConnArgs,

@@ -24,5 +24,5 @@ pub use clones::MAX_FORK;
 pub use host::{HostNetwork, ImageDir, ImageSource};
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use pool::MAX_POOL;
-pub use sandbox::{new_id, BootOptions, Sandbox, SandboxError};
+pub use sandbox::{kernel_for, new_id, BootOptions, Sandbox, SandboxError};
 pub use template::{TemplateError, TemplateRecord, Templates};

@@ -94,7 +94,7 @@ impl Sandbox {
         let started = Instant::now();
         let nic = opts.network.as_ref().map(|(nic, _)| nic);
         let vm = vmm
-            .start_with_nic(&vm_spec(opts), nic)
+            .start_with_nic(&vm_spec(vmm, opts), nic)
             .await
             .map_err(SandboxError::Start)?;
         Sandbox::finish(vm, opts, started).await
@@ -111,7 +111,7 @@ impl Sandbox {
         let started = Instant::now();
         let nic = opts.network.as_ref().map(|(nic, _)| nic);
         let vm = vmm
-            .restore(&vm_spec(opts), nic, snapshot)
+            .restore(&vm_spec(vmm, opts), nic, snapshot)
             .await
             .map_err(SandboxError::Start)?;
         if let Err(e) = vm.resume().await {
@@ -206,11 +206,25 @@ impl Sandbox {
     }
 }
 
+/// The kernel file `vmm` boots for `image`: the ELF `vmlinux` for a backend that needs one
+/// (an image built before vmlinux artifacts existed finds it in the cache, if extracted), else
+/// the bzImage.
+pub fn kernel_for(vmm: &dyn Vmm, image: &hutch_image::Image) -> PathBuf {
+    if !vmm.needs_elf_kernel() {
+        return image.kernel.clone();
+    }
+    image
+        .vmlinux
+        .clone()
+        .or_else(|| hutch_image::cached_vmlinux(&image.kernel))
+        .unwrap_or_else(|| image.kernel.clone())
+}
+
 /// The VM for a sandbox.
-fn vm_spec(opts: &BootOptions) -> VmSpec {
+fn vm_spec(vmm: &dyn Vmm, opts: &BootOptions) -> VmSpec {
     VmSpec {
         id: opts.id.clone(),
-        kernel: opts.image.kernel.clone(),
+        kernel: kernel_for(vmm, &opts.image),
         initrd: opts.image.initrd.clone(),
         rootfs: opts.image.rootfs.clone(),
         cpus: opts.cpus,

@@ -43,3 +43,26 @@ pub struct DaemonArgs {
     #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub tcp_header_timeout: u64,
 }
+
+/// VM shape shared by commands that boot one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmArgs {
+    /// Guest image to boot.
+    #[arg(long, default_value = "default")]
+    pub image: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=262144))]
+    pub memory: u32,
+    /// Size of the guest's writable disk in MiB.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..=1048576))]
+    pub disk: u64,
+    /// Seconds to wait for the guest agent to come up.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// The VMM, and whether Firecracker is jailed.
+    #[command(flatten)]
+    pub vmm: crate::backend::BackendArgs,
+}

@@ -22,6 +22,7 @@ mod lock;
 mod openapi;
 mod ports;
 mod routes;
+pub mod signal;
 mod tasks;
 mod templates;
 mod ws;
@@ -35,7 +36,7 @@ use hutch_core::{
 use hutch_store::{AsyncStore, SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
-pub use args::DaemonArgs;
+pub use args::{DaemonArgs, VmArgs};
 pub use auth::token_hash;
 pub use backend::{BackendArgs, BackendChoice};
 pub use error::DaemonError;

@@ -37,7 +37,7 @@ pub async fn exec_stream(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     // Refused before the upgrade when out of scope (the exec itself checks again).
-    state.api.get(&caller, &id).await?;
+    state.api.recorded(&caller, &id).await?;
     let upgrade = upgrade.map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         let mut socket = socket;

@@ -105,6 +105,10 @@ impl Vmm for FailingVmm {
         self.inner.opens_tap_by_name()
     }
 
+    fn needs_elf_kernel(&self) -> bool {
+        self.inner.needs_elf_kernel()
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
         self.start_with_nic(spec, None).await
     }

@@ -313,6 +313,12 @@ pub trait Vmm: Send + Sync {
         false
     }
 
+    /// Whether the backend boots only an uncompressed ELF `vmlinux` (Firecracker on x86_64
+    /// refuses a bzImage); the caller then names one as [`VmSpec::kernel`].
+    fn needs_elf_kernel(&self) -> bool {
+        false
+    }
+
     /// Boots a VM. Returns once the VMM process is up and the host end of the guest channel
     /// exists (not when the guest has booted: the caller waits for the agent's hello on the
     /// channel). On error nothing is left behind: no process, no `run_dir`.

@@ -193,7 +193,7 @@ fn image_or_skip(test: &str, dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> 
         }
     };
     let kernel = match image.vmlinux {
-        Some(_) => image.kernel,
+        Some(vmlinux) => vmlinux,
         None => {
             let vmlinux = dir.join("vmlinux");
             if let Err(e) = hutch_image::vmlinux::extract_vmlinux(&image.kernel, &vmlinux) {

@@ -159,6 +159,10 @@ impl SandboxApi for LocalApi {
         Ok(self.manager.inspect(id).await?.redacted())
     }
 
+    async fn recorded(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
+        Ok(self.authorize(caller, id).await?.redacted())
+    }
+
     async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo> {
         self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());

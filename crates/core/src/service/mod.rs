@@ -86,6 +86,9 @@ pub trait SandboxApi: Send + Sync {
     async fn list(&self, caller: &Caller, filter: ListFilter) -> Result<Vec<SandboxInfo>>;
     /// One sandbox, its state confirmed by a health check.
     async fn get(&self, caller: &Caller, id: &str) -> Result<SandboxInfo>;
+    /// One sandbox as recorded, without touching its guest: for a front end that must refuse
+    /// an unknown or out-of-scope sandbox before it commits to a call (a WebSocket upgrade).
+    async fn recorded(&self, caller: &Caller, id: &str) -> Result<SandboxInfo>;
     /// Changes a sandbox's lifecycle state.
     async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo>;
     /// The guest's console log (guest-controlled bytes).

@@ -255,3 +255,36 @@ async fn files_and_archives_round_trip_and_a_climbing_archive_is_refused() {
     );
     w.assert_nothing_left();
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `pid`.
+async fn signal(pid: u32, signal: &str) {
+    let status = tokio::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn recorded_leaves_the_guest_alone_and_get_checks_its_health() {
+    let w = World::new().await;
+    let api = surface(&w);
+    let admin = Caller::admin();
+    let id = create(&api, &admin).await.id;
+    let agent = w.vmm.running()[0];
+    signal(agent, "-STOP").await;
+    let recorded = api.recorded(&admin, &id).await.unwrap();
+    assert_eq!(recorded.state, hutch_types::SandboxState::Running);
+    let checked = api.get(&admin, &id).await.unwrap();
+    assert!(
+        matches!(checked.state, hutch_types::SandboxState::Failed(_)),
+        "a guest that does not answer is {:?}",
+        checked.state
+    );
+    signal(agent, "-CONT").await;
+    api.lifecycle(&admin, &id, Lifecycle::Destroy)
+        .await
+        .unwrap();
+    w.assert_nothing_left();
+}

@@ -46,7 +46,7 @@ pub enum FirecrackerError {
     },
 
     /// The kernel is not an ELF `vmlinux`, which v1.16 needs on x86_64.
-    #[error("kernel {0} is not an ELF vmlinux (Firecracker refuses a bzImage), and no vmlinux of it is in the image cache: run `hutch image build` again, or extract one with hutch_image::vmlinux::extract_vmlinux")]
+    #[error("kernel {0} is not an ELF vmlinux (Firecracker refuses a bzImage): run `hutch image build` again so the image has one")]
     KernelNotElf(PathBuf),
 
     /// A snapshot cannot be taken or loaded as asked.

@@ -18,9 +18,9 @@
 //! [`SCRATCH_FD`] that Hutch opens on the VM's own file and firecracker inherits, so the drive
 //! is `/proc/self/fd/<SCRATCH_FD>` in every process.
 //!
-//! Firecracker's kernel must be an ELF `vmlinux` (v1.16 refuses a bzImage): given an image's
-//! bzImage, the backend boots the `vmlinux` that `hutch image build` extracted from it
-//! ([`hutch_image::cached_vmlinux`]). x86_64 guests find the virtio-mmio devices through ACPI. The guest kernel needs (built in, or as modules loaded by
+//! Firecracker's kernel must be an ELF `vmlinux` (v1.16 refuses a bzImage): the backend says so
+//! ([`Vmm::needs_elf_kernel`]) and refuses anything else; the caller names the `vmlinux` that
+//! `hutch image build` extracted (core's `kernel_for`). x86_64 guests find the virtio-mmio devices through ACPI. The guest kernel needs (built in, or as modules loaded by
 //! the initramfs): `VIRTIO_MMIO`, `VIRTIO_BLK`, `VIRTIO_VSOCKETS` (+ `VSOCKETS`), `HW_RANDOM_VIRTIO`,
 //! `EXT4_FS`, `OVERLAY_FS`, `SERIAL_8250_CONSOLE`, `ACPI`; `SERIO_I8042` and `KEYBOARD_ATKBD` for
 //! a clean stop by Ctrl-Alt-Del; `PVH` for the faster PVH boot entry.
@@ -262,20 +262,10 @@ impl FirecrackerVmm {
         check_readable("kernel", &spec.kernel)?;
         check_readable("initrd", &spec.initrd)?;
         check_readable("rootfs", &spec.rootfs)?;
-        // As the caller named them (a restore names the same), before the ELF kernel is found.
         let boot = BootFiles::of(spec);
-        let resolved;
-        let spec = match elf_kernel(&spec.kernel) {
-            Some(k) if k == spec.kernel => spec,
-            Some(k) => {
-                resolved = VmSpec {
-                    kernel: k,
-                    ..spec.clone()
-                };
-                &resolved
-            }
-            None => return Err(FirecrackerError::KernelNotElf(spec.kernel.clone()).into()),
-        };
+        if !is_elf(&spec.kernel) {
+            return Err(FirecrackerError::KernelNotElf(spec.kernel.clone()).into());
+        }
         let boot_args = boot_args(&spec.extra_cmdline)?;
         let paths = RunPaths::new(&spec.run_dir)?;
         let mut guard = RunDirGuard::create(&paths.dir)?;
@@ -567,6 +557,10 @@ impl Vmm for FirecrackerVmm {
         true
     }
 
+    fn needs_elf_kernel(&self) -> bool {
+        true
+    }
+
     /// With a NIC, firecracker runs in the TAP's namespace ([`LaunchOptions::netns`]) with one
     /// interface [`NIC_IFACE_ID`] on that TAP and the NIC's MAC. An open TAP descriptor
     /// ([`Tap::Fd`]) is refused.
@@ -773,15 +767,6 @@ fn path_str(p: &Path) -> Result<String, VmmError> {
     p.to_str()
         .map(str::to_string)
         .ok_or_else(|| VmmError::InvalidSpec(format!("path is not UTF-8: {}", p.display())))
-}
-
-/// The ELF kernel to boot for `kernel`: itself if it is one, else the `vmlinux` that `hutch
-/// image build` extracted from that image's bzImage (v1.16 refuses a bzImage).
-fn elf_kernel(kernel: &Path) -> Option<PathBuf> {
-    if is_elf(kernel) {
-        return Some(kernel.to_path_buf());
-    }
-    hutch_image::cached_vmlinux(kernel).filter(|k| is_elf(k))
 }
 
 /// Whether `path` starts with the ELF magic.

@@ -1,4 +1,4 @@
-//! `hutch bench task`: agent tasks through a private daemon, sandboxes restored from a
+//! `hutch-bench task`: agent tasks through a private daemon, sandboxes restored from a
 //! template: workspace copy-in and changeset copy-out throughput for a generated workspace
 //! (by default 100 MiB in 10 000 files), and the task overhead (the client's whole wait minus
 //! the agent's own run) as p50 over N tasks, on that workspace and on a tiny one.
@@ -14,14 +14,13 @@ use hutch_task::{TaskRecord, TaskSpec, Verdict};
 use rand::{RngCore, SeedableRng};
 
 use crate::{
-    args::VmArgs,
-    bench::{print_accel, summary, DaemonChild},
-    error::CliError,
+    boot::{print_accel, summary, DaemonChild},
+    error::BenchError,
     launch,
 };
-use hutch_daemon::Home;
+use hutch_daemon::{Home, VmArgs};
 
-/// `hutch bench task`.
+/// `hutch-bench task`.
 #[derive(Debug, Args)]
 pub struct BenchTaskArgs {
     /// VM shape of the template the task sandboxes are restored from.
@@ -54,29 +53,29 @@ struct Samples {
 }
 
 /// Runs the benchmark and prints the figures.
-pub async fn task(home: &Home, args: BenchTaskArgs) -> Result<i32, CliError> {
+pub async fn task(home: &Home, args: BenchTaskArgs) -> Result<i32, BenchError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     let big = tempfile::Builder::new()
         .prefix("hutch-bench-ws")
         .tempdir()
-        .map_err(CliError::Io)?;
+        .map_err(BenchError::Io)?;
     let small = tempfile::Builder::new()
         .prefix("hutch-bench-ws")
         .tempdir()
-        .map_err(CliError::Io)?;
-    let bytes = generate(big.path(), args.files, args.mib << 20).map_err(CliError::Io)?;
-    std::fs::write(small.path().join("README"), "tiny\n").map_err(CliError::Io)?;
+        .map_err(BenchError::Io)?;
+    let bytes = generate(big.path(), args.files, args.mib << 20).map_err(BenchError::Io)?;
+    std::fs::write(small.path().join("README"), "tiny\n").map_err(BenchError::Io)?;
     let child = DaemonChild::start(home, &args.vm, &["--no-network"]).await?;
     let measured = tokio::select! {
         r = measure(&child.client, &args, big.path(), small.path()) => r.map(Some),
-        _ = crate::run::interrupted() => Ok(None),
+        _ = hutch_daemon::signal::interrupted() => Ok(None),
     };
     let removed = child.client.remove_template("bench").await;
     let stopped = child.stop().await;
     let samples = measured?;
     stopped?;
     let Some(mut s) = samples else {
-        return Ok(crate::run::INTERRUPTED);
+        return Ok(hutch_daemon::signal::INTERRUPTED);
     };
     removed?;
     print_accel(&launcher);
@@ -87,7 +86,7 @@ pub async fn task(home: &Home, args: BenchTaskArgs) -> Result<i32, CliError> {
         args.runs
     );
     let rate = |b: u64, d: &[Duration]| {
-        let p50 = crate::bench::pct(d, 50).as_secs_f64().max(f64::EPSILON);
+        let p50 = crate::boot::pct(d, 50).as_secs_f64().max(f64::EPSILON);
         b as f64 / f64::from(1 << 20) / p50
     };
     let line = |what: &str, v: &mut Vec<Duration>| println!("{what:<58} {}", summary(v));
@@ -135,8 +134,8 @@ async fn measure(
     args: &BenchTaskArgs,
     big: &Path,
     small: &Path,
-) -> Result<Samples, CliError> {
-    crate::bench::bench_template(client, &args.vm).await?;
+) -> Result<Samples, BenchError> {
+    crate::boot::bench_template(client, &args.vm).await?;
     let spec = |argv: &[&str]| TaskSpec {
         command: argv.iter().map(|s| s.to_string()).collect(),
         template: Some("bench".into()),
@@ -153,7 +152,7 @@ async fn measure(
         s.create.push(Duration::from_millis(r.timings.create_ms));
         let (_, r) = run(client, big, &spec(&["python3", "-c", REWRITE_ALL])).await?;
         if !matches!(r.verdict, Verdict::Accepted { changes } if changes == args.files as usize) {
-            return Err(CliError::Usage(format!(
+            return Err(BenchError::Usage(format!(
                 "the rewrite task's changeset was not all {} files: {:?} {:?}",
                 args.files, r.verdict, r.error
             )));
@@ -177,14 +176,14 @@ async fn run(
     client: &Client,
     ws: &Path,
     spec: &TaskSpec,
-) -> Result<(Duration, TaskRecord), CliError> {
+) -> Result<(Duration, TaskRecord), BenchError> {
     let t = Instant::now();
     let tar = hutch_task::workspace::pack(ws)
-        .map_err(|e| CliError::Usage(format!("packing the workspace: {e}")))?;
+        .map_err(|e| BenchError::Usage(format!("packing the workspace: {e}")))?;
     let record = client.run_task(spec, &tar).await?;
     let wall = t.elapsed();
     if record.error.is_some() || !record.agent.as_ref().is_some_and(|a| a.succeeded()) {
-        return Err(CliError::Usage(format!(
+        return Err(BenchError::Usage(format!(
             "a benchmark task failed: {:?} {:?}",
             record.agent, record.error
         )));

@@ -1,4 +1,4 @@
-//! `hutch bench`: boot latency and exec round trip (`boot`); the daemon's cost over the bare
+//! `hutch-bench boot` and `hutch-bench daemon`: boot latency and exec round trip (`boot`); the daemon's cost over the bare
 //! channel and parallel creates through it (`daemon`). Percentiles, measured in one run.
 
 use std::{
@@ -16,11 +16,21 @@ use hutch_protocol::{host::ExecEvent, ExecRequest};
 use hutch_types::SandboxSpec;
 
 use crate::{
-    args::{BenchBootArgs, BenchCommand, BenchDaemonArgs, VmArgs},
-    error::CliError,
+    args::{BenchBootArgs, BenchCommand, BenchDaemonArgs},
+    error::BenchError,
     launch,
 };
-use hutch_daemon::Home;
+use hutch_daemon::{Home, VmArgs};
+
+/// The `hutch` binary whose daemon the benchmarks measure: `$HUTCH_BIN`, or the one next to
+/// this executable (cargo builds both into the same directory).
+fn hutch_binary() -> std::io::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("HUTCH_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name("hutch"))
+}
 
 /// Memory of each sandbox in the parallel creates, in MiB.
 const PARALLEL_MEMORY_MIB: u32 = 256;
@@ -29,19 +39,19 @@ const DAEMON_READY: Duration = Duration::from_secs(60);
 /// How long the benchmark's daemon may take to exit after SIGTERM.
 const DAEMON_STOP: Duration = Duration::from_secs(10);
 
-/// `hutch bench …`.
-pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, CliError> {
+/// `hutch-bench …`.
+pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, BenchError> {
     match cmd {
         BenchCommand::Boot(a) => boot(home, a).await,
         BenchCommand::Daemon(a) => daemon(home, a).await,
-        BenchCommand::Firecracker(a) => crate::bench_fc::firecracker(home, a).await,
-        BenchCommand::Clone(a) => crate::bench_clone::clone(home, a).await,
-        BenchCommand::Task(a) => crate::bench_task::task(home, a).await,
+        BenchCommand::Firecracker(a) => crate::firecracker::firecracker(home, a).await,
+        BenchCommand::Clone(a) => crate::clone::clone(home, a).await,
+        BenchCommand::Task(a) => crate::task::task(home, a).await,
     }
 }
 
 /// Boots `boots` VMs one after another; in each, runs `true` `execs` times.
-pub async fn boot(home: &Home, args: BenchBootArgs) -> Result<i32, CliError> {
+pub async fn boot(home: &Home, args: BenchBootArgs) -> Result<i32, BenchError> {
     let mut launcher = launch::prepare(home, &args.vm).await?;
     let mut boots = Vec::new();
     let mut execs = Vec::new();
@@ -82,7 +92,7 @@ struct DaemonSamples {
 /// Exec round trips of `true` straight over a local sandbox's channel and through a daemon
 /// (JSON and streaming), interleaved so both see the same host load; then `parallel` creates
 /// at once through the daemon. The daemon is a child with a private `HUTCH_HOME`.
-pub async fn daemon(home: &Home, args: BenchDaemonArgs) -> Result<i32, CliError> {
+pub async fn daemon(home: &Home, args: BenchDaemonArgs) -> Result<i32, BenchError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     print_accel(&launcher);
     let sandbox = Sandbox::boot(&*launcher.vmm, &launcher.options).await?;
@@ -95,7 +105,7 @@ pub async fn daemon(home: &Home, args: BenchDaemonArgs) -> Result<i32, CliError>
     };
     let measured = tokio::select! {
         r = measure(&sandbox, &child.client, &args) => r.map(Some),
-        _ = crate::run::interrupted() => Ok(None),
+        _ = hutch_daemon::signal::interrupted() => Ok(None),
     };
     let stopped = child.stop().await;
     let destroyed = sandbox.destroy().await;
@@ -104,7 +114,7 @@ pub async fn daemon(home: &Home, args: BenchDaemonArgs) -> Result<i32, CliError>
     destroyed?;
     match samples {
         Some(mut s) => print_daemon(&mut s, &args),
-        None => return Ok(crate::run::INTERRUPTED),
+        None => return Ok(hutch_daemon::signal::INTERRUPTED),
     }
     Ok(0)
 }
@@ -113,7 +123,7 @@ async fn measure(
     sandbox: &Sandbox,
     client: &Client,
     args: &BenchDaemonArgs,
-) -> Result<DaemonSamples, CliError> {
+) -> Result<DaemonSamples, BenchError> {
     let id = client
         .create(&create_req(&args.vm, args.vm.memory))
         .await?
@@ -137,7 +147,7 @@ async fn measure(
 async fn parallel_creates(
     client: &Client,
     args: &BenchDaemonArgs,
-) -> Result<(Duration, Vec<Duration>), CliError> {
+) -> Result<(Duration, Vec<Duration>), BenchError> {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.parallel {
@@ -182,13 +192,13 @@ fn create_req(vm: &VmArgs, memory_mib: u32) -> CreateSandbox {
     }
 }
 
-async fn timed(op: impl Future<Output = Result<(), CliError>>) -> Result<Duration, CliError> {
+async fn timed(op: impl Future<Output = Result<(), BenchError>>) -> Result<Duration, BenchError> {
     let started = Instant::now();
     op.await?;
     Ok(started.elapsed())
 }
 
-pub(crate) async fn run_true(sandbox: &Sandbox) -> Result<(), CliError> {
+pub(crate) async fn run_true(sandbox: &Sandbox) -> Result<(), BenchError> {
     let mut exec = sandbox
         .channel()
         .exec(ExecRequest::new(vec!["true".into()]))
@@ -197,7 +207,7 @@ pub(crate) async fn run_true(sandbox: &Sandbox) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn json_true(client: &Client, id: &str) -> Result<(), CliError> {
+async fn json_true(client: &Client, id: &str) -> Result<(), BenchError> {
     let body = ExecBody {
         argv: vec!["true".into()],
         ..ExecBody::default()
@@ -209,7 +219,7 @@ async fn json_true(client: &Client, id: &str) -> Result<(), CliError> {
     }
 }
 
-async fn stream_true(client: &Client, id: &str) -> Result<(), CliError> {
+async fn stream_true(client: &Client, id: &str) -> Result<(), BenchError> {
     let start = ExecStart {
         argv: vec!["true".into()],
         ..ExecStart::default()
@@ -230,7 +240,7 @@ async fn stream_true(client: &Client, id: &str) -> Result<(), CliError> {
     }
 }
 
-fn unexpected(what: String) -> CliError {
+fn unexpected(what: String) -> BenchError {
     ClientError::Stream(what).into()
 }
 
@@ -250,16 +260,16 @@ impl DaemonChild {
         home: &Home,
         vm: &VmArgs,
         extra: &[&str],
-    ) -> Result<DaemonChild, CliError> {
+    ) -> Result<DaemonChild, BenchError> {
         let dir = std::env::temp_dir().join(format!("hutch-bench-{}", hutch_core::new_id()));
-        let home_err = |source| CliError::Workdir {
+        let home_err = |source| BenchError::Workdir {
             path: dir.clone(),
             source,
         };
         std::fs::create_dir(&dir).map_err(home_err)?;
         let socket = dir.join("hutch.sock");
         let spawned = private_home(home, &dir).and_then(|log| {
-            tokio::process::Command::new(std::env::current_exe()?)
+            tokio::process::Command::new(hutch_binary()?)
                 .arg("daemon")
                 .arg("--socket")
                 .arg(&socket)
@@ -292,14 +302,14 @@ impl DaemonChild {
     }
 
     /// Polls the socket until the daemon answers; fails if it exits or takes too long.
-    async fn wait_ready(&mut self) -> Result<(), CliError> {
+    async fn wait_ready(&mut self) -> Result<(), BenchError> {
         let deadline = Instant::now() + DAEMON_READY;
         loop {
             let last = match self.client.list(None, &[]).await {
                 Ok(_) => return Ok(()),
                 Err(e) => e,
             };
-            let exited = self.process.try_wait().map_err(CliError::Io)?;
+            let exited = self.process.try_wait().map_err(BenchError::Io)?;
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
                 eprintln!("hutch: the benchmark's daemon ({exited:?}) logged:\n{log}");
@@ -311,7 +321,7 @@ impl DaemonChild {
 
     /// Destroys every sandbox through the API (VMs outlive a daemon), stops the daemon with
     /// SIGTERM, checks that no run dir is left, and removes the private home.
-    pub(crate) async fn stop(mut self) -> Result<(), CliError> {
+    pub(crate) async fn stop(mut self) -> Result<(), BenchError> {
         let destroyed = self.destroy_all().await;
         if let Some(pid) = self.process.id() {
             // Our own child, not yet reaped (`id()` is `Some`): the pid is still its own.
@@ -332,19 +342,19 @@ impl DaemonChild {
             .map(|e| e.file_name())
             .collect();
         if !left.is_empty() {
-            return Err(CliError::Usage(format!(
+            return Err(BenchError::Usage(format!(
                 "the benchmark's daemon left run dirs {left:?} in {}",
                 self.dir.display()
             )));
         }
-        std::fs::remove_dir_all(&self.dir).map_err(|source| CliError::Workdir {
+        std::fs::remove_dir_all(&self.dir).map_err(|source| BenchError::Workdir {
             path: self.dir.clone(),
             source,
         })?;
         destroyed
     }
 
-    async fn destroy_all(&self) -> Result<(), CliError> {
+    async fn destroy_all(&self) -> Result<(), BenchError> {
         for s in self.client.list(None, &[]).await? {
             if s.state != hutch_types::SandboxState::Destroyed {
                 self.client.destroy(&s.id).await?;
@@ -414,7 +424,7 @@ fn ratio(a: &[Duration], b: &[Duration], p: usize) -> f64 {
 
 /// Boots and saves the template `bench` in `vm`'s shape (no provisioning, default network)
 /// and prints how long that took.
-pub(crate) async fn bench_template(client: &Client, vm: &VmArgs) -> Result<(), CliError> {
+pub(crate) async fn bench_template(client: &Client, vm: &VmArgs) -> Result<(), BenchError> {
     let t = Instant::now();
     client
         .create_template(&hutch_types::TemplateSpec {

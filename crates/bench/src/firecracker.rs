@@ -1,4 +1,4 @@
-//! `hutch bench firecracker`: Firecracker process start → API ready, snapshot create, and
+//! `hutch-bench firecracker`: Firecracker process start → API ready, snapshot create, and
 //! snapshot restore (a fresh process loading the snapshot), as p50/p95 over N runs. Without a
 //! firecracker binary it prints a SKIP line; without KVM that runs guests or a default image
 //! only the start is measured.
@@ -12,13 +12,13 @@ use hutch_vmm::firecracker::{
 };
 use hutch_vmm::{FirecrackerVmm, GuestMemory, Lifetime, Vm, VmSpec};
 
-use crate::error::CliError;
+use crate::error::BenchError;
 use hutch_daemon::Home;
 
 /// How long one Firecracker process may take to answer on its API socket.
 const API_READY: Duration = Duration::from_secs(10);
 
-/// `hutch bench firecracker`.
+/// `hutch-bench firecracker`.
 #[derive(Debug, Args)]
 pub struct BenchFirecrackerArgs {
     /// Runs of each measurement.
@@ -33,18 +33,18 @@ pub struct BenchFirecrackerArgs {
 }
 
 /// Runs the benchmark.
-pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32, CliError> {
+pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32, BenchError> {
     let fc = match find_firecracker_or_in(&home.bin()) {
         Ok(p) => p,
         Err(e) => {
-            println!("SKIP hutch bench firecracker: {e}, or run `hutch setup firecracker`");
+            println!("SKIP hutch-bench firecracker: {e}, or run `hutch setup firecracker`");
             return Ok(0);
         }
     };
     let work = tempfile::Builder::new()
         .prefix("bench-fc-")
         .tempdir_in(home.local_vms())
-        .map_err(CliError::Io)?;
+        .map_err(BenchError::Io)?;
     let runs = usize::from(args.runs);
     println!("firecracker {} ({runs} runs)", fc.display());
 
@@ -59,7 +59,7 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(CliError::Io)?;
+            .map_err(BenchError::Io)?;
         let t = Instant::now();
         let client = FirecrackerClient::new(&sock).with_timeout(Duration::from_millis(500));
         let ready = loop {
@@ -77,7 +77,7 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
         match ready {
             Some(d) => starts.push(d),
             None => {
-                return Err(CliError::Usage(format!(
+                return Err(BenchError::Usage(format!(
                     "{} did not answer on its API socket within {API_READY:?}",
                     fc.display()
                 )))
@@ -93,9 +93,11 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
             return Ok(0);
         }
     };
+    let vmm = FirecrackerVmm::with_binary(&fc);
+    let kernel = hutch_core::kernel_for(&vmm, &image);
     let spec = |name: &str| VmSpec {
         id: name.to_string(),
-        kernel: image.kernel.clone(),
+        kernel: kernel.clone(),
         initrd: image.initrd.clone(),
         rootfs: image.rootfs.clone(),
         cpus: 1,
@@ -106,7 +108,6 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
         lifetime: Lifetime::Owned,
         memory: GuestMemory::Anonymous,
     };
-    let vmm = FirecrackerVmm::with_binary(&fc);
     let (mut creates, mut restores) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let vm = vmm
@@ -118,7 +119,7 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
         }
         vm.pause().await?;
         let dir = work.path().join(format!("snap-{i}"));
-        std::fs::create_dir(&dir).map_err(CliError::Io)?;
+        std::fs::create_dir(&dir).map_err(BenchError::Io)?;
         let files = SnapshotFiles::in_dir(&dir);
         let t = Instant::now();
         vm.snapshot_create(SnapshotType::Full, &files).await?;

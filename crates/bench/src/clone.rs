@@ -1,4 +1,4 @@
-//! `hutch bench clone`: sandboxes from a template against cold boots, in one run, through a
+//! `hutch-bench clone`: sandboxes from a template against cold boots, in one run, through a
 //! private daemon: restore → first exec result vs boot → first exec result; the VMM's own
 //! restore (QEMU loading the snapshot, no control plane) against the daemon's whole create;
 //! a pool hand-out; clones per second with N in parallel; host memory per idle clone.
@@ -12,14 +12,13 @@ use hutch_types::SandboxSpec;
 use hutch_vmm::{Lifetime, VmSpec};
 
 use crate::{
-    args::VmArgs,
-    bench::{pct, print_accel, summary, DaemonChild},
-    error::CliError,
+    boot::{pct, print_accel, summary, DaemonChild},
+    error::BenchError,
     launch,
 };
-use hutch_daemon::Home;
+use hutch_daemon::{Home, VmArgs};
 
-/// `hutch bench clone`.
+/// `hutch-bench clone`.
 #[derive(Debug, Args)]
 pub struct BenchCloneArgs {
     /// VM shape of the template (and so of every clone).
@@ -46,13 +45,13 @@ struct Samples {
 }
 
 /// Runs the benchmark and prints the figures.
-pub async fn clone(home: &Home, args: BenchCloneArgs) -> Result<i32, CliError> {
+pub async fn clone(home: &Home, args: BenchCloneArgs) -> Result<i32, BenchError> {
     let launcher = launch::prepare(home, &args.vm).await?;
     // Without networking, so the VMM-only restore (which has no TAP to give) is comparable.
     let child = DaemonChild::start(home, &args.vm, &["--no-network"]).await?;
     let measured = tokio::select! {
         r = measure(&child, &launcher, &args) => r.map(Some),
-        _ = crate::run::interrupted() => Ok(None),
+        _ = hutch_daemon::signal::interrupted() => Ok(None),
     };
     let removed = child.client.remove_template("bench").await;
     let stopped = child.stop().await;
@@ -65,7 +64,7 @@ pub async fn clone(home: &Home, args: BenchCloneArgs) -> Result<i32, CliError> {
         print(&mut s, &args);
         Ok(0)
     } else {
-        Ok(crate::run::INTERRUPTED)
+        Ok(hutch_daemon::signal::INTERRUPTED)
     }
 }
 
@@ -73,10 +72,10 @@ async fn measure(
     child: &DaemonChild,
     launcher: &launch::Launcher,
     args: &BenchCloneArgs,
-) -> Result<Samples, CliError> {
+) -> Result<Samples, BenchError> {
     let client = &child.client;
     let vm = &args.vm;
-    crate::bench::bench_template(client, vm).await?;
+    crate::boot::bench_template(client, vm).await?;
     let record = template_record(child)?;
     let mut s = Samples::default();
     for _ in 0..args.runs {
@@ -96,13 +95,14 @@ async fn measure(
 }
 
 /// The template's record in the daemon's private home.
-fn template_record(child: &DaemonChild) -> Result<TemplateRecord, CliError> {
+fn template_record(child: &DaemonChild) -> Result<TemplateRecord, BenchError> {
     let path = child.dir.join("templates").join("bench.json");
-    let bytes = std::fs::read(&path).map_err(|source| CliError::ReadInput {
+    let bytes = std::fs::read(&path).map_err(|source| BenchError::ReadInput {
         path: path.display().to_string(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| BenchError::Usage(format!("{}: {e}", path.display())))
 }
 
 fn cold_spec(vm: &VmArgs) -> SandboxSpec {
@@ -123,7 +123,7 @@ fn clone_spec() -> SandboxSpec {
 }
 
 /// Create → first `true` answered, then destroy (untimed).
-async fn create_and_exec(client: &Client, spec: SandboxSpec) -> Result<Duration, CliError> {
+async fn create_and_exec(client: &Client, spec: SandboxSpec) -> Result<Duration, BenchError> {
     let started = Instant::now();
     let id = client
         .create(&CreateSandbox {
@@ -152,12 +152,12 @@ async fn create_and_exec(client: &Client, spec: SandboxSpec) -> Result<Duration,
 async fn vmm_restore(
     launcher: &launch::Launcher,
     t: &TemplateRecord,
-) -> Result<Duration, CliError> {
+) -> Result<Duration, BenchError> {
     let image = &launcher.options.image;
     let id = hutch_core::new_id();
     let spec = VmSpec {
         id: id.clone(),
-        kernel: image.kernel.clone(),
+        kernel: hutch_core::kernel_for(&*launcher.vmm, image),
         initrd: image.initrd.clone(),
         rootfs: image.rootfs.clone(),
         cpus: t.snapshot.cpus,
@@ -170,7 +170,7 @@ async fn vmm_restore(
     };
     if t.snapshot.nic_mac.is_some() {
         // A NIC needs a TAP: the VMM-only figure is taken only for NIC-less templates.
-        return Err(CliError::Usage(
+        return Err(BenchError::Usage(
             "the VMM-only restore needs a template without a NIC: run the benchmark with the daemon's networking off".into(),
         ));
     }
@@ -178,14 +178,14 @@ async fn vmm_restore(
     let vm = launcher.vmm.restore(&spec, None, &t.snapshot).await?;
     vm.resume().await?;
     let sandbox = Sandbox::attach(&id, vm, Duration::from_secs(60)).await?;
-    crate::bench::run_true(&sandbox).await?;
+    crate::boot::run_true(&sandbox).await?;
     let took = started.elapsed();
     sandbox.discard().await?;
     Ok(took)
 }
 
 /// Waits until the template's pool holds a ready clone.
-async fn wait_pool_full(client: &Client) -> Result<(), CliError> {
+async fn wait_pool_full(client: &Client) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let ready = client
@@ -197,14 +197,20 @@ async fn wait_pool_full(client: &Client) -> Result<(), CliError> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(CliError::Usage("the pool did not fill within 120 s".into()));
+            return Err(BenchError::Usage(
+                "the pool did not fill within 120 s".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// `parallel` clones at once: wall time, then each idle clone's QEMU memory.
-async fn parallel(client: &Client, args: &BenchCloneArgs, s: &mut Samples) -> Result<(), CliError> {
+async fn parallel(
+    client: &Client,
+    args: &BenchCloneArgs,
+    s: &mut Samples,
+) -> Result<(), BenchError> {
     let started = Instant::now();
     let req = CreateSandbox {
         spec: clone_spec(),
