@@ -54,7 +54,7 @@ fn nlmsg(ty: u16, flags: u16, seq: u32, res_id: u16, attrs: &[(u16, &[u8])]) -> 
         m.extend_from_slice(&(len as u16).to_ne_bytes());
         m.extend_from_slice(&t.to_ne_bytes());
         m.extend_from_slice(v);
-        while m.len() % 4 != 0 {
+        while !m.len().is_multiple_of(4) {
             m.push(0);
         }
     }
