@@ -47,6 +47,9 @@ pub enum CliError {
     /// A request to the in-process request surface failed.
     #[error(transparent)]
     Service(Box<hutch_core::service::ServiceError>),
+    /// A sandbox id is malformed.
+    #[error(transparent)]
+    SandboxId(#[from] hutch_types::InvalidSandboxId),
     /// A daemon API call failed.
     #[error(transparent)]
     Client(Box<hutch_api::client::ClientError>),

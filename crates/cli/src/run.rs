@@ -10,7 +10,7 @@ use hutch_protocol::{
     host::{Exec, ExecControl, ExecEvent},
     ExitInfo,
 };
-use hutch_types::{ErrorCode, SandboxSpec};
+use hutch_types::{ErrorCode, SandboxId, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use hutch_daemon::signal::{interrupted, INTERRUPTED};
@@ -90,23 +90,23 @@ fn remote_request(args: RunArgs) -> (CreateSandbox, ExecStart) {
     (req, start)
 }
 
-/// How a create through the daemon ended.
-enum Created {
+/// How a create ended, with the new sandbox's id `I`.
+enum Created<I> {
     /// The sandbox runs.
-    Ready(String),
+    Ready(I),
     /// It runs, but a signal came meanwhile: destroy it and stop.
-    Interrupted(String),
-    /// A second signal came before it was up; its TTL will remove it.
+    Interrupted(I),
+    /// A second signal came before it was up (its TTL, or this process's end, removes it).
     Abandoned,
 }
 
 /// Runs `create` (to the new sandbox's id). A first signal lets it finish, so that what it
 /// made can be destroyed (the surface completes a create even when its caller goes away); a
 /// second one abandons it, saying `abandoned`.
-async fn create_interruptibly(
-    create: impl std::future::Future<Output = Result<String, CliError>>,
+async fn create_interruptibly<I>(
+    create: impl std::future::Future<Output = Result<I, CliError>>,
     abandoned: &str,
-) -> Result<Created, CliError> {
+) -> Result<Created<I>, CliError> {
     tokio::pin!(create);
     tokio::select! {
         r = &mut create => return Ok(Created::Ready(r?)),
@@ -136,7 +136,7 @@ async fn run_local(home: &Home, args: RunArgs) -> Result<i32, CliError> {
     let (req, start) = local_request(args);
     let create = async {
         let (info, _) = api.create(&caller, req).await?;
-        Ok(info.id)
+        Ok(SandboxId::try_from(info.id)?)
     };
     let abandoned = "hutch: interrupted again; the VM dies with this process";
     let (id, outcome) = match create_interruptibly(create, abandoned).await? {
@@ -188,7 +188,7 @@ fn local_request(args: RunArgs) -> (Create, Command) {
 async fn exec_local(
     api: &dyn SandboxApi,
     caller: &Caller,
-    id: &str,
+    id: &SandboxId,
     command: Command,
 ) -> Result<i32, CliError> {
     match api.exec_stream(caller, id, command, None).await {

@@ -61,3 +61,37 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
             .map_err(|e| rejected(e.body_text()))
     }
 }
+
+/// A sandbox id from a path, parsed once here: a string that cannot be one is a sandbox that
+/// does not exist (404), as for an unknown id.
+pub fn sandbox_id(raw: &str) -> Result<hutch_types::SandboxId, HttpError> {
+    raw.parse().map_err(|_| {
+        HttpError::new(
+            hutch_types::ErrorCode::NotFound,
+            format!("no such sandbox: {raw:.40}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_that_cannot_be_a_sandbox_id_is_a_sandbox_that_does_not_exist() {
+        assert_eq!(
+            sandbox_id("sb-0123456789").unwrap().as_str(),
+            "sb-0123456789"
+        );
+        for bad in [
+            "../etc",
+            "sb-",
+            "SB-0123456789",
+            "sb-01234567890123456789012345678901234567",
+            "",
+        ] {
+            let e = sandbox_id(bad).expect_err(bad);
+            assert_eq!(e.0.code, hutch_types::ErrorCode::NotFound, "{bad:?}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ use tokio::io::DuplexStream;
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    extract::{Path, Query},
+    extract::{sandbox_id, Path, Query},
     http_error::HttpError,
     AppState,
 };
@@ -72,7 +72,7 @@ pub async fn put_file(
     };
     state
         .api
-        .write_file(&caller, &id, &q.path, mode, upload(body))
+        .write_file(&caller, &sandbox_id(&id)?, &q.path, mode, upload(body))
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -87,7 +87,10 @@ pub async fn get_file(
     Query(q): Query<PathQuery>,
 ) -> Result<Response> {
     streamed("application/octet-stream", |sink| async move {
-        Ok(state.api.read_file(&caller, &id, &q.path, sink).await?)
+        Ok(state
+            .api
+            .read_file(&caller, &sandbox_id(&id)?, &q.path, sink)
+            .await?)
     })
     .await
 }
@@ -104,7 +107,7 @@ pub async fn put_archive(
 ) -> Result<StatusCode> {
     state
         .api
-        .put_archive(&caller, &id, &q.path, upload(body))
+        .put_archive(&caller, &sandbox_id(&id)?, &q.path, upload(body))
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -119,7 +122,10 @@ pub async fn get_archive(
     Query(q): Query<PathQuery>,
 ) -> Result<Response> {
     streamed("application/x-tar", |sink| async move {
-        Ok(state.api.get_archive(&caller, &id, &q.path, sink).await?)
+        Ok(state
+            .api
+            .get_archive(&caller, &sandbox_id(&id)?, &q.path, sink)
+            .await?)
     })
     .await
 }

@@ -7,7 +7,7 @@ use hutch_api::{ApiError, PortMapping, PublishPort};
 use hutch_core::service::Caller;
 
 use crate::{
-    extract::{JsonBody, Path},
+    extract::{sandbox_id, JsonBody, Path},
     http_error::HttpError,
     AppState,
 };
@@ -36,7 +36,7 @@ pub async fn publish_port(
 ) -> Result<Json<PortMapping>> {
     let p = state
         .api
-        .publish_port(&caller, &id, guest_port, req.host_port)
+        .publish_port(&caller, &sandbox_id(&id)?, guest_port, req.host_port)
         .await?;
     Ok(Json(mapping(p)))
 }
@@ -49,7 +49,10 @@ pub async fn unpublish_port(
     Extension(caller): Extension<Caller>,
     Path((id, guest_port)): Path<(String, u16)>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    let left = state.api.unpublish_port(&caller, &id, guest_port).await?;
+    let left = state
+        .api
+        .unpublish_port(&caller, &sandbox_id(&id)?, guest_port)
+        .await?;
     Ok(Json(left.into_iter().map(mapping).collect()))
 }
 
@@ -61,6 +64,6 @@ pub async fn list_ports(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<PortMapping>>> {
-    let ports = state.api.ports(&caller, &id).await?;
+    let ports = state.api.ports(&caller, &sandbox_id(&id)?).await?;
     Ok(Json(ports.into_iter().map(mapping).collect()))
 }

@@ -23,7 +23,7 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    extract::{JsonBody, Path, Query},
+    extract::{sandbox_id, JsonBody, Path, Query},
     files,
     http_error::HttpError,
     ports, tasks, templates, ws, AppState,
@@ -193,7 +193,7 @@ async fn get_sandbox(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>> {
-    Ok(Json(state.api.get(&caller, &id).await?))
+    Ok(Json(state.api.get(&caller, &sandbox_id(&id)?).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -207,7 +207,7 @@ async fn destroy_sandbox(
     Ok(Json(
         state
             .api
-            .lifecycle(&caller, &id, Lifecycle::Destroy)
+            .lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::Destroy)
             .await?,
     ))
 }
@@ -224,7 +224,7 @@ macro_rules! lifecycle_route {
             Extension(caller): Extension<Caller>,
             Path(id): Path<String>,
         ) -> Result<Json<SandboxInfo>> {
-            Ok(Json(state.api.lifecycle(&caller, &id, Lifecycle::$method).await?))
+            Ok(Json(state.api.lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::$method).await?))
         }
     };
 }
@@ -268,7 +268,7 @@ async fn console(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Vec<u8>> {
-    Ok(state.api.console(&caller, &id).await?)
+    Ok(state.api.console(&caller, &sandbox_id(&id)?).await?)
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network", request_body = NetworkPolicy,
@@ -280,7 +280,12 @@ async fn set_network(
     Path(id): Path<String>,
     JsonBody(policy): JsonBody<NetworkPolicy>,
 ) -> Result<Json<SandboxInfo>> {
-    Ok(Json(state.api.set_network(&caller, &id, policy).await?))
+    Ok(Json(
+        state
+            .api
+            .set_network(&caller, &sandbox_id(&id)?, policy)
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/network/log", tag = "network",
@@ -291,7 +296,7 @@ async fn network_log(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<NetEvent>>> {
-    let events = state.api.network_log(&caller, &id).await?;
+    let events = state.api.network_log(&caller, &sandbox_id(&id)?).await?;
     Ok(Json(events.into_iter().map(net_event).collect()))
 }
 
@@ -339,7 +344,13 @@ async fn exec(
     let stdin = body.stdin.map(String::into_bytes);
     let out = state
         .api
-        .exec(&caller, &id, command, stdin, JSON_EXEC_OUTPUT_LIMIT)
+        .exec(
+            &caller,
+            &sandbox_id(&id)?,
+            command,
+            stdin,
+            JSON_EXEC_OUTPUT_LIMIT,
+        )
         .await?;
     let (exit_code, signal) = split_status(out.status);
     Ok(Json(ExecResult {

@@ -10,7 +10,7 @@ use hutch_core::service::Caller;
 use hutch_types::{SandboxInfo, TemplateInfo, TemplateSpec};
 
 use crate::{
-    extract::{JsonBody, Path},
+    extract::{sandbox_id, JsonBody, Path},
     http_error::HttpError,
     AppState,
 };
@@ -88,6 +88,9 @@ pub(super) async fn fork(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ForkBody>,
 ) -> Result<impl IntoResponse> {
-    let children = state.api.fork(&caller, &id, body.count).await?;
+    let children = state
+        .api
+        .fork(&caller, &sandbox_id(&id)?, body.count)
+        .await?;
     Ok((StatusCode::CREATED, Json(children)))
 }

@@ -19,14 +19,18 @@ use hutch_protocol::{
     host::{ExecControl as Control, ExecEvent},
     TtySize,
 };
-use hutch_types::ErrorCode;
+use hutch_types::{ErrorCode, SandboxId};
 
 use hutch_core::{
     exec::split_status,
     service::{Caller, Command},
 };
 
-use crate::{extract::Path, http_error::HttpError, AppState};
+use crate::{
+    extract::{sandbox_id, Path},
+    http_error::HttpError,
+    AppState,
+};
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path)),
     responses((status = 101, description = "WebSocket: first text frame ExecStart; binary frames stdin/output; text frames ExecControl/ExecEventMsg")))]
@@ -37,6 +41,7 @@ pub async fn exec_stream(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     // Refused before the upgrade when out of scope (the exec itself checks again).
+    let id = sandbox_id(&id)?;
     state.api.recorded(&caller, &id).await?;
     let upgrade = upgrade.map_err(|e| HttpError::new(ErrorCode::BadRequest, e.body_text()))?;
     Ok(upgrade.on_upgrade(move |socket| async move {
@@ -51,7 +56,7 @@ pub async fn exec_stream(
 async fn serve(
     state: &AppState,
     caller: &Caller,
-    id: &str,
+    id: &SandboxId,
     socket: &mut WebSocket,
 ) -> Result<(), HttpError> {
     let start: ExecStart = match socket.recv().await {

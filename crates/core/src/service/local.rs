@@ -7,7 +7,7 @@ use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{host::Exec, ExecRequest, TtySize};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, TemplateInfo, TemplateSpec};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxId, SandboxInfo, TemplateInfo, TemplateSpec};
 use tokio::io::DuplexStream;
 
 use super::{
@@ -43,16 +43,9 @@ impl LocalApi {
         &self.manager
     }
 
-    /// A sandbox the caller may act on: not found if unknown (or not an id), forbidden if out
-    /// of scope.
-    async fn authorize(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
-        if !hutch_types::valid_sandbox_id(id) {
-            return Err(ServiceError::refused(
-                ErrorCode::NotFound,
-                format!("no such sandbox: {id:.40}"),
-            ));
-        }
-        let info = self.manager.get(id).await?;
+    /// A sandbox the caller may act on: not found if unknown, forbidden if out of scope.
+    async fn authorize(&self, caller: &Caller, id: &SandboxId) -> Result<SandboxInfo> {
+        let info = self.manager.get(id.as_str()).await?;
         caller.allows(&info)?;
         Ok(info)
     }
@@ -93,12 +86,12 @@ impl LocalApi {
     async fn target(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         raw: &str,
     ) -> Result<(SandboxInfo, String, Arc<hutch_protocol::host::Channel>)> {
         let info = self.authorize(caller, id).await?;
         let path = transfer::guest_path(raw)?;
-        let channel = self.manager.channel(id).await?;
+        let channel = self.manager.channel(id.as_str()).await?;
         Ok((info, path, channel))
     }
 }
@@ -154,16 +147,21 @@ impl SandboxApi for LocalApi {
         Ok(all.into_iter().map(SandboxInfo::redacted).collect())
     }
 
-    async fn get(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
+    async fn get(&self, caller: &Caller, id: &SandboxId) -> Result<SandboxInfo> {
         self.authorize(caller, id).await?;
-        Ok(self.manager.inspect(id).await?.redacted())
+        Ok(self.manager.inspect(id.as_str()).await?.redacted())
     }
 
-    async fn recorded(&self, caller: &Caller, id: &str) -> Result<SandboxInfo> {
+    async fn recorded(&self, caller: &Caller, id: &SandboxId) -> Result<SandboxInfo> {
         Ok(self.authorize(caller, id).await?.redacted())
     }
 
-    async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo> {
+    async fn lifecycle(
+        &self,
+        caller: &Caller,
+        id: &SandboxId,
+        action: Lifecycle,
+    ) -> Result<SandboxInfo> {
         self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         let info = completed(async move {
@@ -180,15 +178,15 @@ impl SandboxApi for LocalApi {
         Ok(info.redacted())
     }
 
-    async fn console(&self, caller: &Caller, id: &str) -> Result<Vec<u8>> {
+    async fn console(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<u8>> {
         self.authorize(caller, id).await?;
-        Ok(self.manager.console_log(id).await?)
+        Ok(self.manager.console_log(id.as_str()).await?)
     }
 
     async fn set_network(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         policy: NetworkPolicy,
     ) -> Result<SandboxInfo> {
         self.authorize(caller, id).await?;
@@ -197,15 +195,15 @@ impl SandboxApi for LocalApi {
         Ok(info.redacted())
     }
 
-    async fn network_log(&self, caller: &Caller, id: &str) -> Result<Vec<FlowEvent>> {
+    async fn network_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<FlowEvent>> {
         self.authorize(caller, id).await?;
-        Ok(self.manager.network_events(id).await?)
+        Ok(self.manager.network_events(id.as_str()).await?)
     }
 
     async fn publish_port(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         guest_port: u16,
         host_port: Option<u16>,
     ) -> Result<PublishedPort> {
@@ -217,7 +215,7 @@ impl SandboxApi for LocalApi {
     async fn unpublish_port(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         guest_port: u16,
     ) -> Result<Vec<PublishedPort>> {
         self.authorize(caller, id).await?;
@@ -225,21 +223,21 @@ impl SandboxApi for LocalApi {
         completed(async move { manager.unpublish_port(&id, guest_port).await }).await
     }
 
-    async fn ports(&self, caller: &Caller, id: &str) -> Result<Vec<PublishedPort>> {
+    async fn ports(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<PublishedPort>> {
         self.authorize(caller, id).await?;
-        Ok(self.manager.published_ports(id).await?)
+        Ok(self.manager.published_ports(id.as_str()).await?)
     }
 
     async fn exec(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         command: Command,
         stdin: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<Collected> {
         let info = self.authorize(caller, id).await?;
-        let channel = self.manager.channel(id).await?;
+        let channel = self.manager.channel(id.as_str()).await?;
         let req = Self::exec_request(&info, command, stdin.is_some())?;
         run_capped(&channel, req, stdin, limit, OverCap::Drop, None)
             .await
@@ -252,12 +250,12 @@ impl SandboxApi for LocalApi {
     async fn exec_stream(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         command: Command,
         tty: Option<TtySize>,
     ) -> Result<Exec> {
         let info = self.authorize(caller, id).await?;
-        let channel = self.manager.channel(id).await?;
+        let channel = self.manager.channel(id.as_str()).await?;
         let mut req = Self::exec_request(&info, command, true)?;
         req.tty = tty;
         channel.exec(req).await.map_err(ServiceError::exec_start)
@@ -266,7 +264,7 @@ impl SandboxApi for LocalApi {
     async fn write_file(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         path: &str,
         mode: u32,
         body: ByteStream,
@@ -278,7 +276,7 @@ impl SandboxApi for LocalApi {
     async fn read_file(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         path: &str,
         sink: DuplexStream,
     ) -> Result<()> {
@@ -289,7 +287,7 @@ impl SandboxApi for LocalApi {
     async fn put_archive(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         dir: &str,
         body: ByteStream,
     ) -> Result<()> {
@@ -305,7 +303,7 @@ impl SandboxApi for LocalApi {
     async fn get_archive(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         dir: &str,
         sink: DuplexStream,
     ) -> Result<()> {
@@ -318,7 +316,7 @@ impl SandboxApi for LocalApi {
         transfer::get_archive(&channel, req, dir, sink).await
     }
 
-    async fn fork(&self, caller: &Caller, id: &str, count: u32) -> Result<Vec<SandboxInfo>> {
+    async fn fork(&self, caller: &Caller, id: &SandboxId, count: u32) -> Result<Vec<SandboxInfo>> {
         self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
         let children = completed(async move { manager.fork(&id, count).await }).await?;

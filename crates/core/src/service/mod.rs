@@ -22,7 +22,7 @@ use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{host::Exec, TtySize};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
-use hutch_types::{NetworkPolicy, SandboxInfo, SandboxSpec, TemplateInfo, TemplateSpec};
+use hutch_types::{NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec, TemplateInfo, TemplateSpec};
 use tokio::io::DuplexStream;
 
 pub use caller::Caller;
@@ -76,7 +76,8 @@ pub struct Create {
 }
 
 /// Every operation on a host's sandboxes, templates and tasks. Each call names its
-/// [`Caller`]; a sandbox outside the caller's scope is refused as if by the front end.
+/// [`Caller`]; a sandbox outside the caller's scope is refused. Sandbox ids arrive parsed
+/// ([`SandboxId`]): each front end refuses a malformed one at its edge.
 #[async_trait]
 pub trait SandboxApi: Send + Sync {
     /// Creates and boots a sandbox (or returns the earlier one with the same idempotency
@@ -85,28 +86,33 @@ pub trait SandboxApi: Send + Sync {
     /// The sandboxes matching `filter` that the caller may see.
     async fn list(&self, caller: &Caller, filter: ListFilter) -> Result<Vec<SandboxInfo>>;
     /// One sandbox, its state confirmed by a health check.
-    async fn get(&self, caller: &Caller, id: &str) -> Result<SandboxInfo>;
+    async fn get(&self, caller: &Caller, id: &SandboxId) -> Result<SandboxInfo>;
     /// One sandbox as recorded, without touching its guest: for a front end that must refuse
     /// an unknown or out-of-scope sandbox before it commits to a call (a WebSocket upgrade).
-    async fn recorded(&self, caller: &Caller, id: &str) -> Result<SandboxInfo>;
+    async fn recorded(&self, caller: &Caller, id: &SandboxId) -> Result<SandboxInfo>;
     /// Changes a sandbox's lifecycle state.
-    async fn lifecycle(&self, caller: &Caller, id: &str, action: Lifecycle) -> Result<SandboxInfo>;
+    async fn lifecycle(
+        &self,
+        caller: &Caller,
+        id: &SandboxId,
+        action: Lifecycle,
+    ) -> Result<SandboxInfo>;
     /// The guest's console log (guest-controlled bytes).
-    async fn console(&self, caller: &Caller, id: &str) -> Result<Vec<u8>>;
+    async fn console(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<u8>>;
     /// Replaces a sandbox's egress policy.
     async fn set_network(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         policy: NetworkPolicy,
     ) -> Result<SandboxInfo>;
     /// The sandbox's recent network decisions.
-    async fn network_log(&self, caller: &Caller, id: &str) -> Result<Vec<FlowEvent>>;
+    async fn network_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<FlowEvent>>;
     /// Publishes a guest port on the host (on `host_port`, or any free one).
     async fn publish_port(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         guest_port: u16,
         host_port: Option<u16>,
     ) -> Result<PublishedPort>;
@@ -114,16 +120,16 @@ pub trait SandboxApi: Send + Sync {
     async fn unpublish_port(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         guest_port: u16,
     ) -> Result<Vec<PublishedPort>>;
     /// The sandbox's published ports.
-    async fn ports(&self, caller: &Caller, id: &str) -> Result<Vec<PublishedPort>>;
+    async fn ports(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<PublishedPort>>;
     /// Runs a command to its end, feeding `stdin`, keeping at most `limit` bytes per stream.
     async fn exec(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         command: Command,
         stdin: Option<Vec<u8>>,
         limit: usize,
@@ -133,7 +139,7 @@ pub trait SandboxApi: Send + Sync {
     async fn exec_stream(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         command: Command,
         tty: Option<TtySize>,
     ) -> Result<Exec>;
@@ -141,7 +147,7 @@ pub trait SandboxApi: Send + Sync {
     async fn write_file(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         path: &str,
         mode: u32,
         body: ByteStream,
@@ -150,7 +156,7 @@ pub trait SandboxApi: Send + Sync {
     async fn read_file(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         path: &str,
         sink: DuplexStream,
     ) -> Result<()>;
@@ -158,7 +164,7 @@ pub trait SandboxApi: Send + Sync {
     async fn put_archive(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         dir: &str,
         body: ByteStream,
     ) -> Result<()>;
@@ -166,12 +172,12 @@ pub trait SandboxApi: Send + Sync {
     async fn get_archive(
         &self,
         caller: &Caller,
-        id: &str,
+        id: &SandboxId,
         dir: &str,
         sink: DuplexStream,
     ) -> Result<()>;
     /// Clones a running sandbox `count` times: the children, running.
-    async fn fork(&self, caller: &Caller, id: &str, count: u32) -> Result<Vec<SandboxInfo>>;
+    async fn fork(&self, caller: &Caller, id: &SandboxId, count: u32) -> Result<Vec<SandboxInfo>>;
     /// Boots, provisions and saves a template (host-wide: admin only).
     async fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> Result<TemplateInfo>;
     /// Every template.
