@@ -1,7 +1,7 @@
 //! What a caller may do: the scope of an API token (the Unix socket's caller is admin). Stored
 //! by `hutch-store` with each token and checked by the daemon on every request.
 
-use crate::SandboxInfo;
+use crate::{SandboxInfo, SandboxSpec};
 
 /// What an API token may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +45,29 @@ impl TokenScope {
             ))),
         }
     }
+
+    /// Labels a new sandbox's `spec` with this scope's label, refusing a conflicting one.
+    pub fn label(&self, spec: &mut SandboxSpec) -> Result<(), Forbidden> {
+        let TokenScope::Label { key, value } = self else {
+            return Ok(());
+        };
+        match spec.labels.get(key) {
+            Some(v) if v != value => Err(Forbidden(format!(
+                "this token may only create sandboxes labelled {key}={value}"
+            ))),
+            _ => {
+                spec.labels.insert(key.clone(), value.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Narrows a listing's label filter to this scope.
+    pub fn narrow(&self, labels: &mut Vec<(String, String)>) {
+        if let TokenScope::Label { key, value } = self {
+            labels.push((key.clone(), value.clone()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -86,5 +109,27 @@ mod tests {
         );
         assert_eq!(TokenScope::Admin.allows(&labelled(&[])), Ok(()));
         assert_eq!(TokenScope::Admin.require_admin("x"), Ok(()));
+    }
+
+    #[test]
+    fn a_label_scope_labels_what_it_creates_and_narrows_what_it_lists() {
+        let team = TokenScope::Label {
+            key: "team".into(),
+            value: "a".into(),
+        };
+        let mut spec = SandboxSpec::default();
+        team.label(&mut spec).unwrap();
+        assert_eq!(spec.labels.get("team").map(String::as_str), Some("a"));
+        let mut theirs = SandboxSpec::default();
+        theirs.labels.insert("team".into(), "b".into());
+        let refused = team.label(&mut theirs).unwrap_err();
+        assert!(refused.0.contains("team=a"), "{refused}");
+        assert_eq!(theirs.labels.get("team").map(String::as_str), Some("b"));
+        let mut filter = vec![("x".to_string(), "y".to_string())];
+        team.narrow(&mut filter);
+        assert_eq!(filter.last(), Some(&("team".to_string(), "a".to_string())));
+        let mut open = SandboxSpec::default();
+        TokenScope::Admin.label(&mut open).unwrap();
+        assert!(open.labels.is_empty());
     }
 }

@@ -1,8 +1,8 @@
 //! Who is asking: the rights every request to the [`SandboxApi`](super::SandboxApi) carries.
 
-use hutch_types::{ErrorCode, SandboxInfo, SandboxSpec, TokenScope};
+use hutch_types::{SandboxInfo, SandboxSpec, TokenScope};
 
-use super::{Result, ServiceError};
+use super::Result;
 
 /// The caller of a request: admin (the Unix socket, an unscoped token) or limited to the
 /// sandboxes carrying one label.
@@ -38,25 +38,11 @@ impl Caller {
 
     /// Labels a new sandbox's `spec` with the caller's scope, refusing a conflicting label.
     pub fn label(&self, spec: &mut SandboxSpec) -> Result<()> {
-        let TokenScope::Label { key, value } = &self.scope else {
-            return Ok(());
-        };
-        match spec.labels.get(key) {
-            Some(v) if v != value => Err(ServiceError::refused(
-                ErrorCode::Forbidden,
-                format!("this token may only create sandboxes labelled {key}={value}"),
-            )),
-            _ => {
-                spec.labels.insert(key.clone(), value.clone());
-                Ok(())
-            }
-        }
+        Ok(self.scope.label(spec)?)
     }
 
     /// Narrows a listing to the caller's scope.
     pub fn narrow(&self, labels: &mut Vec<(String, String)>) {
-        if let TokenScope::Label { key, value } = &self.scope {
-            labels.push((key.clone(), value.clone()));
-        }
+        self.scope.narrow(labels);
     }
 }

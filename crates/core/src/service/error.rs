@@ -35,6 +35,15 @@ impl From<hutch_types::Forbidden> for ServiceError {
     }
 }
 
+impl From<crate::exec::ExecError> for ServiceError {
+    fn from(e: crate::exec::ExecError) -> ServiceError {
+        match e {
+            crate::exec::ExecError::Start(e) => ServiceError::exec_start(e),
+            crate::exec::ExecError::Stream(e) => ServiceError::Channel(e),
+        }
+    }
+}
+
 impl ServiceError {
     /// A refusal with `code` and `message`.
     pub fn refused(code: ErrorCode, message: impl Into<String>) -> ServiceError {

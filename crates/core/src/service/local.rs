@@ -239,12 +239,7 @@ impl SandboxApi for LocalApi {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
         let req = Self::exec_request(&info, command, stdin.is_some())?;
-        run_capped(&channel, req, stdin, limit, OverCap::Drop, None)
-            .await
-            .map_err(|e| match e {
-                crate::exec::ExecError::Start(e) => ServiceError::exec_start(e),
-                crate::exec::ExecError::Stream(e) => ServiceError::Channel(e),
-            })
+        Ok(run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await?)
     }
 
     async fn exec_stream(
