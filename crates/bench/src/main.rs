@@ -16,26 +16,7 @@ use clap::Parser;
 
 fn main() {
     let cli = args::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_target(false)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("hutch-bench: {}", hutch_core::chain(&e));
-            1
-        }
-    };
-    std::process::exit(code);
+    hutch_daemon::process::run_main("hutch-bench", run(cli))
 }
 
 async fn run(cli: args::Cli) -> Result<i32, error::BenchError> {

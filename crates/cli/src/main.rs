@@ -22,28 +22,7 @@ use clap::Parser;
 
 fn main() {
     let cli = args::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = match runtime.block_on(dispatch(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("hutch: {}", error::chain(&e));
-            1
-        }
-    };
-    // Exit without waiting for blocking readers (stdin) the runtime may still hold.
-    std::process::exit(code);
+    hutch_daemon::process::run_main("hutch", dispatch(cli))
 }
 
 async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {

@@ -21,6 +21,7 @@ mod listen;
 mod lock;
 mod openapi;
 mod ports;
+pub mod process;
 mod routes;
 pub mod signal;
 mod tasks;
