@@ -12,11 +12,17 @@ use utoipa::ToSchema;
 
 mod id;
 mod scope;
+mod secret;
 pub use id::{
     check_host_id, valid_sandbox_id, InvalidSandboxId, SandboxId, MAX_HOST_ID_LEN,
     MAX_SANDBOX_ID_LEN,
 };
 pub use scope::{Forbidden, TokenScope};
+pub use secret::{
+    canonical_host, check_env_name, check_secret_name, BrokerDecision, BrokerEvent, InvalidSecret,
+    SecretBinding, SecretInfo, SecretLocation, MAX_SECRET_NAME_LEN, NEVER_SUBSTITUTED_HEADERS,
+    PLACEHOLDER_PREFIX,
+};
 
 /// Labels attached to a sandbox: `key=value` pairs used for filtering and token scoping.
 pub type Labels = BTreeMap<String, String>;
