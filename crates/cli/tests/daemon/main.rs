@@ -91,6 +91,11 @@ fn suite() -> &'static Suite {
 
 fn main() {
     let args = Arguments::from_args();
+    if args.list {
+        // Listing (nextest asks for it before running each case in a process of its own)
+        // starts nothing.
+        libtest_mimic::run(&args, trials()).exit();
+    }
     if common::default_image_or_skip("daemon").is_none() {
         return;
     }
