@@ -113,6 +113,40 @@ impl Names {
     }
 }
 
+/// What this sandbox's DNS filter has answered: which names resolved to which addresses, and
+/// until when. The secret broker asks it whether a connection's destination is one the
+/// guest learned from Hutch's own resolver for the name it claims.
+#[derive(Clone)]
+pub struct Answers(Arc<Mutex<Names>>);
+
+impl Answers {
+    fn new() -> Answers {
+        Answers(Arc::new(Mutex::new(Names {
+            map: HashMap::new(),
+        })))
+    }
+
+    /// Whether the filter answered `name` (lower case, no trailing dot, as the filter asks
+    /// upstream) with `ip`, and that answer's TTL has not run out.
+    pub fn resolved(&self, name: &str, ip: IpAddr) -> bool {
+        let now = SystemTime::now();
+        self.0
+            .lock()
+            .unwrap()
+            .map
+            .get(&ip)
+            .is_some_and(|v| v.iter().any(|a| a.name == name && now <= a.until))
+    }
+
+    fn insert(&self, ip: IpAddr, name: &str, ttl: u32, now: SystemTime) {
+        self.0.lock().unwrap().insert(ip, name, ttl, now);
+    }
+
+    fn get(&self, ip: &IpAddr, at: SystemTime) -> Option<String> {
+        self.0.lock().unwrap().get(ip, at)
+    }
+}
+
 struct Upstream {
     sock: UdpSocket,
     pending: Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>,
@@ -124,7 +158,7 @@ struct Shared {
     table: String,
     backend: NftBackend,
     policy: SharedPolicy,
-    names: Mutex<Names>,
+    names: Answers,
     sink: Arc<dyn EventSink>,
     upstream: Option<Upstream>,
 }
@@ -132,6 +166,7 @@ struct Shared {
 /// A running sandbox's filter and log reader. Dropping it stops both.
 pub(crate) struct Runtime {
     pub(crate) policy: SharedPolicy,
+    pub(crate) answers: Answers,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -232,15 +267,14 @@ pub(crate) fn run(p: Params, s: Sockets) -> Result<Runtime, NetError> {
         None => None,
     };
     let policy: SharedPolicy = Arc::new(tokio::sync::Mutex::new(p.policy));
+    let answers = Answers::new();
     let sh = Arc::new(Shared {
         id: p.id,
         netns: ns::netns_path(&p.netns),
         table: p.table,
         backend: p.backend,
         policy: policy.clone(),
-        names: Mutex::new(Names {
-            map: HashMap::new(),
-        }),
+        names: answers.clone(),
         sink: p.sink,
         upstream,
     });
@@ -252,7 +286,11 @@ pub(crate) fn run(p: Params, s: Sockets) -> Result<Runtime, NetError> {
     if sh.upstream.is_some() {
         tasks.push(tokio::spawn(read_upstream(sh.clone())));
     }
-    Ok(Runtime { policy, tasks })
+    Ok(Runtime {
+        policy,
+        answers,
+        tasks,
+    })
 }
 
 async fn serve_udp(sh: Arc<Shared>, sock: UdpSocket) {
@@ -387,10 +425,10 @@ async fn answer(sh: &Shared, msg: &[u8], proto: Proto) -> Option<Vec<u8>> {
                 return servfail();
             }
         }
-        let mut names = sh.names.lock().unwrap();
         let now = SystemTime::now();
         for (ip, ttl) in &ans.addrs {
-            names.insert(*ip, &q.name, (*ttl).clamp(MIN_TTL, MAX_TTL), now);
+            sh.names
+                .insert(*ip, &q.name, (*ttl).clamp(MIN_TTL, MAX_TTL), now);
         }
     }
     drop(pol);
@@ -497,7 +535,7 @@ async fn read_log(sh: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
         };
         for rec in nflog::parse_datagram(&buf[..n]) {
             let time = rec.time.unwrap_or_else(SystemTime::now);
-            let domain = sh.names.lock().unwrap().get(&rec.dst, time);
+            let domain = sh.names.get(&rec.dst, time);
             sh.sink.emit(FlowEvent {
                 time,
                 sandbox: sh.id.clone(),

@@ -28,6 +28,7 @@ pub mod dns;
 mod error;
 pub mod events;
 mod filter;
+mod intercept;
 mod libnftables;
 pub mod names;
 mod netlink;
@@ -44,7 +45,7 @@ pub mod wg;
 #[cfg(feature = "testbed")]
 pub mod testbed;
 pub use events::{EventRing, EventSink, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict};
-pub use filter::{first_nameserver, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TTL};
+pub use filter::{first_nameserver, Answers, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TTL};
 pub use names::{validate_id, Names};
 pub use nft::NftBackend;
 pub use plan::{Transit, DEFAULT_TRANSIT_POOL, GATEWAY_ADDR, GUEST_ADDR, GUEST_MAC, GUEST_PREFIX};
@@ -54,4 +55,6 @@ pub use wg::WireGuardConfig;
 
 pub use config::{GuestDevice, GuestNetConfig, NetConfig, Policy};
 pub use error::{NetError, Result};
+pub use intercept::Interception;
 pub use network::{in_netns, tap_info, Network, OwnedObject, SandboxNet};
+pub use nft::{BROKER_PORT, INTERCEPTED_PORTS};

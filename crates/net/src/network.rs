@@ -85,7 +85,7 @@ impl OwnedObject {
 
 pub(crate) struct Entry {
     pub(crate) transit: Transit,
-    has_nic: bool,
+    pub(crate) has_nic: bool,
     /// The nft table in its namespace: `hutch-<id>`, or the spare's it was handed out from.
     pub(crate) table: String,
     /// The spare's names while it is being handed out (removed by these, too, on failure).

@@ -197,6 +197,11 @@ impl Tx {
         let (ty, hook) = (NfChainType::NAT, NfHook::Postrouting);
         self.base_chain("postrouting", ty, hook, 100, NfChainPolicy::Accept);
     }
+    /// The destination-NAT chain `intercept` (prerouting, priority -100).
+    fn nat_prerouting(&mut self) {
+        let (ty, hook) = (NfChainType::NAT, NfHook::Prerouting);
+        self.base_chain("intercept", ty, hook, -100, NfChainPolicy::Accept);
+    }
     fn regular_chain(&mut self, name: &str) {
         let c = self.chain(name);
         self.add(L::Chain(c));
@@ -448,6 +453,10 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     tx.set("allow4", SetType::Ipv4Addr, &[SetFlag::Timeout]);
     tx.set("allow6", SetType::Ipv6Addr, &[SetFlag::Timeout]);
     tx.set("allow_ports", SetType::InetService, &[]);
+    // Guest TCP ports turned to the namespace's broker listener, and that listener's port:
+    // empty until `sandbox_intercept` fills them (a sandbox with secrets attached).
+    tx.set(INTERCEPTED, SetType::InetService, &[]);
+    tx.set(BROKER_LISTEN, SetType::InetService, &[]);
     // The devices by name through sets, so that a spare network's table serves it under the
     // names it is handed out with (see `sandbox_claim`).
     tx.set(GUEST_IF, SetType::Ifname, &[]);
@@ -493,7 +502,28 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
         ],
     );
 
-    // input: the namespace itself answers only DNS on the gateway address.
+    // Interception (empty sets: none): the guest's TCP to an intercepted port goes to the
+    // broker's listener on the gateway address, whatever its destination.
+    tx.nat_prerouting();
+    tx.rule(
+        "intercept",
+        None,
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            eq(meta(MetaKey::Nfproto), s("ipv4")),
+            eq(meta(MetaKey::L4proto), s("tcp")),
+            eq(payload("th", "dport"), s(format!("@{INTERCEPTED}"))),
+            S::Redirect(Some(NAT {
+                addr: None,
+                family: None,
+                port: Some(E::Number(u32::from(BROKER_PORT))),
+                flags: None,
+            })),
+        ],
+    );
+
+    // input: the namespace itself answers only DNS on the gateway address (and, intercepting,
+    // the broker).
     tx.filter_chain("input", NfHook::Input, NfChainPolicy::Drop);
     tx.rule("input", None, vec![established(), accept()]);
     tx.rule(
@@ -511,6 +541,17 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             eq(payload("th", "dport"), E::Number(53)),
             counter(),
             goto(RuleName::Dns.as_str()),
+        ],
+    );
+    tx.rule(
+        "input",
+        Some("allow_broker"),
+        vec![
+            eq(meta(MetaKey::Iifname), tap()),
+            eq(payload("ip", "daddr"), s(GATEWAY_ADDR.to_string())),
+            eq(meta(MetaKey::L4proto), s("tcp")),
+            eq(payload("th", "dport"), s(format!("@{BROKER_LISTEN}"))),
+            accept(),
         ],
     );
     tx.rule(
@@ -553,6 +594,16 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
             eq(payload("th", "dport"), E::Number(53)),
             counter(),
             goto(RuleName::DenyDns.as_str()),
+        ],
+    );
+    tx.rule(
+        "forward",
+        Some("no_quic"),
+        vec![
+            eq(meta(MetaKey::L4proto), s("udp")),
+            eq(payload("th", "dport"), s(format!("@{INTERCEPTED}"))),
+            counter(),
+            goto(RuleName::DenyPolicy.as_str()),
         ],
     );
     tx.rule(
@@ -617,6 +668,10 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     v.extend([counter(), S::Drop(None)]);
     tx.rule("output", None, v);
 
+    // TCP the namespace itself opens outwards (the broker dialling upstream for the guest)
+    // meets the same always-deny lists and policy as the guest's own traffic.
+    own_tcp_rules(&mut tx);
+
     if let Some(tun) = &r.tunnel {
         // Nothing leaves by the veth but the encrypted UDP to the endpoint.
         tx.rule(
@@ -649,6 +704,63 @@ pub fn sandbox_table(r: &SandboxRules<'_>, policy: &Policy) -> String {
     if let Some(tun) = &r.tunnel {
         snat_guest(&mut tx, s(tun.tun), tun.address);
     }
+    tx.json()
+}
+
+/// New TCP connections the namespace's own stack opens to anything but its guest or itself go
+/// through the deny lists and the policy, as forwarded guest traffic does.
+fn own_tcp_rules(tx: &mut Tx) {
+    let own_tcp = || {
+        vec![
+            eq(meta(MetaKey::L4proto), s("tcp")),
+            eq(ct_state(), s("new")),
+            m(
+                meta(MetaKey::Oifname),
+                Operator::NEQ,
+                s(format!("@{GUEST_IF}")),
+            ),
+            m(meta(MetaKey::Oifname), Operator::NEQ, s("lo")),
+        ]
+    };
+    for (fam, set) in [("ip", "@deny4"), ("ip6", "@deny6")] {
+        let mut v = own_tcp();
+        v.extend([
+            eq(payload(fam, "daddr"), s(set)),
+            counter(),
+            goto(RuleName::DenyReserved.as_str()),
+        ]);
+        tx.rule("output", None, v);
+    }
+    let mut v = own_tcp();
+    v.push(jump("policy"));
+    tx.rule("output", None, v);
+    let mut v = own_tcp();
+    v.extend([counter(), goto(RuleName::DenyPolicy.as_str())]);
+    tx.rule("output", None, v);
+}
+
+/// The set of guest TCP ports redirected to the broker (UDP to them is dropped).
+const INTERCEPTED: &str = "intercepted";
+/// The set holding the broker listener's port once interception is on.
+const BROKER_LISTEN: &str = "broker_listen";
+/// The port of the broker's listener on the gateway address in every sandbox namespace.
+pub const BROKER_PORT: u16 = 15001;
+/// The guest ports a sandbox with secrets has intercepted: HTTP and HTTPS.
+pub const INTERCEPTED_PORTS: [u16; 2] = [80, 443];
+
+/// Turns interception on in a sandbox's table (add-only, so idempotent): guest TCP to
+/// [`INTERCEPTED_PORTS`] is redirected to [`BROKER_PORT`] on the gateway address, which the
+/// guest may then reach, and UDP to those ports (QUIC) is dropped so clients fall back to TCP.
+pub fn sandbox_intercept(table: &str) -> String {
+    let mut tx = Tx::new(table);
+    tx.elements(
+        INTERCEPTED,
+        INTERCEPTED_PORTS
+            .iter()
+            .map(|p| E::Number(u32::from(*p)))
+            .collect(),
+    );
+    tx.elements(BROKER_LISTEN, vec![E::Number(u32::from(BROKER_PORT))]);
     tx.json()
 }
 

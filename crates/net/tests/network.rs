@@ -1787,3 +1787,128 @@ async fn the_host_answers_no_veth_packet_from_a_forged_source() {
     net.destroy(&id).await.unwrap();
     w.assert_clean(&net).await;
 }
+
+/// A UDP echo server in namespace `ns` on `ip`, port `port` (bound to the one address, so
+/// that replies come from it).
+fn serve_udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+    let sock: UdpSocket = in_netns(ns, move || {
+        UdpSocket::bind((ip, port)).map_err(|e| hutch_net::NetError::Io {
+            what: "bind udp echo".into(),
+            source: e,
+        })
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// The destination a redirected connection was addressed to (`SO_ORIGINAL_DST`).
+fn original_dst(s: &tokio::net::TcpStream) -> SocketAddr {
+    use std::os::fd::AsRawFd;
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: an all-zero sockaddr_in is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes of the size `len` says.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_ORIGINAL_DST: {}", io::Error::last_os_error());
+    SocketAddr::from((
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
+}
+
+/// Dials `to` from the sandbox namespace itself, as the broker does upstream.
+fn dial_from_namespace(netns: &str, to: SocketAddr) -> io::Result<String> {
+    connect(netns, to.ip(), to.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interception_turns_guest_web_traffic_to_the_broker_whose_upstream_obeys_the_policy() {
+    let w = World::new("icpt");
+    for p in [80, 443] {
+        serve(&w.inet, p, "origin");
+    }
+    for p in [443, 4443] {
+        serve_udp_echo(&w.inet, INET2, p);
+    }
+    let net = Network::new(w.cfg(GuestDevice::Veth)).await.unwrap();
+    let id = w.id("a");
+    let policy = Policy::Allow {
+        cidrs: vec![],
+        ports: vec![],
+        domains: vec!["allowed.test".into()],
+    };
+    let n = net.create(&id, &policy).await.unwrap().unwrap();
+    let g = guest(&n);
+    assert_eq!(
+        resolve(&g, "allowed.test").unwrap(),
+        (dns::RCODE_NOERROR, vec![v4(INET2)])
+    );
+    // Before interception: straight to the origin, UDP 443 too.
+    assert_eq!(connect(&g, INET2, 443).unwrap(), "origin");
+    assert_eq!(udp_probe(&g, SocketAddr::from((INET2, 443))).unwrap(), 5);
+
+    let icpt = net.intercept(&id).await.unwrap();
+    let broker = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (mut s, _) = icpt.listener.accept().await.unwrap();
+            let dst = original_dst(&s);
+            tokio::io::AsyncWriteExt::write_all(&mut s, format!("broker {dst}").as_bytes())
+                .await
+                .unwrap();
+            seen.push(dst);
+        }
+        (seen, icpt.answers)
+    });
+    // Web ports go to the broker, wherever they were addressed, allowed or not; the broker
+    // learns where.
+    assert_eq!(connect(&g, INET2, 443).unwrap(), "broker 203.0.113.20:443");
+    assert_eq!(connect(&g, INET1, 80).unwrap(), "broker 203.0.113.10:80");
+    // A guest that asks for the proxy itself reaches it too (explicit CONNECT).
+    assert_eq!(
+        connect(&g, GATEWAY_ADDR, hutch_net::BROKER_PORT).unwrap(),
+        format!("broker {GATEWAY_ADDR}:{}", hutch_net::BROKER_PORT)
+    );
+    let (seen, answers) = broker.await.unwrap();
+    assert_eq!(seen.len(), 3);
+    // Other ports are untouched and still under the policy.
+    refused(connect(&g, INET1, 8080));
+    assert_eq!(connect(&g, INET2, 8080).unwrap(), "inet");
+    // QUIC is dropped so clients fall back to TCP; other UDP still flows.
+    assert!(udp_probe(&g, SocketAddr::from((INET2, 443))).is_err());
+    assert_eq!(udp_probe(&g, SocketAddr::from((INET2, 4443))).unwrap(), 5);
+
+    // What the DNS filter answered, for the broker's destination check.
+    assert!(answers.resolved("allowed.test", v4(INET2)));
+    assert!(!answers.resolved("allowed.test", v4(INET1)));
+    assert!(!answers.resolved("other.test", v4(INET2)));
+
+    // The namespace's own outward TCP (the broker's upstream) meets the policy and the deny
+    // lists: the resolved address is reachable, an unresolved one, the LAN, the metadata
+    // service and the host are not.
+    assert_eq!(
+        dial_from_namespace(&n.netns, SocketAddr::from((INET2, 443))).unwrap(),
+        "origin"
+    );
+    for blocked in [INET1, LAN, METADATA, HOST] {
+        let r = dial_from_namespace(&n.netns, SocketAddr::from((blocked, 8080)));
+        assert!(r.is_err(), "{blocked}: {r:?}");
+    }
+
+    net.destroy(&id).await.unwrap();
+    w.assert_clean(&net).await;
+}
