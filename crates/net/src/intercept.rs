@@ -7,9 +7,11 @@
 //! and a restarted daemon calls it again for the sandboxes it adopts. The namespace's own
 //! outward TCP (the broker dialling upstream) always meets the deny lists and the policy.
 
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::filter::Answers;
 use crate::nft::{self, BROKER_PORT};
@@ -24,6 +26,36 @@ pub struct Interception {
     pub listener: TcpListener,
     /// The sandbox's DNS answers.
     pub answers: Answers,
+    /// Opens upstream connections from inside the sandbox's namespace.
+    pub dialer: Dialer,
+}
+
+/// Opens TCP connections from inside one sandbox's namespace, so its routes apply and the
+/// namespace's `output` chain holds them to the sandbox's policy and deny lists.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    netns: PathBuf,
+}
+
+impl Dialer {
+    /// Connects to `to`: the socket is made on an ns thread inside the namespace, the connect
+    /// runs on the caller's runtime.
+    pub async fn connect(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        let socket = ns::run_in(Some(&self.netns), move || {
+            let s = if to.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            };
+            s.map_err(|source| NetError::Io {
+                what: "make an upstream socket".into(),
+                source,
+            })
+        })
+        .await
+        .map_err(io::Error::other)?;
+        socket.connect(to).await
+    }
 }
 
 impl Network {
@@ -46,7 +78,8 @@ impl Network {
         };
         let json = nft::sandbox_intercept(&table);
         let backend = self.cfg.nft;
-        let listener = ns::run_in(Some(&ns::netns_path(&n.netns)), move || {
+        let netns = ns::netns_path(&n.netns);
+        let listener = ns::run_in(Some(&netns), move || {
             let l = std::net::TcpListener::bind(SocketAddr::from((GATEWAY_ADDR, BROKER_PORT)))
                 .map_err(|source| NetError::Io {
                     what: "bind the broker listener".into(),
@@ -64,6 +97,10 @@ impl Network {
             what: "register the broker listener".into(),
             source,
         })?;
-        Ok(Interception { listener, answers })
+        Ok(Interception {
+            listener,
+            answers,
+            dialer: Dialer { netns },
+        })
     }
 }

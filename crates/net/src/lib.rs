@@ -55,6 +55,6 @@ pub use wg::WireGuardConfig;
 
 pub use config::{GuestDevice, GuestNetConfig, NetConfig, Policy};
 pub use error::{NetError, Result};
-pub use intercept::Interception;
+pub use intercept::{Dialer, Interception};
 pub use network::{in_netns, tap_info, Network, OwnedObject, SandboxNet};
 pub use nft::{BROKER_PORT, INTERCEPTED_PORTS};
