@@ -144,3 +144,56 @@ impl ResolvesServerCert for LeafResolver {
             .ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    fn verify(ca: &SandboxCa, host: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let leaf = ca.leaf(host).unwrap();
+        let name = ServerName::try_from(host.to_string()).unwrap();
+        verifier
+            .verify_server_cert(&leaf.cert[0], &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn leaves_verify_only_inside_the_name_constraints() {
+        let ca = SandboxCa::generate("sb1", &["api.example.test".into()]).unwrap();
+        verify(&ca, "api.example.test").unwrap();
+        assert!(verify(&ca, "evil.example.test").is_err());
+        assert!(Arc::ptr_eq(
+            &ca.leaf("api.example.test").unwrap(),
+            &ca.leaf("api.example.test").unwrap()
+        ));
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn every_ca_is_its_own() {
+        let a = SandboxCa::generate("a", &[]).unwrap();
+        let b = SandboxCa::generate("a", &[]).unwrap();
+        assert_ne!(a.cert_der(), b.cert_der());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(a.cert_der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let leaf = b.leaf("x.test").unwrap();
+        let name = ServerName::try_from("x.test").unwrap();
+        assert!(verifier
+            .verify_server_cert(&leaf.cert[0], &[], &name, &[], UnixTime::now())
+            .is_err());
+    }
+}

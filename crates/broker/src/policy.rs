@@ -340,3 +340,132 @@ pub(crate) fn mentioned(secrets: &[AttachedSecret], req: &Req<'_>) -> Vec<String
         .map(|s| s.name.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SecretValue;
+
+    const PH: &str = "hutch_ph_0123456789abcdefghijklmnop";
+
+    fn secret(at: &str, path: Option<&str>, methods: &[&str]) -> AttachedSecret {
+        AttachedSecret {
+            name: "s".into(),
+            value: SecretValue::new(b"REAL+v/1".to_vec()),
+            placeholder: PH.into(),
+            bindings: vec![SecretBinding {
+                host: "api.test".into(),
+                port: 443,
+                path: path.map(str::to_string),
+                methods: methods.iter().map(|m| m.to_string()).collect(),
+                at: at.parse().unwrap(),
+                fetch_only: false,
+            }],
+        }
+    }
+
+    fn run(
+        s: &AttachedSecret,
+        host: &str,
+        verified: bool,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(&str, String)],
+    ) -> Result<Forward, Refusal> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let dest = Dest {
+            host,
+            port: 443,
+            verified,
+        };
+        let req = Req {
+            method,
+            path,
+            query,
+            headers: &map,
+        };
+        decide(std::slice::from_ref(s), &dest, &req)
+    }
+
+    #[test]
+    fn substitutes_at_the_bound_location_only() {
+        let s = secret("header:x-api-key", None, &[]);
+        let key = [("x-api-key", format!("k={PH}"))];
+        let f = run(&s, "api.test", true, "GET", "/", None, &key).unwrap();
+        assert_eq!(f.headers[0].1.as_bytes(), b"k=REAL+v/1");
+        assert!(f.headers[0].1.is_sensitive());
+        // The same placeholder as a Bearer token: an auth position the binding does not name.
+        let bearer = [("authorization", format!("Bearer {PH}"))];
+        let r = run(&s, "api.test", true, "GET", "/", None, &bearer).unwrap_err();
+        assert_eq!(r.decision, BrokerDecision::Violation);
+        // In User-Agent: forwarded unchanged, recorded.
+        let ua = [("user-agent", PH.to_string())];
+        let f = run(&s, "api.test", true, "GET", "/", None, &ua).unwrap();
+        assert!(f.headers.is_empty() && f.substituted.is_empty());
+        assert_eq!(f.forwarded, vec!["s".to_string()]);
+    }
+
+    #[test]
+    fn unverified_or_unbound_destinations_get_nothing() {
+        let s = secret("bearer", None, &[]);
+        let bearer = [("authorization", format!("Bearer {PH}"))];
+        let r = run(&s, "api.test", false, "GET", "/", None, &bearer).unwrap_err();
+        assert_eq!(r.decision, BrokerDecision::Refused);
+        let r = run(&s, "evil.test", true, "GET", "/", None, &bearer).unwrap_err();
+        assert_eq!(
+            (r.decision, r.status),
+            (BrokerDecision::Violation, StatusCode::FORBIDDEN)
+        );
+        let f = run(&s, "api.test", true, "GET", "/", None, &bearer).unwrap();
+        assert_eq!(f.headers[0].1.as_bytes(), b"Bearer REAL+v/1");
+    }
+
+    #[test]
+    fn path_and_method_bound() {
+        let s = secret("bearer", Some("/v1/**"), &["POST"]);
+        let bearer = [("authorization", format!("Bearer {PH}"))];
+        assert!(run(&s, "api.test", true, "POST", "/v1/messages", None, &bearer).is_ok());
+        for (m, p) in [("GET", "/v1/messages"), ("POST", "/admin"), ("POST", "/v2")] {
+            let r = run(&s, "api.test", true, m, p, None, &bearer).unwrap_err();
+            assert_eq!(r.decision, BrokerDecision::Refused, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn basic_password_and_query() {
+        let s = secret("basic-password", None, &[]);
+        let basic = format!("Basic {}", B64.encode(format!("x-access-token:{PH}")));
+        let f = run(
+            &s,
+            "api.test",
+            true,
+            "GET",
+            "/",
+            None,
+            &[("authorization", basic)],
+        )
+        .unwrap();
+        let sent = f.headers[0]
+            .1
+            .to_str()
+            .unwrap()
+            .strip_prefix("Basic ")
+            .unwrap();
+        assert_eq!(B64.decode(sent).unwrap(), b"x-access-token:REAL+v/1");
+        let s = secret("query:key", None, &[]);
+        let q = format!("a=1&key={PH}&b");
+        let f = run(&s, "api.test", true, "GET", "/", Some(&q), &[]).unwrap();
+        assert_eq!(f.query.as_deref(), Some("a=1&key=REAL%2Bv%2F1&b"));
+        // Under another parameter name: not an auth position, forwarded.
+        let q = format!("other={PH}");
+        let f = run(&s, "api.test", true, "GET", "/", Some(&q), &[]).unwrap();
+        assert_eq!((f.query, f.forwarded.len()), (None, 1));
+    }
+}
