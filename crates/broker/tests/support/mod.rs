@@ -22,7 +22,7 @@ use hutch_types::{BrokerEvent, SecretBinding};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The API origin's address.
 pub const API_IP: &str = "203.0.113.10";
@@ -97,6 +97,10 @@ pub struct World {
     pub sandbox_ca: String,
     /// The test root's certificate file (the origins' own CA).
     pub test_root: String,
+    /// The sandbox CA's certificate.
+    pub sandbox_ca_der: CertificateDer<'static>,
+    /// The test root's certificate.
+    pub test_root_der: CertificateDer<'static>,
     _broker: tokio::task::JoinHandle<std::io::Error>,
 }
 
@@ -141,6 +145,11 @@ impl EventSink for Events {
     }
 }
 
+/// Connects from namespace `ns` (the socket is made there, then used from any thread).
+pub async fn connect_in(ns: &str, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    NetnsDial(ns.to_string()).dial(dst).await
+}
+
 /// Dials from the sandbox namespace (what the daemon's dialer does too).
 struct NetnsDial(String);
 
@@ -182,7 +191,7 @@ fn listen(ns: &str, addr: &str) -> tokio::net::TcpListener {
 }
 
 /// A test root and the origins' leaf for every test host.
-fn origin_tls(dir: &std::path::Path) -> (rustls::ServerConfig, rustls::RootCertStore, String) {
+fn origin_tls(dir: &std::path::Path) -> (rustls::ServerConfig, CertificateDer<'static>, String) {
     let root_key = KeyPair::generate().unwrap();
     let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
     root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -212,9 +221,7 @@ fn origin_tls(dir: &std::path::Path) -> (rustls::ServerConfig, rustls::RootCertS
     )
     .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.der().clone()).unwrap();
-    (server, roots, root_file.display().to_string())
+    (server, root.der().clone(), root_file.display().to_string())
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -356,7 +363,9 @@ table ip hutch_broker {{
 EOF"
         ));
         let dir = tempfile::tempdir().unwrap();
-        let (origin_tls, roots, test_root) = origin_tls(dir.path());
+        let (origin_tls, test_root_der, test_root) = origin_tls(dir.path());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(test_root_der.clone()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let origin_tls = Arc::new(origin_tls);
         for port in [443, 8443] {
@@ -372,8 +381,11 @@ EOF"
             .iter()
             .flat_map(|s| s.bindings.iter().map(|b| b.host.clone()))
             .collect();
+        hosts.sort();
         hosts.dedup();
         let events = Arc::new(Mutex::new(Vec::new()));
+        let ca = SandboxCa::generate(&format!("sb-{tag}"), &hosts).unwrap();
+        let sandbox_ca_der = ca.cert_der().clone();
         let broker = Broker::new(BrokerConfig {
             sandbox_id: format!("sb-{tag}"),
             secrets: secrets
@@ -389,7 +401,7 @@ EOF"
                         .collect(),
                 })
                 .collect(),
-            ca: SandboxCa::generate(&format!("sb-{tag}"), &hosts).unwrap(),
+            ca,
             upstream_roots: Arc::new(roots),
             dns: Arc::new(Answers),
             egress: Arc::new(Egress),
@@ -410,6 +422,8 @@ EOF"
             events,
             sandbox_ca: sandbox_ca.display().to_string(),
             test_root,
+            sandbox_ca_der,
+            test_root_der,
             _broker: serving,
         }
     }
