@@ -20,6 +20,7 @@ mod policy;
 mod proxy;
 mod scrub;
 mod secret;
+mod splice;
 mod target;
 
 use std::io;

@@ -252,7 +252,7 @@ async fn connect_head(
 /// what was read from the guest so far.
 async fn splice(
     shared: &Shared,
-    mut stream: TcpStream,
+    stream: TcpStream,
     buf: Vec<u8>,
     dst: SocketAddr,
     host: Option<String>,
@@ -264,8 +264,7 @@ async fn splice(
     let mut upstream = shared.dial.dial(dst).await?;
     let _ = upstream.set_nodelay(true);
     upstream.write_all(&buf).await?;
-    tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
-    Ok(())
+    crate::splice::both_ways(&stream, &upstream).await
 }
 
 /// A stream whose first bytes were already read.

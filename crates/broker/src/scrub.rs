@@ -90,6 +90,7 @@ pub(crate) fn reflections(secret: &str, value: &[u8], placeholder: &[u8]) -> Vec
 /// chunk shows whether they do.
 pub(crate) struct Scrubber {
     needles: Vec<Needle>,
+    finders: Vec<memchr::memmem::Finder<'static>>,
     held: Vec<u8>,
     longest: usize,
     /// Secrets whose needles matched so far.
@@ -101,8 +102,13 @@ pub(crate) struct Scrubber {
 impl Scrubber {
     pub(crate) fn new(needles: Vec<Needle>) -> Scrubber {
         let longest = needles.iter().map(|n| n.find.len()).max().unwrap_or(0);
+        let finders = needles
+            .iter()
+            .map(|n| memchr::memmem::Finder::new(&n.find).into_owned())
+            .collect();
         Scrubber {
             needles,
+            finders,
             held: Vec::new(),
             longest,
             hits: BTreeSet::new(),
@@ -112,15 +118,10 @@ impl Scrubber {
 
     /// The earliest complete match in `buf` from `from`.
     fn next_match(&self, buf: &[u8], from: usize) -> Option<(usize, usize)> {
-        self.needles
+        self.finders
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| {
-                buf[from..]
-                    .windows(n.find.len())
-                    .position(|w| w == n.find.as_slice())
-                    .map(|p| (from + p, i))
-            })
+            .filter_map(|(i, f)| f.find(&buf[from..]).map(|p| (from + p, i)))
             .min()
     }
 
