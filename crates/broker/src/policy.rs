@@ -100,6 +100,9 @@ fn positions(s: &AttachedSecret, req: &Req<'_>) -> (Vec<Position>, bool) {
             }
         }
     }
+    if contains(req.path.as_bytes(), ph.as_bytes()) {
+        elsewhere = true;
+    }
     for (key, value) in req.query.map(query_pairs).into_iter().flatten() {
         let bound = s
             .bindings
@@ -254,6 +257,9 @@ fn substitute(
     fwd: &mut Forward,
     query: &mut Option<String>,
 ) -> Result<(), String> {
+    // Bindings are checked when they are made; checked again here so no binding can put a
+    // value into an echoed header (User-Agent, Referer, Origin, tracing, CORS).
+    at.check().map_err(|e| e.to_string())?;
     let value = s.value.expose();
     let ph = s.placeholder.as_bytes();
     let header = |name: HeaderName, bytes: Vec<u8>| {
@@ -409,6 +415,19 @@ mod tests {
         let ua = [("user-agent", PH.to_string())];
         let f = run(&s, "api.test", true, "GET", "/", None, &ua).unwrap();
         assert!(f.headers.is_empty() && f.substituted.is_empty());
+        assert_eq!(f.forwarded, vec!["s".to_string()]);
+    }
+
+    #[test]
+    fn echoed_headers_never_get_a_value_even_from_a_bad_binding() {
+        let mut s = secret("header:x-api-key", None, &[]);
+        s.bindings[0].at = SecretLocation::Header {
+            name: "user-agent".into(),
+        };
+        let ua = [("user-agent", PH.to_string())];
+        let r = run(&s, "api.test", true, "GET", "/", None, &ua).unwrap_err();
+        assert_eq!(r.decision, BrokerDecision::Refused);
+        let f = run(&s, "api.test", true, "GET", &format!("/x/{PH}"), None, &[]).unwrap();
         assert_eq!(f.forwarded, vec!["s".to_string()]);
     }
 

@@ -182,6 +182,24 @@ impl Filtered {
         }
     }
 
+    /// Trailers pass through the same needles as the body.
+    fn trailers(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        let Ok(mut trailers) = frame.into_trailers() else {
+            return Frame::trailers(Default::default());
+        };
+        // A scrubber of their own: the body's may still hold bytes back.
+        let mut scrubber = Scrubber::new(self.scrubber.needles.clone());
+        for value in trailers.values_mut() {
+            let clean = scrubber.all(value.as_bytes());
+            if clean != value.as_bytes() {
+                *value = hyper::header::HeaderValue::from_bytes(&clean)
+                    .unwrap_or(hyper::header::HeaderValue::from_static(""));
+            }
+        }
+        self.scrubber.hits.extend(scrubber.hits);
+        Frame::trailers(trailers)
+    }
+
     /// Reports secrets that matched since the last call.
     fn report(&mut self) {
         if self.scrubber.hits.len() > self.reported {
@@ -241,7 +259,7 @@ impl Body for Filtered {
                     let out = this.decode(&data).map(|d| this.scrubber.push(&d));
                     Poll::Ready(Some(out.map(|o| Frame::data(Bytes::from(o)))))
                 }
-                Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+                Err(frame) => Poll::Ready(Some(Ok(this.trailers(frame)))),
             },
             Poll::Ready(None) => match this.end() {
                 Ok(rest) if rest.is_empty() => Poll::Ready(None),
