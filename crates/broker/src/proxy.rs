@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -160,12 +160,16 @@ fn refuse_plain_http(shared: &Shared, host: &str, port: u16, head: &[u8]) {
     }
 }
 
-/// The destination the nft redirect rewrote (IPv4).
+/// The destination the nft redirect rewrote.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
-    let sa = getsockopt(stream, OriginalDst).ok()?;
-    let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-    Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sa.sin_port)))
+    use nix::sys::socket::{getsockopt, sockopt};
+    if let Ok(sa) = getsockopt(stream, sockopt::OriginalDst) {
+        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        return Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sa.sin_port)));
+    }
+    let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
+    let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+    Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(sa.sin6_port)))
 }
 
 /// Reads up to the end of an HTTP head (bounded) into `buf`.

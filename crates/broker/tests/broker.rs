@@ -457,6 +457,40 @@ async fn broker_substitutes_only_at_bindings_and_never_reflects() {
     .await;
     assert_eq!(c.status, 200, "spliced through CONNECT: {c:?}");
 
+    // The egress policy is asked before anything is dialed: a refused port gets nothing.
+    let seen0 = w.seen_count();
+    let c = curl(vec![
+        "-x".into(),
+        format!("http://{BROKER_IP}:{BROKER_PORT}"),
+        "--cacert".into(),
+        w.test_root.clone(),
+        "https://other.example.test:8443/echo".into(),
+    ])
+    .await;
+    assert_ne!(c.code, 0, "{c:?}");
+    assert_eq!(w.seen_count(), seen0);
+
+    // Rotation: the same placeholder now carries the new value, live.
+    let mut rotated = secrets();
+    rotated[0].value = "sk-rotated-VALUE-31337";
+    w.broker
+        .set_secrets(rotated.into_iter().map(TestSecret::attached).collect());
+    let seen0 = w.seen_count();
+    let c = curl(v(&[
+        "--resolve",
+        API,
+        "-H",
+        &key,
+        "https://api.example.test/v1/echo",
+    ]))
+    .await;
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(
+        header_map(&w.seen_since(seen0)[0])["x-api-key"],
+        "sk-rotated-VALUE-31337"
+    );
+    assert!(!c.body.contains("sk-rotated"), "{}", c.body);
+
     // Nothing went to evil's address carrying a value; no event names a value or placeholder.
     for s in w.seen_since(0) {
         if s.local.to_string() == EVIL_IP {

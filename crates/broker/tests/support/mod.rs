@@ -97,6 +97,8 @@ pub struct World {
     pub sandbox_ca: String,
     /// The test root's certificate file (the origins' own CA).
     pub test_root: String,
+    /// The broker (a clone of the one serving).
+    pub broker: Broker,
     /// The sandbox CA's certificate.
     pub sandbox_ca_der: CertificateDer<'static>,
     /// The test root's certificate.
@@ -319,6 +321,22 @@ pub struct TestSecret {
     pub bindings: Vec<SecretBinding>,
 }
 
+impl TestSecret {
+    /// As the broker holds it.
+    pub fn attached(self) -> AttachedSecret {
+        AttachedSecret {
+            name: self.name.into(),
+            value: SecretValue::new(self.value.as_bytes().to_vec()),
+            placeholder: self.placeholder.into(),
+            bindings: self
+                .bindings
+                .into_iter()
+                .map(|b| b.normalised().unwrap())
+                .collect(),
+        }
+    }
+}
+
 impl World {
     /// Builds the namespaces (names carry `tag`), origins and a broker holding `secrets`.
     pub async fn new(tag: &str, secrets: Vec<TestSecret>) -> World {
@@ -412,7 +430,10 @@ EOF"
         let sandbox_ca = dir.path().join("sandbox-ca.pem");
         std::fs::write(&sandbox_ca, broker.ca_cert_pem()).unwrap();
         let listener = listen(&s, &format!("0.0.0.0:{BROKER_PORT}"));
-        let serving = tokio::spawn(async move { broker.serve(listener).await });
+        let serving = {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.serve(listener).await })
+        };
         World {
             guest: g,
             sandbox: s,
@@ -422,6 +443,7 @@ EOF"
             events,
             sandbox_ca: sandbox_ca.display().to_string(),
             test_root,
+            broker,
             sandbox_ca_der,
             test_root_der,
             _broker: serving,
