@@ -12,6 +12,22 @@
 //!   at the checked address and its real certificate verified for the SNI.
 //! * Once a value went out on a connection, every response on it is **scrubbed** of the value
 //!   and its encodings. Every decision is an event ([`EventSink`]).
+//!
+//! # Wiring (one broker per sandbox with secrets)
+//!
+//! 1. [`SandboxCa::generate`] per sandbox (and per clone, fork, pool hand-out), named after the
+//!    bound hosts; [`Broker::ca_cert_pem`] goes to the guest before its first exec.
+//! 2. A listener made **inside the sandbox's namespace** (a std listener made on a thread in
+//!    it, then `tokio::net::TcpListener::from_std`), on the gateway address.
+//! 3. nft in that namespace: a `nat` prerouting rule `iifname <tap> tcp dport { 80, 443 }
+//!    redirect to :<port>`, an input rule accepting `iifname <tap> tcp dport <port>`, UDP 443
+//!    from the TAP dropped, and an output rule letting the broker's own upstream connections
+//!    out (their sockets live in the namespace; the deny sets should apply to them too).
+//! 4. A [`Dial`] that makes its sockets in that namespace (so the sandbox's routes, tunnel
+//!    included, apply), a [`DnsOracle`] over the sandbox's DNS filter, an [`EgressCheck`] over
+//!    its policy, an [`EventSink`] into the secret log.
+//! 5. [`Broker::serve`] on a task aborted when the sandbox goes; [`Broker::set_secrets`] on
+//!    rotation.
 
 mod ca;
 mod config;
