@@ -16,6 +16,7 @@ mod manager;
 mod network;
 mod pool;
 mod sandbox;
+pub mod secrets;
 pub mod service;
 pub mod task;
 mod template;
