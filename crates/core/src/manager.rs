@@ -62,6 +62,8 @@ pub struct ManagerConfig {
     /// Whether VMs outlive this process: the daemon's do (its successor adopts them); those
     /// of an in-process manager (`hutch run --local`) die with it.
     pub detached: bool,
+    /// The host's secrets (`$HUTCH_HOME/secrets`); `None`: sandboxes cannot have secrets.
+    pub secrets: Option<Arc<crate::secrets::SecretStore>>,
 }
 
 /// Why a manager action failed. [`CoreError::code`] gives the stable API category.
@@ -103,6 +105,9 @@ pub enum CoreError {
     /// The host network failed.
     #[error("sandbox network failed")]
     Net(#[from] NetError),
+    /// A secret could not be attached, or the sandbox's broker CA not made.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     /// A recorded run dir could not be removed.
     #[error("cannot remove run dir {path}")]
     RemoveDir {
@@ -130,6 +135,7 @@ impl CoreError {
             ) => ErrorCode::Conflict,
             CoreError::Template(TemplateError::Provision { .. }) => ErrorCode::ExecFailed,
             CoreError::OverCapacity(_) => ErrorCode::OverCapacity,
+            CoreError::Secret(e) => e.code(),
             CoreError::NoNetwork(_) => ErrorCode::Conflict,
             CoreError::Net(
                 NetError::PortInUse(_) | NetError::AlreadyPublished { .. } | NetError::NoNic(_),
@@ -261,6 +267,7 @@ impl Manager {
             .into());
         }
         let mut spec = spec;
+        self.give_placeholders(&mut spec)?;
         let snapshot = match spec.template.clone() {
             Some(name) => Some(self.template_snapshot(&mut spec, &name).await?),
             None => None,
@@ -397,6 +404,10 @@ impl Manager {
             let sandbox = self
                 .start_vm(id, spec, image, plan.as_ref(), snapshot)
                 .await?;
+            if let Err(e) = self.arm(id, spec, &sandbox).await {
+                let _ = sandbox.discard().await;
+                return Err(e);
+            }
             if plan.is_some() {
                 if let Err(e) = self.store.confirm_object(&netns_object(id, true)).await {
                     let _ = sandbox.discard().await;
@@ -708,6 +719,9 @@ impl Manager {
             return Err(e);
         }
         self.store.set_state(id, &to, now_ms()).await?;
+        if action == ActionKind::Destroy {
+            self.forget_secrets(id).await;
+        }
         self.release_snapshots(&info).await;
         self.info(id).await
     }

@@ -157,6 +157,7 @@ impl Manager {
             }
             // The clone waited: its clock and entropy are refreshed now.
             pooled.sandbox.refresh().await?;
+            self.arm(&id, spec, &pooled.sandbox).await?;
             Ok::<_, CoreError>(())
         };
         // Recording discards the clone itself if the store fails.

@@ -809,6 +809,7 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
             detached: true,
+            secrets: None,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

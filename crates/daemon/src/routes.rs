@@ -431,6 +431,9 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
             detached: true,
+            secrets: Some(Arc::new(
+                hutch_core::secrets::SecretStore::open(&dir.path().join("secrets")).unwrap(),
+            )),
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

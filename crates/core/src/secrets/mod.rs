@@ -9,6 +9,7 @@
 //! removed when the sandbox is destroyed).
 
 mod ca;
+mod guest;
 mod log;
 mod placeholder;
 mod sealed;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use ca::{mint as mint_ca, CaFiles};
+pub use guest::{placeholders_for, Attached, CA_BUNDLE_VARS};
 pub use log::{BrokerLog, EVENTS_PER_SANDBOX};
 pub use placeholder::new_placeholder;
 use sealed::SealingKey;
