@@ -23,6 +23,7 @@ mod openapi;
 mod ports;
 pub mod process;
 mod routes;
+mod secrets;
 pub mod signal;
 mod tasks;
 mod templates;

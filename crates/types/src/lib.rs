@@ -76,7 +76,7 @@ pub struct SandboxSpec {
     /// Secrets attached by name (`hutch secret set`): each appears in the guest only as a
     /// placeholder in its environment variable; the broker puts the value in on the way out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(max_items = 64, value_type = Vec<String>, pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    #[schema(max_items = 64)]
     pub secrets: Vec<String>,
     /// Each attached secret's placeholder in this sandbox (secret name → placeholder). Set by
     /// Hutch at create (fresh for every sandbox, clone and fork), never by a client, and not
