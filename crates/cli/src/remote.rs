@@ -42,7 +42,8 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
                 .map(crate::wg_conf::load)
                 .transpose()?,
             template: args.template,
-            origin: None,
+            secrets: args.secrets,
+            ..SandboxSpec::default()
         },
         idempotency_key: args.idempotency_key,
     };

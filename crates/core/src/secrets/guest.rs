@@ -193,6 +193,23 @@ impl Manager {
         })
     }
 
+    /// The environment of an exec in a sandbox with `spec`: the CA bundle variables and git's
+    /// configuration when it has secrets, then the spec's `env`, then each secret's
+    /// placeholder, then the command's own `env`.
+    pub fn exec_env(
+        &self,
+        spec: &SandboxSpec,
+        command: impl IntoIterator<Item = (String, String)>,
+    ) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = SecretStore::trust_env(spec).into_iter().collect();
+        env.extend(spec.env.clone());
+        if let Some(store) = &self.cfg.secrets {
+            env.extend(store.placeholder_env(spec));
+        }
+        env.extend(command);
+        env.into_iter().collect()
+    }
+
     /// The host's secret store, if any (the broker reads values, CA keys and the event log
     /// through it).
     pub fn secrets(&self) -> Option<&std::sync::Arc<SecretStore>> {

@@ -110,15 +110,8 @@ impl LocalApi {
                 format!("invalid variable name {bad:.40}"),
             ));
         }
-        let mut merged: std::collections::BTreeMap<String, String> =
-            SecretStore::trust_env(&info.spec).into_iter().collect();
-        merged.extend(info.spec.env.clone());
-        if let Some(store) = self.manager.secrets() {
-            merged.extend(store.placeholder_env(&info.spec));
-        }
-        merged.extend(env);
         Ok(ExecRequest {
-            env: merged.into_iter().collect(),
+            env: self.manager.exec_env(&info.spec, env),
             cwd,
             stdin,
             timeout_ms: timeout_secs.map(|s| s.saturating_mul(1000)),
