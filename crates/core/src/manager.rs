@@ -862,6 +862,18 @@ impl Manager {
         report.killed_processes = killed;
         report.removed_dirs = removed;
         report.removed_snapshots = self.sweep_snapshots().await?;
+        if let Some(secrets) = self.cfg.secrets.clone() {
+            // Broker CAs of sandboxes destroyed (or never recorded) while no daemon ran.
+            let keep: Vec<String> = self
+                .store
+                .list(&ListFilter::default())
+                .await?
+                .into_iter()
+                .filter(|i| i.state != SandboxState::Destroyed)
+                .map(|i| i.id)
+                .collect();
+            off_worker(move || secrets.sweep_sandboxes(&keep)).await;
+        }
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net
                 .list_owned()

@@ -601,6 +601,37 @@ mod tests {
     }
 
     #[test]
+    fn attached_secrets_are_named_once_and_placeholders_never_shown() {
+        let with = |names: &[&str]| SandboxSpec {
+            secrets: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(with(&["api", "git.token-1"]).validate().is_ok());
+        for bad in [&["api", "api"][..], &["-x"], &["a/b"], &[""]] {
+            assert!(with(bad).validate().is_err(), "{bad:?}");
+        }
+        let mut spec = with(&["api"]);
+        spec.placeholders
+            .insert("api".into(), "hutch_ph_abc".into());
+        let info = SandboxInfo {
+            id: "sb-1".into(),
+            state: SandboxState::Running,
+            spec,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            expires_at_ms: None,
+        };
+        let shown = serde_json::to_string(&info.clone().redacted()).unwrap();
+        assert!(!shown.contains("hutch_ph_"), "{shown}");
+        assert!(
+            serde_json::to_string(&info)
+                .unwrap()
+                .contains("hutch_ph_abc"),
+            "the store keeps it"
+        );
+    }
+
+    #[test]
     fn json_specs_fill_defaults_and_reject_unknown_fields() {
         let spec: SandboxSpec = serde_json::from_str(r#"{"cpus":2}"#).unwrap();
         assert_eq!(

@@ -384,6 +384,22 @@ impl SecretStore {
         self.log.forget(id);
     }
 
+    /// Removes the broker CA of every sandbox not in `keep`; blocking. The count removed.
+    pub fn sweep_sandboxes(&self, keep: &[String]) -> usize {
+        let dir = self.dir.join("sandboxes");
+        let stale: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in &stale {
+            self.forget_sandbox(id);
+        }
+        stale.len()
+    }
+
     /// The broker's event log (the broker records into it; `hutch secret log` reads it).
     pub fn log(&self) -> &Arc<BrokerLog> {
         &self.log

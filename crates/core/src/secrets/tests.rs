@@ -243,4 +243,8 @@ fn each_sandbox_gets_its_own_ca_with_the_key_kept_private() {
     assert_eq!(trust.validate(), Ok(()));
     store.forget_sandbox("sb-0000000001");
     assert!(!key.exists());
+    store.sandbox_ca("sb-0000000003").unwrap();
+    assert_eq!(store.sweep_sandboxes(&["sb-0000000003".into()]), 1);
+    assert!(home.path().join("sandboxes/sb-0000000003/ca.key").exists());
+    assert!(!home.path().join("sandboxes/sb-0000000002").exists());
 }
