@@ -257,6 +257,9 @@ fn print_info(info: &SandboxInfo) {
     for (k, v) in &info.spec.labels {
         println!("label:    {k}={v}");
     }
+    for name in &info.spec.secrets {
+        println!("secret:   {name}");
+    }
     if let Some(t) = info.expires_at_ms {
         println!("expires:  {t} (unix ms)");
     }
