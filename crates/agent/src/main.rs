@@ -15,6 +15,7 @@ mod ops;
 mod reaper;
 mod server;
 mod setup;
+mod trust;
 mod vsock;
 
 use std::{

@@ -222,6 +222,17 @@ impl Conn {
                     .map(|()| GuestMsg::Done)
                     .unwrap_or_else(GuestMsg::Error),
             ),
+            HostMsg::Trust(t) => {
+                // Writes and syncs a bundle of a few hundred KiB: off the reader task.
+                let c = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let r = crate::trust::apply(&t, c.is_init);
+                    c.send(
+                        op,
+                        r.map(|()| GuestMsg::Done).unwrap_or_else(GuestMsg::Error),
+                    );
+                });
+            }
             HostMsg::Exec(req) => self.start(op, |c, io| ops::exec(c, op, req, io)),
             HostMsg::WriteFile(req) => self.start(op, |c, io| files::write(c, op, req, io)),
             HostMsg::ReadFile(req) => self.start(op, |c, io| files::read(c, op, req, io)),

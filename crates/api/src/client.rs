@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use http_body_util::{combinators::BoxBody, BodyDataStream, BodyExt, Full, StreamBody};
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, TemplateInfo, TemplateSpec};
+use hutch_types::{
+    BrokerEvent, ErrorCode, NetworkPolicy, SandboxInfo, SecretInfo, TemplateInfo, TemplateSpec,
+};
 use hyper::{body::Bytes, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -20,7 +22,8 @@ pub use tasks::task_form;
 
 use crate::{
     ApiError, CreateSandbox, ExecBody, ExecControl, ExecEventMsg, ExecResult, ExecStart, ForkBody,
-    NetEvent, PoolBody, PortMapping, PublishPort, API_PREFIX, STREAM_STDERR, STREAM_STDOUT,
+    NetEvent, PoolBody, PortMapping, PublishPort, SetSecretBody, API_PREFIX, STREAM_STDERR,
+    STREAM_STDOUT,
 };
 
 /// Why a client call failed.
@@ -289,6 +292,35 @@ impl Client {
     pub async fn remove_template(&self, name: &str) -> Result<TemplateInfo, ClientError> {
         let path = format!("{API_PREFIX}/templates/{}", encode(name));
         self.call(Method::DELETE, &path, vec![]).await
+    }
+
+    /// Sets (or rotates) a secret; the answer never carries its value.
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        body: &SetSecretBody,
+    ) -> Result<SecretInfo, ClientError> {
+        let path = format!("{API_PREFIX}/secrets/{}", encode(name));
+        let body = serde_json::to_vec(body).expect("serializable");
+        self.call(Method::PUT, &path, body).await
+    }
+
+    /// The secrets this client may see (never values).
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>, ClientError> {
+        self.call(Method::GET, &format!("{API_PREFIX}/secrets"), vec![])
+            .await
+    }
+
+    /// Removes a secret no sandbox has attached.
+    pub async fn remove_secret(&self, name: &str) -> Result<SecretInfo, ClientError> {
+        let path = format!("{API_PREFIX}/secrets/{}", encode(name));
+        self.call(Method::DELETE, &path, vec![]).await
+    }
+
+    /// What the broker did with a sandbox's secrets.
+    pub async fn secret_log(&self, id: &str) -> Result<Vec<BrokerEvent>, ClientError> {
+        self.call(Method::GET, &sandbox_path(id, "/secrets/log"), vec![])
+            .await
     }
 
     /// Changes a sandbox's network policy.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use hutch_types::{ErrorCode, SandboxSpec};
+use hutch_types::{ErrorCode, Labels, SandboxSpec, SecretBinding};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -214,3 +214,37 @@ pub struct PortMapping {
 #[derive(Debug, Clone, PartialEq, Eq, ToSchema)]
 #[schema(value_type = String, format = Binary)]
 pub struct Binary(pub Vec<u8>);
+
+/// `PUT /v1/secrets/{name}`: sets a secret, or rotates an existing one (same identity and
+/// placeholders, new value, live).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecretBody {
+    /// The value. Write-only: no answer ever carries it, nor does the guest.
+    #[schema(min_length = 1, max_length = 65536)]
+    pub value: String,
+    /// The environment variable the guest sees, holding the placeholder; for an existing
+    /// secret, absent keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]*$")]
+    pub env: Option<String>,
+    /// Where the value may go; for an existing secret, absent keeps its own. A new secret
+    /// needs at least one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
+    pub bindings: Option<Vec<SecretBinding>>,
+    /// Labels scoping who may see and attach it; for an existing secret, empty keeps its own.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+impl std::fmt::Debug for SetSecretBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetSecretBody")
+            .field("value", &"<redacted>")
+            .field("env", &self.env)
+            .field("bindings", &self.bindings)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}

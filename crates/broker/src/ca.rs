@@ -31,7 +31,11 @@ const LEAF_CACHE: usize = 1024;
 /// hosts the sandbox's secrets are bound to (IP addresses excluded), so even a stolen
 /// certificate could only vouch for those names.
 pub struct SandboxCa {
+    /// The issuer leaves are signed as (the CA itself, or one re-made from its key and name).
     cert: rcgen::Certificate,
+    /// The CA certificate the guest trusts, exactly as first minted.
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
     key: KeyPair,
     /// One key for every leaf this CA mints (host-side only).
     leaf_key: Arc<dyn rustls::sign::SigningKey>,
@@ -54,6 +58,33 @@ impl SandboxCa {
     /// excluded).
     pub fn generate(sandbox_id: &str, hosts: &[String]) -> Result<SandboxCa, BrokerError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = Self::params(sandbox_id, hosts)?.self_signed(&key)?;
+        let (pem, der) = (cert.pem(), cert.der().clone());
+        Self::from_parts(cert, pem, der, key)
+    }
+
+    /// The CA of sandbox `sandbox_id` as [`SandboxCa::cert_pem`] and [`SandboxCa::key_pem`]
+    /// gave it (a restarted daemon taking its sandboxes back): leaves are signed under the
+    /// same name and key, so the guest's trust in the original certificate holds.
+    pub fn from_pem(
+        sandbox_id: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<SandboxCa, BrokerError> {
+        use rustls::pki_types::pem::PemObject;
+        let key = KeyPair::from_pem(key_pem)?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| BrokerError::BadCa(e.to_string()))?;
+        let issuer = Self::params(sandbox_id, &[])?.self_signed(&key)?;
+        Self::from_parts(issuer, cert_pem.to_string(), der, key)
+    }
+
+    /// The CA's private key (PKCS#8 PEM), for the daemon's 0600 file; never for the guest.
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
+    }
+
+    fn params(sandbox_id: &str, hosts: &[String]) -> Result<CertificateParams, BrokerError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
@@ -80,7 +111,15 @@ impl SandboxCa {
                 GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix([0; 16], 0)),
             ],
         });
-        let cert = params.self_signed(&key)?;
+        Ok(params)
+    }
+
+    fn from_parts(
+        cert: rcgen::Certificate,
+        cert_pem: String,
+        cert_der: CertificateDer<'static>,
+        key: KeyPair,
+    ) -> Result<SandboxCa, BrokerError> {
         let leaf_key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let der = Zeroizing::new(leaf_key_pair.serialize_der());
         let leaf_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
@@ -88,6 +127,8 @@ impl SandboxCa {
         ))?;
         Ok(SandboxCa {
             cert,
+            cert_pem,
+            cert_der,
             key,
             leaf_key,
             leaf_key_pair,
@@ -97,12 +138,12 @@ impl SandboxCa {
 
     /// The CA certificate (PEM) the guest installs into its trust stores.
     pub fn cert_pem(&self) -> String {
-        self.cert.pem()
+        self.cert_pem.clone()
     }
 
     /// The CA certificate (DER).
     pub fn cert_der(&self) -> &CertificateDer<'static> {
-        self.cert.der()
+        &self.cert_der
     }
 
     /// The leaf for `host` (canonical), minted on first use and cached.
@@ -120,7 +161,7 @@ impl SandboxCa {
         params.not_after = now + LEAF_LIFETIME;
         let leaf = params.signed_by(&self.leaf_key_pair, &self.cert, &self.key)?;
         let certified = Arc::new(CertifiedKey::new(
-            vec![leaf.der().clone(), self.cert.der().clone()],
+            vec![leaf.der().clone(), self.cert_der.clone()],
             self.leaf_key.clone(),
         ));
         if leaves.len() >= LEAF_CACHE {
@@ -177,6 +218,27 @@ mod tests {
         ));
         assert!(!format!("{ca:?}").contains("PRIVATE"));
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn a_ca_read_back_from_its_pem_signs_leaves_the_original_verifies() {
+        let first = SandboxCa::generate("sb2", &[]).unwrap();
+        let again = SandboxCa::from_pem("sb2", &first.cert_pem(), &first.key_pem()).unwrap();
+        assert_eq!(again.cert_der(), first.cert_der());
+        // Trusting only the original certificate, as the guest does.
+        verify(&first, "x.test").unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(first.cert_der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let leaf = again.leaf("api.example.test").unwrap();
+        let name = ServerName::try_from("api.example.test").unwrap();
+        verifier
+            .verify_server_cert(&leaf.cert[0], &[], &name, &[], UnixTime::now())
+            .unwrap();
+        assert!(SandboxCa::from_pem("sb2", "junk", &first.key_pem()).is_err());
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum BrokerError {
     /// rustls refused a key or configuration.
     #[error("TLS configuration failed")]
     Tls(#[from] rustls::Error),
+    /// A stored CA certificate could not be read.
+    #[error("the stored sandbox CA is unreadable: {0}")]
+    BadCa(String),
     /// The host's trust store had no usable root.
     #[error("no usable trust roots on this host: {0}")]
     NoRoots(String),

@@ -7,7 +7,7 @@ use hutch_types::SecretBinding;
 use zeroize::Zeroizing;
 
 /// A secret's real value: wiped from memory on drop, never printed.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SecretValue(Zeroizing<Vec<u8>>);
 
 impl SecretValue {
@@ -16,8 +16,8 @@ impl SecretValue {
         SecretValue(Zeroizing::new(value))
     }
 
-    /// The value's bytes, for substitution and scrubbing.
-    pub(crate) fn expose(&self) -> &[u8] {
+    /// The value's bytes, for substitution, scrubbing and sealing at rest.
+    pub fn expose(&self) -> &[u8] {
         &self.0
     }
 }

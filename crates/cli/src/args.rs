@@ -69,6 +69,10 @@ pub enum Command {
     /// Publish a sandbox's guest TCP port on a host loopback port (127.0.0.1), list
     /// published ports, or unpublish one (`--remove`).
     Port(crate::port_cmd::PortArgs),
+    /// Secrets the guest never holds: set, list and remove them, and see what the broker did
+    /// with a sandbox's (`hutch create|run|task run --secret NAME` attaches one).
+    #[command(subcommand)]
+    Secret(crate::secret_cmd::SecretCommand),
     /// Manage API tokens for TCP access.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -135,6 +139,9 @@ pub struct CreateArgs {
     /// sandbox's: --image, --cpus, --memory and --disk are refused with it).
     #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "cpus", "memory", "disk"])]
     pub template: Option<String>,
+    /// Attach a secret (repeatable): every command sees its placeholder, never its value.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
     /// Print the sandbox as JSON.
     #[arg(long)]
     pub json: bool,
@@ -334,6 +341,10 @@ pub struct RunArgs {
     /// Kill the command after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Attach a secret (repeatable; through the daemon only): the command sees its
+    /// placeholder, never its value.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -378,7 +389,7 @@ pub struct ImageBuildArgs {
     pub agent: Option<std::path::PathBuf>,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not K=V"))?;

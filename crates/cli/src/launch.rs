@@ -48,6 +48,8 @@ pub async fn in_process(home: &Home, vm: &VmArgs) -> Result<InProcess, CliError>
         boot_timeout: Duration::from_secs(vm.boot_timeout),
         jails_dir: Some(home.jails()),
         detached: false,
+        // Secrets need the daemon's broker, in the sandbox's network: none in process.
+        secrets: None,
     };
     let no_network = Err("`hutch run` in process has no sandbox network".to_string());
     let manager = hutch_core::Manager::new(cfg, store, backend.vmm, no_network);

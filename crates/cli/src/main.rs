@@ -11,6 +11,7 @@ mod launch;
 mod port_cmd;
 mod remote;
 mod run;
+mod secret_cmd;
 mod setup_cmd;
 mod task_cmd;
 mod task_many;
@@ -135,6 +136,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             remote::net_log(&remote::client(&home, &a.conn), a.id.as_str(), a.json).await
         }
         args::Command::Port(a) => port_cmd::run(&remote::client(&home, &a.conn), a).await,
+        args::Command::Secret(c) => secret_cmd::run(&remote::client(&home, &c.conn()), c).await,
         args::Command::Token(c) => token::run(&home, c),
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();

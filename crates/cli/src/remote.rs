@@ -42,7 +42,8 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
                 .map(crate::wg_conf::load)
                 .transpose()?,
             template: args.template,
-            origin: None,
+            secrets: args.secrets,
+            ..SandboxSpec::default()
         },
         idempotency_key: args.idempotency_key,
     };
@@ -255,6 +256,9 @@ fn print_info(info: &SandboxInfo) {
     }
     for (k, v) in &info.spec.labels {
         println!("label:    {k}={v}");
+    }
+    for name in &info.spec.secrets {
+        println!("secret:   {name}");
     }
     if let Some(t) = info.expires_at_ms {
         println!("expires:  {t} (unix ms)");

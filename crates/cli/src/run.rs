@@ -76,6 +76,7 @@ fn remote_request(args: RunArgs) -> (CreateSandbox, ExecStart) {
             memory_mib: args.vm.memory,
             disk_mib: args.vm.disk,
             ttl_secs: Some(ttl.min(hutch_types::bounds::MAX_TTL_SECS)),
+            secrets: args.secrets,
             ..SandboxSpec::default()
         },
         idempotency_key: None,
@@ -131,6 +132,11 @@ async fn exec_remote(client: &Client, id: &str, start: &ExecStart) -> Result<i32
 /// `hutch run` in this process, through the same request surface as the daemon's
 /// ([`SandboxApi`]) on a private manager whose VM dies with this process.
 async fn run_local(home: &Home, args: RunArgs) -> Result<i32, CliError> {
+    if !args.secrets.is_empty() {
+        return Err(CliError::Usage(
+            "--secret needs the daemon, whose broker holds the values: start `hutch daemon` (and drop --local)".into(),
+        ));
+    }
     let host = launch::in_process(home, &args.vm).await?;
     let (api, caller) = (&host.api, Caller::admin());
     let (req, start) = local_request(args);

@@ -105,6 +105,10 @@ pub struct TaskRunArgs {
     /// Environment for the agent (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Attach a secret to the agent's sandbox (repeatable): the agent sees its placeholder,
+    /// never its value.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
     /// Kill the agent after this long (`90`, `90s`, `10m`, `2h`).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: u64,
@@ -336,6 +340,7 @@ async fn run_task(client: &Client, a: TaskRunArgs) -> Result<i32, CliError> {
         template: a.template,
         network: crate::remote::policy(&net)?,
         env: a.env.into_iter().collect(),
+        secrets: a.secrets,
         timeout_secs: a.timeout,
         allow: a.allow,
         verify: a.verify,

@@ -167,6 +167,11 @@ impl Manager {
         let plan = self.plan_network(spec, Some(snapshot))?;
         let image = self.image(&spec.image)?;
         let id = crate::new_id();
+        // Its own placeholders (and CA, at launch): never its parent's.
+        let spec = &SandboxSpec {
+            placeholders: crate::secrets::placeholders_for(&spec.secrets),
+            ..spec.clone()
+        };
         {
             let _admit = self.admission.lock().await;
             self.admit(spec).await?;

@@ -4,7 +4,7 @@
 //! failures at any step; the daemon passes the real [`hutch_net::Network`] and an
 //! [`ImageDir`].
 
-use std::{os::fd::OwnedFd, path::PathBuf, time::SystemTime};
+use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use hutch_image::{Image, ImageError};
@@ -66,6 +66,39 @@ pub trait HostNetwork: Send + Sync {
     /// Every network object this host holds for some sandbox (to remove those no sandbox owns
     /// after a restart).
     async fn list_owned(&self) -> Result<Vec<OwnedObject>, NetError>;
+
+    /// Turns the guest's web traffic to a broker listener (see
+    /// [`hutch_net::Network::intercept`]) and gives the broker its views of the sandbox.
+    async fn intercept(&self, id: &str) -> Result<Intercepted, NetError>;
+}
+
+/// What a sandbox's secret broker gets from its network.
+pub struct Intercepted {
+    /// Where the guest's redirected (and explicit proxy) connections arrive.
+    pub listener: tokio::net::TcpListener,
+    /// What the sandbox's DNS filter answered.
+    pub dns: Arc<dyn hutch_broker::DnsOracle>,
+    /// Opens upstream connections from the sandbox's namespace.
+    pub dial: Arc<dyn hutch_broker::Dial>,
+}
+
+/// The DNS filter's answers as the broker asks for them.
+struct FilterAnswers(hutch_net::Answers);
+
+impl hutch_broker::DnsOracle for FilterAnswers {
+    fn answers(&self, host: &str) -> Option<Vec<std::net::IpAddr>> {
+        Some(self.0.addresses(host)).filter(|a| !a.is_empty())
+    }
+}
+
+/// Upstream connections from the sandbox's namespace.
+struct NamespaceDial(hutch_net::Dialer);
+
+impl hutch_broker::Dial for NamespaceDial {
+    fn dial(&self, dst: std::net::SocketAddr) -> hutch_broker::DialFuture {
+        let dialer = self.0.clone();
+        Box::pin(async move { dialer.connect(dst).await })
+    }
 }
 
 #[async_trait]
@@ -127,6 +160,15 @@ impl HostNetwork for Network {
 
     async fn list_owned(&self) -> Result<Vec<OwnedObject>, NetError> {
         Network::list_owned(self).await
+    }
+
+    async fn intercept(&self, id: &str) -> Result<Intercepted, NetError> {
+        let i = Network::intercept(self, id).await?;
+        Ok(Intercepted {
+            listener: i.listener,
+            dns: Arc::new(FilterAnswers(i.answers)),
+            dial: Arc::new(NamespaceDial(i.dialer)),
+        })
     }
 }
 

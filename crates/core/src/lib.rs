@@ -16,12 +16,13 @@ mod manager;
 mod network;
 mod pool;
 mod sandbox;
+pub mod secrets;
 pub mod service;
 pub mod task;
 mod template;
 
 pub use clones::MAX_FORK;
-pub use host::{HostNetwork, ImageDir, ImageSource};
+pub use host::{HostNetwork, ImageDir, ImageSource, Intercepted};
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use pool::MAX_POOL;
 pub use sandbox::{kernel_for, new_id, BootOptions, Sandbox, SandboxError};

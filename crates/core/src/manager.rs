@@ -62,6 +62,8 @@ pub struct ManagerConfig {
     /// Whether VMs outlive this process: the daemon's do (its successor adopts them); those
     /// of an in-process manager (`hutch run --local`) die with it.
     pub detached: bool,
+    /// The host's secrets (`$HUTCH_HOME/secrets`); `None`: sandboxes cannot have secrets.
+    pub secrets: Option<Arc<crate::secrets::SecretStore>>,
 }
 
 /// Why a manager action failed. [`CoreError::code`] gives the stable API category.
@@ -103,6 +105,9 @@ pub enum CoreError {
     /// The host network failed.
     #[error("sandbox network failed")]
     Net(#[from] NetError),
+    /// A secret could not be attached, or the sandbox's broker CA not made.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     /// A recorded run dir could not be removed.
     #[error("cannot remove run dir {path}")]
     RemoveDir {
@@ -130,6 +135,7 @@ impl CoreError {
             ) => ErrorCode::Conflict,
             CoreError::Template(TemplateError::Provision { .. }) => ErrorCode::ExecFailed,
             CoreError::OverCapacity(_) => ErrorCode::OverCapacity,
+            CoreError::Secret(e) => e.code(),
             CoreError::NoNetwork(_) => ErrorCode::Conflict,
             CoreError::Net(
                 NetError::PortInUse(_) | NetError::AlreadyPublished { .. } | NetError::NoNic(_),
@@ -184,6 +190,8 @@ pub struct Manager {
     pub(crate) pools: crate::pool::Pools,
     /// This manager, for background tasks it starts (pool refills).
     pub(crate) me: std::sync::Weak<Manager>,
+    /// The secret brokers of live sandboxes with secrets.
+    pub(crate) brokers: crate::secrets::Brokers,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -213,6 +221,7 @@ impl Manager {
             admission: tokio::sync::Mutex::new(()),
             pools: crate::pool::Pools::default(),
             me: me.clone(),
+            brokers: Default::default(),
         })
     }
 
@@ -261,6 +270,7 @@ impl Manager {
             .into());
         }
         let mut spec = spec;
+        self.give_placeholders(&mut spec)?;
         let snapshot = match spec.template.clone() {
             Some(name) => Some(self.template_snapshot(&mut spec, &name).await?),
             None => None,
@@ -397,6 +407,15 @@ impl Manager {
             let sandbox = self
                 .start_vm(id, spec, image, plan.as_ref(), snapshot)
                 .await?;
+            let armed = async {
+                self.arm(id, spec, &sandbox).await?;
+                self.start_broker(id, spec).await
+            };
+            if let Err(e) = armed.await {
+                self.stop_broker(id);
+                let _ = sandbox.discard().await;
+                return Err(e);
+            }
             if plan.is_some() {
                 if let Err(e) = self.store.confirm_object(&netns_object(id, true)).await {
                     let _ = sandbox.discard().await;
@@ -708,12 +727,17 @@ impl Manager {
             return Err(e);
         }
         self.store.set_state(id, &to, now_ms()).await?;
+        if action == ActionKind::Destroy {
+            self.forget_secrets(id).await;
+        }
         self.release_snapshots(&info).await;
         self.info(id).await
     }
 
     /// Removes every recorded host object of `id` (by exact pid + start time, by path).
     pub(crate) async fn remove_recorded(&self, id: &str) -> Result<usize, CoreError> {
+        // Its sockets live in the sandbox's namespace: they go before the network.
+        self.stop_broker(id);
         let mut removed = 0;
         for obj in self
             .store
@@ -848,6 +872,18 @@ impl Manager {
         report.killed_processes = killed;
         report.removed_dirs = removed;
         report.removed_snapshots = self.sweep_snapshots().await?;
+        if let Some(secrets) = self.cfg.secrets.clone() {
+            // Broker CAs of sandboxes destroyed (or never recorded) while no daemon ran.
+            let keep: Vec<String> = self
+                .store
+                .list(&ListFilter::default())
+                .await?
+                .into_iter()
+                .filter(|i| i.state != SandboxState::Destroyed)
+                .map(|i| i.id)
+                .collect();
+            off_worker(move || secrets.sweep_sandboxes(&keep)).await;
+        }
         if let Ok(net) = &self.net {
             let mut stray: Vec<String> = net
                 .list_owned()
@@ -885,6 +921,10 @@ impl Manager {
             .await
             .map_err(|e| format!("agent lost across a daemon restart: {}", chain(&e)))?;
         network::adopt(self, info).await?;
+        // A new listener in the same namespace: the old daemon's went with it.
+        self.start_broker(&info.id, &info.spec)
+            .await
+            .map_err(|e| chain(&e))?;
         if paused {
             sandbox.vm().pause().await.map_err(|e| chain(&e))?;
         }

@@ -157,6 +157,8 @@ impl Manager {
             }
             // The clone waited: its clock and entropy are refreshed now.
             pooled.sandbox.refresh().await?;
+            self.arm(&id, spec, &pooled.sandbox).await?;
+            self.start_broker(&id, spec).await?;
             Ok::<_, CoreError>(())
         };
         // Recording discards the clone itself if the store fails.
@@ -276,6 +278,7 @@ impl Manager {
 
     async fn discard_pooled(&self, p: Pooled) {
         let id = p.sandbox.id().to_string();
+        self.stop_broker(&id);
         let _ = p.sandbox.discard().await;
         if p.has_nic {
             if let Ok(net) = self.net() {

@@ -327,6 +327,7 @@ impl Tasks {
         let sb = SandboxSpec {
             template: spec.template.clone(),
             network: spec.network.clone(),
+            secrets: spec.secrets.clone(),
             labels: [(TASK_LABEL.to_string(), id.clone())].into(),
             ..Default::default()
         };
@@ -570,8 +571,9 @@ impl Tasks {
         record.timings.copy_in_ms = ms(t);
 
         let t = Instant::now();
+        let sandbox_spec = self.manager.get(sandbox).await?.spec;
         let req = ExecRequest {
-            env: spec.env.clone().into_iter().collect(),
+            env: self.manager.exec_env(&sandbox_spec, spec.env.clone()),
             cwd: Some(GUEST_WORKSPACE.into()),
             timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
             ..ExecRequest::new(spec.command.clone())
@@ -809,6 +811,7 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
             detached: true,
+            secrets: None,
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),

@@ -25,6 +25,9 @@ pub enum DaemonError {
     /// The state database failed.
     #[error(transparent)]
     Store(hutch_store::StoreError),
+    /// The secret store cannot be opened (its key does not open a stored value, …).
+    #[error("cannot open the secret store")]
+    Secrets(#[source] hutch_core::secrets::SecretError),
     /// Adopting what an earlier daemon left failed.
     #[error(transparent)]
     Core(Box<hutch_core::CoreError>),

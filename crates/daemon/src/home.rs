@@ -46,6 +46,12 @@ impl Home {
         self.root.join("local")
     }
 
+    /// Secrets: the sealing key, sealed values and each sandbox's broker CA (0700; never in
+    /// the state database).
+    pub fn secrets(&self) -> PathBuf {
+        self.root.join("secrets")
+    }
+
     /// The daemon's state database.
     pub fn state_db(&self) -> PathBuf {
         self.root.join("state.db")

@@ -23,6 +23,7 @@ mod openapi;
 mod ports;
 pub mod process;
 mod routes;
+mod secrets;
 pub mod signal;
 mod tasks;
 mod templates;
@@ -84,6 +85,10 @@ pub async fn run(
         boot_timeout: Duration::from_secs(args.boot_timeout),
         jails_dir: Some(home.jails()),
         detached: true,
+        secrets: Some(Arc::new(
+            hutch_core::secrets::SecretStore::open(&home.secrets())
+                .map_err(DaemonError::Secrets)?,
+        )),
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();

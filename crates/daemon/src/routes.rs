@@ -26,7 +26,7 @@ use crate::{
     extract::{sandbox_id, JsonBody, Path, Query},
     files,
     http_error::HttpError,
-    ports, tasks, templates, ws, AppState,
+    ports, secrets, tasks, templates, ws, AppState,
 };
 
 type Result<T> = std::result::Result<T, HttpError>;
@@ -77,6 +77,9 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tasks::task_changeset))
         .routes(routes!(tasks::task_diff))
         .routes(routes!(tasks::task_signature))
+        .routes(routes!(secrets::set_secret, secrets::remove_secret))
+        .routes(routes!(secrets::list_secrets))
+        .routes(routes!(secrets::secret_log))
 }
 
 /// The routes and their complete OpenAPI document.
@@ -410,6 +413,10 @@ mod tests {
         ("get", "/v1/tasks/{id}/changeset"),
         ("get", "/v1/tasks/{id}/diff"),
         ("get", "/v1/tasks/{id}/signature"),
+        ("put", "/v1/secrets/{name}"),
+        ("get", "/v1/secrets"),
+        ("delete", "/v1/secrets/{name}"),
+        ("get", "/v1/sandboxes/{id}/secrets/log"),
     ];
 
     fn state() -> (tempfile::TempDir, Arc<AppState>) {
@@ -431,6 +438,9 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             jails_dir: None,
             detached: true,
+            secrets: Some(Arc::new(
+                hutch_core::secrets::SecretStore::open(&dir.path().join("secrets")).unwrap(),
+            )),
         };
         let vmm = Arc::new(hutch_vmm::QemuVmm::with_binary(
             "/nonexistent".into(),
@@ -498,6 +508,8 @@ mod tests {
                     p if p.ends_with("/fork") => "{\"count\":1}",
                     "/v1/templates" => "{\"name\":\"t\"}",
                     p if p.ends_with("/pool") => "{\"size\":1}",
+                    // A new secret without a binding: refused.
+                    "/v1/secrets/{name}" => "{\"value\":\"v\"}",
                     _ => "{\"argv\":[\"true\"]}",
                 }))
                 .unwrap();
@@ -508,7 +520,10 @@ mod tests {
                 .unwrap();
             // Our handlers answer with an ApiError body; the router's own 404/405 has none.
             let parsed: std::result::Result<ApiError, _> = serde_json::from_slice(&body);
-            if matches!(*path, "/v1/sandboxes" | "/v1/templates" | "/v1/tasks") && *method == "get"
+            if matches!(
+                *path,
+                "/v1/sandboxes" | "/v1/templates" | "/v1/tasks" | "/v1/secrets"
+            ) && *method == "get"
             {
                 assert_eq!(status, StatusCode::OK, "{method} {path}");
                 continue;
@@ -518,7 +533,7 @@ mod tests {
             assert_ne!(err.message, NO_ROUTE, "{method} {path} is not served");
             let want = if *path == "/v1/sandboxes" {
                 ErrorCode::InvalidSpec
-            } else if *path == "/v1/tasks" {
+            } else if *path == "/v1/tasks" || (*path, *method) == ("/v1/secrets/{name}", "put") {
                 ErrorCode::BadRequest
             } else {
                 ErrorCode::NotFound
@@ -774,5 +789,40 @@ mod tests {
                 .unwrap();
             assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
         }
+    }
+    #[tokio::test]
+    async fn a_secret_goes_in_and_its_value_never_comes_out() {
+        let (_dir, state) = state();
+        let app = router(state, Caller::admin());
+        let body = r#"{"value":"sk-REAL-value","env":"API_KEY","bindings":[{"host":"API.example.test","at":{"kind":"bearer"}}]}"#;
+        let send = |method: &str, uri: &str, body: &str| {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap()
+        };
+        for (method, uri, body) in [
+            ("PUT", "/v1/secrets/api", body),
+            ("GET", "/v1/secrets", ""),
+            ("DELETE", "/v1/secrets/api", ""),
+        ] {
+            let resp = app.clone().oneshot(send(method, uri, body)).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{method} {uri}");
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("sk-REAL"), "{method} {uri}: {text}");
+            assert!(text.contains("api.example.test"), "{method} {uri}: {text}");
+        }
+        let (status, err) = error_of(&app, "DELETE", "/v1/secrets/api", "").await;
+        assert_eq!(
+            (status, err.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+        let (status, _) = error_of(&app, "PUT", "/v1/secrets/-bad", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 }

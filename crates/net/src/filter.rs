@@ -138,6 +138,18 @@ impl Answers {
             .is_some_and(|v| v.iter().any(|a| a.name == name && now <= a.until))
     }
 
+    /// Every address the filter answered `name` with whose TTL has not run out.
+    pub fn addresses(&self, name: &str) -> Vec<IpAddr> {
+        let now = SystemTime::now();
+        let names = self.0.lock().unwrap();
+        names
+            .map
+            .iter()
+            .filter(|(_, v)| v.iter().any(|a| a.name == name && now <= a.until))
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
     fn insert(&self, ip: IpAddr, name: &str, ttl: u32, now: SystemTime) {
         self.0.lock().unwrap().insert(ip, name, ttl, now);
     }

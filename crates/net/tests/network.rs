@@ -1892,6 +1892,8 @@ async fn interception_turns_guest_web_traffic_to_the_broker_whose_upstream_obeys
     assert!(answers.resolved("allowed.test", v4(INET2)));
     assert!(!answers.resolved("allowed.test", v4(INET1)));
     assert!(!answers.resolved("other.test", v4(INET2)));
+    assert_eq!(answers.addresses("allowed.test"), vec![v4(INET2)]);
+    assert!(answers.addresses("other.test").is_empty());
 
     // The namespace's own outward TCP (the broker's upstream) meets the policy and the deny
     // lists: the resolved address is reachable, an unresolved one, the LAN, the metadata

@@ -30,7 +30,7 @@ use tokio::{
 use crate::{
     frame::{check_chunk, encode, FrameError, FrameReader},
     handshake::{check_welcome, hello, HandshakeError},
-    ExecRequest, ExitInfo, GuestIdentity, GuestMsg, HostMsg, NetworkConfig, OpError,
+    ExecRequest, ExitInfo, GuestIdentity, GuestMsg, GuestTrust, HostMsg, NetworkConfig, OpError,
     ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
 };
 
@@ -252,6 +252,22 @@ impl Channel {
             self.write_file(req, format!("{line}\n").as_bytes()).await?;
         }
         Ok(())
+    }
+
+    /// Installs a sandbox's CA and git credentials in the guest; returns once they are in
+    /// place. A guest older than version 5 cannot: refused before anything is sent.
+    pub async fn trust(&self, trust: GuestTrust) -> Result<(), ChannelError> {
+        if self.welcome.version < 5 {
+            return Err(ChannelError::Remote(OpError {
+                code: crate::ErrorCode::UnsupportedVersion,
+                message: format!(
+                    "the guest agent speaks protocol {}; secrets need 5 (rebuild the image)",
+                    self.welcome.version
+                ),
+            }));
+        }
+        let mut op = self.start(HostMsg::Trust(trust)).await?;
+        op.expect_done().await
     }
 
     /// Round trip to the agent; proves it is alive and serving.

@@ -26,8 +26,8 @@ pub use frame::{decode, encode, FrameError, FrameReader};
 pub use message::*;
 
 /// Protocol version implemented by this crate. Bumped on any incompatible wire change
-/// (3: `HostMsg::Network`; 4: `HostMsg::Identity`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// (3: `HostMsg::Network`; 4: `HostMsg::Identity`; 5: `HostMsg::Trust`).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Oldest protocol version this crate can still speak.
 pub const MIN_PROTOCOL_VERSION: u16 = 3;

@@ -52,6 +52,11 @@ pub enum HostMsg {
     /// so a clone restored from a snapshot does not keep its template's. Answered by `Done`,
     /// or `Error`.
     Identity(GuestIdentity),
+    /// Installs what a sandbox with secrets needs (version 5): its broker's CA certificate in
+    /// the trust store and [`CA_BUNDLE`], and a git credential helper answering with
+    /// placeholders for bound hosts. Sent again at every hand-out (clones, forks, pools), it
+    /// replaces what an earlier one installed. Answered by `Done`, or `Error`.
+    Trust(GuestTrust),
 }
 
 /// Messages the guest agent sends to the host.
@@ -126,6 +131,113 @@ pub struct GuestIdentity {
     pub machine_id: [u8; 16],
     /// For `/etc/hutch/sandbox-id`: the sandbox's id, a valid hostname.
     pub sandbox_id: String,
+}
+
+/// The combined CA bundle (the distro's roots plus the sandbox's CA) the agent writes, and
+/// that `SSL_CERT_FILE` and its kin name in every exec of a sandbox with secrets.
+pub const CA_BUNDLE: &str = "/etc/hutch/ca-bundle.pem";
+/// The git configuration the agent writes (`GIT_CONFIG_SYSTEM` in every exec of a sandbox with
+/// secrets): includes `/etc/gitconfig`, adds the credential helper and `insteadOf` rules.
+pub const GIT_CONFIG: &str = "/etc/hutch/gitconfig";
+/// The git credential helper the agent installs.
+pub const GIT_CREDENTIAL_HELPER: &str = "/usr/local/bin/git-credential-hutch";
+
+/// A sandbox's trust material, given by the host to a guest with secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestTrust {
+    /// The sandbox's CA certificate: one PEM `CERTIFICATE` block. Its key stays on the host.
+    pub ca_pem: String,
+    /// What git's credential helper answers, by host.
+    pub git: Vec<GitCredential>,
+}
+
+/// One host the git credential helper answers for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitCredential {
+    /// The host as git names it: a lowercase DNS name, with `:port` when not 443.
+    pub host: String,
+    /// The password to answer with (a placeholder; the user is `x-access-token`).
+    pub password: String,
+}
+
+impl GuestTrust {
+    /// Longest PEM accepted.
+    pub const MAX_PEM: usize = 16 * 1024;
+    /// Most git hosts.
+    pub const MAX_GIT: usize = 64;
+
+    /// Checks everything the agent will write, so nothing but a certificate and plain
+    /// `host password` lines reach a file: one PEM block of base64 lines; hosts of
+    /// `[a-z0-9.-]` with an optional port; passwords of `[a-z0-9_]`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_pem(&self.ca_pem)?;
+        if self.git.len() > Self::MAX_GIT {
+            return Err(format!("more than {} git hosts", Self::MAX_GIT));
+        }
+        for c in &self.git {
+            check_git_host(&c.host)?;
+            let ok = (1..=128).contains(&c.password.len())
+                && c.password
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(format!(
+                    "git password for {} is not [a-z0-9_]{{1,128}}",
+                    c.host
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One PEM certificate block: header, base64 lines of at most 76 characters, footer.
+fn check_pem(pem: &str) -> Result<(), String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let bad = |why: &str| Err(format!("CA certificate: {why}"));
+    if pem.len() > GuestTrust::MAX_PEM {
+        return bad("too long");
+    }
+    let lines: Vec<&str> = pem.trim_end_matches('\n').split('\n').collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return bad("empty");
+    };
+    if *first != BEGIN || *last != END || lines.len() < 3 {
+        return bad("not one PEM CERTIFICATE block");
+    }
+    let body = &lines[1..lines.len() - 1];
+    let base64 = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 76
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+    };
+    if !body.iter().all(base64) {
+        return bad("body is not base64 lines");
+    }
+    Ok(())
+}
+
+/// `name` or `name:port`, `name` lowercase DNS characters.
+fn check_git_host(host: &str) -> Result<(), String> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (host, None),
+    };
+    let name_ok = (1..=253).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
+    if name_ok && port_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "git host {host:?} is not a lowercase DNS name with an optional port"
+        ))
+    }
 }
 
 /// The guest's network configuration, pushed by the host (no DHCP in the guest).
@@ -299,5 +411,57 @@ impl HostMsg {
             HostMsg::Stdin(d) | HostMsg::FileData(d) => d.len(),
             _ => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEM: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\nAAAA==\n-----END CERTIFICATE-----\n";
+
+    fn trust(ca_pem: &str, host: &str, password: &str) -> GuestTrust {
+        GuestTrust {
+            ca_pem: ca_pem.into(),
+            git: vec![GitCredential {
+                host: host.into(),
+                password: password.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn trust_admits_one_certificate_and_plain_git_lines_only() {
+        assert_eq!(
+            trust(PEM, "github.com", "hutch_ph_abc123").validate(),
+            Ok(())
+        );
+        assert_eq!(trust(PEM, "git.example.test:8443", "x").validate(), Ok(()));
+        let two = format!("{PEM}{PEM}");
+        let bad = [
+            trust("", "h", "p"),
+            trust(&two, "h", "p"),
+            trust(&PEM.replace("AAAA==", "AA\rAA"), "h", "p"),
+            trust(&PEM.replace("AAAA==", "$(reboot)"), "h", "p"),
+            trust(&PEM.replace("CERTIFICATE", "PRIVATE KEY"), "h", "p"),
+            trust(PEM, "Host.test", "p"),
+            trust(PEM, "h\nx", "p"),
+            trust(PEM, "h:0", "p"),
+            trust(PEM, "h:x", "p"),
+            trust(PEM, "-h", "p"),
+            trust(PEM, "h", ""),
+            trust(PEM, "h", "a b"),
+            trust(PEM, "h", "p\nusername=root"),
+            trust(PEM, "h", &"a".repeat(129)),
+        ];
+        for t in bad {
+            assert!(t.validate().is_err(), "{t:?}");
+        }
+        let many = GuestTrust {
+            ca_pem: PEM.into(),
+            git: vec![trust(PEM, "h", "p").git[0].clone(); GuestTrust::MAX_GIT + 1],
+        };
+        assert!(many.validate().is_err());
     }
 }

@@ -1054,6 +1054,29 @@ async fn identity_is_one_message_for_a_version_4_guest() {
 }
 
 #[tokio::test]
+async fn trust_is_refused_for_a_version_4_guest_without_a_message() {
+    let reply = encode(0, &GuestMsg::Welcome(welcome(4))).unwrap();
+    let (chan, _guest, _) = handshake(&reply).await;
+    let chan = chan.expect("version 4 is still spoken");
+    let trust = hutch_protocol::GuestTrust {
+        ca_pem: String::new(),
+        git: vec![],
+    };
+    let e = within(chan.trust(trust)).await.unwrap_err();
+    assert!(
+        matches!(&e, ChannelError::Remote(op) if op.code == ErrorCode::UnsupportedVersion),
+        "{e}"
+    );
+    // The channel still works: nothing was sent that the guest would not understand.
+    let ping = tokio::spawn(async move { chan.ping(5).await });
+    let mut guest = _guest;
+    let msg = within(guest.recv()).await;
+    assert_eq!(msg.msg, HostMsg::Ping(5));
+    guest.send(msg.op, GuestMsg::Pong(5)).await;
+    within(ping).await.unwrap().expect("pong");
+}
+
+#[tokio::test]
 async fn identity_is_written_as_files_for_a_version_3_guest() {
     let reply = encode(0, &GuestMsg::Welcome(welcome(3))).unwrap();
     let (chan, mut guest, _) = handshake(&reply).await;

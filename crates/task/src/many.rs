@@ -54,6 +54,9 @@ pub struct ManyTask {
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secrets attached to the agent's sandbox, by name.
+    #[serde(default)]
+    pub secrets: Vec<String>,
     /// Agent timeout in seconds (default 600).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
@@ -97,6 +100,7 @@ impl ManyTask {
             template: self.template.clone(),
             network,
             env: self.env.clone(),
+            secrets: self.secrets.clone(),
             timeout_secs: self.timeout_secs.unwrap_or(600),
             allow: self.allow.clone(),
             verify: self.verify.clone(),

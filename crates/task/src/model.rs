@@ -23,6 +23,11 @@ pub struct TaskSpec {
     /// Environment for the agent command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secrets attached to the agent's sandbox (`hutch secret set`): the agent sees each as a
+    /// placeholder in its variable; the verify sandbox gets none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
+    pub secrets: Vec<String>,
     /// Kill the agent after this many seconds (at most a day).
     #[serde(default = "default_timeout")]
     #[schema(minimum = 1, maximum = 86400)]

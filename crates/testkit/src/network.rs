@@ -5,12 +5,12 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     os::fd::OwnedFd,
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
 use async_trait::async_trait;
-use hutch_core::HostNetwork;
+use hutch_core::{HostNetwork, Intercepted};
 use hutch_net::{
     FlowEvent, GuestNetConfig, NetError, OwnedObject, Policy, PublishedPort, SandboxNet, Transit,
     WireGuardConfig,
@@ -32,6 +32,8 @@ pub enum NetStep {
     Publish,
     /// Removing a network (it stays).
     Destroy,
+    /// Turning interception on for a secret broker.
+    Intercept,
 }
 
 /// A [`HostNetwork`] that creates nothing on the host: each sandbox's "network" is a record of
@@ -55,6 +57,17 @@ struct State {
 struct Net {
     policy: Policy,
     ports: BTreeMap<u16, PublishedPort>,
+    /// The broker listener's address, once interception is on.
+    broker: Option<SocketAddr>,
+}
+
+/// The fake resolver: it never answered any name.
+struct NoAnswers;
+
+impl hutch_broker::DnsOracle for NoAnswers {
+    fn answers(&self, _host: &str) -> Option<Vec<std::net::IpAddr>> {
+        None
+    }
 }
 
 /// The first host port the fake hands out for "any free port".
@@ -74,6 +87,11 @@ impl FakeNetwork {
     /// The sandboxes that have a network, sorted.
     pub fn networks(&self) -> Vec<String> {
         self.lock().nets.keys().cloned().collect()
+    }
+
+    /// Where a sandbox's broker listens (a loopback port), once interception is on.
+    pub fn broker(&self, id: &str) -> Option<SocketAddr> {
+        self.lock().nets.get(id).and_then(|n| n.broker)
     }
 
     /// A sandbox's current policy, if it has a network.
@@ -144,6 +162,7 @@ impl HostNetwork for FakeNetwork {
         let net = Net {
             policy: policy.clone(),
             ports: BTreeMap::new(),
+            broker: None,
         };
         st.nets.insert(id.into(), net);
         Ok(Some(sandbox_net(id)))
@@ -253,6 +272,29 @@ impl HostNetwork for FakeNetwork {
         st.step(NetStep::Destroy)?;
         st.nets.remove(id);
         Ok(())
+    }
+
+    /// A loopback listener stands in for the one in the namespace; the fake resolver never
+    /// answered anything, and upstream connections are dialled from here.
+    async fn intercept(&self, id: &str) -> Result<Intercepted, NetError> {
+        self.lock().step(NetStep::Intercept)?;
+        self.lock().net(id)?;
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(|source| NetError::Io {
+                what: "bind the fake broker listener".into(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| NetError::Io {
+            what: "fake broker listener address".into(),
+            source,
+        })?;
+        self.lock().net(id)?.broker = Some(addr);
+        Ok(Intercepted {
+            listener,
+            dns: Arc::new(NoAnswers),
+            dial: Arc::new(hutch_broker::DirectDial),
+        })
     }
 
     async fn list_owned(&self) -> Result<Vec<OwnedObject>, NetError> {

@@ -73,6 +73,17 @@ pub struct SandboxSpec {
     /// (templates and forks), never by a client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Secrets attached by name (`hutch secret set`): each appears in the guest only as a
+    /// placeholder in its environment variable; the broker puts the value in on the way out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
+    pub secrets: Vec<String>,
+    /// Each attached secret's placeholder in this sandbox (secret name → placeholder). Set by
+    /// Hutch at create (fresh for every sandbox, clone and fork), never by a client, and not
+    /// shown by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(ignore)]
+    pub placeholders: BTreeMap<String, String>,
 }
 
 /// A restored sandbox's lineage.
@@ -129,11 +140,13 @@ fn default_allowed_ips() -> Vec<String> {
 
 impl SandboxInfo {
     /// The sandbox as the API shows it: secrets (the WireGuard keys) replaced by [`REDACTED`],
-    /// and the origin's snapshot named by its directory alone, never by a host path.
+    /// no secret placeholders, and the origin's snapshot named by its directory alone, never
+    /// by a host path.
     pub fn redacted(mut self) -> SandboxInfo {
         if let Some(origin) = &mut self.spec.origin {
             origin.snapshot = snapshot_name(&origin.snapshot).to_string();
         }
+        self.spec.placeholders.clear();
         if let Some(w) = &mut self.spec.wireguard {
             w.private_key = REDACTED.into();
             if let Some(k) = &mut w.preshared_key {
@@ -219,6 +232,8 @@ impl Default for SandboxSpec {
             wireguard: None,
             template: None,
             origin: None,
+            secrets: Vec::new(),
+            placeholders: BTreeMap::new(),
         }
     }
 }
@@ -277,7 +292,26 @@ impl SandboxSpec {
             return bad(format!("ttl_secs must be 1..={MAX_TTL_SECS}"));
         }
         check_map("labels", &self.labels, valid_label_key)?;
-        check_map("env", &self.env, valid_env_name)
+        check_map("env", &self.env, valid_env_name)?;
+        self.check_secrets()
+    }
+
+    /// Attached secrets: valid names, each once, at most [`bounds::MAX_ENTRIES`].
+    fn check_secrets(&self) -> Result<(), SpecError> {
+        if self.secrets.len() > bounds::MAX_ENTRIES {
+            return Err(SpecError(format!(
+                "more than {} secrets",
+                bounds::MAX_ENTRIES
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &self.secrets {
+            check_secret_name(name).map_err(|e| SpecError(e.to_string()))?;
+            if !seen.insert(name) {
+                return Err(SpecError(format!("secret {name} is attached twice")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -564,6 +598,37 @@ mod tests {
         for spec in bad {
             assert!(spec.validate().is_err(), "{spec:?} passed");
         }
+    }
+
+    #[test]
+    fn attached_secrets_are_named_once_and_placeholders_never_shown() {
+        let with = |names: &[&str]| SandboxSpec {
+            secrets: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(with(&["api", "git.token-1"]).validate().is_ok());
+        for bad in [&["api", "api"][..], &["-x"], &["a/b"], &[""]] {
+            assert!(with(bad).validate().is_err(), "{bad:?}");
+        }
+        let mut spec = with(&["api"]);
+        spec.placeholders
+            .insert("api".into(), "hutch_ph_abc".into());
+        let info = SandboxInfo {
+            id: "sb-1".into(),
+            state: SandboxState::Running,
+            spec,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            expires_at_ms: None,
+        };
+        let shown = serde_json::to_string(&info.clone().redacted()).unwrap();
+        assert!(!shown.contains("hutch_ph_"), "{shown}");
+        assert!(
+            serde_json::to_string(&info)
+                .unwrap()
+                .contains("hutch_ph_abc"),
+            "the store keeps it"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What a caller may do: the scope of an API token (the Unix socket's caller is admin). Stored
 //! by `hutch-store` with each token and checked by the daemon on every request.
 
-use crate::{SandboxInfo, SandboxSpec};
+use crate::{Labels, SandboxInfo, SandboxSpec};
 
 /// What an API token may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +57,33 @@ impl TokenScope {
             ))),
             _ => {
                 spec.labels.insert(key.clone(), value.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Refuses an object of kind `what` (e.g. "secrets") whose `labels` are outside this scope.
+    pub fn allows_labels(&self, what: &str, labels: &Labels) -> Result<(), Forbidden> {
+        match self {
+            TokenScope::Admin => Ok(()),
+            TokenScope::Label { key, value } if labels.get(key) == Some(value) => Ok(()),
+            TokenScope::Label { key, value } => Err(Forbidden(format!(
+                "this token is limited to {what} labelled {key}={value}"
+            ))),
+        }
+    }
+
+    /// Labels a new object of kind `what` with this scope's label, refusing a conflicting one.
+    pub fn label_labels(&self, what: &str, labels: &mut Labels) -> Result<(), Forbidden> {
+        let TokenScope::Label { key, value } = self else {
+            return Ok(());
+        };
+        match labels.get(key) {
+            Some(v) if v != value => Err(Forbidden(format!(
+                "this token may only make {what} labelled {key}={value}"
+            ))),
+            _ => {
+                labels.insert(key.clone(), value.clone());
                 Ok(())
             }
         }

@@ -24,6 +24,7 @@ mod files;
 mod hostile;
 mod lifecycle;
 mod network;
+mod secrets;
 mod templates;
 
 use common::{check, hutch};
@@ -137,7 +138,7 @@ fn main() {
 }
 
 fn trials() -> Vec<libtest_mimic::Trial> {
-    use {access::*, files::*, hostile::*, lifecycle::*, network::*, templates::*};
+    use {access::*, files::*, hostile::*, lifecycle::*, network::*, secrets::*, templates::*};
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -161,6 +162,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
+        a_guest_holds_placeholders_and_the_ca_never_the_value,
     ]
 }
 

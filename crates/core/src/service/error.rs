@@ -24,6 +24,9 @@ pub enum ServiceError {
         /// Why, in words.
         message: String,
     },
+    /// A secret could not be set, read or attached.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     /// The guest channel failed during a transfer or exec.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -73,6 +76,7 @@ impl ServiceError {
         match self {
             ServiceError::Core(e) => e.code(),
             ServiceError::Task(e) => e.code(),
+            ServiceError::Secret(e) => e.code(),
             ServiceError::Refused { code, .. } => *code,
             ServiceError::Channel(e) => channel_code(e),
         }

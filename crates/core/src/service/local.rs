@@ -7,14 +7,19 @@ use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{host::Exec, ExecRequest, TtySize};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxId, SandboxInfo, TemplateInfo, TemplateSpec};
+use hutch_types::{
+    BrokerEvent, ErrorCode, NetworkPolicy, SandboxId, SandboxInfo, SandboxState, SecretInfo,
+    TemplateInfo, TemplateSpec,
+};
 use tokio::io::DuplexStream;
 
 use super::{
     transfer, ByteStream, Caller, Command, Create, Lifecycle, Result, SandboxApi, ServiceError,
 };
 use crate::{
+    blocking::off_worker,
     exec::{run_capped, Collected, OutputSink, OverCap},
+    secrets::{SecretError, SecretStore, SetSecret},
     task::Tasks,
     Manager,
 };
@@ -50,9 +55,43 @@ impl LocalApi {
         Ok(info)
     }
 
-    /// The guest request for `command` in the sandbox `info`: its environment, then the
-    /// command's own on top.
-    fn exec_request(info: &SandboxInfo, command: Command, stdin: bool) -> Result<ExecRequest> {
+    /// The host's secret store, or why there is none.
+    fn secret_store(&self) -> Result<&Arc<SecretStore>> {
+        self.manager
+            .secrets()
+            .ok_or_else(|| ServiceError::refused(ErrorCode::Conflict, "this host keeps no secrets"))
+    }
+
+    /// Refuses attaching a secret the caller may not see (the manager refuses unknown ones).
+    fn check_secret_scope(&self, caller: &Caller, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let store = self.secret_store()?;
+        for name in names {
+            match store.get(&caller.scope, name) {
+                Ok(_) => {}
+                Err(SecretError::NotFound(_)) => {
+                    return Err(ServiceError::refused(
+                        ErrorCode::BadRequest,
+                        format!("no such secret: {name}"),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest request for `command` in the sandbox `info`: the CA variables and each
+    /// secret's placeholder when it has secrets, its environment, then the command's own on
+    /// top.
+    fn exec_request(
+        &self,
+        info: &SandboxInfo,
+        command: Command,
+        stdin: bool,
+    ) -> Result<ExecRequest> {
         let Command {
             argv,
             env,
@@ -71,10 +110,8 @@ impl LocalApi {
                 format!("invalid variable name {bad:.40}"),
             ));
         }
-        let mut merged = info.spec.env.clone();
-        merged.extend(env);
         Ok(ExecRequest {
-            env: merged.into_iter().collect(),
+            env: self.manager.exec_env(&info.spec, env),
             cwd,
             stdin,
             timeout_ms: timeout_secs.map(|s| s.saturating_mul(1000)),
@@ -133,6 +170,7 @@ impl SandboxApi for LocalApi {
             idempotency_key,
         } = req;
         caller.label(&mut spec)?;
+        self.check_secret_scope(caller, &spec.secrets)?;
         let manager = self.manager.clone();
         let (info, created) =
             completed(async move { manager.create(spec, idempotency_key.as_deref()).await })
@@ -238,7 +276,7 @@ impl SandboxApi for LocalApi {
     ) -> Result<Collected> {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
-        let req = Self::exec_request(&info, command, stdin.is_some())?;
+        let req = self.exec_request(&info, command, stdin.is_some())?;
         Ok(run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await?)
     }
 
@@ -251,7 +289,7 @@ impl SandboxApi for LocalApi {
     ) -> Result<Exec> {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
-        let mut req = Self::exec_request(&info, command, true)?;
+        let mut req = self.exec_request(&info, command, true)?;
         req.tty = tty;
         channel.exec(req).await.map_err(ServiceError::exec_start)
     }
@@ -291,7 +329,7 @@ impl SandboxApi for LocalApi {
             argv: transfer::unpack_argv(&dir),
             ..Command::default()
         };
-        let req = Self::exec_request(&info, unpack, true)?;
+        let req = self.exec_request(&info, unpack, true)?;
         transfer::put_archive(&channel, req, body).await
     }
 
@@ -307,7 +345,7 @@ impl SandboxApi for LocalApi {
             argv: transfer::pack_argv(&dir),
             ..Command::default()
         };
-        let req = Self::exec_request(&info, pack, false)?;
+        let req = self.exec_request(&info, pack, false)?;
         transfer::get_archive(&channel, req, dir, sink).await
     }
 
@@ -388,5 +426,53 @@ impl SandboxApi for LocalApi {
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck> {
         caller.require_admin(TASKS_HOST_WIDE)?;
         Ok(self.tasks.verify_signature(id).await?)
+    }
+
+    async fn set_secret(&self, caller: &Caller, req: SetSecret) -> Result<SecretInfo> {
+        let (store, scope) = (self.secret_store()?.clone(), caller.scope.clone());
+        let info = off_worker(move || store.set(&scope, req)).await?;
+        // A new value (rotation) goes live in every running broker that holds the secret.
+        self.manager.refresh_brokers().await;
+        Ok(info)
+    }
+
+    async fn secrets(&self, caller: &Caller) -> Result<Vec<SecretInfo>> {
+        Ok(self.secret_store()?.list(&caller.scope))
+    }
+
+    async fn remove_secret(&self, caller: &Caller, name: &str) -> Result<SecretInfo> {
+        let store = self.secret_store()?.clone();
+        store.get(&caller.scope, name)?;
+        let users: Vec<String> = self
+            .manager
+            .store()
+            .list(&ListFilter::default())
+            .await
+            .map_err(crate::CoreError::from)?
+            .into_iter()
+            .filter(|s| {
+                s.state != SandboxState::Destroyed && s.spec.secrets.iter().any(|n| n == name)
+            })
+            .map(|s| s.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(ServiceError::refused(
+                ErrorCode::Conflict,
+                format!(
+                    "secret {name} is attached to {}: destroy them first",
+                    users.join(", ")
+                ),
+            ));
+        }
+        let (scope, name) = (caller.scope.clone(), name.to_string());
+        Ok(off_worker(move || store.remove(&scope, &name)).await?)
+    }
+
+    async fn secret_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<BrokerEvent>> {
+        self.authorize(caller, id).await?;
+        Ok(match self.manager.secrets() {
+            Some(store) => store.log().events(id.as_str()),
+            None => Vec::new(),
+        })
     }
 }

@@ -22,7 +22,10 @@ use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{host::Exec, TtySize};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
-use hutch_types::{NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec, TemplateInfo, TemplateSpec};
+use hutch_types::{
+    BrokerEvent, NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec, SecretInfo, TemplateInfo,
+    TemplateSpec,
+};
 use tokio::io::DuplexStream;
 
 pub use caller::Caller;
@@ -30,7 +33,10 @@ pub use error::ServiceError;
 pub use local::{LocalApi, TASKS_HOST_WIDE};
 pub use transfer::ByteStream;
 
-use crate::exec::{Collected, OutputSink};
+use crate::{
+    exec::{Collected, OutputSink},
+    secrets::SetSecret,
+};
 
 /// A request's result.
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -209,4 +215,13 @@ pub trait SandboxApi: Send + Sync {
     async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String>;
     /// Whether a task's record carries a valid host signature (admin only).
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck>;
+    /// Sets a secret, or rotates one the caller may see (same identity and placeholders, new
+    /// value, live). Its value is never answered.
+    async fn set_secret(&self, caller: &Caller, req: SetSecret) -> Result<SecretInfo>;
+    /// The secrets the caller may see: names, variables, bindings, labels; never values.
+    async fn secrets(&self, caller: &Caller) -> Result<Vec<SecretInfo>>;
+    /// Removes a secret the caller may see that no sandbox (but a destroyed one) has attached.
+    async fn remove_secret(&self, caller: &Caller, name: &str) -> Result<SecretInfo>;
+    /// What the broker did with a sandbox's secrets (never a value or a placeholder).
+    async fn secret_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<BrokerEvent>>;
 }

@@ -5,5 +5,6 @@
 
 mod failures;
 mod lifecycle;
+mod secrets;
 mod surface;
 mod world;

@@ -85,6 +85,8 @@ impl World {
         );
         let snapshots = self.dir.path().join("snapshots");
         assert_eq!(entries(&snapshots), Vec::<String>::new(), "saves left");
+        let cas = self.dir.path().join("secrets/sandboxes");
+        assert_eq!(entries(&cas), Vec::<String>::new(), "broker CAs left");
     }
 
     /// The recorded state of `id`.
@@ -118,6 +120,9 @@ fn manager(
         boot_timeout: Duration::from_secs(3),
         jails_dir: None,
         detached: true,
+        secrets: Some(Arc::new(
+            hutch_core::secrets::SecretStore::open(&dir.join("secrets")).unwrap(),
+        )),
     };
     let net: Arc<dyn hutch_core::HostNetwork> = net.clone();
     Manager::new(cfg, store.clone(), vmm.clone(), Ok(net))
