@@ -209,4 +209,12 @@ pub trait SandboxApi: Send + Sync {
     async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String>;
     /// Whether a task's record carries a valid host signature (admin only).
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck>;
+    /// The host's metrics in the Prometheus text format (host-wide: admin only).
+    async fn metrics(&self, caller: &Caller) -> Result<String>;
+    /// The public keys that verify guests' identity tokens, as a JWKS (public: anyone may
+    /// verify); `not_found` where this host issues none.
+    async fn identity_keys(&self) -> Result<serde_json::Value>;
+    /// The identity issuer's OpenID-style discovery document (public); `not_found` where
+    /// this host issues none.
+    async fn identity_discovery(&self) -> Result<serde_json::Value>;
 }
