@@ -22,6 +22,7 @@ mod access;
 mod common;
 mod files;
 mod hostile;
+mod identity;
 mod lifecycle;
 mod network;
 mod templates;
@@ -45,7 +46,15 @@ impl Daemon {
     fn start_with(home: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
-        let base = ["--listen-tcp", tcp.as_str(), "--max-sandboxes", "16"];
+        let ttl = identity::TOKEN_TTL_SECS.to_string();
+        let base = [
+            "--listen-tcp",
+            tcp.as_str(),
+            "--max-sandboxes",
+            "16",
+            "--identity-token-ttl",
+            ttl.as_str(),
+        ];
         let child = common::spawn_daemon(home.path(), &[&base[..], extra].concat());
         Daemon { home, child, tcp }
     }
@@ -132,7 +141,7 @@ fn main() {
 }
 
 fn trials() -> Vec<libtest_mimic::Trial> {
-    use {access::*, files::*, hostile::*, lifecycle::*, network::*, templates::*};
+    use {access::*, files::*, hostile::*, identity::*, lifecycle::*, network::*, templates::*};
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -156,6 +165,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
+        guests_get_tokens_pyjwt_verifies_and_metrics_move,
     ]
 }
 
