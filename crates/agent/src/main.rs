@@ -6,9 +6,13 @@
 //! it can also run as an ordinary host process serving one inherited socket (`hutch-agent
 //! --serve-fd N`) or every connection on an inherited listening socket (`hutch-agent
 //! --listen-fd N`), so the protocol and exec logic are exercised without a VM.
+//!
+//! Run as `hutch-identity` (the name it is bind-mounted under in the guest), it is the client
+//! guest processes use to get a workload identity token ([`identity`]).
 
 mod fdstream;
 mod files;
+mod identity;
 mod init;
 mod net;
 mod ops;
@@ -31,6 +35,13 @@ fn main() {
         .without_time()
         .init();
     let args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str());
+    if name == Some("hutch-identity") {
+        std::process::exit(identity::cli(&args[1..]));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,6 +55,9 @@ fn main() {
         };
         // SAFETY: the caller handed us this descriptor to own.
         let take = || unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Some(path) = std::env::var_os(identity::SOCKET_ENV) {
+            runtime.spawn(identity::serve(path.into()));
+        }
         match flag.as_str() {
             "--serve-fd" => runtime.block_on(server::serve_host_process(take())),
             "--listen-fd" => runtime.block_on(server::serve_host_listener(take())),
@@ -71,6 +85,7 @@ async fn run_as_init() {
     if boot.probe {
         init::probe_and_power_off();
     }
+    tokio::spawn(identity::serve(identity::SOCKET.into()));
     if let Some(listener) = boot.vsock {
         match reaper::global() {
             Ok(reaper) => {

@@ -3,14 +3,18 @@
 use std::{
     collections::HashMap,
     os::fd::OwnedFd,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU16, AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
 
 use hutch_protocol::{
     encode,
     handshake::{choose_version, HandshakeError},
-    ErrorCode, FrameReader, GuestMsg, HostMsg, OpError, Welcome, CONNECTION_OP, MAGIC,
-    PROTOCOL_VERSION, STREAM_WINDOW,
+    ErrorCode, FrameReader, GuestMsg, HostMsg, OpError, TokenRequest, Welcome, CONNECTION_OP,
+    GUEST_OP_BIT, MAGIC, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
@@ -68,7 +72,15 @@ pub struct Conn {
     pub reaper: Arc<Reaper>,
     /// Whether the agent is the VM's init (and may touch clock, RNG, hostname, power).
     pub is_init: bool,
+    /// The protocol version agreed with this host.
+    version: AtomicU16,
+    /// Requests this side started, waiting for the host's answer.
+    requests: Mutex<HashMap<u32, oneshot::Sender<Result<String, OpError>>>>,
+    next_request: AtomicU32,
 }
+
+/// How long a guest-started request waits for the host's answer.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What an operation task receives when it starts.
 pub struct OpIo {
@@ -133,6 +145,34 @@ impl Conn {
         }
     }
 
+    /// Asks the host for a workload identity token for `audience` (protocol version 5).
+    pub async fn request_token(&self, audience: String) -> Result<String, OpError> {
+        let version = self.version.load(Ordering::Relaxed);
+        if version < 5 {
+            return Err(invalid(format!(
+                "the host speaks protocol version {version}, which has no identity tokens"
+            )));
+        }
+        let op = GUEST_OP_BIT | (self.next_request.fetch_add(1, Ordering::Relaxed) & !GUEST_OP_BIT);
+        let (tx, rx) = oneshot::channel();
+        self.requests.lock().expect("requests lock").insert(op, tx);
+        self.send(op, GuestMsg::TokenRequest(TokenRequest { audience }));
+        let answer = tokio::time::timeout(REQUEST_DEADLINE, rx).await;
+        self.requests.lock().expect("requests lock").remove(&op);
+        match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(io_error("the host connection ended before it answered")),
+            Err(_) => Err(io_error("the host did not answer in time")),
+        }
+    }
+
+    /// Hands the host's answer to the request it belongs to (none: it timed out meanwhile).
+    fn answer(&self, op: u32, answer: Result<String, OpError>) {
+        if let Some(tx) = self.requests.lock().expect("requests lock").remove(&op) {
+            let _ = tx.send(answer);
+        }
+    }
+
     /// Waits until everything queued so far has been written.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -190,6 +230,7 @@ impl Conn {
 
     /// The connection is gone: kill what it started and unblock its tasks.
     fn abort_all(&self) {
+        self.requests.lock().expect("requests lock").clear();
         for (_, e) in self.ops.lock().expect("ops lock").drain() {
             e.credit.close();
             if let Some(pgid) = e.pgid {
@@ -204,7 +245,10 @@ impl Conn {
             // one end: start over, so its Welcome follows nothing of the old host's.
             HostMsg::Hello(h) if op == CONNECTION_OP => {
                 self.abort_all();
-                self.send(CONNECTION_OP, welcome(&h));
+                let reply = welcome(&h);
+                self.version
+                    .store(agreed_version(&reply), Ordering::Relaxed);
+                self.send(CONNECTION_OP, reply);
             }
             HostMsg::Hello(_) => self.send(
                 op,
@@ -257,6 +301,8 @@ impl Conn {
                 let c = self.clone();
                 tokio::spawn(async move { setup::shutdown(&c, op).await });
             }
+            HostMsg::Token(token) => self.answer(op, Ok(token)),
+            HostMsg::Refused(e) => self.answer(op, Err(e)),
         }
     }
 
@@ -271,6 +317,22 @@ impl Conn {
             }
             Err(e) => self.send(op, GuestMsg::Error(e)),
         }
+    }
+}
+
+/// An `Io` error with this message.
+fn io_error(message: &str) -> OpError {
+    OpError {
+        code: ErrorCode::Io,
+        message: message.into(),
+    }
+}
+
+/// The version a handshake reply agrees on (0: none).
+fn agreed_version(reply: &GuestMsg) -> u16 {
+    match reply {
+        GuestMsg::Welcome(w) => w.version,
+        _ => 0,
     }
 }
 
@@ -315,7 +377,11 @@ where
         ops: Mutex::new(HashMap::new()),
         reaper,
         is_init,
+        version: AtomicU16::new(agreed_version(&reply)),
+        requests: Mutex::new(HashMap::new()),
+        next_request: AtomicU32::new(1),
     });
+    crate::identity::attach(&conn);
     loop {
         match reader.next::<HostMsg>().await {
             Ok(Some(env)) => conn.dispatch(env.op, env.msg),

@@ -6,11 +6,12 @@
 
 use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
     process::{Child, Command},
 };
 
 use hutch_protocol::{
-    host::{Channel, ChannelError, Exec, ExecEvent},
+    host::{Channel, ChannelError, Exec, ExecEvent, TokenFuture, TokenIssuer},
     ErrorCode, ExecRequest, ExitStatus, ReadFileRequest, WriteFileRequest,
 };
 
@@ -28,10 +29,18 @@ impl Drop for Agent {
 
 /// Starts the agent binary serving one end of a socket pair; returns it and the other end.
 fn spawn_agent() -> (Child, tokio::net::UnixStream) {
+    spawn_agent_with_identity(None)
+}
+
+/// [`spawn_agent`], serving token requests on the socket `identity` when given.
+fn spawn_agent_with_identity(identity: Option<&Path>) -> (Child, tokio::net::UnixStream) {
     let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = guest.as_raw_fd();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch-agent"));
     cmd.args(["--serve-fd", "3"]);
+    if let Some(path) = identity {
+        cmd.env("HUTCH_IDENTITY_SOCKET", path);
+    }
     // SAFETY: dup2 is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
@@ -423,4 +432,77 @@ async fn a_listening_socket_serves_independent_connections() {
     connect().await.ping(3).await.unwrap();
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Answers every token request with `token-for:<audience>`.
+struct EchoIssuer;
+
+impl TokenIssuer for EchoIssuer {
+    fn issue(&self, audience: String) -> TokenFuture {
+        Box::pin(async move { Ok(format!("token-for:{audience}")) })
+    }
+}
+
+#[tokio::test]
+async fn a_process_gets_a_token_through_the_identity_socket_and_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("identity.sock");
+    let (child, stream) = spawn_agent_with_identity(Some(&socket));
+    let a = Agent {
+        child,
+        channel: std::sync::Arc::new(Channel::connect(stream).await.unwrap()),
+    };
+    // The client is the agent binary under the name `hutch-identity`.
+    let client = dir.path().join("hutch-identity");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hutch-agent"), &client).unwrap();
+    let run = |args: &[&str]| {
+        let mut argv = vec![client.display().to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let mut req = ExecRequest::new(argv);
+        req.env = vec![("HUTCH_IDENTITY_SOCKET".into(), socket.display().to_string())];
+        let channel = a.channel.clone();
+        async move { collect(channel.exec(req).await.unwrap()).await }
+    };
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // No issuer yet: the host refuses, and the client says why.
+    let (out, err, info) = run(&["token", "--audience", "svc"]).await;
+    assert_eq!(
+        info.status,
+        ExitStatus::Code(1),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert!(out.is_empty());
+    assert!(String::from_utf8_lossy(&err).contains("issues no identity tokens"));
+
+    a.channel.serve_tokens(std::sync::Arc::new(EchoIssuer));
+    let (out, err, info) = run(&["token", "--audience", "https://svc.example/x"]).await;
+    assert_eq!(
+        info.status,
+        ExitStatus::Code(0),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(out, b"token-for:https://svc.example/x\n");
+    let (out, _, info) = run(&["token", "--audience=urn:a"]).await;
+    assert_eq!(
+        (info.status, out),
+        (ExitStatus::Code(0), b"token-for:urn:a\n".to_vec())
+    );
+
+    // The host's audience rule reaches the client as its reason.
+    let (_, err, info) = run(&["token", "--audience", "two words"]).await;
+    assert_eq!(info.status, ExitStatus::Code(1));
+    assert!(
+        String::from_utf8_lossy(&err).contains("visible ASCII"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let (_, _, info) = run(&["token"]).await;
+    assert_eq!(info.status, ExitStatus::Code(2), "usage");
 }

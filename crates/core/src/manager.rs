@@ -24,6 +24,7 @@ use crate::{
     blocking::{off_worker, remove_tree},
     host::{HostNetwork, ImageSource},
     lifecycle::{check, ActionKind, IllegalAction},
+    metrics::CreatePath,
     network,
     sandbox::{BootOptions, Sandbox, SandboxError},
     template::{TemplateError, Templates},
@@ -192,6 +193,10 @@ pub struct Manager {
     pub(crate) me: std::sync::Weak<Manager>,
     /// The secret brokers of live sandboxes with secrets.
     pub(crate) brokers: crate::secrets::Brokers,
+    /// Signs guests' workload identity tokens, once the daemon set it.
+    identity: std::sync::OnceLock<Arc<crate::identity::Issuer>>,
+    /// Counters and histograms for `/metrics`.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -222,7 +227,25 @@ impl Manager {
             pools: crate::pool::Pools::default(),
             me: me.clone(),
             brokers: Default::default(),
+            identity: std::sync::OnceLock::new(),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Answers guests' token requests with `issuer` from now on (sandboxes that go live
+    /// afterwards; the daemon sets it before it reconciles). Set once; later calls are ignored.
+    pub fn set_identity(&self, issuer: Arc<crate::identity::Issuer>) {
+        let _ = self.identity.set(issuer);
+    }
+
+    /// The workload identity issuer, if this manager has one.
+    pub fn identity(&self) -> Option<&Arc<crate::identity::Issuer>> {
+        self.identity.get()
+    }
+
+    /// The daemon's metrics (handles for the features that count into them).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The image called `name`.
@@ -269,6 +292,7 @@ impl Manager {
             )
             .into());
         }
+        let started = std::time::Instant::now();
         let mut spec = spec;
         self.give_placeholders(&mut spec)?;
         let snapshot = match spec.template.clone() {
@@ -286,6 +310,7 @@ impl Manager {
             .take_pooled(&spec, idempotency_key, plan.as_ref())
             .await?
         {
+            self.metrics.created(CreatePath::Pool, started.elapsed());
             return Ok((info, true));
         }
         let image = self.image(&spec.image)?;
@@ -301,8 +326,18 @@ impl Manager {
                 return Ok((self.info(&id).await?, false));
             }
         }
-        self.launch(&id, &spec, image, plan, snapshot.as_ref())
-            .await?;
+        let path = match snapshot {
+            Some(_) => CreatePath::Restore,
+            None => CreatePath::Cold,
+        };
+        if let Err(e) = self
+            .launch(&id, &spec, image, plan, snapshot.as_ref())
+            .await
+        {
+            self.metrics.create_failed();
+            return Err(e);
+        }
+        self.metrics.created(path, started.elapsed());
         Ok((self.info(&id).await?, true))
     }
 
@@ -538,6 +573,15 @@ impl Manager {
         if let Err(e) = recorded {
             let _ = sandbox.discard().await;
             return Err(e.into());
+        }
+        if let Some(issuer) = self.identity.get() {
+            sandbox
+                .channel()
+                .serve_tokens(Arc::new(crate::identity::SandboxTokens {
+                    manager: self.me.clone(),
+                    issuer: issuer.clone(),
+                    id: id.to_string(),
+                }));
         }
         let live = Arc::new(Live {
             channel: sandbox.channel().clone(),

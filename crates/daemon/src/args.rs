@@ -42,6 +42,25 @@ pub struct DaemonArgs {
     /// requests, before it is closed.
     #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub tcp_header_timeout: u64,
+    /// The `iss` of guests' identity tokens: the URL where services reach this daemon's
+    /// `/.well-known/jwks.json` (default: http:// and the --listen-tcp address).
+    #[arg(long, value_name = "URL")]
+    pub identity_issuer: Option<String>,
+    /// Seconds a guest's identity token holds (at most 600).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub identity_token_ttl: u64,
+}
+
+impl DaemonArgs {
+    /// The identity tokens' issuer URL: `--identity-issuer`, else the TCP listener's address,
+    /// else `http://localhost` (verifiers then need the keys some other way).
+    pub fn issuer(&self) -> String {
+        match (&self.identity_issuer, &self.listen_tcp) {
+            (Some(url), _) => url.clone(),
+            (None, Some(addr)) => format!("http://{addr}"),
+            (None, None) => "http://localhost".into(),
+        }
+    }
 }
 
 /// VM shape shared by commands that boot one.

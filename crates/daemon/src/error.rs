@@ -63,6 +63,9 @@ pub enum DaemonError {
     /// A server stopped with an I/O error.
     #[error("serving failed")]
     Io(#[source] std::io::Error),
+    /// The identity token signing key could not be loaded or made.
+    #[error("cannot load the identity signing key")]
+    IdentityKey(#[source] hutch_task::sign::KeyError),
 }
 
 impl From<hutch_core::CoreError> for DaemonError {

@@ -25,6 +25,11 @@ impl Home {
         Ok(Home { root })
     }
 
+    /// The key that signs guests' identity tokens (mode 0600, made on first start).
+    pub fn identity_key(&self) -> PathBuf {
+        self.root.join("identity").join("signing.key")
+    }
+
     /// Agent tasks, one directory each (`tasks/<id>/`).
     pub fn tasks(&self) -> PathBuf {
         self.root.join("tasks")

@@ -19,6 +19,7 @@ mod home;
 mod http_error;
 mod listen;
 mod lock;
+mod observe;
 mod openapi;
 mod ports;
 pub mod process;
@@ -94,6 +95,22 @@ pub async fn run(
     let spares = net.as_ref().ok().cloned();
     let net = net.map(|n| n as Arc<dyn hutch_core::HostNetwork>);
     let manager = Manager::new(cfg, store, backend.vmm, net);
+    let identity = hutch_core::identity::IdentityConfig {
+        issuer: args.issuer(),
+        lifetime: Duration::from_secs(args.identity_token_ttl),
+    };
+    let issuer = hutch_core::identity::Issuer::load_or_create(&home.identity_key(), identity)
+        .map_err(DaemonError::IdentityKey)?;
+    eprintln!(
+        "hutch daemon: identity tokens issued as {} (key {})",
+        issuer.issuer(),
+        issuer.kid()
+    );
+    manager.set_identity(Arc::new(issuer));
+    if let Some(net) = &spares {
+        // HOOK(journal): the journal's sink joins this one (a fan-out) to record decisions.
+        net.set_event_sink(Some(manager.metrics().clone()));
+    }
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
     eprintln!(

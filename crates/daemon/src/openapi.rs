@@ -71,12 +71,14 @@ fn inline_create_sandbox(doc: &mut OpenApi) {
 fn shared_errors(path: &str) -> Vec<(&'static str, &'static str)> {
     let mut out = vec![
         ("400", "a malformed path, query or body"),
-        (
-            "401",
-            "on TCP: no bearer token, or an unknown or expired one",
-        ),
         ("500", "the host failed"),
     ];
+    if !crate::observe::is_public(path) {
+        out.push((
+            "401",
+            "on TCP: no bearer token, or an unknown or expired one",
+        ));
+    }
     if path.contains('{') {
         out.push(("403", "the token's scope does not cover it"));
         out.push(("404", "no such resource"));

@@ -80,28 +80,38 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(secrets::set_secret, secrets::remove_secret))
         .routes(routes!(secrets::list_secrets))
         .routes(routes!(secrets::secret_log))
+        .routes(routes!(crate::observe::metrics))
 }
 
-/// The routes and their complete OpenAPI document.
-fn api_parts() -> (axum::Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+/// The routes that need a caller, those that do not ([`crate::observe::public_api`]), and
+/// their complete OpenAPI document.
+fn api_parts() -> (
+    axum::Router<Arc<AppState>>,
+    axum::Router<Arc<AppState>>,
+    utoipa::openapi::OpenApi,
+) {
     let (router, mut doc) = api().split_for_parts();
+    let (public, public_doc) = crate::observe::public_api().split_for_parts();
+    doc.merge(public_doc);
     crate::openapi::complete(&mut doc);
-    (router, doc)
+    (router, public, doc)
 }
 
 /// The generated OpenAPI document.
 #[cfg(test)]
 pub(super) fn api_doc() -> utoipa::openapi::OpenApi {
-    api_parts().1
+    api_parts().2
 }
 
 /// What an unknown path gets: the API's JSON 404, like every other error.
 const NO_ROUTE: &str = "no such route";
 
-fn build(state: Arc<AppState>) -> Router {
-    let (router, doc) = api_parts();
+/// The routes that need a caller (with the fallback and the document), and the public ones,
+/// each with `state`.
+fn build(state: Arc<AppState>) -> (Router, Router) {
+    let (router, public, doc) = api_parts();
     let doc = Arc::new(doc);
-    router
+    let router = router
         .fallback(|| async { HttpError::new(ErrorCode::NotFound, NO_ROUTE) })
         .route(
             "/openapi.json",
@@ -111,23 +121,29 @@ fn build(state: Arc<AppState>) -> Router {
             }),
         )
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
-        .with_state(state)
+        .with_state(state.clone());
+    (router, public.with_state(state))
 }
 
 /// The API where every request comes from `caller` (the Unix socket: admin).
 pub fn router(state: Arc<AppState>, caller: Caller) -> Router {
-    build(state).layer(Extension(caller))
+    let (router, public) = build(state);
+    router.merge(public).layer(Extension(caller))
 }
 
 /// The API where each request's scope comes from its bearer token (TCP). A request that
 /// passes the token check marks its connection authenticated (see [`crate::listen`]).
+/// The public routes (identity keys and discovery) need no token, and serving one does not
+/// mark the connection authenticated.
 pub fn router_with_tokens(state: Arc<AppState>) -> Router {
-    build(state.clone())
+    let (router, public) = build(state.clone());
+    router
         .layer(middleware::from_fn(crate::listen::authenticated))
         .layer(middleware::from_fn_with_state(
             state,
             crate::auth::require_token,
         ))
+        .merge(public)
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
@@ -417,6 +433,9 @@ mod tests {
         ("get", "/v1/secrets"),
         ("delete", "/v1/secrets/{name}"),
         ("get", "/v1/sandboxes/{id}/secrets/log"),
+        ("get", "/metrics"),
+        ("get", "/.well-known/jwks.json"),
+        ("get", "/.well-known/openid-configuration"),
     ];
 
     fn state() -> (tempfile::TempDir, Arc<AppState>) {
@@ -522,7 +541,7 @@ mod tests {
             let parsed: std::result::Result<ApiError, _> = serde_json::from_slice(&body);
             if matches!(
                 *path,
-                "/v1/sandboxes" | "/v1/templates" | "/v1/tasks" | "/v1/secrets"
+                "/v1/sandboxes" | "/v1/templates" | "/v1/tasks" | "/v1/secrets" | "/metrics"
             ) && *method == "get"
             {
                 assert_eq!(status, StatusCode::OK, "{method} {path}");
@@ -707,7 +726,10 @@ mod tests {
         assert_eq!(doc["security"][0]["bearer"], serde_json::json!([]));
         for (method, path) in OPERATIONS {
             let responses = &doc["paths"][path][method]["responses"];
-            let mut want = vec!["400", "401", "500"];
+            let mut want = vec!["400", "500"];
+            if !crate::observe::is_public(path) {
+                want.push("401");
+            }
             if path.contains('{') {
                 want.extend(["403", "404"]);
             }
@@ -771,6 +793,35 @@ mod tests {
             create["properties"]["cpus"],
             schemas["SandboxSpec"]["properties"]["cpus"]
         );
+    }
+
+    #[tokio::test]
+    async fn identity_discovery_is_public_and_metrics_are_not() {
+        let (_dir, state) = state();
+        let app = router_with_tokens(state);
+        let get = |uri: &str| {
+            app.clone()
+                .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+        };
+        // No issuer in unit tests: a 404, but never a 401.
+        for uri in [
+            "/.well-known/jwks.json",
+            "/.well-known/openid-configuration",
+        ] {
+            assert_eq!(
+                get(uri).await.unwrap().status(),
+                StatusCode::NOT_FOUND,
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            get("/metrics").await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let doc = serde_json::to_value(api_doc()).unwrap();
+        let jwks = &doc["paths"]["/.well-known/jwks.json"]["get"];
+        assert_eq!(jwks["security"], serde_json::json!([{}]), "{jwks}");
+        assert!(jwks["responses"]["401"].is_null());
     }
 
     #[tokio::test]

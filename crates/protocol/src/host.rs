@@ -12,7 +12,8 @@
 //! the process, so no client that goes away leaves one running unseen.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -30,8 +31,9 @@ use tokio::{
 use crate::{
     frame::{check_chunk, encode, FrameError, FrameReader},
     handshake::{check_welcome, hello, HandshakeError},
-    ExecRequest, ExitInfo, GuestIdentity, GuestMsg, GuestTrust, HostMsg, NetworkConfig, OpError,
-    ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, MAX_CHUNK, STREAM_WINDOW,
+    ErrorCode, ExecRequest, ExitInfo, GuestIdentity, GuestMsg, GuestTrust, HostMsg, NetworkConfig,
+    OpError, ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, GUEST_OP_BIT,
+    MAX_CHUNK, STREAM_WINDOW,
 };
 
 /// How long an exec may run past its own timeout before the host stops waiting for its end:
@@ -47,6 +49,64 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Linux's SIGKILL, sent to the process group of an abandoned exec.
 const SIGKILL: i32 = 9;
+
+/// Token requests a guest may make at once before more are refused with `RateLimited`.
+pub const TOKEN_BURST: u32 = 10;
+
+/// How often the guest earns one more token request, up to [`TOKEN_BURST`].
+pub const TOKEN_REFILL: Duration = Duration::from_secs(1);
+
+/// Most guest token requests being answered at once; more are refused with `RateLimited`.
+pub const MAX_GUEST_REQUESTS: usize = 4;
+
+/// The answer to a guest's token request: the token, or why not.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, OpError>> + Send>>;
+
+/// Issues workload identity tokens for the sandbox behind one channel. The channel's owner
+/// binds it to that sandbox ([`Channel::serve_tokens`]); the request names only the audience,
+/// so a guest can never ask for another sandbox's token.
+pub trait TokenIssuer: Send + Sync {
+    /// A token for `audience` (already checked by [`crate::TokenRequest::check`]).
+    fn issue(&self, audience: String) -> TokenFuture;
+}
+
+/// The host's side of guest-started requests: who answers them and how many are allowed.
+struct GuestRequests {
+    issuer: Option<Arc<dyn TokenIssuer>>,
+    in_flight: HashSet<u32>,
+    /// Requests the guest may still make now (a token bucket of [`TOKEN_BURST`]).
+    allowance: u32,
+    /// When the allowance last grew (or was full).
+    refilled: Instant,
+}
+
+impl GuestRequests {
+    fn new() -> GuestRequests {
+        GuestRequests {
+            issuer: None,
+            in_flight: HashSet::new(),
+            allowance: TOKEN_BURST,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one request from the allowance, refilled for the time since the last refill.
+    fn take_allowance(&mut self, now: Instant) -> bool {
+        let earned = now.duration_since(self.refilled).as_nanos() / TOKEN_REFILL.as_nanos();
+        if earned > 0 {
+            self.allowance = (self.allowance as u128 + earned).min(TOKEN_BURST as u128) as u32;
+            self.refilled += TOKEN_REFILL * earned as u32;
+            if self.allowance == TOKEN_BURST {
+                self.refilled = now;
+            }
+        }
+        if self.allowance == 0 {
+            return false;
+        }
+        self.allowance -= 1;
+        true
+    }
+}
 
 /// Why an operation on the channel failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +180,10 @@ struct Inner {
     /// Becomes true when the channel closes, waking writers blocked on a guest that does not
     /// read.
     closed: watch::Sender<bool>,
+    /// The protocol version agreed in the handshake.
+    version: u16,
+    /// Requests the guest started.
+    requests: Mutex<GuestRequests>,
 }
 
 /// How long an operation waits for the guest.
@@ -193,6 +257,8 @@ impl Channel {
             ops: Mutex::new(OpTable::default()),
             next_op: AtomicU32::new(1),
             closed: watch::Sender::new(false),
+            version: welcome.version,
+            requests: Mutex::new(GuestRequests::new()),
         });
         let reader = tokio::spawn(route(reader, inner.clone()));
         Ok(Channel {
@@ -206,6 +272,12 @@ impl Channel {
     /// every later one. For a sandbox found failed, whose guest will never answer.
     pub fn abort(&self, reason: &str) {
         self.inner.close(reason.to_string());
+    }
+
+    /// Answers the guest's token requests with `issuer` from now on (until then they are
+    /// refused). The channel's owner binds the issuer to the sandbox the channel belongs to.
+    pub fn serve_tokens(&self, issuer: Arc<dyn TokenIssuer>) {
+        self.inner.requests.lock().expect("requests lock").issuer = Some(issuer);
     }
 
     /// What the guest said in the handshake.
@@ -575,6 +647,7 @@ fn msg_name(m: &GuestMsg) -> &'static str {
         GuestMsg::FileData(_) => "FileData",
         GuestMsg::FileEnd(_) => "FileEnd",
         GuestMsg::Pong(_) => "Pong",
+        GuestMsg::TokenRequest(_) => "TokenRequest",
     }
 }
 
@@ -612,9 +685,15 @@ async fn route<R: AsyncRead + Unpin>(mut reader: FrameReader<R>, inner: Arc<Inne
 /// and an operation gets at most one `Started`. Anything else (a second `Welcome`, an empty
 /// data chunk, a repeated `Started`) would let the guest grow the queue of an operation the
 /// host is not reading without limit, so it ends the channel.
-async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
+async fn dispatch(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(), String> {
     if op == CONNECTION_OP {
         return Err(format!("unexpected {} on the connection", msg_name(&msg)));
+    }
+    if op & GUEST_OP_BIT != 0 {
+        return guest_request(inner, op, msg).await;
+    }
+    if let GuestMsg::TokenRequest(_) = msg {
+        return Err(format!("TokenRequest on host operation {op}"));
     }
     let len = msg.data_len();
     check_chunk(len).map_err(|e| e.to_string())?;
@@ -674,6 +753,88 @@ async fn dispatch(inner: &Inner, op: u32, msg: GuestMsg) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Starts answering a request the guest started on operation `op`.
+///
+/// Only token requests exist, and only from version 5; a repeated operation id ends the
+/// channel (its answer could not be told apart). A bad audience, a guest over its allowance
+/// ([`TOKEN_BURST`], one more per [`TOKEN_REFILL`]) or with [`MAX_GUEST_REQUESTS`] unanswered
+/// is refused at once: the guest's own requests cost it an answer each, nothing more.
+async fn guest_request(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(), String> {
+    let GuestMsg::TokenRequest(req) = msg else {
+        return Err(format!("{} on guest operation {op}", msg_name(&msg)));
+    };
+    if inner.version < 5 {
+        return Err(format!(
+            "TokenRequest on protocol version {}",
+            inner.version
+        ));
+    }
+    let issuer = {
+        let mut requests = inner.requests.lock().expect("requests lock");
+        if requests.in_flight.contains(&op) {
+            return Err(format!("second request on guest operation {op}"));
+        }
+        let refusal = if let Err(e) = req.check() {
+            Some(e)
+        } else if requests.in_flight.len() >= MAX_GUEST_REQUESTS
+            || !requests.take_allowance(Instant::now())
+        {
+            Some(refused(
+                ErrorCode::RateLimited,
+                "too many token requests; try again later",
+            ))
+        } else if requests.issuer.is_none() {
+            Some(refused(
+                ErrorCode::NotFound,
+                "this host issues no identity tokens",
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(e) => Err(e),
+            None => {
+                requests.in_flight.insert(op);
+                Ok(requests.issuer.clone().expect("checked above"))
+            }
+        }
+    };
+    let issuer = match issuer {
+        Ok(issuer) => issuer,
+        Err(e) => {
+            // Answered before the next frame is read: a guest that floods requests and stops
+            // reading is held back by its own unread answers.
+            tracing::debug!(op, reason = %e, "guest token request refused");
+            return inner
+                .send(op, &HostMsg::Refused(e))
+                .await
+                .map_err(|e| e.to_string());
+        }
+    };
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let reply = match issuer.issue(req.audience).await {
+            Ok(token) => HostMsg::Token(token),
+            Err(e) => HostMsg::Refused(e),
+        };
+        let _ = inner.send(op, &reply).await;
+        inner
+            .requests
+            .lock()
+            .expect("requests lock")
+            .in_flight
+            .remove(&op);
+    });
+    Ok(())
+}
+
+fn refused(code: ErrorCode, message: &str) -> OpError {
+    OpError {
+        code,
+        message: message.to_string(),
+    }
 }
 
 /// A running process in the guest. Dropped before the process exited (its client went away,
@@ -776,5 +937,30 @@ impl ExecControl {
     /// Resizes the process's terminal (when it runs under one).
     pub async fn resize(&self, size: crate::TtySize) -> Result<(), ChannelError> {
         self.inner.send(self.op, &HostMsg::Resize(size)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allowance_refills_one_per_interval_up_to_the_burst() {
+        let mut r = GuestRequests::new();
+        let t0 = r.refilled;
+        for _ in 0..TOKEN_BURST {
+            assert!(r.take_allowance(t0));
+        }
+        assert!(!r.take_allowance(t0));
+        // Half an interval earns nothing; a whole one earns one request.
+        assert!(!r.take_allowance(t0 + TOKEN_REFILL / 2));
+        assert!(r.take_allowance(t0 + TOKEN_REFILL));
+        assert!(!r.take_allowance(t0 + TOKEN_REFILL));
+        // A long pause refills to the burst, no further.
+        let later = t0 + TOKEN_REFILL * 1000;
+        for _ in 0..TOKEN_BURST {
+            assert!(r.take_allowance(later));
+        }
+        assert!(!r.take_allowance(later));
     }
 }

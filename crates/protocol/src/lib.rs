@@ -11,6 +11,11 @@
 //! by per-operation credit windows ([`STREAM_WINDOW`]), so one slow consumer cannot stall the
 //! channel and neither side buffers more than a window per operation.
 //!
+//! From version 5 the guest may start operations too (ids with [`GUEST_OP_BIT`] set): a
+//! process in the guest asks for a workload identity token ([`GuestMsg::TokenRequest`]), and
+//! the host answers with a token it signed for the sandbox the channel belongs to, or a
+//! refusal. The host rate-limits these requests and bounds how many are in flight.
+//!
 //! The host treats every guest frame as hostile: lengths are checked before anything is
 //! allocated ([`MAX_FRAME`]), data chunks are bounded ([`MAX_CHUNK`]), and a guest that sends
 //! more than the credit it was given is cut off.
@@ -26,7 +31,8 @@ pub use frame::{decode, encode, FrameError, FrameReader};
 pub use message::*;
 
 /// Protocol version implemented by this crate. Bumped on any incompatible wire change
-/// (3: `HostMsg::Network`; 4: `HostMsg::Identity`; 5: `HostMsg::Trust`).
+/// (3: `HostMsg::Network`; 4: `HostMsg::Identity`; 5: `HostMsg::Trust`, and guest requests —
+/// `GuestMsg::TokenRequest` answered by `HostMsg::Token` or `HostMsg::Refused`).
 pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Oldest protocol version this crate can still speak.
@@ -47,6 +53,10 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// Operation id reserved for connection-level messages (handshake, protocol errors).
 pub const CONNECTION_OP: u32 = 0;
+
+/// Set in the operation id of every operation the guest starts (version 5: token requests),
+/// so the two sides' id spaces never collide; the host's own ids stay below it.
+pub const GUEST_OP_BIT: u32 = 1 << 31;
 
 /// The guest's `AF_VSOCK` port on which the agent accepts the channel where the VMM gives the
 /// guest a vsock device (Firecracker; the host dials it with `CONNECT 1024`). Ports below 1024

@@ -57,6 +57,12 @@ pub enum HostMsg {
     /// placeholders for bound hosts. Sent again at every hand-out (clones, forks, pools), it
     /// replaces what an earlier one installed. Answered by `Done`, or `Error`.
     Trust(GuestTrust),
+    /// Answers a guest's [`GuestMsg::TokenRequest`] (version 5) on the guest's operation id:
+    /// a JWT the host signed for this sandbox. Ends the request.
+    Token(String),
+    /// Refuses a guest's request (version 5) on the guest's operation id: rate limited, bad
+    /// audience, or no issuer on this host. Ends the request.
+    Refused(OpError),
 }
 
 /// Messages the guest agent sends to the host.
@@ -84,6 +90,49 @@ pub enum GuestMsg {
     FileEnd(u64),
     /// Answer to `Ping`.
     Pong(u64),
+    /// Asks the host for a workload identity token (version 5). Sent on an operation id the
+    /// guest chose, with [`crate::GUEST_OP_BIT`] set; answered by `Token` or `Refused`. The
+    /// host decides whose token it is by the channel it came on, never by the request.
+    TokenRequest(TokenRequest),
+}
+
+/// A guest process's request for a short-lived identity token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Who the token is for (its `aud` claim): 1 to [`TokenRequest::MAX_AUDIENCE`] visible
+    /// ASCII characters (a URL or URN, typically).
+    pub audience: String,
+}
+
+impl TokenRequest {
+    /// Longest audience accepted, in bytes.
+    pub const MAX_AUDIENCE: usize = 256;
+
+    /// Checks the audience's length and characters (visible ASCII: no spaces, no control
+    /// characters, nothing a log line or header could be confused by).
+    pub fn check(&self) -> Result<(), OpError> {
+        let a = &self.audience;
+        let problem = if a.is_empty() {
+            Some("the audience is empty".to_string())
+        } else if a.len() > Self::MAX_AUDIENCE {
+            Some(format!(
+                "the audience has {} bytes, at most {} are allowed",
+                a.len(),
+                Self::MAX_AUDIENCE
+            ))
+        } else if !a.bytes().all(|b| b.is_ascii_graphic()) {
+            Some("the audience may hold only visible ASCII characters".to_string())
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => Err(OpError {
+                code: ErrorCode::InvalidRequest,
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Opening message of the handshake.
@@ -375,6 +424,8 @@ pub enum ErrorCode {
     Io,
     /// No common protocol version.
     UnsupportedVersion,
+    /// Too many requests: try again later (version 5).
+    RateLimited,
 }
 
 /// A failed operation: a category plus a human message.

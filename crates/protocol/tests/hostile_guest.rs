@@ -21,10 +21,13 @@ use std::{
 use hutch_protocol::{
     encode,
     handshake::HandshakeError,
-    host::{Channel, ChannelError, Exec, ExecEvent, EXEC_GRACE, REPLY_DEADLINE, WRITE_DEADLINE},
+    host::{
+        Channel, ChannelError, Exec, ExecEvent, TokenFuture, TokenIssuer, EXEC_GRACE,
+        MAX_GUEST_REQUESTS, REPLY_DEADLINE, TOKEN_BURST, TOKEN_REFILL, WRITE_DEADLINE,
+    },
     Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, FrameReader, GuestIdentity, GuestMsg,
-    HostMsg, OpError, ReadFileRequest, Welcome, MAGIC, MAX_CHUNK, MAX_FRAME, PROTOCOL_VERSION,
-    STREAM_WINDOW,
+    HostMsg, OpError, ReadFileRequest, TokenRequest, Welcome, GUEST_OP_BIT, MAGIC, MAX_CHUNK,
+    MAX_FRAME, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
 
@@ -1110,5 +1113,197 @@ async fn identity_is_written_as_files_for_a_version_3_guest() {
             ),
             ("/etc/hutch/sandbox-id".into(), 0o444, "sb-1\n".to_string()),
         ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest-started requests: workload identity tokens.
+
+/// An issuer bound to one sandbox: answers `<sandbox>:<audience>`, counting what it issued.
+struct Issuer {
+    sandbox: &'static str,
+    issued: Arc<AtomicUsize>,
+}
+
+impl TokenIssuer for Issuer {
+    fn issue(&self, audience: String) -> TokenFuture {
+        self.issued.fetch_add(1, Ordering::SeqCst);
+        let token = format!("{}:{audience}", self.sandbox);
+        Box::pin(async move { Ok(token) })
+    }
+}
+
+/// An issuer that never answers, so requests stay in flight.
+struct Stuck;
+
+impl TokenIssuer for Stuck {
+    fn issue(&self, _audience: String) -> TokenFuture {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A connected channel that serves tokens for sandbox `sb-1`; the issuer's count.
+async fn connect_issuing() -> (Channel, Guest, Arc<AtomicUsize>) {
+    let (chan, guest, _) = connect().await;
+    let issued = Arc::new(AtomicUsize::new(0));
+    chan.serve_tokens(Arc::new(Issuer {
+        sandbox: "sb-1",
+        issued: issued.clone(),
+    }));
+    (chan, guest, issued)
+}
+
+fn token_request(audience: &str) -> GuestMsg {
+    GuestMsg::TokenRequest(TokenRequest {
+        audience: audience.into(),
+    })
+}
+
+/// The guest asks on guest operation `n` and returns the host's answer.
+async fn ask(guest: &mut Guest, n: u32, audience: &str) -> HostMsg {
+    let op = GUEST_OP_BIT | n;
+    guest.send(op, token_request(audience)).await;
+    let env = within(guest.recv()).await;
+    assert_eq!(env.op, op, "the answer must name the guest's operation");
+    env.msg
+}
+
+fn refusal_code(msg: HostMsg) -> ErrorCode {
+    match msg {
+        HostMsg::Refused(e) => e.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_token_request_is_answered_by_the_channels_own_issuer() {
+    let (chan, mut guest, issued) = connect_issuing().await;
+    assert_eq!(
+        ask(&mut guest, 1, "https://svc.example").await,
+        HostMsg::Token("sb-1:https://svc.example".into())
+    );
+    // The host's own operations go on meanwhile.
+    let (ping, op) = pending_ping(&chan, &mut guest).await;
+    guest.send(op, GuestMsg::Pong(1)).await;
+    within(ping).await.unwrap();
+    assert_eq!(issued.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn without_an_issuer_token_requests_are_refused() {
+    let (chan, mut guest, _) = connect().await;
+    assert_eq!(
+        refusal_code(ask(&mut guest, 1, "aud").await),
+        ErrorCode::NotFound
+    );
+    within(async {
+        tokio::join!(chan.ping(3), async {
+            let env = guest.recv().await;
+            guest.send(env.op, GuestMsg::Pong(3)).await;
+        })
+    })
+    .await
+    .0
+    .expect("the channel must stay open after a refusal");
+}
+
+#[tokio::test]
+async fn bad_audiences_are_refused_without_reaching_the_issuer() {
+    let (_chan, mut guest, issued) = connect_issuing().await;
+    let long = "a".repeat(TokenRequest::MAX_AUDIENCE + 1);
+    for (n, bad) in ["", "two words", "tab\there", "nl\n", "ünï", long.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let code = refusal_code(ask(&mut guest, n as u32 + 1, bad).await);
+        assert_eq!(code, ErrorCode::InvalidRequest, "audience {bad:?}");
+    }
+    let longest = "a".repeat(TokenRequest::MAX_AUDIENCE);
+    assert!(matches!(
+        ask(&mut guest, 99, &longest).await,
+        HostMsg::Token(_)
+    ));
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        1,
+        "only the valid one is issued"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_requests_beyond_the_burst_are_rate_limited_until_refilled() {
+    let (_chan, mut guest, issued) = connect_issuing().await;
+    for n in 0..TOKEN_BURST {
+        assert!(matches!(ask(&mut guest, n, "aud").await, HostMsg::Token(_)));
+    }
+    let over = ask(&mut guest, 100, "aud").await;
+    assert_eq!(refusal_code(over), ErrorCode::RateLimited);
+    assert_eq!(issued.load(Ordering::SeqCst), TOKEN_BURST as usize);
+    tokio::time::advance(TOKEN_REFILL).await;
+    assert!(matches!(
+        ask(&mut guest, 101, "aud").await,
+        HostMsg::Token(_)
+    ));
+    let again = ask(&mut guest, 102, "aud").await;
+    assert_eq!(refusal_code(again), ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn token_requests_in_flight_are_bounded() {
+    let (chan, mut guest, _) = connect().await;
+    chan.serve_tokens(Arc::new(Stuck));
+    for n in 0..MAX_GUEST_REQUESTS as u32 {
+        guest.send(GUEST_OP_BIT | n, token_request("aud")).await;
+    }
+    let code = refusal_code(ask(&mut guest, 1000, "aud").await);
+    assert_eq!(code, ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn a_repeated_guest_operation_closes_the_channel() {
+    let (chan, mut guest, _) = connect().await;
+    chan.serve_tokens(Arc::new(Stuck));
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    guest.send(GUEST_OP_BIT | 7, token_request("aud")).await;
+    guest.send(GUEST_OP_BIT | 7, token_request("aud")).await;
+    let reason = closed_reason(within(ping).await);
+    assert!(
+        reason.contains("second request on guest operation"),
+        "reason: {reason}"
+    );
+    assert_refuses_new_ops(&chan, &reason).await;
+}
+
+#[tokio::test]
+async fn guest_operations_carry_only_requests_and_requests_only_guest_operations() {
+    let cases: Vec<(u32, GuestMsg, &str)> = vec![
+        (GUEST_OP_BIT | 1, GuestMsg::Done, "Done on guest operation"),
+        (
+            GUEST_OP_BIT | 1,
+            GuestMsg::Stdout(b"x".to_vec()),
+            "Stdout on guest operation",
+        ),
+        (5, token_request("aud"), "TokenRequest on host operation 5"),
+    ];
+    for (op, msg, expected) in cases {
+        let (chan, mut guest, _) = connect_issuing().await;
+        let (ping, _) = pending_ping(&chan, &mut guest).await;
+        guest.send(op, msg).await;
+        let reason = closed_reason(within(ping).await);
+        assert!(reason.contains(expected), "reason: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_request_on_protocol_version_4_closes_the_channel() {
+    let reply = encode(0, &GuestMsg::Welcome(welcome(4))).unwrap();
+    let (chan, mut guest, _) = handshake(&reply).await;
+    let chan = chan.expect("version 4 is still spoken");
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    guest.send(GUEST_OP_BIT | 1, token_request("aud")).await;
+    let reason = closed_reason(within(ping).await);
+    assert!(
+        reason.contains("TokenRequest on protocol version 4"),
+        "reason: {reason}"
     );
 }

@@ -2,13 +2,16 @@
 //! must keep producing them. A failure here means an incompatible protocol change: bump
 //! `PROTOCOL_VERSION` and add new golden frames instead of editing these. (Version 2 added
 //! `ExecRequest::tty` and `HostMsg::Resize`; version 3 added `HostMsg::Network`; version 4
-//! added `HostMsg::Identity`; version 5 added `HostMsg::Trust`; nothing speaking version 1 or 2 was ever released.)
+//! added `HostMsg::Identity`; version 5 added `HostMsg::Trust` and guest-started operations:
+//! `GuestMsg::TokenRequest` answered by `HostMsg::Token` or `HostMsg::Refused`, and
+//! `ErrorCode::RateLimited`; nothing speaking version 1 or 2 was ever released.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hutch_protocol::{
-    decode, encode, Envelope, ExecRequest, ExitInfo, ExitStatus, GitCredential, GuestIdentity,
-    GuestMsg, GuestTrust, Hello, HostMsg, NetworkConfig, Setup, TtySize, Welcome, MAGIC,
+    decode, encode, Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, GitCredential,
+    GuestIdentity, GuestMsg, GuestTrust, Hello, HostMsg, NetworkConfig, OpError, Setup,
+    TokenRequest, TtySize, Welcome, GUEST_OP_BIT, MAGIC,
 };
 
 fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
@@ -58,6 +61,20 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
                 }],
             }),
             "09000000011001500101680170",
+        ),
+        // Answers to a guest's request, on the guest's operation id.
+        (
+            GUEST_OP_BIT | 1,
+            HostMsg::Token("ab".into()),
+            "09000000818080800811026162",
+        ),
+        (
+            GUEST_OP_BIT | 1,
+            HostMsg::Refused(OpError {
+                code: ErrorCode::RateLimited,
+                message: "x".into(),
+            }),
+            "09000000818080800812060178",
         ),
         (
             1,
@@ -167,6 +184,13 @@ fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
                 kernel_release: "k".into(),
             }),
             "0b000000000048544348050161016b",
+        ),
+        (
+            GUEST_OP_BIT | 1,
+            GuestMsg::TokenRequest(TokenRequest {
+                audience: "ab".into(),
+            }),
+            "0900000081808080080b026162",
         ),
         (4, GuestMsg::Started(77), "0300000004034d"),
         (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),

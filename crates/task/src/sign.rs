@@ -19,7 +19,7 @@ use crate::TaskRecord;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// Reading, creating or writing the key file failed.
-    #[error("task signing key {}", .path.display())]
+    #[error("signing key {}", .path.display())]
     Io {
         /// The key file.
         path: PathBuf,
@@ -28,10 +28,10 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The key file does not hold a key.
-    #[error("task signing key {} is not 64 hex digits", .0.display())]
+    #[error("signing key {} is not 64 hex digits", .0.display())]
     Malformed(PathBuf),
     /// The key file can be read by others than its owner.
-    #[error("task signing key {} is readable by others (mode {mode:o}); it must be 0600", .path.display())]
+    #[error("signing key {} is readable by others (mode {mode:o}); it must be 0600", .path.display())]
     Exposed {
         /// The key file.
         path: PathBuf,
@@ -40,7 +40,8 @@ pub enum KeyError {
     },
 }
 
-/// The host's task-signing key.
+/// An Ed25519 key the host keeps in a file of its own: the task-signing key, and the
+/// workload identity key (`hutch-core::identity`).
 pub struct HostKey {
     key: SigningKey,
 }
@@ -135,7 +136,7 @@ impl HostKey {
                 file.write_all(hex::encode(seed).as_bytes())
                     .and_then(|_| file.sync_all())
                     .map_err(io)?;
-                tracing::info!(path = %path.display(), "made the task signing key");
+                tracing::info!(path = %path.display(), "made a signing key");
                 Ok(HostKey {
                     key: SigningKey::from_bytes(&seed),
                 })
@@ -147,6 +148,16 @@ impl HostKey {
     /// The public key, hex.
     pub fn public_hex(&self) -> String {
         hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// The public key's 32 bytes.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// Signs `msg` (Ed25519, pure): the signature's 64 bytes.
+    pub fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
+        self.key.sign(msg).to_bytes()
     }
 
     /// Signs `record` (replacing any signature it had).

@@ -30,4 +30,4 @@ pub use failing::{FailingVmm, VmmStep};
 pub use images::FakeImages;
 pub use network::{FakeNetwork, NetStep};
 pub use store::{FailingStore, StoreOp};
-pub use vmm::{FakeVm, FakeVmm, BACKEND};
+pub use vmm::{FakeVm, FakeVmm, BACKEND, IDENTITY_SOCKET};

@@ -32,6 +32,9 @@ const IDENTITY: &str = "identity.json";
 /// How long a stop or continue signal may take to show in `/proc`.
 const SIGNAL_WAIT: Duration = Duration::from_secs(2);
 
+/// The agent's identity socket in a fake VM's run dir (`HUTCH_IDENTITY_SOCKET` for it).
+pub const IDENTITY_SOCKET: &str = "identity.sock";
+
 /// A [`Vmm`] whose "VMs" are `hutch-agent --listen-fd` processes serving a Unix socket in the
 /// run dir, so everything core does through the guest channel (handshake, setup, exec, files,
 /// shutdown) runs against the real agent, in milliseconds.
@@ -134,8 +137,10 @@ impl FakeVmm {
             .try_clone()
             .map_err(|e| io("dup", &console_path, e))?;
         // The listening socket is the agent's stdin: `--listen-fd 0`, no descriptor juggling.
+        // Guest processes ask for identity tokens on a socket of this "VM"'s own.
         let child = Command::new(&self.agent)
             .args(["--listen-fd", "0"])
+            .env("HUTCH_IDENTITY_SOCKET", dir.join(IDENTITY_SOCKET))
             .stdin(Stdio::from(OwnedFd::from(listener)))
             .stdout(console)
             .stderr(console2)

@@ -22,6 +22,7 @@ mod access;
 mod common;
 mod files;
 mod hostile;
+mod identity;
 mod lifecycle;
 mod network;
 mod secrets;
@@ -46,7 +47,15 @@ impl Daemon {
     fn start_with(home: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
-        let base = ["--listen-tcp", tcp.as_str(), "--max-sandboxes", "16"];
+        let ttl = identity::TOKEN_TTL_SECS.to_string();
+        let base = [
+            "--listen-tcp",
+            tcp.as_str(),
+            "--max-sandboxes",
+            "16",
+            "--identity-token-ttl",
+            ttl.as_str(),
+        ];
         let child = common::spawn_daemon(home.path(), &[&base[..], extra].concat());
         Daemon { home, child, tcp }
     }
@@ -138,7 +147,10 @@ fn main() {
 }
 
 fn trials() -> Vec<libtest_mimic::Trial> {
-    use {access::*, files::*, hostile::*, lifecycle::*, network::*, secrets::*, templates::*};
+    use {
+        access::*, files::*, hostile::*, identity::*, lifecycle::*, network::*, secrets::*,
+        templates::*,
+    };
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -163,6 +175,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
         a_guest_holds_placeholders_and_the_ca_never_the_value,
+        guests_get_tokens_pyjwt_verifies_and_metrics_move,
     ]
 }
 

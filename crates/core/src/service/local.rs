@@ -1,6 +1,6 @@
 //! [`SandboxApi`] on this host: the [`Manager`] and the task runner behind it.
 
-use std::{future::Future, sync::Arc};
+use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use async_trait::async_trait;
 use hutch_net::{FlowEvent, PublishedPort};
@@ -20,8 +20,9 @@ use crate::{
     blocking::off_worker,
     exec::{run_capped, Collected, OutputSink, OverCap},
     secrets::{SecretError, SecretStore, SetSecret},
+    metrics::ExecKind,
     task::Tasks,
-    Manager,
+    CoreError, Manager,
 };
 
 /// Why a label-scoped caller may not touch templates.
@@ -162,6 +163,18 @@ fn template_name(name: &str) -> Result<()> {
     }
 }
 
+/// Why a scoped token may not read the metrics.
+const METRICS_HOST_WIDE: &str = "metrics describe the whole host: admin tokens only";
+
+impl LocalApi {
+    /// The identity issuer, or `not_found` where this host issues no tokens.
+    fn issuer(&self) -> Result<&Arc<crate::identity::Issuer>> {
+        self.manager.identity().ok_or_else(|| {
+            ServiceError::refused(ErrorCode::NotFound, "this host issues no identity tokens")
+        })
+    }
+}
+
 #[async_trait]
 impl SandboxApi for LocalApi {
     async fn create(&self, caller: &Caller, req: Create) -> Result<(SandboxInfo, bool)> {
@@ -277,7 +290,12 @@ impl SandboxApi for LocalApi {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
         let req = self.exec_request(&info, command, stdin.is_some())?;
-        Ok(run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await?)
+        let metrics = self.manager.metrics();
+        metrics.exec_started(ExecKind::Capped);
+        let started = std::time::Instant::now();
+        let collected = run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await?;
+        metrics.exec_finished(started.elapsed());
+        Ok(collected)
     }
 
     async fn exec_stream(
@@ -291,6 +309,7 @@ impl SandboxApi for LocalApi {
         let channel = self.manager.channel(id.as_str()).await?;
         let mut req = self.exec_request(&info, command, true)?;
         req.tty = tty;
+        self.manager.metrics().exec_started(ExecKind::Stream);
         channel.exec(req).await.map_err(ServiceError::exec_start)
     }
 
@@ -474,5 +493,28 @@ impl SandboxApi for LocalApi {
             Some(store) => store.log().events(id.as_str()),
             None => Vec::new(),
         })
+    }
+
+    async fn metrics(&self, caller: &Caller) -> Result<String> {
+        caller.require_admin(METRICS_HOST_WIDE)?;
+        let mut states = BTreeMap::new();
+        for info in self
+            .manager
+            .store()
+            .list(&ListFilter::default())
+            .await
+            .map_err(CoreError::from)?
+        {
+            *states.entry(info.state.name().to_string()).or_insert(0u64) += 1;
+        }
+        Ok(self.manager.metrics().render(&states))
+    }
+
+    async fn identity_keys(&self) -> Result<serde_json::Value> {
+        Ok(self.issuer()?.jwks())
+    }
+
+    async fn identity_discovery(&self) -> Result<serde_json::Value> {
+        Ok(self.issuer()?.discovery())
     }
 }

@@ -224,4 +224,12 @@ pub trait SandboxApi: Send + Sync {
     async fn remove_secret(&self, caller: &Caller, name: &str) -> Result<SecretInfo>;
     /// What the broker did with a sandbox's secrets (never a value or a placeholder).
     async fn secret_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<BrokerEvent>>;
+    /// The host's metrics in the Prometheus text format (host-wide: admin only).
+    async fn metrics(&self, caller: &Caller) -> Result<String>;
+    /// The public keys that verify guests' identity tokens, as a JWKS (public: anyone may
+    /// verify); `not_found` where this host issues none.
+    async fn identity_keys(&self) -> Result<serde_json::Value>;
+    /// The identity issuer's OpenID-style discovery document (public); `not_found` where
+    /// this host issues none.
+    async fn identity_discovery(&self) -> Result<serde_json::Value>;
 }

@@ -4,6 +4,7 @@
 //! `crates/cli/tests` stay the end-to-end proof.
 
 mod failures;
+mod identity;
 mod lifecycle;
 mod secrets;
 mod surface;
