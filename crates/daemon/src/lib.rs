@@ -19,6 +19,7 @@ mod home;
 mod http_error;
 mod listen;
 mod lock;
+mod mcp;
 mod openapi;
 mod ports;
 pub mod process;

@@ -107,6 +107,7 @@ fn build(state: Arc<AppState>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .nest_service("/mcp", crate::mcp::service(state.api.clone()))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(state)
 }
@@ -301,7 +302,7 @@ async fn network_log(
 }
 
 /// The API form of a flow decision.
-fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
+pub(crate) fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
     let time_ms = e
         .time
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
