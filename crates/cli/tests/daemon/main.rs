@@ -23,6 +23,7 @@ mod common;
 mod files;
 mod hostile;
 mod lifecycle;
+mod mcp;
 mod network;
 mod templates;
 
@@ -132,7 +133,7 @@ fn main() {
 }
 
 fn trials() -> Vec<libtest_mimic::Trial> {
-    use {access::*, files::*, hostile::*, lifecycle::*, network::*, templates::*};
+    use {access::*, files::*, hostile::*, lifecycle::*, mcp::*, network::*, templates::*};
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -156,6 +157,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
+        mcp_clients_drive_sandboxes_over_stdio_and_http,
     ]
 }
 
