@@ -365,7 +365,7 @@ async fn exec(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use axum::{body::Body, http::Request};
@@ -413,7 +413,8 @@ mod tests {
         ("get", "/v1/tasks/{id}/signature"),
     ];
 
-    fn state() -> (tempfile::TempDir, Arc<AppState>) {
+    /// A daemon's state on a temporary home whose VMM cannot start (no VM in unit tests).
+    pub(crate) fn state() -> (tempfile::TempDir, Arc<AppState>) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn hutch_store::Store> =
             Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());

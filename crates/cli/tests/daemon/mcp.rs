@@ -36,6 +36,8 @@ pub(crate) fn mcp_clients_drive_sandboxes_over_stdio_and_http() -> Result {
 
     let (ok, token, err) = cli(&["token", "create"])?;
     check(ok, format!("token create: {err}"))?;
+    let (ok, scoped, err) = cli(&["token", "create", "--label", "team=mcp"])?;
+    check(ok, format!("token create --label: {err}"))?;
     let addr = suite().daemon.lock().unwrap().tcp.clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/mcp_client.py");
     let mut child = Command::new(&python)
@@ -45,6 +47,7 @@ pub(crate) fn mcp_clients_drive_sandboxes_over_stdio_and_http() -> Result {
         .arg(&suite().home)
         .arg(&addr)
         .arg(token.trim())
+        .arg(scoped.trim())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

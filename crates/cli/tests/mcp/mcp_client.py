@@ -1,20 +1,25 @@
 """Drives Hutch's MCP server with the official `mcp` Python package, as an MCP client would.
 
-Usage: mcp_client.py CONFIG HUTCH_BIN HUTCH_HOME ADDR TOKEN
+Usage: mcp_client.py CONFIG HUTCH_BIN HUTCH_HOME ADDR TOKEN SCOPED_TOKEN
 
 CONFIG is the README's `mcpServers` snippet (JSON). Its `hutch` entry (`hutch mcp` over stdio)
 is started with HUTCH_BIN on HUTCH_HOME; its `hutch-remote` entry (Streamable HTTP) is pointed
 at ADDR with TOKEN in place of the snippet's placeholders. Over each, it initializes, lists
 the tools, creates a sandbox, runs `python3 -c 'print(6*7)'` (and a long command that reports
-progress, and one whose output is truncated), writes, reads and lists a file, reads the
-sandbox's resources, checks that bad arguments come back as tool errors with the API's stable
-code, and destroys the sandbox. Then it checks that a wrong token is refused. Prints one line
-per check; exits non-zero at the first failure.
+progress, and one whose output is truncated), writes, reads and lists a file, uploads and
+downloads a directory as a tar, reads the sandbox's resources, checks that bad arguments come
+back as tool errors with the API's stable code, and destroys the sandbox. Over HTTP it also runs
+a task and reads its verdict and diff. Then: `hutch mcp` with the older initialize handshake, a
+token scoped to one label (no tasks, no other sandboxes), and a wrong token (refused). Prints
+one line per check; exits non-zero at the first failure.
 """
 
 import asyncio
+import base64
+import io
 import json
 import sys
+import tarfile
 
 import httpx2
 from mcp import Client, StdioServerParameters
@@ -26,6 +31,25 @@ TOOLS = {
     "list_files", "upload_archive", "download_archive", "set_network_policy", "network_log",
     "run_task",
 }
+
+
+def tar_of(files):
+    """A base64 tar of {path: text}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def untar(b64):
+    """{path: text} of the regular files in a base64 tar."""
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(b64))) as tar:
+        return {m.name.removeprefix("./"): tar.extractfile(m).read().decode()
+                for m in tar.getmembers() if m.isfile()}
 
 
 def check(ok, what):
@@ -46,6 +70,21 @@ async def refused(client, name, args, code):
     check(r.is_error, f"{name} {args} should have failed: {r.structured_content}")
     got = r.structured_content["code"]
     check(got == code, f"{name} {args}: code {got}, not {code}: {r.structured_content}")
+
+
+async def task(client, label):
+    workspace = tar_of({"hello.txt": "old\n"})
+    got = await call(client, "run_task", {
+        "workspace_tar_base64": workspace, "timeout_secs": 120,
+        "command": ["sh", "-c", "echo new > hello.txt && echo made > made.txt"],
+        "verify": "grep -q new hello.txt",
+    })
+    record = got["record"]
+    check(record["verdict"]["status"] == "accepted", f"verdict: {record['verdict']}")
+    check(record["verify"]["passed"], f"verify: {record['verify']}")
+    diff = got["diff"]
+    check("+new" in diff and "-old" in diff and "made.txt" in diff, f"diff: {diff}")
+    print(f"{label}: run_task accepted {record['verdict']['changes']} changes, verified, with their diff")
 
 
 async def scenario(client, label):
@@ -95,6 +134,16 @@ async def scenario(client, label):
               f"listing: {listing}")
         print(f"{label}: wrote, read back and listed /tmp/mcp/hello.txt")
 
+        tree = {"a.txt": "alpha\n", "sub/b.txt": "beta\n"}
+        await call(client, "upload_archive", {"sandbox_id": sid, "path": "/work/proj",
+                                              "tar_base64": tar_of(tree)})
+        out = await call(client, "exec", {"sandbox_id": sid, "cwd": "/work/proj",
+                                          "command": "cat sub/b.txt"})
+        check(out["stdout"] == "beta\n", f"uploaded tree: {out}")
+        got = await call(client, "download_archive", {"sandbox_id": sid, "path": "/work/proj"})
+        check(untar(got["tar_base64"]) == tree, f"downloaded tree: {untar(got['tar_base64'])}")
+        print(f"{label}: uploaded and downloaded a directory as a tar")
+
         state = await client.read_resource(f"hutch://sandboxes/{sid}")
         check(json.loads(state.contents[0].text)["state"]["state"] == "running", f"resource: {state}")
         console = await client.read_resource(f"hutch://sandboxes/{sid}/console")
@@ -122,7 +171,7 @@ def http_client(url, token):
         url, http_client=create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})))
 
 
-async def main(config_path, hutch_bin, home, addr, token):
+async def main(config_path, hutch_bin, home, addr, token, scoped_token):
     with open(config_path) as f:
         servers = json.load(f)["mcpServers"]
 
@@ -130,7 +179,13 @@ async def main(config_path, hutch_bin, home, addr, token):
     command = hutch_bin if local["command"] == "hutch" else local["command"]
     stdio = StdioServerParameters(command=command, args=local["args"], env={"HUTCH_HOME": home})
     async with Client(stdio) as client:
+        print(f"stdio: negotiated {client.protocol_version}")
         await scenario(client, "stdio")
+    async with Client(stdio, mode="legacy") as client:
+        check(client.protocol_version < "2026", f"legacy handshake: {client.protocol_version}")
+        check(len((await client.list_tools()).tools) == len(TOOLS), "legacy: tools")
+        await refused(client, "destroy_sandbox", {"sandbox_id": "gone"}, "not_found")
+        print(f"stdio: the initialize handshake ({client.protocol_version}) works too")
 
     remote = servers["hutch-remote"]
     check(remote["type"] == "http", f"remote entry: {remote}")
@@ -139,6 +194,15 @@ async def main(config_path, hutch_bin, home, addr, token):
     check(auth == "Bearer YOUR_TOKEN", f"placeholder: {auth}")
     async with http_client(url, token) as client:
         await scenario(client, "http")
+        await task(client, "http")
+
+    # A token scoped to one label sees only its sandboxes and runs no tasks.
+    async with http_client(url, scoped_token) as client:
+        listed = await call(client, "list_sandboxes", {})
+        check(listed["sandboxes"] == [], f"scoped listing: {listed}")
+        await refused(client, "run_task", {"workspace_tar_base64": tar_of({}),
+                                           "command": ["true"]}, "forbidden")
+    print("http: a scoped token sees no other sandboxes and runs no tasks (forbidden)")
 
     # A wrong token: refused before MCP, with the API's error.
     resp = httpx2.post(url, headers={"Authorization": "Bearer wrong",
@@ -165,7 +229,7 @@ def leaves(e):
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(*sys.argv[1:6]))
+        asyncio.run(main(*sys.argv[1:7]))
     except* AssertionError as group:
         for e in leaves(group):
             print(f"FAILED: {e}", file=sys.stderr)

@@ -154,3 +154,161 @@ impl ServerHandler for Server {
             .into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request, Router};
+    use hutch_types::TokenScope;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::routes::{router, router_with_tokens, tests::state};
+
+    /// Posts one JSON-RPC request to `/mcp` (stateless: no handshake first): the HTTP status
+    /// and the JSON-RPC answer.
+    async fn rpc(app: &Router, method: &str, params: Value) -> (u16, Value) {
+        let body = json!({ "jsonrpc": "2.0", "id": 7, "method": method, "params": params });
+        let req = Request::builder()
+            .method("POST")
+            .uri("/mcp")
+            .header("host", "hutch")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// A tool call's result.
+    async fn call(app: &Router, name: &str, args: Value) -> Value {
+        let (status, answer) =
+            rpc(app, "tools/call", json!({"name": name, "arguments": args})).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["result"].clone()
+    }
+
+    /// A tool call that must be a tool error: its stable code.
+    async fn code_of(app: &Router, name: &str, args: Value) -> String {
+        let result = call(app, name, args).await;
+        assert_eq!(result["isError"], true, "{result}");
+        result["structuredContent"]["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn every_tool_is_listed_with_a_description_and_an_object_schema() {
+        let (_dir, state) = state();
+        let app = router(state, Caller::admin());
+        let (status, answer) = rpc(&app, "tools/list", json!({})).await;
+        assert_eq!(status, 200, "{answer}");
+        let listed = answer["result"]["tools"].as_array().unwrap();
+        assert_eq!(listed.len(), tools::list().len());
+        for tool in listed {
+            assert!(tool["description"].as_str().unwrap().len() > 20, "{tool}");
+            assert_eq!(tool["inputSchema"]["type"], "object", "{tool}");
+        }
+        let exec = listed.iter().find(|t| t["name"] == "exec").unwrap();
+        let props = &exec["inputSchema"]["properties"];
+        for field in [
+            "sandbox_id",
+            "command",
+            "argv",
+            "cwd",
+            "env",
+            "timeout_secs",
+        ] {
+            assert!(props.get(field).is_some(), "exec lacks {field}: {props}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_tool_errors_with_stable_codes() {
+        let (_dir, state) = state();
+        let app = router(state.clone(), Caller::admin());
+        let id = "sb-0123456789";
+        for (name, args, code) in [
+            ("exec", json!({"sandbox_id": id}), "bad_request"),
+            (
+                "exec",
+                json!({"sandbox_id": id, "command": "x", "argv": ["x"]}),
+                "bad_request",
+            ),
+            (
+                "exec",
+                json!({"sandbox_id": id, "command": "true"}),
+                "not_found",
+            ),
+            (
+                "exec",
+                json!({"sandbox_id": "../etc", "command": "true"}),
+                "not_found",
+            ),
+            ("create_sandbox", json!({"cpus": "many"}), "bad_request"),
+            ("create_sandbox", json!({"gpus": 1}), "bad_request"),
+            ("create_sandbox", json!({"cpus": 0}), "invalid_spec"),
+            (
+                "create_sandbox",
+                json!({"network": {"mode": "open", "cidrs": ["192.0.2.0/24"]}}),
+                "bad_request",
+            ),
+            (
+                "write_file",
+                json!({"sandbox_id": id, "path": "/x", "content": "!", "encoding": "base64"}),
+                "bad_request",
+            ),
+            (
+                "write_file",
+                json!({"sandbox_id": id, "path": "/x", "content": "", "mode": "999"}),
+                "bad_request",
+            ),
+            (
+                "list_files",
+                json!({"sandbox_id": id, "path": "-delete"}),
+                "unsafe_path",
+            ),
+            (
+                "read_file",
+                json!({"sandbox_id": id, "path": "/etc/passwd"}),
+                "not_found",
+            ),
+            ("destroy_sandbox", json!({"sandbox_id": id}), "not_found"),
+        ] {
+            assert_eq!(
+                code_of(&app, name, args.clone()).await,
+                code,
+                "{name} {args}"
+            );
+        }
+        // Tasks are host-wide: a scoped caller is refused, as on the HTTP routes.
+        let scoped = router(
+            state,
+            Caller::scoped(TokenScope::Label {
+                key: "team".into(),
+                value: "a".into(),
+            }),
+        );
+        let args = json!({"workspace_tar_base64": "", "command": ["true"]});
+        assert_eq!(code_of(&scoped, "run_task", args).await, "forbidden");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_tool_is_a_protocol_error_and_tcp_needs_a_token() {
+        let (_dir, state) = state();
+        let app = router(state.clone(), Caller::admin());
+        let (_, answer) = rpc(&app, "tools/call", json!({"name": "nope", "arguments": {}})).await;
+        assert!(answer["error"]["code"].is_i64(), "{answer}");
+        let (status, answer) = rpc(&router_with_tokens(state), "tools/list", json!({})).await;
+        assert_eq!((status, &answer["code"]), (401, &json!("unauthorized")));
+    }
+}
