@@ -4,17 +4,18 @@
 //! notifications, then the response) is written to stdout, so the daemon's MCP server is
 //! the only implementation and the daemon's access rules apply (the Unix socket: admin;
 //! `--host`/`--token`: the token's scope). Requests run concurrently, so a long exec does not
-//! hold up the next call; `initialize` is forwarded first, alone, and the protocol version
+//! hold up the next call, and a request the client cancels is abandoned (the daemon then stops
+//! it: an exec is killed); `initialize` is forwarded first, alone, and the protocol version
 //! it negotiates is sent with every later message.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use hutch_api::client::Client;
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     sync::mpsc,
-    task::JoinSet,
+    task::{AbortHandle, JoinSet},
 };
 
 use crate::error::CliError;
@@ -39,6 +40,8 @@ pub async fn run(client: &Client) -> Result<i32, CliError> {
     });
     let mut version: Option<Arc<str>> = None;
     let mut inflight = JoinSet::new();
+    // Requests in flight by their JSON id, so a client's cancellation can end one.
+    let mut calls: HashMap<String, AbortHandle> = HashMap::new();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await.map_err(CliError::Io)? {
         if line.trim().is_empty() {
@@ -59,10 +62,21 @@ pub async fn run(client: &Client) -> Result<i32, CliError> {
             }
             continue;
         }
+        if message["method"] == "notifications/cancelled" {
+            // Hanging up on the daemon cancels the request there (an exec is killed).
+            if let Some(call) = calls.remove(&message["params"]["requestId"].to_string()) {
+                call.abort();
+            }
+        }
+        calls.retain(|_, call| !call.is_finished());
+        let key = message["id"].to_string();
         let (client, out, version) = (client.clone(), out.clone(), version.clone());
-        inflight.spawn(async move {
+        let call = inflight.spawn(async move {
             forward(&client, &message, version.as_deref(), &out).await;
         });
+        if key != "null" {
+            calls.insert(key, call);
+        }
     }
     while inflight.join_next().await.is_some() {}
     drop(out);

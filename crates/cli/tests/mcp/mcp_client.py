@@ -6,7 +6,7 @@ CONFIG is the README's `mcpServers` snippet (JSON). Its `hutch` entry (`hutch mc
 is started with HUTCH_BIN on HUTCH_HOME; its `hutch-remote` entry (Streamable HTTP) is pointed
 at ADDR with TOKEN in place of the snippet's placeholders. Over each, it initializes, lists
 the tools, creates a sandbox, runs `python3 -c 'print(6*7)'` (and a long command that reports
-progress, and one whose output is truncated), writes, reads and lists a file, uploads and
+progress, one it abandons, which must be killed, and one whose output is truncated), writes, reads and lists a file, uploads and
 downloads a directory as a tar, reads the sandbox's resources, checks that bad arguments come
 back as tool errors with the API's stable code, and destroys the sandbox. Over HTTP it also runs
 a task and reads its verdict and diff. Then: `hutch mcp` with the older initialize handshake, a
@@ -21,6 +21,7 @@ import json
 import sys
 import tarfile
 
+import anyio
 import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -115,6 +116,19 @@ async def scenario(client, label):
         check(out["stdout"] == "done\n", f"long exec: {out}")
         check(len(ticks) >= 2 and ticks[0][1] == 60, f"progress: {ticks}")
         print(f"{label}: a 3 s exec reported progress {len(ticks)} times")
+
+        # A call the client abandons is cancelled, and its process killed.
+        with anyio.move_on_after(1.5):
+            await client.call_tool("exec", {"sandbox_id": sid, "command": "sleep 300"})
+            check(False, "sleep 300 returned")
+        alive = "for f in /proc/[0-9]*/comm; do [ \"$(cat $f 2>/dev/null)\" = sleep ] && echo alive; done; true"
+        for _ in range(50):
+            out = await call(client, "exec", {"sandbox_id": sid, "command": alive})
+            if out["stdout"] == "":
+                break
+            await asyncio.sleep(0.1)
+        check(out["stdout"] == "", f"the abandoned exec still runs: {out}")
+        print(f"{label}: an abandoned exec is cancelled and its process killed")
 
         out = await call(client, "exec", {"sandbox_id": sid, "max_output_bytes": 1000,
                                           "argv": ["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x"]})

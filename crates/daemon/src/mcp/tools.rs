@@ -130,7 +130,7 @@ struct ExecArgs {
     command: Option<String>,
     /// The program and its arguments, run without a shell. Give this or `command`.
     argv: Option<Vec<String>>,
-    /// Working directory (default: /root).
+    /// Working directory in the sandbox (absolute).
     cwd: Option<String>,
     /// Extra environment variables.
     #[serde(default)]
