@@ -344,22 +344,16 @@ pub struct Call<'a> {
 type Answer = Result<(Value, Option<String>), ServiceError>;
 
 impl Call<'_> {
-    /// Runs the tool `name` on `args`; `None` when there is no such tool.
+    /// Runs the tool `name` on `args`; `None` when there is no such tool. A call the client
+    /// cancels (or hangs up on) stops here: its exec is dropped, which kills the process;
+    /// state changes run to their end behind the surface anyway.
     pub async fn run(&self, name: &str, args: JsonObject) -> Option<CallToolResult> {
-        let answer = match name {
-            "create_sandbox" => self.with(args, |a| self.create(a)).await,
-            "list_sandboxes" => self.with(args, |a| self.list(a)).await,
-            "destroy_sandbox" => self.with(args, |a| self.destroy(a)).await,
-            "exec" => self.with(args, |a| self.exec(a)).await,
-            "read_file" => self.with(args, |a| self.read_file(a)).await,
-            "write_file" => self.with(args, |a| self.write_file(a)).await,
-            "list_files" => self.with(args, |a| self.list_files(a)).await,
-            "upload_archive" => self.with(args, |a| self.upload(a)).await,
-            "download_archive" => self.with(args, |a| self.download(a)).await,
-            "set_network_policy" => self.with(args, |a| self.set_network(a)).await,
-            "network_log" => self.with(args, |a| self.network_log(a)).await,
-            "run_task" => self.with(args, |a| self.run_task(a)).await,
-            _ => return None,
+        let answer = tokio::select! {
+            answer = self.dispatch(name, args) => answer?,
+            _ = self.ctx.ct.cancelled() => Err(ServiceError::refused(
+                ErrorCode::Internal,
+                "the client cancelled the call",
+            )),
         };
         Some(match answer {
             Ok((value, text)) => {
@@ -373,6 +367,25 @@ impl Call<'_> {
                 "code": e.code(),
                 "message": hutch_core::chain(&e),
             })),
+        })
+    }
+
+    /// The tool `name`'s answer to `args`; `None` when there is no such tool.
+    async fn dispatch(&self, name: &str, args: JsonObject) -> Option<Answer> {
+        Some(match name {
+            "create_sandbox" => self.with(args, |a| self.create(a)).await,
+            "list_sandboxes" => self.with(args, |a| self.list(a)).await,
+            "destroy_sandbox" => self.with(args, |a| self.destroy(a)).await,
+            "exec" => self.with(args, |a| self.exec(a)).await,
+            "read_file" => self.with(args, |a| self.read_file(a)).await,
+            "write_file" => self.with(args, |a| self.write_file(a)).await,
+            "list_files" => self.with(args, |a| self.list_files(a)).await,
+            "upload_archive" => self.with(args, |a| self.upload(a)).await,
+            "download_archive" => self.with(args, |a| self.download(a)).await,
+            "set_network_policy" => self.with(args, |a| self.set_network(a)).await,
+            "network_log" => self.with(args, |a| self.network_log(a)).await,
+            "run_task" => self.with(args, |a| self.run_task(a)).await,
+            _ => return None,
         })
     }
 
