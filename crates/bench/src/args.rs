@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Clone(crate::clone::BenchCloneArgs),
     /// Agent tasks: workspace copy-in and changeset copy-out throughput, task overhead.
     Task(crate::task::BenchTaskArgs),
+    /// Exec round trip through the daemon's MCP server vs its HTTP API, same sandbox.
+    Mcp(crate::mcp::BenchMcpArgs),
 }
 
 /// `hutch-bench boot`.

@@ -47,6 +47,7 @@ pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, BenchError> {
         BenchCommand::Firecracker(a) => crate::firecracker::firecracker(home, a).await,
         BenchCommand::Clone(a) => crate::clone::clone(home, a).await,
         BenchCommand::Task(a) => crate::task::task(home, a).await,
+        BenchCommand::Mcp(a) => crate::mcp::mcp(home, a).await,
     }
 }
 
@@ -177,7 +178,7 @@ async fn parallel_creates(
     }
 }
 
-fn create_req(vm: &VmArgs, memory_mib: u32) -> CreateSandbox {
+pub(crate) fn create_req(vm: &VmArgs, memory_mib: u32) -> CreateSandbox {
     CreateSandbox {
         spec: SandboxSpec {
             image: vm.image.clone(),
@@ -192,7 +193,9 @@ fn create_req(vm: &VmArgs, memory_mib: u32) -> CreateSandbox {
     }
 }
 
-async fn timed(op: impl Future<Output = Result<(), BenchError>>) -> Result<Duration, BenchError> {
+pub(crate) async fn timed(
+    op: impl Future<Output = Result<(), BenchError>>,
+) -> Result<Duration, BenchError> {
     let started = Instant::now();
     op.await?;
     Ok(started.elapsed())
@@ -207,7 +210,7 @@ pub(crate) async fn run_true(sandbox: &Sandbox) -> Result<(), BenchError> {
     Ok(())
 }
 
-async fn json_true(client: &Client, id: &str) -> Result<(), BenchError> {
+pub(crate) async fn json_true(client: &Client, id: &str) -> Result<(), BenchError> {
     let body = ExecBody {
         argv: vec!["true".into()],
         ..ExecBody::default()
@@ -240,7 +243,7 @@ async fn stream_true(client: &Client, id: &str) -> Result<(), BenchError> {
     }
 }
 
-fn unexpected(what: String) -> BenchError {
+pub(crate) fn unexpected(what: String) -> BenchError {
     ClientError::Stream(what).into()
 }
 
@@ -415,7 +418,7 @@ pub(crate) fn pct(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
-fn ratio(a: &[Duration], b: &[Duration], p: usize) -> f64 {
+pub(crate) fn ratio(a: &[Duration], b: &[Duration], p: usize) -> f64 {
     if a.is_empty() || b.is_empty() {
         return f64::NAN;
     }

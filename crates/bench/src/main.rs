@@ -10,6 +10,7 @@ mod clone;
 mod error;
 mod firecracker;
 mod launch;
+mod mcp;
 mod task;
 
 use clap::Parser;

@@ -76,6 +76,9 @@ pub enum Command {
     /// Manage API tokens for TCP access.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve MCP (Model Context Protocol) on stdin/stdout for an MCP client that starts its
+    /// servers as processes: a bridge to the daemon's `/mcp` endpoint.
+    Mcp(McpArgs),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -175,6 +178,14 @@ pub struct IdArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `hutch mcp`.
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    /// Daemon connection.
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// `hutch logs`.

@@ -8,6 +8,7 @@ mod doctor;
 mod error;
 mod image_cmd;
 mod launch;
+mod mcp_cmd;
 mod port_cmd;
 mod remote;
 mod run;
@@ -138,6 +139,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Port(a) => port_cmd::run(&remote::client(&home, &a.conn), a).await,
         args::Command::Secret(c) => secret_cmd::run(&remote::client(&home, &c.conn()), c).await,
         args::Command::Token(c) => token::run(&home, c),
+        args::Command::Mcp(a) => mcp_cmd::run(&remote::client(&home, &a.conn)).await,
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "hutch", &mut std::io::stdout());

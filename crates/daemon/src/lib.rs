@@ -19,6 +19,7 @@ mod home;
 mod http_error;
 mod listen;
 mod lock;
+mod mcp;
 mod observe;
 mod openapi;
 mod ports;

@@ -120,6 +120,7 @@ fn build(state: Arc<AppState>) -> (Router, Router) {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .nest_service("/mcp", crate::mcp::service(state.api.clone()))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(state.clone());
     (router, public.with_state(state))
@@ -320,7 +321,7 @@ async fn network_log(
 }
 
 /// The API form of a flow decision.
-fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
+pub(crate) fn net_event(e: hutch_net::FlowEvent) -> NetEvent {
     let time_ms = e
         .time
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -383,7 +384,7 @@ async fn exec(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use axum::{body::Body, http::Request};
@@ -438,7 +439,8 @@ mod tests {
         ("get", "/.well-known/openid-configuration"),
     ];
 
-    fn state() -> (tempfile::TempDir, Arc<AppState>) {
+    /// A daemon's state on a temporary home whose VMM cannot start (no VM in unit tests).
+    pub(crate) fn state() -> (tempfile::TempDir, Arc<AppState>) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn hutch_store::Store> =
             Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());

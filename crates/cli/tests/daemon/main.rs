@@ -24,6 +24,7 @@ mod files;
 mod hostile;
 mod identity;
 mod lifecycle;
+mod mcp;
 mod network;
 mod secrets;
 mod templates;
@@ -148,7 +149,7 @@ fn main() {
 
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
-        access::*, files::*, hostile::*, identity::*, lifecycle::*, network::*, secrets::*,
+        access::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*, network::*, secrets::*,
         templates::*,
     };
     trials![
@@ -176,6 +177,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
         a_guest_holds_placeholders_and_the_ca_never_the_value,
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
+        mcp_clients_drive_sandboxes_over_stdio_and_http,
     ]
 }
 

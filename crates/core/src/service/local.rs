@@ -19,8 +19,8 @@ use super::{
 use crate::{
     blocking::off_worker,
     exec::{run_capped, Collected, OutputSink, OverCap},
-    secrets::{SecretError, SecretStore, SetSecret},
     metrics::ExecKind,
+    secrets::{SecretError, SecretStore, SetSecret},
     task::Tasks,
     CoreError, Manager,
 };
