@@ -29,5 +29,7 @@ fi
 echo "== tests (unit, host-process agent, real VMs)"
 # A missing VM prerequisite fails the run instead of skipping.
 HUTCH_REQUIRE_VM_TESTS=1 cargo test --locked --workspace
+echo "== Python SDK (its own suite, real daemon and VMs)"
+./scripts/python_sdk.sh "${CARGO_TARGET_DIR:-target}/debug/hutch"
 echo "== API contract (schemathesis, generated Python client)"
 ./scripts/api_contract.sh target/release/hutch
