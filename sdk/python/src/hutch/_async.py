@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from . import _models as m
@@ -61,7 +61,8 @@ class AsyncClient(ClientCalls):
             raise ConnectError(f"cannot reach the hutch daemon at {ep}: {e}") from e
         opts = WS_OPTIONS | {"additional_headers": ep.headers(), "sock": sock}
         try:
-            return await connect(ep.ws_url(path), **opts)
+            opener = unix_connect if ep.socket else connect
+            return await opener(uri=ep.ws_url(path), **opts)
         except BaseException as e:
             sock.close()
             if isinstance(e, (InvalidStatus, OSError)):

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from . import _models as m
 from . import _routes as r
@@ -78,7 +78,9 @@ class Client(ClientCalls):
         opts = WS_OPTIONS | {"additional_headers": ep.headers(), "sock": sock}
         try:
             # Entered as a context manager (what websockets expects); `Process` closes it.
-            return connect(ep.ws_url(path), **opts).__enter__()
+            # `unix_connect` for a Unix socket: `connect` would set TCP options on it.
+            opener = unix_connect if ep.socket else connect
+            return opener(uri=ep.ws_url(path), **opts).__enter__()
         except BaseException as e:
             sock.close()
             if isinstance(e, (InvalidStatus, OSError)):
