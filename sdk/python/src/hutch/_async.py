@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
@@ -20,8 +20,14 @@ from ._connection import Endpoint
 from ._errors import ConnectError, NotFound, error_from_body
 from ._sync import WS_OPTIONS, http_timeout, ws_error
 
+if TYPE_CHECKING:  # the operations with the types they return here (generated)
+    from ._typed import AsyncClientOps as _ClientBase
+    from ._typed import AsyncSandboxOps as _SandboxBase
+else:
+    _ClientBase, _SandboxBase = ClientCalls, SandboxCalls
 
-class AsyncClient(ClientCalls):
+
+class AsyncClient(_ClientBase):
     """`Client` for asyncio: the same connection rules and operations, awaited."""
 
     def __init__(
@@ -71,7 +77,8 @@ class AsyncClient(ClientCalls):
 
     async def openapi(self) -> dict[str, Any]:
         """The daemon's OpenAPI document."""
-        return (await self._http.get("/openapi.json")).json()
+        doc: dict[str, Any] = (await self._http.get("/openapi.json")).json()
+        return doc
 
     async def close(self) -> None:
         """Closes the kept connections."""
@@ -95,7 +102,7 @@ def _awaited(op: Any) -> Any:
 bind(AsyncClient, ClientCalls, _awaited)
 
 
-class AsyncSandbox(SandboxCalls):
+class AsyncSandbox(_SandboxBase):
     """`Sandbox` for asyncio: `async with AsyncSandbox.create(...) as sb:` destroys it on
     exit; `sb = await AsyncSandbox.create(...)` does not."""
 

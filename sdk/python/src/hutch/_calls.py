@@ -21,6 +21,10 @@ from ._errors import NotFound
 
 T = TypeVar("T")
 
+SandboxT = Any
+"""Stands for the sandbox class of the client running a call (`Sandbox` or `AsyncSandbox`) in
+the operations' annotations; `hutch._typed` (generated) names the real one."""
+
 
 @dataclass
 class Call(Generic[T]):
@@ -107,7 +111,8 @@ class SandboxCalls:
     _client: Any
 
     def _adopt(self, info: m.SandboxInfo) -> Any:
-        return type(self)(self._client, info)
+        cls: Any = type(self)
+        return cls(self._client, info)
 
     def _keep(self, resp: httpx.Response) -> m.SandboxInfo:
         self.info = m.from_json(m.SandboxInfo, resp.json())
@@ -171,7 +176,7 @@ class SandboxCalls:
             parse_blocks=True,
         )
 
-    def fork(self, count: int = 1) -> Call[list[Any]]:
+    def fork(self, count: int = 1) -> Call[list[SandboxT]]:
         """Snapshots the sandbox into `count` running children (new sandboxes)."""
         return call(
             r.FORK,
@@ -251,7 +256,7 @@ class ClientCalls:
         ttl_secs: int | None = None,
         network: m.NetworkPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> Call[Any]:
+    ) -> Call[SandboxT]:
         """Creates a sandbox (booted from `image`, default `default`, or restored from
         `template`) and returns it running. Unset fields take the daemon's defaults."""
         body = m.CreateSandbox(
@@ -268,13 +273,13 @@ class ClientCalls:
         )
         return call(r.CREATE, lambda resp: self._sandbox(reader(r.CREATE)(resp)), json=body)
 
-    def sandbox(self, id: str) -> Call[Any]:
+    def sandbox(self, id: str) -> Call[SandboxT]:
         """An existing sandbox by id."""
         return call(r.GET, lambda resp: self._sandbox(reader(r.GET)(resp)), id=id)
 
     def sandboxes(
         self, state: str | None = None, labels: dict[str, str] | None = None
-    ) -> Call[list[Any]]:
+    ) -> Call[list[SandboxT]]:
         """Sandboxes, optionally only those in `state` and carrying every label given."""
         params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
         params += [("state", state)] if state else []

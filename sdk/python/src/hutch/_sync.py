@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -16,6 +16,12 @@ from . import _stream as s
 from ._calls import Call, ClientCalls, SandboxCalls, argv, bind, call
 from ._connection import Endpoint
 from ._errors import ConnectError, HutchError, NotFound, error_from_body
+
+if TYPE_CHECKING:  # the operations with the types they return here (generated)
+    from ._typed import ClientOps as _ClientBase
+    from ._typed import SandboxOps as _SandboxBase
+else:
+    _ClientBase, _SandboxBase = ClientCalls, SandboxCalls
 
 WS_OPTIONS: dict[str, Any] = {"max_size": 16 << 20, "compression": None, "open_timeout": 60}
 """Options of every exec WebSocket (output frames are far below the size cap)."""
@@ -33,7 +39,7 @@ def ws_error(e: Exception, endpoint: Endpoint) -> HutchError:
     return ConnectError(f"cannot open the exec stream at {endpoint}: {e}")
 
 
-class Client(ClientCalls):
+class Client(_ClientBase):
     """A connection to the daemon: its Unix socket by default (`$HUTCH_HOME/hutch.sock`), or
     TCP at `host` (`HUTCH_HOST`, `host:port`) with `token` (`HUTCH_TOKEN`). Keeps connections
     alive between calls; close it (or use it as a context manager) when done.
@@ -80,7 +86,8 @@ class Client(ClientCalls):
             # Entered as a context manager (what websockets expects); `Process` closes it.
             # `unix_connect` for a Unix socket: `connect` would set TCP options on it.
             opener = unix_connect if ep.socket else connect
-            return opener(uri=ep.ws_url(path), **opts).__enter__()
+            conn: ClientConnection = opener(uri=ep.ws_url(path), **opts).__enter__()
+            return conn
         except BaseException as e:
             sock.close()
             if isinstance(e, (InvalidStatus, OSError)):
@@ -89,7 +96,8 @@ class Client(ClientCalls):
 
     def openapi(self) -> dict[str, Any]:
         """The daemon's OpenAPI document."""
-        return self._http.get("/openapi.json").json()
+        doc: dict[str, Any] = self._http.get("/openapi.json").json()
+        return doc
 
     def close(self) -> None:
         """Closes the kept connections."""
@@ -105,7 +113,7 @@ class Client(ClientCalls):
 bind(Client, ClientCalls, lambda op: lambda self, *a, **kw: self._run(op(self, *a, **kw)))
 
 
-class Sandbox(SandboxCalls):
+class Sandbox(_SandboxBase):
     """One sandbox. `Sandbox.create(...)` makes one; as a context manager it is destroyed on
     exit. Every operation of the API on a sandbox is a method (see `hutch._calls.SandboxCalls`
     for their documentation)."""
