@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import hutch
 
 
@@ -32,12 +34,16 @@ def test_template_restore_and_fork(client: hutch.Client) -> None:
 
 def test_task_verdict_and_diff(client: hutch.Client, tmp_path: Path) -> None:
     (tmp_path / "README").write_text("workspace\n")
+    output: list[hutch.Output] = []
     record = client.run_task(
         tmp_path,
-        ["sh", "-c", "echo added by the agent > added.txt"],
-        verify="test -f added.txt",
+        ["sh", "-c", "echo agent at work; echo added by the agent > added.txt"],
+        verify="test -f added.txt && echo verified >&2",
         timeout_secs=120,
+        on_output=output.append,
     )
+    assert hutch.Output("stdout", b"agent at work\n") in output, output
+    assert b"verified\n" in b"".join(o.data for o in output if o.stream == "stderr")
     assert record.verdict == {"status": "accepted", "changes": 1}, record
     assert record.verify is not None and record.verify["passed"]
     assert [c["path"] for c in record.changes] == ["added.txt"]
@@ -45,3 +51,10 @@ def test_task_verdict_and_diff(client: hutch.Client, tmp_path: Path) -> None:
     assert "+added by the agent" in diff and "added.txt" in diff
     assert client.task(record.id).verdict == record.verdict
     assert record.id in [t.id for t in client.tasks()]
+
+
+def test_task_without_streaming_and_its_errors(client: hutch.Client, tmp_path: Path) -> None:
+    record = client.run_task(tmp_path, ["true"], timeout_secs=60)
+    assert record.verdict == {"status": "empty"}
+    with pytest.raises(hutch.NotFound):
+        client.task("task-0000000000")

@@ -24,10 +24,11 @@ classes as bases only under `TYPE_CHECKING`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import _models as m
+from . import _stream
 
 if TYPE_CHECKING:
     from ._async import AsyncSandbox

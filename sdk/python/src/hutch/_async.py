@@ -50,14 +50,24 @@ class AsyncClient(_ClientBase):
         self._sandbox_cls = AsyncSandbox
 
     async def _run(self, c: Call[Any]) -> Any:
-        request = await asyncio.to_thread(c.request) if c.prepare else c.request()
+        kw = await asyncio.to_thread(c.request) if c.prepare else c.request()
+        request = self._http.build_request(c.route.method, c.url, **kw)
         try:
-            resp = await self._http.request(c.route.method, c.url, **request)
+            resp = await self._http.send(request, stream=c.consume is not None)
+            try:
+                if not resp.is_success:
+                    raise error_from_body(resp.status_code, await resp.aread())
+                if c.consume is None and c.parse_blocks:
+                    return await asyncio.to_thread(c.parse, resp)
+                if c.consume is None:
+                    return c.parse(resp)
+                async for chunk in resp.aiter_bytes():
+                    c.consume.feed(chunk)
+                return c.consume.finish()
+            finally:
+                await resp.aclose()
         except httpx.TransportError as e:
             raise ConnectError(f"cannot reach the hutch daemon at {self.endpoint}: {e}") from e
-        if not resp.is_success:
-            raise error_from_body(resp.status_code, resp.content)
-        return await asyncio.to_thread(c.parse, resp) if c.parse_blocks else c.parse(resp)
 
     async def _ws(self, path: str) -> ClientConnection:
         ep = self.endpoint

@@ -16,7 +16,7 @@ import httpx
 
 from . import _models as m
 from . import _routes as r
-from . import _tar
+from . import _stream, _tar
 from ._errors import NotFound
 
 T = TypeVar("T")
@@ -30,7 +30,8 @@ the operations' annotations; `hutch._typed` (generated) names the real one."""
 class Call(Generic[T]):
     """One request and the reading of its 2xx answer. `prepare` builds a body that takes work
     (packing a directory; it returns `httpx` request arguments) and `parse_blocks` says that
-    reading the answer writes to disk: the async client runs those on a thread."""
+    reading the answer writes to disk: the async client runs those on a thread. With
+    `consume`, the answer is read as a stream."""
 
     route: r.Route
     url: str
@@ -40,6 +41,9 @@ class Call(Generic[T]):
     content: bytes | None = None
     prepare: Callable[[], dict[str, Any]] | None = None
     parse_blocks: bool = False
+    consume: _stream.Frames | None = None
+    """Reads a streamed answer chunk by chunk instead of `parse` (then `finish()` is the
+    result)."""
 
     def request(self) -> dict[str, Any]:
         """The keyword arguments of `httpx`'s `request` (runs `prepare`)."""
@@ -330,10 +334,12 @@ class ClientCalls:
         timeout_secs: int | None = None,
         template: str | None = None,
         network: m.NetworkPolicy | None = None,
+        on_output: Callable[[_stream.Output], None] | None = None,
     ) -> Call[m.TaskRecord]:
         """Runs an agent `command` on a copy of `workspace` (a local directory, or a tar
         archive as bytes) in a fresh sandbox, checks its changes (and runs `verify` on them
-        without a network) and returns the record with the verdict; the host is not changed."""
+        without a network) and returns the record with the verdict; the host is not changed.
+        `on_output` gets the agent's (and the verification's) output as it comes."""
         spec = m.TaskSpec(list(command), env, allow, verify, timeout_secs, template, network)
         spec_json = json.dumps(m.to_json(spec)).encode()
 
@@ -346,7 +352,10 @@ class ClientCalls:
                 }
             }
 
-        return call(r.RUN_TASK, prepare=form)
+        if on_output is None:
+            return call(r.RUN_TASK, prepare=form)
+        frames = _stream.TaskFrames(on_output)
+        return call(r.RUN_TASK, params=[("stream", "true")], prepare=form, consume=frames)
 
     def tasks(self) -> Call[list[m.TaskRecord]]:
         """Every stored task."""

@@ -52,7 +52,14 @@ CREATE_TEMPLATE = Route("POST", "/v1/templates", request=m.TemplateSpec, respons
 TEMPLATE = Route("GET", "/v1/templates/{name}", response=m.TemplateInfo)
 REMOVE_TEMPLATE = Route("DELETE", "/v1/templates/{name}", response=m.TemplateInfo)
 SET_POOL = Route("PUT", "/v1/templates/{name}/pool", request=m.PoolBody, response=m.TemplateInfo)
-RUN_TASK = Route("POST", "/v1/tasks", body_type="multipart/form-data", response=m.TaskRecord)
+RUN_TASK = Route(
+    "POST",
+    "/v1/tasks",
+    query=("stream",),
+    body_type="multipart/form-data",
+    response=m.TaskRecord,
+    answer_type="application/octet-stream",  # with stream=true: output frames, then the record
+)
 TASKS = Route("GET", "/v1/tasks", response=m.TaskRecord, many=True)
 TASK = Route("GET", "/v1/tasks/{id}", response=m.TaskRecord)
 TASK_DIFF = Route("GET", "/v1/tasks/{id}/diff", answer_type="text/plain")

@@ -7,11 +7,12 @@ frames whose first byte is the stream (1 stdout, 2 stderr), then `exit` (or `err
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from . import _models as m
-from ._errors import HutchError, InternalError, error_from
+from ._errors import HutchError, InternalError, error_from, error_from_body
 
 STDOUT = 1
 STDERR = 2
@@ -110,3 +111,53 @@ def started(frame: bytes | str) -> int:
 def closed_early(reason: object) -> HutchError:
     """The error for a socket that closed before the exit event."""
     return InternalError(f"exec stream closed before the command exited: {reason}")
+
+
+class Frames(Protocol):
+    """Reads a streamed HTTP answer chunk by chunk."""
+
+    def feed(self, chunk: bytes) -> None:
+        """Takes the next chunk of the body."""
+
+    def finish(self) -> Any:
+        """The result, once the body ended."""
+
+
+TASK_RECORD = 3
+TASK_ERROR = 4
+MAX_TASK_FRAME = 64 << 20
+
+
+class TaskFrames:
+    """A streamed task answer (`POST /v1/tasks?stream=true`): frames `u8 kind ‖ u32 LE length ‖
+    bytes`, output (1 stdout, 2 stderr) handed to `on_output` as it comes, then the record (3)
+    or an API error (4)."""
+
+    def __init__(self, on_output: Callable[[Output], None]) -> None:
+        self._on_output = on_output
+        self._buf = bytearray()
+        self._record: m.TaskRecord | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        while len(self._buf) >= 5 and self._record is None:
+            kind, size = self._buf[0], int.from_bytes(self._buf[1:5], "little")
+            if size > MAX_TASK_FRAME:
+                raise InternalError(f"task stream: a frame of {size} bytes")
+            if len(self._buf) < 5 + size:
+                return
+            data = bytes(self._buf[5 : 5 + size])
+            del self._buf[: 5 + size]
+            if kind in (STDOUT, STDERR):
+                self._on_output(Output("stdout" if kind == STDOUT else "stderr", data))
+            elif kind == TASK_RECORD:
+                self._record = m.from_json(m.TaskRecord, json.loads(data))
+            elif kind == TASK_ERROR:
+                raise error_from_body(0, data)
+            else:
+                raise InternalError(f"task stream: unknown frame kind {kind}")
+
+    def finish(self) -> m.TaskRecord:
+        if self._record is None:
+            raise InternalError("the task stream ended before its record")
+        return self._record

@@ -66,13 +66,21 @@ class Client(_ClientBase):
         self._sandbox_cls = Sandbox
 
     def _run(self, c: Call[Any]) -> Any:
+        request = self._http.build_request(c.route.method, c.url, **c.request())
         try:
-            resp = self._http.request(c.route.method, c.url, **c.request())
+            resp = self._http.send(request, stream=c.consume is not None)
+            try:
+                if not resp.is_success:
+                    raise error_from_body(resp.status_code, resp.read())
+                if c.consume is None:
+                    return c.parse(resp)
+                for chunk in resp.iter_bytes():
+                    c.consume.feed(chunk)
+                return c.consume.finish()
+            finally:
+                resp.close()
         except httpx.TransportError as e:
             raise ConnectError(f"cannot reach the hutch daemon at {self.endpoint}: {e}") from e
-        if not resp.is_success:
-            raise error_from_body(resp.status_code, resp.content)
-        return c.parse(resp)
 
     def _ws(self, path: str) -> ClientConnection:
         ep = self.endpoint

@@ -9,10 +9,11 @@ classes as bases only under `TYPE_CHECKING`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import _models as m
+from . import _stream
 
 if TYPE_CHECKING:
     from ._async import AsyncSandbox
@@ -55,10 +56,11 @@ sandboxes created with `template=name` are restored from it instead of booting."
         """Keeps `size` restored clones of a template ready (0: none)."""
         raise NotImplementedError  # made by hutch._calls.bind
 
-    def run_task(self, workspace: str | os.PathLike[str] | bytes, command: Sequence[str], *, verify: str | None = None, allow: list[str] | None = None, env: dict[str, str] | None = None, timeout_secs: int | None = None, template: str | None = None, network: m.NetworkPolicy | None = None) -> m.TaskRecord:
+    def run_task(self, workspace: str | os.PathLike[str] | bytes, command: Sequence[str], *, verify: str | None = None, allow: list[str] | None = None, env: dict[str, str] | None = None, timeout_secs: int | None = None, template: str | None = None, network: m.NetworkPolicy | None = None, on_output: Callable[[_stream.Output], None] | None = None) -> m.TaskRecord:
         """Runs an agent `command` on a copy of `workspace` (a local directory, or a tar
 archive as bytes) in a fresh sandbox, checks its changes (and runs `verify` on them
-without a network) and returns the record with the verdict; the host is not changed."""
+without a network) and returns the record with the verdict; the host is not changed.
+`on_output` gets the agent's (and the verification's) output as it comes."""
         raise NotImplementedError  # made by hutch._calls.bind
 
     def tasks(self) -> list[m.TaskRecord]:
@@ -195,10 +197,11 @@ sandboxes created with `template=name` are restored from it instead of booting."
         """Keeps `size` restored clones of a template ready (0: none)."""
         raise NotImplementedError  # made by hutch._calls.bind
 
-    async def run_task(self, workspace: str | os.PathLike[str] | bytes, command: Sequence[str], *, verify: str | None = None, allow: list[str] | None = None, env: dict[str, str] | None = None, timeout_secs: int | None = None, template: str | None = None, network: m.NetworkPolicy | None = None) -> m.TaskRecord:
+    async def run_task(self, workspace: str | os.PathLike[str] | bytes, command: Sequence[str], *, verify: str | None = None, allow: list[str] | None = None, env: dict[str, str] | None = None, timeout_secs: int | None = None, template: str | None = None, network: m.NetworkPolicy | None = None, on_output: Callable[[_stream.Output], None] | None = None) -> m.TaskRecord:
         """Runs an agent `command` on a copy of `workspace` (a local directory, or a tar
 archive as bytes) in a fresh sandbox, checks its changes (and runs `verify` on them
-without a network) and returns the record with the verdict; the host is not changed."""
+without a network) and returns the record with the verdict; the host is not changed.
+`on_output` gets the agent's (and the verification's) output as it comes."""
         raise NotImplementedError  # made by hutch._calls.bind
 
     async def tasks(self) -> list[m.TaskRecord]:
