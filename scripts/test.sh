@@ -62,5 +62,7 @@ fi
 HUTCH_REQUIRE_VM_TESTS=1 cargo nextest run --locked --workspace --profile ci
 echo "== doc tests"
 cargo test --locked --workspace --doc
+echo "== Python SDK (its own suite, real daemon and VMs)"
+./scripts/python_sdk.sh "${CARGO_TARGET_DIR:-target}/debug/hutch"
 echo "== API contract (schemathesis, generated Python client)"
 ./scripts/api_contract.sh target/release/hutch

@@ -50,7 +50,25 @@ pub async fn exec_stream(
             let _ = send_event(&mut socket, &ExecEventMsg::Error(e.0)).await;
         }
         let _ = socket.send(Message::Close(None)).await;
+        closing_handshake(&mut socket).await;
     }))
+}
+
+/// How long the daemon waits for the client's answering Close frame.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits (bounded) for the client to answer our Close before the connection is dropped. A
+/// client whose answer meets an already closed socket may lose the frames that came with our
+/// Close, the exit event among them (Python's `websockets` does).
+async fn closing_handshake(socket: &mut WebSocket) {
+    let answered = async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
 }
 
 async fn serve(
