@@ -23,6 +23,7 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    audit,
     extract::{sandbox_id, JsonBody, Path, Query},
     files,
     http_error::HttpError,
@@ -77,6 +78,8 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tasks::task_changeset))
         .routes(routes!(tasks::task_diff))
         .routes(routes!(tasks::task_signature))
+        .routes(routes!(audit::audit))
+        .routes(routes!(audit::verify))
 }
 
 /// The routes and their complete OpenAPI document.
@@ -113,13 +116,16 @@ fn build(state: Arc<AppState>) -> Router {
 
 /// The API where every request comes from `caller` (the Unix socket: admin).
 pub fn router(state: Arc<AppState>, caller: Caller) -> Router {
-    build(state).layer(Extension(caller))
+    build(state)
+        .layer(middleware::from_fn(audit::stamp_request))
+        .layer(Extension(caller))
 }
 
 /// The API where each request's scope comes from its bearer token (TCP). A request that
 /// passes the token check marks its connection authenticated (see [`crate::listen`]).
 pub fn router_with_tokens(state: Arc<AppState>) -> Router {
     build(state.clone())
+        .layer(middleware::from_fn(audit::stamp_request))
         .layer(middleware::from_fn(crate::listen::authenticated))
         .layer(middleware::from_fn_with_state(
             state,
@@ -186,45 +192,54 @@ async fn list_sandboxes(
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path)),
-    responses((status = 200, description = "state confirmed by a health check", body = SandboxInfo),
+    responses((status = 200, description = "state confirmed by a health check", body = SandboxInfo,
+               headers(("Hutch-Checkpoint" = String, description = "the latest signed checkpoint of the sandbox's journal (a C2SP signed note), base64"))),
               (status = 404, body = ApiError)))]
 async fn get_sandbox(
     State(state): AppStateRef,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<SandboxInfo>> {
-    Ok(Json(state.api.get(&caller, &sandbox_id(&id)?).await?))
+) -> Result<axum::response::Response> {
+    let id = sandbox_id(&id)?;
+    let info = Json(state.api.get(&caller, &id).await?).into_response();
+    Ok(audit::with_checkpoint(&state, &caller, &id, info).await)
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path)),
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError)))]
+    responses((status = 200, body = SandboxInfo,
+               headers(("Hutch-Checkpoint" = String, description = "the sealed journal's final signed checkpoint, base64"))),
+              (status = 404, body = ApiError)))]
 async fn destroy_sandbox(
     State(state): AppStateRef,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<SandboxInfo>> {
-    Ok(Json(
-        state
-            .api
-            .lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::Destroy)
-            .await?,
-    ))
+) -> Result<axum::response::Response> {
+    let id = sandbox_id(&id)?;
+    let info = state
+        .api
+        .lifecycle(&caller, &id, Lifecycle::Destroy)
+        .await?;
+    Ok(audit::with_checkpoint(&state, &caller, &id, Json(info).into_response()).await)
 }
 
 macro_rules! lifecycle_route {
     ($name:ident, $path:literal, $method:ident, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "sandboxes", params(("id" = String, Path)),
-                    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError),
+                    responses((status = 200, body = SandboxInfo,
+                               headers(("Hutch-Checkpoint" = String, description = "the latest signed checkpoint of the sandbox's journal, base64"))),
+                              (status = 404, body = ApiError),
                               (status = 409, body = ApiError),
                               (status = 429, description = "no room to boot or restore it", body = ApiError)))]
         async fn $name(
             State(state): AppStateRef,
             Extension(caller): Extension<Caller>,
             Path(id): Path<String>,
-        ) -> Result<Json<SandboxInfo>> {
-            Ok(Json(state.api.lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::$method).await?))
+        ) -> Result<axum::response::Response> {
+            let id = sandbox_id(&id)?;
+            let info = state.api.lifecycle(&caller, &id, Lifecycle::$method).await?;
+            Ok(audit::with_checkpoint(&state, &caller, &id, Json(info).into_response()).await)
         }
     };
 }
@@ -410,6 +425,8 @@ mod tests {
         ("get", "/v1/tasks/{id}/changeset"),
         ("get", "/v1/tasks/{id}/diff"),
         ("get", "/v1/tasks/{id}/signature"),
+        ("get", "/v1/sandboxes/{id}/audit"),
+        ("get", "/v1/sandboxes/{id}/audit/verify"),
     ];
 
     fn state() -> (tempfile::TempDir, Arc<AppState>) {

@@ -90,3 +90,15 @@ pub struct Record {
     #[schema(value_type = Object)]
     pub attrs: Map<String, Value>,
 }
+
+/// A sandbox's journal as the API serves it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuditLog {
+    /// Its records (from the asked seq on, of the asked kind).
+    pub records: Vec<Record>,
+    /// The latest signed checkpoint (a C2SP signed note), if any.
+    pub checkpoint: Option<String>,
+    /// The host key (hex) that certifies sandbox keys: what `audit verify --offline` takes.
+    pub host_key: String,
+}

@@ -32,7 +32,7 @@ pub mod verify;
 mod writer;
 
 pub use error::JournalError;
-pub use event::{kinds, Actor, Event, Record, VERSION};
+pub use event::{kinds, Actor, AuditLog, Event, Record, VERSION};
 pub use key::HostSigner;
 pub use read::{read_records, JOURNAL_FILE};
 pub use redact::{Redactor, REDACTED};

@@ -149,6 +149,17 @@ impl HostKey {
         hex::encode(self.key.verifying_key().as_bytes())
     }
 
+    /// The public key's bytes.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// Signs `message` (what the host certifies besides task records: the journals' sandbox
+    /// keys).
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+
     /// Signs `record` (replacing any signature it had).
     pub fn sign(&self, record: &mut TaskRecord) {
         record.signature = Some(hex::encode(self.key.sign(&signed_bytes(record)).to_bytes()));
