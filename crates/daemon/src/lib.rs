@@ -248,7 +248,7 @@ async fn expire_loop(manager: Arc<Manager>, journals: Arc<Journals>, retention: 
             }
             Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "TTL check failed"),
         }
-        if tick % PRUNE_EVERY == 0 && !retention.is_zero() {
+        if tick.is_multiple_of(PRUNE_EVERY) && !retention.is_zero() {
             match journals.prune(retention).await {
                 Ok(ids) if !ids.is_empty() => {
                     tracing::info!(?ids, "removed journals past retention")

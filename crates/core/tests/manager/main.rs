@@ -4,6 +4,7 @@
 //! `crates/cli/tests` stay the end-to-end proof.
 
 mod failures;
+mod journal;
 mod lifecycle;
 mod surface;
 mod world;
