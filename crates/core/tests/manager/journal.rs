@@ -279,3 +279,49 @@ async fn a_restart_after_a_torn_write_continues_the_journal() {
     assert_eq!(report.status, Status::Ok, "{report}");
     w.assert_nothing_left();
 }
+
+/// A measurement, not a test (`cargo test -p hutch-core --test manager -- --ignored
+/// --nocapture measure`): the exec round trip of `true` through the surface with the journal on
+/// and off, interleaved, over the fake (the agent as a host process, so the journal's share is
+/// larger than against a VM).
+#[tokio::test]
+#[ignore = "a measurement: prints figures"]
+async fn measure_exec_round_trip_with_and_without_the_journal() {
+    let w = World::new().await;
+    let on = surface(&w);
+    let tasks = Arc::new(Tasks::new(w.dir.path().join("tasks"), w.manager.clone()));
+    let off = LocalApi::new(w.manager.clone(), tasks);
+    let id = create(&on).await;
+    let admin = caller("req-bench");
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..440 {
+        for (i, api) in [&on, &off].into_iter().enumerate() {
+            let start = std::time::Instant::now();
+            api.exec(
+                &admin,
+                &id,
+                Command {
+                    argv: vec!["true".into()],
+                    ..Command::default()
+                },
+                None,
+                10,
+            )
+            .await
+            .unwrap();
+            if round >= 40 {
+                times[i].push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (with, without) = (median(&mut times[0]), median(&mut times[1]));
+    println!(
+        "exec `true` round trip, median of 400: journal on {with:.0} µs, off {without:.0} µs ({:+.1} %)",
+        (with / without - 1.0) * 100.0
+    );
+    on.lifecycle(&admin, &id, Lifecycle::Destroy).await.unwrap();
+}
