@@ -348,6 +348,27 @@ impl Client {
             .await
     }
 
+    /// The sandbox's journal from record `from` on (of `kind` and below, if given).
+    pub async fn audit(
+        &self,
+        id: &str,
+        from: u64,
+        kind: Option<&str>,
+    ) -> Result<hutch_journal::AuditLog, ClientError> {
+        let mut query = format!("/audit?from={from}");
+        if let Some(kind) = kind {
+            query.push_str(&format!("&kind={}", encode(kind)));
+        }
+        self.call(Method::GET, &sandbox_path(id, &query), vec![])
+            .await
+    }
+
+    /// The daemon's verdict on the sandbox's journal.
+    pub async fn audit_verify(&self, id: &str) -> Result<hutch_journal::Report, ClientError> {
+        self.call(Method::GET, &sandbox_path(id, "/audit/verify"), vec![])
+            .await
+    }
+
     /// Publishes a guest TCP port on a host loopback port (`None`: any free one).
     pub async fn publish_port(
         &self,

@@ -57,6 +57,8 @@ pub enum Command {
     /// Run coding agents on a copy of a workspace and review, diff and apply their changes.
     #[command(subcommand)]
     Task(crate::task_cmd::TaskCommand),
+    /// Print a sandbox's journal (`--follow`: and what comes), or verify it (`audit verify`).
+    Audit(crate::audit_cmd::AuditArgs),
     /// Power a sandbox off, keeping its record.
     Stop(IdArgs),
     /// Boot a stopped sandbox again (same id and spec; a fresh disk).

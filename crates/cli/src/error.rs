@@ -62,6 +62,9 @@ pub enum CliError {
     /// The command line is inconsistent.
     #[error("{0}")]
     Usage(String),
+    /// A journal could not be read for offline verification.
+    #[error(transparent)]
+    Journal(#[from] hutch_journal::JournalError),
     /// An input file named on the command line is unreadable.
     #[error("cannot read {path}")]
     ReadInput {

@@ -4,6 +4,7 @@
 
 mod agent_bin;
 mod args;
+mod audit_cmd;
 mod doctor;
 mod error;
 mod image_cmd;
@@ -140,6 +141,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Secret(c) => secret_cmd::run(&remote::client(&home, &c.conn()), c).await,
         args::Command::Token(c) => token::run(&home, c),
         args::Command::Mcp(a) => mcp_cmd::run(&remote::client(&home, &a.conn)).await,
+        args::Command::Audit(a) => audit_cmd::run(&home, a).await,
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "hutch", &mut std::io::stdout());

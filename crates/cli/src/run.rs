@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use hutch_api::{client::Client, CreateSandbox, ExecStart};
-use hutch_core::service::{Caller, Command, Create, Lifecycle, SandboxApi};
+use hutch_core::service::{Caller, Command, Create, ExecStream, Lifecycle, SandboxApi};
 use hutch_protocol::{
-    host::{Exec, ExecControl, ExecEvent},
+    host::{ExecControl, ExecEvent},
     ExitInfo,
 };
 use hutch_types::{ErrorCode, SandboxId, SandboxSpec};
@@ -212,7 +212,7 @@ async fn exec_local(
 }
 
 /// Runs `exec` with this process's stdin, stdout and stderr attached.
-pub async fn exec_attached(mut exec: Exec) -> Result<ExitInfo, CliError> {
+pub async fn exec_attached(mut exec: ExecStream) -> Result<ExitInfo, CliError> {
     let feeder = tokio::spawn(forward_stdin(exec.control()));
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();

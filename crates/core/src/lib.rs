@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod blocking;
 mod clones;
 pub mod exec;

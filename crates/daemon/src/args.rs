@@ -42,6 +42,9 @@ pub struct DaemonArgs {
     /// requests, before it is closed.
     #[arg(long, hide = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub tcp_header_timeout: u64,
+    /// Days a sealed journal is kept after its sandbox was destroyed (0: kept forever).
+    #[arg(long, default_value_t = 30)]
+    pub journal_retention_days: u64,
     /// The `iss` of guests' identity tokens: the URL where services reach this daemon's
     /// `/.well-known/jwks.json` (default: http:// and the --listen-tcp address).
     #[arg(long, value_name = "URL")]

@@ -32,9 +32,10 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "a bearer token is required"))?;
+    let hash = token_hash(token.trim());
     let used = state
         .store
-        .use_token(&token_hash(token.trim()), hutch_core::now_ms())
+        .use_token(&hash, hutch_core::now_ms())
         .await
         .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?;
     let scope = match used {
@@ -47,6 +48,8 @@ pub async fn require_token(
             ))
         }
     };
-    req.extensions_mut().insert(Caller::scoped(scope));
+    // Journals name the token by the start of its stored hash (never by the token).
+    let caller = Caller::scoped(scope).named(format!("token:{}", &hash[..16]));
+    req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }

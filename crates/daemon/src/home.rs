@@ -100,6 +100,11 @@ impl Home {
         PathBuf::from(format!("/dev/shm/hutch-{}", hex::encode(&hash[..6])))
     }
 
+    /// The sandboxes' journals (`journal/<id>/`), kept after the sandboxes are gone.
+    pub fn journal(&self) -> PathBuf {
+        self.root.join("journal")
+    }
+
     /// Cached accelerator probe result.
     pub fn accel_cache(&self) -> PathBuf {
         self.root.join("accel.json")

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+mod audit;
 mod auth;
 pub mod backend;
 mod error;
@@ -34,6 +35,7 @@ mod ws;
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use hutch_core::{
+    audit::{HostKeySigner, Journals},
     service::{Caller, LocalApi, SandboxApi},
     Limits, Manager, ManagerConfig,
 };
@@ -131,16 +133,18 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
     }
+    let journals = journals(home).await?;
+    let retention = Duration::from_secs(args.journal_retention_days.saturating_mul(86_400));
     let state = Arc::new(AppState {
-        api: Arc::new(LocalApi::new(manager.clone(), tasks)),
+        api: Arc::new(LocalApi::new(manager.clone(), tasks).with_journals(journals.clone())),
         store: manager.store().clone(),
     });
     manager.start_pools();
-    tokio::spawn(expire_loop(manager.clone()));
+    tokio::spawn(expire_loop(manager.clone(), journals, retention));
 
     let socket = args.socket.clone().unwrap_or_else(|| home.socket());
     let unix = bind_unix(&socket)?;
-    let unix_app = routes::router(state.clone(), Caller::admin());
+    let unix_app = routes::router(state.clone(), Caller::admin().named("socket"));
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(async move { axum::serve(unix, unix_app).await });
     if let Some(addr) = &args.listen_tcp {
@@ -230,12 +234,52 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Destroys sandboxes whose TTL passed, also those that expired while the daemon was down.
-async fn expire_loop(manager: Arc<Manager>) {
+/// The sandboxes' journals, their keys certified by the host key (the one that signs task
+/// records), read off the async workers.
+async fn journals(home: &Home) -> Result<Arc<Journals>, DaemonError> {
+    let path = home.tasks().join("host.key");
+    let key = tokio::task::spawn_blocking(move || hutch_task::sign::HostKey::load_or_create(&path))
+        .await
+        .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
+        .map_err(|e| DaemonError::Io(std::io::Error::other(hutch_core::chain(&e))))?;
+    Ok(Arc::new(Journals::new(
+        home.journal(),
+        Arc::new(HostKeySigner(key)),
+    )))
+}
+
+/// How many TTL ticks between two sweeps of journals past their retention.
+const PRUNE_EVERY: u32 = 3600;
+
+/// Destroys sandboxes whose TTL passed, also those that expired while the daemon was down,
+/// and seals their journals; now and then removes sealed journals past `retention` (0: never).
+async fn expire_loop(manager: Arc<Manager>, journals: Arc<Journals>, retention: Duration) {
+    let mut tick = 0u32;
     loop {
-        if let Err(e) = manager.expire_due().await {
-            tracing::warn!(error = %hutch_core::chain(&e), "TTL check failed");
+        match manager.expire_due().await {
+            Ok(ids) => {
+                for id in ids {
+                    let seal = hutch_journal::Event::new(hutch_journal::kinds::SEAL)
+                        .by(Some(&hutch_journal::Actor {
+                            principal: "daemon".into(),
+                            request_id: None,
+                        }))
+                        .attr(hutch_journal::attr::SEAL_REASON, "ttl expired");
+                    journals.seal(&id, seal).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "TTL check failed"),
         }
+        if tick.is_multiple_of(PRUNE_EVERY) && !retention.is_zero() {
+            match journals.prune(retention).await {
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::info!(?ids, "removed journals past retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "journal retention sweep failed"),
+            }
+        }
+        tick = tick.wrapping_add(1);
         tokio::time::sleep(TTL_TICK).await;
     }
 }

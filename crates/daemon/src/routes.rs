@@ -23,6 +23,7 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    audit,
     extract::{sandbox_id, JsonBody, Path, Query},
     files,
     http_error::HttpError,
@@ -81,6 +82,8 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(secrets::list_secrets))
         .routes(routes!(secrets::secret_log))
         .routes(routes!(crate::observe::metrics))
+        .routes(routes!(audit::audit))
+        .routes(routes!(audit::verify))
 }
 
 /// The routes that need a caller, those that do not ([`crate::observe::public_api`]), and
@@ -129,7 +132,10 @@ fn build(state: Arc<AppState>) -> (Router, Router) {
 /// The API where every request comes from `caller` (the Unix socket: admin).
 pub fn router(state: Arc<AppState>, caller: Caller) -> Router {
     let (router, public) = build(state);
-    router.merge(public).layer(Extension(caller))
+    router
+        .merge(public)
+        .layer(middleware::from_fn(audit::stamp_request))
+        .layer(Extension(caller))
 }
 
 /// The API where each request's scope comes from its bearer token (TCP). A request that
@@ -139,6 +145,7 @@ pub fn router(state: Arc<AppState>, caller: Caller) -> Router {
 pub fn router_with_tokens(state: Arc<AppState>) -> Router {
     let (router, public) = build(state.clone());
     router
+        .layer(middleware::from_fn(audit::stamp_request))
         .layer(middleware::from_fn(crate::listen::authenticated))
         .layer(middleware::from_fn_with_state(
             state,
@@ -206,45 +213,54 @@ async fn list_sandboxes(
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path)),
-    responses((status = 200, description = "state confirmed by a health check", body = SandboxInfo),
+    responses((status = 200, description = "state confirmed by a health check", body = SandboxInfo,
+               headers(("Hutch-Checkpoint" = String, description = "the latest signed checkpoint of the sandbox's journal (a C2SP signed note), base64"))),
               (status = 404, body = ApiError)))]
 async fn get_sandbox(
     State(state): AppStateRef,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<SandboxInfo>> {
-    Ok(Json(state.api.get(&caller, &sandbox_id(&id)?).await?))
+) -> Result<axum::response::Response> {
+    let id = sandbox_id(&id)?;
+    let info = Json(state.api.get(&caller, &id).await?).into_response();
+    Ok(audit::with_checkpoint(&state, &caller, &id, info).await)
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path)),
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError)))]
+    responses((status = 200, body = SandboxInfo,
+               headers(("Hutch-Checkpoint" = String, description = "the sealed journal's final signed checkpoint, base64"))),
+              (status = 404, body = ApiError)))]
 async fn destroy_sandbox(
     State(state): AppStateRef,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<SandboxInfo>> {
-    Ok(Json(
-        state
-            .api
-            .lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::Destroy)
-            .await?,
-    ))
+) -> Result<axum::response::Response> {
+    let id = sandbox_id(&id)?;
+    let info = state
+        .api
+        .lifecycle(&caller, &id, Lifecycle::Destroy)
+        .await?;
+    Ok(audit::with_checkpoint(&state, &caller, &id, Json(info).into_response()).await)
 }
 
 macro_rules! lifecycle_route {
     ($name:ident, $path:literal, $method:ident, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "sandboxes", params(("id" = String, Path)),
-                    responses((status = 200, body = SandboxInfo), (status = 404, body = ApiError),
+                    responses((status = 200, body = SandboxInfo,
+                               headers(("Hutch-Checkpoint" = String, description = "the latest signed checkpoint of the sandbox's journal, base64"))),
+                              (status = 404, body = ApiError),
                               (status = 409, body = ApiError),
                               (status = 429, description = "no room to boot or restore it", body = ApiError)))]
         async fn $name(
             State(state): AppStateRef,
             Extension(caller): Extension<Caller>,
             Path(id): Path<String>,
-        ) -> Result<Json<SandboxInfo>> {
-            Ok(Json(state.api.lifecycle(&caller, &sandbox_id(&id)?, Lifecycle::$method).await?))
+        ) -> Result<axum::response::Response> {
+            let id = sandbox_id(&id)?;
+            let info = state.api.lifecycle(&caller, &id, Lifecycle::$method).await?;
+            Ok(audit::with_checkpoint(&state, &caller, &id, Json(info).into_response()).await)
         }
     };
 }
@@ -437,6 +453,8 @@ pub(crate) mod tests {
         ("get", "/metrics"),
         ("get", "/.well-known/jwks.json"),
         ("get", "/.well-known/openid-configuration"),
+        ("get", "/v1/sandboxes/{id}/audit"),
+        ("get", "/v1/sandboxes/{id}/audit/verify"),
     ];
 
     /// A daemon's state on a temporary home whose VMM cannot start (no VM in unit tests).

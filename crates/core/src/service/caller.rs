@@ -1,28 +1,47 @@
 //! Who is asking: the rights every request to the [`SandboxApi`](super::SandboxApi) carries.
 
+use hutch_journal::Actor;
 use hutch_types::{SandboxInfo, SandboxSpec, TokenScope};
 
 use super::Result;
 
 /// The caller of a request: admin (the Unix socket, an unscoped token) or limited to the
-/// sandboxes carrying one label.
+/// sandboxes carrying one label; and who it is, for the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// What the caller may act on.
     pub scope: TokenScope,
+    /// Who asks (the principal and the request's id), as journals record it.
+    pub actor: Actor,
 }
 
 impl Caller {
-    /// A caller who may do everything.
+    /// A caller who may do everything (principal `local` until a front end names it).
     pub fn admin() -> Caller {
-        Caller {
-            scope: TokenScope::Admin,
-        }
+        Caller::scoped(TokenScope::Admin)
     }
 
     /// A caller with a token's `scope`.
     pub fn scoped(scope: TokenScope) -> Caller {
-        Caller { scope }
+        Caller {
+            scope,
+            actor: Actor {
+                principal: "local".into(),
+                request_id: None,
+            },
+        }
+    }
+
+    /// The same caller, named `principal` (`socket`, `token:<fingerprint>`).
+    pub fn named(mut self, principal: impl Into<String>) -> Caller {
+        self.actor.principal = principal.into();
+        self
+    }
+
+    /// The same caller, in the request `id`.
+    pub fn in_request(mut self, id: impl Into<String>) -> Caller {
+        self.actor.request_id = Some(id.into());
+        self
     }
 
     /// Refuses a caller limited to some sandboxes, with `why` (for host-wide resources such

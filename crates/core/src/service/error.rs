@@ -30,6 +30,9 @@ pub enum ServiceError {
     /// The guest channel failed during a transfer or exec.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// A sandbox's journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] hutch_journal::JournalError),
 }
 
 impl From<hutch_types::Forbidden> for ServiceError {
@@ -79,6 +82,13 @@ impl ServiceError {
             ServiceError::Secret(e) => e.code(),
             ServiceError::Refused { code, .. } => *code,
             ServiceError::Channel(e) => channel_code(e),
+            ServiceError::Journal(hutch_journal::JournalError::State { .. }) => ErrorCode::NotFound,
+            ServiceError::Journal(hutch_journal::JournalError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ErrorCode::NotFound
+            }
+            ServiceError::Journal(_) => ErrorCode::Internal,
         }
     }
 }

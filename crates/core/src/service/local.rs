@@ -3,8 +3,9 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use async_trait::async_trait;
+use hutch_journal::{attr, kinds, AuditLog, Event, Journal, Report};
 use hutch_net::{FlowEvent, PublishedPort};
-use hutch_protocol::{host::Exec, ExecRequest, TtySize};
+use hutch_protocol::{ExecRequest, TtySize};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
 use hutch_types::{
@@ -14,9 +15,11 @@ use hutch_types::{
 use tokio::io::DuplexStream;
 
 use super::{
-    transfer, ByteStream, Caller, Command, Create, Lifecycle, Result, SandboxApi, ServiceError,
+    transfer, ByteStream, Caller, Command, Create, ExecStream, Lifecycle, Result, SandboxApi,
+    ServiceError,
 };
 use crate::{
+    audit::{create_event, AuditQuery, ExecTap, Journals, Tally},
     blocking::off_worker,
     exec::{run_capped, Collected, OutputSink, OverCap},
     metrics::ExecKind,
@@ -36,12 +39,77 @@ pub const TASKS_HOST_WIDE: &str =
 pub struct LocalApi {
     manager: Arc<Manager>,
     tasks: Arc<Tasks>,
+    journals: Option<Arc<Journals>>,
 }
 
 impl LocalApi {
     /// The surface over `manager` and `tasks`.
     pub fn new(manager: Arc<Manager>, tasks: Arc<Tasks>) -> LocalApi {
-        LocalApi { manager, tasks }
+        LocalApi {
+            manager,
+            tasks,
+            journals: None,
+        }
+    }
+
+    /// The same surface, recording every sandbox's actions in its journal in `journals`.
+    pub fn with_journals(mut self, journals: Arc<Journals>) -> LocalApi {
+        self.journals = Some(journals);
+        self
+    }
+
+    /// The journals, when kept (for the daemon's housekeeping: TTL seals, retention).
+    pub fn journals(&self) -> Option<&Arc<Journals>> {
+        self.journals.as_ref()
+    }
+
+    /// The open journal of the sandbox `info`: none when journals are not kept, or sealed.
+    async fn journal(&self, info: &SandboxInfo) -> Option<Journal> {
+        match &self.journals {
+            Some(j) => j.journal(&info.id, Some(info)).await,
+            None => None,
+        }
+    }
+
+    /// Appends `event`, asked by `caller`, to the journal of the sandbox `info`.
+    async fn note(&self, caller: &Caller, info: &SandboxInfo, event: Event) {
+        if let Some(j) = self.journal(info).await {
+            j.append(event.by(Some(&caller.actor)));
+        }
+    }
+
+    /// The journals, or not found when this host keeps none.
+    fn journals_or_404(&self) -> Result<&Arc<Journals>> {
+        self.journals.as_ref().ok_or_else(|| {
+            ServiceError::refused(ErrorCode::NotFound, "this host keeps no journals")
+        })
+    }
+
+    /// Runs the state change `call` to completion (as [`completed`]), recording `event` with
+    /// its outcome in the journal of the sandbox `info`.
+    async fn change<T, F>(
+        &self,
+        caller: &Caller,
+        info: SandboxInfo,
+        event: Event,
+        call: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = std::result::Result<T, crate::CoreError>> + Send + 'static,
+    {
+        let journals = self.journals.clone();
+        let event = event.by(Some(&caller.actor));
+        completed(async move {
+            let result = call.await.map_err(ServiceError::from);
+            if let Some(j) = journals {
+                if let Some(j) = j.journal(&info.id, Some(&info)).await {
+                    j.append(outcome(event, &result));
+                }
+            }
+            result
+        })
+        .await
     }
 
     /// The manager underneath (for the daemon's own housekeeping: TTLs, pools, shutdown).
@@ -151,6 +219,19 @@ where
         .map_err(Into::into)
 }
 
+/// `event` with how `result` ended: `hutch.outcome` `ok` or the error code, and the message.
+fn outcome<T>(event: Event, result: &Result<T>) -> Event {
+    match result {
+        Ok(_) => event.attr(attr::OUTCOME, "ok"),
+        Err(e) => event
+            .attr(
+                attr::OUTCOME,
+                serde_json::to_value(e.code()).unwrap_or_default(),
+            )
+            .attr(attr::ERROR_MESSAGE, e.to_string()),
+    }
+}
+
 /// 404 for a name that cannot be a template's (and so never reaches the filesystem).
 fn template_name(name: &str) -> Result<()> {
     if hutch_types::valid_name(name) {
@@ -184,11 +265,23 @@ impl SandboxApi for LocalApi {
         } = req;
         caller.label(&mut spec)?;
         self.check_secret_scope(caller, &spec.secrets)?;
-        let manager = self.manager.clone();
-        let (info, created) =
-            completed(async move { manager.create(spec, idempotency_key.as_deref()).await })
-                .await?;
+        let (manager, journals) = (self.manager.clone(), self.journals.clone());
+        let actor = caller.actor.clone();
+        let (info, created) = completed(async move {
+            let (info, created) = manager.create(spec, idempotency_key.as_deref()).await?;
+            if let (Some(j), true) = (&journals, created) {
+                let digest = manager.image(&info.spec.image).ok().map(|i| i.digest);
+                j.start(&info, create_event(&info, Some(&actor), digest.as_deref()))
+                    .await;
+            }
+            Ok::<_, crate::CoreError>((info, created))
+        })
+        .await?;
         caller.allows(&info)?;
+        if !created {
+            let repeat = Event::new("api.create").attr("hutch.idempotent_repeat", true);
+            self.note(caller, &info, repeat).await;
+        }
         Ok((info.redacted(), created))
     }
 
@@ -213,10 +306,11 @@ impl SandboxApi for LocalApi {
         id: &SandboxId,
         action: Lifecycle,
     ) -> Result<SandboxInfo> {
-        self.authorize(caller, id).await?;
+        let info = self.authorize(caller, id).await?;
         let (manager, id) = (self.manager.clone(), id.to_string());
+        let (journals, actor) = (self.journals.clone(), caller.actor.clone());
         let info = completed(async move {
-            match action {
+            let result = match action {
                 Lifecycle::Pause => manager.pause(&id).await,
                 Lifecycle::Resume => manager.resume(&id).await,
                 Lifecycle::Suspend => manager.suspend(&id).await,
@@ -224,14 +318,39 @@ impl SandboxApi for LocalApi {
                 Lifecycle::Stop => manager.stop(&id).await,
                 Lifecycle::Destroy => manager.destroy(&id).await,
             }
+            .map_err(ServiceError::from);
+            if let Some(j) = journals {
+                let event = Event::new(format!("sandbox.{}", action.name())).by(Some(&actor));
+                if let Some(journal) = j.journal(&id, Some(&info)).await {
+                    journal.append(outcome(event, &result));
+                }
+                match (action, result.is_ok()) {
+                    (Lifecycle::Destroy, true) => {
+                        let seal = Event::new(kinds::SEAL)
+                            .by(Some(&actor))
+                            .attr(attr::SEAL_REASON, "destroyed");
+                        j.seal(&id, seal).await;
+                    }
+                    (Lifecycle::Stop | Lifecycle::Suspend, true) => j.checkpoint(&id).await,
+                    _ => {}
+                }
+            }
+            result
         })
         .await?;
         Ok(info.redacted())
     }
 
     async fn console(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<u8>> {
-        self.authorize(caller, id).await?;
-        Ok(self.manager.console_log(id.as_str()).await?)
+        let info = self.authorize(caller, id).await?;
+        let log = self.manager.console_log(id.as_str()).await?;
+        self.note(
+            caller,
+            &info,
+            Event::new("api.console").attr("hutch.bytes", log.len()),
+        )
+        .await;
+        Ok(log)
     }
 
     async fn set_network(
@@ -240,15 +359,26 @@ impl SandboxApi for LocalApi {
         id: &SandboxId,
         policy: NetworkPolicy,
     ) -> Result<SandboxInfo> {
-        self.authorize(caller, id).await?;
+        let info = self.authorize(caller, id).await?;
+        let event = Event::new("network.policy").attr(
+            "hutch.network.policy",
+            serde_json::to_value(&policy).unwrap_or_default(),
+        );
         let (manager, id) = (self.manager.clone(), id.to_string());
-        let info = completed(async move { manager.set_network(&id, policy).await }).await?;
+        let info = self
+            .change(caller, info, event, async move {
+                manager.set_network(&id, policy).await
+            })
+            .await?;
         Ok(info.redacted())
     }
 
     async fn network_log(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<FlowEvent>> {
-        self.authorize(caller, id).await?;
-        Ok(self.manager.network_events(id.as_str()).await?)
+        let info = self.authorize(caller, id).await?;
+        let events = self.manager.network_events(id.as_str()).await?;
+        self.note(caller, &info, Event::new("api.network_log"))
+            .await;
+        Ok(events)
     }
 
     async fn publish_port(
@@ -258,9 +388,15 @@ impl SandboxApi for LocalApi {
         guest_port: u16,
         host_port: Option<u16>,
     ) -> Result<PublishedPort> {
-        self.authorize(caller, id).await?;
+        let info = self.authorize(caller, id).await?;
+        let event = Event::new("network.port.publish")
+            .attr("hutch.port.guest", guest_port)
+            .attr("hutch.port.host", host_port);
         let (manager, id) = (self.manager.clone(), id.to_string());
-        completed(async move { manager.publish_port(&id, guest_port, host_port).await }).await
+        self.change(caller, info, event, async move {
+            manager.publish_port(&id, guest_port, host_port).await
+        })
+        .await
     }
 
     async fn unpublish_port(
@@ -269,9 +405,13 @@ impl SandboxApi for LocalApi {
         id: &SandboxId,
         guest_port: u16,
     ) -> Result<Vec<PublishedPort>> {
-        self.authorize(caller, id).await?;
+        let info = self.authorize(caller, id).await?;
+        let event = Event::new("network.port.unpublish").attr("hutch.port.guest", guest_port);
         let (manager, id) = (self.manager.clone(), id.to_string());
-        completed(async move { manager.unpublish_port(&id, guest_port).await }).await
+        self.change(caller, info, event, async move {
+            manager.unpublish_port(&id, guest_port).await
+        })
+        .await
     }
 
     async fn ports(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<PublishedPort>> {
@@ -289,13 +429,35 @@ impl SandboxApi for LocalApi {
     ) -> Result<Collected> {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
+        let env = command.env.clone();
         let req = self.exec_request(&info, command, stdin.is_some())?;
         let metrics = self.manager.metrics();
         metrics.exec_started(ExecKind::Capped);
         let started = std::time::Instant::now();
-        let collected = run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await?;
+        let tap = self
+            .journal(&info)
+            .await
+            .map(|j| ExecTap::start(j, Some(&caller.actor), "exec", &req, &env));
+        let result = run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await;
         metrics.exec_finished(started.elapsed());
-        Ok(collected)
+        if let Some(mut tap) = tap {
+            match &result {
+                Ok(c) => {
+                    tap.output(0, &c.stdout);
+                    tap.output(1, &c.stderr);
+                    let extra = Event::default()
+                        .attr("hutch.process.stdout.dropped", c.dropped[0])
+                        .attr("hutch.process.stderr.dropped", c.dropped[1])
+                        .attr("hutch.process.timed_out", c.timed_out);
+                    tap.end(Some(c.status), extra);
+                }
+                Err(e) => tap.end(
+                    None,
+                    Event::default().attr(attr::ERROR_MESSAGE, e.to_string()),
+                ),
+            }
+        }
+        Ok(result?)
     }
 
     async fn exec_stream(
@@ -304,13 +466,30 @@ impl SandboxApi for LocalApi {
         id: &SandboxId,
         command: Command,
         tty: Option<TtySize>,
-    ) -> Result<Exec> {
+    ) -> Result<ExecStream> {
         let info = self.authorize(caller, id).await?;
         let channel = self.manager.channel(id.as_str()).await?;
+        let env = command.env.clone();
         let mut req = self.exec_request(&info, command, true)?;
         req.tty = tty;
         self.manager.metrics().exec_started(ExecKind::Stream);
-        channel.exec(req).await.map_err(ServiceError::exec_start)
+        let mut tap = self
+            .journal(&info)
+            .await
+            .map(|j| ExecTap::start(j, Some(&caller.actor), "exec_stream", &req, &env));
+        match channel.exec(req).await {
+            Ok(exec) => Ok(ExecStream::new(exec, tap)),
+            Err(e) => {
+                let e = ServiceError::exec_start(e);
+                if let Some(tap) = &mut tap {
+                    tap.end(
+                        None,
+                        Event::default().attr(attr::ERROR_MESSAGE, e.to_string()),
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn write_file(
@@ -321,8 +500,13 @@ impl SandboxApi for LocalApi {
         mode: u32,
         body: ByteStream,
     ) -> Result<()> {
-        let (_, path, channel) = self.target(caller, id, path).await?;
-        transfer::write_file(&channel, path, mode, body).await
+        let (info, path, channel) = self.target(caller, id, path).await?;
+        let tally = Tally::default();
+        let body = tally.stream(body);
+        let result = transfer::write_file(&channel, path.clone(), mode, body).await;
+        let event = tally.attrs(Event::new("file.write"), "in", &path);
+        self.note(caller, &info, outcome(event, &result)).await;
+        result
     }
 
     async fn read_file(
@@ -332,8 +516,13 @@ impl SandboxApi for LocalApi {
         path: &str,
         sink: DuplexStream,
     ) -> Result<()> {
-        let (_, path, channel) = self.target(caller, id, path).await?;
-        transfer::read_file(&channel, path, sink).await
+        let (info, path, channel) = self.target(caller, id, path).await?;
+        let tally = Tally::default();
+        let (ours, pump) = tally.pipe(sink);
+        let (result, ()) = tokio::join!(transfer::read_file(&channel, path.clone(), ours), pump);
+        let event = tally.attrs(Event::new("file.read"), "out", &path);
+        self.note(caller, &info, outcome(event, &result)).await;
+        result
     }
 
     async fn put_archive(
@@ -349,7 +538,11 @@ impl SandboxApi for LocalApi {
             ..Command::default()
         };
         let req = self.exec_request(&info, unpack, true)?;
-        transfer::put_archive(&channel, req, body).await
+        let tally = Tally::default();
+        let result = transfer::put_archive(&channel, req, tally.stream(body)).await;
+        let event = tally.attrs(Event::new("archive.put"), "in", &dir);
+        self.note(caller, &info, outcome(event, &result)).await;
+        result
     }
 
     async fn get_archive(
@@ -365,14 +558,51 @@ impl SandboxApi for LocalApi {
             ..Command::default()
         };
         let req = self.exec_request(&info, pack, false)?;
-        transfer::get_archive(&channel, req, dir, sink).await
+        let tally = Tally::default();
+        let (ours, pump) = tally.pipe(sink);
+        let packed = transfer::get_archive(&channel, req, dir.clone(), ours);
+        let (result, ()) = tokio::join!(packed, pump);
+        let event = tally.attrs(Event::new("archive.get"), "out", &dir);
+        self.note(caller, &info, outcome(event, &result)).await;
+        result
     }
 
     async fn fork(&self, caller: &Caller, id: &SandboxId, count: u32) -> Result<Vec<SandboxInfo>> {
-        self.authorize(caller, id).await?;
-        let (manager, id) = (self.manager.clone(), id.to_string());
-        let children = completed(async move { manager.fork(&id, count).await }).await?;
+        let info = self.authorize(caller, id).await?;
+        let (manager, journals) = (self.manager.clone(), self.journals.clone());
+        let event = Event::new("sandbox.fork").attr("hutch.fork.count", count);
+        let (caller_, info_) = (caller.clone(), info.clone());
+        let children = self
+            .change(caller, info, event, async move {
+                let children = manager.fork(info_.id.as_str(), count).await?;
+                if let Some(j) = &journals {
+                    for child in &children {
+                        let first = create_event(child, Some(&caller_.actor), None);
+                        j.start(child, first).await;
+                    }
+                }
+                Ok(children)
+            })
+            .await?;
         Ok(children.into_iter().map(SandboxInfo::redacted).collect())
+    }
+
+    async fn audit(&self, caller: &Caller, id: &SandboxId, query: AuditQuery) -> Result<AuditLog> {
+        self.authorize(caller, id).await?;
+        Ok(self.journals_or_404()?.read(id.as_str(), query).await?)
+    }
+
+    async fn audit_verify(&self, caller: &Caller, id: &SandboxId) -> Result<Report> {
+        self.authorize(caller, id).await?;
+        Ok(self.journals_or_404()?.verify(id.as_str()).await?)
+    }
+
+    async fn checkpoint(&self, caller: &Caller, id: &SandboxId) -> Result<Option<String>> {
+        self.authorize(caller, id).await?;
+        Ok(match &self.journals {
+            Some(j) => j.latest_checkpoint(id.as_str()).await,
+            None => None,
+        })
     }
 
     async fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> Result<TemplateInfo> {

@@ -18,8 +18,12 @@ pub mod transfer;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use hutch_journal::{AuditLog, Report};
 use hutch_net::{FlowEvent, PublishedPort};
-use hutch_protocol::{host::Exec, TtySize};
+use hutch_protocol::{
+    host::{ChannelError, Exec, ExecControl, ExecEvent},
+    TtySize,
+};
 use hutch_store::ListFilter;
 use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
 use hutch_types::{
@@ -34,6 +38,7 @@ pub use local::{LocalApi, TASKS_HOST_WIDE};
 pub use transfer::ByteStream;
 
 use crate::{
+    audit::{AuditQuery, ExecTap},
     exec::{Collected, OutputSink},
     secrets::SetSecret,
 };
@@ -57,6 +62,61 @@ pub enum Lifecycle {
     Stop,
     /// Remove it and everything it holds on the host.
     Destroy,
+}
+
+impl Lifecycle {
+    /// Its name, as journals record it (`sandbox.<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Pause => "pause",
+            Lifecycle::Resume => "resume",
+            Lifecycle::Suspend => "suspend",
+            Lifecycle::Start => "start",
+            Lifecycle::Stop => "stop",
+            Lifecycle::Destroy => "destroy",
+        }
+    }
+}
+
+/// A running command with open stdin ([`SandboxApi::exec_stream`]): the guest's [`Exec`],
+/// its output counted and hashed into the sandbox's journal as it passes, its end recorded.
+/// Dropping it kills the command (and records it abandoned).
+pub struct ExecStream {
+    exec: Exec,
+    tap: Option<ExecTap>,
+}
+
+impl ExecStream {
+    /// `exec`, recorded by `tap` when the sandbox keeps a journal.
+    pub fn new(exec: Exec, tap: Option<ExecTap>) -> ExecStream {
+        ExecStream { exec, tap }
+    }
+
+    /// The process id inside the guest.
+    pub fn pid(&self) -> u32 {
+        self.exec.pid()
+    }
+
+    /// A handle for stdin, signals and resizes that can move to another task.
+    pub fn control(&self) -> ExecControl {
+        self.exec.control()
+    }
+
+    /// The next output or the exit.
+    pub async fn next_event(&mut self) -> std::result::Result<ExecEvent, ChannelError> {
+        let event = self.exec.next_event().await?;
+        if let Some(tap) = &mut self.tap {
+            match &event {
+                ExecEvent::Stdout(d) => tap.output(0, d),
+                ExecEvent::Stderr(d) => tap.output(1, d),
+                ExecEvent::Exited(exit) => tap.end(
+                    Some(exit.status),
+                    hutch_journal::Event::default().attr("hutch.process.timed_out", exit.timed_out),
+                ),
+            }
+        }
+        Ok(event)
+    }
 }
 
 /// A command to run in a sandbox.
@@ -148,7 +208,7 @@ pub trait SandboxApi: Send + Sync {
         id: &SandboxId,
         command: Command,
         tty: Option<TtySize>,
-    ) -> Result<Exec>;
+    ) -> Result<ExecStream>;
     /// Writes `body` to the guest file `path` (octal `mode`), making parent directories.
     async fn write_file(
         &self,
@@ -182,6 +242,12 @@ pub trait SandboxApi: Send + Sync {
         dir: &str,
         sink: DuplexStream,
     ) -> Result<()>;
+    /// The sandbox's journal: the records `query` asks for and the latest checkpoint.
+    async fn audit(&self, caller: &Caller, id: &SandboxId, query: AuditQuery) -> Result<AuditLog>;
+    /// Verifies the sandbox's journal against this host's key.
+    async fn audit_verify(&self, caller: &Caller, id: &SandboxId) -> Result<Report>;
+    /// The latest signed checkpoint of the sandbox's journal (none without one).
+    async fn checkpoint(&self, caller: &Caller, id: &SandboxId) -> Result<Option<String>>;
     /// Clones a running sandbox `count` times: the children, running.
     async fn fork(&self, caller: &Caller, id: &SandboxId, count: u32) -> Result<Vec<SandboxInfo>>;
     /// Boots, provisions and saves a template (host-wide: admin only).

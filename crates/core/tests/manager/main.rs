@@ -5,6 +5,7 @@
 
 mod failures;
 mod identity;
+mod journal;
 mod lifecycle;
 mod secrets;
 mod surface;
