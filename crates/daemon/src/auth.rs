@@ -32,21 +32,25 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "a bearer token is required"))?;
+    let caller = caller_for(&state, token.trim()).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// The caller a token stands for (recording its use), or 401 for an unknown, removed or
+/// expired one.
+pub async fn caller_for(state: &AppState, token: &str) -> Result<Caller, HttpError> {
     let used = state
         .store
-        .use_token(&token_hash(token.trim()), hutch_core::now_ms())
+        .use_token(&token_hash(token), hutch_core::now_ms())
         .await
         .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?;
-    let scope = match used {
-        TokenUse::Valid(scope) => scope,
-        TokenUse::Unknown => return Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
-        TokenUse::Expired => {
-            return Err(HttpError::new(
-                ErrorCode::Unauthorized,
-                "this token has expired",
-            ))
-        }
-    };
-    req.extensions_mut().insert(Caller::scoped(scope));
-    Ok(next.run(req).await)
+    match used {
+        TokenUse::Valid(scope) => Ok(Caller::scoped(scope)),
+        TokenUse::Unknown => Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
+        TokenUse::Expired => Err(HttpError::new(
+            ErrorCode::Unauthorized,
+            "this token has expired",
+        )),
+    }
 }
