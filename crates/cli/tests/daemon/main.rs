@@ -20,6 +20,7 @@ use libtest_mimic::{Arguments, Failed};
 mod access;
 #[path = "../common/mod.rs"]
 mod common;
+mod e2b;
 mod files;
 mod hostile;
 mod lifecycle;
@@ -35,6 +36,8 @@ struct Daemon {
     home: tempfile::TempDir,
     child: Child,
     tcp: String,
+    /// The E2B-compatible API's address.
+    e2b: String,
 }
 
 impl Daemon {
@@ -45,9 +48,22 @@ impl Daemon {
     fn start_with(home: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
-        let base = ["--listen-tcp", tcp.as_str(), "--max-sandboxes", "16"];
+        let e2b = format!("127.0.0.1:{}", free_port());
+        let base = [
+            "--listen-tcp",
+            tcp.as_str(),
+            "--listen-e2b",
+            e2b.as_str(),
+            "--max-sandboxes",
+            "16",
+        ];
         let child = common::spawn_daemon(home.path(), &[&base[..], extra].concat());
-        Daemon { home, child, tcp }
+        Daemon {
+            home,
+            child,
+            tcp,
+            e2b,
+        }
     }
 
     fn client(&self) -> Client {
@@ -137,7 +153,7 @@ fn main() {
 }
 
 fn trials() -> Vec<libtest_mimic::Trial> {
-    use {access::*, files::*, hostile::*, lifecycle::*, network::*, templates::*};
+    use {access::*, e2b::*, files::*, hostile::*, lifecycle::*, network::*, templates::*};
     trials![
         three_concurrent_creates_then_exec,
         files_and_trees_round_trip,
@@ -161,6 +177,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_websocket_client_that_stops_reading_then_closes_leaves_no_process,
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
+        the_e2b_sdk_runs_unchanged_against_hutch,
     ]
 }
 
