@@ -54,6 +54,15 @@ if ! "$mcp_venv/bin/python" -c 'import mcp' 2>/dev/null; then
     python3 -m venv "$mcp_venv"
     "$mcp_venv/bin/pip" install -q 'mcp==2.3.0'
 fi
+# E2B's Python SDK, pinned (crates/cli/tests/daemon/e2b.rs: E2B_VERSION), for the daemon
+# suite's E2B-compatibility case.
+e2b_venv=target/tools/e2b
+if ! "$e2b_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("e2b") == "2.63.0"' 2>/dev/null; then
+    python_venv_support
+    rm -rf "$e2b_venv"
+    python3 -m venv "$e2b_venv"
+    "$e2b_venv/bin/pip" install -q 'e2b==2.63.0'
+fi
 echo "== tests (every class: .config/nextest.toml's ci profile)"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest

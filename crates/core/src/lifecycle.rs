@@ -25,6 +25,8 @@ pub enum ActionKind {
     Fork,
     /// Save it to disk and stop its VMM.
     Suspend,
+    /// Change when its TTL destroys it.
+    Expire,
 }
 
 /// Why an action is refused in a state.
@@ -53,6 +55,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
         Console => !matches!(state, S::Destroyed),
         Network => matches!(state, S::Running | S::Paused),
         Fork | Suspend => matches!(state, S::Running | S::Paused),
+        Expire => !matches!(state, S::Destroyed | S::Creating),
     };
     if ok {
         Ok(())
@@ -69,6 +72,7 @@ pub fn check(state: &SandboxState, action: ActionKind) -> Result<(), IllegalActi
                 Network => "change the network of",
                 Fork => "fork",
                 Suspend => "pause to disk",
+                Expire => "change the TTL of",
             },
             state: state.name(),
         })
@@ -96,6 +100,8 @@ mod tests {
         assert!(check(&S::Failed("x".into()), ActionKind::Destroy).is_ok());
         assert!(check(&S::Creating, ActionKind::Destroy).is_err());
         assert!(check(&S::Stopped, ActionKind::Start).is_ok());
+        assert!(check(&S::Paused, ActionKind::Expire).is_ok());
+        assert!(check(&S::Destroyed, ActionKind::Expire).is_err());
         assert!(check(&S::Running, ActionKind::Start).is_err());
         assert!(check(&S::Failed("x".into()), ActionKind::Start).is_err());
         let e = check(&S::Destroyed, ActionKind::Destroy).unwrap_err();

@@ -496,6 +496,20 @@ impl Manager {
         self.info(id).await
     }
 
+    /// Replaces a sandbox's TTL: it is destroyed `ttl_secs` from now (never with `None`).
+    pub async fn set_ttl(&self, id: &str, ttl_secs: Option<u64>) -> Result<SandboxInfo, CoreError> {
+        let info = self.info(id).await?;
+        check(&info.state, ActionKind::Expire)?;
+        let max = hutch_types::bounds::MAX_TTL_SECS;
+        if ttl_secs.is_some_and(|t| t == 0 || t > max) {
+            return Err(SpecError(format!("ttl_secs must be 1..={max}")).into());
+        }
+        let now = now_ms();
+        let expires = ttl_secs.map(|t| now.saturating_add((t as i64).saturating_mul(1000)));
+        self.store.set_expiry(id, expires, now).await?;
+        self.info(id).await
+    }
+
     /// The sandbox's recent network decisions (allowed and denied flows, DNS answers).
     pub async fn network_events(&self, id: &str) -> Result<Vec<FlowEvent>, CoreError> {
         self.info(id).await?;

@@ -9,6 +9,11 @@ pub struct DaemonArgs {
     /// Also serve on TCP at this address; every request then needs a bearer token.
     #[arg(long, value_name = "ADDR")]
     pub listen_tcp: Option<String>,
+    /// Also serve an E2B-compatible API (REST and envd) on TCP at this address, for E2B's
+    /// SDK with `E2B_API_URL` and `E2B_SANDBOX_URL` set to it and a hutch token as its API
+    /// key.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_e2b: Option<String>,
     /// Most sandboxes alive at once.
     #[arg(long, default_value_t = 32)]
     pub max_sandboxes: usize,

@@ -32,24 +32,27 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "a bearer token is required"))?;
-    let hash = token_hash(token.trim());
+    let caller = caller_for(&state, token.trim()).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// The caller a token stands for (recording its use), or 401 for an unknown, removed or
+/// expired one.
+pub async fn caller_for(state: &AppState, token: &str) -> Result<Caller, HttpError> {
+    let hash = token_hash(token);
     let used = state
         .store
         .use_token(&hash, hutch_core::now_ms())
         .await
         .map_err(|e| HttpError::new(ErrorCode::Internal, hutch_core::chain(&e)))?;
-    let scope = match used {
-        TokenUse::Valid(scope) => scope,
-        TokenUse::Unknown => return Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
-        TokenUse::Expired => {
-            return Err(HttpError::new(
-                ErrorCode::Unauthorized,
-                "this token has expired",
-            ))
-        }
-    };
-    // Journals name the token by the start of its stored hash (never by the token).
-    let caller = Caller::scoped(scope).named(format!("token:{}", &hash[..16]));
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+    match used {
+        // Journals name the token by the start of its stored hash (never by the token).
+        TokenUse::Valid(scope) => Ok(Caller::scoped(scope).named(format!("token:{}", &hash[..16]))),
+        TokenUse::Unknown => Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
+        TokenUse::Expired => Err(HttpError::new(
+            ErrorCode::Unauthorized,
+            "this token has expired",
+        )),
+    }
 }

@@ -44,7 +44,7 @@ pub struct PathQuery {
 }
 
 /// The request body as the surface's byte stream.
-fn upload(body: Body) -> ByteStream {
+pub(crate) fn upload(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(io::Error::other))
 }
 
@@ -133,7 +133,7 @@ pub async fn get_archive(
 /// Answers with what `produce` writes into its pipe, streamed. The status is decided by the
 /// first bytes: if `produce` fails before writing any, the answer is its JSON error; once the
 /// body has started, a later failure aborts it.
-async fn streamed<F, Fut>(content_type: &'static str, produce: F) -> Result<Response>
+pub(crate) async fn streamed<F, Fut>(content_type: &'static str, produce: F) -> Result<Response>
 where
     F: FnOnce(DuplexStream) -> Fut,
     Fut: Future<Output = Result<()>> + Send + 'static,

@@ -13,6 +13,7 @@ pub mod args;
 mod audit;
 mod auth;
 pub mod backend;
+mod e2b;
 mod error;
 mod extract;
 mod files;
@@ -164,6 +165,24 @@ pub async fn run(
             Ok(())
         });
         eprintln!("hutch daemon: listening on tcp://{addr} (bearer token required)");
+    }
+    if let Some(addr) = &args.listen_e2b {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let app = e2b::router(state.clone());
+        let limits = listen::TcpLimits {
+            max_unauthenticated: args.tcp_max_unauthenticated as usize,
+            header_timeout: Duration::from_secs(args.tcp_header_timeout),
+        };
+        servers.spawn(async move {
+            listen::serve_tcp(tcp, app, limits).await;
+            Ok(())
+        });
+        eprintln!("hutch daemon: E2B-compatible API on http://{addr} (API key: a hutch token)");
     }
     eprintln!("hutch daemon: listening on {}", socket.display());
     tokio::select! {

@@ -110,6 +110,18 @@ impl AsyncStore {
         self.call(move |s| s.set_spec(&id, &spec, now_ms)).await
     }
 
+    /// [`Store::set_expiry`].
+    pub async fn set_expiry(
+        &self,
+        id: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |s| s.set_expiry(&id, expires_at_ms, now_ms))
+            .await
+    }
+
     /// [`Store::get`].
     pub async fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError> {
         let id = id.to_owned();

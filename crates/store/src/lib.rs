@@ -156,6 +156,13 @@ pub trait Store: Send + Sync {
     fn set_state(&self, id: &str, state: &SandboxState, now_ms: i64) -> Result<(), StoreError>;
     /// Replaces a sandbox's spec (e.g. after a policy change).
     fn set_spec(&self, id: &str, spec: &SandboxSpec, now_ms: i64) -> Result<(), StoreError>;
+    /// Sets when a sandbox's TTL destroys it (`None`: never), e.g. when a client extends it.
+    fn set_expiry(
+        &self,
+        id: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     /// One sandbox.
     fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError>;
     /// Sandboxes matching `filter`, oldest first.

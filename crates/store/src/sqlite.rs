@@ -159,6 +159,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_expiry(
+        &self,
+        id: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET expires_at = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, expires_at_ms, now_ms],
+        )?;
+        Ok(())
+    }
+
     fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1");

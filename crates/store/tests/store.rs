@@ -86,6 +86,20 @@ fn ttl_expiry_is_durable_across_reopen() {
 }
 
 #[test]
+fn a_new_expiry_replaces_the_ttl_and_none_removes_it() {
+    let (_dir, s) = store();
+    s.insert_sandbox("sb-1", &SandboxSpec::default(), None, 10_000)
+        .unwrap();
+    assert!(s.expired(99_999).unwrap().is_empty());
+    s.set_expiry("sb-1", Some(20_000), 11_000).unwrap();
+    assert_eq!(s.get("sb-1").unwrap().unwrap().expires_at_ms, Some(20_000));
+    assert!(s.expired(19_999).unwrap().is_empty());
+    assert_eq!(s.expired(20_000).unwrap(), vec!["sb-1".to_string()]);
+    s.set_expiry("sb-1", None, 12_000).unwrap();
+    assert!(s.expired(99_999).unwrap().is_empty());
+}
+
+#[test]
 fn host_objects_are_intended_then_confirmed_then_forgotten() {
     let (_d, s) = store();
     s.insert_sandbox("sb-1", &SandboxSpec::default(), None, 1)

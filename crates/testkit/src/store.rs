@@ -16,6 +16,8 @@ pub enum StoreOp {
     SetState,
     /// [`Store::set_spec`].
     SetSpec,
+    /// [`Store::set_expiry`].
+    SetExpiry,
     /// [`Store::intend_object`].
     IntendObject,
     /// [`Store::confirm_object`].
@@ -97,6 +99,16 @@ impl Store for FailingStore {
     fn set_spec(&self, id: &str, spec: &SandboxSpec, now_ms: i64) -> Result<(), StoreError> {
         self.call(StoreOp::SetSpec)?;
         self.inner.set_spec(id, spec, now_ms)
+    }
+
+    fn set_expiry(
+        &self,
+        id: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::SetExpiry)?;
+        self.inner.set_expiry(id, expires_at_ms, now_ms)
     }
 
     fn get(&self, id: &str) -> Result<Option<SandboxInfo>, StoreError> {

@@ -20,6 +20,7 @@ use libtest_mimic::{Arguments, Failed};
 mod access;
 #[path = "../common/mod.rs"]
 mod common;
+mod e2b;
 mod files;
 mod hostile;
 mod identity;
@@ -38,6 +39,8 @@ struct Daemon {
     home: tempfile::TempDir,
     child: Child,
     tcp: String,
+    /// The E2B-compatible API's address.
+    e2b: String,
 }
 
 impl Daemon {
@@ -49,16 +52,24 @@ impl Daemon {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
         let ttl = identity::TOKEN_TTL_SECS.to_string();
+        let e2b = format!("127.0.0.1:{}", free_port());
         let base = [
             "--listen-tcp",
             tcp.as_str(),
+            "--listen-e2b",
+            e2b.as_str(),
             "--max-sandboxes",
             "16",
             "--identity-token-ttl",
             ttl.as_str(),
         ];
         let child = common::spawn_daemon(home.path(), &[&base[..], extra].concat());
-        Daemon { home, child, tcp }
+        Daemon {
+            home,
+            child,
+            tcp,
+            e2b,
+        }
     }
 
     fn client(&self) -> Client {
@@ -149,8 +160,8 @@ fn main() {
 
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
-        access::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*, network::*, secrets::*,
-        templates::*,
+        access::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*, network::*,
+        secrets::*, templates::*,
     };
     trials![
         three_concurrent_creates_then_exec,
@@ -178,6 +189,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_guest_holds_placeholders_and_the_ca_never_the_value,
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
+        the_e2b_sdk_runs_unchanged_against_hutch,
     ]
 }
 

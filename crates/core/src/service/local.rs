@@ -341,6 +341,18 @@ impl SandboxApi for LocalApi {
         Ok(info.redacted())
     }
 
+    async fn set_ttl(
+        &self,
+        caller: &Caller,
+        id: &SandboxId,
+        ttl_secs: Option<u64>,
+    ) -> Result<SandboxInfo> {
+        self.authorize(caller, id).await?;
+        let (manager, id) = (self.manager.clone(), id.to_string());
+        let info = completed(async move { manager.set_ttl(&id, ttl_secs).await }).await?;
+        Ok(info.redacted())
+    }
+
     async fn console(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<u8>> {
         let info = self.authorize(caller, id).await?;
         let log = self.manager.console_log(id.as_str()).await?;

@@ -163,6 +163,13 @@ pub trait SandboxApi: Send + Sync {
         id: &SandboxId,
         action: Lifecycle,
     ) -> Result<SandboxInfo>;
+    /// Replaces a sandbox's TTL: destroyed `ttl_secs` from now, or never with `None`.
+    async fn set_ttl(
+        &self,
+        caller: &Caller,
+        id: &SandboxId,
+        ttl_secs: Option<u64>,
+    ) -> Result<SandboxInfo>;
     /// The guest's console log (guest-controlled bytes).
     async fn console(&self, caller: &Caller, id: &SandboxId) -> Result<Vec<u8>>;
     /// Replaces a sandbox's egress policy.
