@@ -137,3 +137,23 @@ def test_context_manager_destroys_on_exit_also_after_an_error(client: hutch.Clie
             raise ZeroDivisionError("inside the block")
     assert sb.id not in [s.id for s in client.sandboxes(state="running")]
     assert client.sandbox(sb.id).info.status == "destroyed"
+
+
+def test_the_journal_records_execs_and_verifies_while_unsealed(sandbox: hutch.Sandbox) -> None:
+    sandbox.exec(["sh", "-c", "echo journalled"])
+    log = sandbox.audit(kind="exec")
+    kinds = [r["kind"] for r in log.records]
+    assert "exec.start" in kinds and "exec.end" in kinds, kinds
+    assert all(r["kind"].startswith("exec") for r in log.records)
+    started = [r for r in log.records if r["kind"] == "exec.start"]
+    assert ["sh", "-c", "echo journalled"] in [
+        r["attrs"].get("process.command_args") for r in started
+    ]
+    assert log.host_key
+    later = sandbox.audit(since_seq=log.records[-1]["seq"])
+    assert [r["seq"] for r in later.records][0] == log.records[-1]["seq"]
+    report = sandbox.audit_verify()
+    assert (report.status, report.failures, report.sealed) == ("unsealed", [], False)
+    assert report.records >= len(log.records)
+    # No secrets attached: the broker has nothing to say.
+    assert sandbox.secret_log() == []

@@ -238,6 +238,22 @@ class SandboxCalls:
         """The guest console log."""
         return call(r.CONSOLE, id=self.id)
 
+    def secret_log(self) -> Call[list[m.BrokerEvent]]:
+        """What the secret broker did with this sandbox's secrets (substitutions, refusals,
+        violations, scrubs); never a value or a placeholder."""
+        return call(r.SECRET_LOG, id=self.id)
+
+    def audit(self, since_seq: int | None = None, kind: str | None = None) -> Call[m.AuditLog]:
+        """The sandbox's journal: records from `since_seq` on, of `kind` (or below it: `exec`
+        takes `exec.start` and `exec.end`), and its latest signed checkpoint."""
+        params = [("from", str(since_seq))] if since_seq is not None else []
+        params += [("kind", kind)] if kind is not None else []
+        return call(r.AUDIT, id=self.id, params=params)
+
+    def audit_verify(self) -> Call[m.AuditReport]:
+        """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
+        return call(r.AUDIT_VERIFY, id=self.id)
+
 
 class ClientCalls:
     """Operations on the daemon as a whole (`self` is a `Client` or an `AsyncClient`)."""

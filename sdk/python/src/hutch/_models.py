@@ -210,6 +210,46 @@ class NetEvent:
 
 
 @dataclass
+class BrokerEvent:
+    """One use of a secret by a sandbox's broker: never a value, never a placeholder."""
+
+    time: str
+    sandbox_id: str
+    secret: str
+    host: str
+    port: int
+    decision: str
+    method: str | None = None
+    path: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class AuditLog:
+    """A sandbox's journal records (JSON objects: `seq`, `kind`, `actor`, `attrs`, ...), its
+    latest signed checkpoint and the host key that certifies the sandbox's key."""
+
+    records: list[dict[str, Any]]
+    host_key: str
+    checkpoint: str | None = None
+
+
+@dataclass
+class AuditReport:
+    """The verdict on a sandbox's journal: `ok` (intact, sealed), `unsealed` or `failed`,
+    with each failure named."""
+
+    status: str
+    sandbox: str
+    records: int
+    checkpointed: int
+    sealed: bool
+    torn_bytes: int
+    failures: list[dict[str, Any]]
+    public_key: str | None = None
+
+
+@dataclass
 class TemplateInfo:
     """A saved template."""
 

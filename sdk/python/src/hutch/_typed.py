@@ -160,6 +160,20 @@ daemon checks entry by entry)."""
         """The guest console log."""
         raise NotImplementedError  # made by hutch._calls.bind
 
+    def secret_log(self) -> list[m.BrokerEvent]:
+        """What the secret broker did with this sandbox's secrets (substitutions, refusals,
+violations, scrubs); never a value or a placeholder."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    def audit(self, since_seq: int | None = None, kind: str | None = None) -> m.AuditLog:
+        """The sandbox's journal: records from `since_seq` on, of `kind` (or below it: `exec`
+takes `exec.start` and `exec.end`), and its latest signed checkpoint."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    def audit_verify(self) -> m.AuditReport:
+        """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
 class AsyncClientOps:
     """`ClientCalls` for the asyncio client."""
 
@@ -299,4 +313,18 @@ daemon checks entry by entry)."""
 
     async def console(self) -> bytes:
         """The guest console log."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    async def secret_log(self) -> list[m.BrokerEvent]:
+        """What the secret broker did with this sandbox's secrets (substitutions, refusals,
+violations, scrubs); never a value or a placeholder."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    async def audit(self, since_seq: int | None = None, kind: str | None = None) -> m.AuditLog:
+        """The sandbox's journal: records from `since_seq` on, of `kind` (or below it: `exec`
+takes `exec.start` and `exec.end`), and its latest signed checkpoint."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    async def audit_verify(self) -> m.AuditReport:
+        """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
         raise NotImplementedError  # made by hutch._calls.bind
