@@ -92,7 +92,7 @@ pub fn a_guest_holds_placeholders_and_the_ca_never_the_value() -> Result {
             c,
             id,
             "python3 -c 'import ssl; cs = ssl.create_default_context().get_ca_certs(); \
-             print(len(cs), sum(\"Hutch broker CA for \" in str(x[\"subject\"]) for x in cs))'",
+             print(len(cs), sum(\"Hutch sandbox \" in str(x[\"subject\"]) for x in cs))'",
         )
         .await?;
         let (roots, ours) = trusted.split_once(' ').ok_or("python's answer")?;
