@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+mod civil;
 mod id;
 mod scope;
 mod secret;
+pub use civil::civil_from_days;
 pub use id::{
     check_host_id, valid_sandbox_id, InvalidSandboxId, SandboxId, MAX_HOST_ID_LEN,
     MAX_SANDBOX_ID_LEN,
