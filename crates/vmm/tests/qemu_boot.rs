@@ -92,6 +92,9 @@ async fn tcg_boot_channel_and_destroy() {
             .expect("no reply on the channel")
             .unwrap();
         assert_eq!(line, "pong:ping\n");
+        // The reply on the channel can overtake the slower serial console: wait for the echo
+        // the guest prints after replying, so every earlier console line has been written.
+        wait_for_console(vm.console_log(), "hutch-echo ping", BOOT_LIMIT).await;
         let console = std::fs::read_to_string(vm.console_log()).unwrap();
         assert!(console.contains("serial=hutch-root ro=1"), "{console}");
         assert!(console.contains("serial=hutch-scratch ro=0"), "{console}");
