@@ -14,18 +14,25 @@
 //!   any [`hutch_store::Store`].
 //!
 //! The agent binary is found by [`agent_binary`].
+//!
+//! For the secret broker's tests (namespaces or real VMs): [`origin`] (HTTPS origins under a
+//! test root CA that record and echo what they get) and [`serve_dns`] (the test internet's
+//! authoritative DNS).
 
 #![forbid(unsafe_code)]
 
 mod agent;
+mod dns;
 mod failing;
 mod images;
 mod network;
+pub mod origin;
 mod proc;
 mod store;
 mod vmm;
 
 pub use agent::{agent_binary, AGENT_ENV};
+pub use dns::serve_dns;
 pub use failing::{FailingVmm, VmmStep};
 pub use images::FakeImages;
 pub use network::{FakeNetwork, NetStep};

@@ -6,23 +6,18 @@
 #![allow(clippy::disallowed_methods, dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hutch_broker::{
     AttachedSecret, Broker, BrokerConfig, Dial, DialFuture, DnsOracle, EgressCheck, EventSink,
     SandboxCa, SecretValue,
 };
+pub use hutch_testkit::origin::Seen;
+use hutch_testkit::origin::{listen_in as listen, origin_tls, serve_origins};
 use hutch_types::{BrokerEvent, SecretBinding};
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 
 /// The API origin's address.
 pub const API_IP: &str = "203.0.113.10";
@@ -57,29 +52,6 @@ fn sh(cmd: &str) {
         "{cmd}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// One request as an origin received it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    /// The address the origin was reached at.
-    pub local: IpAddr,
-    /// Method and path with query.
-    pub target: String,
-    /// Every header, as `name: value` lines.
-    pub headers: String,
-    /// The body.
-    pub body: String,
-}
-
-impl Seen {
-    /// Everything the origin received, as one string.
-    pub fn all(&self) -> String {
-        format!(
-            "{} {}\n{}\n{}",
-            self.local, self.target, self.headers, self.body
-        )
-    }
 }
 
 /// Namespaces, origins, broker: removed on drop.
@@ -176,137 +148,6 @@ impl Dial for NetnsDial {
             tokio::net::TcpStream::from_std(std)
         })
     }
-}
-
-fn listen(ns: &str, addr: &str) -> tokio::net::TcpListener {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let l = hutch_net::in_netns(ns, move || {
-        let l = std::net::TcpListener::bind(addr).map_err(|e| hutch_net::NetError::Io {
-            what: "bind".into(),
-            source: e,
-        })?;
-        l.set_nonblocking(true).unwrap();
-        Ok(l)
-    })
-    .unwrap();
-    tokio::net::TcpListener::from_std(l).unwrap()
-}
-
-/// A test root and the origins' leaf for every test host.
-fn origin_tls(dir: &std::path::Path) -> (rustls::ServerConfig, CertificateDer<'static>, String) {
-    let root_key = KeyPair::generate().unwrap();
-    let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
-    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    root.distinguished_name
-        .push(rcgen::DnType::CommonName, "test internet root");
-    let root = root.self_signed(&root_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![
-        "api.example.test".into(),
-        "evil.example.test".into(),
-        "other.example.test".into(),
-    ])
-    .unwrap()
-    .signed_by(&leaf_key, &root, &root_key)
-    .unwrap();
-    let root_file = dir.join("test-root.pem");
-    std::fs::write(&root_file, root.pem()).unwrap();
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![leaf.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-    )
-    .unwrap();
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (server, root.der().clone(), root_file.display().to_string())
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
-/// The origins' one handler: `/reflect` answers 401 quoting `x-api-key` in its body and a
-/// header, `/gzip` answers the echo gzipped whatever was asked, `/big` answers N bytes, every
-/// other path echoes the request (headers and body).
-async fn origin(
-    req: Request<hyper::body::Incoming>,
-    local: IpAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let target = format!("{} {}", req.method(), req.uri());
-    let path = req.uri().path().to_string();
-    let mut headers = String::new();
-    for (k, v) in req.headers() {
-        headers.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
-    }
-    let key = req
-        .headers()
-        .get("x-api-key")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body = String::from_utf8_lossy(&body).into_owned();
-    let echo = format!("{target}\n{headers}\n{body}");
-    seen.lock().unwrap().push(Seen {
-        local,
-        target,
-        headers,
-        body,
-    });
-    let resp = Response::builder();
-    let resp = if path.ends_with("/reflect") {
-        resp.status(401)
-            .header("x-invalid-key", key.clone())
-            .body(Full::from(format!(
-                "{{\"error\":\"invalid x-api-key: {key}\"}}"
-            )))
-    } else if path.ends_with("/gzip") {
-        resp.header("content-encoding", "gzip")
-            .body(Full::from(gzip(echo.as_bytes())))
-    } else if let Some(n) = path.strip_prefix("/big/") {
-        resp.body(Full::from(vec![b'x'; n.parse().unwrap_or(0)]))
-    } else {
-        resp.body(Full::from(echo))
-    };
-    Ok(resp.unwrap())
-}
-
-fn serve_origins(
-    listener: tokio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-) {
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (tls, seen) = (tls.clone(), seen.clone());
-            let local = tcp.local_addr().unwrap().ip();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |r| origin(r, local, seen.clone()));
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = match tls {
-                    Some(tls) => {
-                        let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
-                            return;
-                        };
-                        builder.serve_connection(TokioIo::new(s), svc).await
-                    }
-                    None => builder.serve_connection(TokioIo::new(tcp), svc).await,
-                };
-            });
-        }
-    });
 }
 
 /// A secret for the world's broker.
