@@ -28,6 +28,9 @@
 //!    its policy, an [`EventSink`] into the secret log.
 //! 5. [`Broker::serve`] on a task aborted when the sandbox goes; [`Broker::set_secrets`] on
 //!    rotation.
+//! 6. A self-test from the guest: `GET /` with `Host:` [`CANARY_HOST`] to the gateway's port 80
+//!    must come back as [`CANARY_REPLY`] and the sandbox's id, proving that the guest's traffic
+//!    reaches this broker before anything relies on it.
 
 mod ca;
 mod config;
@@ -50,6 +53,15 @@ pub use config::{
     native_roots, BrokerConfig, Dial, DialFuture, DirectDial, DnsOracle, EgressCheck, EventSink,
 };
 pub use secret::{AttachedSecret, SecretValue};
+
+/// The name of the broker's self-test: a plain HTTP request with this `Host`, redirected to
+/// the broker like any other guest connection (or sent to its listener directly), is answered
+/// by the broker itself and never forwarded. `.internal` is reserved for private use, so no
+/// real origin can be named so.
+pub const CANARY_HOST: &str = "hutch-broker.internal";
+
+/// The body of the broker's answer to its self-test: this, then the sandbox's id.
+pub const CANARY_REPLY: &str = "hutch-broker ";
 
 /// Why a broker could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -132,6 +132,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream) -> io::Re
         Hello::Sni(None) => splice(&shared, stream, buf, dst, name).await,
         _ => {
             let host = plain_http_host(&mut stream, &mut buf).await?.or(name);
+            if host.as_deref().and_then(canonical_host).as_deref() == Some(crate::CANARY_HOST) {
+                return answer_canary(&shared, &mut stream).await;
+            }
             if let Some(h) = host.as_deref().and_then(canonical_host) {
                 refuse_plain_http(&shared, &h, dst.port(), &buf);
             }
@@ -158,6 +161,28 @@ fn refuse_plain_http(shared: &Shared, host: &str, port: u16, head: &[u8]) {
             shared.record(&facts, &s.name, BrokerDecision::Refused, Some(reason));
         }
     }
+}
+
+/// Answers the self-test ([`crate::CANARY_HOST`]) with the sandbox's id, and closes.
+async fn answer_canary(shared: &Shared, stream: &mut TcpStream) -> io::Result<()> {
+    let body = format!("{}{}\n", crate::CANARY_REPLY, shared.sandbox_id);
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Whether an HTTP head (request line first) is the broker's self-test: its `Host` is
+/// [`crate::CANARY_HOST`].
+fn is_canary(head: &str) -> bool {
+    head.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("host")
+                && canonical_host(strip_port(v.trim())).as_deref() == Some(crate::CANARY_HOST)
+        })
+    })
 }
 
 /// The destination the nft redirect rewrote.
@@ -222,6 +247,10 @@ async fn connect_head(
         return Ok(None);
     };
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if !head.starts_with("CONNECT ") && is_canary(&head) {
+        answer_canary(shared, stream).await?;
+        return Ok(None);
+    }
     let target = head
         .lines()
         .next()

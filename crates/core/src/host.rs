@@ -80,6 +80,9 @@ pub struct Intercepted {
     pub dns: Arc<dyn hutch_broker::DnsOracle>,
     /// Opens upstream connections from the sandbox's namespace.
     pub dial: Arc<dyn hutch_broker::Dial>,
+    /// Where the guest sends the broker's self-test ([`hutch_broker::CANARY_HOST`]): an address
+    /// whose connections reach the listener only if interception is wired.
+    pub canary: std::net::SocketAddr,
 }
 
 /// The DNS filter's answers as the broker asks for them.
@@ -168,6 +171,8 @@ impl HostNetwork for Network {
             listener: i.listener,
             dns: Arc::new(FilterAnswers(i.answers)),
             dial: Arc::new(NamespaceDial(i.dialer)),
+            // The gateway's port 80: redirected to the listener like any guest HTTP.
+            canary: (hutch_net::GATEWAY_ADDR, 80).into(),
         })
     }
 }

@@ -444,7 +444,7 @@ impl Manager {
                 .await?;
             let armed = async {
                 self.arm(id, spec, &sandbox).await?;
-                self.start_broker(id, spec).await
+                self.start_checked_broker(id, spec, &sandbox).await
             };
             if let Err(e) = armed.await {
                 self.stop_broker(id);

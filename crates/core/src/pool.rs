@@ -158,7 +158,8 @@ impl Manager {
             // The clone waited: its clock and entropy are refreshed now.
             pooled.sandbox.refresh().await?;
             self.arm(&id, spec, &pooled.sandbox).await?;
-            self.start_broker(&id, spec).await?;
+            self.start_checked_broker(&id, spec, &pooled.sandbox)
+                .await?;
             Ok::<_, CoreError>(())
         };
         // Recording discards the clone itself if the store fails.

@@ -30,6 +30,14 @@ pub struct DaemonArgs {
     /// host's own (for tests that must not touch the host).
     #[arg(long, hide = true)]
     pub net_host_netns: Option<String>,
+    /// The DNS server sandboxes' DNS filters ask for the names their policy allows (asked from
+    /// the host side of the networks); default: the first `nameserver` of `/etc/resolv.conf`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub net_dns_upstream: Option<std::net::SocketAddr>,
+    /// A PEM file of CA certificates the secret brokers also trust for upstream servers, besides
+    /// the host's trust store (a private CA in front of internal origins; a test internet).
+    #[arg(long, value_name = "FILE")]
+    pub secrets_upstream_roots: Option<std::path::PathBuf>,
     /// Run without sandbox networking: only `--net none` sandboxes, and templates without a
     /// NIC.
     #[arg(long)]

@@ -90,10 +90,7 @@ pub async fn run(
         boot_timeout: Duration::from_secs(args.boot_timeout),
         jails_dir: Some(home.jails()),
         detached: true,
-        secrets: Some(Arc::new(
-            hutch_core::secrets::SecretStore::open(&home.secrets())
-                .map_err(DaemonError::Secrets)?,
-        )),
+        secrets: Some(Arc::new(secret_store(home, &args)?)),
     };
     let net = network(home, &args).await;
     let spares = net.as_ref().ok().cloned();
@@ -216,6 +213,7 @@ async fn network(home: &Home, args: &DaemonArgs) -> Result<Arc<hutch_net::Networ
         host_netns: args.net_host_netns.clone(),
         owner: hutch_net::names::owner_tag(&home_dir.to_string_lossy()),
         spares: usize::from(args.net_spares),
+        upstream_dns: args.net_dns_upstream,
         ..Default::default()
     };
     match hutch_net::Network::new(cfg).await {
@@ -230,6 +228,21 @@ async fn network(home: &Home, args: &DaemonArgs) -> Result<Arc<hutch_net::Networ
             eprintln!("hutch daemon: sandbox networking unavailable: {why}");
             Err(why)
         }
+    }
+}
+
+/// The host's secrets, with the extra upstream roots the options name.
+fn secret_store(
+    home: &Home,
+    args: &DaemonArgs,
+) -> Result<hutch_core::secrets::SecretStore, DaemonError> {
+    let store =
+        hutch_core::secrets::SecretStore::open(&home.secrets()).map_err(DaemonError::Secrets)?;
+    match &args.secrets_upstream_roots {
+        Some(path) => store
+            .trust_upstream_roots(path)
+            .map_err(DaemonError::Secrets),
+        None => Ok(store),
     }
 }
 

@@ -51,6 +51,8 @@ struct State {
     nets: BTreeMap<String, Net>,
     fail: Vec<NetStep>,
     next_port: u16,
+    /// Brokers are started but the guest's traffic does not reach them.
+    unwired: bool,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,12 @@ impl FakeNetwork {
     /// Makes the next `step` fail (once) with [`NetError::Config`].
     pub fn fail_at(&self, step: NetStep) {
         self.lock().fail.push(step);
+    }
+
+    /// From now on, interception starts a broker listener that the guest's traffic never
+    /// reaches (a broken redirect): the broker's self-test from the guest must fail.
+    pub fn unwire_brokers(&self) {
+        self.lock().unwired = true;
     }
 
     /// The sandboxes that have a network, sorted.
@@ -290,10 +298,23 @@ impl HostNetwork for FakeNetwork {
             source,
         })?;
         self.lock().net(id)?.broker = Some(addr);
+        // The agent runs on the host: it reaches the listener directly, or (unwired) a port
+        // that was free a moment ago and has nothing behind it.
+        let canary = if self.lock().unwired {
+            std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|source| NetError::Io {
+                    what: "pick a port nothing serves".into(),
+                    source,
+                })?
+        } else {
+            addr
+        };
         Ok(Intercepted {
             listener,
             dns: Arc::new(NoAnswers),
             dial: Arc::new(hutch_broker::DirectDial),
+            canary,
         })
     }
 

@@ -7,14 +7,22 @@
 //! chain holds it to the sandbox's policy and deny lists), and records every decision in the
 //! secret store's [`BrokerLog`].
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use hutch_broker::{AttachedSecret, Broker, BrokerConfig, EgressCheck, SandboxCa};
 use hutch_types::{BrokerEvent, SandboxSpec};
 use tokio::task::AbortHandle;
 
 use super::{log::BrokerLog, SecretError, SecretStore};
-use crate::{blocking::off_worker, manager::CoreError, Manager};
+use crate::{
+    blocking::off_worker,
+    exec::{run_capped, OverCap},
+    manager::CoreError,
+    Manager, Sandbox,
+};
+
+/// How long the guest's self-test request may take.
+const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running brokers, by sandbox id.
 #[derive(Default)]
@@ -37,19 +45,27 @@ impl EgressCheck for PolicyInTheNamespace {
     }
 }
 
-/// The host's trust roots for upstream certificates, read once (blocking file reads).
-async fn upstream_roots() -> Result<Arc<rustls::RootCertStore>, SecretError> {
+/// The host's trust roots for upstream certificates (read once: blocking file reads) and the
+/// store's `extra` ones.
+async fn upstream_roots(
+    extra: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Arc<rustls::RootCertStore>, SecretError> {
     static ROOTS: tokio::sync::OnceCell<Arc<rustls::RootCertStore>> =
         tokio::sync::OnceCell::const_new();
-    ROOTS
+    let native = ROOTS
         .get_or_try_init(|| async {
             off_worker(hutch_broker::native_roots)
                 .await
                 .map(Arc::new)
                 .map_err(SecretError::Broker)
         })
-        .await
-        .cloned()
+        .await?;
+    if extra.is_empty() {
+        return Ok(native.clone());
+    }
+    let mut roots = (**native).clone();
+    roots.add_parsable_certificates(extra.iter().cloned());
+    Ok(Arc::new(roots))
 }
 
 impl SecretStore {
@@ -71,8 +87,32 @@ impl Manager {
     /// Starts the secret broker of sandbox `id` if it has secrets and a NIC (without a NIC it
     /// reaches nothing a secret could go to). A sandbox whose broker cannot start fails.
     pub(crate) async fn start_broker(&self, id: &str, spec: &SandboxSpec) -> Result<(), CoreError> {
+        self.serve_broker(id, spec).await.map(drop)
+    }
+
+    /// [`Manager::start_broker`], then the self-test from the guest (a new sandbox, before
+    /// anything runs in it): a sandbox whose traffic does not reach its broker fails.
+    pub(crate) async fn start_checked_broker(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        sandbox: &Sandbox,
+    ) -> Result<(), CoreError> {
+        match self.serve_broker(id, spec).await? {
+            Some(canary) => self_test(id, sandbox, canary).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the broker (see [`Manager::start_broker`]); returns where the guest's self-test
+    /// goes, `None` when the sandbox needs no broker.
+    async fn serve_broker(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+    ) -> Result<Option<SocketAddr>, CoreError> {
         if spec.placeholders.is_empty() || !spec.network.has_nic() {
-            return Ok(());
+            return Ok(None);
         }
         let store = self.secret_store()?.clone();
         let intercepted = self.net()?.intercept(id).await?;
@@ -89,7 +129,7 @@ impl Manager {
             sandbox_id: id.to_string(),
             secrets: store.for_broker(spec),
             ca,
-            upstream_roots: upstream_roots().await?,
+            upstream_roots: upstream_roots(store.extra_roots()).await?,
             dns: intercepted.dns,
             egress: Arc::new(PolicyInTheNamespace),
             events: store.log().clone(),
@@ -97,7 +137,7 @@ impl Manager {
         })
         .map_err(SecretError::Broker)?;
         let serving = broker.clone();
-        let listener = intercepted.listener;
+        let (listener, canary) = (intercepted.listener, intercepted.canary);
         let task = tokio::spawn(async move {
             let e = serving.serve(listener).await;
             tracing::warn!(error = %e, "secret broker stopped accepting");
@@ -112,7 +152,7 @@ impl Manager {
             old.abort();
         }
         tracing::info!(%id, "secret broker serving");
-        Ok(())
+        Ok(Some(canary))
     }
 
     /// Stops sandbox `id`'s broker (ending its connections), if it has one.
@@ -142,4 +182,33 @@ impl Manager {
             }
         }
     }
+}
+
+/// The broker's self-test, run by the guest: a plain HTTP request for
+/// [`hutch_broker::CANARY_HOST`] to `canary` (bash's `/dev/tcp`: no client needed in the image)
+/// must come back from this sandbox's broker.
+async fn self_test(id: &str, sandbox: &Sandbox, canary: SocketAddr) -> Result<(), CoreError> {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{} || exit 3; printf 'GET / HTTP/1.0\\r\\nHost: {}\\r\\n\\r\\n' >&3; cat <&3",
+        canary.ip(),
+        canary.port(),
+        hutch_broker::CANARY_HOST
+    );
+    let mut req = hutch_protocol::ExecRequest::new(vec!["bash".into(), "-c".into(), script]);
+    req.timeout_ms = Some(SELF_TEST_TIMEOUT.as_millis() as u64);
+    let run = run_capped(sandbox.channel(), req, None, 4096, OverCap::Kill, None);
+    let want = format!("{}{id}", hutch_broker::CANARY_REPLY);
+    let why = match tokio::time::timeout(SELF_TEST_TIMEOUT + Duration::from_secs(2), run).await {
+        Err(_) => "no answer in time".to_string(),
+        Ok(Err(e)) => format!("the guest could not run it: {}", crate::chain(&e)),
+        Ok(Ok(out)) if String::from_utf8_lossy(&out.stdout).contains(&want) => {
+            tracing::debug!(%id, "secret broker self-test passed");
+            return Ok(());
+        }
+        Ok(Ok(out)) => format!(
+            "the guest's request to {canary} was not answered by the broker: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    Err(SecretError::SelfTest(why).into())
 }

@@ -96,6 +96,10 @@ pub enum SecretError {
     /// The sandbox's broker could not be set up.
     #[error("the sandbox's secret broker")]
     Broker(#[source] hutch_broker::BrokerError),
+    /// The guest's self-test request did not come back from the sandbox's broker: its traffic
+    /// would leave unbrokered, placeholders and all.
+    #[error("the sandbox's secret broker failed its self-test from the guest ({0}); a sandbox whose traffic does not reach its broker is not started")]
+    SelfTest(String),
 }
 
 impl SecretError {
@@ -148,6 +152,8 @@ pub struct SecretStore {
     key: Mutex<Option<SealingKey>>,
     entries: Mutex<BTreeMap<String, Entry>>,
     log: Arc<BrokerLog>,
+    /// Roots the brokers trust for upstream certificates besides the host's own.
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for SecretStore {
@@ -201,7 +207,37 @@ impl SecretStore {
             key: Mutex::new(key),
             entries: Mutex::new(entries),
             log: Arc::new(BrokerLog::default()),
+            extra_roots: Vec::new(),
         })
+    }
+
+    /// Makes the brokers also trust the CA certificates in the PEM file `path` for upstream
+    /// certificates (an organisation's private CA in front of its origins; a test internet's
+    /// root). Blocking (reads the file).
+    pub fn trust_upstream_roots(mut self, path: &Path) -> Result<SecretStore, SecretError> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let io = |source| SecretError::Io {
+            what: "read the extra upstream roots",
+            path: path.to_path_buf(),
+            source,
+        };
+        let pem = std::fs::read(path).map_err(io)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SecretError::BadRequest(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(SecretError::BadRequest(format!(
+                "{}: no certificate in it",
+                path.display()
+            )));
+        }
+        self.extra_roots.extend(certs);
+        Ok(self)
+    }
+
+    /// The extra upstream roots ([`SecretStore::trust_upstream_roots`]).
+    pub(crate) fn extra_roots(&self) -> &[rustls::pki_types::CertificateDer<'static>] {
+        &self.extra_roots
     }
 
     /// Sets a secret (or rotates one) for a caller of `scope`; blocking (it writes and syncs a

@@ -384,3 +384,37 @@ async fn a_sandbox_whose_broker_cannot_start_fails_and_leaves_nothing() {
     w.manager.destroy(&info[0].id).await.unwrap();
     w.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn a_sandbox_whose_broker_the_guest_cannot_reach_fails_its_create() {
+    let w = World::new().await;
+    let api = surface(&w);
+    let admin = Caller::admin();
+    api.set_secret(
+        &admin,
+        secret("key", "API_KEY", VALUE, SecretLocation::Bearer),
+    )
+    .await
+    .unwrap();
+    // Wired (every other test here): the guest's self-test came back from the broker. Not
+    // wired: the broker listens, but the guest's request never reaches it.
+    w.net.unwire_brokers();
+    let err = api
+        .create(&admin, with_secrets(&["key"], spec(NetworkPolicy::Open)))
+        .await
+        .unwrap_err();
+    let shown = hutch_core::chain(&err);
+    assert!(shown.contains("failed its self-test"), "{shown}");
+    assert!(shown.contains("Connection refused"), "{shown}");
+    let info = w.manager.list(&Default::default()).await.unwrap();
+    assert_eq!(info.len(), 1);
+    assert!(
+        matches!(&info[0].state, hutch_types::SandboxState::Failed(_)),
+        "{:?}",
+        info[0].state
+    );
+    assert!(w.vmm.running().is_empty(), "agent processes left");
+    assert!(w.net.networks().is_empty(), "networks left");
+    w.manager.destroy(&info[0].id).await.unwrap();
+    w.assert_nothing_left();
+}
