@@ -87,13 +87,129 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// The origins' one handler: `/reflect` answers 401 quoting `x-api-key` in its body and a
-/// header, `/gzip` answers the echo gzipped whatever was asked, `/big/N` answers N bytes,
-/// every other path echoes the request (target, headers and body).
+/// A git smart-HTTP server for the origins: `git http-backend` (the host's git) over the bare
+/// repositories under `root`, for requests with HTTP Basic `password` (any user); others get
+/// 401 with a Basic challenge, as a forge answers.
+#[derive(Debug, Clone)]
+pub struct GitServer {
+    /// `GIT_PROJECT_ROOT`: the repositories (`<root>/org/repo.git`).
+    pub root: std::path::PathBuf,
+    /// The password a request must carry.
+    pub password: String,
+}
+
+impl GitServer {
+    /// Whether `req` is for a repository (its path holds `.git/`).
+    fn serves(path: &str) -> bool {
+        path.contains(".git/")
+    }
+
+    /// The Basic user name, if `authorization` carries this server's password.
+    fn user(&self, authorization: Option<&str>) -> Option<String> {
+        use base64::Engine;
+        let b64 = authorization?.strip_prefix("Basic ")?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
+        let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        (pass == self.password).then(|| user.to_string())
+    }
+
+    /// Runs one request through `git http-backend` (CGI).
+    async fn serve(
+        &self,
+        head: &hyper::http::request::Parts,
+        body: Bytes,
+    ) -> Response<Full<Bytes>> {
+        let header = |n: &str| {
+            head.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        let Some(user) = self.user(header("authorization").as_deref()) else {
+            return Response::builder()
+                .status(401)
+                .header("www-authenticate", "Basic realm=\"git\"")
+                .body(Full::from("authentication required\n"))
+                .unwrap();
+        };
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("http-backend")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("GIT_PROJECT_ROOT", &self.root)
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("REMOTE_USER", user)
+            .env("REMOTE_ADDR", "192.0.2.1")
+            .env("REQUEST_METHOD", head.method.as_str())
+            .env("PATH_INFO", head.uri.path())
+            .env("QUERY_STRING", head.uri.query().unwrap_or(""))
+            .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
+            .env("CONTENT_LENGTH", body.len().to_string())
+            .env("GIT_PROTOCOL", header("git-protocol").unwrap_or_default())
+            .env(
+                "HTTP_CONTENT_ENCODING",
+                header("content-encoding").unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let Ok(mut child) = cmd.spawn() else {
+            return Response::builder()
+                .status(500)
+                .body(Full::from("no git\n"))
+                .unwrap();
+        };
+        let mut stdin = child.stdin.take().unwrap();
+        let feed = async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&body).await;
+        };
+        let (_, out) = tokio::join!(feed, child.wait_with_output());
+        let out = out.map(|o| o.stdout).unwrap_or_default();
+        let split = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| (p, 4))
+            .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+        let Some((end, sep)) = split else {
+            return Response::builder()
+                .status(502)
+                .body(Full::from("bad CGI output\n"))
+                .unwrap();
+        };
+        let mut resp = Response::builder();
+        for line in String::from_utf8_lossy(&out[..end]).lines() {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("status") {
+                resp = resp.status(
+                    v.split(' ')
+                        .next()
+                        .unwrap_or("200")
+                        .parse::<u16>()
+                        .unwrap_or(500),
+                );
+            } else {
+                resp = resp.header(k.trim(), v);
+            }
+        }
+        resp.body(Full::from(out[end + sep..].to_vec())).unwrap()
+    }
+}
+
+/// The origins' one handler: paths into a repository (`….git/…`) go to the [`GitServer`] if
+/// there is one, `/reflect` answers 401 quoting `x-api-key` in its body and a header, `/gzip`
+/// answers the echo gzipped whatever was asked, `/big/N` answers N bytes, every other path
+/// echoes the request (target, headers and body). Every request is recorded.
 async fn origin(
     req: Request<hyper::body::Incoming>,
     local: IpAddr,
     seen: SeenLog,
+    git: Option<Arc<GitServer>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = format!("{} {}", req.method(), req.uri());
     let path = req.uri().path().to_string();
@@ -106,12 +222,13 @@ async fn origin(
         .get("x-api-key")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
-    let body = req
-        .into_body()
+    let (head, body) = req.into_parts();
+    let body = body
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let raw = body.clone();
     let body = String::from_utf8_lossy(&body).into_owned();
     let echo = format!("{target}\n{headers}\n{body}");
     seen.lock().unwrap().push(Seen {
@@ -120,6 +237,9 @@ async fn origin(
         headers,
         body,
     });
+    if let Some(git) = git.filter(|_| GitServer::serves(&path)) {
+        return Ok(git.serve(&head, raw).await);
+    }
     let resp = Response::builder();
     let resp = if path.ends_with("/reflect") {
         resp.status(401)
@@ -145,12 +265,24 @@ pub fn serve_origins(
     tls: Option<Arc<rustls::ServerConfig>>,
     seen: SeenLog,
 ) {
+    serve_origins_with_git(listener, tls, seen, None)
+}
+
+/// [`serve_origins`], with repositories served by `git`.
+pub fn serve_origins_with_git(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    seen: SeenLog,
+    git: Option<Arc<GitServer>>,
+) {
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (tls, seen) = (tls.clone(), seen.clone());
+            let (tls, seen, git) = (tls.clone(), seen.clone(), git.clone());
             let local = tcp.local_addr().unwrap().ip();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |r| origin(r, local, seen.clone()));
+                let svc = hyper::service::service_fn(move |r| {
+                    origin(r, local, seen.clone(), git.clone())
+                });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let _ = match tls {
                     Some(tls) => {
