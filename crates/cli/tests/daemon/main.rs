@@ -18,6 +18,7 @@ use hutch_types::{ErrorCode, SandboxSpec};
 use libtest_mimic::{Arguments, Failed};
 
 mod access;
+mod broker;
 #[path = "../common/mod.rs"]
 mod common;
 mod e2b;
@@ -160,8 +161,8 @@ fn main() {
 
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
-        access::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*, network::*,
-        secrets::*, templates::*,
+        access::*, broker::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*,
+        network::*, secrets::*, templates::*,
     };
     trials![
         three_concurrent_creates_then_exec,
@@ -187,6 +188,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         idle_unauthenticated_tcp_clients_cannot_starve_the_daemon,
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
         a_guest_holds_placeholders_and_the_ca_never_the_value,
+        a_real_guest_reaches_bound_hosts_only_through_the_broker,
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,

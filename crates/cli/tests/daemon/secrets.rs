@@ -210,7 +210,7 @@ pub fn a_guest_holds_placeholders_and_the_ca_never_the_value() -> Result {
     Ok(())
 }
 
-fn rand_u64() -> u64 {
+pub(crate) fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
