@@ -90,6 +90,17 @@ async fn stub_one(
     }
 }
 
+/// An echo WebSocket where the host serves exec streams.
+async fn stub_ws(ws: axum::extract::ws::WebSocketUpgrade) -> axum::response::Response {
+    ws.on_upgrade(|mut socket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if socket.send(msg).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 async fn stub_list(State(stub): Shared, req: Request) -> Json<Vec<SandboxInfo>> {
     seen(&stub, &req);
     Json(stub.sandboxes.lock().unwrap().values().cloned().collect())
@@ -115,6 +126,7 @@ async fn stub_host(
             "/v1/sandboxes/{id}",
             axum::routing::get(stub_one).delete(stub_one),
         )
+        .route("/v1/sandboxes/{id}/exec/ws", axum::routing::get(stub_ws))
         .with_state(stub.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -303,6 +315,29 @@ async fn twenty_creates_for_ten_slots_through_two_gateways() {
     );
     let (status, again) = call(&gateways[0], Method::POST, "/v1/sandboxes", &token, "{}").await;
     assert_eq!(status, StatusCode::CREATED, "{again}");
+
+    // An exec WebSocket goes through the gateway to the owner and back.
+    let url = format!("ws://{}/v1/sandboxes/{}/exec/ws", gateways[1], created[1]);
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Binary(b"stdin bytes".to_vec().into()))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_data().as_ref(), b"stdin bytes");
+    ws.close(None).await.unwrap();
 
     // A token limited to a label the sandboxes lack is refused at the gateway.
     let (scoped, _) = hutch_fleet::tokens::create(&fleet, Some("team=x".into()))
