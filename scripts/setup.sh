@@ -16,6 +16,8 @@ packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs dpkg apt debian-archi
 packages+=(curl tar)
 # Agent tasks: packing a workspace and `task apply --branch` use the host's git.
 packages+=(git)
+# The fleet's etcd client (crate etcd-client) compiles etcd's protobufs with protoc at build time.
+packages+=(protobuf-compiler)
 if [ "${HUTCH_KERNEL_TOOLS:-0}" = 1 ]; then
     packages+=(make gcc flex bison bc libelf-dev)
 fi

@@ -5,6 +5,12 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 
+# The fleet's tests start Debian's etcd-server on loopback ports (setup.sh installed protoc,
+# which etcd-client's build needs).
+if ! command -v etcd >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
+fi
+
 # The VMM backend's own tests boot a busybox initramfs.
 if ! [ -x /bin/busybox ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >/dev/null

@@ -27,6 +27,10 @@ pub enum Command {
     Setup(crate::setup_cmd::SetupCommand),
     /// Serve the sandbox API on a Unix socket (and optionally TCP with tokens).
     Daemon(hutch_daemon::DaemonArgs),
+    /// Serve the sandbox API in front of a fleet of hosts (stateless; run as many as wanted).
+    Gateway(hutch_daemon::GatewayArgs),
+    /// Fleet-wide tokens, accepted by every gateway and host of a fleet.
+    FleetToken(hutch_daemon::gateway::FleetTokenArgs),
     /// Create a sandbox through the daemon and print its id.
     Create(CreateArgs),
     /// List sandboxes.

@@ -44,6 +44,19 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             .await?;
             Ok(0)
         }
+        args::Command::Gateway(a) => {
+            hutch_daemon::gateway::run(a, async {
+                hutch_daemon::signal::interrupted().await;
+            })
+            .await?;
+            Ok(0)
+        }
+        args::Command::FleetToken(a) => {
+            let (token, id) = hutch_daemon::gateway::create_token(a).await?;
+            eprintln!("{id}");
+            println!("{token}");
+            Ok(0)
+        }
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
         args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,
         args::Command::Inspect(a) => {

@@ -65,6 +65,48 @@ pub struct DaemonArgs {
     /// Seconds a guest's identity token holds (at most 600).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub identity_token_ttl: u64,
+    /// Join this fleet (`etcd://h1:2379,h2:2379`): the host registers under a lease, keeps
+    /// its capacity current there, and accepts the fleet's tokens (needs --listen-tcp and
+    /// --advertise).
+    #[arg(long, value_name = "URL", requires_all = ["advertise", "listen_tcp"])]
+    pub fleet: Option<String>,
+    /// The URL gateways reach this daemon's TCP API at (`http://host:port`).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// This host's zone (failure domain), for placement.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// This host's labels for placement (`k=v`, comma-separated or repeated).
+    #[arg(long, value_name = "K=V", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Options every fleet member shares.
+    #[command(flatten)]
+    pub fleet_opts: FleetOpts,
+}
+
+/// Fleet settings shared by `hutch daemon --fleet` and `hutch gateway`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetOpts {
+    /// Where the fleet's keys live in etcd (tests give each fleet its own).
+    #[arg(long, hide = true, default_value = hutch_fleet::DEFAULT_PREFIX)]
+    pub fleet_prefix: String,
+    /// Seconds a host's lease lasts without renewal (its record goes when it lapses).
+    #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub fleet_lease_ttl: u64,
+}
+
+/// `hutch gateway`.
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// The fleet (`etcd://h1:2379,h2:2379`).
+    #[arg(long, value_name = "URL")]
+    pub fleet: String,
+    /// Serve the HTTP API on TCP at this address (fleet tokens required).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Options every fleet member shares.
+    #[command(flatten)]
+    pub fleet_opts: FleetOpts,
 }
 
 impl DaemonArgs {

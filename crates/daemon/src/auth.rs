@@ -49,7 +49,11 @@ pub async fn caller_for(state: &AppState, token: &str) -> Result<Caller, HttpErr
     match used {
         // Journals name the token by the start of its stored hash (never by the token).
         TokenUse::Valid(scope) => Ok(Caller::scoped(scope).named(format!("token:{}", &hash[..16]))),
-        TokenUse::Unknown => Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
+        // A token of the fleet this host joined (a gateway passes its client's on).
+        TokenUse::Unknown => match state.fleet.as_ref().and_then(|f| f.token(&hash)) {
+            Some(t) => Ok(Caller::scoped(crate::fleet::scope(&t)).named(format!("fleet:{}", t.id))),
+            None => Err(HttpError::new(ErrorCode::Unauthorized, "unknown token")),
+        },
         TokenUse::Expired => Err(HttpError::new(
             ErrorCode::Unauthorized,
             "this token has expired",

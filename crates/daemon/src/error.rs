@@ -31,6 +31,12 @@ pub enum DaemonError {
     /// Adopting what an earlier daemon left failed.
     #[error(transparent)]
     Core(Box<hutch_core::CoreError>),
+    /// The fleet (etcd) could not be joined or read.
+    #[error("fleet")]
+    Fleet(#[source] hutch_fleet::FleetError),
+    /// A fleet option is missing or malformed.
+    #[error("{0}")]
+    FleetArgs(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {

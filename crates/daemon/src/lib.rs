@@ -17,6 +17,8 @@ mod e2b;
 mod error;
 mod extract;
 mod files;
+mod fleet;
+pub mod gateway;
 mod home;
 mod http_error;
 mod listen;
@@ -43,7 +45,7 @@ use hutch_core::{
 use hutch_store::{AsyncStore, SqliteStore, Store};
 use tokio::net::{TcpListener, UnixListener};
 
-pub use args::{DaemonArgs, VmArgs};
+pub use args::{DaemonArgs, FleetOpts, GatewayArgs, VmArgs};
 pub use auth::token_hash;
 pub use backend::{BackendArgs, BackendChoice};
 pub use error::DaemonError;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub api: Arc<dyn SandboxApi>,
     /// Token lookups (the manager's store, off the async workers).
     pub store: AsyncStore,
+    /// The fleet this host joined (`--fleet`): its tokens are accepted too.
+    pub fleet: Option<Arc<hutch_fleet::FleetCache>>,
 }
 
 /// How often TTLs are checked.
@@ -78,6 +82,7 @@ pub async fn run(
         backend.vmm.name(),
         backend.why
     );
+    let backend_name = backend.vmm.name().to_string();
     let cfg = ManagerConfig {
         images: Arc::new(hutch_core::ImageDir::new(home.images())),
         runs_dir: home.vms(),
@@ -133,9 +138,11 @@ pub async fn run(
     }
     let journals = journals(home).await?;
     let retention = Duration::from_secs(args.journal_retention_days.saturating_mul(86_400));
+    let fleet = fleet::connect(&args).await?;
     let state = Arc::new(AppState {
         api: Arc::new(LocalApi::new(manager.clone(), tasks).with_journals(journals.clone())),
         store: manager.store().clone(),
+        fleet: fleet.as_ref().map(|(_, cache)| cache.clone()),
     });
     manager.start_pools();
     tokio::spawn(expire_loop(manager.clone(), journals, retention));
@@ -182,6 +189,28 @@ pub async fn run(
         eprintln!("hutch daemon: E2B-compatible API on http://{addr} (API key: a hutch token)");
     }
     eprintln!("hutch daemon: listening on {}", socket.display());
+    let registrar = match fleet {
+        Some((fleet, _)) => {
+            let host = fleet::host_record(&args, &backend_name)?;
+            let capacity = fleet::follow_capacity(
+                manager.clone(),
+                home.vms(),
+                args.max_sandboxes,
+                args.memory_budget_mib,
+            );
+            let ttl = Duration::from_secs(args.fleet_opts.fleet_lease_ttl);
+            let registrar = hutch_fleet::Registrar::start(fleet, host, ttl, capacity)
+                .await
+                .map_err(DaemonError::Fleet)?;
+            eprintln!(
+                "hutch daemon: joined the fleet as {} (incarnation {})",
+                args.advertise.as_deref().unwrap_or_default(),
+                registrar.incarnation()
+            );
+            Some(registrar)
+        }
+        None => None,
+    };
     tokio::select! {
         _ = shutdown => {}
         Some(r) = servers.join_next() => {
@@ -191,6 +220,9 @@ pub async fn run(
         }
     }
     let _ = std::fs::remove_file(&socket);
+    if let Some(registrar) = registrar {
+        registrar.leave().await;
+    }
     // Pooled clones belong to no sandbox: they go with the daemon.
     manager.drain_pools().await;
     // So are spare networks (a daemon killed instead leaves them to its successor).

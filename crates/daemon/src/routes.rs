@@ -100,8 +100,7 @@ fn api_parts() -> (
     (router, public, doc)
 }
 
-/// The generated OpenAPI document.
-#[cfg(test)]
+/// The generated OpenAPI document (a fleet gateway serves the same).
 pub(super) fn api_doc() -> utoipa::openapi::OpenApi {
     api_parts().2
 }
@@ -495,6 +494,7 @@ pub(crate) mod tests {
             Arc::new(AppState {
                 store: manager.store().clone(),
                 api: Arc::new(hutch_core::service::LocalApi::new(manager, tasks)),
+                fleet: None,
             }),
         )
     }

@@ -1,0 +1,219 @@
+//! A host in the fleet: its record under a lease it keeps alive, its capacity kept current.
+
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    schema::{check_host_name, counter},
+    Capacity, Fleet, FleetError, HostRecord,
+};
+
+/// Keeps one host registered: grants a lease, writes the host record under it, renews it every
+/// third of its TTL and rewrites the record when the capacity changes. A lost lease (etcd
+/// was unreachable for longer than the TTL) is replaced by a new one and the record written
+/// again, with the same incarnation. Dropping it stops renewing; [`Registrar::leave`] also
+/// revokes the lease at once.
+pub struct Registrar {
+    task: JoinHandle<()>,
+    fleet: Fleet,
+    lease: watch::Receiver<Option<i64>>,
+    incarnation: u64,
+}
+
+impl Registrar {
+    /// Registers `host` (its capacity replaced by `capacity`'s latest value as it changes)
+    /// under a lease of `ttl`. Fails when the first registration fails; later failures are
+    /// logged and retried.
+    pub async fn start(
+        fleet: Fleet,
+        mut host: HostRecord,
+        ttl: Duration,
+        capacity: watch::Receiver<Capacity>,
+    ) -> Result<Registrar, FleetError> {
+        if !check_host_name(&host.host) {
+            return Err(FleetError::BadUrl(host.host));
+        }
+        host.incarnation = next_incarnation(&fleet, &host.host).await?;
+        host.capacity = capacity.borrow().clone();
+        let ttl_secs = ttl.as_secs().max(2) as i64;
+        let lease = register(&fleet, &host, ttl_secs).await?;
+        let (lease_tx, lease_rx) = watch::channel(Some(lease));
+        let incarnation = host.incarnation;
+        let task = tokio::spawn(keep(
+            fleet.clone(),
+            host,
+            ttl_secs,
+            lease,
+            capacity,
+            lease_tx,
+        ));
+        Ok(Registrar {
+            task,
+            fleet,
+            lease: lease_rx,
+            incarnation,
+        })
+    }
+
+    /// This start's incarnation number.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The lease the record lives under now.
+    pub fn lease(&self) -> Option<i64> {
+        *self.lease.borrow()
+    }
+
+    /// Stops renewing and revokes the lease: the host record goes at once.
+    pub async fn leave(self) {
+        self.task.abort();
+        if let Some(lease) = self.lease() {
+            if let Err(e) = self.fleet.client().lease_revoke(lease).await {
+                tracing::warn!(error = %e, "revoking the fleet lease failed; it expires by itself");
+            }
+        }
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Bumps the host's incarnation counter by compare-and-swap: the new value.
+async fn next_incarnation(fleet: &Fleet, host: &str) -> Result<u64, FleetError> {
+    let key = fleet.keys().incarnation(host);
+    let mut client = fleet.client();
+    for _ in 0..32 {
+        let got = client
+            .get(key.clone(), None)
+            .await
+            .map_err(FleetError::etcd("read incarnation"))?;
+        let (current, rev) = got
+            .kvs()
+            .first()
+            .map(|kv| (counter(kv.value()), kv.mod_revision()))
+            .unwrap_or((0, 0));
+        let next = current + 1;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.clone(), next.to_string(), None)]);
+        let done = client
+            .txn(txn)
+            .await
+            .map_err(FleetError::etcd("bump incarnation"))?;
+        if done.succeeded() {
+            return Ok(next);
+        }
+    }
+    Err(FleetError::Contention("bump incarnation"))
+}
+
+/// Grants a lease and writes the record under it: the lease.
+async fn register(fleet: &Fleet, host: &HostRecord, ttl_secs: i64) -> Result<i64, FleetError> {
+    let mut client = fleet.client();
+    let lease = client
+        .lease_grant(ttl_secs, None)
+        .await
+        .map_err(FleetError::etcd("grant lease"))?
+        .id();
+    put(fleet, host, lease).await?;
+    Ok(lease)
+}
+
+/// Writes the host record under `lease`.
+async fn put(fleet: &Fleet, host: &HostRecord, lease: i64) -> Result<(), FleetError> {
+    let value = serde_json::to_vec(host).expect("a host record serialises");
+    fleet
+        .client()
+        .put(
+            fleet.keys().host(&host.host),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(FleetError::etcd("write host record"))?;
+    Ok(())
+}
+
+/// Renews the lease and follows the capacity until aborted.
+async fn keep(
+    fleet: Fleet,
+    mut host: HostRecord,
+    ttl_secs: i64,
+    mut lease: i64,
+    mut capacity: watch::Receiver<Capacity>,
+    lease_tx: watch::Sender<Option<i64>>,
+) {
+    let period = Duration::from_millis(ttl_secs as u64 * 1000 / 3);
+    loop {
+        match renew(&fleet, &mut host, lease, period, &mut capacity).await {
+            Ok(()) => return, // the capacity's sender is gone: the daemon is stopping
+            Err(e) => tracing::warn!(error = %chain(&e), "fleet lease lost; registering again"),
+        }
+        let _ = lease_tx.send(None);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            host.capacity = capacity.borrow().clone();
+            match register(&fleet, &host, ttl_secs).await {
+                Ok(l) => {
+                    lease = l;
+                    let _ = lease_tx.send(Some(l));
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %chain(&e), "registering again failed"),
+            }
+        }
+    }
+}
+
+/// Keeps `lease` alive every `period` and rewrites the record on capacity changes, until an
+/// error (the lease is gone or etcd unreachable) or the capacity's sender goes away.
+async fn renew(
+    fleet: &Fleet,
+    host: &mut HostRecord,
+    lease: i64,
+    period: Duration,
+    capacity: &mut watch::Receiver<Capacity>,
+) -> Result<(), FleetError> {
+    let (mut keeper, mut answers) = fleet
+        .client()
+        .lease_keep_alive(lease)
+        .await
+        .map_err(FleetError::etcd("keep lease alive"))?;
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                keeper.keep_alive().await.map_err(FleetError::etcd("keep lease alive"))?;
+                let answer = answers.message().await.map_err(FleetError::etcd("keep lease alive"))?;
+                if answer.is_none_or(|a| a.ttl() <= 0) {
+                    return Err(FleetError::LeaseLost);
+                }
+            }
+            changed = capacity.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                host.capacity = capacity.borrow_and_update().clone();
+                put(fleet, host, lease).await?;
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
