@@ -154,7 +154,7 @@ pub(crate) fn a_session_is_journalled_and_survives_a_kill9_with_a_torn_tail() ->
     let torn = br#"{"v":1,"seq":99999,"prev":"ab"#;
     std::fs::OpenOptions::new()
         .append(true)
-        .open(&journal)?
+        .open(journal)?
         .write_all(torn)?;
     let mut restarted = Daemon::start_with(daemon.home, &args);
     let client = restarted.client();
@@ -204,7 +204,7 @@ pub(crate) fn a_session_is_journalled_and_survives_a_kill9_with_a_torn_tail() ->
         let dir = restarted.home.path().join("journal").join(&id);
         let out = common::hutch(restarted.home.path())
             .args(["audit", "verify", "--offline"])
-            .arg(&dir)
+            .arg(dir)
             .args(["--host-key", &host_key])
             .output()?;
         check(
