@@ -223,25 +223,23 @@ impl TokenIssuer for SandboxTokens {
             let claims = issuer.claims(&id, audience, &facts);
             let token = issuer.sign(&claims);
             manager.metrics().tokens_issued.inc();
-            journal_token_issued(&claims);
+            if let Some(feed) = manager.guest_feed() {
+                feed.record(&id, token_event(&claims));
+            }
             Ok(token)
         })
     }
 }
 
-/// HOOK(journal): a token was issued for a sandbox. Today a `tracing` event (target
-/// `hutch::journal`); the sandbox journal connects here to record `identity.token_issued` with
-/// the audience, `jti` and expiry (never the token itself).
-pub fn journal_token_issued(claims: &Claims) {
-    tracing::info!(
-        target: "hutch::journal",
-        kind = "identity.token_issued",
-        sandbox = %claims.sub,
-        audience = %claims.aud,
-        jti = %claims.jti,
-        exp = claims.exp,
-        "identity token issued"
-    );
+/// The journal record of a token issued for a sandbox: its audience, `jti` and expiry, never
+/// the token itself (the guest asks for tokens, so it goes through the bounded
+/// [`GuestFeed`](crate::audit::GuestFeed)).
+pub fn token_event(claims: &Claims) -> hutch_journal::Event {
+    use hutch_journal::attr;
+    hutch_journal::Event::new("identity.token_issued")
+        .attr(attr::IDENTITY_AUDIENCE, claims.aud.clone())
+        .attr(attr::IDENTITY_TOKEN_ID, claims.jti.clone())
+        .attr(attr::IDENTITY_EXPIRES, claims.exp)
 }
 
 fn unavailable(message: &str) -> OpError {

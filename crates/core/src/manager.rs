@@ -195,6 +195,8 @@ pub struct Manager {
     pub(crate) brokers: crate::secrets::Brokers,
     /// Signs guests' workload identity tokens, once the daemon set it.
     identity: std::sync::OnceLock<Arc<crate::identity::Issuer>>,
+    /// Where what the guest sets off goes into its journal (when journals are kept).
+    guest_feed: std::sync::OnceLock<Arc<crate::audit::GuestFeed>>,
     /// Counters and histograms for `/metrics`.
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -228,6 +230,7 @@ impl Manager {
             me: me.clone(),
             brokers: Default::default(),
             identity: std::sync::OnceLock::new(),
+            guest_feed: std::sync::OnceLock::new(),
             metrics: Arc::default(),
         })
     }
@@ -241,6 +244,17 @@ impl Manager {
     /// The workload identity issuer, if this manager has one.
     pub fn identity(&self) -> Option<&Arc<crate::identity::Issuer>> {
         self.identity.get()
+    }
+
+    /// Journals what guests set off (broker decisions, identity tokens) through `feed` from now
+    /// on. Set once; later calls are ignored.
+    pub fn set_guest_feed(&self, feed: Arc<crate::audit::GuestFeed>) {
+        let _ = self.guest_feed.set(feed);
+    }
+
+    /// Where what guests set off is journalled, if anywhere.
+    pub fn guest_feed(&self) -> Option<&Arc<crate::audit::GuestFeed>> {
+        self.guest_feed.get()
     }
 
     /// The daemon's metrics (handles for the features that count into them).

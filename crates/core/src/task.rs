@@ -15,6 +15,7 @@ use std::{
     time::Instant,
 };
 
+use hutch_journal::{attr, kinds, Event};
 use hutch_protocol::{host::Channel, ExecRequest, ExitStatus, WriteFileRequest};
 use hutch_store::ListFilter;
 use hutch_task::{
@@ -25,10 +26,11 @@ use hutch_task::{
     BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,
     VerifyOutcome,
 };
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxSpec};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use rand::RngCore;
 
 use crate::{
+    audit::{create_event, Journals},
     blocking::off_worker,
     chain,
     exec::{run_capped, split_status, Collected, ExecError, OverCap},
@@ -135,6 +137,50 @@ impl From<ExecError> for StepError {
 pub struct Tasks {
     dir: PathBuf,
     manager: Arc<Manager>,
+    /// The journals of task sandboxes, when kept.
+    journals: std::sync::OnceLock<Arc<Journals>>,
+}
+
+/// The journal record of a task's changeset: its digest, the paths it changes, the verdict.
+fn changeset_event(task: &str, record: &TaskRecord) -> Event {
+    let verdict = serde_json::to_value(&record.verdict)
+        .ok()
+        .and_then(|v| v.get("status")?.as_str().map(String::from))
+        .unwrap_or_default();
+    let files: Vec<String> = record
+        .changes
+        .iter()
+        .flat_map(|c| c.paths())
+        .map(String::from)
+        .collect();
+    let mut event = Event::new("task.changeset")
+        .attr(attr::TASK_ID, task)
+        .attr(attr::TASK_VERDICT, verdict)
+        .attr(attr::TASK_CHANGESET_FILES, files);
+    if let Some(digest) = &record.changeset_digest {
+        event = event.attr(attr::TASK_CHANGESET_DIGEST, digest.clone());
+    }
+    if let Some(e) = &record.error {
+        event = event.attr(attr::ERROR_MESSAGE, e.clone());
+    }
+    event
+}
+
+/// The journal record of a task's verification: the command, its exit, passed or not.
+fn verify_event(task: &str, r: &Result<VerifyOutcome, StepError>) -> Event {
+    let event = Event::new("task.verify").attr(attr::TASK_ID, task);
+    match r {
+        Ok(v) => {
+            let mut event = event
+                .attr("process.command_line", v.command.clone())
+                .attr("hutch.task.verify.passed", v.passed);
+            if let Some(code) = v.process.exit_code {
+                event = event.attr(attr::PROCESS_EXIT_CODE, code);
+            }
+            event
+        }
+        Err(e) => event.attr(attr::ERROR_MESSAGE, chain(e)),
+    }
 }
 
 /// A stream as stored: lossy UTF-8, with a note when bytes beyond the cap were dropped.
@@ -227,7 +273,38 @@ fn check_spec(spec: &TaskSpec) -> Result<(), TaskError> {
 impl Tasks {
     /// Tasks stored under `dir` (`$HUTCH_HOME/tasks`), run through `manager`.
     pub fn new(dir: PathBuf, manager: Arc<Manager>) -> Tasks {
-        Tasks { dir, manager }
+        Tasks {
+            dir,
+            manager,
+            journals: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Journals every task sandbox in `journals` from now on (its creation, the changeset or
+    /// verification, the seal). Set once; later calls are ignored.
+    pub fn set_journals(&self, journals: Arc<Journals>) {
+        let _ = self.journals.set(journals);
+    }
+
+    /// Starts the journal of the task sandbox `info`, when journals are kept.
+    async fn journal_start(&self, info: &SandboxInfo) {
+        if let Some(j) = self.journals.get() {
+            let digest = self.manager.image(&info.spec.image).ok().map(|i| i.digest);
+            j.start(info, create_event(info, None, digest.as_deref()))
+                .await;
+        }
+    }
+
+    /// Appends `last` to the journal of the task sandbox `sandbox` and seals it (before the
+    /// sandbox goes).
+    async fn journal_end(&self, sandbox: &str, last: Event) {
+        if let Some(j) = self.journals.get() {
+            if let Some(journal) = j.opened(sandbox).await {
+                journal.append(last);
+            }
+            let seal = Event::new(kinds::SEAL).attr(attr::SEAL_REASON, "task sandbox done");
+            j.seal(sandbox, seal).await;
+        }
     }
 
     fn task_dir(&self, id: &str) -> Result<PathBuf, TaskError> {
@@ -323,7 +400,7 @@ impl Tasks {
             error: None,
             signature: None,
         };
-        let mut changeset = None;
+        let mut encoded = Ok(None);
         let sb = SandboxSpec {
             template: spec.template.clone(),
             network: spec.network.clone(),
@@ -336,6 +413,7 @@ impl Tasks {
             Err(e) => record.error = Some(format!("creating the sandbox: {}", chain(&e))),
             Ok((info, _)) => {
                 record.timings.create_ms = ms(t);
+                self.journal_start(&info).await;
                 let r = self
                     .agent_steps(
                         &info.id,
@@ -347,28 +425,25 @@ impl Tasks {
                         sink.as_ref(),
                     )
                     .await;
-                match r {
-                    Ok(cs) => changeset = cs,
-                    Err(e) => record.error = Some(chain(&e)),
+                let changeset = match r {
+                    Ok(cs) => cs,
+                    Err(e) => {
+                        record.error = Some(chain(&e));
+                        None
+                    }
+                };
+                // Stored before the sandbox goes, so that its journal records the digest.
+                encoded = Self::store_changeset(&dir, changeset).await;
+                if let Ok(Some((_, digest))) = &encoded {
+                    record.changeset_digest = Some(digest.clone());
                 }
+                self.journal_end(&info.id, changeset_event(&id, &record))
+                    .await;
                 self.destroy(&info.id).await;
             }
         }
-        // Encoding, hashing and writing a changeset of up to a GiB: off the async workers.
-        let stream = match changeset {
-            Some(cs) => {
-                let path = dir.join("changeset.bin");
-                let (stream, digest) = off_worker(move || {
-                    let stream = cs.encode();
-                    let digest = sha256_hex(&stream);
-                    Self::write(&path, &stream).map(|()| (stream, digest))
-                })
-                .await?;
-                record.changeset_digest = Some(digest);
-                Some(stream)
-            }
-            None => None,
-        };
+        let stream = encoded?;
+        let stream = stream.map(|(stream, _)| stream);
         let verifiable = matches!(record.verdict, Verdict::Accepted { .. } | Verdict::Empty);
         if let (Some(cmd), true) = (&spec.verify, verifiable) {
             let t = Instant::now();
@@ -383,6 +458,24 @@ impl Tasks {
         }
         record.timings.total_ms = ms(started);
         off_worker(move || Self::store_record(&dir, &key, &mut record).map(|()| record)).await
+    }
+
+    /// Encodes, hashes and writes a changeset of up to a GiB (off the async workers): the
+    /// stream and its SHA-256.
+    async fn store_changeset(
+        dir: &Path,
+        changeset: Option<Changeset>,
+    ) -> Result<Option<(Vec<u8>, String)>, TaskError> {
+        let Some(cs) = changeset else {
+            return Ok(None);
+        };
+        let path = dir.join("changeset.bin");
+        off_worker(move || {
+            let stream = cs.encode();
+            let digest = sha256_hex(&stream);
+            Self::write(&path, &stream).map(|()| Some((stream, digest)))
+        })
+        .await
     }
 
     /// The host's signing key (made on first use).
@@ -646,6 +739,7 @@ impl Tasks {
             ..Default::default()
         };
         let (info, _) = self.manager.create(sb, None).await?;
+        self.journal_start(&info).await;
         let r = async {
             let channel = self.manager.channel(&info.id).await?;
             let extra: Vec<(&str, &[u8])> = stream
@@ -681,6 +775,7 @@ impl Tasks {
             })
         }
         .await;
+        self.journal_end(&info.id, verify_event(id, &r)).await;
         self.destroy(&info.id).await;
         r
     }

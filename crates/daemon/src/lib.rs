@@ -113,9 +113,20 @@ pub async fn run(
         issuer.kid()
     );
     manager.set_identity(Arc::new(issuer));
+    // Before the reconcile, so that adopted sandboxes' events are journalled from the start.
+    let journals = journals(home).await?;
+    let feed = Arc::new(hutch_core::audit::GuestFeed::start(
+        journals.clone(),
+        Arc::downgrade(&manager),
+        hutch_core::audit::FeedLimits::default(),
+    ));
+    manager.set_guest_feed(feed.clone());
     if let Some(net) = &spares {
-        // HOOK(journal): the journal's sink joins this one (a fan-out) to record decisions.
-        net.set_event_sink(Some(manager.metrics().clone()));
+        // Each decision is counted and journalled in its sandbox's journal.
+        net.set_event_sink(Some(Arc::new(hutch_net::FanOut(vec![
+            manager.metrics().clone(),
+            feed,
+        ]))));
     }
     let report = manager.reconcile().await?;
     tracing::info!(?report, "reconciled");
@@ -136,7 +147,6 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
     }
-    let journals = journals(home).await?;
     let retention = Duration::from_secs(args.journal_retention_days.saturating_mul(86_400));
     let fleet = fleet::connect(&args).await?;
     let state = Arc::new(AppState {

@@ -60,3 +60,39 @@ pub const TORN_BYTES: &str = "hutch.journal.torn.bytes";
 pub const TORN_DIGEST: &str = "hutch.journal.torn.blake3";
 /// Why a journal was sealed.
 pub const SEAL_REASON: &str = "hutch.journal.seal.reason";
+/// A server's port.
+pub const SERVER_PORT: &str = "server.port";
+/// The transport of a flow: `tcp`, `udp`, `icmp`, or the IP protocol number.
+pub const NETWORK_TRANSPORT: &str = "network.transport";
+/// The addresses a DNS answer gave (an array of strings).
+pub const DNS_ANSWERS: &str = "dns.answers";
+/// A network decision: `allow` or `deny`.
+pub const NETWORK_VERDICT: &str = "hutch.network.verdict";
+/// The rule that decided (`deny_policy`, `allow_domain`, `dns_answer`, …).
+pub const NETWORK_RULE: &str = "hutch.network.rule";
+/// An HTTP request's method.
+pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
+/// A URL's path.
+pub const URL_PATH: &str = "url.path";
+/// A secret, by name (never its value).
+pub const SECRET_NAME: &str = "hutch.secret.name";
+/// What the secret broker did (`substituted`, `refused`, `violation`, `forwarded`, `scrubbed`).
+pub const SECRET_DECISION: &str = "hutch.secret.decision";
+/// Why the broker refused or flagged a request.
+pub const SECRET_REASON: &str = "hutch.secret.reason";
+/// The audience a workload identity token was issued for.
+pub const IDENTITY_AUDIENCE: &str = "hutch.identity.audience";
+/// A token's id (`jti`).
+pub const IDENTITY_TOKEN_ID: &str = "hutch.identity.jti";
+/// A token's expiry (seconds since the Unix epoch).
+pub const IDENTITY_EXPIRES: &str = "hutch.identity.exp";
+/// How many guest-triggered events were left out (over the rate limit or the queue).
+pub const SUPPRESSED_COUNT: &str = "hutch.suppressed.count";
+/// A task's id.
+pub const TASK_ID: &str = "hutch.task.id";
+/// The SHA-256 of a task's encoded changeset.
+pub const TASK_CHANGESET_DIGEST: &str = "hutch.task.changeset.sha256";
+/// The paths a task's changeset changes (an array of strings).
+pub const TASK_CHANGESET_FILES: &str = "hutch.task.changeset.files";
+/// The host's verdict on a task's changeset (`accepted`, `empty`, `rejected`, …).
+pub const TASK_VERDICT: &str = "hutch.task.verdict";

@@ -35,7 +35,7 @@ pub use error::JournalError;
 pub use event::{kinds, Actor, AuditLog, Event, Record, VERSION};
 pub use key::HostSigner;
 pub use read::{read_records, JOURNAL_FILE};
-pub use redact::{Redactor, REDACTED};
+pub use redact::{LiveSecrets, Redactor, REDACTED};
 pub use retention::prune;
 pub use verify::{verify_dir, Failure, Report, Status};
 pub use writer::{Journal, Options, CHECKPOINT_FILE, KEY_FILE};

@@ -241,6 +241,21 @@ impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
     }
 }
 
+/// Passes every event to each of several sinks, in order (the daemon's metrics and its
+/// journals).
+pub struct FanOut(pub Vec<std::sync::Arc<dyn EventSink>>);
+
+impl EventSink for FanOut {
+    fn emit(&self, event: FlowEvent) {
+        if let Some((last, first)) = self.0.split_last() {
+            for sink in first {
+                sink.emit(event.clone());
+            }
+            last.emit(event);
+        }
+    }
+}
+
 /// Events kept per sandbox by [`EventRing`].
 pub const RING_CAPACITY: usize = 1024;
 
@@ -315,6 +330,23 @@ mod tests {
             answers: vec![],
             verdict: Verdict::Deny,
             rule: RuleName::DenyPolicy,
+        }
+    }
+
+    #[test]
+    fn a_fan_out_passes_every_event_to_each_sink() {
+        let (a, b) = (Collect::default(), Collect::default());
+        let fan = FanOut(vec![Arc::new(a.clone()), Arc::new(b.clone())]);
+        fan.emit(ev("x"));
+        fan.emit(ev("y"));
+        for c in [a, b] {
+            let got: Vec<_> =
+                c.0.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.sandbox.clone())
+                    .collect();
+            assert_eq!(got, ["x", "y"]);
         }
     }
 

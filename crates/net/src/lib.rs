@@ -44,7 +44,9 @@ pub mod wg;
 
 #[cfg(feature = "testbed")]
 pub mod testbed;
-pub use events::{EventRing, EventSink, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict};
+pub use events::{
+    EventRing, EventSink, FanOut, FlowEvent, Proto, RateLimitedSink, RuleName, Verdict,
+};
 pub use filter::{first_nameserver, Answers, MAX_TTL as DNS_MAX_TTL, MIN_TTL as DNS_MIN_TTL};
 pub use names::{validate_id, Names};
 pub use nft::NftBackend;

@@ -18,6 +18,7 @@ use hutch_types::{ErrorCode, SandboxSpec};
 use libtest_mimic::{Arguments, Failed};
 
 mod access;
+mod audit;
 mod broker;
 #[path = "../common/mod.rs"]
 mod common;
@@ -161,7 +162,8 @@ fn main() {
 
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
-        access::*, broker::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*,
+        access::*, audit::*, broker::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*,
+        mcp::*,
         network::*, secrets::*, templates::*,
     };
     trials![
@@ -192,6 +194,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,
+        a_session_is_journalled_and_survives_a_kill9_with_a_torn_tail,
     ]
 }
 

@@ -34,6 +34,22 @@ impl hutch_broker::EventSink for BrokerLog {
     }
 }
 
+/// A broker's decisions go to the secret log (`hutch secret log`) and, when journals are kept,
+/// to the sandbox's journal.
+struct BrokerEvents {
+    log: Arc<BrokerLog>,
+    feed: Option<Arc<crate::audit::GuestFeed>>,
+}
+
+impl hutch_broker::EventSink for BrokerEvents {
+    fn record(&self, event: BrokerEvent) {
+        if let Some(feed) = &self.feed {
+            feed.broker(&event);
+        }
+        self.log.record(event);
+    }
+}
+
 /// The broker dials from the sandbox's namespace, whose `output` chain applies the sandbox's
 /// policy and deny lists to every connection it opens (`hutch_net::Network::intercept`): the
 /// kernel refuses what the guest could not reach, so this check has nothing left to add.
@@ -132,7 +148,10 @@ impl Manager {
             upstream_roots: upstream_roots(store.extra_roots()).await?,
             dns: intercepted.dns,
             egress: Arc::new(PolicyInTheNamespace),
-            events: store.log().clone(),
+            events: Arc::new(BrokerEvents {
+                log: store.log().clone(),
+                feed: self.guest_feed().cloned(),
+            }),
             dial: intercepted.dial,
         })
         .map_err(SecretError::Broker)?;

@@ -383,6 +383,16 @@ impl SecretStore {
         entries.get(name).map(|e| e.value.clone())
     }
 
+    /// Every secret's current value, as text (for the journals' redaction; values that are not
+    /// UTF-8 cannot appear in a record as they are).
+    pub fn values(&self) -> Vec<String> {
+        let entries = self.entries.lock().expect("secrets lock");
+        entries
+            .values()
+            .filter_map(|e| std::str::from_utf8(e.value.expose()).ok().map(String::from))
+            .collect()
+    }
+
     /// The directory of a sandbox's broker material.
     fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.dir.join("sandboxes").join(id)

@@ -52,8 +52,13 @@ impl LocalApi {
         }
     }
 
-    /// The same surface, recording every sandbox's actions in its journal in `journals`.
+    /// The same surface, recording every sandbox's actions in its journal in `journals`
+    /// (tasks' sandboxes too), with every value of the host's secret store redacted.
     pub fn with_journals(mut self, journals: Arc<Journals>) -> LocalApi {
+        if let Some(store) = self.manager.secrets() {
+            journals.redact(store.values());
+        }
+        self.tasks.set_journals(journals.clone());
         self.journals = Some(journals);
         self
     }
@@ -691,6 +696,10 @@ impl SandboxApi for LocalApi {
 
     async fn set_secret(&self, caller: &Caller, req: SetSecret) -> Result<SecretInfo> {
         let (store, scope) = (self.secret_store()?.clone(), caller.scope.clone());
+        // Redacted before it can be used anywhere (a rotation: from the next record on).
+        if let (Some(j), Ok(value)) = (&self.journals, std::str::from_utf8(req.value.expose())) {
+            j.redact([value.to_string()]);
+        }
         let info = off_worker(move || store.set(&scope, req)).await?;
         // A new value (rotation) goes live in every running broker that holds the secret.
         self.manager.refresh_brokers().await;

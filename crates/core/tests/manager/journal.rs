@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use hutch_core::{
-    audit::{AuditQuery, HostKeySigner, Journals},
+    audit::{AuditQuery, FeedLimits, GuestFeed, HostKeySigner, Journals, SUPPRESSED},
     service::{ByteStream, Caller, Command, Create, Lifecycle, LocalApi, SandboxApi},
     task::Tasks,
 };
 use hutch_journal::{attr, kinds, note::Checkpoint, Failure, Record, Status};
+use hutch_net::{EventSink, FlowEvent, Proto, RuleName};
 use hutch_protocol::host::ExecEvent;
-use hutch_types::{NetworkPolicy, SandboxId};
+use hutch_types::{BrokerDecision, BrokerEvent, NetworkPolicy, SandboxId};
 use tokio::io::AsyncReadExt;
 
 use crate::world::{spec, World};
@@ -324,4 +325,161 @@ async fn measure_exec_round_trip_with_and_without_the_journal() {
         (with / without - 1.0) * 100.0
     );
     on.lifecycle(&admin, &id, Lifecycle::Destroy).await.unwrap();
+}
+
+const STORE_SECRET: &str = "store-secret-value-789";
+const ROTATED_SECRET: &str = "rotated-secret-value-012";
+
+fn set_secret(value: &str) -> hutch_core::secrets::SetSecret {
+    hutch_core::secrets::SetSecret {
+        name: "api-key".into(),
+        value: hutch_core::secrets::SecretValue::new(value.as_bytes().to_vec()),
+        env: None,
+        bindings: Some(vec![hutch_types::SecretBinding {
+            host: "api.example.test".into(),
+            port: 443,
+            path: None,
+            methods: vec![],
+            at: hutch_types::SecretLocation::Bearer,
+            fetch_only: false,
+        }]),
+        labels: Default::default(),
+    }
+}
+
+fn flow(sandbox: &SandboxId, rule: RuleName) -> FlowEvent {
+    FlowEvent {
+        time: std::time::SystemTime::now(),
+        sandbox: sandbox.to_string(),
+        proto: Proto::Tcp,
+        dst: "203.0.113.10".parse().unwrap(),
+        dst_port: 443,
+        domain: None,
+        answers: vec![],
+        verdict: rule.verdict(),
+        rule,
+    }
+}
+
+fn broker(sandbox: &SandboxId, path: &str) -> BrokerEvent {
+    BrokerEvent {
+        time: "2026-01-01T00:00:00Z".into(),
+        sandbox_id: sandbox.to_string(),
+        secret: "api-key".into(),
+        host: "api.example.test".into(),
+        port: 443,
+        method: Some("POST".into()),
+        path: Some(path.into()),
+        decision: BrokerDecision::Violation,
+        reason: Some("not bound here".into()),
+    }
+}
+
+/// The journal's records of guest-set-off kinds, once a summary of what was suppressed came
+/// (or, with `summary` false, once `n` such records are there).
+async fn guest_records(api: &LocalApi, id: &SandboxId, n: usize, summary: bool) -> Vec<Record> {
+    let guest = |r: &Record| {
+        ["network.", "secret.", SUPPRESSED]
+            .iter()
+            .any(|k| r.kind.starts_with(k))
+    };
+    for _ in 0..100 {
+        let got: Vec<Record> = events(api, id).await.into_iter().filter(guest).collect();
+        let done = match summary {
+            true => got.iter().any(|r| r.kind == SUPPRESSED),
+            false => got.len() >= n,
+        };
+        if done {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the guest's events never reached the journal of {id}");
+}
+
+#[tokio::test]
+async fn guest_events_reach_their_sandboxes_journals_bounded_and_redacted() {
+    let w = World::new().await;
+    let api = surface(&w);
+    let admin = Caller::admin();
+    api.set_secret(&admin, set_secret(STORE_SECRET))
+        .await
+        .unwrap();
+    let limits = FeedLimits {
+        rate_per_s: 1,
+        burst: 8,
+        queue: 64,
+    };
+    let journals = api.journals().unwrap().clone();
+    let feed = GuestFeed::start(journals, Arc::downgrade(&w.manager), limits);
+    let (a, b) = (create(&api).await, create(&api).await);
+
+    // Each event goes to its own sandbox's journal, with OpenTelemetry names.
+    feed.emit(flow(&a, RuleName::DenyPolicy));
+    feed.emit(FlowEvent {
+        domain: Some("api.example.test".into()),
+        answers: vec!["192.0.2.7".parse().unwrap()],
+        ..flow(&b, RuleName::DnsAnswer)
+    });
+    feed.broker(&broker(&a, &format!("/v1/{STORE_SECRET}")));
+    // A rotation: the new value is redacted from the next record on.
+    api.set_secret(&admin, set_secret(ROTATED_SECRET))
+        .await
+        .unwrap();
+    feed.broker(&broker(&a, &format!("/v1/{ROTATED_SECRET}")));
+
+    let got_b = guest_records(&api, &b, 1, false).await;
+    assert_eq!(got_b.len(), 1, "{got_b:?}");
+    let dns = &got_b[0];
+    assert_eq!(dns.kind, "network.dns");
+    assert_eq!(dns.attrs[attr::DNS_QUESTION_NAME], "api.example.test");
+    assert_eq!(
+        dns.attrs[attr::DNS_ANSWERS],
+        serde_json::json!(["192.0.2.7"])
+    );
+    assert_eq!(dns.attrs[attr::NETWORK_VERDICT], "allow");
+
+    // A flood from `a` is cut at its burst; the rest is one count.
+    for _ in 0..1000 {
+        feed.emit(flow(&a, RuleName::AllowCidr));
+    }
+    let got_a = guest_records(&api, &a, 0, true).await;
+    let kinds_a: Vec<&str> = got_a.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(
+        kinds_a[..3],
+        ["network.flow", "secret.violation", "secret.violation"]
+    );
+    let denied = &got_a[0].attrs;
+    assert_eq!(denied[attr::DESTINATION_ADDRESS], "203.0.113.10");
+    assert_eq!(denied[attr::DESTINATION_PORT], 443);
+    assert_eq!(denied[attr::NETWORK_TRANSPORT], "tcp");
+    assert_eq!(denied[attr::NETWORK_VERDICT], "deny");
+    assert_eq!(denied[attr::NETWORK_RULE], "deny_policy");
+    let violation = &got_a[1].attrs;
+    assert_eq!(violation[attr::SECRET_NAME], "api-key");
+    assert_eq!(violation[attr::SERVER_ADDRESS], "api.example.test");
+    assert_eq!(violation[attr::HTTP_REQUEST_METHOD], "POST");
+    assert_eq!(violation[attr::URL_PATH], "/v1/[REDACTED]");
+    assert_eq!(got_a[2].attrs[attr::URL_PATH], "/v1/[REDACTED]");
+    let flooded = kinds_a[3..]
+        .iter()
+        .filter(|k| **k == "network.flow")
+        .count();
+    let summary = got_a.iter().find(|r| r.kind == SUPPRESSED).unwrap();
+    let suppressed = summary.attrs[attr::SUPPRESSED_COUNT].as_u64().unwrap() as usize;
+    assert!(flooded <= 8, "{flooded} flood events passed a burst of 8");
+    assert_eq!(
+        flooded + suppressed,
+        1000,
+        "every event is written or counted"
+    );
+
+    for id in [&a, &b] {
+        let file =
+            std::fs::read_to_string(w.dir.path().join(format!("journal/{id}/journal.jsonl")))
+                .unwrap();
+        assert!(!file.contains(STORE_SECRET) && !file.contains(ROTATED_SECRET));
+        let report = api.audit_verify(&admin, id).await.unwrap();
+        assert_eq!(report.status, Status::Unsealed, "{report:?}");
+    }
 }

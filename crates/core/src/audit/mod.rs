@@ -2,7 +2,10 @@
 //! [`hutch_journal::Journal`] per sandbox, started with its create record, appended to by the
 //! request surface (every action with its [`Caller`](crate::service::Caller)), sealed when the
 //! sandbox is destroyed, kept after it is gone. Other parts (the secret broker, workload
-//! identity, the network log) append through [`JournalSink`].
+//! identity, the network log) append through [`GuestFeed`], bounded against a hostile guest.
+//! Every secret value of the host's store is redacted from every journal ([`Journals::redact`]).
+
+mod feed;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,14 +19,20 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use hutch_journal::{
     attr, read_records, verify_dir, Actor, AuditLog, Event, HostSigner, Journal, JournalError,
-    Options, Redactor, Report,
+    LiveSecrets, Options, Redactor, Report,
 };
 use hutch_protocol::{ExecRequest, ExitStatus};
 use hutch_types::SandboxInfo;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+pub use feed::{broker_event, flow_event, FeedLimits, GuestFeed, SUMMARY_EVERY, SUPPRESSED};
+
 use crate::{blocking::off_worker, service::ByteStream};
+
+/// Secret values shorter than this are not redacted: they are too common to take out of every
+/// record (and would take attribute names apart).
+pub const REDACT_MIN_LEN: usize = 8;
 
 /// The pipe between a transfer and its client, when a tally sits between them.
 const PIPE_BYTES: usize = 64 * 1024;
@@ -65,6 +74,7 @@ pub struct Journals {
     host: Arc<dyn HostSigner>,
     opts: Options,
     open: tokio::sync::Mutex<HashMap<String, Journal>>,
+    live: LiveSecrets,
 }
 
 impl Journals {
@@ -75,7 +85,27 @@ impl Journals {
             host,
             opts: Options::default(),
             open: tokio::sync::Mutex::new(HashMap::new()),
+            live: LiveSecrets::default(),
         }
+    }
+
+    /// Redacts `values` (the host's secrets: all of them when the daemon starts, each new one
+    /// as it is set or rotated) from every record written from now on, in every journal.
+    pub fn redact(&self, values: impl IntoIterator<Item = String>) {
+        self.live
+            .add(values.into_iter().filter(|v| v.len() >= REDACT_MIN_LEN));
+    }
+
+    /// The redactor of the sandbox `info` (its spec's values and the host's secrets).
+    fn redactor(&self, info: Option<&SandboxInfo>) -> Redactor {
+        info.map(redactor)
+            .unwrap_or_default()
+            .with_live(self.live.clone())
+    }
+
+    /// The journal of `sandbox` if it is open now.
+    pub async fn opened(&self, sandbox: &str) -> Option<Journal> {
+        self.open.lock().await.get(sandbox).cloned()
     }
 
     /// The same, checkpointing by `opts` (tests and benchmarks).
@@ -102,7 +132,7 @@ impl Journals {
             info.id.clone(),
             self.host.clone(),
             first,
-            redactor(info),
+            self.redactor(Some(info)),
             self.opts,
         )
         .await;
@@ -121,7 +151,7 @@ impl Journals {
         if let Some(j) = open.get(sandbox) {
             return Some(j.clone());
         }
-        let redactor = redact.map(redactor).unwrap_or_default();
+        let redactor = self.redactor(redact);
         match Journal::open(self.dir(sandbox), redactor, self.opts).await {
             Ok(j) => {
                 open.insert(sandbox.to_string(), j.clone());
@@ -236,7 +266,11 @@ fn redactor(info: &SandboxInfo) -> Redactor {
         .wireguard
         .iter()
         .flat_map(|w| std::iter::once(w.private_key.clone()).chain(w.preshared_key.clone()));
-    let env = spec.env.values().filter(|v| v.len() >= 8).cloned();
+    let env = spec
+        .env
+        .values()
+        .filter(|v| v.len() >= REDACT_MIN_LEN)
+        .cloned();
     Redactor::new(wireguard.chain(env))
 }
 
