@@ -28,6 +28,10 @@
 //!    its policy, an [`EventSink`] into the secret log.
 //! 5. [`Broker::serve`] on a task aborted when the sandbox goes; [`Broker::set_secrets`] on
 //!    rotation.
+//!
+//! SSH keys are not proxied but held by a per-sandbox agent ([`ssh::SshAgentKey`]) that the
+//! guest's forwarded `SSH_AUTH_SOCK` reaches over the host channel; it signs only for a
+//! verified session bind to an allowed host key.
 
 mod ca;
 mod config;
@@ -37,6 +41,7 @@ mod proxy;
 mod scrub;
 mod secret;
 mod splice;
+pub mod ssh;
 mod target;
 
 use std::io;

@@ -26,6 +26,7 @@ fn new_secret(name: &str, value: &[u8]) -> SetSecret {
         env: Some("API_KEY".into()),
         bindings: Some(vec![binding("API.Example.test")]),
         labels: Labels::new(),
+        ssh_allowed_host_keys: None,
     }
 }
 
