@@ -109,14 +109,18 @@ fn sshd(dir: &Path, host_key: &Path, authorized: &str) -> Sshd {
     .unwrap();
     // Privilege separation wants its empty directory.
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let child = Command::new(SSHD)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .spawn()
-        .unwrap();
+    // Killed and waited for by `Sshd`'s drop, also when it never listens.
+    let sshd = Sshd {
+        child: Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .spawn()
+            .unwrap(),
+        port,
+    };
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Sshd { child, port };
+            return sshd;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -201,7 +205,7 @@ async fn ssh_through_the_forwarded_agent_logs_in_only_to_an_allowed_host() {
         "sb-ssh",
         "deploy",
         &SecretValue::new(private.clone()),
-        &[allowed_pub.clone()],
+        std::slice::from_ref(&allowed_pub),
         events.clone(),
     )
     .unwrap();
