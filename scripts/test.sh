@@ -51,6 +51,12 @@ if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 export HUTCH_TEST_PYTHON_JWT="$PWD/$jwt_venv/bin/python"
+# OpenSSH's client and server for SSH agent forwarding (crates/agent/tests/ssh_agent.rs): the
+# real ssh, ssh-add and sshd against the forwarded agent.
+if ! [ -x /usr/sbin/sshd ] || ! command -v ssh-add >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-client openssh-server >/dev/null
+fi
+export HUTCH_REQUIRE_SSH_TESTS=1
 echo "== MCP client for the tests (the official Python SDK)"
 # crates/cli/tests/daemon/mcp.rs drives the daemon's MCP server with it; pinned, in a venv.
 mcp_venv=target/tools/mcp

@@ -50,7 +50,8 @@ pub fn attach(conn: &Arc<Conn>) {
     *CURRENT.lock().expect("current lock") = Some(Arc::downgrade(conn));
 }
 
-fn current() -> Option<Arc<Conn>> {
+/// The newest host connection, if one is up.
+pub fn current() -> Option<Arc<Conn>> {
     CURRENT.lock().expect("current lock").as_ref()?.upgrade()
 }
 

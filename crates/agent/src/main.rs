@@ -8,7 +8,9 @@
 //! --listen-fd N`), so the protocol and exec logic are exercised without a VM.
 //!
 //! Run as `hutch-identity` (the name it is bind-mounted under in the guest), it is the client
-//! guest processes use to get a workload identity token ([`identity`]).
+//! guest processes use to get a workload identity token ([`identity`]). It also serves
+//! `SSH_AUTH_SOCK`, forwarding each connection to the host's agent for the sandbox's key
+//! ([`ssh`]).
 
 mod fdstream;
 mod files;
@@ -19,6 +21,7 @@ mod ops;
 mod reaper;
 mod server;
 mod setup;
+mod ssh;
 mod trust;
 mod vsock;
 
@@ -58,6 +61,9 @@ fn main() {
         if let Some(path) = std::env::var_os(identity::SOCKET_ENV) {
             runtime.spawn(identity::serve(path.into()));
         }
+        if let Some(path) = std::env::var_os(ssh::SOCKET_ENV) {
+            runtime.spawn(ssh::serve(path.into()));
+        }
         match flag.as_str() {
             "--serve-fd" => runtime.block_on(server::serve_host_process(take())),
             "--listen-fd" => runtime.block_on(server::serve_host_listener(take())),
@@ -86,6 +92,7 @@ async fn run_as_init() {
         init::probe_and_power_off();
     }
     tokio::spawn(identity::serve(identity::SOCKET.into()));
+    tokio::spawn(ssh::serve(ssh::socket_path()));
     if let Some(listener) = boot.vsock {
         match reaper::global() {
             Ok(reaper) => {

@@ -14,7 +14,7 @@ use hutch_protocol::{
     encode,
     handshake::{choose_version, HandshakeError},
     ErrorCode, FrameReader, GuestMsg, HostMsg, OpError, TokenRequest, Welcome, CONNECTION_OP,
-    GUEST_OP_BIT, MAGIC, PROTOCOL_VERSION, STREAM_WINDOW,
+    GUEST_OP_BIT, MAGIC, PROTOCOL_VERSION, SSH_WINDOW, STREAM_WINDOW,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
@@ -153,7 +153,7 @@ impl Conn {
                 "the host speaks protocol version {version}, which has no identity tokens"
             )));
         }
-        let op = GUEST_OP_BIT | (self.next_request.fetch_add(1, Ordering::Relaxed) & !GUEST_OP_BIT);
+        let op = self.next_guest_op();
         let (tx, rx) = oneshot::channel();
         self.requests.lock().expect("requests lock").insert(op, tx);
         self.send(op, GuestMsg::TokenRequest(TokenRequest { audience }));
@@ -163,6 +163,40 @@ impl Conn {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(io_error("the host connection ended before it answered")),
             Err(_) => Err(io_error("the host did not answer in time")),
+        }
+    }
+
+    /// A new guest operation id.
+    fn next_guest_op(&self) -> u32 {
+        GUEST_OP_BIT | (self.next_request.fetch_add(1, Ordering::Relaxed) & !GUEST_OP_BIT)
+    }
+
+    /// Opens a forwarded SSH agent connection (protocol version 6): its operation id, and the
+    /// host's bytes and credit for it. `None` when the host speaks an older version.
+    pub fn open_ssh(&self) -> Option<(u32, OpIo)> {
+        if self.version.load(Ordering::Relaxed) < 6 {
+            return None;
+        }
+        let op = self.next_guest_op();
+        let io = self.register_window(op, SSH_WINDOW).ok()?;
+        self.send(op, GuestMsg::SshOpen);
+        Some((op, io))
+    }
+
+    /// Grants the host `n` more bytes on SSH connection `op`, unless it was closed: the close
+    /// and the check share the ops lock, so no credit ever follows `SshClose`.
+    pub fn credit_ssh(&self, op: u32, n: u32) {
+        let ops = self.ops.lock().expect("ops lock");
+        if ops.contains_key(&op) {
+            self.send(op, GuestMsg::Credit(n));
+        }
+    }
+
+    /// Ends SSH connection `op`: `SshClose` to the host, once.
+    pub fn close_ssh(&self, op: u32) {
+        let mut ops = self.ops.lock().expect("ops lock");
+        if ops.remove(&op).is_some() {
+            self.send(op, GuestMsg::SshClose);
         }
     }
 
@@ -182,12 +216,16 @@ impl Conn {
     }
 
     fn register(&self, op: u32) -> Result<OpIo, OpError> {
+        self.register_window(op, STREAM_WINDOW)
+    }
+
+    fn register_window(&self, op: u32, window: u32) -> Result<OpIo, OpError> {
         let mut ops = self.ops.lock().expect("ops lock");
         if ops.contains_key(&op) {
             return Err(invalid(format!("operation {op} is already running")));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let credit = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+        let credit = Arc::new(Semaphore::new(window as usize));
         ops.insert(
             op,
             OpEntry {
@@ -280,8 +318,10 @@ impl Conn {
             HostMsg::Exec(req) => self.start(op, |c, io| ops::exec(c, op, req, io)),
             HostMsg::WriteFile(req) => self.start(op, |c, io| files::write(c, op, req, io)),
             HostMsg::ReadFile(req) => self.start(op, |c, io| files::read(c, op, req, io)),
-            HostMsg::Stdin(d) | HostMsg::FileData(d) => self.route(op, Input::Data(d)),
-            HostMsg::StdinEof | HostMsg::FileEof => self.route(op, Input::Eof),
+            HostMsg::Stdin(d) | HostMsg::FileData(d) | HostMsg::SshData(d) => {
+                self.route(op, Input::Data(d))
+            }
+            HostMsg::StdinEof | HostMsg::FileEof | HostMsg::SshClose => self.route(op, Input::Eof),
             HostMsg::Signal(sig) => self.signal(op, sig),
             HostMsg::Credit(n) => self.grant(op, n),
             HostMsg::Ping(n) => self.send(op, GuestMsg::Pong(n)),

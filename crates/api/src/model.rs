@@ -236,6 +236,13 @@ pub struct SetSecretBody {
     /// Labels scoping who may see and attach it; for an existing secret, empty keeps its own.
     #[serde(default)]
     pub labels: Labels,
+    /// Makes it an SSH key: the value is an unencrypted OpenSSH private key (Ed25519 or
+    /// ECDSA) that the host's agent signs with only for these server host keys (OpenSSH
+    /// public key lines, `ssh-ed25519 AAAA...`); the guest reaches it through `SSH_AUTH_SOCK`.
+    /// For an existing SSH key, absent keeps its own list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
+    pub ssh_allowed_host_keys: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for SetSecretBody {
@@ -245,6 +252,7 @@ impl std::fmt::Debug for SetSecretBody {
             .field("env", &self.env)
             .field("bindings", &self.bindings)
             .field("labels", &self.labels)
+            .field("ssh_allowed_host_keys", &self.ssh_allowed_host_keys)
             .finish()
     }
 }

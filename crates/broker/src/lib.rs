@@ -31,6 +31,10 @@
 //! 6. A self-test from the guest: `GET /` with `Host:` [`CANARY_HOST`] to the gateway's port 80
 //!    must come back as [`CANARY_REPLY`] and the sandbox's id, proving that the guest's traffic
 //!    reaches this broker before anything relies on it.
+//!
+//! SSH keys are not proxied but held by a per-sandbox agent ([`ssh::SshAgentKey`]) that the
+//! guest's forwarded `SSH_AUTH_SOCK` reaches over the host channel; it signs only for a
+//! verified session bind to an allowed host key.
 
 mod ca;
 mod config;
@@ -40,6 +44,7 @@ mod proxy;
 mod scrub;
 mod secret;
 mod splice;
+pub mod ssh;
 mod target;
 
 use std::io;

@@ -64,7 +64,7 @@ impl SecretCommand {
 /// `hutch secret set`. `--host` names the binding's destination here; the daemon's address
 /// is `--daemon` (or `HUTCH_HOST`).
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["from_env", "from_file", "stdin"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from_env", "from_file", "stdin", "ssh_key"])))]
 pub struct SetArgs {
     /// The secret's name (`[A-Za-z0-9_.-]`, starting with a letter or digit).
     pub name: String,
@@ -77,6 +77,14 @@ pub struct SetArgs {
     /// Read the value from stdin (one trailing newline dropped).
     #[arg(long)]
     pub stdin: bool,
+    /// Make it an SSH key: this unencrypted OpenSSH private key file (Ed25519 or ECDSA). The
+    /// guest gets `SSH_AUTH_SOCK`, never the key; it signs only for an allowed host key.
+    #[arg(long, value_name = "FILE", requires = "ssh_allow_host_key")]
+    pub ssh_key: Option<PathBuf>,
+    /// With --ssh-key: a server host key it may sign for (`ssh-ed25519 AAAA...`, as in
+    /// `/etc/ssh/ssh_host_ed25519_key.pub`; repeatable). Alone: a new list for an SSH key.
+    #[arg(long, value_name = "KEY")]
+    pub ssh_allow_host_key: Vec<String>,
     /// The variable the guest sees, holding the placeholder.
     #[arg(long, value_name = "VAR")]
     pub env: Option<String>,
@@ -204,6 +212,7 @@ async fn set(client: &Client, a: SetArgs) -> Result<i32, CliError> {
         env: a.env,
         bindings: (!bindings.is_empty()).then_some(bindings),
         labels: a.labels.into_iter().collect(),
+        ssh_allowed_host_keys: (!a.ssh_allow_host_key.is_empty()).then_some(a.ssh_allow_host_key),
     };
     let info = client.set_secret(&a.name, &body).await?;
     if a.json {
@@ -220,7 +229,7 @@ fn read_value(a: &SetArgs) -> Result<String, CliError> {
     let raw = if let Some(var) = &a.from_env {
         std::env::var(var)
             .map_err(|_| CliError::Usage(format!("--from-env: {var} is not set (or not UTF-8)")))?
-    } else if let Some(file) = &a.from_file {
+    } else if let Some(file) = a.from_file.as_ref().or(a.ssh_key.as_ref()) {
         std::fs::read_to_string(file)
             .map_err(|e| CliError::Usage(format!("--from-file {}: {e}", file.display())))?
     } else {
@@ -255,7 +264,18 @@ fn binding_text(b: &SecretBinding) -> String {
 fn print_table(all: &[SecretInfo]) {
     println!("{:<20} {:<24} {:<20} BINDINGS", "NAME", "ENV", "UPDATED");
     for s in all {
-        let bindings: Vec<String> = s.bindings.iter().map(binding_text).collect();
+        let mut bindings: Vec<String> = s.bindings.iter().map(binding_text).collect();
+        if let Some(ssh) = &s.ssh {
+            bindings.push(format!(
+                "ssh-agent ({} host key{})",
+                ssh.allowed_host_keys.len(),
+                if ssh.allowed_host_keys.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            ));
+        }
         println!(
             "{:<20} {:<24} {:<20} {}",
             s.name,

@@ -611,6 +611,12 @@ impl Manager {
                     id: id.to_string(),
                 }));
         }
+        sandbox
+            .channel()
+            .serve_ssh_agent(Arc::new(crate::secrets::SandboxSshAgent {
+                manager: self.me.clone(),
+                id: id.to_string(),
+            }));
         let live = Arc::new(Live {
             channel: sandbox.channel().clone(),
             sandbox: tokio::sync::Mutex::new(Some(sandbox)),

@@ -36,6 +36,7 @@ pub(super) async fn set_secret(
         env: body.env,
         bindings: body.bindings,
         labels: body.labels,
+        ssh_allowed_host_keys: body.ssh_allowed_host_keys,
     };
     Ok(Json(state.api.set_secret(&caller, req).await?))
 }

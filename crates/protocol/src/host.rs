@@ -33,7 +33,7 @@ use crate::{
     handshake::{check_welcome, hello, HandshakeError},
     ErrorCode, ExecRequest, ExitInfo, GuestIdentity, GuestMsg, GuestTrust, HostMsg, NetworkConfig,
     OpError, ReadFileRequest, Setup, Welcome, WriteFileRequest, CONNECTION_OP, GUEST_OP_BIT,
-    MAX_CHUNK, STREAM_WINDOW,
+    MAX_CHUNK, MAX_SSH_STREAMS, SSH_WINDOW, STREAM_WINDOW,
 };
 
 /// How long an exec may run past its own timeout before the host stops waiting for its end:
@@ -70,10 +70,38 @@ pub trait TokenIssuer: Send + Sync {
     fn issue(&self, audience: String) -> TokenFuture;
 }
 
+/// A future serving one forwarded SSH agent connection.
+pub type SshAgentFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves the SSH agent connections the guest forwards (version 6) for the sandbox behind one
+/// channel. The channel's owner binds it to that sandbox ([`Channel::serve_ssh_agent`]); the
+/// guest names nothing, so it can never reach another sandbox's key.
+pub trait SshAgentServer: Send + Sync {
+    /// Serves one connection: agent requests are read from `stream` and answers written to
+    /// it, until either side closes it.
+    fn serve(&self, stream: tokio::io::DuplexStream) -> SshAgentFuture;
+}
+
+/// The host's end of one forwarded SSH agent connection.
+struct SshStream {
+    /// Bytes from the guest, to the pump that writes them to the agent.
+    to_agent: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes received from the guest and not yet credited back.
+    uncredited: u32,
+    /// Bytes sent to the guest and not yet credited back by it.
+    sent_unacked: u32,
+    /// Credit the guest granted for the agent's answers.
+    send_credit: Arc<Semaphore>,
+}
+
 /// The host's side of guest-started requests: who answers them and how many are allowed.
 struct GuestRequests {
     issuer: Option<Arc<dyn TokenIssuer>>,
     in_flight: HashSet<u32>,
+    /// Who answers forwarded SSH agent connections (none: each is closed at once).
+    ssh_agent: Option<Arc<dyn SshAgentServer>>,
+    /// The open forwarded SSH agent connections, by guest operation.
+    ssh: HashMap<u32, SshStream>,
     /// Requests the guest may still make now (a token bucket of [`TOKEN_BURST`]).
     allowance: u32,
     /// When the allowance last grew (or was full).
@@ -85,6 +113,8 @@ impl GuestRequests {
         GuestRequests {
             issuer: None,
             in_flight: HashSet::new(),
+            ssh_agent: None,
+            ssh: HashMap::new(),
             allowance: TOKEN_BURST,
             refilled: Instant::now(),
         }
@@ -278,6 +308,13 @@ impl Channel {
     /// refused). The channel's owner binds the issuer to the sandbox the channel belongs to.
     pub fn serve_tokens(&self, issuer: Arc<dyn TokenIssuer>) {
         self.inner.requests.lock().expect("requests lock").issuer = Some(issuer);
+    }
+
+    /// Answers the guest's forwarded SSH agent connections (version 6) with `server` from now
+    /// on (until then each is closed at once). The channel's owner binds the server to the
+    /// sandbox the channel belongs to.
+    pub fn serve_ssh_agent(&self, server: Arc<dyn SshAgentServer>) {
+        self.inner.requests.lock().expect("requests lock").ssh_agent = Some(server);
     }
 
     /// What the guest said in the handshake.
@@ -597,6 +634,9 @@ impl Inner {
             slot.send_credit.close();
         }
         drop(table);
+        for (_, stream) in self.requests.lock().expect("requests lock").ssh.drain() {
+            stream.send_credit.close();
+        }
         self.closed.send_replace(true);
     }
 }
@@ -648,6 +688,9 @@ fn msg_name(m: &GuestMsg) -> &'static str {
         GuestMsg::FileEnd(_) => "FileEnd",
         GuestMsg::Pong(_) => "Pong",
         GuestMsg::TokenRequest(_) => "TokenRequest",
+        GuestMsg::SshOpen => "SshOpen",
+        GuestMsg::SshData(_) => "SshData",
+        GuestMsg::SshClose => "SshClose",
     }
 }
 
@@ -692,8 +735,12 @@ async fn dispatch(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(), Stri
     if op & GUEST_OP_BIT != 0 {
         return guest_request(inner, op, msg).await;
     }
-    if let GuestMsg::TokenRequest(_) = msg {
-        return Err(format!("TokenRequest on host operation {op}"));
+    if let GuestMsg::TokenRequest(_)
+    | GuestMsg::SshOpen
+    | GuestMsg::SshData(_)
+    | GuestMsg::SshClose = msg
+    {
+        return Err(format!("{} on host operation {op}", msg_name(&msg)));
     }
     let len = msg.data_len();
     check_chunk(len).map_err(|e| e.to_string())?;
@@ -757,14 +804,28 @@ async fn dispatch(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(), Stri
 
 /// Starts answering a request the guest started on operation `op`.
 ///
-/// Only token requests exist, and only from version 5; a repeated operation id ends the
+/// Token requests (version 5) and forwarded SSH agent connections (version 6: `SshOpen`,
+/// then `SshData`, `Credit` and `SshClose` on the same id); a repeated operation id ends the
 /// channel (its answer could not be told apart). A bad audience, a guest over its allowance
 /// ([`TOKEN_BURST`], one more per [`TOKEN_REFILL`]) or with [`MAX_GUEST_REQUESTS`] unanswered
 /// is refused at once: the guest's own requests cost it an answer each, nothing more.
 async fn guest_request(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(), String> {
-    let GuestMsg::TokenRequest(req) = msg else {
-        return Err(format!("{} on guest operation {op}", msg_name(&msg)));
-    };
+    match msg {
+        GuestMsg::TokenRequest(req) => token_request(inner, op, req).await,
+        GuestMsg::SshOpen => ssh_open(inner, op),
+        GuestMsg::SshData(data) => ssh_data(inner, op, data),
+        GuestMsg::Credit(n) if is_ssh_stream(inner, op) => ssh_credit(inner, op, n),
+        GuestMsg::SshClose => ssh_close(inner, op),
+        other => Err(format!("{} on guest operation {op}", msg_name(&other))),
+    }
+}
+
+/// Answers a token request (version 5) on guest operation `op`.
+async fn token_request(
+    inner: &Arc<Inner>,
+    op: u32,
+    req: crate::TokenRequest,
+) -> Result<(), String> {
     if inner.version < 5 {
         return Err(format!(
             "TokenRequest on protocol version {}",
@@ -773,7 +834,7 @@ async fn guest_request(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(),
     }
     let issuer = {
         let mut requests = inner.requests.lock().expect("requests lock");
-        if requests.in_flight.contains(&op) {
+        if requests.in_flight.contains(&op) || requests.ssh.contains_key(&op) {
             return Err(format!("second request on guest operation {op}"));
         }
         let refusal = if let Err(e) = req.check() {
@@ -828,6 +889,182 @@ async fn guest_request(inner: &Arc<Inner>, op: u32, msg: GuestMsg) -> Result<(),
             .remove(&op);
     });
     Ok(())
+}
+
+fn is_ssh_stream(inner: &Inner, op: u32) -> bool {
+    let requests = inner.requests.lock().expect("requests lock");
+    requests.ssh.contains_key(&op)
+}
+
+/// Opens a forwarded SSH agent connection on guest operation `op` (version 6): two pumps join
+/// it to the channel's agent server (none: a server that closes it at once). A repeated id
+/// or more than [`MAX_SSH_STREAMS`] open is a violation: the guest agent never does either.
+fn ssh_open(inner: &Arc<Inner>, op: u32) -> Result<(), String> {
+    if inner.version < 6 {
+        return Err(format!("SshOpen on protocol version {}", inner.version));
+    }
+    let (to_agent, from_guest) = mpsc::unbounded_channel();
+    let send_credit = Arc::new(Semaphore::new(SSH_WINDOW as usize));
+    let server = {
+        let mut requests = inner.requests.lock().expect("requests lock");
+        if requests.in_flight.contains(&op) || requests.ssh.contains_key(&op) {
+            return Err(format!("second request on guest operation {op}"));
+        }
+        if requests.ssh.len() >= MAX_SSH_STREAMS {
+            return Err(format!(
+                "more than {MAX_SSH_STREAMS} SSH agent connections open"
+            ));
+        }
+        requests.ssh.insert(
+            op,
+            SshStream {
+                to_agent,
+                uncredited: 0,
+                sent_unacked: 0,
+                send_credit: send_credit.clone(),
+            },
+        );
+        requests.ssh_agent.clone()
+    };
+    let (ours, theirs) = tokio::io::duplex(MAX_CHUNK);
+    match server {
+        Some(server) => {
+            tokio::spawn(server.serve(theirs));
+        }
+        None => drop(theirs),
+    }
+    let (agent_rd, agent_wr) = tokio::io::split(ours);
+    tokio::spawn(ssh_to_agent(inner.clone(), op, from_guest, agent_wr));
+    tokio::spawn(ssh_to_guest(inner.clone(), op, send_credit, agent_rd));
+    Ok(())
+}
+
+/// Bytes from the guest for the agent: charged against the window, queued for the pump.
+fn ssh_data(inner: &Inner, op: u32, data: Vec<u8>) -> Result<(), String> {
+    let len = data.len();
+    check_chunk(len).map_err(|e| e.to_string())?;
+    if len == 0 {
+        return Err(format!("empty SshData chunk for guest operation {op}"));
+    }
+    let mut requests = inner.requests.lock().expect("requests lock");
+    let stream = requests
+        .ssh
+        .get_mut(&op)
+        .ok_or_else(|| format!("SshData for unknown guest operation {op}"))?;
+    stream.uncredited += len as u32;
+    if stream.uncredited > SSH_WINDOW {
+        return Err(format!("guest operation {op} exceeded its credit window"));
+    }
+    // The pump ends only when the stream is removed, so this cannot fail.
+    let _ = stream.to_agent.send(data);
+    Ok(())
+}
+
+/// The guest granted credit for the agent's answers.
+fn ssh_credit(inner: &Inner, op: u32, n: u32) -> Result<(), String> {
+    let mut requests = inner.requests.lock().expect("requests lock");
+    let stream = requests.ssh.get_mut(&op).expect("checked by the caller");
+    if n > stream.sent_unacked {
+        return Err(format!(
+            "credit {n} exceeds {} bytes sent",
+            stream.sent_unacked
+        ));
+    }
+    stream.sent_unacked -= n;
+    stream.send_credit.add_permits(n as usize);
+    Ok(())
+}
+
+/// The guest's end closed: the stream is over (its pumps end, and so does the agent's
+/// connection).
+fn ssh_close(inner: &Inner, op: u32) -> Result<(), String> {
+    let mut requests = inner.requests.lock().expect("requests lock");
+    let stream = requests
+        .ssh
+        .remove(&op)
+        .ok_or_else(|| format!("SshClose for unknown guest operation {op}"))?;
+    stream.send_credit.close();
+    Ok(())
+}
+
+/// Pump: the guest's bytes into the agent, crediting each chunk back once written. An agent
+/// that went away has its bytes dropped (still credited) until the guest closes.
+async fn ssh_to_agent(
+    inner: Arc<Inner>,
+    op: u32,
+    mut from_guest: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut agent: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+) {
+    let mut open = true;
+    while let Some(chunk) = from_guest.recv().await {
+        if open {
+            open = agent.write_all(&chunk).await.is_ok();
+        }
+        let n = chunk.len() as u32;
+        let still_open = {
+            let mut requests = inner.requests.lock().expect("requests lock");
+            match requests.ssh.get_mut(&op) {
+                Some(stream) => {
+                    stream.uncredited -= n;
+                    true
+                }
+                None => false,
+            }
+        };
+        if !still_open || inner.send(op, &HostMsg::Credit(n)).await.is_err() {
+            break;
+        }
+    }
+    let _ = agent.shutdown().await;
+}
+
+/// Pump: the agent's answers to the guest within its credit, then `SshClose` when the agent
+/// closes (unless the guest closed first). A guest that grants no credit within
+/// [`REPLY_DEADLINE`] has its connection closed.
+async fn ssh_to_guest(
+    inner: Arc<Inner>,
+    op: u32,
+    credit: Arc<Semaphore>,
+    mut agent: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+) {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        let n = match agent.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let msg = HostMsg::SshData(buf[..n].to_vec());
+        let sent = async {
+            Patience::EachWait(REPLY_DEADLINE)
+                .bound(credit.acquire_many(n as u32))
+                .await?
+                .map_err(|_| inner.closed_error())?
+                .forget();
+            match inner
+                .requests
+                .lock()
+                .expect("requests lock")
+                .ssh
+                .get_mut(&op)
+            {
+                Some(stream) => stream.sent_unacked += n as u32,
+                None => return Err(ChannelError::Closed("the guest closed".into())),
+            }
+            inner.send(op, &msg).await
+        };
+        if sent.await.is_err() {
+            break;
+        }
+    }
+    let open = inner
+        .requests
+        .lock()
+        .expect("requests lock")
+        .ssh
+        .contains_key(&op);
+    if open {
+        let _ = inner.send(op, &HostMsg::SshClose).await;
+    }
 }
 
 fn refused(code: ErrorCode, message: &str) -> OpError {

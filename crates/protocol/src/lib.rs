@@ -14,7 +14,10 @@
 //! From version 5 the guest may start operations too (ids with [`GUEST_OP_BIT`] set): a
 //! process in the guest asks for a workload identity token ([`GuestMsg::TokenRequest`]), and
 //! the host answers with a token it signed for the sandbox the channel belongs to, or a
-//! refusal. The host rate-limits these requests and bounds how many are in flight.
+//! refusal. The host rate-limits these requests and bounds how many are in flight. From version
+//! 6 the guest also opens forwarded SSH agent connections ([`GuestMsg::SshOpen`]): a byte
+//! stream each way, credit controlled like an exec's, answered by the host's agent for the
+//! sandbox's key.
 //!
 //! The host treats every guest frame as hostile: lengths are checked before anything is
 //! allocated ([`MAX_FRAME`]), data chunks are bounded ([`MAX_CHUNK`]), and a guest that sends
@@ -32,8 +35,9 @@ pub use message::*;
 
 /// Protocol version implemented by this crate. Bumped on any incompatible wire change
 /// (3: `HostMsg::Network`; 4: `HostMsg::Identity`; 5: `HostMsg::Trust`, and guest requests —
-/// `GuestMsg::TokenRequest` answered by `HostMsg::Token` or `HostMsg::Refused`).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// `GuestMsg::TokenRequest` answered by `HostMsg::Token` or `HostMsg::Refused`; 6: forwarded
+/// SSH agent connections — `GuestMsg::SshOpen`, `SshData` and `SshClose` both ways).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Oldest protocol version this crate can still speak.
 pub const MIN_PROTOCOL_VERSION: u16 = 3;
@@ -57,6 +61,19 @@ pub const CONNECTION_OP: u32 = 0;
 /// Set in the operation id of every operation the guest starts (version 5: token requests),
 /// so the two sides' id spaces never collide; the host's own ids stay below it.
 pub const GUEST_OP_BIT: u32 = 1 << 31;
+
+/// Where the guest agent serves SSH agent connections (version 6), forwarding each one to the
+/// host's agent for the sandbox's SSH key; `SSH_AUTH_SOCK` names it in the execs of a sandbox
+/// with one. The key never leaves the host.
+pub const SSH_AUTH_SOCK: &str = "/run/hutch/ssh-agent.sock";
+
+/// Bytes of one forwarded SSH agent connection either side may send before the other grants
+/// more: an agent message is at most 256 KiB (OpenSSH's `AGENT_MAX_LEN`), sent in chunks.
+pub const SSH_WINDOW: u32 = 256 * 1024;
+
+/// Most forwarded SSH agent connections a guest may hold open at once; the agent serves no
+/// more, and the host closes a channel whose guest opens more.
+pub const MAX_SSH_STREAMS: usize = 4;
 
 /// The guest's `AF_VSOCK` port on which the agent accepts the channel where the VMM gives the
 /// guest a vsock device (Firecracker; the host dials it with `CONNECT 1024`). Ports below 1024

@@ -63,6 +63,13 @@ pub enum HostMsg {
     /// Refuses a guest's request (version 5) on the guest's operation id: rate limited, bad
     /// audience, or no issuer on this host. Ends the request.
     Refused(OpError),
+    /// Bytes from the host's SSH agent for a forwarded connection (version 6), on the guest's
+    /// operation id: at most [`crate::MAX_CHUNK`], within the credit the guest granted
+    /// ([`crate::SSH_WINDOW`] to start).
+    SshData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The host's SSH agent closed a forwarded connection (version 6): the guest closes its
+    /// socket and ends the operation with its own `SshClose`.
+    SshClose,
 }
 
 /// Messages the guest agent sends to the host.
@@ -94,6 +101,18 @@ pub enum GuestMsg {
     /// guest chose, with [`crate::GUEST_OP_BIT`] set; answered by `Token` or `Refused`. The
     /// host decides whose token it is by the channel it came on, never by the request.
     TokenRequest(TokenRequest),
+    /// A guest process connected to [`crate::SSH_AUTH_SOCK`] (version 6): opens a forwarded
+    /// SSH agent connection on an operation id the guest chose, with [`crate::GUEST_OP_BIT`]
+    /// set. At most [`crate::MAX_SSH_STREAMS`] are open at once. The host decides which key
+    /// answers by the channel it came on.
+    SshOpen,
+    /// Bytes a guest process wrote to a forwarded SSH agent connection (version 6): at least
+    /// one, at most [`crate::MAX_CHUNK`], within the host's credit ([`crate::SSH_WINDOW`] to
+    /// start). The host grants more with `Credit` on the same operation.
+    SshData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The guest's end of a forwarded SSH agent connection closed (version 6); ends the
+    /// operation. Nothing more is sent on it.
+    SshClose,
 }
 
 /// A guest process's request for a short-lived identity token.
@@ -449,7 +468,10 @@ impl GuestMsg {
     /// Bytes of flow-controlled data this message carries.
     pub fn data_len(&self) -> usize {
         match self {
-            GuestMsg::Stdout(d) | GuestMsg::Stderr(d) | GuestMsg::FileData(d) => d.len(),
+            GuestMsg::Stdout(d)
+            | GuestMsg::Stderr(d)
+            | GuestMsg::FileData(d)
+            | GuestMsg::SshData(d) => d.len(),
             _ => 0,
         }
     }
@@ -459,7 +481,7 @@ impl HostMsg {
     /// Bytes of flow-controlled data this message carries.
     pub fn data_len(&self) -> usize {
         match self {
-            HostMsg::Stdin(d) | HostMsg::FileData(d) => d.len(),
+            HostMsg::Stdin(d) | HostMsg::FileData(d) | HostMsg::SshData(d) => d.len(),
             _ => 0,
         }
     }

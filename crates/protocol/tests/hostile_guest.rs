@@ -22,12 +22,13 @@ use hutch_protocol::{
     encode,
     handshake::HandshakeError,
     host::{
-        Channel, ChannelError, Exec, ExecEvent, TokenFuture, TokenIssuer, EXEC_GRACE,
-        MAX_GUEST_REQUESTS, REPLY_DEADLINE, TOKEN_BURST, TOKEN_REFILL, WRITE_DEADLINE,
+        Channel, ChannelError, Exec, ExecEvent, SshAgentFuture, SshAgentServer, TokenFuture,
+        TokenIssuer, EXEC_GRACE, MAX_GUEST_REQUESTS, REPLY_DEADLINE, TOKEN_BURST, TOKEN_REFILL,
+        WRITE_DEADLINE,
     },
     Envelope, ErrorCode, ExecRequest, ExitInfo, ExitStatus, FrameReader, GuestIdentity, GuestMsg,
     HostMsg, OpError, ReadFileRequest, TokenRequest, Welcome, GUEST_OP_BIT, MAGIC, MAX_CHUNK,
-    MAX_FRAME, PROTOCOL_VERSION, STREAM_WINDOW,
+    MAX_FRAME, MAX_SSH_STREAMS, PROTOCOL_VERSION, SSH_WINDOW, STREAM_WINDOW,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
 
@@ -1304,6 +1305,247 @@ async fn a_token_request_on_protocol_version_4_closes_the_channel() {
     let reason = closed_reason(within(ping).await);
     assert!(
         reason.contains("TokenRequest on protocol version 4"),
+        "reason: {reason}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest-started streams: forwarded SSH agent connections (version 6).
+
+/// An agent that echoes what it reads, counting connections.
+struct Echo(Arc<AtomicUsize>);
+
+impl SshAgentServer for Echo {
+    fn serve(&self, stream: DuplexStream) -> SshAgentFuture {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        })
+    }
+}
+
+/// An agent that holds its connection and never reads it.
+struct Deaf;
+
+impl SshAgentServer for Deaf {
+    fn serve(&self, stream: DuplexStream) -> SshAgentFuture {
+        Box::pin(async move {
+            std::future::pending::<()>().await;
+            drop(stream);
+        })
+    }
+}
+
+/// An agent that writes `n` bytes as soon as it is connected, then closes.
+struct Talker(usize);
+
+impl SshAgentServer for Talker {
+    fn serve(&self, mut stream: DuplexStream) -> SshAgentFuture {
+        let n = self.0;
+        Box::pin(async move {
+            let _ = stream.write_all(&vec![7u8; n]).await;
+        })
+    }
+}
+
+async fn connect_ssh(server: impl SshAgentServer + 'static) -> (Channel, Guest) {
+    let (chan, guest, _) = connect().await;
+    chan.serve_ssh_agent(Arc::new(server));
+    (chan, guest)
+}
+
+/// The channel still serves the host's own operations.
+async fn assert_channel_open(chan: &Channel, guest: &mut Guest) {
+    let (ping, op) = pending_ping(chan, guest).await;
+    guest.send(op, GuestMsg::Pong(1)).await;
+    within(ping).await.expect("the channel must stay open");
+}
+
+#[tokio::test]
+async fn an_ssh_connection_reaches_the_channels_agent_and_back_under_credit() {
+    let served = Arc::new(AtomicUsize::new(0));
+    let (chan, mut guest) = connect_ssh(Echo(served.clone())).await;
+    let op = GUEST_OP_BIT | 3;
+    guest.send(op, GuestMsg::SshOpen).await;
+    guest.send(op, GuestMsg::SshData(b"hello".to_vec())).await;
+    let (mut credited, mut echoed) = (0, Vec::new());
+    while credited < 5 || echoed.len() < 5 {
+        let env = within(guest.recv()).await;
+        assert_eq!(env.op, op);
+        match env.msg {
+            HostMsg::Credit(n) => credited += n,
+            HostMsg::SshData(d) => echoed.extend(d),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((credited, echoed.as_slice()), (5, b"hello".as_slice()));
+    guest.send(op, GuestMsg::Credit(5)).await;
+    guest.send(op, GuestMsg::SshClose).await;
+    assert_channel_open(&chan, &mut guest).await;
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn without_an_agent_ssh_connections_are_closed_at_once() {
+    let (chan, mut guest, _) = connect().await;
+    let op = GUEST_OP_BIT | 1;
+    guest.send(op, GuestMsg::SshOpen).await;
+    let env = within(guest.recv()).await;
+    assert_eq!((env.op, env.msg), (op, HostMsg::SshClose));
+    // Bytes already on their way are taken (and credited) until the guest closes.
+    guest.send(op, GuestMsg::SshData(b"x".to_vec())).await;
+    let env = within(guest.recv()).await;
+    assert_eq!((env.op, env.msg), (op, HostMsg::Credit(1)));
+    guest.send(op, GuestMsg::SshClose).await;
+    assert_channel_open(&chan, &mut guest).await;
+}
+
+#[tokio::test]
+async fn the_agents_answer_reaches_the_guest_only_within_its_credit() {
+    let (chan, mut guest) = connect_ssh(Talker(SSH_WINDOW as usize + 10)).await;
+    let op = GUEST_OP_BIT | 1;
+    guest.send(op, GuestMsg::SshOpen).await;
+    let mut got = 0;
+    while got < SSH_WINDOW as usize {
+        match within(guest.recv()).await.msg {
+            HostMsg::SshData(d) => got += d.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, SSH_WINDOW as usize, "never more than the window");
+    // Nothing more comes before credit: the next frame is the host's own ping.
+    let mut ping = Box::pin(chan.ping(9));
+    let env = tokio::select! {
+        r = &mut ping => panic!("ping ended early: {r:?}"),
+        env = guest.recv() => env,
+    };
+    assert_eq!(env.msg, HostMsg::Ping(9));
+    guest.send(env.op, GuestMsg::Pong(9)).await;
+    within(ping).await.unwrap();
+    guest.send(op, GuestMsg::Credit(SSH_WINDOW)).await;
+    let env = within(guest.recv()).await;
+    assert_eq!(env.msg, HostMsg::SshData(vec![7; 10]));
+    let env = within(guest.recv()).await;
+    assert_eq!(env.msg, HostMsg::SshClose, "the agent closed");
+}
+
+#[tokio::test]
+async fn ssh_data_beyond_the_window_closes_the_channel() {
+    let (chan, mut guest) = connect_ssh(Deaf).await;
+    let op = GUEST_OP_BIT | 1;
+    guest.send(op, GuestMsg::SshOpen).await;
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    // The host's pipe to the agent takes one chunk (credited back); the window then fills.
+    let chunks = SSH_WINDOW as usize / MAX_CHUNK + 2;
+    let flood = tokio::spawn(async move {
+        for _ in 0..chunks {
+            guest.send(op, GuestMsg::SshData(vec![1; MAX_CHUNK])).await;
+        }
+        guest
+    });
+    let reason = closed_reason(within(ping).await);
+    assert!(
+        reason.contains("exceeded its credit window"),
+        "reason: {reason}"
+    );
+    assert_refuses_new_ops(&chan, &reason).await;
+    flood.abort();
+}
+
+#[tokio::test]
+async fn more_than_the_allowed_ssh_connections_close_the_channel() {
+    let (chan, mut guest) = connect_ssh(Deaf).await;
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    for n in 0..=MAX_SSH_STREAMS as u32 {
+        guest.send(GUEST_OP_BIT | n, GuestMsg::SshOpen).await;
+    }
+    let reason = closed_reason(within(ping).await);
+    assert!(
+        reason.contains(&format!(
+            "more than {MAX_SSH_STREAMS} SSH agent connections"
+        )),
+        "reason: {reason}"
+    );
+}
+
+#[tokio::test]
+async fn closed_ssh_connections_free_their_place() {
+    let (chan, mut guest) = connect_ssh(Deaf).await;
+    for n in 0..3 * MAX_SSH_STREAMS as u32 {
+        guest.send(GUEST_OP_BIT | n, GuestMsg::SshOpen).await;
+        guest.send(GUEST_OP_BIT | n, GuestMsg::SshClose).await;
+    }
+    assert_channel_open(&chan, &mut guest).await;
+}
+
+#[tokio::test]
+async fn ssh_messages_out_of_place_close_the_channel() {
+    let g = GUEST_OP_BIT | 1;
+    let cases: Vec<(Vec<(u32, GuestMsg)>, &str)> = vec![
+        (
+            vec![(g, GuestMsg::SshData(b"x".to_vec()))],
+            "SshData for unknown guest operation",
+        ),
+        (
+            vec![(g, GuestMsg::SshClose)],
+            "SshClose for unknown guest operation",
+        ),
+        (vec![(5, GuestMsg::SshOpen)], "SshOpen on host operation 5"),
+        (
+            vec![(5, GuestMsg::SshData(b"x".to_vec()))],
+            "SshData on host operation 5",
+        ),
+        (
+            vec![(g, GuestMsg::SshOpen), (g, GuestMsg::SshOpen)],
+            "second request on guest operation",
+        ),
+        (
+            vec![(g, GuestMsg::SshOpen), (g, token_request("aud"))],
+            "second request on guest operation",
+        ),
+        (
+            vec![(g, GuestMsg::SshOpen), (g, GuestMsg::SshData(vec![]))],
+            "empty SshData chunk",
+        ),
+        (
+            vec![(g, GuestMsg::SshOpen), (g, GuestMsg::Credit(1))],
+            "credit 1 exceeds 0 bytes sent",
+        ),
+        (
+            vec![(g, GuestMsg::SshOpen), (g, GuestMsg::Done)],
+            "Done on guest operation",
+        ),
+        (
+            vec![
+                (g, GuestMsg::SshOpen),
+                (g, GuestMsg::SshClose),
+                (g, GuestMsg::SshData(b"x".to_vec())),
+            ],
+            "SshData for unknown guest operation",
+        ),
+    ];
+    for (msgs, expected) in cases {
+        let (chan, mut guest) = connect_ssh(Deaf).await;
+        let (ping, _) = pending_ping(&chan, &mut guest).await;
+        for (op, msg) in msgs {
+            guest.send(op, msg).await;
+        }
+        let reason = closed_reason(within(ping).await);
+        assert!(reason.contains(expected), "{expected}: reason: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn an_ssh_connection_on_protocol_version_5_closes_the_channel() {
+    let reply = encode(0, &GuestMsg::Welcome(welcome(5))).unwrap();
+    let (chan, mut guest, _) = handshake(&reply).await;
+    let chan = chan.expect("version 5 is still spoken");
+    let (ping, _) = pending_ping(&chan, &mut guest).await;
+    guest.send(GUEST_OP_BIT | 1, GuestMsg::SshOpen).await;
+    let reason = closed_reason(within(ping).await);
+    assert!(
+        reason.contains("SshOpen on protocol version 5"),
         "reason: {reason}"
     );
 }

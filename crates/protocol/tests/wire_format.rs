@@ -4,7 +4,8 @@
 //! `ExecRequest::tty` and `HostMsg::Resize`; version 3 added `HostMsg::Network`; version 4
 //! added `HostMsg::Identity`; version 5 added `HostMsg::Trust` and guest-started operations:
 //! `GuestMsg::TokenRequest` answered by `HostMsg::Token` or `HostMsg::Refused`, and
-//! `ErrorCode::RateLimited`; nothing speaking version 1 or 2 was ever released.)
+//! `ErrorCode::RateLimited`; version 6 added forwarded SSH agent connections: `GuestMsg::SshOpen`,
+//! `SshData` and `SshClose` both ways; nothing speaking version 1 or 2 was ever released.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -48,8 +49,18 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
         // Version 5 (still speaking 3).
         (
             0,
-            hutch_protocol::handshake::hello(),
+            HostMsg::Hello(Hello {
+                magic: MAGIC,
+                min_version: 3,
+                max_version: 5,
+            }),
             "080000000000485443480305",
+        ),
+        // Version 6 (still speaking 3).
+        (
+            0,
+            hutch_protocol::handshake::hello(),
+            "080000000000485443480306",
         ),
         (
             1,
@@ -76,6 +87,13 @@ fn golden_host() -> Vec<(u32, HostMsg, &'static str)> {
             }),
             "09000000818080800812060178",
         ),
+        // A forwarded SSH agent connection (version 6), on the guest's operation id.
+        (
+            GUEST_OP_BIT | 1,
+            HostMsg::SshData(b"ok".to_vec()),
+            "09000000818080800813026f6b",
+        ),
+        (GUEST_OP_BIT | 1, HostMsg::SshClose, "06000000818080800814"),
         (
             1,
             HostMsg::Identity(GuestIdentity {
@@ -192,6 +210,13 @@ fn golden_guest() -> Vec<(u32, GuestMsg, &'static str)> {
             }),
             "0900000081808080080b026162",
         ),
+        (GUEST_OP_BIT | 1, GuestMsg::SshOpen, "0600000081808080080c"),
+        (
+            GUEST_OP_BIT | 1,
+            GuestMsg::SshData(b"ok".to_vec()),
+            "0900000081808080080d026f6b",
+        ),
+        (GUEST_OP_BIT | 1, GuestMsg::SshClose, "0600000081808080080e"),
         (4, GuestMsg::Started(77), "0300000004034d"),
         (4, GuestMsg::Stdout(b"ok".to_vec()), "050000000404026f6b"),
         (4, GuestMsg::Stderr(vec![]), "03000000040500"),

@@ -22,8 +22,8 @@ pub use id::{
 pub use scope::{Forbidden, TokenScope};
 pub use secret::{
     canonical_host, check_env_name, check_secret_name, BrokerDecision, BrokerEvent, InvalidSecret,
-    SecretBinding, SecretInfo, SecretLocation, MAX_SECRET_NAME_LEN, NEVER_SUBSTITUTED_HEADERS,
-    PLACEHOLDER_PREFIX,
+    SecretBinding, SecretInfo, SecretLocation, SshKeyInfo, MAX_SECRET_NAME_LEN,
+    NEVER_SUBSTITUTED_HEADERS, PLACEHOLDER_PREFIX,
 };
 
 /// Labels attached to a sandbox: `key=value` pairs used for filtering and token scoping.

@@ -247,10 +247,23 @@ pub struct SecretInfo {
     /// Labels scoping who may see and attach it (as for sandboxes).
     #[serde(default)]
     pub labels: Labels,
+    /// Set when the secret is an SSH key: served to the guest's `SSH_AUTH_SOCK` by a host-side
+    /// agent that signs only for these host keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshKeyInfo>,
     /// When it was first set (RFC 3339).
     pub created_at: String,
     /// When its value last changed (RFC 3339).
     pub updated_at: String,
+}
+
+/// An SSH key secret's public side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshKeyInfo {
+    /// The key's public half (`ssh-ed25519 AAAA...`), for the server's `authorized_keys`.
+    pub public_key: String,
+    /// The server host keys it signs for (`ssh-ed25519 AAAA...`, canonical: no comment).
+    pub allowed_host_keys: Vec<String>,
 }
 
 /// What the broker decided about one request or connection that involved a secret.
@@ -268,6 +281,9 @@ pub enum BrokerDecision {
     Forwarded,
     /// The real value (or an encoding of it) was removed from a response.
     Scrubbed,
+    /// An SSH key signed a user authentication for a session bound to an allowed host key
+    /// (the event's `host` is that key's SHA-256 fingerprint).
+    Signed,
 }
 
 /// One use of a secret, as `hutch secret log` lists it: never a value, never a placeholder.
@@ -281,9 +297,10 @@ pub struct BrokerEvent {
     pub secret: String,
     /// The destination host (the SNI or `Host`).
     pub host: String,
-    /// The destination port.
+    /// The destination port (0 for an SSH key's events: the agent sees a host key, not an
+    /// address).
     pub port: u16,
-    /// The request's method, where there was a request.
+    /// The request's method, where there was a request (`ssh-sign` for an SSH key's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     /// The request's normalised path, without its query.

@@ -34,6 +34,7 @@ pub fn a_guest_holds_placeholders_and_the_ca_never_the_value() -> Result {
                 },
             )]),
             labels: Default::default(),
+            ssh_allowed_host_keys: None,
         };
         c.set_secret("vm-key", &key).await?;
         let git = SetSecretBody {

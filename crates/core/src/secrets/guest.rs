@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use hutch_protocol::{GitCredential, GuestTrust, CA_BUNDLE, GIT_CONFIG};
+use hutch_protocol::{GitCredential, GuestTrust, CA_BUNDLE, GIT_CONFIG, SSH_AUTH_SOCK};
 use hutch_types::{SandboxSpec, SecretBinding, SecretLocation, SpecError};
 
 use super::{new_placeholder, SecretError, SecretStore, SecretValue};
@@ -58,6 +58,21 @@ impl SecretStore {
                 )));
             }
         }
+        let ssh_keys = spec
+            .secrets
+            .iter()
+            .filter(|n| self.info(n).is_some_and(|i| i.ssh.is_some()))
+            .count();
+        if ssh_keys > 1 {
+            return Err(SecretError::BadRequest(
+                "a sandbox takes at most one SSH key (its SSH_AUTH_SOCK serves one)".into(),
+            ));
+        }
+        if ssh_keys == 1 && spec.env.contains_key("SSH_AUTH_SOCK") {
+            return Err(SecretError::BadRequest(
+                "env sets SSH_AUTH_SOCK, which leads to the sandbox's SSH key".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -76,12 +91,18 @@ impl SecretStore {
     }
 
     /// Each attached secret's variable and placeholder (a secret removed meanwhile, or one
-    /// without a variable, gives none), over the spec's own `env`.
+    /// without a variable, gives none), and `SSH_AUTH_SOCK` for an SSH key, over the spec's
+    /// own `env`.
     pub fn placeholder_env(&self, spec: &SandboxSpec) -> Vec<(String, String)> {
-        spec.placeholders
+        let mut env: Vec<(String, String)> = spec
+            .placeholders
             .iter()
             .filter_map(|(name, placeholder)| Some((self.info(name)?.env?, placeholder.clone())))
-            .collect()
+            .collect();
+        if self.ssh_key_of(spec).is_some() {
+            env.push(("SSH_AUTH_SOCK".into(), SSH_AUTH_SOCK.into()));
+        }
+        env
     }
 
     /// What the git credential helper answers: each `basic-password` binding's host (with its

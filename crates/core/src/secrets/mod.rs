@@ -14,6 +14,7 @@ mod guest;
 mod log;
 mod placeholder;
 mod sealed;
+mod ssh;
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,7 @@ pub use guest::{placeholders_for, Attached, CA_BUNDLE_VARS};
 pub use log::{BrokerLog, EVENTS_PER_SANDBOX};
 pub use placeholder::new_placeholder;
 use sealed::SealingKey;
+pub(crate) use ssh::SandboxSshAgent;
 
 /// Largest value accepted, bytes.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
@@ -100,13 +102,18 @@ pub enum SecretError {
     /// would leave unbrokered, placeholders and all.
     #[error("the sandbox's secret broker failed its self-test from the guest ({0}); a sandbox whose traffic does not reach its broker is not started")]
     SelfTest(String),
+    /// An SSH key or host key is unusable.
+    #[error(transparent)]
+    SshKey(#[from] hutch_broker::ssh::SshKeyError),
 }
 
 impl SecretError {
     /// The stable API category.
     pub fn code(&self) -> ErrorCode {
         match self {
-            SecretError::Invalid(_) | SecretError::BadRequest(_) => ErrorCode::BadRequest,
+            SecretError::Invalid(_) | SecretError::BadRequest(_) | SecretError::SshKey(_) => {
+                ErrorCode::BadRequest
+            }
             SecretError::NotFound(_) => ErrorCode::NotFound,
             SecretError::Forbidden(_) => ErrorCode::Forbidden,
             _ => ErrorCode::Internal,
@@ -128,6 +135,10 @@ pub struct SetSecret {
     pub bindings: Option<Vec<SecretBinding>>,
     /// Labels; for an existing secret, empty keeps its own. A scoped caller's label is added.
     pub labels: Labels,
+    /// Makes it an SSH key: `value` is an unencrypted OpenSSH private key (Ed25519 or ECDSA)
+    /// that the host's agent signs with only for these server host keys (OpenSSH public key
+    /// lines). For an existing SSH key, `None` keeps its own list.
+    pub ssh_allowed_host_keys: Option<Vec<String>>,
 }
 
 /// A secret as stored on disk.
@@ -267,6 +278,13 @@ impl SecretStore {
             None => None,
         };
         let mut entries = self.entries.lock().expect("secrets lock");
+        let old_ssh = entries.get(&req.name).and_then(|e| e.info.ssh.clone());
+        let ssh = ssh::key_info(&req.value, req.ssh_allowed_host_keys.as_deref(), old_ssh)?;
+        if ssh.is_some() && (bindings.is_some() || req.env.is_some()) {
+            return Err(SecretError::BadRequest(
+                "an SSH key has no bindings and no variable: the guest reaches it through SSH_AUTH_SOCK".into(),
+            ));
+        }
         let now = rfc3339_now();
         let mut info = match entries.get(&req.name) {
             Some(old) => {
@@ -278,13 +296,18 @@ impl SecretStore {
             None => SecretInfo {
                 name: req.name.clone(),
                 env: None,
-                bindings: bindings.clone().ok_or_else(|| {
-                    SecretError::BadRequest(format!(
-                        "secret {} is new: it needs at least one binding (--host, --at)",
-                        req.name
-                    ))
-                })?,
+                bindings: match (&bindings, &ssh) {
+                    (Some(b), _) => b.clone(),
+                    (None, Some(_)) => Vec::new(),
+                    (None, None) => {
+                        return Err(SecretError::BadRequest(format!(
+                            "secret {} is new: it needs at least one binding (--host, --at)",
+                            req.name
+                        )))
+                    }
+                },
                 labels: Labels::new(),
+                ssh: None,
                 created_at: now.clone(),
                 updated_at: now,
             },
@@ -298,6 +321,7 @@ impl SecretStore {
         if !req.labels.is_empty() {
             info.labels = req.labels;
         }
+        info.ssh = ssh;
         scope.label_labels(WHAT, &mut info.labels)?;
         self.write(&info, &req.value)?;
         entries.insert(

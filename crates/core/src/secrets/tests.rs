@@ -26,6 +26,7 @@ fn new_secret(name: &str, value: &[u8]) -> SetSecret {
         env: Some("API_KEY".into()),
         bindings: Some(vec![binding("API.Example.test")]),
         labels: Labels::new(),
+        ssh_allowed_host_keys: None,
     }
 }
 
@@ -247,4 +248,88 @@ fn each_sandbox_gets_its_own_ca_with_the_key_kept_private() {
     assert_eq!(store.sweep_sandboxes(&["sb-0000000003".into()]), 1);
     assert!(home.path().join("sandboxes/sb-0000000003/ca.key").exists());
     assert!(!home.path().join("sandboxes/sb-0000000002").exists());
+}
+
+/// A throwaway Ed25519 key made by `ssh-keygen` for these tests only.
+const SSH_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACAQvLx7f/XuqawieH9CX2F0vV6rx4NNPrlJnO3tVrKhjQAAAJB2T0Cudk9A
+rgAAAAtzc2gtZWQyNTUxOQAAACAQvLx7f/XuqawieH9CX2F0vV6rx4NNPrlJnO3tVrKhjQ
+AAAEAOvKbCVSf5JmvsEBEQm3p+raMTIpg54YqCg3U9ivxTzxC8vHt/9e6prCJ4f0JfYXS9
+XqvHg00+uUmc7e1WsqGNAAAACXRlc3QtdXNlcgECAwQ=
+-----END OPENSSH PRIVATE KEY-----
+";
+const SSH_PUBLIC: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBC8vHt/9e6prCJ4f0JfYXS9XqvHg00+uUmc7e1WsqGN";
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPwObcOvWj7ML3pxqBNwgGTh2IgtRjuFnTU8WHuIqzjd";
+
+fn ssh_secret(name: &str, value: &str, allowed: Option<Vec<String>>) -> SetSecret {
+    SetSecret {
+        name: name.into(),
+        value: SecretValue::new(value.as_bytes().to_vec()),
+        env: None,
+        bindings: None,
+        labels: Labels::new(),
+        ssh_allowed_host_keys: allowed,
+    }
+}
+
+#[test]
+fn an_ssh_key_is_a_secret_with_an_allow_list_and_no_bindings() {
+    let home = tempfile::tempdir().unwrap();
+    let store = SecretStore::open(home.path()).unwrap();
+    let admin = TokenScope::Admin;
+    let allowed = Some(vec![format!("{HOST_KEY} host.example.test")]);
+    let info = store
+        .set(&admin, ssh_secret("deploy", SSH_KEY, allowed.clone()))
+        .unwrap();
+    let ssh = info.ssh.clone().expect("an SSH key");
+    assert_eq!(ssh.public_key, SSH_PUBLIC);
+    assert_eq!(ssh.allowed_host_keys, [HOST_KEY], "canonical: no comment");
+    assert!(info.bindings.is_empty());
+    // Sealed like any value: the key's body is not on disk in the clear.
+    let body = SSH_KEY.lines().nth(2).unwrap();
+    for (path, bytes) in files(home.path()) {
+        assert!(!contains(&bytes, body.as_bytes()), "{}", path.display());
+    }
+    // Rotation keeps the list, and the value must stay a key.
+    let rotated = store
+        .set(&admin, ssh_secret("deploy", SSH_KEY, None))
+        .unwrap();
+    assert_eq!(rotated.ssh, Some(ssh));
+    for bad in [
+        ssh_secret("deploy", "not a key", None),
+        ssh_secret("new", "not a key", allowed.clone()),
+        ssh_secret("new", SSH_KEY, Some(vec![])),
+        ssh_secret("new", SSH_KEY, Some(vec!["ssh-ed25519 nope".into()])),
+        SetSecret {
+            bindings: Some(vec![binding("api.example.test")]),
+            ..ssh_secret("new", SSH_KEY, allowed.clone())
+        },
+    ] {
+        let e = store.set(&admin, bad).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadRequest, "{e}");
+    }
+    assert!(store.info("new").is_none());
+
+    // A sandbox with it gets SSH_AUTH_SOCK and an agent; two keys are refused.
+    let mut spec = hutch_types::SandboxSpec {
+        secrets: vec!["deploy".into()],
+        ..Default::default()
+    };
+    store.check_attachable(&spec).unwrap();
+    spec.placeholders = placeholders_for(&spec.secrets);
+    assert!(store
+        .placeholder_env(&spec)
+        .contains(&("SSH_AUTH_SOCK".into(), hutch_protocol::SSH_AUTH_SOCK.into())));
+    assert!(store.ssh_agent("sb-1", &spec).is_some());
+    store
+        .set(&admin, ssh_secret("deploy2", SSH_KEY, allowed))
+        .unwrap();
+    let two = hutch_types::SandboxSpec {
+        secrets: vec!["deploy".into(), "deploy2".into()],
+        ..Default::default()
+    };
+    assert!(store.check_attachable(&two).is_err());
 }

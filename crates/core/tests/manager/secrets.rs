@@ -44,6 +44,7 @@ fn secret(name: &str, env: &str, value: &str, at: SecretLocation) -> SetSecret {
             fetch_only: false,
         }]),
         labels: Default::default(),
+        ssh_allowed_host_keys: None,
     }
 }
 
