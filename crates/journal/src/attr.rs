@@ -60,3 +60,13 @@ pub const TORN_BYTES: &str = "hutch.journal.torn.bytes";
 pub const TORN_DIGEST: &str = "hutch.journal.torn.blake3";
 /// Why a journal was sealed.
 pub const SEAL_REASON: &str = "hutch.journal.seal.reason";
+/// The id of one exec (in its `exec.start` and `exec.end` records): what `hutch replay` takes.
+pub const EXEC_ID: &str = "hutch.exec.id";
+/// BLAKE3 of an exec's session recording (hex): its file's name.
+pub const RECORDING_DIGEST: &str = "hutch.recording.blake3";
+/// The size of an exec's session recording in bytes.
+pub const RECORDING_BYTES: &str = "hutch.recording.bytes";
+/// Whether an exec's session recording was cut (at its cap).
+pub const RECORDING_TRUNCATED: &str = "hutch.recording.truncated";
+/// Bytes of an exec's session the recording did not keep.
+pub const RECORDING_DROPPED: &str = "hutch.recording.dropped";
