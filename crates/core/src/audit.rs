@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use hutch_journal::{
     attr, read_records, verify_dir, Actor, AuditLog, Event, HostSigner, Journal, JournalError,
-    Options, Redactor, Report,
+    Options, Recorder, Recordings, Redactor, Report,
 };
 use hutch_protocol::{ExecRequest, ExitStatus};
 use hutch_types::SandboxInfo;
@@ -65,6 +65,8 @@ pub struct Journals {
     host: Arc<dyn HostSigner>,
     opts: Options,
     open: tokio::sync::Mutex<HashMap<String, Journal>>,
+    /// The execs' session recordings, beside their journals (`crate::recording`).
+    pub(crate) recordings: Recordings,
 }
 
 impl Journals {
@@ -75,6 +77,7 @@ impl Journals {
             host,
             opts: Options::default(),
             open: tokio::sync::Mutex::new(HashMap::new()),
+            recordings: Recordings::new(hutch_journal::recording::DEFAULT_CAP),
         }
     }
 
@@ -292,6 +295,10 @@ pub struct ExecTap {
     started: Instant,
     streams: [(u64, blake3::Hasher); 2],
     ended: bool,
+    /// The exec's id in both its records.
+    id: String,
+    /// Its session recording, named in its end record.
+    recorder: Option<Recorder>,
 }
 
 impl ExecTap {
@@ -323,6 +330,8 @@ impl ExecTap {
             req.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
         )
         .attr(attr::PROCESS_TTY, req.tty.is_some());
+        let id = format!("{:012x}", rand::random::<u64>() >> 16);
+        event = event.attr(attr::EXEC_ID, id.clone());
         if let Some(cwd) = &req.cwd {
             event = event.attr(attr::PROCESS_WORKING_DIRECTORY, cwd.clone());
         }
@@ -333,7 +342,20 @@ impl ExecTap {
             started: Instant::now(),
             streams: Default::default(),
             ended: false,
+            id,
+            recorder: None,
         }
+    }
+
+    /// The same tap, recording the session with `recorder` (see [`Journals::recorder`]).
+    pub fn recorded(mut self, recorder: Recorder) -> ExecTap {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// The session's recorder, for its input and resizes.
+    pub fn recorder(&self) -> Option<Recorder> {
+        self.recorder.clone()
     }
 
     /// Counts and hashes output of stream `n` (0 stdout, 1 stderr).
@@ -341,6 +363,14 @@ impl ExecTap {
         let (count, hasher) = &mut self.streams[n & 1];
         *count += data.len() as u64;
         hasher.update(data);
+    }
+
+    /// Records output of stream `n` in the session recording, as it comes (a capped exec
+    /// counts only what it kept, but records all it saw).
+    pub fn record(&self, n: usize, data: &[u8]) {
+        if let Some(r) = &self.recorder {
+            r.output(crate::recording::source(n), data);
+        }
     }
 
     /// Records the end: `status` (none when it never came), plus `extra` attributes.
@@ -364,6 +394,10 @@ impl ExecTap {
                 attr::STDERR_DIGEST,
                 self.streams[1].1.finalize().to_hex().as_str(),
             );
+        event = event.attr(attr::EXEC_ID, self.id.clone());
+        if let Some(r) = &self.recorder {
+            event = crate::recording::summary_attrs(event, &r.finish());
+        }
         match status {
             Some(ExitStatus::Code(c)) => event = event.attr(attr::PROCESS_EXIT_CODE, c),
             Some(ExitStatus::Signal(s)) => event = event.attr(attr::PROCESS_EXIT_SIGNAL, s),
