@@ -85,7 +85,7 @@ fn find(records: &[Record], exec: &str) -> Option<(String, String)> {
     let recorded =
         |r: &&Record| r.kind == "exec.end" && r.attrs.contains_key(attr::RECORDING_DIGEST);
     let end = if exec == LATEST {
-        records.iter().filter(recorded).last()
+        records.iter().rev().find(recorded)
     } else {
         let by_id = |id: &str| {
             records
