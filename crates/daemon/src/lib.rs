@@ -134,7 +134,7 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
     }
-    let journals = journals(home).await?;
+    let journals = journals(home, args.recording_cap).await?;
     let retention = Duration::from_secs(args.journal_retention_days.saturating_mul(86_400));
     let state = Arc::new(AppState {
         api: Arc::new(LocalApi::new(manager.clone(), tasks).with_journals(journals.clone())),
@@ -255,16 +255,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 
 /// The sandboxes' journals, their keys certified by the host key (the one that signs task
 /// records), read off the async workers.
-async fn journals(home: &Home) -> Result<Arc<Journals>, DaemonError> {
+async fn journals(home: &Home, recording_cap: u64) -> Result<Arc<Journals>, DaemonError> {
     let path = home.tasks().join("host.key");
     let key = tokio::task::spawn_blocking(move || hutch_task::sign::HostKey::load_or_create(&path))
         .await
         .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
         .map_err(|e| DaemonError::Io(std::io::Error::other(hutch_core::chain(&e))))?;
-    Ok(Arc::new(Journals::new(
-        home.journal(),
-        Arc::new(HostKeySigner(key)),
-    )))
+    Ok(Arc::new(
+        Journals::new(home.journal(), Arc::new(HostKeySigner(key)))
+            .with_recording_cap(recording_cap),
+    ))
 }
 
 /// How many TTL ticks between two sweeps of journals past their retention.
