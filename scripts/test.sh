@@ -44,6 +44,10 @@ fi
 if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# Debian's asciinema reads the daemon suite's session recordings (`asciinema cat`).
+if ! command -v asciinema >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends asciinema >/dev/null
+fi
 export HUTCH_TEST_PYTHON_JWT="$PWD/$jwt_venv/bin/python"
 echo "== MCP client for the tests (the official Python SDK)"
 # crates/cli/tests/daemon/mcp.rs drives the daemon's MCP server with it; pinned, in a venv.
