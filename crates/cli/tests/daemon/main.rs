@@ -27,6 +27,7 @@ mod identity;
 mod lifecycle;
 mod mcp;
 mod network;
+mod replay;
 mod secrets;
 mod templates;
 
@@ -161,7 +162,7 @@ fn main() {
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
         access::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*, mcp::*, network::*,
-        secrets::*, templates::*,
+        replay::*, secrets::*, templates::*,
     };
     trials![
         three_concurrent_creates_then_exec,
@@ -190,6 +191,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,
+        sessions_are_recorded_named_by_digest_and_asciinema_reads_them,
     ]
 }
 
