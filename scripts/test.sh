@@ -50,6 +50,10 @@ fi
 if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# Debian's asciinema reads the daemon suite's session recordings (`asciinema cat`).
+if ! command -v asciinema >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends asciinema >/dev/null
+fi
 export HUTCH_TEST_PYTHON_JWT="$PWD/$jwt_venv/bin/python"
 # OpenSSH's client and server for SSH agent forwarding (crates/agent/tests/ssh_agent.rs): the
 # real ssh, ssh-add and sshd against the forwarded agent.

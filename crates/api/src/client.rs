@@ -363,6 +363,16 @@ impl Client {
             .await
     }
 
+    /// The session recording (asciicast v2) of the sandbox's exec `exec`: its id, the seq of
+    /// one of its journal records, or `latest`.
+    pub async fn recording(&self, id: &str, exec: &str) -> Result<Vec<u8>, ClientError> {
+        let rest = format!("/recordings/{}", encode(exec));
+        Ok(self
+            .ok(Method::GET, &sandbox_path(id, &rest), vec![])
+            .await?
+            .to_vec())
+    }
+
     /// The daemon's verdict on the sandbox's journal.
     pub async fn audit_verify(&self, id: &str) -> Result<hutch_journal::Report, ClientError> {
         self.call(Method::GET, &sandbox_path(id, "/audit/verify"), vec![])

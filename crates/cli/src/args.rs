@@ -63,6 +63,8 @@ pub enum Command {
     Task(crate::task_cmd::TaskCommand),
     /// Print a sandbox's journal (`--follow`: and what comes), or verify it (`audit verify`).
     Audit(crate::audit_cmd::AuditArgs),
+    /// Play an exec's session recording back in this terminal (`--speed`, `--idle-limit`).
+    Replay(crate::replay_cmd::ReplayArgs),
     /// Power a sandbox off, keeping its record.
     Stop(IdArgs),
     /// Boot a stopped sandbox again (same id and spec; a fresh disk).

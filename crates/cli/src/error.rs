@@ -65,6 +65,9 @@ pub enum CliError {
     /// A journal could not be read for offline verification.
     #[error(transparent)]
     Journal(#[from] hutch_journal::JournalError),
+    /// A session recording could not be read.
+    #[error("the recording is not asciicast v2")]
+    Recording(#[from] hutch_journal::cast::CastError),
     /// An input file named on the command line is unreadable.
     #[error("cannot read {path}")]
     ReadInput {

@@ -12,6 +12,7 @@ mod launch;
 mod mcp_cmd;
 mod port_cmd;
 mod remote;
+mod replay_cmd;
 mod run;
 mod secret_cmd;
 mod setup_cmd;
@@ -155,6 +156,7 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Token(c) => token::run(&home, c),
         args::Command::Mcp(a) => mcp_cmd::run(&remote::client(&home, &a.conn)).await,
         args::Command::Audit(a) => audit_cmd::run(&home, a).await,
+        args::Command::Replay(a) => replay_cmd::run(&home, a).await,
         args::Command::Completions { shell } => {
             let mut cmd = <args::Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "hutch", &mut std::io::stdout());

@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use hutch_api::{client::Client, CreateSandbox, ExecStart};
-use hutch_core::service::{Caller, Command, Create, ExecStream, Lifecycle, SandboxApi};
-use hutch_protocol::{
-    host::{ExecControl, ExecEvent},
-    ExitInfo,
+use hutch_core::service::{
+    Caller, Command, Create, ExecStream, Lifecycle, SandboxApi, StreamControl as ExecControl,
 };
+use hutch_protocol::{host::ExecEvent, ExitInfo};
 use hutch_types::{ErrorCode, SandboxId, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -72,6 +72,20 @@ pub async fn run_capped(
     over: OverCap,
     sink: Option<&OutputSink>,
 ) -> Result<Collected, ExecError> {
+    run_capped_observed(channel, req, stdin, cap, over, sink, |_, _| {}).await
+}
+
+/// [`run_capped`], showing `observe` every chunk of output as it comes, beyond the cap too:
+/// `(0 stdout | 1 stderr, bytes)` (a session recording).
+pub async fn run_capped_observed(
+    channel: &Channel,
+    req: ExecRequest,
+    stdin: Option<Vec<u8>>,
+    cap: usize,
+    over: OverCap,
+    sink: Option<&OutputSink>,
+    mut observe: impl FnMut(usize, &[u8]) + Send,
+) -> Result<Collected, ExecError> {
     let mut exec = channel.exec(req).await.map_err(ExecError::Start)?;
     let ctl = exec.control();
     if let Some(input) = stdin {
@@ -96,6 +110,7 @@ pub async fn run_capped(
                 })
             }
         };
+        observe(n, &data);
         if let Some(sink) = sink {
             let kind = if n == 0 { FRAME_STDOUT } else { FRAME_STDERR };
             let _ = sink.send((kind, data.clone())).await;

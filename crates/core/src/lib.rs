@@ -18,6 +18,7 @@ mod manager;
 pub mod metrics;
 mod network;
 mod pool;
+pub mod recording;
 mod sandbox;
 pub mod secrets;
 pub mod service;

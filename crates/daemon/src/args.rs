@@ -58,6 +58,11 @@ pub struct DaemonArgs {
     /// Days a sealed journal is kept after its sandbox was destroyed (0: kept forever).
     #[arg(long, default_value_t = 30)]
     pub journal_retention_days: u64,
+    /// Bytes of data (output, terminal input, resizes) each exec's session recording keeps;
+    /// past it the recording is cut with a marker (the exec runs on).
+    #[arg(long, value_name = "BYTES", default_value_t = hutch_journal::recording::DEFAULT_CAP,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub recording_cap: u64,
     /// The `iss` of guests' identity tokens: the URL where services reach this daemon's
     /// `/.well-known/jwks.json` (default: http:// and the --listen-tcp address).
     #[arg(long, value_name = "URL")]

@@ -1,4 +1,5 @@
-//! The sandboxes' journals over HTTP: the timeline, its verification, and the latest signed
+//! The sandboxes' journals over HTTP: the timeline, its verification, the execs' session
+//! recordings (asciicast v2, checked against the digest the journal names), and the latest signed
 //! checkpoint on sandbox responses (`Hutch-Checkpoint`, the note in base64: a note spans
 //! lines, a header cannot).
 
@@ -6,9 +7,9 @@ use std::sync::Arc;
 
 use axum::{
     extract::{Request, State},
-    http::{HeaderName, HeaderValue},
+    http::{header, HeaderName, HeaderValue},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
     Extension, Json,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
@@ -27,6 +28,13 @@ use crate::{
 pub const CHECKPOINT_HEADER: HeaderName = HeaderName::from_static("hutch-checkpoint");
 /// The header carrying a request's id (also in the journal records it caused).
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("hutch-request-id");
+
+/// The header naming a recording's BLAKE3 digest (its name, and what its journal record says).
+pub const RECORDING_DIGEST_HEADER: HeaderName = HeaderName::from_static("hutch-recording-digest");
+/// The header naming the exec a recording is of.
+pub const EXEC_ID_HEADER: HeaderName = HeaderName::from_static("hutch-exec-id");
+/// The media type of asciicast v2 files.
+pub const ASCIICAST: &str = "application/x-asciicast";
 
 /// Which records to read.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -68,6 +76,37 @@ pub async fn verify(
     Ok(Json(
         state.api.audit_verify(&caller, &sandbox_id(&id)?).await?,
     ))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/recordings/{exec}", tag = "audit",
+    params(("id" = String, Path),
+           ("exec" = String, Path, description = "the exec's id (`hutch.exec.id` in its journal records), the seq of its exec.start or exec.end record, or `latest`")),
+    responses((status = 200, description = "the exec's session recording, asciicast v2 (guest-controlled text: escape before showing)",
+               body = String, content_type = "application/x-asciicast",
+               headers(("Hutch-Recording-Digest" = String, description = "BLAKE3 of the recording (hex), as its exec.end record names it"),
+                       ("Hutch-Exec-Id" = String, description = "the exec the recording is of"))),
+              (status = 404, body = hutch_api::ApiError)))]
+pub async fn recording(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, exec)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    let rec = state
+        .api
+        .recording(&caller, &sandbox_id(&id)?, &exec)
+        .await?;
+    let mut response = rec.cast.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ASCIICAST));
+    for (name, value) in [
+        (RECORDING_DIGEST_HEADER, rec.digest),
+        (EXEC_ID_HEADER, rec.exec_id),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 /// `response` for the sandbox `id` with its latest checkpoint in [`CHECKPOINT_HEADER`].

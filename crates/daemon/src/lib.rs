@@ -114,7 +114,7 @@ pub async fn run(
     );
     manager.set_identity(Arc::new(issuer));
     // Before the reconcile, so that adopted sandboxes' events are journalled from the start.
-    let journals = journals(home).await?;
+    let journals = journals(home, args.recording_cap).await?;
     let feed = Arc::new(hutch_core::audit::GuestFeed::start(
         journals.clone(),
         Arc::downgrade(&manager),
@@ -310,16 +310,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 
 /// The sandboxes' journals, their keys certified by the host key (the one that signs task
 /// records), read off the async workers.
-async fn journals(home: &Home) -> Result<Arc<Journals>, DaemonError> {
+async fn journals(home: &Home, recording_cap: u64) -> Result<Arc<Journals>, DaemonError> {
     let path = home.tasks().join("host.key");
     let key = tokio::task::spawn_blocking(move || hutch_task::sign::HostKey::load_or_create(&path))
         .await
         .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
         .map_err(|e| DaemonError::Io(std::io::Error::other(hutch_core::chain(&e))))?;
-    Ok(Arc::new(Journals::new(
-        home.journal(),
-        Arc::new(HostKeySigner(key)),
-    )))
+    Ok(Arc::new(
+        Journals::new(home.journal(), Arc::new(HostKeySigner(key)))
+            .with_recording_cap(recording_cap),
+    ))
 }
 
 /// How many TTL ticks between two sweeps of journals past their retention.

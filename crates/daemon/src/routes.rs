@@ -84,6 +84,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(crate::observe::metrics))
         .routes(routes!(audit::audit))
         .routes(routes!(audit::verify))
+        .routes(routes!(audit::recording))
 }
 
 /// The routes that need a caller, those that do not ([`crate::observe::public_api`]), and
@@ -454,6 +455,7 @@ pub(crate) mod tests {
         ("get", "/.well-known/openid-configuration"),
         ("get", "/v1/sandboxes/{id}/audit"),
         ("get", "/v1/sandboxes/{id}/audit/verify"),
+        ("get", "/v1/sandboxes/{id}/recordings/{exec}"),
     ];
 
     /// A daemon's state on a temporary home whose VMM cannot start (no VM in unit tests).

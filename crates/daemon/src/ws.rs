@@ -15,15 +15,12 @@ use axum::{
     Extension,
 };
 use hutch_api::{ApiError, ExecControl, ExecEventMsg, ExecStart, STREAM_STDERR, STREAM_STDOUT};
-use hutch_protocol::{
-    host::{ExecControl as Control, ExecEvent},
-    TtySize,
-};
+use hutch_protocol::{host::ExecEvent, TtySize};
 use hutch_types::{ErrorCode, SandboxId};
 
 use hutch_core::{
     exec::split_status,
-    service::{Caller, Command},
+    service::{Caller, Command, StreamControl as Control},
 };
 
 use crate::{

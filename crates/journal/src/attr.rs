@@ -96,3 +96,13 @@ pub const TASK_CHANGESET_DIGEST: &str = "hutch.task.changeset.sha256";
 pub const TASK_CHANGESET_FILES: &str = "hutch.task.changeset.files";
 /// The host's verdict on a task's changeset (`accepted`, `empty`, `rejected`, …).
 pub const TASK_VERDICT: &str = "hutch.task.verdict";
+/// The id of one exec (in its `exec.start` and `exec.end` records): what `hutch replay` takes.
+pub const EXEC_ID: &str = "hutch.exec.id";
+/// BLAKE3 of an exec's session recording (hex): its file's name.
+pub const RECORDING_DIGEST: &str = "hutch.recording.blake3";
+/// The size of an exec's session recording in bytes.
+pub const RECORDING_BYTES: &str = "hutch.recording.bytes";
+/// Whether an exec's session recording was cut (at its cap).
+pub const RECORDING_TRUNCATED: &str = "hutch.recording.truncated";
+/// Bytes of an exec's session the recording did not keep.
+pub const RECORDING_DROPPED: &str = "hutch.recording.dropped";

@@ -28,6 +28,9 @@ pub enum JournalError {
     /// The journal was sealed: nothing more can be written.
     #[error("the journal is sealed")]
     Sealed,
+    /// A session recording's bytes are not those its journal names by digest.
+    #[error("recording {} does not match the digest its journal names", .0.display())]
+    Altered(PathBuf),
     /// The writer thread is gone (it failed, or the journal was sealed).
     #[error("the journal's writer has stopped")]
     Stopped,

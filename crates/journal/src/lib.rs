@@ -13,18 +13,23 @@
 //! followed by a last checkpoint, after which the key is destroyed. [`verify`] checks it all
 //! and names each failure.
 //!
+//! Each exec's session is recorded beside the journal as an asciicast v2 file named by its
+//! BLAKE3 ([`recording`], [`cast`]), which the exec's `exec.end` record names.
+//!
 //! Writing happens on a thread of the journal's own ([`Journal`]): appending never blocks an
 //! async worker, lines are written and `fsync`ed in batches, and always before a checkpoint.
 
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod cast;
 pub mod chain;
 mod error;
 mod event;
 pub mod key;
 pub mod note;
 mod read;
+pub mod recording;
 mod redact;
 mod retention;
 mod time;
@@ -35,6 +40,7 @@ pub use error::JournalError;
 pub use event::{kinds, Actor, AuditLog, Event, Record, VERSION};
 pub use key::HostSigner;
 pub use read::{read_records, JOURNAL_FILE};
+pub use recording::{recording_path, Recorder, Recordings, Summary, RECORDINGS_DIR};
 pub use redact::{LiveSecrets, Redactor, REDACTED};
 pub use retention::prune;
 pub use verify::{verify_dir, Failure, Report, Status};

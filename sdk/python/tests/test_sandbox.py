@@ -3,6 +3,7 @@ directory transfer, lifecycle."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -157,3 +158,14 @@ def test_the_journal_records_execs_and_verifies_while_unsealed(sandbox: hutch.Sa
     assert report.records >= len(log.records)
     # No secrets attached: the broker has nothing to say.
     assert sandbox.secret_log() == []
+
+
+def test_an_exec_is_recorded_as_asciicast_named_by_its_journal(sandbox: hutch.Sandbox) -> None:
+    sandbox.exec(["sh", "-c", "echo recorded"])
+    end = sandbox.audit(kind="exec.end").records[-1]
+    cast = sandbox.recording(end["attrs"]["hutch.exec.id"])
+    header, *events = [json.loads(line) for line in cast.decode().splitlines()]
+    assert header["version"] == 2 and header["width"] > 0
+    assert ["o", "recorded\n"] in [e[1:] for e in events]
+    assert sandbox.recording() == cast  # the latest exec
+    assert end["attrs"]["hutch.recording.bytes"] == len(cast)

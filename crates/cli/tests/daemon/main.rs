@@ -29,6 +29,7 @@ mod identity;
 mod lifecycle;
 mod mcp;
 mod network;
+mod replay;
 mod secrets;
 mod templates;
 
@@ -163,8 +164,7 @@ fn main() {
 fn trials() -> Vec<libtest_mimic::Trial> {
     use {
         access::*, audit::*, broker::*, e2b::*, files::*, hostile::*, identity::*, lifecycle::*,
-        mcp::*,
-        network::*, secrets::*, templates::*,
+        mcp::*, network::*, replay::*, secrets::*, templates::*,
     };
     trials![
         three_concurrent_creates_then_exec,
@@ -195,6 +195,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,
         a_session_is_journalled_and_survives_a_kill9_with_a_torn_tail,
+        sessions_are_recorded_named_by_digest_and_asciinema_reads_them,
     ]
 }
 

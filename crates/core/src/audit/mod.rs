@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use hutch_journal::{
     attr, read_records, verify_dir, Actor, AuditLog, Event, HostSigner, Journal, JournalError,
-    LiveSecrets, Options, Redactor, Report,
+    LiveSecrets, Options, Recorder, Recordings, Redactor, Report,
 };
 use hutch_protocol::{ExecRequest, ExitStatus};
 use hutch_types::SandboxInfo;
@@ -75,6 +75,8 @@ pub struct Journals {
     opts: Options,
     open: tokio::sync::Mutex<HashMap<String, Journal>>,
     live: LiveSecrets,
+    /// The execs' session recordings, beside their journals (`crate::recording`).
+    pub(crate) recordings: Recordings,
 }
 
 impl Journals {
@@ -86,6 +88,7 @@ impl Journals {
             opts: Options::default(),
             open: tokio::sync::Mutex::new(HashMap::new()),
             live: LiveSecrets::default(),
+            recordings: Recordings::new(hutch_journal::recording::DEFAULT_CAP),
         }
     }
 
@@ -326,6 +329,10 @@ pub struct ExecTap {
     started: Instant,
     streams: [(u64, blake3::Hasher); 2],
     ended: bool,
+    /// The exec's id in both its records.
+    id: String,
+    /// Its session recording, named in its end record.
+    recorder: Option<Recorder>,
 }
 
 impl ExecTap {
@@ -357,6 +364,8 @@ impl ExecTap {
             req.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
         )
         .attr(attr::PROCESS_TTY, req.tty.is_some());
+        let id = format!("{:012x}", rand::random::<u64>() >> 16);
+        event = event.attr(attr::EXEC_ID, id.clone());
         if let Some(cwd) = &req.cwd {
             event = event.attr(attr::PROCESS_WORKING_DIRECTORY, cwd.clone());
         }
@@ -367,7 +376,20 @@ impl ExecTap {
             started: Instant::now(),
             streams: Default::default(),
             ended: false,
+            id,
+            recorder: None,
         }
+    }
+
+    /// The same tap, recording the session with `recorder` (see [`Journals::recorder`]).
+    pub fn recorded(mut self, recorder: Recorder) -> ExecTap {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// The session's recorder, for its input and resizes.
+    pub fn recorder(&self) -> Option<Recorder> {
+        self.recorder.clone()
     }
 
     /// Counts and hashes output of stream `n` (0 stdout, 1 stderr).
@@ -375,6 +397,14 @@ impl ExecTap {
         let (count, hasher) = &mut self.streams[n & 1];
         *count += data.len() as u64;
         hasher.update(data);
+    }
+
+    /// Records output of stream `n` in the session recording, as it comes (a capped exec
+    /// counts only what it kept, but records all it saw).
+    pub fn record(&self, n: usize, data: &[u8]) {
+        if let Some(r) = &self.recorder {
+            r.output(crate::recording::source(n), data);
+        }
     }
 
     /// Records the end: `status` (none when it never came), plus `extra` attributes.
@@ -398,6 +428,10 @@ impl ExecTap {
                 attr::STDERR_DIGEST,
                 self.streams[1].1.finalize().to_hex().as_str(),
             );
+        event = event.attr(attr::EXEC_ID, self.id.clone());
+        if let Some(r) = &self.recorder {
+            event = crate::recording::summary_attrs(event, &r.finish());
+        }
         match status {
             Some(ExitStatus::Code(c)) => event = event.attr(attr::PROCESS_EXIT_CODE, c),
             Some(ExitStatus::Signal(s)) => event = event.attr(attr::PROCESS_EXIT_SIGNAL, s),

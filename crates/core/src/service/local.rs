@@ -21,8 +21,9 @@ use super::{
 use crate::{
     audit::{create_event, AuditQuery, ExecTap, Journals, Tally},
     blocking::off_worker,
-    exec::{run_capped, Collected, OutputSink, OverCap},
+    exec::{run_capped_observed, Collected, OutputSink, OverCap},
     metrics::ExecKind,
+    recording::Recording,
     secrets::{SecretError, SecretStore, SetSecret},
     task::Tasks,
     CoreError, Manager,
@@ -81,6 +82,22 @@ impl LocalApi {
         if let Some(j) = self.journal(info).await {
             j.append(event.by(Some(&caller.actor)));
         }
+    }
+
+    /// The journal tap of an exec of the sandbox `info` (`operation`), recording its session:
+    /// none when journals are not kept, or sealed.
+    async fn exec_tap(
+        &self,
+        caller: &Caller,
+        info: &SandboxInfo,
+        operation: &str,
+        req: &ExecRequest,
+        env: &BTreeMap<String, String>,
+    ) -> Option<ExecTap> {
+        let journal = self.journal(info).await?;
+        let journals = self.journals.as_ref()?;
+        let tap = ExecTap::start(journal, Some(&caller.actor), operation, req, env);
+        Some(tap.recorded(journals.recorder(&info.id, req.tty)))
     }
 
     /// The journals, or not found when this host keeps none.
@@ -451,11 +468,14 @@ impl SandboxApi for LocalApi {
         let metrics = self.manager.metrics();
         metrics.exec_started(ExecKind::Capped);
         let started = std::time::Instant::now();
-        let tap = self
-            .journal(&info)
-            .await
-            .map(|j| ExecTap::start(j, Some(&caller.actor), "exec", &req, &env));
-        let result = run_capped(&channel, req, stdin, limit, OverCap::Drop, None).await;
+        let tap = self.exec_tap(caller, &info, "exec", &req, &env).await;
+        let record = |n: usize, data: &[u8]| {
+            if let Some(tap) = &tap {
+                tap.record(n, data);
+            }
+        };
+        let result =
+            run_capped_observed(&channel, req, stdin, limit, OverCap::Drop, None, record).await;
         metrics.exec_finished(started.elapsed());
         if let Some(mut tap) = tap {
             match &result {
@@ -491,9 +511,8 @@ impl SandboxApi for LocalApi {
         req.tty = tty;
         self.manager.metrics().exec_started(ExecKind::Stream);
         let mut tap = self
-            .journal(&info)
-            .await
-            .map(|j| ExecTap::start(j, Some(&caller.actor), "exec_stream", &req, &env));
+            .exec_tap(caller, &info, "exec_stream", &req, &env)
+            .await;
         match channel.exec(req).await {
             Ok(exec) => Ok(ExecStream::new(exec, tap)),
             Err(e) => {
@@ -612,6 +631,19 @@ impl SandboxApi for LocalApi {
     async fn audit_verify(&self, caller: &Caller, id: &SandboxId) -> Result<Report> {
         self.authorize(caller, id).await?;
         Ok(self.journals_or_404()?.verify(id.as_str()).await?)
+    }
+
+    async fn recording(&self, caller: &Caller, id: &SandboxId, exec: &str) -> Result<Recording> {
+        self.authorize(caller, id).await?;
+        self.journals_or_404()?
+            .recording(id.as_str(), exec)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::refused(
+                    ErrorCode::NotFound,
+                    format!("sandbox {id} has no finished exec {exec:?} with a recording"),
+                )
+            })
     }
 
     async fn checkpoint(&self, caller: &Caller, id: &SandboxId) -> Result<Option<String>> {

@@ -18,7 +18,7 @@ pub mod transfer;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use hutch_journal::{AuditLog, Report};
+use hutch_journal::{AuditLog, Recorder, Report};
 use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{
     host::{ChannelError, Exec, ExecControl, ExecEvent},
@@ -40,6 +40,7 @@ pub use transfer::ByteStream;
 use crate::{
     audit::{AuditQuery, ExecTap},
     exec::{Collected, OutputSink},
+    recording::Recording,
     secrets::SetSecret,
 };
 
@@ -97,9 +98,13 @@ impl ExecStream {
         self.exec.pid()
     }
 
-    /// A handle for stdin, signals and resizes that can move to another task.
-    pub fn control(&self) -> ExecControl {
-        self.exec.control()
+    /// A handle for stdin, signals and resizes that can move to another task (input on a
+    /// terminal and resizes go into the session recording).
+    pub fn control(&self) -> StreamControl {
+        StreamControl {
+            inner: self.exec.control(),
+            recorder: self.tap.as_ref().and_then(ExecTap::recorder),
+        }
     }
 
     /// The next output or the exit.
@@ -107,8 +112,14 @@ impl ExecStream {
         let event = self.exec.next_event().await?;
         if let Some(tap) = &mut self.tap {
             match &event {
-                ExecEvent::Stdout(d) => tap.output(0, d),
-                ExecEvent::Stderr(d) => tap.output(1, d),
+                ExecEvent::Stdout(d) => {
+                    tap.output(0, d);
+                    tap.record(0, d);
+                }
+                ExecEvent::Stderr(d) => {
+                    tap.output(1, d);
+                    tap.record(1, d);
+                }
                 ExecEvent::Exited(exit) => tap.end(
                     Some(exit.status),
                     hutch_journal::Event::default().attr("hutch.process.timed_out", exit.timed_out),
@@ -116,6 +127,42 @@ impl ExecStream {
             }
         }
         Ok(event)
+    }
+}
+
+/// Stdin, signals and resizes of an [`ExecStream`]; clones share the process. What is typed
+/// into a terminal and each resize are recorded in the session recording before they go.
+#[derive(Clone)]
+pub struct StreamControl {
+    inner: ExecControl,
+    recorder: Option<Recorder>,
+}
+
+impl StreamControl {
+    /// Streams bytes to the process's stdin, respecting the guest's credit.
+    pub async fn write_stdin(&self, data: &[u8]) -> std::result::Result<(), ChannelError> {
+        if let Some(r) = &self.recorder {
+            r.input(data);
+        }
+        self.inner.write_stdin(data).await
+    }
+
+    /// Closes the process's stdin.
+    pub async fn close_stdin(&self) -> std::result::Result<(), ChannelError> {
+        self.inner.close_stdin().await
+    }
+
+    /// Sends `signal` to the process group.
+    pub async fn signal(&self, signal: i32) -> std::result::Result<(), ChannelError> {
+        self.inner.signal(signal).await
+    }
+
+    /// Resizes the process's terminal (when it runs under one).
+    pub async fn resize(&self, size: TtySize) -> std::result::Result<(), ChannelError> {
+        if let Some(r) = &self.recorder {
+            r.resize(size.cols, size.rows);
+        }
+        self.inner.resize(size).await
     }
 }
 
@@ -253,6 +300,9 @@ pub trait SandboxApi: Send + Sync {
     async fn audit(&self, caller: &Caller, id: &SandboxId, query: AuditQuery) -> Result<AuditLog>;
     /// Verifies the sandbox's journal against this host's key.
     async fn audit_verify(&self, caller: &Caller, id: &SandboxId) -> Result<Report>;
+    /// The session recording of one of the sandbox's execs (by its id, the seq of one of its
+    /// journal records, or `latest`), checked against the digest its journal names.
+    async fn recording(&self, caller: &Caller, id: &SandboxId, exec: &str) -> Result<Recording>;
     /// The latest signed checkpoint of the sandbox's journal (none without one).
     async fn checkpoint(&self, caller: &Caller, id: &SandboxId) -> Result<Option<String>>;
     /// Clones a running sandbox `count` times: the children, running.

@@ -7,6 +7,7 @@ mod failures;
 mod identity;
 mod journal;
 mod lifecycle;
+mod recording;
 mod secrets;
 mod surface;
 mod world;

@@ -35,8 +35,8 @@ use axum::{
     response::{IntoResponse, Response},
     Json, Router,
 };
+use hutch_core::service::StreamControl as ExecControl;
 use hutch_core::service::{Caller, ServiceError};
-use hutch_protocol::host::ExecControl;
 
 use crate::{http_error::HttpError, AppState};
 

@@ -254,6 +254,11 @@ class SandboxCalls:
         """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
         return call(r.AUDIT_VERIFY, id=self.id)
 
+    def recording(self, exec_id: str = "latest") -> Call[bytes]:
+        """An exec's session recording (asciicast v2, guest-controlled text): by the exec's id
+        (`hutch.exec.id` in its journal records), the seq of one of its records, or `latest`."""
+        return call(r.RECORDING, id=self.id, exec=exec_id)
+
 
 class ClientCalls:
     """Operations on the daemon as a whole (`self` is a `Client` or an `AsyncClient`)."""

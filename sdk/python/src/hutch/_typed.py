@@ -174,6 +174,11 @@ takes `exec.start` and `exec.end`), and its latest signed checkpoint."""
         """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
         raise NotImplementedError  # made by hutch._calls.bind
 
+    def recording(self, exec_id: str = 'latest') -> bytes:
+        """An exec's session recording (asciicast v2, guest-controlled text): by the exec's id
+(`hutch.exec.id` in its journal records), the seq of one of its records, or `latest`."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
 class AsyncClientOps:
     """`ClientCalls` for the asyncio client."""
 
@@ -327,4 +332,9 @@ takes `exec.start` and `exec.end`), and its latest signed checkpoint."""
 
     async def audit_verify(self) -> m.AuditReport:
         """Verifies the sandbox's journal on the host: `ok`, `unsealed` or `failed`."""
+        raise NotImplementedError  # made by hutch._calls.bind
+
+    async def recording(self, exec_id: str = 'latest') -> bytes:
+        """An exec's session recording (asciicast v2, guest-controlled text): by the exec's id
+(`hutch.exec.id` in its journal records), the seq of one of its records, or `latest`."""
         raise NotImplementedError  # made by hutch._calls.bind
