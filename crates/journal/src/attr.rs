@@ -60,3 +60,5 @@ pub const TORN_BYTES: &str = "hutch.journal.torn.bytes";
 pub const TORN_DIGEST: &str = "hutch.journal.torn.blake3";
 /// Why a journal was sealed.
 pub const SEAL_REASON: &str = "hutch.journal.seal.reason";
+/// SHA-256 (hex) of the DSSE pre-authentication encoding the sandbox key signed.
+pub const ATTESTATION_DIGEST: &str = "hutch.attestation.sha256";

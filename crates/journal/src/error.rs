@@ -28,6 +28,9 @@ pub enum JournalError {
     /// The journal was sealed: nothing more can be written.
     #[error("the journal is sealed")]
     Sealed,
+    /// The sandbox key was asked to sign something that is not a DSSE encoding.
+    #[error("the sandbox key signs only DSSE pre-authentication encodings")]
+    NotDsse,
     /// The writer thread is gone (it failed, or the journal was sealed).
     #[error("the journal's writer has stopped")]
     Stopped,

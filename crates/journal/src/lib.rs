@@ -38,4 +38,4 @@ pub use read::{read_records, JOURNAL_FILE};
 pub use redact::{Redactor, REDACTED};
 pub use retention::prune;
 pub use verify::{verify_dir, Failure, Report, Status};
-pub use writer::{Journal, Options, CHECKPOINT_FILE, KEY_FILE};
+pub use writer::{Journal, Options, Signed, CHECKPOINT_FILE, DSSE_PREFIX, KEY_FILE};
