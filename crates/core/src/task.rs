@@ -6,7 +6,11 @@
 //! destroyed; the host never runs workspace code. The agent's output streams to an optional
 //! sink while it runs; every record is signed with the host's task key
 //! ([`hutch_task::sign`]); a task cut off by a daemon restart is marked failed by
-//! [`Tasks::recover`].
+//! [`Tasks::recover`]. Each task sandbox has a journal; before the agent's sandbox is destroyed
+//! (its journal sealed, its identity key destroyed) the task's result is attested
+//! ([`hutch_task::attest`]): an in-toto statement in a DSSE envelope signed by that sandbox's
+//! key and the host key, stored as `attestation.json`, without which no changeset is vouched
+//! for.
 
 use std::{
     collections::BTreeMap,
@@ -15,20 +19,23 @@ use std::{
     time::Instant,
 };
 
+use hutch_journal::{attr, kinds, Actor, Event, JournalError};
 use hutch_protocol::{host::Channel, ExecRequest, ExitStatus, WriteFileRequest};
 use hutch_store::ListFilter;
 use hutch_task::{
     archive::ArchiveError,
+    attest::{self, Envelope, Statement},
     baseline::{sha256_hex, tar_files},
     changeset::validate,
     sign::{HostKey, KeyError, SignatureCheck},
     BaseEntry, Baseline, Change, Changeset, ProcessOutcome, TaskRecord, TaskSpec, Verdict,
     VerifyOutcome,
 };
-use hutch_types::{ErrorCode, NetworkPolicy, SandboxSpec};
+use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use rand::RngCore;
 
 use crate::{
+    audit::{create_event, JournalSink, Journals},
     blocking::off_worker,
     chain,
     exec::{run_capped, split_status, Collected, ExecError, OverCap},
@@ -46,6 +53,8 @@ const OUTPUT_CAP: usize = 1 << 20;
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 /// The label every task sandbox carries, valued with the task's id.
 pub const TASK_LABEL: &str = "hutch.task";
+/// The task's attestation (a DSSE envelope, JSON), beside its record.
+pub const ATTESTATION: &str = "attestation.json";
 /// Why a task without a record is marked failed at daemon start.
 const INTERRUPTED: &str = "interrupted by a daemon restart";
 
@@ -91,6 +100,24 @@ pub enum TaskError {
     /// The sandboxes left by interrupted tasks could not be listed.
     #[error("listing task sandboxes")]
     Sandboxes(#[source] CoreError),
+    /// This host keeps no sandbox journals, so no sandbox key can attest a task.
+    #[error("this host keeps no sandbox journals: the task cannot be attested")]
+    NoJournals,
+    /// The sandbox's journal could not checkpoint, name or sign with its key.
+    #[error("the sandbox journal of task {task}")]
+    Journal {
+        /// The task.
+        task: String,
+        /// Why.
+        #[source]
+        source: JournalError,
+    },
+    /// The task has a changeset but no attestation.
+    #[error(
+        "task {0} has no attestation: it was stored by a hutch from before attestations (a \
+         host-signed record only), so its changeset is not vouched for; run the task again"
+    )]
+    Unattested(String),
 }
 
 impl TaskError {
@@ -99,11 +126,15 @@ impl TaskError {
         match self {
             TaskError::Spec(_) => ErrorCode::BadRequest,
             TaskError::Archive(_) => ErrorCode::UnsafePath,
-            TaskError::NotFound(_) | TaskError::NoChangeset(_) => ErrorCode::NotFound,
+            TaskError::NotFound(_) | TaskError::NoChangeset(_) | TaskError::Unattested(_) => {
+                ErrorCode::NotFound
+            }
             TaskError::Store { .. }
             | TaskError::Corrupt { .. }
             | TaskError::Key(_)
-            | TaskError::Sandboxes(_) => ErrorCode::Internal,
+            | TaskError::Sandboxes(_)
+            | TaskError::NoJournals
+            | TaskError::Journal { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -135,6 +166,13 @@ impl From<ExecError> for StepError {
 pub struct Tasks {
     dir: PathBuf,
     manager: Arc<Manager>,
+    journals: Option<Arc<Journals>>,
+}
+
+/// What a task's attestation says of its workspace: the archive's SHA-256 and git `HEAD`.
+struct WorkspaceDigests {
+    sha256: String,
+    base: Option<String>,
 }
 
 /// A stream as stored: lossy UTF-8, with a note when bytes beyond the cap were dropped.
@@ -167,6 +205,34 @@ fn outcome(c: &Collected, started: Instant) -> ProcessOutcome {
         truncated: c.truncated(),
         millis: started.elapsed().as_millis() as u64,
     }
+}
+
+/// Who acts for a task in its sandboxes' journals: the daemon, for the task's run.
+fn task_actor(task: &str) -> Actor {
+    Actor {
+        principal: "daemon".into(),
+        request_id: Some(task.into()),
+    }
+}
+
+/// The journal record of a task's end in its sandbox: what ran, how it ended, the verdict and
+/// the changeset.
+fn end_event(record: &TaskRecord) -> Event {
+    let mut event = Event::new("task.end")
+        .by(Some(&task_actor(&record.id)))
+        .attr(attr::PROCESS_COMMAND_ARGS, record.spec.command.clone())
+        .attr(
+            "hutch.task.verdict",
+            serde_json::to_value(&record.verdict).unwrap_or_default(),
+        )
+        .attr("hutch.task.changes", record.changes.len());
+    if let Some(code) = record.agent.as_ref().and_then(|a| a.exit_code) {
+        event = event.attr(attr::PROCESS_EXIT_CODE, code);
+    }
+    if let Some(digest) = &record.changeset_digest {
+        event = event.attr("hutch.changeset.sha256", digest.clone());
+    }
+    event
 }
 
 fn ms(since: Instant) -> u64 {
@@ -227,7 +293,18 @@ fn check_spec(spec: &TaskSpec) -> Result<(), TaskError> {
 impl Tasks {
     /// Tasks stored under `dir` (`$HUTCH_HOME/tasks`), run through `manager`.
     pub fn new(dir: PathBuf, manager: Arc<Manager>) -> Tasks {
-        Tasks { dir, manager }
+        Tasks {
+            dir,
+            manager,
+            journals: None,
+        }
+    }
+
+    /// The same, keeping a journal for every task sandbox in `journals`, whose sandbox keys
+    /// attest the tasks' results (without journals, no task is attested).
+    pub fn with_journals(mut self, journals: Arc<Journals>) -> Tasks {
+        self.journals = Some(journals);
+        self
     }
 
     fn task_dir(&self, id: &str) -> Result<PathBuf, TaskError> {
@@ -277,9 +354,13 @@ impl Tasks {
     ) -> Result<TaskRecord, TaskError> {
         check_spec(&spec)?;
         // Hashing a big workspace takes a while: off the async workers.
-        let (workspace_tar, baseline) = off_worker(move || {
+        let (workspace_tar, baseline, digests) = off_worker(move || {
             let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
-            Ok::<_, TaskError>((workspace_tar, baseline))
+            let digests = WorkspaceDigests {
+                sha256: sha256_hex(&workspace_tar),
+                base: attest::base_commit(&workspace_tar),
+            };
+            Ok::<_, TaskError>((workspace_tar, baseline, digests))
         })
         .await?;
         let key = self.key()?;
@@ -323,7 +404,7 @@ impl Tasks {
             error: None,
             signature: None,
         };
-        let mut changeset = None;
+        let mut stream = None;
         let sb = SandboxSpec {
             template: spec.template.clone(),
             network: spec.network.clone(),
@@ -332,9 +413,9 @@ impl Tasks {
             ..Default::default()
         };
         let t = Instant::now();
-        match self.manager.create(sb, None).await {
+        match self.create_sandbox(&id, sb).await {
             Err(e) => record.error = Some(format!("creating the sandbox: {}", chain(&e))),
-            Ok((info, _)) => {
+            Ok(info) => {
                 record.timings.create_ms = ms(t);
                 let r = self
                     .agent_steps(
@@ -348,27 +429,32 @@ impl Tasks {
                     )
                     .await;
                 match r {
-                    Ok(cs) => changeset = cs,
+                    Ok(Some(cs)) => {
+                        // Encoding, hashing and writing a changeset of up to a GiB: off the
+                        // async workers.
+                        let path = dir.join("changeset.bin");
+                        let (bytes, digest) = off_worker(move || {
+                            let stream = cs.encode();
+                            let digest = sha256_hex(&stream);
+                            Self::write(&path, &stream).map(|()| (stream, digest))
+                        })
+                        .await?;
+                        record.changeset_digest = Some(digest);
+                        stream = Some(bytes);
+                    }
+                    Ok(None) => {}
                     Err(e) => record.error = Some(chain(&e)),
+                }
+                // Signed now: the sandbox's key is destroyed with it.
+                if let Err(e) = self.attest(&info, &record, &digests, &key, &dir).await {
+                    record.error = Some(match record.error.take() {
+                        Some(before) => format!("{before}; attesting: {}", chain(&e)),
+                        None => format!("attesting: {}", chain(&e)),
+                    });
                 }
                 self.destroy(&info.id).await;
             }
         }
-        // Encoding, hashing and writing a changeset of up to a GiB: off the async workers.
-        let stream = match changeset {
-            Some(cs) => {
-                let path = dir.join("changeset.bin");
-                let (stream, digest) = off_worker(move || {
-                    let stream = cs.encode();
-                    let digest = sha256_hex(&stream);
-                    Self::write(&path, &stream).map(|()| (stream, digest))
-                })
-                .await?;
-                record.changeset_digest = Some(digest);
-                Some(stream)
-            }
-            None => None,
-        };
         let verifiable = matches!(record.verdict, Verdict::Accepted { .. } | Verdict::Empty);
         if let (Some(cmd), true) = (&spec.verify, verifiable) {
             let t = Instant::now();
@@ -383,6 +469,89 @@ impl Tasks {
         }
         record.timings.total_ms = ms(started);
         off_worker(move || Self::store_record(&dir, &key, &mut record).map(|()| record)).await
+    }
+
+    /// Creates a sandbox for task `task`, starting its journal.
+    async fn create_sandbox(&self, task: &str, spec: SandboxSpec) -> Result<SandboxInfo, CoreError> {
+        let (info, _) = self.manager.create(spec, None).await?;
+        if let Some(j) = &self.journals {
+            let digest = self.manager.image(&info.spec.image).ok().map(|i| i.digest);
+            let first = create_event(&info, Some(&task_actor(task)), digest.as_deref());
+            j.start(&info, first).await;
+        }
+        Ok(info)
+    }
+
+    /// Attests what task `record` did in the sandbox `info` (which still runs): records its
+    /// end in the sandbox's journal, checkpoints it, and stores in `dir` the statement in a
+    /// DSSE envelope signed by the sandbox's identity key and by `key`.
+    async fn attest(
+        &self,
+        info: &SandboxInfo,
+        record: &TaskRecord,
+        workspace: &WorkspaceDigests,
+        key: &HostKey,
+        dir: &Path,
+    ) -> Result<(), TaskError> {
+        let journals = self.journals.as_ref().ok_or(TaskError::NoJournals)?;
+        let journal_error = |source| TaskError::Journal {
+            task: record.id.clone(),
+            source,
+        };
+        journals
+            .record(&info.id, end_event(record))
+            .await;
+        let identity = journals.identity(&info.id).await.map_err(journal_error)?;
+        let note = journals
+            .checkpoint_note(&info.id)
+            .await
+            .map_err(journal_error)?;
+        let image = self.manager.image(&info.spec.image).ok();
+        let predicate = attest::TaskPredicate {
+            task: record.id.clone(),
+            sandbox: attest::SandboxIdentity {
+                id: info.id.clone(),
+                public_key: hex::encode(identity.public),
+                certificate: identity.certificate,
+            },
+            host_key: key.public_hex(),
+            command: record.spec.command.clone(),
+            image: attest::ImageRef {
+                name: info.spec.image.clone(),
+                template: record.spec.template.clone(),
+                digest: image.map(|i| i.digest),
+            },
+            network: record.spec.network.clone(),
+            policy: attest::AttestedPolicy {
+                allow: record.spec.allow.clone(),
+                limits: record.spec.limits,
+            },
+            exit: record.agent.as_ref().map(|a| attest::Exit {
+                code: a.exit_code,
+                signal: a.signal,
+                timed_out: a.timed_out,
+            }),
+            verdict: record.verdict.clone(),
+            baseline_digest: record.baseline_digest.clone(),
+            journal_checkpoint: Some(note),
+            finished_ms: now_ms(),
+        };
+        let statement = Statement::new(
+            predicate,
+            record.changeset_digest.clone(),
+            workspace.sha256.clone(),
+            workspace.base.clone(),
+        );
+        let mut envelope = Envelope::new(&statement);
+        let sandbox_sig = journals
+            .sign_dsse(&info.id, envelope.pae())
+            .await
+            .map_err(journal_error)?;
+        envelope.add_signature(&identity.public, &sandbox_sig);
+        envelope.add_signature(&key.public_bytes(), &key.sign_bytes(&envelope.pae()));
+        let json = serde_json::to_vec_pretty(&envelope).expect("serializable");
+        let path = dir.join(ATTESTATION);
+        off_worker(move || Self::write(&path, &json)).await
     }
 
     /// The host's signing key (made on first use).
@@ -452,8 +621,10 @@ impl Tasks {
                 error: Some(INTERRUPTED.into()),
                 signature: None,
             };
-            // A changeset stored before the cut is not vouched for by any record.
+            // A changeset (and its attestation) stored before the cut is not vouched for by any
+            // record.
             let _ = std::fs::remove_file(dir.join("changeset.bin"));
+            let _ = std::fs::remove_file(dir.join(ATTESTATION));
             Self::store_record(&dir, &self.key()?, &mut record)?;
             tracing::warn!(task = %id, "task {INTERRUPTED}");
             interrupted.push(id);
@@ -502,14 +673,57 @@ impl Tasks {
         } else {
             None
         };
-        Ok(self
-            .key()?
-            .check_task(&record, &baseline, changeset.as_deref()))
+        let key = self.key()?;
+        let check = key.check_task(&record, &baseline, changeset.as_deref());
+        match (check.is_ok(), changeset) {
+            (true, Some(stream)) => Ok(self.check_attestation(&key, &record, &stream)),
+            _ => Ok(check),
+        }
     }
 
+    /// Whether the task `record`'s attestation vouches for its changeset `stream`.
+    fn check_attestation(&self, key: &HostKey, record: &TaskRecord, stream: &[u8]) -> SignatureCheck {
+        let bad = |reason: String| SignatureCheck::Bad { reason };
+        let envelope = match self.read_attestation(&record.id) {
+            Ok(e) => e,
+            Err(e) => return bad(chain(&e)),
+        };
+        match attest::verify(&envelope, &key.public_bytes(), Some(stream)) {
+            Ok(s) if s.predicate.task != record.id => {
+                bad(format!("the attestation is about {:.40}", s.predicate.task))
+            }
+            Ok(_) => SignatureCheck::Ok {
+                public_key: key.public_hex(),
+            },
+            Err(flaws) => bad(format!(
+                "the attestation does not verify: {}",
+                flaws.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            )),
+        }
+    }
+
+    /// The task's attestation (a DSSE envelope), as stored.
+    pub async fn attestation(&self, id: &str) -> Result<Envelope, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| t.read_attestation(&id)).await
+    }
+
+    fn read_attestation(&self, id: &str) -> Result<Envelope, TaskError> {
+        let path = self.task_dir(id)?.join(ATTESTATION);
+        if !path.exists() {
+            return Err(TaskError::Unattested(id.into()));
+        }
+        Self::json(&path)
+    }
+
+    /// Destroys a task sandbox and seals its journal.
     async fn destroy(&self, id: &str) {
         if let Err(e) = self.manager.destroy(id).await {
             tracing::warn!(sandbox = id, error = %chain(&e), "destroying a task sandbox failed");
+        }
+        if let Some(j) = &self.journals {
+            let seal = Event::new(kinds::SEAL).attr(attr::SEAL_REASON, "task done");
+            j.seal(id, seal).await;
         }
     }
 
@@ -645,7 +859,7 @@ impl Tasks {
             labels: [(TASK_LABEL.to_string(), id.to_string())].into(),
             ..Default::default()
         };
-        let (info, _) = self.manager.create(sb, None).await?;
+        let info = self.create_sandbox(id, sb).await?;
         let r = async {
             let channel = self.manager.channel(&info.id).await?;
             let extra: Vec<(&str, &[u8])> = stream

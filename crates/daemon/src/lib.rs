@@ -125,7 +125,10 @@ pub async fn run(
         report.removed_dirs,
         report.removed_snapshots
     );
-    let tasks = Arc::new(hutch_core::task::Tasks::new(home.tasks(), manager.clone()));
+    let journals = journals(home).await?;
+    let tasks = Arc::new(
+        hutch_core::task::Tasks::new(home.tasks(), manager.clone()).with_journals(journals.clone()),
+    );
     match tasks.recover().await {
         Ok(ids) if !ids.is_empty() => eprintln!(
             "hutch daemon: {} task(s) interrupted by the restart marked failed",
@@ -134,7 +137,6 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %hutch_core::chain(&e), "recovering tasks failed"),
     }
-    let journals = journals(home).await?;
     let retention = Duration::from_secs(args.journal_retention_days.saturating_mul(86_400));
     let state = Arc::new(AppState {
         api: Arc::new(LocalApi::new(manager.clone(), tasks).with_journals(journals.clone())),

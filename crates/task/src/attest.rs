@@ -143,25 +143,21 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// The statement about a task that started from `workspace_tar` (whose git `HEAD`, if
-    /// any, is `base`) and produced the changeset stream `changeset` (none when it was not
-    /// accepted).
+    /// The statement about a task that started from the workspace archive whose SHA-256 is
+    /// `workspace` (its git `HEAD`, if any, being `base`) and produced the changeset stream
+    /// whose SHA-256 is `changeset` (none when it was not accepted).
     pub fn new(
         predicate: TaskPredicate,
-        changeset: Option<&[u8]>,
-        workspace_tar: &[u8],
+        changeset: Option<String>,
+        workspace: String,
         base: Option<String>,
     ) -> Statement {
-        let changeset = changeset.map(|c| Subject::new(CHANGESET_SUBJECT, "sha256", sha256_hex(c)));
-        let workspace = Subject::new(WORKSPACE_SUBJECT, "sha256", sha256_hex(workspace_tar));
+        let changeset = changeset.map(|c| Subject::new(CHANGESET_SUBJECT, "sha256", c));
+        let workspace = Subject::new(WORKSPACE_SUBJECT, "sha256", workspace);
         let base = base.map(|c| Subject::new(BASE_SUBJECT, "gitCommit", c));
         Statement {
             statement_type: STATEMENT_TYPE.into(),
-            subject: changeset
-                .into_iter()
-                .chain([workspace])
-                .chain(base)
-                .collect(),
+            subject: changeset.into_iter().chain([workspace]).chain(base).collect(),
             predicate_type: PREDICATE_TYPE.into(),
             predicate,
         }
@@ -471,7 +467,12 @@ mod tests {
             journal_checkpoint: Some("note".into()),
             finished_ms: 1,
         };
-        Statement::new(predicate, Some(changeset), b"tar", Some("a".repeat(40)))
+        Statement::new(
+            predicate,
+            Some(sha256_hex(changeset)),
+            sha256_hex(b"tar"),
+            Some("a".repeat(40)),
+        )
     }
 
     fn signed(statement: &Statement, signers: &[&SigningKey]) -> Envelope {
