@@ -262,9 +262,8 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
             let mut json = serde_json::to_string_pretty(&envelope).expect("serializable");
             json.push('\n');
             match output {
-                Some(path) => std::fs::write(&path, json).map_err(|e| {
-                    usage(format!("writing {}: {e}", path.display()))
-                })?,
+                Some(path) => std::fs::write(&path, json)
+                    .map_err(|e| usage(format!("writing {}: {e}", path.display())))?,
                 None => print!("{json}"),
             }
             Ok(0)

@@ -472,7 +472,11 @@ impl Tasks {
     }
 
     /// Creates a sandbox for task `task`, starting its journal.
-    async fn create_sandbox(&self, task: &str, spec: SandboxSpec) -> Result<SandboxInfo, CoreError> {
+    async fn create_sandbox(
+        &self,
+        task: &str,
+        spec: SandboxSpec,
+    ) -> Result<SandboxInfo, CoreError> {
         let (info, _) = self.manager.create(spec, None).await?;
         if let Some(j) = &self.journals {
             let digest = self.manager.image(&info.spec.image).ok().map(|i| i.digest);
@@ -498,9 +502,7 @@ impl Tasks {
             task: record.id.clone(),
             source,
         };
-        journals
-            .record(&info.id, end_event(record))
-            .await;
+        journals.record(&info.id, end_event(record)).await;
         let identity = journals.identity(&info.id).await.map_err(journal_error)?;
         let note = journals
             .checkpoint_note(&info.id)
@@ -682,7 +684,12 @@ impl Tasks {
     }
 
     /// Whether the task `record`'s attestation vouches for its changeset `stream`.
-    fn check_attestation(&self, key: &HostKey, record: &TaskRecord, stream: &[u8]) -> SignatureCheck {
+    fn check_attestation(
+        &self,
+        key: &HostKey,
+        record: &TaskRecord,
+        stream: &[u8],
+    ) -> SignatureCheck {
         let bad = |reason: String| SignatureCheck::Bad { reason };
         let envelope = match self.read_attestation(&record.id) {
             Ok(e) => e,
@@ -697,7 +704,11 @@ impl Tasks {
             },
             Err(flaws) => bad(format!(
                 "the attestation does not verify: {}",
-                flaws.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                flaws
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )),
         }
     }

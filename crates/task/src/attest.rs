@@ -157,7 +157,11 @@ impl Statement {
         let base = base.map(|c| Subject::new(BASE_SUBJECT, "gitCommit", c));
         Statement {
             statement_type: STATEMENT_TYPE.into(),
-            subject: changeset.into_iter().chain([workspace]).chain(base).collect(),
+            subject: changeset
+                .into_iter()
+                .chain([workspace])
+                .chain(base)
+                .collect(),
             predicate_type: PREDICATE_TYPE.into(),
             predicate,
         }
