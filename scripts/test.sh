@@ -61,6 +61,16 @@ if ! [ -x /usr/sbin/sshd ] || ! command -v ssh-add >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-client openssh-server >/dev/null
 fi
 export HUTCH_REQUIRE_SSH_TESTS=1
+# securesystemslib (with its crypto extra, for Ed25519), pinned, in a venv of its own: the task
+# suite verifies task attestations' DSSE envelopes with it (crates/cli/tests/task/).
+sslib_venv=target/tools/sslib
+if ! "$sslib_venv/bin/python" -c 'import importlib.metadata as m, cryptography; assert m.version("securesystemslib") == "1.6.0"' 2>/dev/null; then
+    python_venv_support
+    rm -rf "$sslib_venv"
+    python3 -m venv "$sslib_venv"
+    "$sslib_venv/bin/pip" install -q 'securesystemslib[crypto]==1.6.0'
+fi
+export HUTCH_TEST_PYTHON_SSLIB="$PWD/$sslib_venv/bin/python"
 echo "== MCP client for the tests (the official Python SDK)"
 # crates/cli/tests/daemon/mcp.rs drives the daemon's MCP server with it; pinned, in a venv.
 mcp_venv=target/tools/mcp

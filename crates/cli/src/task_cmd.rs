@@ -1,7 +1,8 @@
-//! `hutch task run|ls|show|diff|apply|verify`: agent tasks through the daemon. The workspace
-//! is packed here and sent; the agent's output streams back while it runs; the changeset
-//! comes back checked by the daemon and is checked again here (with the record's signature and
-//! digests) before `apply` writes a byte.
+//! `hutch task run|ls|show|diff|apply|verify|attest`: agent tasks through the daemon. The
+//! workspace is packed here and sent; the agent's output streams back while it runs; the
+//! changeset comes back checked by the daemon and is checked again here (with the record's
+//! signature and digests, and the task's attestation: both its signatures, and its subject's
+//! digest against the changeset served) before `apply` writes a byte.
 
 use std::{
     io::{IsTerminal, Write},
@@ -11,8 +12,14 @@ use std::{
 use clap::{Args, Subcommand};
 use hutch_api::client::Client;
 use hutch_task::{
-    apply, baseline::sha256_hex, changeset::validate, diff::escape_terminal, model::FRAME_STDOUT,
-    Limits, TaskRecord, TaskSpec, Verdict,
+    apply,
+    attest::{self, Envelope},
+    baseline::sha256_hex,
+    changeset::validate,
+    diff::escape_terminal,
+    model::FRAME_STDOUT,
+    sign::SignatureCheck,
+    Limits, Policy, TaskRecord, TaskSpec, Verdict,
 };
 
 use crate::{
@@ -55,11 +62,23 @@ pub enum TaskCommand {
     Show(TaskIdArgs),
     /// Check that a stored task (record, baseline, changeset) is as the host signed it.
     Verify(TaskIdArgs),
+    /// Write a task's attestation: an in-toto statement (the changeset and the workspace's
+    /// base commit; what ran, in which image, under which network policy, with which verdict,
+    /// and the sandbox journal's checkpoint) in a DSSE envelope signed by the task sandbox's
+    /// identity key and the host key.
+    Attest {
+        /// The task.
+        #[command(flatten)]
+        task: TaskIdArgs,
+        /// Write it to this file instead of standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Print a task's changeset as a unified diff (control characters escaped on a terminal).
     Diff(TaskIdArgs),
     /// Apply a task's changeset to the workspace (a clean git tree, and every touched path as
     /// in the task's baseline), or commit it on a new branch without touching the work tree;
-    /// refused when the task's signature does not hold.
+    /// refused when the task's signature does not hold or its attestation does not verify.
     Apply {
         /// The task.
         #[command(flatten)]
@@ -173,7 +192,7 @@ impl TaskCommand {
             TaskCommand::Run(a) => &a.conn,
             TaskCommand::RunMany { conn, .. } | TaskCommand::Ls { conn, .. } => conn,
             TaskCommand::Show(a) | TaskCommand::Diff(a) | TaskCommand::Verify(a) => &a.conn,
-            TaskCommand::Apply { task, .. } => &task.conn,
+            TaskCommand::Apply { task, .. } | TaskCommand::Attest { task, .. } => &task.conn,
         }
     }
 }
@@ -238,6 +257,17 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
             println!("signature: {check}");
             Ok(if check.is_ok() { 0 } else { 1 })
         }
+        TaskCommand::Attest { task, output } => {
+            let envelope = client.task_attestation(&task.id).await?;
+            let mut json = serde_json::to_string_pretty(&envelope).expect("serializable");
+            json.push('\n');
+            match output {
+                Some(path) => std::fs::write(&path, json)
+                    .map_err(|e| usage(format!("writing {}: {e}", path.display())))?,
+                None => print!("{json}"),
+            }
+            Ok(0)
+        }
         TaskCommand::Diff(a) => {
             let diff = client.task_diff(&a.id).await?;
             if std::io::stdout().is_terminal() {
@@ -261,12 +291,12 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                 )));
             }
             let check = client.task_signature(&task.id).await?;
-            if !check.is_ok() {
+            let SignatureCheck::Ok { public_key } = &check else {
                 return Err(usage(format!(
                     "task {}: signature {check}; refusing to apply it",
                     task.id
                 )));
-            }
+            };
             let baseline = client.task_baseline(&task.id).await?;
             let stream = client.task_changeset(&task.id).await?;
             if baseline.digest() != record.baseline_digest
@@ -277,7 +307,9 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                     task.id
                 )));
             }
-            let cs = validate(&stream, &baseline, &record.spec.policy()).map_err(|r| {
+            let envelope = client.task_attestation(&task.id).await?;
+            let policy = attested_policy(&envelope, public_key, &record, &stream)?;
+            let cs = validate(&stream, &baseline, &policy).map_err(|r| {
                 usage(format!(
                     "the changeset does not validate: {}",
                     r.iter()
@@ -316,6 +348,47 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
             Ok(0)
         }
     }
+}
+
+/// The policy a changeset is validated with again, once `envelope` (checked here against the
+/// host key `host`, hex) vouches for `stream` as `record`'s changeset; every reason otherwise.
+fn attested_policy(
+    envelope: &Envelope,
+    host: &str,
+    record: &TaskRecord,
+    stream: &[u8],
+) -> Result<Policy, CliError> {
+    let refuse = |reasons: Vec<String>| {
+        usage(format!(
+            "task {}: the attestation does not verify ({}); refusing to apply it",
+            record.id,
+            reasons.join("; ")
+        ))
+    };
+    let host: [u8; 32] = hex::decode(host)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| refuse(vec!["the daemon named no usable host key".into()]))?;
+    let statement = attest::verify(envelope, &host, Some(stream))
+        .map_err(|flaws| refuse(flaws.iter().map(ToString::to_string).collect()))?;
+    let p = &statement.predicate;
+    let mut reasons = vec![];
+    if p.task != record.id {
+        reasons.push(format!("it is about {:.40}", p.task));
+    }
+    if p.baseline_digest != record.baseline_digest {
+        reasons.push("its baseline is not the record's".into());
+    }
+    if !matches!(p.verdict, Verdict::Accepted { .. }) {
+        reasons.push(format!("its verdict is {}", verdict_word(&p.verdict)));
+    }
+    if !reasons.is_empty() {
+        return Err(refuse(reasons));
+    }
+    Ok(Policy {
+        allow: p.policy.allow.clone(),
+        limits: p.policy.limits,
+    })
 }
 
 pub(crate) fn verdict_word(v: &Verdict) -> &'static str {

@@ -90,6 +90,7 @@ fn common_trials() -> Vec<libtest_mimic::Trial> {
         verify_passes_good_changes_fails_breaking_ones_without_a_network,
         three_parallel_tasks_then_a_round_that_sees_their_changes,
         task_run_streams_the_agents_output,
+        a_tasks_attestation_verifies_with_securesystemslib_and_gates_apply,
     ]
 }
 
@@ -406,6 +407,154 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
         std::fs::write(&record, signed)?;
         let out = hutch(&home).args(["task", "verify", &t.id]).output()?;
         check(out.status.success(), "the restored record verifies")?;
+        Ok(())
+    })
+}
+
+/// securesystemslib's interpreter: `$HUTCH_TEST_PYTHON_SSLIB` (scripts/test.sh's venv), else
+/// `python3`.
+fn python_sslib() -> String {
+    std::env::var("HUTCH_TEST_PYTHON_SSLIB").unwrap_or_else(|_| "python3".into())
+}
+
+/// The task's attestation, written by `hutch task attest -o`, verifies with securesystemslib
+/// (DSSE, both keys, threshold 2) and names the changeset, the base commit, the command, the
+/// verdict and the journal checkpoint; the sandbox's journal is sealed and verifies; `apply`
+/// refuses the changeset when the attestation lost a signature or is gone, and applies it
+/// again once the attestation is back.
+fn a_tasks_attestation_verifies_with_securesystemslib_and_gates_apply() -> Result {
+    on_rt(async {
+        let client = suite().client.clone();
+        let home = suite().home.path().to_path_buf();
+        let ws = repo()?;
+        let base = run(ws.path(), "git", &["rev-parse", "HEAD"])?;
+        let t = run_task(&client, ws.path(), &task_spec("echo attested > a.txt")).await?;
+        check(
+            t.verdict == Verdict::Accepted { changes: 1 },
+            format!("verdict {:?} {:?}", t.verdict, t.error),
+        )?;
+        let stored = home.join("tasks").join(&t.id);
+        let out_dir = tempfile::tempdir()?;
+        let file = out_dir.path().join("attestation.json");
+        let out = hutch(&home)
+            .args(["task", "attest", &t.id, "-o"])
+            .arg(&file)
+            .output()?;
+        check(
+            out.status.success() && file.is_file(),
+            format!("task attest: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/task/verify_attestation.py"
+        );
+        let out = Command::new(python_sslib())
+            .arg(script)
+            .arg(&file)
+            .arg(home.join("tasks/host.key"))
+            .arg(stored.join("changeset.bin"))
+            .arg(base.trim())
+            .output()
+            .map_err(|e| format!("cannot run {} (securesystemslib): {e}", python_sslib()))?;
+        check(
+            out.status.success(),
+            format!("securesystemslib: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!("securesystemslib: {got}");
+        check(
+            got["ok"] == true,
+            format!("securesystemslib refused: {got}"),
+        )?;
+        check(
+            got["verified_keys"].as_array().map(Vec::len) == Some(2),
+            "both keys verified",
+        )?;
+        check(
+            got["type"] == "https://in-toto.io/Statement/v1",
+            "in-toto Statement v1",
+        )?;
+        check(got["changeset_matches"] == true, "the changeset subject")?;
+        check(got["base_matches"] == true, "the base commit subject")?;
+        check(
+            got["command"] == serde_json::json!(["sh", "-c", "echo attested > a.txt"]),
+            "the command",
+        )?;
+        check(got["verdict"] == "accepted", "the verdict")?;
+        check(
+            got["network"]["mode"] == "none",
+            format!("the network {}", got["network"]),
+        )?;
+        check(
+            got["image_digest"].as_str().is_some_and(|d| !d.is_empty()),
+            "the image digest",
+        )?;
+        check(
+            got["checkpoint"]
+                .as_str()
+                .is_some_and(|n| n.contains("\n\u{2014} ")),
+            format!("a signed checkpoint note: {}", got["checkpoint"]),
+        )?;
+        // The sandbox is gone and its journal sealed (its key destroyed) after the signing.
+        let sandbox = got["sandbox"].as_str().ok_or("no sandbox id")?;
+        let out = hutch(&home).args(["audit", "verify", sandbox]).output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        check(
+            out.status.success() && said.starts_with("ok:") && said.contains(", sealed"),
+            format!(
+                "audit verify {sandbox}: {said} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )?;
+        check(
+            !home
+                .join("journal")
+                .join(sandbox)
+                .join("sandbox.key")
+                .exists(),
+            "the sandbox key is destroyed",
+        )?;
+
+        // Without the sandbox's signature, or without any attestation, nothing is applied.
+        let path = stored.join("attestation.json");
+        let original = std::fs::read_to_string(&path)?;
+        let mut envelope: serde_json::Value = serde_json::from_str(&original)?;
+        envelope["signatures"]
+            .as_array_mut()
+            .ok_or("signatures")?
+            .remove(0);
+        std::fs::write(&path, serde_json::to_vec(&envelope)?)?;
+        let before = tree_digest(ws.path(), true);
+        let out = apply(&home, &t.id, ws.path(), None)?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        check(
+            !out.status.success()
+                && said.contains("attestation does not verify")
+                && said.contains("no signature by the sandbox key"),
+            format!("apply with one signature: {said}"),
+        )?;
+        std::fs::remove_file(&path)?;
+        let out = apply(&home, &t.id, ws.path(), None)?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        check(
+            !out.status.success() && said.contains("no attestation"),
+            format!("apply without an attestation: {said}"),
+        )?;
+        check(
+            tree_digest(ws.path(), true) == before,
+            "refusals change nothing",
+        )?;
+        std::fs::write(&path, original)?;
+        let out = apply(&home, &t.id, ws.path(), None)?;
+        check(
+            out.status.success(),
+            format!("apply: {}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        check(
+            std::fs::read_to_string(ws.path().join("a.txt"))? == "attested\n",
+            "applied",
+        )?;
         Ok(())
     })
 }

@@ -6,7 +6,11 @@
 //! destroyed; the host never runs workspace code. The agent's output streams to an optional
 //! sink while it runs; every record is signed with the host's task key
 //! ([`hutch_task::sign`]); a task cut off by a daemon restart is marked failed by
-//! [`Tasks::recover`].
+//! [`Tasks::recover`]. Each task sandbox has a journal; before the agent's sandbox is destroyed
+//! (its journal sealed, its identity key destroyed) the task's result is attested
+//! ([`hutch_task::attest`]): an in-toto statement in a DSSE envelope signed by that sandbox's
+//! key and the host key, stored as `attestation.json`, without which no changeset is vouched
+//! for.
 
 use std::{
     collections::BTreeMap,
@@ -15,11 +19,12 @@ use std::{
     time::Instant,
 };
 
-use hutch_journal::{attr, kinds, Event};
+use hutch_journal::{attr, kinds, Actor, Event, JournalError};
 use hutch_protocol::{host::Channel, ExecRequest, ExitStatus, WriteFileRequest};
 use hutch_store::ListFilter;
 use hutch_task::{
     archive::ArchiveError,
+    attest::{self, Envelope, Statement},
     baseline::{sha256_hex, tar_files},
     changeset::validate,
     sign::{HostKey, KeyError, SignatureCheck},
@@ -30,7 +35,7 @@ use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec};
 use rand::RngCore;
 
 use crate::{
-    audit::{create_event, Journals},
+    audit::{create_event, JournalSink, Journals},
     blocking::off_worker,
     chain,
     exec::{run_capped, split_status, Collected, ExecError, OverCap},
@@ -48,6 +53,8 @@ const OUTPUT_CAP: usize = 1 << 20;
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 /// The label every task sandbox carries, valued with the task's id.
 pub const TASK_LABEL: &str = "hutch.task";
+/// The task's attestation (a DSSE envelope, JSON), beside its record.
+pub const ATTESTATION: &str = "attestation.json";
 /// Why a task without a record is marked failed at daemon start.
 const INTERRUPTED: &str = "interrupted by a daemon restart";
 
@@ -93,6 +100,24 @@ pub enum TaskError {
     /// The sandboxes left by interrupted tasks could not be listed.
     #[error("listing task sandboxes")]
     Sandboxes(#[source] CoreError),
+    /// This host keeps no sandbox journals, so no sandbox key can attest a task.
+    #[error("this host keeps no sandbox journals: the task cannot be attested")]
+    NoJournals,
+    /// The sandbox's journal could not checkpoint, name or sign with its key.
+    #[error("the sandbox journal of task {task}")]
+    Journal {
+        /// The task.
+        task: String,
+        /// Why.
+        #[source]
+        source: JournalError,
+    },
+    /// The task has a changeset but no attestation.
+    #[error(
+        "task {0} has no attestation: it was stored by a hutch from before attestations (a \
+         host-signed record only), so its changeset is not vouched for; run the task again"
+    )]
+    Unattested(String),
 }
 
 impl TaskError {
@@ -101,11 +126,15 @@ impl TaskError {
         match self {
             TaskError::Spec(_) => ErrorCode::BadRequest,
             TaskError::Archive(_) => ErrorCode::UnsafePath,
-            TaskError::NotFound(_) | TaskError::NoChangeset(_) => ErrorCode::NotFound,
+            TaskError::NotFound(_) | TaskError::NoChangeset(_) | TaskError::Unattested(_) => {
+                ErrorCode::NotFound
+            }
             TaskError::Store { .. }
             | TaskError::Corrupt { .. }
             | TaskError::Key(_)
-            | TaskError::Sandboxes(_) => ErrorCode::Internal,
+            | TaskError::Sandboxes(_)
+            | TaskError::NoJournals
+            | TaskError::Journal { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -137,7 +166,8 @@ impl From<ExecError> for StepError {
 pub struct Tasks {
     dir: PathBuf,
     manager: Arc<Manager>,
-    /// The journals of task sandboxes, when kept.
+    /// The journals of task sandboxes, when kept; their sandbox keys attest the tasks' results
+    /// (without journals, no task is attested).
     journals: std::sync::OnceLock<Arc<Journals>>,
 }
 
@@ -181,6 +211,12 @@ fn verify_event(task: &str, r: &Result<VerifyOutcome, StepError>) -> Event {
         }
         Err(e) => event.attr(attr::ERROR_MESSAGE, chain(e)),
     }
+
+
+/// What a task's attestation says of its workspace: the archive's SHA-256 and git `HEAD`.
+struct WorkspaceDigests {
+    sha256: String,
+    base: Option<String>,
 }
 
 /// A stream as stored: lossy UTF-8, with a note when bytes beyond the cap were dropped.
@@ -213,6 +249,34 @@ fn outcome(c: &Collected, started: Instant) -> ProcessOutcome {
         truncated: c.truncated(),
         millis: started.elapsed().as_millis() as u64,
     }
+}
+
+/// Who acts for a task in its sandboxes' journals: the daemon, for the task's run.
+fn task_actor(task: &str) -> Actor {
+    Actor {
+        principal: "daemon".into(),
+        request_id: Some(task.into()),
+    }
+}
+
+/// The journal record of a task's end in its sandbox: what ran, how it ended, the verdict and
+/// the changeset.
+fn end_event(record: &TaskRecord) -> Event {
+    let mut event = Event::new("task.end")
+        .by(Some(&task_actor(&record.id)))
+        .attr(attr::PROCESS_COMMAND_ARGS, record.spec.command.clone())
+        .attr(
+            "hutch.task.verdict",
+            serde_json::to_value(&record.verdict).unwrap_or_default(),
+        )
+        .attr("hutch.task.changes", record.changes.len());
+    if let Some(code) = record.agent.as_ref().and_then(|a| a.exit_code) {
+        event = event.attr(attr::PROCESS_EXIT_CODE, code);
+    }
+    if let Some(digest) = &record.changeset_digest {
+        event = event.attr("hutch.changeset.sha256", digest.clone());
+    }
+    event
 }
 
 fn ms(since: Instant) -> u64 {
@@ -286,24 +350,10 @@ impl Tasks {
         let _ = self.journals.set(journals);
     }
 
-    /// Starts the journal of the task sandbox `info`, when journals are kept.
-    async fn journal_start(&self, info: &SandboxInfo) {
+    /// Appends `event` to the journal of the task sandbox `sandbox`, when journals are kept.
+    async fn journal(&self, sandbox: &str, event: Event) {
         if let Some(j) = self.journals.get() {
-            let digest = self.manager.image(&info.spec.image).ok().map(|i| i.digest);
-            j.start(info, create_event(info, None, digest.as_deref()))
-                .await;
-        }
-    }
-
-    /// Appends `last` to the journal of the task sandbox `sandbox` and seals it (before the
-    /// sandbox goes).
-    async fn journal_end(&self, sandbox: &str, last: Event) {
-        if let Some(j) = self.journals.get() {
-            if let Some(journal) = j.opened(sandbox).await {
-                journal.append(last);
-            }
-            let seal = Event::new(kinds::SEAL).attr(attr::SEAL_REASON, "task sandbox done");
-            j.seal(sandbox, seal).await;
+            j.record(sandbox, event).await;
         }
     }
 
@@ -354,9 +404,13 @@ impl Tasks {
     ) -> Result<TaskRecord, TaskError> {
         check_spec(&spec)?;
         // Hashing a big workspace takes a while: off the async workers.
-        let (workspace_tar, baseline) = off_worker(move || {
+        let (workspace_tar, baseline, digests) = off_worker(move || {
             let baseline = Baseline::from_tar(&workspace_tar).map_err(TaskError::Archive)?;
-            Ok::<_, TaskError>((workspace_tar, baseline))
+            let digests = WorkspaceDigests {
+                sha256: sha256_hex(&workspace_tar),
+                base: attest::base_commit(&workspace_tar),
+            };
+            Ok::<_, TaskError>((workspace_tar, baseline, digests))
         })
         .await?;
         let key = self.key()?;
@@ -409,11 +463,10 @@ impl Tasks {
             ..Default::default()
         };
         let t = Instant::now();
-        match self.manager.create(sb, None).await {
+        match self.create_sandbox(&id, sb).await {
             Err(e) => record.error = Some(format!("creating the sandbox: {}", chain(&e))),
-            Ok((info, _)) => {
+            Ok(info) => {
                 record.timings.create_ms = ms(t);
-                self.journal_start(&info).await;
                 let r = self
                     .agent_steps(
                         &info.id,
@@ -437,8 +490,14 @@ impl Tasks {
                 if let Ok(Some((_, digest))) = &encoded {
                     record.changeset_digest = Some(digest.clone());
                 }
-                self.journal_end(&info.id, changeset_event(&id, &record))
-                    .await;
+                self.journal(&info.id, changeset_event(&id, &record)).await;
+                // Signed now: the sandbox's key is destroyed with it.
+                if let Err(e) = self.attest(&info, &record, &digests, &key, &dir).await {
+                    record.error = Some(match record.error.take() {
+                        Some(before) => format!("{before}; attesting: {}", chain(&e)),
+                        None => format!("attesting: {}", chain(&e)),
+                    });
+                }
                 self.destroy(&info.id).await;
             }
         }
@@ -476,6 +535,91 @@ impl Tasks {
             Self::write(&path, &stream).map(|()| Some((stream, digest)))
         })
         .await
+    }
+
+    /// Creates a sandbox for task `task`, starting its journal.
+    async fn create_sandbox(
+        &self,
+        task: &str,
+        spec: SandboxSpec,
+    ) -> Result<SandboxInfo, CoreError> {
+        let (info, _) = self.manager.create(spec, None).await?;
+        if let Some(j) = self.journals.get() {
+            let digest = self.manager.image(&info.spec.image).ok().map(|i| i.digest);
+            let first = create_event(&info, Some(&task_actor(task)), digest.as_deref());
+            j.start(&info, first).await;
+        }
+        Ok(info)
+    }
+
+    /// Attests what task `record` did in the sandbox `info` (which still runs): records its
+    /// end in the sandbox's journal, checkpoints it, and stores in `dir` the statement in a
+    /// DSSE envelope signed by the sandbox's identity key and by `key`.
+    async fn attest(
+        &self,
+        info: &SandboxInfo,
+        record: &TaskRecord,
+        workspace: &WorkspaceDigests,
+        key: &HostKey,
+        dir: &Path,
+    ) -> Result<(), TaskError> {
+        let journals = self.journals.get().ok_or(TaskError::NoJournals)?;
+        let journal_error = |source| TaskError::Journal {
+            task: record.id.clone(),
+            source,
+        };
+        journals.record(&info.id, end_event(record)).await;
+        let identity = journals.identity(&info.id).await.map_err(journal_error)?;
+        let note = journals
+            .checkpoint_note(&info.id)
+            .await
+            .map_err(journal_error)?;
+        let image = self.manager.image(&info.spec.image).ok();
+        let predicate = attest::TaskPredicate {
+            task: record.id.clone(),
+            sandbox: attest::SandboxIdentity {
+                id: info.id.clone(),
+                public_key: hex::encode(identity.public),
+                certificate: identity.certificate,
+            },
+            host_key: key.public_hex(),
+            command: record.spec.command.clone(),
+            image: attest::ImageRef {
+                name: info.spec.image.clone(),
+                template: record.spec.template.clone(),
+                digest: image.map(|i| i.digest),
+            },
+            network: record.spec.network.clone(),
+            policy: attest::AttestedPolicy {
+                allow: record.spec.allow.clone(),
+                limits: record.spec.limits,
+            },
+            exit: record.agent.as_ref().map(|a| attest::Exit {
+                code: a.exit_code,
+                signal: a.signal,
+                timed_out: a.timed_out,
+            }),
+            verdict: record.verdict.clone(),
+            baseline_digest: record.baseline_digest.clone(),
+            journal_checkpoint: Some(note),
+            finished_ms: now_ms(),
+        };
+        let statement = Statement::new(
+            predicate,
+            record.changeset_digest.clone(),
+            workspace.sha256.clone(),
+            workspace.base.clone(),
+        );
+        let mut envelope = Envelope::new(&statement);
+        let sandbox_sig = journals
+            .sign_dsse(&info.id, envelope.pae())
+            .await
+            .map_err(journal_error)?;
+        envelope.add_signature(&identity.public, &sandbox_sig);
+        envelope.add_signature(&key.public_bytes(), &key.sign_bytes(&envelope.pae()));
+        let json = serde_json::to_vec_pretty(&envelope).expect("serializable");
+        let path = dir.join(ATTESTATION);
+        off_worker(move || Self::write(&path, &json)).await
     }
 
     /// The host's signing key (made on first use).
@@ -545,8 +689,10 @@ impl Tasks {
                 error: Some(INTERRUPTED.into()),
                 signature: None,
             };
-            // A changeset stored before the cut is not vouched for by any record.
+            // A changeset (and its attestation) stored before the cut is not vouched for by any
+            // record.
             let _ = std::fs::remove_file(dir.join("changeset.bin"));
+            let _ = std::fs::remove_file(dir.join(ATTESTATION));
             Self::store_record(&dir, &self.key()?, &mut record)?;
             tracing::warn!(task = %id, "task {INTERRUPTED}");
             interrupted.push(id);
@@ -595,14 +741,66 @@ impl Tasks {
         } else {
             None
         };
-        Ok(self
-            .key()?
-            .check_task(&record, &baseline, changeset.as_deref()))
+        let key = self.key()?;
+        let check = key.check_task(&record, &baseline, changeset.as_deref());
+        match (check.is_ok(), changeset) {
+            (true, Some(stream)) => Ok(self.check_attestation(&key, &record, &stream)),
+            _ => Ok(check),
+        }
     }
 
+    /// Whether the task `record`'s attestation vouches for its changeset `stream`.
+    fn check_attestation(
+        &self,
+        key: &HostKey,
+        record: &TaskRecord,
+        stream: &[u8],
+    ) -> SignatureCheck {
+        let bad = |reason: String| SignatureCheck::Bad { reason };
+        let envelope = match self.read_attestation(&record.id) {
+            Ok(e) => e,
+            Err(e) => return bad(chain(&e)),
+        };
+        match attest::verify(&envelope, &key.public_bytes(), Some(stream)) {
+            Ok(s) if s.predicate.task != record.id => {
+                bad(format!("the attestation is about {:.40}", s.predicate.task))
+            }
+            Ok(_) => SignatureCheck::Ok {
+                public_key: key.public_hex(),
+            },
+            Err(flaws) => bad(format!(
+                "the attestation does not verify: {}",
+                flaws
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }
+    }
+
+    /// The task's attestation (a DSSE envelope), as stored.
+    pub async fn attestation(&self, id: &str) -> Result<Envelope, TaskError> {
+        let id = id.to_owned();
+        self.reading(move |t| t.read_attestation(&id)).await
+    }
+
+    fn read_attestation(&self, id: &str) -> Result<Envelope, TaskError> {
+        let path = self.task_dir(id)?.join(ATTESTATION);
+        if !path.exists() {
+            return Err(TaskError::Unattested(id.into()));
+        }
+        Self::json(&path)
+    }
+
+    /// Destroys a task sandbox and seals its journal.
     async fn destroy(&self, id: &str) {
         if let Err(e) = self.manager.destroy(id).await {
             tracing::warn!(sandbox = id, error = %chain(&e), "destroying a task sandbox failed");
+        }
+        if let Some(j) = self.journals.get() {
+            let seal = Event::new(kinds::SEAL).attr(attr::SEAL_REASON, "task done");
+            j.seal(id, seal).await;
         }
     }
 
@@ -738,8 +936,7 @@ impl Tasks {
             labels: [(TASK_LABEL.to_string(), id.to_string())].into(),
             ..Default::default()
         };
-        let (info, _) = self.manager.create(sb, None).await?;
-        self.journal_start(&info).await;
+        let info = self.create_sandbox(id, sb).await?;
         let r = async {
             let channel = self.manager.channel(&info.id).await?;
             let extra: Vec<(&str, &[u8])> = stream
@@ -775,7 +972,7 @@ impl Tasks {
             })
         }
         .await;
-        self.journal_end(&info.id, verify_event(id, &r)).await;
+        self.journal(&info.id, verify_event(id, &r)).await;
         self.destroy(&info.id).await;
         r
     }

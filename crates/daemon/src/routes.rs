@@ -78,6 +78,7 @@ fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tasks::task_changeset))
         .routes(routes!(tasks::task_diff))
         .routes(routes!(tasks::task_signature))
+        .routes(routes!(tasks::task_attestation))
         .routes(routes!(secrets::set_secret, secrets::remove_secret))
         .routes(routes!(secrets::list_secrets))
         .routes(routes!(secrets::secret_log))
@@ -446,6 +447,7 @@ pub(crate) mod tests {
         ("get", "/v1/tasks/{id}/changeset"),
         ("get", "/v1/tasks/{id}/diff"),
         ("get", "/v1/tasks/{id}/signature"),
+        ("get", "/v1/tasks/{id}/attestation"),
         ("put", "/v1/secrets/{name}"),
         ("get", "/v1/secrets"),
         ("delete", "/v1/secrets/{name}"),

@@ -15,6 +15,7 @@ use axum::{
 use hutch_api::ApiError;
 use hutch_core::service::{Caller, TASKS_HOST_WIDE};
 use hutch_task::{
+    attest::Envelope,
     model::{encode_frame, FRAME_ERROR, FRAME_RECORD},
     sign::SignatureCheck,
     TaskRecord, TaskSpec,
@@ -167,6 +168,17 @@ pub(super) async fn task_signature(
     Path(id): Path<String>,
 ) -> Result<Json<SignatureCheck>> {
     Ok(Json(state.api.task_signature(&caller, &id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}/attestation", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, description = "the task's in-toto statement in a DSSE envelope, signed by its sandbox's key and the host key", body = Envelope),
+              (status = 404, body = ApiError)))]
+pub(super) async fn task_attestation(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Envelope>> {
+    Ok(Json(state.api.task_attestation(&caller, &id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/baseline", tag = "tasks", params(("id" = String, Path)),

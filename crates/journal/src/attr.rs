@@ -106,3 +106,5 @@ pub const RECORDING_BYTES: &str = "hutch.recording.bytes";
 pub const RECORDING_TRUNCATED: &str = "hutch.recording.truncated";
 /// Bytes of an exec's session the recording did not keep.
 pub const RECORDING_DROPPED: &str = "hutch.recording.dropped";
+/// SHA-256 (hex) of the DSSE pre-authentication encoding the sandbox key signed.
+pub const ATTESTATION_DIGEST: &str = "hutch.attestation.sha256";

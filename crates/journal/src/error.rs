@@ -31,6 +31,9 @@ pub enum JournalError {
     /// A session recording's bytes are not those its journal names by digest.
     #[error("recording {} does not match the digest its journal names", .0.display())]
     Altered(PathBuf),
+    /// The sandbox key was asked to sign something that is not a DSSE encoding.
+    #[error("the sandbox key signs only DSSE pre-authentication encodings")]
+    NotDsse,
     /// The writer thread is gone (it failed, or the journal was sealed).
     #[error("the journal's writer has stopped")]
     Stopped,

@@ -17,6 +17,8 @@ pub mod kinds {
     pub const REOPEN: &str = "journal.reopen";
     /// Bytes of an incomplete last line (a crash mid-write) were cut off at reopen.
     pub const TORN_TAIL: &str = "journal.torn_tail";
+    /// The sandbox key signed an attestation (a DSSE envelope's payload).
+    pub const ATTESTATION_SIGN: &str = "attestation.sign";
 }
 
 /// Who asked for what a record describes: the API principal and the request.

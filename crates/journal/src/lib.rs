@@ -44,4 +44,4 @@ pub use recording::{recording_path, Recorder, Recordings, Summary, RECORDINGS_DI
 pub use redact::{LiveSecrets, Redactor, REDACTED};
 pub use retention::prune;
 pub use verify::{verify_dir, Failure, Report, Status};
-pub use writer::{Journal, Options, CHECKPOINT_FILE, KEY_FILE};
+pub use writer::{Journal, Options, Signed, CHECKPOINT_FILE, DSSE_PREFIX, KEY_FILE};

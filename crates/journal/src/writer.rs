@@ -16,6 +16,7 @@ use std::{
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -62,7 +63,15 @@ enum Command {
     Sync(Reply<()>),
     Checkpoint(Reply<String>),
     Seal(Event, Reply<String>),
+    SignDsse(Vec<u8>, Reply<Signed>),
 }
+
+/// A signature by the sandbox's identity key: the public key and the signature's bytes.
+pub type Signed = ([u8; 32], [u8; 64]);
+
+/// What every message the sandbox key may sign besides checkpoints starts with: a DSSE
+/// pre-authentication encoding (`DSSEv1 <len> <type> <len> <body>`), never a note.
+pub const DSSE_PREFIX: &[u8] = b"DSSEv1 ";
 
 /// What callers and the writer share.
 #[derive(Debug)]
@@ -154,6 +163,17 @@ impl Journal {
     /// Appends `last` as the seal record, checkpoints it and destroys the key: the final note.
     pub async fn seal(&self, last: Event) -> Result<String, JournalError> {
         self.ask(|reply| Command::Seal(last, reply)).await
+    }
+
+    /// Signs `pae` (a DSSE pre-authentication encoding: it must start with [`DSSE_PREFIX`],
+    /// so the key signs nothing that could pass for a checkpoint note) with the sandbox's
+    /// identity key, recording the signature in the journal (`attestation.sign`, with the
+    /// SHA-256 of what was signed). Only before the seal: the key is destroyed then.
+    pub async fn sign_dsse(&self, pae: Vec<u8>) -> Result<Signed, JournalError> {
+        if !pae.starts_with(DSSE_PREFIX) {
+            return Err(JournalError::NotDsse);
+        }
+        self.ask(|reply| Command::SignDsse(pae, reply)).await
     }
 
     /// The latest checkpoint's signed note, if any was written.
@@ -386,6 +406,14 @@ impl Writer {
                     .and_then(|note| key::destroy(&self.dir.join(KEY_FILE)).map(|()| note));
                 let _ = reply.send(sealed);
                 return false;
+            }
+            Command::SignDsse(pae, reply) => {
+                let signature = HostSigner::sign(&self.key, &pae);
+                self.encode(
+                    Event::new(crate::kinds::ATTESTATION_SIGN)
+                        .attr(attr::ATTESTATION_DIGEST, hex::encode(Sha256::digest(&pae))),
+                );
+                let _ = reply.send(Ok((self.key.verifying_key().to_bytes(), signature)));
             }
         }
         true

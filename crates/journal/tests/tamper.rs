@@ -319,3 +319,41 @@ async fn the_checkpoint_file_is_the_latest_note() {
     assert_eq!(last.attrs[attr::CHECKPOINT_NOTE], note.as_str());
     assert_eq!(note.lines().nth(1), Some(last.seq.to_string().as_str()));
 }
+
+#[tokio::test]
+async fn the_sandbox_key_signs_dsse_encodings_only_and_only_before_the_seal() {
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+    let dir = tempfile::tempdir().unwrap();
+    let j = journal(dir.path(), 1, false).await;
+    // Not a DSSE pre-authentication encoding (a forged checkpoint note, say): refused.
+    let note = format!("{SANDBOX}\n1\nAAAA\n");
+    assert!(matches!(
+        j.sign_dsse(note.into_bytes()).await,
+        Err(hutch_journal::JournalError::NotDsse)
+    ));
+    let pae = b"DSSEv1 4 text 2 hi".to_vec();
+    let (public, sig) = j.sign_dsse(pae.clone()).await.unwrap();
+    // The key is the one the first record names, and the signing is recorded.
+    j.sync().await.unwrap();
+    let records = read_records(dir.path(), 0).unwrap();
+    assert_eq!(
+        records[0].attrs[attr::JOURNAL_PUBLIC_KEY],
+        hex::encode(public)
+    );
+    let signed = records
+        .iter()
+        .find(|r| r.kind == kinds::ATTESTATION_SIGN)
+        .expect("an attestation.sign record");
+    assert_eq!(
+        signed.attrs[attr::ATTESTATION_DIGEST],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&pae))
+    );
+    VerifyingKey::from_bytes(&public)
+        .unwrap()
+        .verify(&pae, &Signature::from_bytes(&sig))
+        .unwrap();
+    // Sealed, the key is gone: nothing more is signed.
+    j.seal(Event::new(kinds::SEAL)).await.unwrap();
+    assert!(j.sign_dsse(pae).await.is_err());
+    assert_eq!(verify(dir.path()).status, Status::Ok);
+}

@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod archive;
+pub mod attest;
 pub mod baseline;
 pub mod beneath;
 pub mod changeset;

@@ -2,6 +2,7 @@
 
 use http_body_util::BodyExt;
 use hutch_task::{
+    attest::Envelope,
     model::{FrameReader, FRAME_ERROR, FRAME_RECORD},
     sign::SignatureCheck,
     Baseline, TaskRecord, TaskSpec,
@@ -120,6 +121,12 @@ impl Client {
     /// Whether a stored task is as the daemon's host key signed it.
     pub async fn task_signature(&self, id: &str) -> Result<SignatureCheck, ClientError> {
         self.call(Method::GET, &task_path(id, "/signature"), vec![])
+            .await
+    }
+
+    /// A task's attestation (an in-toto statement in a DSSE envelope), as stored.
+    pub async fn task_attestation(&self, id: &str) -> Result<Envelope, ClientError> {
+        self.call(Method::GET, &task_path(id, "/attestation"), vec![])
             .await
     }
 

@@ -50,6 +50,15 @@ impl HostSigner for HostKeySigner {
     }
 }
 
+/// A sandbox's identity key as its journal's first record certifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The public key.
+    pub public: [u8; 32],
+    /// The host key's certificate of it (hex).
+    pub certificate: String,
+}
+
 /// Anything that appends to sandboxes' journals.
 #[async_trait]
 pub trait JournalSink: Send + Sync {
@@ -179,6 +188,53 @@ impl Journals {
                 None
             }
         }
+    }
+
+    /// `sandbox`'s open journal (not sealed), or [`JournalError::Sealed`].
+    async fn open_journal(&self, sandbox: &str) -> Result<Journal, JournalError> {
+        let journal = self.open.lock().await.get(sandbox).cloned();
+        journal.ok_or(JournalError::Sealed)
+    }
+
+    /// The identity key of `sandbox` as its journal's first record certifies it.
+    pub async fn identity(&self, sandbox: &str) -> Result<Identity, JournalError> {
+        let dir = self.dir(sandbox);
+        off_worker(move || {
+            let first = read_records(&dir, 0)?.into_iter().next();
+            let attr = |name: &str| {
+                first
+                    .as_ref()
+                    .and_then(|r| r.attrs.get(name))
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            };
+            let public = attr(attr::JOURNAL_PUBLIC_KEY)
+                .and_then(|k| hex::decode(k).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            match (public, attr(attr::JOURNAL_CERTIFICATE)) {
+                (Some(public), Some(certificate)) => Ok(Identity {
+                    public,
+                    certificate,
+                }),
+                _ => Err(JournalError::State {
+                    path: dir,
+                    why: "its first record certifies no sandbox key",
+                }),
+            }
+        })
+        .await
+    }
+
+    /// Writes a checkpoint of `sandbox`'s open journal now: its signed note.
+    pub async fn checkpoint_note(&self, sandbox: &str) -> Result<String, JournalError> {
+        self.open_journal(sandbox).await?.checkpoint().await
+    }
+
+    /// Signs the DSSE encoding `pae` with `sandbox`'s identity key (recorded in its journal;
+    /// only before the seal, which destroys the key).
+    pub async fn sign_dsse(&self, sandbox: &str, pae: Vec<u8>) -> Result<[u8; 64], JournalError> {
+        let (_, signature) = self.open_journal(sandbox).await?.sign_dsse(pae).await?;
+        Ok(signature)
     }
 
     /// Writes a checkpoint of `sandbox`'s open journal now (a stop, a pause to disk).

@@ -7,7 +7,7 @@ use hutch_journal::{attr, kinds, AuditLog, Event, Journal, Report};
 use hutch_net::{FlowEvent, PublishedPort};
 use hutch_protocol::{ExecRequest, TtySize};
 use hutch_store::ListFilter;
-use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
+use hutch_task::{attest::Envelope, sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
 use hutch_types::{
     BrokerEvent, ErrorCode, NetworkPolicy, SandboxId, SandboxInfo, SandboxState, SecretInfo,
     TemplateInfo, TemplateSpec,
@@ -724,6 +724,11 @@ impl SandboxApi for LocalApi {
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck> {
         caller.require_admin(TASKS_HOST_WIDE)?;
         Ok(self.tasks.verify_signature(id).await?)
+    }
+
+    async fn task_attestation(&self, caller: &Caller, id: &str) -> Result<Envelope> {
+        caller.require_admin(TASKS_HOST_WIDE)?;
+        Ok(self.tasks.attestation(id).await?)
     }
 
     async fn set_secret(&self, caller: &Caller, req: SetSecret) -> Result<SecretInfo> {

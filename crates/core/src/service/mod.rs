@@ -25,7 +25,7 @@ use hutch_protocol::{
     TtySize,
 };
 use hutch_store::ListFilter;
-use hutch_task::{sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
+use hutch_task::{attest::Envelope, sign::SignatureCheck, Baseline, TaskRecord, TaskSpec};
 use hutch_types::{
     BrokerEvent, NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec, SecretInfo, TemplateInfo,
     TemplateSpec,
@@ -338,6 +338,9 @@ pub trait SandboxApi: Send + Sync {
     async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String>;
     /// Whether a task's record carries a valid host signature (admin only).
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck>;
+    /// A task's attestation: an in-toto statement in a DSSE envelope signed by its sandbox's
+    /// key and the host key (admin only; not found for a task stored before attestations).
+    async fn task_attestation(&self, caller: &Caller, id: &str) -> Result<Envelope>;
     /// Sets a secret, or rotates one the caller may see (same identity and placeholders, new
     /// value, live). Its value is never answered.
     async fn set_secret(&self, caller: &Caller, req: SetSecret) -> Result<SecretInfo>;
