@@ -190,6 +190,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,
+        the_e2b_npm_sdk_runs_unchanged_against_hutch,
     ]
 }
 
