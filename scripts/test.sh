@@ -89,6 +89,18 @@ if ! "$e2b_venv/bin/python" -c 'import importlib.metadata as m; assert m.version
     python3 -m venv "$e2b_venv"
     "$e2b_venv/bin/pip" install -q 'e2b==2.63.0'
 fi
+# E2B's JavaScript SDK from npm, pinned (e2b.rs: E2B_NPM_VERSION), for the daemon suite's
+# second E2B case. Its `engines` ask for Node.js >=20.18.1 <21 || >=22: Debian bookworm's
+# own nodejs (18.20) is too old, so the machine's Node.js (20.20 here) must do.
+e2b_npm=target/tools/e2b-npm
+if ! [ "$(cat "$e2b_npm/node_modules/e2b/package.json" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])' 2>/dev/null)" = 2.51.0 ]; then
+    if ! node -e 'const [a, b, c] = process.versions.node.split(".").map(Number); process.exit(a >= 22 || (a === 20 && (b > 18 || (b === 18 && c >= 1))) ? 0 : 1)' 2>/dev/null; then
+        echo "the npm e2b SDK needs Node.js >=20.18.1 <21 || >=22, and npm; found: $(node --version 2>&1)" >&2
+        exit 1
+    fi
+    rm -rf "$e2b_npm"
+    npm install --prefix "$e2b_npm" --no-audit --no-fund --save-exact 'e2b@2.51.0' >/dev/null
+fi
 echo "== tests (every class: .config/nextest.toml's ci profile)"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest

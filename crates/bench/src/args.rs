@@ -28,6 +28,9 @@ pub enum BenchCommand {
     Task(crate::task::BenchTaskArgs),
     /// Exec round trip through the daemon's MCP server vs its HTTP API, same sandbox.
     Mcp(crate::mcp::BenchMcpArgs),
+    /// Exec round trip through E2B's Python SDK on the daemon's E2B-compatible API vs its
+    /// HTTP API, same sandbox.
+    E2b(crate::e2b::BenchE2bArgs),
 }
 
 /// `hutch-bench boot`.

@@ -24,7 +24,7 @@ use hutch_daemon::{Home, VmArgs};
 
 /// The `hutch` binary whose daemon the benchmarks measure: `$HUTCH_BIN`, or the one next to
 /// this executable (cargo builds both into the same directory).
-fn hutch_binary() -> std::io::Result<PathBuf> {
+pub(crate) fn hutch_binary() -> std::io::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("HUTCH_BIN") {
         return Ok(PathBuf::from(bin));
     }
@@ -48,6 +48,7 @@ pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, BenchError> {
         BenchCommand::Clone(a) => crate::clone::clone(home, a).await,
         BenchCommand::Task(a) => crate::task::task(home, a).await,
         BenchCommand::Mcp(a) => crate::mcp::mcp(home, a).await,
+        BenchCommand::E2b(a) => crate::e2b::e2b(home, a).await,
     }
 }
 

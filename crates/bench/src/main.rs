@@ -7,6 +7,7 @@
 mod args;
 mod boot;
 mod clone;
+mod e2b;
 mod error;
 mod firecracker;
 mod launch;

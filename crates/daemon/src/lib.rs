@@ -163,39 +163,12 @@ pub async fn run(
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(async move { axum::serve(unix, unix_app).await });
     if let Some(addr) = &args.listen_tcp {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let tcp_app = routes::router_with_tokens(state.clone());
-        let limits = listen::TcpLimits {
-            max_unauthenticated: args.tcp_max_unauthenticated as usize,
-            header_timeout: Duration::from_secs(args.tcp_header_timeout),
-        };
-        servers.spawn(async move {
-            listen::serve_tcp(tcp, tcp_app, limits).await;
-            Ok(())
-        });
+        let app = routes::router_with_tokens(state.clone());
+        serve_tcp(&mut servers, addr, app, &args).await?;
         eprintln!("hutch daemon: listening on tcp://{addr} (bearer token required)");
     }
     if let Some(addr) = &args.listen_e2b {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let app = e2b::router(state.clone());
-        let limits = listen::TcpLimits {
-            max_unauthenticated: args.tcp_max_unauthenticated as usize,
-            header_timeout: Duration::from_secs(args.tcp_header_timeout),
-        };
-        servers.spawn(async move {
-            listen::serve_tcp(tcp, app, limits).await;
-            Ok(())
-        });
+        serve_tcp(&mut servers, addr, e2b::router(state.clone()), &args).await?;
         eprintln!("hutch daemon: E2B-compatible API on http://{addr} (API key: a hutch token)");
     }
     eprintln!("hutch daemon: listening on {}", socket.display());
@@ -240,6 +213,31 @@ pub async fn run(
         net.drop_spares().await;
     }
     eprintln!("hutch daemon: stopped; sandboxes keep running and are adopted on the next start");
+    Ok(())
+}
+
+/// Binds `addr` and serves `app` (a router that checks tokens) on it with the TCP
+/// listener's limits, as one more of `servers`.
+async fn serve_tcp(
+    servers: &mut tokio::task::JoinSet<std::io::Result<()>>,
+    addr: &str,
+    app: axum::Router,
+    args: &DaemonArgs,
+) -> Result<(), DaemonError> {
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let limits = listen::TcpLimits {
+        max_unauthenticated: args.tcp_max_unauthenticated as usize,
+        header_timeout: Duration::from_secs(args.tcp_header_timeout),
+    };
+    servers.spawn(async move {
+        listen::serve_tcp(tcp, app, limits).await;
+        Ok(())
+    });
     Ok(())
 }
 

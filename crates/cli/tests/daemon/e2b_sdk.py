@@ -8,14 +8,17 @@ import importlib.metadata
 import time
 from datetime import datetime, timezone
 
-from e2b import PtySize, Sandbox, SandboxQuery
-from e2b.exceptions import AuthenticationException, SandboxException
-from e2b.sandbox.commands.command_handle import CommandExitException
+# README:begin
+from e2b import Sandbox
 
 sandbox = Sandbox.create(metadata={"suite": "e2b"}, timeout=300)
 
 result = sandbox.commands.run("echo hi")
 assert (result.stdout, result.exit_code) == ("hi\n", 0), result
+# README:end
+from e2b import PtySize, SandboxQuery
+from e2b.exceptions import AuthenticationException, SandboxException
+from e2b.sandbox.commands.command_handle import CommandExitException
 
 # A background command whose output streams while it runs.
 seen = []

@@ -196,6 +196,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         the_e2b_sdk_runs_unchanged_against_hutch,
         a_session_is_journalled_and_survives_a_kill9_with_a_torn_tail,
         sessions_are_recorded_named_by_digest_and_asciinema_reads_them,
+        the_e2b_npm_sdk_runs_unchanged_against_hutch,
     ]
 }
 

@@ -1,9 +1,10 @@
 //! envd's filesystem service (`filesystem.Filesystem/*`): list, stat, make, remove and
-//! move, each one command in the guest through the request surface's capped exec, with
-//! the path passed as an argument (never spliced into a script). `find -printf` describes
-//! entries as NUL-separated fields, so any name parses; the output is the guest's and is
-//! parsed as hostile input: a record that does not parse is left out. Watching a
-//! directory is refused as unsupported.
+//! move. Each call is one [`Call`]: a shell script run in the guest through the request
+//! surface's capped exec, its paths passed as arguments (never spliced into the script),
+//! and what it answers. Calls that change an entry describe it in the same script, so each
+//! is one round trip. `find -printf` describes entries as NUL-separated fields, so any name
+//! parses; the output is the guest's and is parsed as hostile input: a record that does not
+//! parse is left out. Watching a directory is refused as unsupported.
 
 use std::sync::Arc;
 
@@ -11,12 +12,12 @@ use axum::{
     body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode},
-    routing::post,
+    routing::{post, MethodRouter},
     Extension, Json, Router,
 };
-use hutch_core::{exec::Collected, service::Command};
+use hutch_core::service::{Caller, Command};
 use hutch_protocol::ExitStatus;
-use serde::Deserialize;
+use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
 
 use super::{
@@ -25,23 +26,35 @@ use super::{
     CallerExt, E2bError, E2bState, Result,
 };
 
-type AppState = State<Arc<E2bState>>;
-
 /// The filesystem routes.
 pub fn routes() -> Router<Arc<E2bState>> {
     Router::new()
-        .route("/filesystem.Filesystem/ListDir", post(list_dir))
-        .route("/filesystem.Filesystem/Stat", post(stat))
-        .route("/filesystem.Filesystem/MakeDir", post(make_dir))
-        .route("/filesystem.Filesystem/Remove", post(remove))
-        .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/ListDir", rpc(list_dir))
+        .route("/filesystem.Filesystem/Stat", rpc(stat))
+        .route("/filesystem.Filesystem/MakeDir", rpc(make_dir))
+        .route("/filesystem.Filesystem/Remove", rpc(remove))
+        .route("/filesystem.Filesystem/Move", rpc(move_entry))
 }
 
-/// Most output a listing may produce.
+/// A unary filesystem RPC whose request `plan` turns into a [`Call`].
+fn rpc<R: DeserializeOwned + Send + 'static>(plan: fn(R) -> Call) -> MethodRouter<Arc<E2bState>> {
+    post(
+        move |State(state): State<Arc<E2bState>>,
+              Extension(caller): CallerExt,
+              headers: HeaderMap,
+              body: Bytes| async move {
+            let call = plan(connect::unary_request(&body)?);
+            call.run(&state, &caller, &headers).await.map(Json)
+        },
+    )
+}
+
+/// Most output a call may produce.
 const LISTING_LIMIT: usize = 16 << 20;
 
 /// `find -printf`: type (own, then followed), size, octal and symbolic mode, owner, group,
-/// modification time, path, symlink target; each field NUL-terminated.
+/// modification time, path, symlink target; each field NUL-terminated. Every script gets
+/// it as `$1`; its paths follow as `$2` (and `$3`).
 const FORMAT: &str = r"%y\0%Y\0%s\0%m\0%M\0%u\0%g\0%T@\0%p\0%l\0";
 /// Fields per entry in [`FORMAT`].
 const FIELDS: usize = 10;
@@ -51,58 +64,107 @@ const MISSING: i32 = 44;
 const NOT_A_DIR: i32 = 45;
 const EXISTS: i32 = 46;
 
-/// Shell preamble: `$1` must exist (a dangling symlink counts).
-const EXISTING: &str = r#"[ -e "$1" ] || [ -L "$1" ] || exit 44; "#;
+/// Script preamble: `$2` must exist (a dangling symlink counts).
+const MUST_EXIST: &str = r#"[ -e "$2" ] || [ -L "$2" ] || exit 44; "#;
 
-/// Runs `sh -c SCRIPT sh ARGS...` in the sandbox; its output, or the E2B error its exit
-/// code stands for.
-async fn run(
-    state: &E2bState,
-    caller: &hutch_core::service::Caller,
-    headers: &HeaderMap,
-    script: &str,
-    args: &[&str],
-) -> Result<Collected> {
-    let id = sandbox_of(headers)?;
-    let argv = ["sh", "-c", script, "sh"]
-        .iter()
-        .chain(args)
-        .map(|s| s.to_string())
-        .collect();
-    let command = Command {
-        argv,
-        ..Default::default()
-    };
-    let out = state
-        .app
-        .api
-        .exec(caller, &id, command, None, LISTING_LIMIT)
-        .await?;
-    let path = args.first().copied().unwrap_or_default();
-    match out.status {
-        ExitStatus::Code(0) if out.truncated() => Err(E2bError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("the listing of {path:.200} is over {LISTING_LIMIT} bytes"),
-        )),
-        ExitStatus::Code(0) => Ok(out),
-        ExitStatus::Code(MISSING) => Err(E2bError::new(
-            StatusCode::NOT_FOUND,
-            format!("no such file or directory: {path:.200}"),
-        )),
-        ExitStatus::Code(NOT_A_DIR) => Err(E2bError::bad_request(format!(
-            "not a directory: {path:.200}"
-        ))),
-        ExitStatus::Code(EXISTS) => Err(E2bError::new(
-            StatusCode::CONFLICT,
-            format!("already exists: {path:.200}"),
-        )),
-        _ => Err(E2bError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "{:.300}",
-                String::from_utf8_lossy(&out.stderr).trim().to_string()
-            ),
-        )),
+/// Script tail describing the entry at argument `arg` itself, in [`FORMAT`].
+fn describe(arg: u8) -> String {
+    format!(r#"exec find "${arg}" -maxdepth 0 -printf "$1""#)
+}
+
+/// What a call answers, from its script's standard output.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    /// `{"entries": [...]}`: every record.
+    Entries,
+    /// `{"entry": ...}`: the one record.
+    Entry,
+    /// `{}`.
+    Nothing,
+}
+
+/// One filesystem call: `sh -c SCRIPT sh FORMAT PATH [ARG]` in the guest, and its answer.
+#[derive(Debug)]
+struct Call {
+    script: String,
+    /// The guest path it is about (`$2`; errors name it).
+    path: String,
+    /// `$3`, if any.
+    arg: Option<String>,
+    answer: Answer,
+}
+
+impl Call {
+    fn new(script: String, path: String, answer: Answer) -> Call {
+        Call {
+            script,
+            path,
+            arg: None,
+            answer,
+        }
+    }
+
+    fn with(mut self, arg: String) -> Call {
+        self.arg = Some(arg);
+        self
+    }
+
+    fn argv(&self) -> Vec<String> {
+        ["sh", "-c", &self.script, "sh", FORMAT, &self.path]
+            .into_iter()
+            .map(String::from)
+            .chain(self.arg.clone())
+            .collect()
+    }
+
+    /// Runs it in the request's sandbox; its answer, or the E2B error its exit code stands
+    /// for.
+    async fn run(&self, state: &E2bState, caller: &Caller, headers: &HeaderMap) -> Result<Value> {
+        let id = sandbox_of(headers)?;
+        let command = Command {
+            argv: self.argv(),
+            ..Default::default()
+        };
+        let out = state
+            .app
+            .api
+            .exec(caller, &id, command, None, LISTING_LIMIT)
+            .await?;
+        let path = &self.path;
+        match out.status {
+            ExitStatus::Code(0) if out.truncated() => Err(E2bError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the answer about {path:.200} is over {LISTING_LIMIT} bytes"),
+            )),
+            ExitStatus::Code(0) => self.answer(&out.stdout),
+            ExitStatus::Code(MISSING) => Err(E2bError::new(
+                StatusCode::NOT_FOUND,
+                format!("no such file or directory: {path:.200}"),
+            )),
+            ExitStatus::Code(NOT_A_DIR) => Err(E2bError::bad_request(format!(
+                "not a directory: {path:.200}"
+            ))),
+            ExitStatus::Code(EXISTS) => {
+                Err(E2bError::exists(format!("already exists: {path:.200}")))
+            }
+            _ => Err(E2bError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{:.300}", String::from_utf8_lossy(&out.stderr).trim()),
+            )),
+        }
+    }
+
+    fn answer(&self, stdout: &[u8]) -> Result<Value> {
+        Ok(match self.answer {
+            Answer::Entries => json!({ "entries": entries(stdout) }),
+            Answer::Entry => {
+                let entry = entries(stdout).into_iter().next().ok_or_else(|| {
+                    E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, "the guest said nothing")
+                })?;
+                json!({ "entry": entry })
+            }
+            Answer::Nothing => json!({}),
+        })
     }
 }
 
@@ -114,79 +176,29 @@ struct PathRequest {
     depth: u32,
 }
 
-async fn list_dir(
-    State(state): AppState,
-    Extension(caller): CallerExt,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let req: PathRequest = connect::unary_request(&body)?;
-    let path = guest_path(&req.path);
-    let depth = req.depth.max(1).to_string();
+fn list_dir(req: PathRequest) -> Call {
     let script = format!(
-        r#"{EXISTING}[ -d "$1" ] || exit 45; exec find "$1" -mindepth 1 -maxdepth "$2" -printf "$3""#
+        r#"{MUST_EXIST}[ -d "$2" ] || exit 45; exec find "$2" -mindepth 1 -maxdepth "$3" -printf "$1""#
     );
-    let out = run(&state, &caller, &headers, &script, &[&path, &depth, FORMAT]).await?;
-    Ok(Json(json!({ "entries": entries(&out.stdout) })))
+    Call::new(script, guest_path(&req.path), Answer::Entries).with(req.depth.max(1).to_string())
 }
 
-/// One entry of `path`, or its error.
-async fn entry_of(
-    state: &E2bState,
-    caller: &hutch_core::service::Caller,
-    headers: &HeaderMap,
-    path: &str,
-) -> Result<Value> {
-    let script = format!(r#"{EXISTING}exec find "$1" -maxdepth 0 -printf "$2""#);
-    let out = run(state, caller, headers, &script, &[path, FORMAT]).await?;
-    entries(&out.stdout)
-        .into_iter()
-        .next()
-        .ok_or_else(|| E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, "the guest said nothing"))
+fn stat(req: PathRequest) -> Call {
+    let script = format!("{MUST_EXIST}{}", describe(2));
+    Call::new(script, guest_path(&req.path), Answer::Entry)
 }
 
-async fn stat(
-    State(state): AppState,
-    Extension(caller): CallerExt,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let req: PathRequest = connect::unary_request(&body)?;
-    let entry = entry_of(&state, &caller, &headers, &guest_path(&req.path)).await?;
-    Ok(Json(json!({ "entry": entry })))
+fn make_dir(req: PathRequest) -> Call {
+    let script = format!(
+        r#"[ -e "$2" ] && exit 46; mkdir -p -- "$2" && {}"#,
+        describe(2)
+    );
+    Call::new(script, guest_path(&req.path), Answer::Entry)
 }
 
-async fn make_dir(
-    State(state): AppState,
-    Extension(caller): CallerExt,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let req: PathRequest = connect::unary_request(&body)?;
-    let path = guest_path(&req.path);
-    let script = r#"if [ -e "$1" ]; then exit 46; fi; mkdir -p -- "$1""#;
-    run(&state, &caller, &headers, script, &[&path]).await?;
-    let entry = entry_of(&state, &caller, &headers, &path).await?;
-    Ok(Json(json!({ "entry": entry })))
-}
-
-async fn remove(
-    State(state): AppState,
-    Extension(caller): CallerExt,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let req: PathRequest = connect::unary_request(&body)?;
-    let script = format!(r#"{EXISTING}rm -rf -- "$1""#);
-    run(
-        &state,
-        &caller,
-        &headers,
-        &script,
-        &[&guest_path(&req.path)],
-    )
-    .await?;
-    Ok(Json(json!({})))
+fn remove(req: PathRequest) -> Call {
+    let script = format!(r#"{MUST_EXIST}rm -rf -- "$2""#);
+    Call::new(script, guest_path(&req.path), Answer::Nothing)
 }
 
 /// `filesystem.MoveRequest`.
@@ -196,18 +208,9 @@ struct MoveRequest {
     destination: String,
 }
 
-async fn move_entry(
-    State(state): AppState,
-    Extension(caller): CallerExt,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let req: MoveRequest = connect::unary_request(&body)?;
-    let (from, to) = (guest_path(&req.source), guest_path(&req.destination));
-    let script = format!(r#"{EXISTING}mv -T -- "$1" "$2""#);
-    run(&state, &caller, &headers, &script, &[&from, &to]).await?;
-    let entry = entry_of(&state, &caller, &headers, &to).await?;
-    Ok(Json(json!({ "entry": entry })))
+fn move_entry(req: MoveRequest) -> Call {
+    let script = format!(r#"{MUST_EXIST}mv -T -- "$2" "$3" && {}"#, describe(3));
+    Call::new(script, guest_path(&req.source), Answer::Entry).with(guest_path(&req.destination))
 }
 
 /// `filesystem.EntryInfo`s from [`FORMAT`] records; a record that does not parse is left
@@ -255,6 +258,74 @@ fn entry(f: &[&[u8]; FIELDS]) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a call's script under the host's `sh` and GNU `find` (the guest's tools): its
+    /// exit code and answer.
+    #[allow(clippy::disallowed_methods)] // A sync test waiting for its own shell.
+    fn run_here(call: &Call) -> (i32, Option<Value>) {
+        let argv = call.argv();
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .expect("sh runs");
+        let code = out.status.code().expect("exited");
+        (
+            code,
+            (code == 0).then(|| call.answer(&out.stdout).expect("answers")),
+        )
+    }
+
+    #[test]
+    fn each_call_is_one_script_that_does_and_describes() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |rel: &str| dir.path().join(rel).to_str().unwrap().to_string();
+        let path = |rel: &str| PathRequest {
+            path: at(rel),
+            depth: 0,
+        };
+
+        let (code, made) = run_here(&make_dir(path("a/b c")));
+        assert_eq!(code, 0);
+        let made = made.unwrap();
+        assert_eq!(made["entry"]["name"], "b c");
+        assert_eq!(made["entry"]["type"], "FILE_TYPE_DIRECTORY");
+        assert_eq!(run_here(&make_dir(path("a/b c"))).0, EXISTS);
+
+        std::fs::write(at("a/b c/f"), "hi").unwrap();
+        let (code, listed) = run_here(&list_dir(PathRequest {
+            path: at("a"),
+            depth: 2,
+        }));
+        assert_eq!(code, 0);
+        let mut names: Vec<String> = listed.unwrap()["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b c", "f"]);
+        assert_eq!(run_here(&list_dir(path("a/b c/f"))).0, NOT_A_DIR);
+        assert_eq!(run_here(&stat(path("nothing"))).0, MISSING);
+
+        let (code, moved) = run_here(&move_entry(MoveRequest {
+            source: at("a/b c/f"),
+            destination: at("a/g"),
+        }));
+        assert_eq!(code, 0);
+        let moved = moved.unwrap();
+        assert_eq!(
+            (&moved["entry"]["name"], &moved["entry"]["size"]),
+            (&json!("g"), &json!("2"))
+        );
+        assert_eq!(
+            run_here(&stat(path("a/g"))).1.unwrap()["entry"]["type"],
+            "FILE_TYPE_FILE"
+        );
+
+        assert_eq!(run_here(&remove(path("a"))), (0, Some(json!({}))));
+        assert_eq!(run_here(&remove(path("a"))).0, MISSING);
+    }
 
     #[test]
     fn find_records_parse_and_garbage_is_left_out() {

@@ -102,12 +102,15 @@ impl Processes {
     }
 }
 
-/// An error as E2B's API and envd answer it: `{"code": <HTTP status>, "message"}`. The
-/// SDK maps the status to its exceptions (and, on RPCs, to the Connect code).
-#[derive(Debug)]
+/// An error as E2B's API and envd's HTTP endpoints answer it: `{"code": <HTTP status>,
+/// "message"}`, which the SDKs map to their exceptions. On envd's Connect-RPC routes,
+/// [`rpc_errors`] answers it in Connect's own shape instead.
+#[derive(Debug, Clone)]
 pub struct E2bError {
     status: StatusCode,
     message: String,
+    /// The Connect code, where the status alone does not say it (409: the entry exists).
+    rpc_code: Option<&'static str>,
 }
 
 impl E2bError {
@@ -115,6 +118,16 @@ impl E2bError {
         E2bError {
             status,
             message: message.into(),
+            rpc_code: None,
+        }
+    }
+
+    /// What a filesystem call answers for an entry that is there already (envd's
+    /// `already_exists`, on which the SDKs' `make_dir` returns false).
+    fn exists(message: impl Into<String>) -> E2bError {
+        E2bError {
+            rpc_code: Some("already_exists"),
+            ..E2bError::new(StatusCode::CONFLICT, message)
         }
     }
 
@@ -145,7 +158,32 @@ impl From<HttpError> for E2bError {
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"code": self.status.as_u16(), "message": self.message});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        // For `rpc_errors`, which reshapes it on Connect routes.
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// Answers an error on envd's Connect-RPC routes (`/process.Process/…`,
+/// `/filesystem.Filesystem/…`, refused or unknown ones included) as a Connect error, whose
+/// string code both SDKs read: a unary call's `{code, message}` with its status, a streaming
+/// call's 200 with only the end-of-stream message. (A bare status would do for the Python
+/// SDK; the JavaScript one reads only a Connect code, and takes a 404 for `unimplemented`.)
+async fn rpc_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !(path.starts_with("/process.Process/") || path.starts_with("/filesystem.Filesystem/")) {
+        return next.run(req).await;
+    }
+    let streaming = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/connect+"));
+    let response = next.run(req).await;
+    match response.extensions().get::<E2bError>() {
+        Some(e) => connect::error_response(e, streaming),
+        None => response,
     }
 }
 
@@ -168,6 +206,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(crate::routes::MAX_UPLOAD))
         .layer(middleware::from_fn(crate::listen::authenticated))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(rpc_errors))
         .with_state(state)
 }
 
