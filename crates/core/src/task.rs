@@ -211,7 +211,7 @@ fn verify_event(task: &str, r: &Result<VerifyOutcome, StepError>) -> Event {
         }
         Err(e) => event.attr(attr::ERROR_MESSAGE, chain(e)),
     }
-
+}
 
 /// What a task's attestation says of its workspace: the archive's SHA-256 and git `HEAD`.
 struct WorkspaceDigests {

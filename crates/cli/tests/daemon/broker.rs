@@ -259,6 +259,7 @@ async fn run_case(
             env: Some(env.to_string()),
             bindings: Some(vec![b.clone()]),
             labels: Default::default(),
+            ssh_allowed_host_keys: None,
         };
         c.set_secret(name, &body).await?;
     }

@@ -248,6 +248,7 @@ pub fn broker_event(e: &BrokerEvent) -> Event {
         BrokerDecision::Violation => "violation",
         BrokerDecision::Forwarded => "forwarded",
         BrokerDecision::Scrubbed => "scrubbed",
+        BrokerDecision::Signed => "signed",
     };
     let mut event = Event::new(format!("secret.{decision}"))
         .attr(attr::SECRET_NAME, e.secret.clone())

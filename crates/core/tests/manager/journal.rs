@@ -344,6 +344,7 @@ fn set_secret(value: &str) -> hutch_core::secrets::SetSecret {
             fetch_only: false,
         }]),
         labels: Default::default(),
+        ssh_allowed_host_keys: None,
     }
 }
 
