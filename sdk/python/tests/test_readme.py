@@ -16,7 +16,8 @@ from conftest import REPO, Daemon
 def snippets(path: Path, section: str | None = None) -> list[str]:
     text = path.read_text()
     if section is not None:
-        text = text.split(section, 1)[1].split("\n## ", 1)[0]
+        # The section ends at the next heading of its level or above.
+        text = re.split(r"\n#{2,3} ", text.split(section, 1)[1], maxsplit=1)[0]
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 

@@ -100,6 +100,15 @@ impl SecretStore {
 }
 
 impl Manager {
+    /// Where a sandbox's broker and SSH agent record their decisions: the secret log and,
+    /// when journals are kept, the sandbox's journal.
+    pub(crate) fn secret_events(&self, store: &SecretStore) -> Arc<dyn hutch_broker::EventSink> {
+        Arc::new(BrokerEvents {
+            log: store.log().clone(),
+            feed: self.guest_feed().cloned(),
+        })
+    }
+
     /// Starts the secret broker of sandbox `id` if it has secrets and a NIC (without a NIC it
     /// reaches nothing a secret could go to). A sandbox whose broker cannot start fails.
     pub(crate) async fn start_broker(&self, id: &str, spec: &SandboxSpec) -> Result<(), CoreError> {
@@ -148,10 +157,7 @@ impl Manager {
             upstream_roots: upstream_roots(store.extra_roots()).await?,
             dns: intercepted.dns,
             egress: Arc::new(PolicyInTheNamespace),
-            events: Arc::new(BrokerEvents {
-                log: store.log().clone(),
-                feed: self.guest_feed().cloned(),
-            }),
+            events: self.secret_events(&store),
             dial: intercepted.dial,
         })
         .map_err(SecretError::Broker)?;

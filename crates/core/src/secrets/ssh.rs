@@ -55,18 +55,18 @@ impl SecretStore {
     }
 
     /// The agent serving sandbox `id`'s SSH key as it is now (a key set again is used from
-    /// the next connection on); `None` without one.
-    pub fn ssh_agent(&self, id: &str, spec: &SandboxSpec) -> Option<SshAgentKey> {
+    /// the next connection on), recording its signatures and refusals in `events`; `None`
+    /// without one.
+    pub fn ssh_agent(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        events: Arc<dyn hutch_broker::EventSink>,
+    ) -> Option<SshAgentKey> {
         let name = self.ssh_key_of(spec)?;
         let ssh = self.info(&name)?.ssh?;
         let value = self.value(&name)?;
-        match SshAgentKey::new(
-            id,
-            &name,
-            &value,
-            &ssh.allowed_host_keys,
-            self.log().clone(),
-        ) {
+        match SshAgentKey::new(id, &name, &value, &ssh.allowed_host_keys, events) {
             Ok(agent) => Some(agent),
             Err(e) => {
                 tracing::warn!(%id, secret = %name, error = %e, "unusable SSH key");
@@ -97,7 +97,7 @@ impl SshAgentServer for SandboxSshAgent {
             };
             let Some(agent) = manager
                 .secrets()
-                .and_then(|store| store.ssh_agent(&id, &info.spec))
+                .and_then(|store| store.ssh_agent(&id, &info.spec, manager.secret_events(store)))
             else {
                 return;
             };

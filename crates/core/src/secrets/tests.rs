@@ -323,7 +323,9 @@ fn an_ssh_key_is_a_secret_with_an_allow_list_and_no_bindings() {
     assert!(store
         .placeholder_env(&spec)
         .contains(&("SSH_AUTH_SOCK".into(), hutch_protocol::SSH_AUTH_SOCK.into())));
-    assert!(store.ssh_agent("sb-1", &spec).is_some());
+    assert!(store
+        .ssh_agent("sb-1", &spec, store.log().clone())
+        .is_some());
     store
         .set(&admin, ssh_secret("deploy2", SSH_KEY, allowed))
         .unwrap();
