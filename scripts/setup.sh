@@ -31,6 +31,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# A host with a newer qemu-utils from backports (and no QEMU yet) loses it when apt installs
+# Debian's qemu-system-x86 beside it: their common files conflict, and apt resolves that by
+# removing qemu-utils. Clones and pools need qemu-img, so put back the one that matches.
+if ! command -v qemu-img >/dev/null; then
+    echo "setup.sh: qemu-img went missing; installing Debian's qemu-utils"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+fi
 
 if ! command -v cargo >/dev/null; then
     echo "setup.sh: Rust is not installed: install it with rustup (stable), then run this again" >&2
