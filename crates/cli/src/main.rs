@@ -39,15 +39,17 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         args::Command::Doctor => doctor::doctor(&home).await,
         args::Command::Setup(c) => setup_cmd::run(&home, c).await,
         args::Command::Daemon(a) => {
-            hutch_daemon::run(&home, a, async {
-                hutch_daemon::signal::interrupted().await;
+            let stop = hutch_daemon::signal::interrupted();
+            hutch_daemon::run(&home, a, async move {
+                stop.await;
             })
             .await?;
             Ok(0)
         }
         args::Command::Gateway(a) => {
-            hutch_daemon::gateway::run(a, async {
-                hutch_daemon::signal::interrupted().await;
+            let stop = hutch_daemon::signal::interrupted();
+            hutch_daemon::gateway::run(a, async move {
+                stop.await;
             })
             .await?;
             Ok(0)

@@ -157,11 +157,9 @@ pub async fn run(
     manager.start_pools();
     tokio::spawn(expire_loop(manager.clone(), journals, retention));
 
-    let socket = args.socket.clone().unwrap_or_else(|| home.socket());
-    let unix = bind_unix(&socket)?;
-    let unix_app = routes::router(state.clone(), Caller::admin().named("socket"));
+    // The Unix socket is bound last: clients (and the test suites) take its appearance as the
+    // daemon being ready, so every TCP listener must already be accepting by then.
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(async move { axum::serve(unix, unix_app).await });
     if let Some(addr) = &args.listen_tcp {
         let app = routes::router_with_tokens(state.clone());
         serve_tcp(&mut servers, addr, app, &args).await?;
@@ -171,6 +169,10 @@ pub async fn run(
         serve_tcp(&mut servers, addr, e2b::router(state.clone()), &args).await?;
         eprintln!("hutch daemon: E2B-compatible API on http://{addr} (API key: a hutch token)");
     }
+    let socket = args.socket.clone().unwrap_or_else(|| home.socket());
+    let unix = bind_unix(&socket)?;
+    let unix_app = routes::router(state.clone(), Caller::admin().named("socket"));
+    servers.spawn(async move { axum::serve(unix, unix_app).await });
     eprintln!("hutch daemon: listening on {}", socket.display());
     let registrar = match fleet {
         Some((fleet, _)) => {
