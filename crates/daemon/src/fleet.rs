@@ -97,6 +97,14 @@ struct Owner(Arc<Manager>);
 
 impl VmOwner for Owner {
     async fn stop(&self, id: &str) -> Result<(), String> {
+        let gone = match self.0.get(id).await {
+            Ok(info) => info.state == SandboxState::Destroyed,
+            Err(CoreError::NotFound(_)) => true,
+            Err(e) => return Err(hutch_core::chain(&e)),
+        };
+        if gone {
+            return Ok(());
+        }
         match self.0.destroy(id).await {
             Ok(_) | Err(CoreError::NotFound(_)) => Ok(()),
             Err(e) => Err(hutch_core::chain(&e)),

@@ -8,6 +8,8 @@ use crate::{place, registrar::chain, Fleet, FleetCache, Placement, PlacementStat
 
 /// How often the fence looks (besides every change the cache brings).
 const LOOK: Duration = Duration::from_secs(1);
+/// How long after a failed stop the fence tries again.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// What owns a host's VMs (the daemon's manager; a fake in tests).
 pub trait VmOwner: Send + Sync + 'static {
@@ -49,6 +51,7 @@ impl Fence {
                     .into_values()
                     .filter(|p| must_stop(p, &host, current))
                     .collect();
+                let mut failed = false;
                 for p in due {
                     match owner.stop(&p.sandbox).await {
                         Ok(()) => {
@@ -58,9 +61,14 @@ impl Fence {
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(sandbox = %p.sandbox, error = %e, "stopping a lost sandbox failed")
+                            failed = true;
+                            tracing::warn!(sandbox = %p.sandbox, error = %e, "stopping a lost sandbox failed; retrying")
                         }
                     }
+                }
+                if failed {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
                 }
                 cache
                     .wait_for(LOOK, |s| {

@@ -299,3 +299,64 @@ async fn an_etcd_outage_is_not_host_loss() {
         "the office was not taken back"
     );
 }
+
+/// A VM owner whose first stop fails.
+#[derive(Default)]
+struct FlakyOwner {
+    calls: Mutex<u32>,
+}
+
+impl VmOwner for FlakyOwner {
+    async fn stop(&self, _id: &str) -> Result<(), String> {
+        let mut calls = self.calls.lock().unwrap();
+        *calls += 1;
+        if *calls == 1 {
+            Err("the VMM did not answer".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_stop_keeps_the_lost_placement_and_is_retried_later_not_at_once() {
+    let (_etcd, fleet, cache) = setup("retry").await;
+    // h1 is away (never registered here); its sandbox was marked lost.
+    let lost = Placement {
+        sandbox: "sb-1".into(),
+        host: "h1".into(),
+        incarnation: 1,
+        state: PlacementState::Lost,
+        since_ms: Some(1),
+        ..Placement::default()
+    };
+    fleet
+        .client()
+        .put(
+            fleet.keys().placement("sb-1"),
+            serde_json::to_vec(&lost).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        cache
+            .wait_for(SOON, |s| s
+                .placements
+                .get("sb-1")
+                .is_some_and(|p| p.state == PlacementState::Lost))
+            .await
+    );
+    let owner = Arc::new(FlakyOwner::default());
+    let (_tx, rx) = watch::channel(2);
+    let _fence = Fence::start(fleet.clone(), cache.clone(), "h1".into(), rx, owner.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(*owner.calls.lock().unwrap(), 1, "retried at once");
+    assert_eq!(state_of(&cache, "sb-1"), Some(PlacementState::Lost));
+    assert!(
+        cache
+            .wait_for(Duration::from_secs(10), |s| s.placements.is_empty())
+            .await
+    );
+    assert_eq!(*owner.calls.lock().unwrap(), 2);
+}
