@@ -351,13 +351,16 @@ async fn everywhere(gw: &Gateway, req: Request) -> Result<Vec<FleetSandbox>, Htt
         match host_list(host, out).await {
             Ok(Ok(listed)) => {
                 answered.insert(host.host.clone());
-                all.extend(listed.into_iter().map(|sandbox| {
+                all.extend(listed.into_iter().map(|mut sandbox| {
+                    let placed = view.placements.get(&sandbox.id);
+                    // Given up while its host was away: lost, even if the VM still runs
+                    // there until the host's fence stops it.
+                    if placed.is_some_and(|p| p.state == PlacementState::Lost) {
+                        sandbox.state = SandboxState::Lost;
+                    }
                     FleetSandbox {
                         host: host.host.clone(),
-                        incarnation: view
-                            .placements
-                            .get(&sandbox.id)
-                            .map_or(0, |p| p.incarnation),
+                        incarnation: placed.map_or(0, |p| p.incarnation),
                         sandbox,
                     }
                 }));
