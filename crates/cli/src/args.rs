@@ -31,6 +31,9 @@ pub enum Command {
     Gateway(hutch_daemon::GatewayArgs),
     /// Fleet-wide tokens, accepted by every gateway and host of a fleet.
     FleetToken(hutch_daemon::gateway::FleetTokenArgs),
+    /// A fleet's hosts and sandboxes, through a gateway: hosts, drain, undrain, ls.
+    #[command(subcommand)]
+    Fleet(crate::fleet_cmd::FleetCommand),
     /// Create a sandbox through the daemon and print its id.
     Create(CreateArgs),
     /// List sandboxes.

@@ -7,6 +7,7 @@ mod args;
 mod audit_cmd;
 mod doctor;
 mod error;
+mod fleet_cmd;
 mod image_cmd;
 mod launch;
 mod mcp_cmd;
@@ -59,6 +60,10 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
             eprintln!("{id}");
             println!("{token}");
             Ok(0)
+        }
+        args::Command::Fleet(c) => {
+            let client = remote::client(&home, c.conn());
+            fleet_cmd::run(&client, c).await
         }
         args::Command::Create(a) => remote::create(&remote::client(&home, &a.conn), a).await,
         args::Command::Ls(a) => remote::list(&remote::client(&home, &a.conn), a).await,

@@ -98,6 +98,10 @@ pub struct FleetOpts {
     /// Seconds a host's lease lasts without renewal (its record goes when it lapses).
     #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub fleet_lease_ttl: u64,
+    /// Seconds a sandbox whose host vanished (lease expired) stays `unreachable` before it
+    /// is `lost`: never recreated elsewhere, stopped by its host if that returns.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fleet_lost_after: u64,
 }
 
 /// `hutch gateway`.

@@ -1,10 +1,13 @@
 //! A host's membership in a fleet (`hutch daemon --fleet`): its record and capacity in etcd,
-//! and the fleet's tokens accepted beside the home's own.
+//! the fleet's tokens accepted beside the home's own, a candidacy for the reconciler's office,
+//! and the fence that stops this host's sandboxes the fleet marked lost while it was away.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use hutch_core::Manager;
-use hutch_fleet::{Capacity, Fleet, FleetCache, FleetToken, HostRecord};
+use hutch_core::{CoreError, Manager};
+use hutch_fleet::{
+    Capacity, Fence, Fleet, FleetCache, FleetToken, HostRecord, Reconciler, Registrar, VmOwner,
+};
 use hutch_store::ListFilter;
 use hutch_types::{SandboxState, TokenScope};
 use tokio::sync::watch;
@@ -28,6 +31,85 @@ pub(crate) async fn connect(
         .await
         .map_err(DaemonError::Fleet)?;
     Ok(Some((fleet, Arc::new(cache))))
+}
+
+/// A host's part in the fleet while the daemon runs.
+pub(crate) struct Membership {
+    registrar: Registrar,
+    _reconciler: Reconciler,
+    _fence: Fence,
+}
+
+impl Membership {
+    /// Registers this host and starts its reconciler candidacy and its fence.
+    pub(crate) async fn join(
+        fleet: Fleet,
+        cache: Arc<FleetCache>,
+        host: HostRecord,
+        capacity: watch::Receiver<Capacity>,
+        manager: Arc<Manager>,
+        opts: &crate::FleetOpts,
+    ) -> Result<Membership, DaemonError> {
+        let ttl = Duration::from_secs(opts.fleet_lease_ttl);
+        let name = host.host.clone();
+        let registrar = Registrar::start(fleet.clone(), host, ttl, capacity)
+            .await
+            .map_err(DaemonError::Fleet)?;
+        let reconciler = Reconciler::start(
+            fleet.clone(),
+            cache.clone(),
+            member_id("host", &name),
+            ttl,
+            Duration::from_secs(opts.fleet_lost_after),
+        );
+        let fence = Fence::start(
+            fleet,
+            cache,
+            name,
+            registrar.incarnations(),
+            Arc::new(Owner(manager)),
+        );
+        Ok(Membership {
+            registrar,
+            _reconciler: reconciler,
+            _fence: fence,
+        })
+    }
+
+    /// The incarnation this host is registered under.
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.registrar.incarnation()
+    }
+
+    /// Leaves the fleet at once (the host record goes; placements stay as they are).
+    pub(crate) async fn leave(self) {
+        self.registrar.leave().await;
+    }
+}
+
+/// A fleet-unique reconciler candidate id: what runs it, where, and a random part.
+pub(crate) fn member_id(kind: &str, name: &str) -> String {
+    format!("{kind}:{name}:{:016x}", rand::random::<u64>())
+}
+
+/// The daemon's manager as the owner of this host's VMs, for the fence.
+struct Owner(Arc<Manager>);
+
+impl VmOwner for Owner {
+    async fn stop(&self, id: &str) -> Result<(), String> {
+        let gone = match self.0.get(id).await {
+            Ok(info) => info.state == SandboxState::Destroyed,
+            Err(CoreError::NotFound(_)) => true,
+            Err(e) => return Err(hutch_core::chain(&e)),
+        };
+        if gone {
+            return Ok(());
+        }
+        match self.0.destroy(id).await {
+            Ok(_) | Err(CoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(hutch_core::chain(&e)),
+        }
+    }
 }
 
 /// This host's record from its options (capacity and incarnation are filled in by the

@@ -174,8 +174,8 @@ pub async fn run(
     let unix_app = routes::router(state.clone(), Caller::admin().named("socket"));
     servers.spawn(async move { axum::serve(unix, unix_app).await });
     eprintln!("hutch daemon: listening on {}", socket.display());
-    let registrar = match fleet {
-        Some((fleet, _)) => {
+    let membership = match fleet {
+        Some((fleet, cache)) => {
             let host = fleet::host_record(&args, &backend_name)?;
             let capacity = fleet::follow_capacity(
                 manager.clone(),
@@ -183,16 +183,21 @@ pub async fn run(
                 args.max_sandboxes,
                 args.memory_budget_mib,
             );
-            let ttl = Duration::from_secs(args.fleet_opts.fleet_lease_ttl);
-            let registrar = hutch_fleet::Registrar::start(fleet, host, ttl, capacity)
-                .await
-                .map_err(DaemonError::Fleet)?;
+            let membership = fleet::Membership::join(
+                fleet,
+                cache,
+                host,
+                capacity,
+                manager.clone(),
+                &args.fleet_opts,
+            )
+            .await?;
             eprintln!(
                 "hutch daemon: joined the fleet as {} (incarnation {})",
                 args.advertise.as_deref().unwrap_or_default(),
-                registrar.incarnation()
+                membership.incarnation()
             );
-            Some(registrar)
+            Some(membership)
         }
         None => None,
     };
@@ -205,8 +210,8 @@ pub async fn run(
         }
     }
     let _ = std::fs::remove_file(&socket);
-    if let Some(registrar) = registrar {
-        registrar.leave().await;
+    if let Some(membership) = membership {
+        membership.leave().await;
     }
     // Pooled clones belong to no sandbox: they go with the daemon.
     manager.drain_pools().await;

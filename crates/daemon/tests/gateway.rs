@@ -106,12 +106,16 @@ async fn stub_list(State(stub): Shared, req: Request) -> Json<Vec<SandboxInfo>> 
     Json(stub.sandboxes.lock().unwrap().values().cloned().collect())
 }
 
-/// Starts a stub host with `slots` and registers it in the fleet.
-async fn stub_host(
-    fleet: &Fleet,
-    name: &str,
-    slots: usize,
-) -> (Arc<Stub>, Registrar, watch::Sender<Capacity>) {
+/// A stub host: its state, its registration, its capacity's sender, its server.
+type StubHost = (
+    Arc<Stub>,
+    Registrar,
+    watch::Sender<Capacity>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Starts a stub host with `slots` and registers it in the fleet under a lease of `ttl`.
+async fn stub_host(fleet: &Fleet, name: &str, slots: usize, ttl: Duration) -> StubHost {
     let stub = Arc::new(Stub {
         name: name.into(),
         slots,
@@ -130,7 +134,9 @@ async fn stub_host(
         .with_state(stub.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
     let capacity = Capacity {
         vcpus: 4,
         memory_mib: 8192,
@@ -149,10 +155,33 @@ async fn stub_host(
         incarnation: 0,
         capacity,
     };
-    let registrar = Registrar::start(fleet.clone(), record, Duration::from_secs(30), rx)
+    let registrar = Registrar::start(fleet.clone(), record, ttl, rx)
         .await
         .unwrap();
-    (stub, registrar, tx)
+    (stub, registrar, tx, server)
+}
+
+/// Starts a gateway on `etcd`'s fleet under `prefix` and waits until it accepts
+/// connections: its address.
+async fn start_gateway(etcd: &testing::Etcd, prefix: &str, ttl: u64, lost_after: u64) -> String {
+    let listen = format!("127.0.0.1:{}", testing::free_port());
+    let args = GatewayArgs {
+        fleet: etcd.url(),
+        listen: listen.clone(),
+        fleet_opts: FleetOpts {
+            fleet_prefix: prefix.into(),
+            fleet_lease_ttl: ttl,
+            fleet_lost_after: lost_after,
+        },
+    };
+    tokio::spawn(gateway::run(args, std::future::pending()));
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    listen
 }
 
 /// One request to `addr`: status and body.
@@ -192,24 +221,14 @@ async fn twenty_creates_for_ten_slots_through_two_gateways() {
     let etcd = testing::Etcd::start().await;
     let prefix = "/gw-test/";
     let fleet = Fleet::connect_prefixed(&etcd.url(), prefix).await.unwrap();
-    let (a, _ra, _ca) = stub_host(&fleet, "a", 4).await;
-    let (b, _rb, _cb) = stub_host(&fleet, "b", 6).await;
+    let (a, _ra, _ca, _sa) = stub_host(&fleet, "a", 4, Duration::from_secs(30)).await;
+    let (b, _rb, _cb, _sb) = stub_host(&fleet, "b", 6, Duration::from_secs(30)).await;
     let (token, _) = hutch_fleet::tokens::create(&fleet, None).await.unwrap();
 
     // Two gateways on the same fleet.
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let listen = format!("127.0.0.1:{}", testing::free_port());
-        let args = GatewayArgs {
-            fleet: etcd.url(),
-            listen: listen.clone(),
-            fleet_opts: FleetOpts {
-                fleet_prefix: prefix.into(),
-                fleet_lease_ttl: 10,
-            },
-        };
-        tokio::spawn(gateway::run(args, std::future::pending()));
-        gateways.push(listen);
+        gateways.push(start_gateway(&etcd, prefix, 10, 300).await);
     }
     let cache = FleetCache::start(fleet.clone()).await.unwrap();
     assert!(
@@ -218,14 +237,6 @@ async fn twenty_creates_for_ten_slots_through_two_gateways() {
                 && s.tokens.len() == 1)
             .await
     );
-    for gw in &gateways {
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(gw).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
     // The fleet's caches in the gateways see the hosts and the token before the creates.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -367,4 +378,204 @@ async fn twenty_creates_for_ten_slots_through_two_gateways() {
         "{}",
         doc["paths"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_host_shows_unreachable_then_lost_and_drained_hosts_take_nothing() {
+    let etcd = testing::Etcd::start().await;
+    let prefix = "/gw-loss/";
+    let fleet = Fleet::connect_prefixed(&etcd.url(), prefix).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let (a, ra, _ca, server_a) = stub_host(&fleet, "a", 1, ttl).await;
+    let (b, _rb, _cb, _sb) = stub_host(&fleet, "b", 1, ttl).await;
+    let (token, _) = hutch_fleet::tokens::create(&fleet, None).await.unwrap();
+    let gw = start_gateway(&etcd, prefix, 2, 3).await;
+    let cache = FleetCache::start(fleet.clone()).await.unwrap();
+    assert!(
+        cache
+            .wait_for(Duration::from_secs(5), |s| s.hosts.len() == 2
+                && s.tokens.len() == 1
+                && s.reconciler.is_some())
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One sandbox on each host (one slot each).
+    for _ in 0..2 {
+        let (status, body) = call(&gw, Method::POST, "/v1/sandboxes", &token, "{}").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let on_a = a.sandboxes.lock().unwrap().keys().next().unwrap().clone();
+    let on_b = b.sandboxes.lock().unwrap().keys().next().unwrap().clone();
+
+    // The fleet's hosts, as an admin sees them.
+    let (status, hosts) = call(&gw, Method::GET, "/v1/fleet/hosts", &token, "").await;
+    assert_eq!(status, StatusCode::OK, "{hosts}");
+    let hosts = hosts.as_array().unwrap().clone();
+    assert_eq!(hosts.len(), 2);
+    for h in &hosts {
+        assert_eq!(
+            (
+                h["health"].as_str(),
+                h["incarnation"].as_u64(),
+                h["booked"].as_u64()
+            ),
+            (Some("up"), Some(1), Some(1)),
+            "{h}"
+        );
+        assert_eq!(h["placements"]["running"], 1, "{h}");
+    }
+
+    // Host a dies: process and lease.
+    server_a.abort();
+    drop(ra);
+    let get_a = format!("/v1/sandboxes/{on_a}");
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let (status, info) = call(&gw, Method::GET, &get_a, &token, "").await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        let state = info["state"]["state"].as_str().unwrap().to_string();
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if state == "lost" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Seen running (before the lease lapsed) or not, then unreachable, then lost.
+    let tail: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s != "running")
+        .collect();
+    assert_eq!(tail, ["unreachable", "lost"], "{seen:?}");
+
+    // The list shows it as lost beside b's running one; calls on it are refused, not proxied.
+    let (status, listed) = call(&gw, Method::GET, "/v1/sandboxes", &token, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let states: BTreeMap<String, String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["state"]["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states[&on_a], "lost", "{listed}");
+    assert_eq!(states[&on_b], "running", "{listed}");
+    let (status, _) = call(
+        &gw,
+        Method::POST,
+        &format!("/v1/sandboxes/{on_a}/exec"),
+        &token,
+        "{\"argv\":[\"true\"]}",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, fleet_ls) = call(&gw, Method::GET, "/v1/fleet/sandboxes", &token, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        fleet_ls
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["host"] == hosts[0]["host"] || s["host"] == hosts[1]["host"]),
+        "{fleet_ls}"
+    );
+    let (_, hosts) = call(&gw, Method::GET, "/v1/fleet/hosts", &token, "").await;
+    let gone = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["health"] == "unreachable")
+        .unwrap_or_else(|| panic!("{hosts}"));
+    assert_eq!(gone["placements"]["lost"], 1, "{gone}");
+
+    // Nothing was recreated: b is full, and a create finds no room rather than a new home.
+    assert_eq!(b.sandboxes.lock().unwrap().len(), 1);
+    let (status, _) = call(&gw, Method::POST, "/v1/sandboxes", &token, "{}").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    // Drain b, free its slot: still no placement there until it is undrained.
+    let b_name = cache
+        .snapshot()
+        .hosts
+        .keys()
+        .next()
+        .cloned()
+        .expect("b is in the fleet");
+    let (status, drained) = call(
+        &gw,
+        Method::PUT,
+        &format!("/v1/fleet/hosts/{b_name}/drain"),
+        &token,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, drained["drained"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let (status, _) = call(
+        &gw,
+        Method::DELETE,
+        &format!("/v1/sandboxes/{on_b}"),
+        &token,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        cache
+            .wait_for(Duration::from_secs(5), |s| s.booked.get(&b_name)
+                == Some(&0))
+            .await
+    );
+    let (status, _) = call(&gw, Method::POST, "/v1/sandboxes", &token, "{}").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let (status, _) = call(
+        &gw,
+        Method::DELETE,
+        &format!("/v1/fleet/hosts/{b_name}/drain"),
+        &token,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = call(&gw, Method::POST, "/v1/sandboxes", &token, "{}").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // A label-scoped token may not see or drain the fleet's hosts.
+    let (scoped, _) = hutch_fleet::tokens::create(&fleet, Some("team=x".into()))
+        .await
+        .unwrap();
+    assert!(
+        cache
+            .wait_for(Duration::from_secs(5), |s| s.tokens.len() == 2)
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = call(&gw, Method::GET, "/v1/fleet/hosts", &scoped, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The gateway documents its fleet routes, with the shared error statuses.
+    let (_, doc) = call(&gw, Method::GET, "/openapi.json", &token, "").await;
+    for (method, path) in [
+        ("get", "/v1/fleet/hosts"),
+        ("put", "/v1/fleet/hosts/{host}/drain"),
+        ("delete", "/v1/fleet/hosts/{host}/drain"),
+        ("get", "/v1/fleet/sandboxes"),
+    ] {
+        let responses = &doc["paths"][path][method]["responses"];
+        for status in ["200", "400", "401", "500"] {
+            assert!(
+                responses[status].is_object(),
+                "{method} {path} lacks {status}"
+            );
+        }
+    }
 }

@@ -13,7 +13,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use crate::{
     registrar::chain,
     schema::{counter, decode, Entry},
-    Fleet, FleetError, FleetToken, HostRecord, Placement,
+    Drain, Fleet, FleetError, FleetToken, HostRecord, Placement,
 };
 
 /// A consistent view of the fleet at one etcd revision.
@@ -29,6 +29,10 @@ pub struct FleetState {
     pub placements: BTreeMap<String, Placement>,
     /// Fleet tokens, by their SHA-256 (hex).
     pub tokens: BTreeMap<String, FleetToken>,
+    /// Drained hosts (no new placements), by name.
+    pub drained: BTreeMap<String, Drain>,
+    /// The elected reconciler's id, while one holds the office.
+    pub reconciler: Option<String>,
 }
 
 impl FleetState {
@@ -65,6 +69,17 @@ impl FleetState {
             }),
             (Entry::Token(h), None) => {
                 self.tokens.remove(h);
+                Ok(())
+            }
+            (Entry::Drained(h), Some(v)) => decode(key, v).map(|d| {
+                self.drained.insert(h.to_string(), d);
+            }),
+            (Entry::Drained(h), None) => {
+                self.drained.remove(h);
+                Ok(())
+            }
+            (Entry::Leader, v) => {
+                self.reconciler = v.map(|id| String::from_utf8_lossy(id).into_owned());
                 Ok(())
             }
         };

@@ -39,6 +39,9 @@ pub enum FleetError {
     /// The fleet's watch ended (etcd closed or canceled it).
     #[error("the fleet watch ended: {0}")]
     WatchEnded(&'static str),
+    /// etcd did not answer in time.
+    #[error("etcd did not answer {0} in time")]
+    Unanswered(&'static str),
     /// A compare-and-swap kept losing to other writers.
     #[error("{0}: too much contention, gave up")]
     Contention(&'static str),

@@ -10,14 +10,20 @@
 //!   ([`place`]) so two gateways never book the same slot;
 //! - **placement records** ([`Placement`]: which host owns a sandbox; not leased), written
 //!   only where none exists yet;
-//! - **fleet tokens** ([`FleetToken`], by hash): accepted by every gateway and host.
+//! - **fleet tokens** ([`FleetToken`], by hash): accepted by every gateway and host;
+//! - **drain markers** ([`Drain`]): hosts that take no new placements;
+//! - **the reconciler's office** (a key under the elected [`Reconciler`]'s lease): the one
+//!   member that moves the sandboxes of a vanished host `running → unreachable → lost`
+//!   ([`reconcile`]); a returning host stops what was given up ([`Fence`]).
 //!
 //! Gateways read all of it through a [`FleetCache`] fed by one watch that resumes from the
 //! last revision it applied.
 
 mod cache;
 mod error;
+mod fence;
 pub mod place;
+pub mod reconcile;
 mod registrar;
 mod schema;
 #[cfg(feature = "testing")]
@@ -26,9 +32,12 @@ pub mod tokens;
 
 pub use cache::{FleetCache, FleetState};
 pub use error::FleetError;
+pub use fence::{Fence, VmOwner};
+pub use reconcile::Reconciler;
 pub use registrar::Registrar;
 pub use schema::{
-    check_host_name, Capacity, FleetToken, HostRecord, Keys, Placement, DEFAULT_PREFIX,
+    check_host_name, Capacity, Drain, FleetToken, HostRecord, Keys, Placement, PlacementState,
+    Shape, DEFAULT_PREFIX,
 };
 
 use etcd_client::{Client, ConnectOptions};

@@ -4,7 +4,8 @@
 //! A booking is one transaction over two keys: the host's record must still exist (its lease
 //! held) and its booked-slot counter must be exactly as read, or nothing is written. Two
 //! gateways booking the last slot of a host at once therefore cannot both succeed: the loser
-//! reads the counter again and finds the host full.
+//! reads the counter again and finds the host full. A drained host (its `drained/<host>` key
+//! present, checked in the same transaction) books nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -56,7 +57,7 @@ impl Wanted {
 }
 
 /// Picks a host for `wanted` among those not `excluded`: `CHOICES` hosts drawn at random from
-/// the eligible ones (labels and backend match, a free slot, enough free memory), the one
+/// the eligible ones (not drained, labels and backend match, a free slot, enough free memory), the one
 /// with most free slots winning (then most free memory). `None` when no host is eligible.
 pub fn choose(
     state: &FleetState,
@@ -66,7 +67,7 @@ pub fn choose(
     let eligible: Vec<&HostRecord> = state
         .hosts
         .values()
-        .filter(|h| !excluded.contains(&h.host))
+        .filter(|h| !excluded.contains(&h.host) && !state.drained.contains_key(&h.host))
         .filter(|h| {
             wanted
                 .labels
@@ -92,15 +93,16 @@ pub fn choose(
 pub enum Booking {
     /// A slot is held on the host (release it if the create fails).
     Booked,
-    /// Every slot of the host is booked, or it left the fleet.
+    /// Every slot of the host is booked, it left the fleet or it is drained.
     Full,
 }
 
 /// Books one slot on `host` (of `slots`) by compare-and-swap, retrying while other writers
-/// win.
+/// win: only while the host is in the fleet and not drained.
 pub async fn book(fleet: &Fleet, host: &str, slots: u32) -> Result<Booking, FleetError> {
     let key = fleet.keys().booked(host);
     let host_key = fleet.keys().host(host);
+    let drained_key = fleet.keys().drained(host);
     let mut client = fleet.client();
     for _ in 0..64 {
         let (booked, rev) = read_counter(fleet, &key).await?;
@@ -111,9 +113,13 @@ pub async fn book(fleet: &Fleet, host: &str, slots: u32) -> Result<Booking, Flee
             .when([
                 Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
                 Compare::version(host_key.clone(), CompareOp::Greater, 0),
+                Compare::version(drained_key.clone(), CompareOp::Equal, 0),
             ])
             .and_then([TxnOp::put(key.clone(), (booked + 1).to_string(), None)])
-            .or_else([TxnOp::get(host_key.clone(), None)]);
+            .or_else([
+                TxnOp::get(host_key.clone(), None),
+                TxnOp::get(drained_key.clone(), None),
+            ]);
         let done = client
             .txn(txn)
             .await
@@ -121,8 +127,10 @@ pub async fn book(fleet: &Fleet, host: &str, slots: u32) -> Result<Booking, Flee
         if done.succeeded() {
             return Ok(Booking::Booked);
         }
-        if !host_present(&done) {
-            return Ok(Booking::Full);
+        if let [host, drained] = found(&done)[..] {
+            if !host || drained {
+                return Ok(Booking::Full);
+            }
         }
     }
     Err(FleetError::Contention("book a slot"))
@@ -219,10 +227,40 @@ async fn read_counter(fleet: &Fleet, key: &str) -> Result<(u64, i64), FleetError
         .unwrap_or((0, 0)))
 }
 
-/// Whether a failed booking's `or_else` read found the host record.
-fn host_present(done: &etcd_client::TxnResponse) -> bool {
-    done.op_responses().iter().any(|op| match op {
-        etcd_client::TxnOpResponse::Get(g) => !g.kvs().is_empty(),
-        _ => false,
-    })
+/// Whether each of a failed transaction's `or_else` reads found its key.
+fn found(done: &etcd_client::TxnResponse) -> Vec<bool> {
+    done.op_responses()
+        .iter()
+        .map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => !g.kvs().is_empty(),
+            _ => false,
+        })
+        .collect()
+}
+
+/// Drains `host`: no gateway books a slot on it from now on; what runs there runs on.
+pub async fn drain(fleet: &Fleet, host: &str) -> Result<(), FleetError> {
+    let marker = crate::Drain {
+        since_ms: crate::schema::now_ms(),
+    };
+    fleet
+        .client()
+        .put(
+            fleet.keys().drained(host),
+            serde_json::to_vec(&marker).expect("a drain marker serialises"),
+            None,
+        )
+        .await
+        .map_err(FleetError::etcd("drain a host"))?;
+    Ok(())
+}
+
+/// Lets `host` take placements again.
+pub async fn undrain(fleet: &Fleet, host: &str) -> Result<(), FleetError> {
+    fleet
+        .client()
+        .delete(fleet.keys().drained(host), None)
+        .await
+        .map_err(FleetError::etcd("undrain a host"))?;
+    Ok(())
 }

@@ -11,15 +11,17 @@ use crate::{
 };
 
 /// Keeps one host registered: grants a lease, writes the host record under it, renews it every
-/// third of its TTL and rewrites the record when the capacity changes. A lost lease (etcd
-/// was unreachable for longer than the TTL) is replaced by a new one and the record written
-/// again, with the same incarnation. Dropping it stops renewing; [`Registrar::leave`] also
-/// revokes the lease at once.
+/// third of its TTL and rewrites the record when the capacity changes. When renewing fails
+/// (etcd unreachable, restarted, a member lost) it keeps the same lease as long as etcd still
+/// knows it, so an etcd outage changes nothing in the fleet. Only a lease that is gone (the
+/// host stayed away past its TTL, and the reconciler may have judged its sandboxes) is
+/// replaced: by a new one, the record written again under a new incarnation. Dropping it
+/// stops renewing; [`Registrar::leave`] also revokes the lease at once.
 pub struct Registrar {
     task: JoinHandle<()>,
     fleet: Fleet,
     lease: watch::Receiver<Option<i64>>,
-    incarnation: u64,
+    incarnation: watch::Receiver<u64>,
 }
 
 impl Registrar {
@@ -40,14 +42,14 @@ impl Registrar {
         let ttl_secs = ttl.as_secs().max(2) as i64;
         let lease = register(&fleet, &host, ttl_secs).await?;
         let (lease_tx, lease_rx) = watch::channel(Some(lease));
-        let incarnation = host.incarnation;
+        let (incarnation_tx, incarnation) = watch::channel(host.incarnation);
         let task = tokio::spawn(keep(
             fleet.clone(),
             host,
             ttl_secs,
             lease,
             capacity,
-            lease_tx,
+            (lease_tx, incarnation_tx),
         ));
         Ok(Registrar {
             task,
@@ -57,9 +59,14 @@ impl Registrar {
         })
     }
 
-    /// This start's incarnation number.
+    /// The incarnation the host is registered under now (bumped at each registration).
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        *self.incarnation.borrow()
+    }
+
+    /// The incarnation as it changes (what a [`crate::Fence`] checks lost sandboxes against).
+    pub fn incarnations(&self) -> watch::Receiver<u64> {
+        self.incarnation.clone()
     }
 
     /// The lease the record lives under now.
@@ -140,35 +147,65 @@ async fn put(fleet: &Fleet, host: &HostRecord, lease: i64) -> Result<(), FleetEr
     Ok(())
 }
 
-/// Renews the lease and follows the capacity until aborted.
+/// Renews the lease and follows the capacity until aborted; after a failure, resumes with
+/// the same lease while etcd still holds it, or registers again under a new lease and
+/// incarnation once it is gone.
 async fn keep(
     fleet: Fleet,
     mut host: HostRecord,
     ttl_secs: i64,
     mut lease: i64,
     mut capacity: watch::Receiver<Capacity>,
-    lease_tx: watch::Sender<Option<i64>>,
+    (lease_tx, incarnation_tx): (watch::Sender<Option<i64>>, watch::Sender<u64>),
 ) {
     let period = Duration::from_millis(ttl_secs as u64 * 1000 / 3);
     loop {
         match renew(&fleet, &mut host, lease, period, &mut capacity).await {
             Ok(()) => return, // the capacity's sender is gone: the daemon is stopping
-            Err(e) => tracing::warn!(error = %chain(&e), "fleet lease lost; registering again"),
+            Err(e) => tracing::warn!(error = %chain(&e), "renewing the fleet lease failed"),
         }
-        let _ = lease_tx.send(None);
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            host.capacity = capacity.borrow().clone();
-            match register(&fleet, &host, ttl_secs).await {
-                Ok(l) => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match lease_alive(&fleet, lease).await {
+                Ok(true) => break, // etcd came back in time: the same lease, the same record
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(error = %chain(&e), "etcd unreachable; retrying");
+                    continue;
+                }
+            }
+            let _ = lease_tx.send(None);
+            tracing::warn!(host = %host.host, "fleet lease expired; registering again");
+            let again = async {
+                let incarnation = next_incarnation(&fleet, &host.host).await?;
+                let mut record = host.clone();
+                record.incarnation = incarnation;
+                record.capacity = capacity.borrow().clone();
+                let lease = register(&fleet, &record, ttl_secs).await?;
+                Ok::<_, FleetError>((record, lease))
+            };
+            match again.await {
+                Ok((record, l)) => {
+                    host = record;
                     lease = l;
                     let _ = lease_tx.send(Some(l));
+                    let _ = incarnation_tx.send(host.incarnation);
                     break;
                 }
                 Err(e) => tracing::debug!(error = %chain(&e), "registering again failed"),
             }
         }
     }
+}
+
+/// Whether etcd still holds `lease` (an error: etcd could not be asked).
+pub(crate) async fn lease_alive(fleet: &Fleet, lease: i64) -> Result<bool, FleetError> {
+    let answer = fleet
+        .client()
+        .lease_time_to_live(lease, None)
+        .await
+        .map_err(FleetError::etcd("read a lease"))?;
+    Ok(answer.ttl() > 0)
 }
 
 /// Keeps `lease` alive every `period` and rewrites the record on capacity changes, until an
@@ -190,7 +227,10 @@ async fn renew(
         tokio::select! {
             _ = tick.tick() => {
                 keeper.keep_alive().await.map_err(FleetError::etcd("keep lease alive"))?;
-                let answer = answers.message().await.map_err(FleetError::etcd("keep lease alive"))?;
+                let answer = tokio::time::timeout(period, answers.message())
+                    .await
+                    .map_err(|_| FleetError::Unanswered("a keep-alive"))?
+                    .map_err(FleetError::etcd("keep lease alive"))?;
                 if answer.is_none_or(|a| a.ttl() <= 0) {
                     return Err(FleetError::LeaseLost);
                 }

@@ -6,6 +6,8 @@
 //! <prefix>booked/<host>       slots booked on the host by gateways (decimal), moved by CAS
 //! <prefix>placements/<id>     Placement (JSON): the host that owns sandbox <id>; not leased
 //! <prefix>tokens/<sha256>     FleetToken (JSON): a token every gateway and host accepts
+//! <prefix>drained/<host>      Drain (JSON): the host takes no new placements; not leased
+//! <prefix>reconciler/leader   the elected reconciler's id, under its lease
 //! ```
 
 use std::collections::BTreeMap;
@@ -55,18 +57,84 @@ pub struct HostRecord {
     pub capacity: Capacity,
 }
 
-/// Which host owns a sandbox (written once, by the gateway that placed it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a placed sandbox stands as far as the fleet can tell (see [`crate::reconcile`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementState {
+    /// Its host holds its lease: the host's own state is the sandbox's.
+    #[default]
+    Running,
+    /// Its host's lease expired; the sandbox may still run there. Back to `running` when the
+    /// host returns within the grace period.
+    Unreachable,
+    /// Its host stayed away past the grace period: the sandbox is given up (never recreated
+    /// elsewhere) and its host stops it when it returns.
+    Lost,
+}
+
+impl PlacementState {
+    /// The state's name, as the API reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlacementState::Running => "running",
+            PlacementState::Unreachable => "unreachable",
+            PlacementState::Lost => "lost",
+        }
+    }
+}
+
+/// Which host owns a sandbox (written once by the gateway that placed it; afterwards only
+/// its state moves, by the elected reconciler).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     /// The sandbox.
     pub sandbox: String,
     /// Its host.
     pub host: String,
-    /// The host's incarnation when the sandbox was placed.
+    /// The host incarnation that holds the sandbox: the one it was placed on, moved to the
+    /// host's newer incarnation when a restarted host keeps it. A host stops the sandboxes
+    /// marked [`PlacementState::Lost`] at an incarnation older than its own (fencing).
     pub incarnation: u64,
     /// The sandbox's labels (a gateway checks a token's scope on them before proxying).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where it stands.
+    #[serde(default)]
+    pub state: PlacementState,
+    /// When it entered its state, Unix milliseconds (set for `unreachable` and `lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// What it was created as, for reporting it while its host is away.
+    #[serde(default)]
+    pub shape: Shape,
+}
+
+/// A sandbox's shape as created, kept in its placement so a gateway can still describe it
+/// while its host is unreachable (no environment or secrets: those stay on the host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    /// Guest image name.
+    #[serde(default)]
+    pub image: String,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: u8,
+    /// Guest memory, MiB.
+    #[serde(default)]
+    pub memory_mib: u32,
+    /// Creation time, Unix milliseconds.
+    #[serde(default)]
+    pub created_at_ms: i64,
+    /// When its TTL destroys it, Unix milliseconds.
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A drained host's marker: no new placements go there; its sandboxes run on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// When it was drained, Unix milliseconds.
+    pub since_ms: u64,
 }
 
 /// A fleet-wide API token, stored by its SHA-256 (hex; never the token itself): gateways
@@ -126,6 +194,16 @@ impl Keys {
         format!("{}tokens/{hash}", self.prefix)
     }
 
+    /// A host's drain marker.
+    pub fn drained(&self, host: &str) -> String {
+        format!("{}drained/{host}", self.prefix)
+    }
+
+    /// The elected reconciler's key.
+    pub fn leader(&self) -> String {
+        format!("{}reconciler/leader", self.prefix)
+    }
+
     /// What a key under the prefix names, or `None` for a key outside the layout.
     pub fn parse<'k>(&self, key: &'k str) -> Option<Entry<'k>> {
         let rest = key.strip_prefix(self.prefix.as_str())?;
@@ -135,6 +213,8 @@ impl Keys {
             "booked" => Some(Entry::Booked(name)),
             "placements" => Some(Entry::Placement(name)),
             "tokens" => Some(Entry::Token(name)),
+            "drained" => Some(Entry::Drained(name)),
+            "reconciler" if name == "leader" => Some(Entry::Leader),
             _ => None,
         }
     }
@@ -151,6 +231,10 @@ pub enum Entry<'k> {
     Placement(&'k str),
     /// `tokens/<sha256>`.
     Token(&'k str),
+    /// `drained/<host>`.
+    Drained(&'k str),
+    /// `reconciler/leader`.
+    Leader,
 }
 
 /// Whether `host` can name a host in keys: non-empty, at most 128 bytes of `[A-Za-z0-9._:-]`.
@@ -171,6 +255,13 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
         key: key.to_string(),
         source,
     })
+}
+
+/// Now, Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads a decimal counter (an absent or unreadable one counts as 0).
@@ -195,6 +286,8 @@ mod tests {
             keys.parse(&keys.placement("sb-1")),
             Some(Entry::Placement("sb-1"))
         );
+        assert_eq!(keys.parse(&keys.drained("h1")), Some(Entry::Drained("h1")));
+        assert_eq!(keys.parse(&keys.leader()), Some(Entry::Leader));
         assert_eq!(keys.parse(&keys.incarnation("h1")), None);
         assert_eq!(keys.parse("/other/hosts/h1"), None);
     }

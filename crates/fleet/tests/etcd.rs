@@ -202,7 +202,7 @@ async fn twenty_concurrent_bookings_for_ten_slots_book_exactly_ten() {
         sandbox: "sb-1".into(),
         host: "h1".into(),
         incarnation: 1,
-        labels: Default::default(),
+        ..Placement::default()
     };
     assert!(place::record(&fleet, &placement).await.unwrap());
     assert!(!place::record(
@@ -236,7 +236,7 @@ async fn a_cache_resumes_from_its_revision_and_across_an_etcd_restart() {
         sandbox: id.into(),
         host: host.into(),
         incarnation: 1,
-        labels: Default::default(),
+        ..Placement::default()
     };
     assert!(place::record(&fleet, &p("sb-old", "h1")).await.unwrap());
     let earlier = FleetCache::start(fleet.clone()).await.unwrap().snapshot();

@@ -405,6 +405,12 @@ pub enum SandboxState {
     Failed(String),
     /// Paused to disk: its memory and disk are saved, no VMM runs; resume restores it.
     Suspended,
+    /// Fleet only (a gateway reports it; no host stores it): its host's lease expired, the
+    /// sandbox may still run there; back to its host's state if the host returns in time.
+    Unreachable,
+    /// Fleet only: its host stayed away past the grace period; the sandbox is given up (never
+    /// recreated elsewhere) and its host stops it if it returns.
+    Lost,
 }
 
 impl SandboxState {
@@ -419,6 +425,8 @@ impl SandboxState {
             SandboxState::Destroyed => "destroyed",
             SandboxState::Failed(_) => "failed",
             SandboxState::Suspended => "suspended",
+            SandboxState::Unreachable => "unreachable",
+            SandboxState::Lost => "lost",
         }
     }
 
@@ -433,6 +441,8 @@ impl SandboxState {
             "destroyed" => SandboxState::Destroyed,
             "failed" => SandboxState::Failed(reason.unwrap_or_default()),
             "suspended" => SandboxState::Suspended,
+            "unreachable" => SandboxState::Unreachable,
+            "lost" => SandboxState::Lost,
             _ => return None,
         })
     }
