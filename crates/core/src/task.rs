@@ -38,7 +38,7 @@ use crate::{
     audit::{create_event, JournalSink, Journals},
     blocking::off_worker,
     chain,
-    exec::{run_capped, split_status, Collected, ExecError, OverCap},
+    exec::{run_capped, run_capped_observed, split_status, Collected, ExecError, OverCap},
     now_ms, CoreError, Manager,
 };
 
@@ -57,6 +57,23 @@ pub const TASK_LABEL: &str = "hutch.task";
 pub const ATTESTATION: &str = "attestation.json";
 /// Why a task without a record is marked failed at daemon start.
 const INTERRUPTED: &str = "interrupted by a daemon restart";
+
+/// The operation of the agent command's `exec.start` record in its sandbox's journal.
+pub const AGENT_OPERATION: &str = "task.agent";
+/// The operation of the verify command's `exec.start` record.
+pub const VERIFY_OPERATION: &str = "task.verify";
+
+/// A task command's exec as its journal records it.
+struct Journalled<'a> {
+    /// The sandbox it runs in.
+    info: &'a SandboxInfo,
+    /// The task.
+    task: &'a str,
+    /// [`AGENT_OPERATION`] or [`VERIFY_OPERATION`].
+    operation: &'static str,
+    /// The task's own variables (their values are redacted).
+    env: &'a BTreeMap<String, String>,
+}
 
 /// Where a running task's output goes as it comes (the agent's and the verify command's).
 pub use crate::exec::OutputSink;
@@ -804,6 +821,37 @@ impl Tasks {
         }
     }
 
+    /// Runs the task's command `req` as `run` says, journalled like any exec of the sandbox
+    /// (`exec.start`, `exec.end` with its exit, output digests and session recording), its
+    /// output kept up to [`OUTPUT_CAP`] and sent to `sink` as it comes.
+    async fn run_journalled(
+        &self,
+        channel: &Channel,
+        run: Journalled<'_>,
+        req: ExecRequest,
+        sink: Option<&OutputSink>,
+    ) -> Result<Collected, ExecError> {
+        let tap = match self.journals.get() {
+            Some(j) => {
+                let actor = task_actor(run.task);
+                j.exec_tap(run.info, Some(&actor), run.operation, &req, run.env)
+                    .await
+            }
+            None => None,
+        };
+        let observe = |n: usize, data: &[u8]| {
+            if let Some(tap) = &tap {
+                tap.record(n, data);
+            }
+        };
+        let result =
+            run_capped_observed(channel, req, None, OUTPUT_CAP, OverCap::Drop, sink, observe).await;
+        if let Some(mut tap) = tap {
+            tap.end_capped(&result);
+        }
+        result
+    }
+
     /// Copies the workspace and the helper into a sandbox.
     async fn prepare(
         channel: &Channel,
@@ -862,14 +910,20 @@ impl Tasks {
         record.timings.copy_in_ms = ms(t);
 
         let t = Instant::now();
-        let sandbox_spec = self.manager.get(sandbox).await?.spec;
+        let info = self.manager.get(sandbox).await?;
         let req = ExecRequest {
-            env: self.manager.exec_env(&sandbox_spec, spec.env.clone()),
+            env: self.manager.exec_env(&info.spec, spec.env.clone()),
             cwd: Some(GUEST_WORKSPACE.into()),
             timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
             ..ExecRequest::new(spec.command.clone())
         };
-        let agent = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
+        let run = Journalled {
+            info: &info,
+            task: &record.id,
+            operation: AGENT_OPERATION,
+            env: &spec.env,
+        };
+        let agent = self.run_journalled(&channel, run, req, sink).await?;
         record.agent = Some(outcome(&agent, t));
         record.timings.agent_ms = ms(t);
 
@@ -963,7 +1017,13 @@ impl Tasks {
                 timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
                 ..ExecRequest::shell(cmd)
             };
-            let c = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
+            let run = Journalled {
+                info: &info,
+                task: id,
+                operation: VERIFY_OPERATION,
+                env: &spec.env,
+            };
+            let c = self.run_journalled(&channel, run, req, sink).await?;
             let process = outcome(&c, t);
             Ok(VerifyOutcome {
                 command: cmd.to_string(),
