@@ -7,6 +7,7 @@ mod args;
 mod audit_cmd;
 mod doctor;
 mod error;
+mod host_keys;
 mod image_cmd;
 mod launch;
 mod mcp_cmd;
@@ -122,7 +123,8 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         }
         args::Command::Task(c) => {
             let client = remote::client(&home, c.conn());
-            task_cmd::run(&client, c).await
+            let daemon = remote::daemon_name(&home, c.conn());
+            task_cmd::run(&client, &daemon, c).await
         }
         args::Command::Start(a) => {
             remote::lifecycle(
