@@ -159,7 +159,7 @@ fn print_record(record: &Record, json: bool) {
 async fn verify(home: &Home, args: VerifyArgs) -> Result<i32, CliError> {
     let report = match (&args.offline, &args.id) {
         (Some(dir), _) => {
-            let key = host_key(args.host_key.as_deref().unwrap_or_default())?;
+            let key = crate::host_keys::parse(args.host_key.as_deref().unwrap_or_default())?;
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || hutch_journal::verify_dir(&dir, &key))
                 .await
@@ -189,18 +189,4 @@ fn print_report(report: &Report, json: bool) {
     } else {
         println!("{report}");
     }
-}
-
-/// A host key given as hex or as a file holding it.
-fn host_key(given: &str) -> Result<[u8; 32], CliError> {
-    let text = match std::fs::read_to_string(given) {
-        Ok(t) => t,
-        Err(_) => given.to_string(),
-    };
-    hex::decode(text.trim())
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| {
-            CliError::Usage("--host-key must be 64 hex digits (or a file of them)".into())
-        })
 }

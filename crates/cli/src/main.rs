@@ -8,6 +8,7 @@ mod audit_cmd;
 mod doctor;
 mod error;
 mod fleet_cmd;
+mod host_keys;
 mod image_cmd;
 mod launch;
 mod mcp_cmd;
@@ -129,7 +130,8 @@ async fn dispatch(cli: args::Cli) -> Result<i32, error::CliError> {
         }
         args::Command::Task(c) => {
             let client = remote::client(&home, c.conn());
-            task_cmd::run(&client, c).await
+            let daemon = remote::daemon_name(&home, c.conn());
+            task_cmd::run(&client, &daemon, c).await
         }
         args::Command::Start(a) => {
             remote::lifecycle(

@@ -24,6 +24,15 @@ pub fn client(home: &Home, conn: &ConnArgs) -> Client {
     }
 }
 
+/// How the daemon `client` talks to is named where its host key is pinned: `tcp:ADDR`, or
+/// `unix:` and the socket's path.
+pub fn daemon_name(home: &Home, conn: &ConnArgs) -> String {
+    match &conn.host {
+        Some(addr) => format!("tcp:{addr}"),
+        None => format!("unix:{}", home.socket().display()),
+    }
+}
+
 /// `hutch create`.
 pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> {
     let req = CreateSandbox {

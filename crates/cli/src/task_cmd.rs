@@ -1,8 +1,9 @@
 //! `hutch task run|ls|show|diff|apply|verify|attest`: agent tasks through the daemon. The
 //! workspace is packed here and sent; the agent's output streams back while it runs; the
-//! changeset comes back checked by the daemon and is checked again here (with the record's
-//! signature and digests, and the task's attestation: both its signatures, and its subject's
-//! digest against the changeset served) before `apply` writes a byte.
+//! changeset comes back checked by the daemon and is checked again here against the task's
+//! attestation (both its signatures, with a host key this command knows rather than one the
+//! daemon names: `--host-key` or the one pinned for the daemon, [`crate::host_keys`]; the
+//! baseline and changeset served against its digests) before `apply` writes a byte.
 
 use std::{
     io::{IsTerminal, Write},
@@ -14,17 +15,16 @@ use hutch_api::client::Client;
 use hutch_task::{
     apply,
     attest::{self, Envelope},
-    baseline::sha256_hex,
     changeset::validate,
     diff::escape_terminal,
     model::FRAME_STDOUT,
-    sign::SignatureCheck,
-    Limits, Policy, TaskRecord, TaskSpec, Verdict,
+    Baseline, Limits, Policy, TaskRecord, TaskSpec, Verdict,
 };
 
 use crate::{
     args::{ConnArgs, NetArgs},
     error::CliError,
+    host_keys::{self, Pinned, Pins},
 };
 
 /// `hutch task …`.
@@ -58,9 +58,10 @@ pub enum TaskCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print a task's record (JSON), then whether its signature holds (on stderr).
+    /// Print a task's record (JSON), then whether its attestation holds (on stderr).
     Show(TaskIdArgs),
-    /// Check that a stored task (record, baseline, changeset) is as the host signed it.
+    /// Check a stored task against its attestation (its signatures; the baseline, changeset
+    /// and the record's attested facts against it), on the daemon.
     Verify(TaskIdArgs),
     /// Write a task's attestation: an in-toto statement (the changeset and the workspace's
     /// base commit; what ran, in which image, under which network policy, with which verdict,
@@ -78,11 +79,17 @@ pub enum TaskCommand {
     Diff(TaskIdArgs),
     /// Apply a task's changeset to the workspace (a clean git tree, and every touched path as
     /// in the task's baseline), or commit it on a new branch without touching the work tree;
-    /// refused when the task's signature does not hold or its attestation does not verify.
+    /// refused when the task's attestation does not verify against the host key.
     Apply {
         /// The task.
         #[command(flatten)]
         task: TaskIdArgs,
+        /// The daemon's host key (64 hex digits, or a file of them): attestations must be
+        /// signed by it. Without it, the key pinned for this daemon (`$HUTCH_HOST_KEYS`, by
+        /// default `~/.config/hutch/host-keys`); the first apply from a daemon pins the key
+        /// it names.
+        #[arg(long, value_name = "KEY")]
+        host_key: Option<String>,
         /// The workspace to apply to.
         #[arg(long, default_value = ".")]
         workspace: PathBuf,
@@ -197,8 +204,9 @@ impl TaskCommand {
     }
 }
 
-/// Runs `hutch task …`.
-pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
+/// Runs `hutch task …` through `client`, to the daemon named `daemon` (where its host key is
+/// pinned).
+pub async fn run(client: &Client, daemon: &str, cmd: TaskCommand) -> Result<i32, CliError> {
     match cmd {
         TaskCommand::Run(a) => run_task(client, a).await,
         TaskCommand::RunMany {
@@ -249,12 +257,12 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                 serde_json::to_string_pretty(&t).expect("serializable")
             );
             let check = client.task_signature(&a.id).await?;
-            eprintln!("signature: {check}");
+            eprintln!("attestation: {check}");
             Ok(if check.is_ok() { 0 } else { 1 })
         }
         TaskCommand::Verify(a) => {
             let check = client.task_signature(&a.id).await?;
-            println!("signature: {check}");
+            println!("attestation: {check}");
             Ok(if check.is_ok() { 0 } else { 1 })
         }
         TaskCommand::Attest { task, output } => {
@@ -281,6 +289,7 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
             task,
             workspace,
             branch,
+            host_key,
         } => {
             let record = client.task(&task.id).await?;
             if !matches!(record.verdict, Verdict::Accepted { .. }) {
@@ -290,25 +299,17 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
                     verdict_word(&record.verdict)
                 )));
             }
-            let check = client.task_signature(&task.id).await?;
-            let SignatureCheck::Ok { public_key } = &check else {
-                return Err(usage(format!(
-                    "task {}: signature {check}; refusing to apply it",
-                    task.id
-                )));
-            };
+            let envelope = client.task_attestation(&task.id).await?;
             let baseline = client.task_baseline(&task.id).await?;
             let stream = client.task_changeset(&task.id).await?;
-            if baseline.digest() != record.baseline_digest
-                || Some(sha256_hex(&stream)) != record.changeset_digest
-            {
-                return Err(usage(format!(
-                    "task {}: the baseline or changeset served differs from the signed record's digests",
-                    task.id
-                )));
-            }
-            let envelope = client.task_attestation(&task.id).await?;
-            let policy = attested_policy(&envelope, public_key, &record, &stream)?;
+            let policy = attested_policy(
+                &envelope,
+                daemon,
+                host_key.as_deref(),
+                &record,
+                &baseline,
+                &stream,
+            )?;
             let cs = validate(&stream, &baseline, &policy).map_err(|r| {
                 usage(format!(
                     "the changeset does not validate: {}",
@@ -350,40 +351,69 @@ pub async fn run(client: &Client, cmd: TaskCommand) -> Result<i32, CliError> {
     }
 }
 
-/// The policy a changeset is validated with again, once `envelope` (checked here against the
-/// host key `host`, hex) vouches for `stream` as `record`'s changeset; every reason otherwise.
+/// The policy a changeset is validated with again, once `envelope` vouches for `stream` as
+/// `record`'s changeset from `baseline` (checked here with the host key `given`, else the one
+/// pinned for `daemon`, else the one the envelope names, pinned once it verifies); every
+/// reason otherwise.
 fn attested_policy(
     envelope: &Envelope,
-    host: &str,
+    daemon: &str,
+    given: Option<&str>,
     record: &TaskRecord,
+    baseline: &Baseline,
     stream: &[u8],
 ) -> Result<Policy, CliError> {
-    let refuse = |reasons: Vec<String>| {
+    let refuse = |reasons: Vec<String>, whose: &str| {
         usage(format!(
-            "task {}: the attestation does not verify ({}); refusing to apply it",
+            "task {}: the attestation does not verify against {whose} ({}); refusing to apply it",
             record.id,
             reasons.join("; ")
         ))
     };
-    let host: [u8; 32] = hex::decode(host)
+    let named = attest::statement(envelope)
         .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| refuse(vec!["the daemon named no usable host key".into()]))?;
-    let statement = attest::verify(envelope, &host, Some(stream))
-        .map_err(|flaws| refuse(flaws.iter().map(ToString::to_string).collect()))?;
+        .and_then(|s| hex::decode(s.predicate.host_key).ok())
+        .and_then(|k| <[u8; 32]>::try_from(k).ok());
+    let (host, whose, pin) = match given {
+        Some(k) => (host_keys::parse(k)?, "the host key given".to_string(), None),
+        None => {
+            let pins = host_keys::default_file()
+                .map(Pins::new)
+                .ok_or_else(|| usage("no place to pin host keys ($HOME unset): pass --host-key"))?;
+            let named = named
+                .ok_or_else(|| refuse(vec!["it names no host key".into()], "the key it names"))?;
+            match pins.lookup(daemon, named)? {
+                Pinned::Known(k) => {
+                    let whose = format!(
+                        "the host key pinned for {daemon} in {}",
+                        pins.file().display()
+                    );
+                    (k, whose, None)
+                }
+                Pinned::New(k) => (k, format!("the host key {daemon} names"), Some(pins)),
+            }
+        }
+    };
+    let statement = attest::check_task(
+        Some(envelope),
+        &host,
+        record,
+        &baseline.digest(),
+        Some(stream),
+    )
+    .map_err(|reasons| refuse(reasons, &whose))?;
     let p = &statement.predicate;
-    let mut reasons = vec![];
-    if p.task != record.id {
-        reasons.push(format!("it is about {:.40}", p.task));
-    }
-    if p.baseline_digest != record.baseline_digest {
-        reasons.push("its baseline is not the record's".into());
-    }
     if !matches!(p.verdict, Verdict::Accepted { .. }) {
-        reasons.push(format!("its verdict is {}", verdict_word(&p.verdict)));
+        let why = format!("its verdict is {}", verdict_word(&p.verdict));
+        return Err(refuse(vec![why], &whose));
     }
-    if !reasons.is_empty() {
-        return Err(refuse(reasons));
+    if let Some(pins) = pin {
+        pins.pin(daemon, &host)?;
+        eprintln!(
+            "note: pinned host key {}… for {daemon} in {}; later applies refuse another",
+            &hex::encode(host)[..16],
+            pins.file().display()
+        );
     }
     Ok(Policy {
         allow: p.policy.allow.clone(),

@@ -374,10 +374,11 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
             check(stored.join(f).is_file(), format!("{f} stored"))?;
         }
 
-        // The record is signed; a record changed on disk is caught and not applied.
+        // The record is attested; a record changed on disk is caught and not applied.
         let out = hutch(&home).args(["task", "show", &t.id]).output()?;
         check(
-            out.status.success() && String::from_utf8_lossy(&out.stderr).contains("signature: ok"),
+            out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("attestation: ok"),
             format!("task show: {}", String::from_utf8_lossy(&out.stderr)),
         )?;
         let record = stored.join("record.json");
@@ -393,12 +394,16 @@ fn a_scripted_agents_changes_are_applied_exactly() -> Result {
         let out = hutch(&home).args(["task", "verify", &t.id]).output()?;
         let said = String::from_utf8_lossy(&out.stdout);
         check(
-            !out.status.success() && said.contains("signature: BAD"),
+            !out.status.success()
+                && said.contains("attestation: BAD")
+                && said.contains("the record's exit is not the attested one"),
             format!("task verify of a tampered record: {said}"),
         )?;
         let out = apply(&home, &t.id, ws.path(), Some("agent/tampered"))?;
         check(
-            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("signature"),
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr)
+                    .contains("the record's exit is not the attested one"),
             format!(
                 "apply of a tampered task: {}",
                 String::from_utf8_lossy(&out.stderr)
@@ -546,14 +551,51 @@ fn a_tasks_attestation_verifies_with_securesystemslib_and_gates_apply() -> Resul
             "refusals change nothing",
         )?;
         std::fs::write(&path, original)?;
-        let out = apply(&home, &t.id, ws.path(), None)?;
+
+        // The attestation is checked with a host key the client knows, not merely the one the
+        // daemon names: a key given, or the one pinned for the daemon at its first apply.
+        let pins = tempfile::tempdir()?;
+        let pin_file = pins.path().join("host-keys");
+        let other = "11".repeat(32);
+        let out = apply_pinned(&home, &t.id, ws.path(), &pin_file, &["--host-key", &other])?;
+        let said = String::from_utf8_lossy(&out.stderr);
         check(
-            out.status.success(),
-            format!("apply: {}", String::from_utf8_lossy(&out.stderr)),
+            !out.status.success()
+                && said.contains("does not verify against the host key given")
+                && said.contains("names host key"),
+            format!("apply with another --host-key: {said}"),
+        )?;
+        check(!pin_file.exists(), "a refused apply pins nothing")?;
+        let out = apply_pinned(&home, &t.id, ws.path(), &pin_file, &[])?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        check(
+            out.status.success() && said.contains("pinned host key"),
+            format!("apply: {said}"),
         )?;
         check(
             std::fs::read_to_string(ws.path().join("a.txt"))? == "attested\n",
             "applied",
+        )?;
+        let hutch_task::sign::SignatureCheck::Ok { public_key } = client
+            .task_signature(&t.id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err("the task's attestation does not verify".into());
+        };
+        let pinned = std::fs::read_to_string(&pin_file)?;
+        check(
+            pinned.starts_with("unix:") && pinned.trim_end().ends_with(&format!(" {public_key}")),
+            format!("pinned: {pinned:?}"),
+        )?;
+        // A daemon that now names another key than the pinned one is refused (checked before
+        // anything else: this apply would conflict otherwise).
+        std::fs::write(&pin_file, pinned.replace(&public_key, &other))?;
+        let out = apply_pinned(&home, &t.id, ws.path(), &pin_file, &[])?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        check(
+            !out.status.success() && said.contains("the host key pinned for unix:"),
+            format!("apply against another pinned key: {said}"),
         )?;
         Ok(())
     })
@@ -595,6 +637,22 @@ fn apply(
         cmd.args(["--branch", b]);
     }
     cmd.output()
+}
+
+/// `hutch task apply ID --workspace WS ARGS`, pinning host keys in `pins`.
+fn apply_pinned(
+    home: &Path,
+    id: &str,
+    ws: &Path,
+    pins: &Path,
+    args: &[&str],
+) -> std::io::Result<std::process::Output> {
+    hutch(home)
+        .env("HUTCH_HOST_KEYS", pins)
+        .args(["task", "apply", id, "--workspace"])
+        .arg(ws)
+        .args(args)
+        .output()
 }
 
 fn without_git(d: &BTreeMap<String, String>) -> BTreeMap<String, String> {

@@ -5,11 +5,14 @@
 use hutch_journal::{
     attr, cast::Source, recording_path, Event, JournalError, Record, Recorder, Summary,
 };
+use std::collections::BTreeMap;
+
 use hutch_protocol::TtySize;
+use hutch_types::SandboxInfo;
 use serde_json::Value;
 
 use crate::{
-    audit::{AuditQuery, Journals},
+    audit::{AuditQuery, Journals, REDACT_MIN_LEN},
     blocking::off_worker,
 };
 
@@ -34,10 +37,20 @@ impl Journals {
         self
     }
 
-    /// Starts recording an exec of `sandbox` (with a terminal of `tty`'s size, if any).
-    pub fn recorder(&self, sandbox: &str, tty: Option<TtySize>) -> Recorder {
+    /// Starts recording an exec of the sandbox `info` (with a terminal of `tty`'s size, if
+    /// any). What the journal redacts from records is replaced in the recording too: the
+    /// host's secret values, the sandbox's own, and the exec's `env` values (those of 8 bytes
+    /// or more: shorter ones are too common to take out of a terminal's output).
+    pub fn recorder(
+        &self,
+        info: &SandboxInfo,
+        tty: Option<TtySize>,
+        env: &BTreeMap<String, String>,
+    ) -> Recorder {
+        let mut redactor = self.redactor(Some(info));
+        redactor.extend(env.values().filter(|v| v.len() >= REDACT_MIN_LEN).cloned());
         self.recordings
-            .start(&self.dir(sandbox), tty.map(|t| (t.cols, t.rows)))
+            .start(&self.dir(&info.id), tty.map(|t| (t.cols, t.rows)), redactor)
     }
 
     /// The recording of `sandbox`'s exec `exec`: its id, the seq of its `exec.start` or

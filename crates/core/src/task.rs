@@ -4,13 +4,14 @@
 //! `$HUTCH_HOME/tasks/<id>/`. With `verify`, the accepted changeset is applied in another fresh
 //! sandbox without a network and the command's verdict recorded. Sandboxes are always
 //! destroyed; the host never runs workspace code. The agent's output streams to an optional
-//! sink while it runs; every record is signed with the host's task key
-//! ([`hutch_task::sign`]); a task cut off by a daemon restart is marked failed by
-//! [`Tasks::recover`]. Each task sandbox has a journal; before the agent's sandbox is destroyed
-//! (its journal sealed, its identity key destroyed) the task's result is attested
-//! ([`hutch_task::attest`]): an in-toto statement in a DSSE envelope signed by that sandbox's
-//! key and the host key, stored as `attestation.json`, without which no changeset is vouched
-//! for.
+//! sink while it runs; a task cut off by a daemon restart is marked failed by
+//! [`Tasks::recover`]. Each task sandbox has a journal, which records the agent's (and the
+//! verify) command like any exec; before the agent's sandbox is destroyed (its journal sealed,
+//! its identity key destroyed) the task's result is attested ([`hutch_task::attest`]): an
+//! in-toto statement in a DSSE envelope signed by that sandbox's key and the host key, stored
+//! as `attestation.json`. The attestation is the task's signed record: `record.json` is its
+//! unsigned log (output, timings, the verify run), checked against the attestation where the
+//! two say the same thing ([`attest::check_task`]).
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +39,7 @@ use crate::{
     audit::{create_event, JournalSink, Journals},
     blocking::off_worker,
     chain,
-    exec::{run_capped, split_status, Collected, ExecError, OverCap},
+    exec::{run_capped, run_capped_observed, split_status, Collected, ExecError, OverCap},
     now_ms, CoreError, Manager,
 };
 
@@ -57,6 +58,23 @@ pub const TASK_LABEL: &str = "hutch.task";
 pub const ATTESTATION: &str = "attestation.json";
 /// Why a task without a record is marked failed at daemon start.
 const INTERRUPTED: &str = "interrupted by a daemon restart";
+
+/// The operation of the agent command's `exec.start` record in its sandbox's journal.
+pub const AGENT_OPERATION: &str = "task.agent";
+/// The operation of the verify command's `exec.start` record.
+pub const VERIFY_OPERATION: &str = "task.verify";
+
+/// A task command's exec as its journal records it.
+struct Journalled<'a> {
+    /// The sandbox it runs in.
+    info: &'a SandboxInfo,
+    /// The task.
+    task: &'a str,
+    /// [`AGENT_OPERATION`] or [`VERIFY_OPERATION`].
+    operation: &'static str,
+    /// The task's own variables (their values are redacted).
+    env: &'a BTreeMap<String, String>,
+}
 
 /// Where a running task's output goes as it comes (the agent's and the verify command's).
 pub use crate::exec::OutputSink;
@@ -112,12 +130,14 @@ pub enum TaskError {
         #[source]
         source: JournalError,
     },
-    /// The task has a changeset but no attestation.
+    /// The task has no attestation: it ended before its sandbox attested it.
     #[error(
-        "task {0} has no attestation: it was stored by a hutch from before attestations (a \
-         host-signed record only), so its changeset is not vouched for; run the task again"
+        "task {0} has no attestation: it ended before its sandbox attested it (see its error)"
     )]
     Unattested(String),
+    /// The task's record was signed by a hutch from before attestations.
+    #[error("task {0}: {why}", why = attest::LEGACY_RECORD)]
+    Legacy(String),
 }
 
 impl TaskError {
@@ -126,9 +146,10 @@ impl TaskError {
         match self {
             TaskError::Spec(_) => ErrorCode::BadRequest,
             TaskError::Archive(_) => ErrorCode::UnsafePath,
-            TaskError::NotFound(_) | TaskError::NoChangeset(_) | TaskError::Unattested(_) => {
-                ErrorCode::NotFound
-            }
+            TaskError::NotFound(_)
+            | TaskError::NoChangeset(_)
+            | TaskError::Unattested(_)
+            | TaskError::Legacy(_) => ErrorCode::NotFound,
             TaskError::Store { .. }
             | TaskError::Corrupt { .. }
             | TaskError::Key(_)
@@ -516,7 +537,7 @@ impl Tasks {
             record.timings.verify_ms = ms(t);
         }
         record.timings.total_ms = ms(started);
-        off_worker(move || Self::store_record(&dir, &key, &mut record).map(|()| record)).await
+        off_worker(move || Self::store_record(&dir, &record).map(|()| record)).await
     }
 
     /// Encodes, hashes and writes a changeset of up to a GiB (off the async workers): the
@@ -627,9 +648,9 @@ impl Tasks {
         HostKey::load_or_create(&self.dir.join("host.key")).map_err(TaskError::Key)
     }
 
-    /// Signs `record` and stores it as the task's `record.json` in `dir`.
-    fn store_record(dir: &Path, key: &HostKey, record: &mut TaskRecord) -> Result<(), TaskError> {
-        key.sign(record);
+    /// Stores `record` as the task's `record.json` in `dir` (unsigned: the attestation is
+    /// what vouches for a task).
+    fn store_record(dir: &Path, record: &TaskRecord) -> Result<(), TaskError> {
         Self::write(
             &dir.join("record.json"),
             &serde_json::to_vec_pretty(record).expect("serializable"),
@@ -671,7 +692,7 @@ impl Tasks {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as i64);
-            let mut record = TaskRecord {
+            let record = TaskRecord {
                 id: id.clone(),
                 spec,
                 created_ms,
@@ -693,7 +714,7 @@ impl Tasks {
             // record.
             let _ = std::fs::remove_file(dir.join("changeset.bin"));
             let _ = std::fs::remove_file(dir.join(ATTESTATION));
-            Self::store_record(&dir, &self.key()?, &mut record)?;
+            Self::store_record(&dir, &record)?;
             tracing::warn!(task = %id, "task {INTERRUPTED}");
             interrupted.push(id);
         }
@@ -721,16 +742,26 @@ impl Tasks {
         off_worker(move || read(&tasks)).await
     }
 
-    /// Checks a stored task: its record's signature, and that its baseline and changeset are
-    /// the ones the record names.
+    /// Checks a stored task against its attestation (the one thing that vouches for it): the
+    /// envelope's signatures by this host's key and the sandbox key it certified, the stored
+    /// baseline and changeset against the attested digests, and the record's attested facts
+    /// ([`attest::check_task`]).
     pub async fn verify_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
         let id = id.to_owned();
-        self.reading(move |t| t.check_signature(&id)).await
+        self.reading(move |t| t.check_attestation(&id)).await
     }
 
-    fn check_signature(&self, id: &str) -> Result<SignatureCheck, TaskError> {
+    fn check_attestation(&self, id: &str) -> Result<SignatureCheck, TaskError> {
         let dir = self.task_dir(id)?;
         let record: TaskRecord = Self::json(&dir.join("record.json"))?;
+        let envelope = match self.read_attestation(id) {
+            Ok(e) => Some(e),
+            Err(TaskError::Unattested(_) | TaskError::Legacy(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if envelope.is_none() && record.signature.is_none() {
+            return Ok(SignatureCheck::Missing);
+        }
         // A task cut off before its baseline was stored is recorded with the empty one's.
         let baseline = Self::json::<Baseline>(&dir.join("baseline.json"))
             .unwrap_or_default()
@@ -742,41 +773,21 @@ impl Tasks {
             None
         };
         let key = self.key()?;
-        let check = key.check_task(&record, &baseline, changeset.as_deref());
-        match (check.is_ok(), changeset) {
-            (true, Some(stream)) => Ok(self.check_attestation(&key, &record, &stream)),
-            _ => Ok(check),
-        }
-    }
-
-    /// Whether the task `record`'s attestation vouches for its changeset `stream`.
-    fn check_attestation(
-        &self,
-        key: &HostKey,
-        record: &TaskRecord,
-        stream: &[u8],
-    ) -> SignatureCheck {
-        let bad = |reason: String| SignatureCheck::Bad { reason };
-        let envelope = match self.read_attestation(&record.id) {
-            Ok(e) => e,
-            Err(e) => return bad(chain(&e)),
-        };
-        match attest::verify(&envelope, &key.public_bytes(), Some(stream)) {
-            Ok(s) if s.predicate.task != record.id => {
-                bad(format!("the attestation is about {:.40}", s.predicate.task))
-            }
+        let checked = attest::check_task(
+            envelope.as_ref(),
+            &key.public_bytes(),
+            &record,
+            &baseline,
+            changeset.as_deref(),
+        );
+        Ok(match checked {
             Ok(_) => SignatureCheck::Ok {
                 public_key: key.public_hex(),
             },
-            Err(flaws) => bad(format!(
-                "the attestation does not verify: {}",
-                flaws
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )),
-        }
+            Err(reasons) => SignatureCheck::Bad {
+                reason: reasons.join("; "),
+            },
+        })
     }
 
     /// The task's attestation (a DSSE envelope), as stored.
@@ -786,9 +797,14 @@ impl Tasks {
     }
 
     fn read_attestation(&self, id: &str) -> Result<Envelope, TaskError> {
-        let path = self.task_dir(id)?.join(ATTESTATION);
+        let dir = self.task_dir(id)?;
+        let path = dir.join(ATTESTATION);
         if !path.exists() {
-            return Err(TaskError::Unattested(id.into()));
+            let record: TaskRecord = Self::json(&dir.join("record.json"))?;
+            return Err(match record.signature {
+                Some(_) => TaskError::Legacy(id.into()),
+                None => TaskError::Unattested(id.into()),
+            });
         }
         Self::json(&path)
     }
@@ -802,6 +818,37 @@ impl Tasks {
             let seal = Event::new(kinds::SEAL).attr(attr::SEAL_REASON, "task done");
             j.seal(id, seal).await;
         }
+    }
+
+    /// Runs the task's command `req` as `run` says, journalled like any exec of the sandbox
+    /// (`exec.start`, `exec.end` with its exit, output digests and session recording), its
+    /// output kept up to [`OUTPUT_CAP`] and sent to `sink` as it comes.
+    async fn run_journalled(
+        &self,
+        channel: &Channel,
+        run: Journalled<'_>,
+        req: ExecRequest,
+        sink: Option<&OutputSink>,
+    ) -> Result<Collected, ExecError> {
+        let tap = match self.journals.get() {
+            Some(j) => {
+                let actor = task_actor(run.task);
+                j.exec_tap(run.info, Some(&actor), run.operation, &req, run.env)
+                    .await
+            }
+            None => None,
+        };
+        let observe = |n: usize, data: &[u8]| {
+            if let Some(tap) = &tap {
+                tap.record(n, data);
+            }
+        };
+        let result =
+            run_capped_observed(channel, req, None, OUTPUT_CAP, OverCap::Drop, sink, observe).await;
+        if let Some(mut tap) = tap {
+            tap.end_capped(&result);
+        }
+        result
     }
 
     /// Copies the workspace and the helper into a sandbox.
@@ -862,14 +909,20 @@ impl Tasks {
         record.timings.copy_in_ms = ms(t);
 
         let t = Instant::now();
-        let sandbox_spec = self.manager.get(sandbox).await?.spec;
+        let info = self.manager.get(sandbox).await?;
         let req = ExecRequest {
-            env: self.manager.exec_env(&sandbox_spec, spec.env.clone()),
+            env: self.manager.exec_env(&info.spec, spec.env.clone()),
             cwd: Some(GUEST_WORKSPACE.into()),
             timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
             ..ExecRequest::new(spec.command.clone())
         };
-        let agent = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
+        let run = Journalled {
+            info: &info,
+            task: &record.id,
+            operation: AGENT_OPERATION,
+            env: &spec.env,
+        };
+        let agent = self.run_journalled(&channel, run, req, sink).await?;
         record.agent = Some(outcome(&agent, t));
         record.timings.agent_ms = ms(t);
 
@@ -963,7 +1016,13 @@ impl Tasks {
                 timeout_ms: Some(spec.timeout_secs.saturating_mul(1000)),
                 ..ExecRequest::shell(cmd)
             };
-            let c = run_capped(&channel, req, None, OUTPUT_CAP, OverCap::Drop, sink).await?;
+            let run = Journalled {
+                info: &info,
+                task: id,
+                operation: VERIFY_OPERATION,
+                env: &spec.env,
+            };
+            let c = self.run_journalled(&channel, run, req, sink).await?;
             let process = outcome(&c, t);
             Ok(VerifyOutcome {
                 command: cmd.to_string(),
@@ -1114,13 +1173,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tasks_cut_off_by_a_restart_are_stored_failed_and_signed() {
+    async fn tasks_cut_off_by_a_restart_are_stored_failed_and_unattested() {
         let home = tempfile::tempdir().unwrap();
         let t = tasks(home.path());
         let cut = home.path().join("tasks/task-00000000aa");
         std::fs::create_dir_all(&cut).unwrap();
         std::fs::write(cut.join("spec.json"), r#"{"command":["sleep","9"]}"#).unwrap();
         std::fs::write(cut.join("changeset.bin"), b"half a stream").unwrap();
+        std::fs::write(cut.join(ATTESTATION), b"{}").unwrap();
         let early = home.path().join("tasks/task-00000000bb");
         std::fs::create_dir_all(&early).unwrap();
 
@@ -1133,9 +1193,18 @@ mod tests {
                 reason: INTERRUPTED.into()
             }
         );
-        assert!(t.verify_signature("task-00000000aa").await.unwrap().is_ok());
+        assert_eq!(r.signature, None, "records are not signed");
+        // Nothing vouches for it: its sandbox never attested anything.
+        assert_eq!(
+            t.verify_signature("task-00000000aa").await.unwrap(),
+            SignatureCheck::Missing
+        );
+        assert!(matches!(
+            t.attestation("task-00000000aa").await,
+            Err(TaskError::Unattested(_))
+        ));
         assert!(
-            !cut.join("changeset.bin").exists(),
+            !cut.join("changeset.bin").exists() && !cut.join(ATTESTATION).exists(),
             "an unvouched changeset is dropped"
         );
         assert!(
@@ -1144,14 +1213,45 @@ mod tests {
         );
         // Recovered once: a second start finds nothing to do.
         assert!(t.recover().await.unwrap().is_empty());
+    }
 
-        // Tampering with the stored record is detected.
-        let path = cut.join("record.json");
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("sleep", "sleek")).unwrap();
-        assert!(matches!(
-            t.verify_signature("task-00000000aa").await.unwrap(),
-            SignatureCheck::Bad { .. }
-        ));
+    #[tokio::test]
+    async fn a_record_an_older_hutch_signed_is_refused_with_the_reason() {
+        let home = tempfile::tempdir().unwrap();
+        let t = tasks(home.path());
+        let dir = home.path().join("tasks/task-00000000cc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = TaskRecord {
+            id: "task-00000000cc".into(),
+            spec: serde_json::from_str(r#"{"command":["true"]}"#).unwrap(),
+            created_ms: 1,
+            baseline_digest: Baseline::default().digest(),
+            baseline_files: 0,
+            agent: None,
+            verdict: Verdict::Accepted { changes: 1 },
+            changes: vec![],
+            not_carried: vec![],
+            changeset_digest: Some(sha256_hex(b"stream")),
+            verify: None,
+            timings: Default::default(),
+            error: None,
+            signature: Some("ab".repeat(64)),
+        };
+        std::fs::write(
+            dir.join("record.json"),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("changeset.bin"), b"stream").unwrap();
+        let SignatureCheck::Bad { reason } = t.verify_signature(&record.id).await.unwrap() else {
+            panic!("an old record verifies");
+        };
+        assert_eq!(reason, attest::LEGACY_RECORD);
+        let refused = t.attestation(&record.id).await.unwrap_err();
+        assert!(matches!(refused, TaskError::Legacy(_)));
+        assert!(
+            refused.to_string().contains("run the task again"),
+            "{refused}"
+        );
     }
 }

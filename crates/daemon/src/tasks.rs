@@ -160,7 +160,7 @@ pub(super) async fn get_task(
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/signature", tag = "tasks", params(("id" = String, Path)),
-    responses((status = 200, description = "whether the stored record, baseline and changeset are as the host signed them", body = SignatureCheck),
+    responses((status = 200, description = "whether the task's attestation verifies with the host key and the stored baseline, changeset and record are as it says", body = SignatureCheck),
               (status = 404, body = ApiError)))]
 pub(super) async fn task_signature(
     State(state): State<Arc<AppState>>,

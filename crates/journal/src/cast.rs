@@ -7,11 +7,14 @@
 //! output may be any bytes, so each stream is decoded as UTF-8 on its own (a character split
 //! across two chunks is kept whole; invalid bytes become U+FFFD, which JSON can carry), and at
 //! most `cap` bytes of data are recorded; past the cap one `m` event marks the cut and the rest
-//! is only counted.
+//! is only counted. Secret values are replaced in what is recorded ([`CastEncoder::redacting`]),
+//! output and input alike, before a line is made.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::redact::{Redactor, StreamRedactor};
 
 /// The label of the marker written where a recording was cut at its cap.
 pub const TRUNCATED_MARKER: &str = "hutch: recording truncated";
@@ -119,6 +122,7 @@ pub struct CastEncoder {
     dropped: u64,
     truncated: bool,
     decoders: [Utf8Decoder; 3],
+    redactors: [StreamRedactor; 3],
 }
 
 impl CastEncoder {
@@ -130,7 +134,15 @@ impl CastEncoder {
             dropped: 0,
             truncated: false,
             decoders: Default::default(),
+            redactors: Default::default(),
         }
+    }
+
+    /// The same encoder, replacing the secrets of `redactor` in every stream (a secret split
+    /// across chunks included: the text that could begin one is held back a chunk).
+    pub fn redacting(mut self, redactor: Redactor) -> CastEncoder {
+        self.redactors = [0, 1, 2].map(|_| StreamRedactor::new(redactor.clone()));
+        self
     }
 
     /// Whether the recording was cut (at its cap, or by [`CastEncoder::cut`]).
@@ -154,6 +166,7 @@ impl CastEncoder {
         let (kept, rest) = data.split_at(data.len().min(room));
         self.recorded += kept.len() as u64;
         let text = self.decoders[source.index()].decode(kept);
+        let text = self.redactors[source.index()].push(&text);
         if !text.is_empty() {
             line(out, t, source.code(), &text);
         }
@@ -174,21 +187,30 @@ impl CastEncoder {
         line(out, t, "r", &size);
     }
 
-    /// Stops recording at `t`: what is held of an incomplete character is written as U+FFFD,
-    /// then a marker labelled `label`; later data is only counted.
+    /// Stops recording at `t`: what is held of an incomplete character is written as U+FFFD
+    /// (text held back as the start of a secret is dropped, and counted), then a marker
+    /// labelled `label`; later data is only counted.
     pub fn cut(&mut self, t: Duration, label: &str, out: &mut Vec<u8>) {
         if std::mem::replace(&mut self.truncated, true) {
             return;
+        }
+        for r in &mut self.redactors {
+            self.dropped += r.discard() as u64;
         }
         self.flush(t, out);
         line(out, t, "m", label);
     }
 
-    /// Appends to `out` what is still held of an incomplete character, as U+FFFD (the end).
+    /// Appends to `out` what is still held back (the end): text that began no secret after
+    /// all, and an incomplete character as U+FFFD.
     pub fn flush(&mut self, t: Duration, out: &mut Vec<u8>) {
         for source in [Source::Stdout, Source::Stderr, Source::Input] {
+            let mut text = self.redactors[source.index()].finish();
             if self.decoders[source.index()].flush() {
-                line(out, t, source.code(), "\u{FFFD}");
+                text.push('\u{FFFD}');
+            }
+            if !text.is_empty() {
+                line(out, t, source.code(), &text);
             }
         }
     }
@@ -367,6 +389,47 @@ mod tests {
         enc.resize(T, 80, 24, &mut out);
         enc.resize(T, 80, 25, &mut out);
         assert_eq!(events(&out), [ev("r", "80x24")]);
+    }
+
+    #[test]
+    fn secrets_are_replaced_in_output_and_input_even_split_across_chunks() {
+        let secret = "hunter2-but-longer";
+        let mut enc = CastEncoder::new(1 << 20).redacting(Redactor::new([secret.to_string()]));
+        let mut out = Vec::new();
+        enc.data(T, Source::Stdout, b"pw=hunter2-b", &mut out);
+        enc.data(T, Source::Stderr, b"hunter2-but-longer!", &mut out);
+        enc.data(T, Source::Stdout, b"ut-longer ok", &mut out);
+        enc.data(T, Source::Input, b"hunter2-but-longer\r", &mut out);
+        enc.data(T, Source::Stdout, b" hunt", &mut out);
+        enc.flush(T, &mut out);
+        assert_eq!(
+            events(&out),
+            [
+                ev("o", "pw="),
+                ev("o", "[REDACTED]!"),
+                ev("o", "[REDACTED] ok"),
+                ev("i", "[REDACTED]\r"),
+                ev("o", " "),
+                // Held back until the end, where it began no secret.
+                ev("o", "hunt"),
+            ]
+        );
+        assert!(!String::from_utf8_lossy(&out).contains("hunter2-b"));
+    }
+
+    #[test]
+    fn a_cut_drops_the_start_of_a_secret_held_back() {
+        let mut enc = CastEncoder::new(8).redacting(Redactor::new(["0123456789".to_string()]));
+        let mut out = Vec::new();
+        enc.data(T, Source::Stdout, b"ab012345678", &mut out);
+        assert_eq!(
+            events(&out),
+            [
+                ev("o", "ab"),
+                ev("m", "hutch: recording truncated at 8 bytes")
+            ]
+        );
+        assert_eq!(enc.dropped(), 3 + 6);
     }
 
     #[test]

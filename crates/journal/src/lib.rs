@@ -41,7 +41,7 @@ pub use event::{kinds, Actor, AuditLog, Event, Record, VERSION};
 pub use key::HostSigner;
 pub use read::{read_records, JOURNAL_FILE};
 pub use recording::{recording_path, Recorder, Recordings, Summary, RECORDINGS_DIR};
-pub use redact::{LiveSecrets, Redactor, REDACTED};
+pub use redact::{LiveSecrets, Redactor, StreamRedactor, REDACTED};
 pub use retention::prune;
 pub use verify::{verify_dir, Failure, Report, Status};
 pub use writer::{Journal, Options, Signed, CHECKPOINT_FILE, DSSE_PREFIX, KEY_FILE};

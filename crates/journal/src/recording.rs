@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     cast::{CastEncoder, Header, Source},
-    JournalError,
+    JournalError, Redactor,
 };
 
 /// The directory of a journal's recordings.
@@ -98,8 +98,9 @@ impl Recordings {
     }
 
     /// Starts recording an exec into the journal directory `dir`; `tty` is its terminal's
-    /// size (columns, rows), if it has one (only then is input recorded).
-    pub fn start(&self, dir: &Path, tty: Option<(u16, u16)>) -> Recorder {
+    /// size (columns, rows), if it has one (only then is input recorded). The secrets of
+    /// `redactor` are replaced in everything recorded.
+    pub fn start(&self, dir: &Path, tty: Option<(u16, u16)>, redactor: Redactor) -> Recorder {
         let id = rand::random::<u64>();
         let (width, height) = tty.unwrap_or(NO_TTY);
         let timestamp = SystemTime::now()
@@ -117,7 +118,7 @@ impl Recordings {
             id,
             tty: tty.is_some(),
             started: Instant::now(),
-            encoder: CastEncoder::new(self.cap),
+            encoder: CastEncoder::new(self.cap).redacting(redactor),
             hasher: blake3::Hasher::new(),
             bytes: 0,
             tx: self.tx.clone(),
@@ -370,7 +371,7 @@ mod tests {
     async fn a_finished_recording_is_the_file_its_digest_names() {
         let dir = tempfile::tempdir().unwrap();
         let recordings = Recordings::new(DEFAULT_CAP);
-        let rec = recordings.start(dir.path(), Some((100, 30)));
+        let rec = recordings.start(dir.path(), Some((100, 30)), Redactor::default());
         rec.output(Source::Stdout, b"$ ");
         rec.input(b"echo hi\r");
         rec.resize(120, 40);
@@ -415,7 +416,7 @@ mod tests {
     async fn without_a_terminal_input_is_not_recorded_and_the_size_is_80x24() {
         let dir = tempfile::tempdir().unwrap();
         let recordings = Recordings::new(DEFAULT_CAP);
-        let rec = recordings.start(dir.path(), None);
+        let rec = recordings.start(dir.path(), None, Redactor::default());
         rec.input(b"secret stdin");
         rec.output(Source::Stderr, b"err");
         let summary = rec.finish();
@@ -431,7 +432,7 @@ mod tests {
     async fn a_capped_recording_says_so_and_its_file_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let recordings = Recordings::new(DEFAULT_CAP).with_cap(1000);
-        let rec = recordings.start(dir.path(), None);
+        let rec = recordings.start(dir.path(), None, Redactor::default());
         for _ in 0..100 {
             rec.output(Source::Stdout, &[b'x'; 100]);
         }
@@ -451,7 +452,7 @@ mod tests {
     async fn an_abandoned_recording_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let recordings = Recordings::new(DEFAULT_CAP);
-        let rec = recordings.start(dir.path(), None);
+        let rec = recordings.start(dir.path(), None, Redactor::default());
         rec.output(Source::Stdout, b"x");
         drop(rec);
         recordings.sync().await.unwrap();

@@ -1,5 +1,7 @@
 //! Secret values never reach a journal: every string in a record's attributes has each
-//! configured secret replaced before the line is written.
+//! configured secret replaced before the line is written, and session recordings have them
+//! replaced in the text they record ([`StreamRedactor`]: output comes in chunks, and a secret
+//! split across two is replaced whole).
 
 use std::sync::{Arc, RwLock};
 
@@ -55,13 +57,44 @@ impl Redactor {
 
     /// `value` with every secret in every string (and object key) replaced.
     pub fn redact(&self, value: &mut Value) {
+        self.with_secrets(|extra| self.walk(value, extra));
+    }
+
+    /// `text` with every secret replaced.
+    pub fn redact_text(&self, text: &mut String) {
+        self.with_secrets(|extra| self.redact_str(text, extra));
+    }
+
+    /// Runs `f` with the live secrets (none without live ones), under their lock.
+    fn with_secrets<T>(&self, f: impl FnOnce(&[String]) -> T) -> T {
         match &self.live {
-            Some(live) => {
-                let live = live.0.read().expect("live secrets");
-                self.walk(value, &live.secrets);
-            }
-            None => self.walk(value, &[]),
+            Some(live) => f(&live.0.read().expect("live secrets").secrets),
+            None => f(&[]),
         }
+    }
+
+    /// The length of the longest proper prefix of a secret that `text` ends with: what a
+    /// stream must hold back until its next chunk shows whether the secret follows.
+    fn open_prefix(&self, text: &str) -> usize {
+        self.with_secrets(|extra| {
+            self.secrets
+                .iter()
+                .chain(extra)
+                .map(|secret| {
+                    let longest = (secret.len() - 1).min(text.len());
+                    (1..=longest)
+                        .rev()
+                        .find(|&k| text.as_bytes().ends_with(&secret.as_bytes()[..k]))
+                        .unwrap_or(0)
+                })
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
+    /// Whether there is nothing to redact.
+    fn is_empty(&self) -> bool {
+        self.secrets.is_empty() && self.with_secrets(<[String]>::is_empty)
     }
 
     /// Redacts this redactor's secrets and `extra` (sorted the same way) from `value`.
@@ -103,6 +136,51 @@ impl Redactor {
     }
 }
 
+/// Redaction of text that comes in chunks (one stream of a session recording): a secret split
+/// across chunks is replaced whole, since the end of a chunk that could begin a secret is held
+/// back until the next chunk shows whether it does.
+#[derive(Debug, Default)]
+pub struct StreamRedactor {
+    redactor: Redactor,
+    held: String,
+}
+
+impl StreamRedactor {
+    /// Redacts the secrets of `redactor`.
+    pub fn new(redactor: Redactor) -> StreamRedactor {
+        StreamRedactor {
+            redactor,
+            held: String::new(),
+        }
+    }
+
+    /// The text of `chunk` that can be written now, secrets replaced; what could begin a
+    /// secret is held back.
+    pub fn push(&mut self, chunk: &str) -> String {
+        if self.held.is_empty() && self.redactor.is_empty() {
+            return chunk.to_string();
+        }
+        let mut text = std::mem::take(&mut self.held);
+        text.push_str(chunk);
+        self.redactor.redact_text(&mut text);
+        // The held part starts with a secret's first byte: a character boundary.
+        let keep = text.len() - self.redactor.open_prefix(&text);
+        self.held = text.split_off(keep);
+        text
+    }
+
+    /// The stream's end: what was held back (it began no secret after all).
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    /// The stream was cut: what was held back (the start of a secret, perhaps) is dropped;
+    /// its length.
+    pub fn discard(&mut self) -> usize {
+        std::mem::take(&mut self.held).len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +195,38 @@ mod tests {
             v,
             serde_json::json!({"argv": ["echo", "pw=[REDACTED] [REDACTED]"], "[REDACTED]": 1, "n": 5})
         );
+    }
+
+    #[test]
+    fn a_secret_split_across_chunks_is_replaced_whole() {
+        let live = LiveSecrets::default();
+        let mut s = StreamRedactor::new(
+            Redactor::new(["s3cr3t-value".to_string()]).with_live(live.clone()),
+        );
+        let mut out = s.push("token=s3c");
+        assert_eq!(out, "token=", "the start of a secret is held back");
+        out += &s.push("r3t");
+        out += &s.push("-value and s3");
+        // A live secret added mid-stream is redacted from then on, across chunks too.
+        live.add(["another-one".to_string()]);
+        out += &s.push("x another");
+        out += &s.push("-one ☃ s3cr");
+        assert_eq!(out, "token=[REDACTED] and s3x [REDACTED] ☃ ");
+        // At the end, what was held back began no secret after all.
+        out += &s.finish();
+        assert_eq!(out, "token=[REDACTED] and s3x [REDACTED] ☃ s3cr");
+        // Cut instead, a held start of a secret is dropped.
+        let mut cut = StreamRedactor::new(Redactor::new(["s3cr3t-value".to_string()]));
+        assert_eq!(cut.push("ab s3cr3t-"), "ab ");
+        assert_eq!(cut.discard(), "s3cr3t-".len());
+        assert_eq!(cut.finish(), "");
+    }
+
+    #[test]
+    fn without_secrets_a_stream_passes_as_it_is() {
+        let mut s = StreamRedactor::default();
+        assert_eq!(s.push("anything"), "anything");
+        assert_eq!(s.finish(), "");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hutch_types::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{baseline::sha256_hex, Limits, Verdict};
+use crate::{baseline::sha256_hex, Limits, TaskRecord, Verdict};
 
 /// The statement's `_type`.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -338,6 +338,70 @@ pub fn verify(
     }
 }
 
+/// Why a task whose record an older hutch signed is refused.
+pub const LEGACY_RECORD: &str = "the task was stored by a hutch from before attestations (a \
+     host-signed record only, no longer accepted: its sandbox key is gone, so it cannot be \
+     attested now); run the task again";
+
+/// Checks a stored task against its attestation `envelope` (`None`: it has none), with the
+/// host key `host`: the envelope verifies (both signatures, the sandbox key certified, and the
+/// `changeset` stream, if one is stored, its attested subject; an attested changeset must be
+/// there); it is about `record`'s task; `baseline_digest` (the stored baseline's) is the
+/// attested one; and what the record says of the attested facts (command, exit, verdict,
+/// baseline and changeset digests) is what the statement says. The rest of the record
+/// (output, timings, the verify run) is not attested. The statement, or every reason.
+pub fn check_task(
+    envelope: Option<&Envelope>,
+    host: &[u8; 32],
+    record: &TaskRecord,
+    baseline_digest: &str,
+    changeset: Option<&[u8]>,
+) -> Result<Statement, Vec<String>> {
+    let Some(envelope) = envelope else {
+        let why = match record.signature {
+            Some(_) => LEGACY_RECORD.to_string(),
+            None => "the task has no attestation (it ended before its sandbox attested it)".into(),
+        };
+        return Err(vec![why]);
+    };
+    let statement = verify(envelope, host, changeset)
+        .map_err(|flaws| flaws.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let p = &statement.predicate;
+    let mut reasons = vec![];
+    let mut differs = |what: &str, same: bool| {
+        if !same {
+            reasons.push(format!("{what} is not the attested one"));
+        }
+    };
+    differs("the task", p.task == record.id);
+    differs("the stored baseline", p.baseline_digest == baseline_digest);
+    differs(
+        "the record's baseline digest",
+        p.baseline_digest == record.baseline_digest,
+    );
+    let attested = statement.digest(CHANGESET_SUBJECT, "sha256");
+    differs(
+        "the record's changeset digest",
+        attested == record.changeset_digest.as_deref(),
+    );
+    differs("the record's command", p.command == record.spec.command);
+    differs("the record's verdict", p.verdict == record.verdict);
+    let exit = record.agent.as_ref().map(|a| Exit {
+        code: a.exit_code,
+        signal: a.signal,
+        timed_out: a.timed_out,
+    });
+    differs("the record's exit", p.exit == exit);
+    if attested.is_some() && changeset.is_none() {
+        reasons.push("the attested changeset is not stored".into());
+    }
+    if reasons.is_empty() {
+        Ok(statement)
+    } else {
+        Err(reasons)
+    }
+}
+
 /// The statement an envelope carries (unchecked).
 pub fn statement(envelope: &Envelope) -> Result<Statement, Flaw> {
     let payload = STANDARD
@@ -609,6 +673,78 @@ mod tests {
             Some(b"stream"),
         );
         assert_eq!(flaws.unwrap_err(), [Flaw::NoChangeset]);
+    }
+
+    /// The record `statement` (by [`statement`]) is about.
+    fn record_of(changeset: &[u8]) -> TaskRecord {
+        TaskRecord {
+            id: "task-00000000aa".into(),
+            spec: serde_json::from_str(r#"{"command":["sh","-c","echo hi > a"]}"#).unwrap(),
+            created_ms: 1,
+            baseline_digest: "ab".into(),
+            baseline_files: 1,
+            agent: Some(crate::ProcessOutcome {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                stdout: String::new(),
+                stderr: String::new(),
+                truncated: false,
+                millis: 1,
+            }),
+            verdict: Verdict::Accepted { changes: 1 },
+            changes: vec![],
+            not_carried: vec![],
+            changeset_digest: Some(sha256_hex(changeset)),
+            verify: None,
+            timings: Default::default(),
+            error: None,
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn a_stored_task_is_checked_against_its_attestation_only() {
+        let (host, sb) = (key(1), key(2));
+        let env = signed(&statement(&host, &sb, b"stream"), &[&sb, &host]);
+        let record = record_of(b"stream");
+        let check = |env: Option<&Envelope>, r: &TaskRecord, base: &str, cs: Option<&[u8]>| {
+            check_task(env, &host_pub(&host), r, base, cs)
+        };
+        check(Some(&env), &record, "ab", Some(b"stream")).unwrap();
+        // What the record says of attested facts must be what the statement says; the rest
+        // (its output) is not attested.
+        let mut edited = record.clone();
+        edited.agent.as_mut().unwrap().exit_code = Some(3);
+        edited.verdict = Verdict::Empty;
+        edited.agent.as_mut().unwrap().stdout = "anything".into();
+        assert_eq!(
+            check(Some(&env), &edited, "ab", Some(b"stream")).unwrap_err(),
+            [
+                "the record's verdict is not the attested one",
+                "the record's exit is not the attested one"
+            ]
+        );
+        // Stored files that are not the attested ones, or missing.
+        let reasons = check(Some(&env), &record, "cd", None).unwrap_err();
+        assert_eq!(
+            reasons,
+            [
+                "the stored baseline is not the attested one",
+                "the attested changeset is not stored"
+            ]
+        );
+        let reasons = check(Some(&env), &record, "ab", Some(b"other")).unwrap_err();
+        assert!(reasons[0].contains("sha256"), "{reasons:?}");
+        // No attestation: a record an older hutch signed is refused with the reason.
+        let mut legacy = record.clone();
+        legacy.signature = Some("00".repeat(64));
+        assert_eq!(
+            check(None, &legacy, "ab", Some(b"stream")).unwrap_err(),
+            [LEGACY_RECORD]
+        );
+        let reasons = check(None, &record, "ab", None).unwrap_err();
+        assert!(reasons[0].contains("no attestation"), "{reasons:?}");
     }
 
     #[test]

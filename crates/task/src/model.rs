@@ -181,8 +181,9 @@ pub struct TaskRecord {
     pub timings: Timings,
     /// What went wrong on the host side, if anything.
     pub error: Option<String>,
-    /// Ed25519 signature (hex) by the host's task key over this record's JSON without this
-    /// field (see [`crate::sign`]).
+    /// The host key's signature over the record, as an older hutch (before attestations)
+    /// stored it: never written now; a record carrying one is refused, with the reason, by
+    /// [`crate::attest::check_task`] (its sandbox key is gone, so it cannot be migrated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }

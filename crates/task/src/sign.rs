@@ -1,7 +1,9 @@
-//! Signed task records: the host holds an Ed25519 key (`$HUTCH_HOME/tasks/host.key`, mode
-//! 0600, made on first use) and signs each stored [`TaskRecord`]'s JSON, which names the
-//! baseline's and the changeset's digests, so that a record (or the files it names) changed
-//! after the fact is detected before anyone applies it.
+//! The host's Ed25519 keys (`$HUTCH_HOME/tasks/host.key`, mode 0600, made on first use: it
+//! certifies sandbox keys and co-signs task attestations, [`crate::attest`]; and the workload
+//! identity key), and the outcome of checking a stored task against its attestation
+//! ([`SignatureCheck`]). Task records themselves are no longer signed: the attestation is what
+//! vouches for a task (records signed by an older hutch are refused, see
+//! [`crate::attest::check_task`]).
 
 use std::{
     io::Write,
@@ -9,11 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use ed25519_dalek::{Signer, SigningKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-
-use crate::TaskRecord;
 
 /// Why the host key could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -46,18 +46,21 @@ pub struct HostKey {
     key: SigningKey,
 }
 
-/// The outcome of checking a stored task against its signature.
+/// The outcome of checking a stored task against its attestation: the envelope's signatures
+/// (the host key's and the certified sandbox key's), and the stored files and the record's
+/// attested fields against the statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "signature", rename_all = "snake_case")]
 pub enum SignatureCheck {
-    /// The record is as signed, and the files it names have its digests.
+    /// The attestation verifies, and the stored files and the record are as it says.
     Ok {
         /// The host's public key, hex.
         public_key: String,
     },
-    /// The record carries no signature.
+    /// The task has no attestation (it ended before its sandbox attested anything).
     Missing,
-    /// The record, or a file it names, was changed after signing.
+    /// The attestation does not verify, the record or a stored file is not as it says, or
+    /// the record is one an older hutch signed (no longer accepted).
     Bad {
         /// What does not match.
         reason: String,
@@ -65,7 +68,7 @@ pub enum SignatureCheck {
 }
 
 impl SignatureCheck {
-    /// Whether the task is as signed.
+    /// Whether the task is as attested.
     pub fn is_ok(&self) -> bool {
         matches!(self, SignatureCheck::Ok { .. })
     }
@@ -79,15 +82,6 @@ impl std::fmt::Display for SignatureCheck {
             SignatureCheck::Bad { reason } => write!(f, "BAD ({reason})"),
         }
     }
-}
-
-/// The bytes a record's signature covers: its JSON with `signature` left out.
-fn signed_bytes(record: &TaskRecord) -> Vec<u8> {
-    let unsigned = TaskRecord {
-        signature: None,
-        ..record.clone()
-    };
-    serde_json::to_vec(&unsigned).expect("serializable")
 }
 
 impl HostKey {
@@ -158,62 +152,5 @@ impl HostKey {
     /// Signs `msg` (Ed25519, pure): the signature's 64 bytes.
     pub fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
-    }
-
-    /// Signs `record` (replacing any signature it had).
-    pub fn sign(&self, record: &mut TaskRecord) {
-        record.signature = Some(hex::encode(self.key.sign(&signed_bytes(record)).to_bytes()));
-    }
-
-    /// Checks `record`'s signature (not the files it names; see [`HostKey::check_task`]).
-    pub fn check(&self, record: &TaskRecord) -> SignatureCheck {
-        let Some(sig) = &record.signature else {
-            return SignatureCheck::Missing;
-        };
-        let bad = |reason: &str| SignatureCheck::Bad {
-            reason: reason.into(),
-        };
-        let Some(sig) = hex::decode(sig)
-            .ok()
-            .and_then(|b| <[u8; 64]>::try_from(b).ok())
-        else {
-            return bad("the signature is not 64 bytes of hex");
-        };
-        match self
-            .key
-            .verifying_key()
-            .verify(&signed_bytes(record), &Signature::from_bytes(&sig))
-        {
-            Ok(()) => SignatureCheck::Ok {
-                public_key: self.public_hex(),
-            },
-            Err(_) => bad("the record does not match its signature"),
-        }
-    }
-
-    /// Checks `record`'s signature and that the stored baseline digest and changeset stream
-    /// (if any) are the ones it names.
-    pub fn check_task(
-        &self,
-        record: &TaskRecord,
-        baseline_digest: &str,
-        changeset: Option<&[u8]>,
-    ) -> SignatureCheck {
-        let check = self.check(record);
-        if !check.is_ok() {
-            return check;
-        }
-        if baseline_digest != record.baseline_digest {
-            return SignatureCheck::Bad {
-                reason: "the stored baseline is not the one the record names".into(),
-            };
-        }
-        let stored = changeset.map(crate::baseline::sha256_hex);
-        if stored != record.changeset_digest {
-            return SignatureCheck::Bad {
-                reason: "the stored changeset is not the one the record names".into(),
-            };
-        }
-        check
     }
 }

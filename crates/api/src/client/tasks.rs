@@ -118,7 +118,7 @@ impl Client {
         ))
     }
 
-    /// Whether a stored task is as the daemon's host key signed it.
+    /// Whether a stored task is as its attestation says (checked by the daemon, with its key).
     pub async fn task_signature(&self, id: &str) -> Result<SignatureCheck, ClientError> {
         self.call(Method::GET, &task_path(id, "/signature"), vec![])
             .await

@@ -38,7 +38,9 @@ pub fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
 /// `hutch` with `HUTCH_HOME=home`, and no remote-daemon settings from the environment.
 pub fn hutch(home: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutch"));
+    // Host keys `task apply` pins go beside the home, not into the user's configuration.
     cmd.env("HUTCH_HOME", home)
+        .env("HUTCH_HOST_KEYS", home.join("pinned-host-keys"))
         .env_remove("HUTCH_HOST")
         .env_remove("HUTCH_TOKEN");
     cmd

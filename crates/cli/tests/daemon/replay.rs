@@ -36,7 +36,7 @@ fn asciinema_cat(cast: &[u8]) -> Result<String> {
 }
 
 /// Runs a PTY shell: types a command, resizes the terminal, asks its size, exits 3.
-async fn pty_session(c: &Client, id: &str) -> Result {
+pub(crate) async fn pty_session(c: &Client, id: &str) -> Result {
     let start = ExecStart {
         argv: vec!["/bin/sh".into()],
         tty: Some(TtySize { rows: 24, cols: 80 }),

@@ -28,7 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 pub use feed::{broker_event, flow_event, FeedLimits, GuestFeed, SUMMARY_EVERY, SUPPRESSED};
 
-use crate::{blocking::off_worker, service::ByteStream};
+use crate::{
+    blocking::off_worker,
+    exec::{Collected, ExecError},
+    service::ByteStream,
+};
 
 /// Secret values shorter than this are not redacted: they are too common to take out of every
 /// record (and would take attribute names apart).
@@ -109,7 +113,7 @@ impl Journals {
     }
 
     /// The redactor of the sandbox `info` (its spec's values and the host's secrets).
-    fn redactor(&self, info: Option<&SandboxInfo>) -> Redactor {
+    pub(crate) fn redactor(&self, info: Option<&SandboxInfo>) -> Redactor {
         info.map(redactor)
             .unwrap_or_default()
             .with_live(self.live.clone())
@@ -175,6 +179,21 @@ impl Journals {
                 None
             }
         }
+    }
+
+    /// The journal tap of an exec of the sandbox `info` (`operation`, asked by `actor`; `env`:
+    /// the request's own variables), recording its session: none when its journal is sealed.
+    pub async fn exec_tap(
+        &self,
+        info: &SandboxInfo,
+        actor: Option<&Actor>,
+        operation: &str,
+        req: &ExecRequest,
+        env: &BTreeMap<String, String>,
+    ) -> Option<ExecTap> {
+        let journal = self.journal(&info.id, Some(info)).await?;
+        let tap = ExecTap::start(journal, actor, operation, req, env);
+        Some(tap.recorded(self.recorder(info, req.tty, env)))
     }
 
     /// Appends `last` as the seal of `sandbox`'s journal: its final checkpoint.
@@ -460,6 +479,25 @@ impl ExecTap {
     pub fn record(&self, n: usize, data: &[u8]) {
         if let Some(r) = &self.recorder {
             r.output(crate::recording::source(n), data);
+        }
+    }
+
+    /// Records the end of a capped exec: how it ended and what it kept (or why it failed).
+    pub fn end_capped(&mut self, result: &Result<Collected, ExecError>) {
+        match result {
+            Ok(c) => {
+                self.output(0, &c.stdout);
+                self.output(1, &c.stderr);
+                let extra = Event::default()
+                    .attr("hutch.process.stdout.dropped", c.dropped[0])
+                    .attr("hutch.process.stderr.dropped", c.dropped[1])
+                    .attr("hutch.process.timed_out", c.timed_out);
+                self.end(Some(c.status), extra);
+            }
+            Err(e) => self.end(
+                None,
+                Event::default().attr(attr::ERROR_MESSAGE, e.to_string()),
+            ),
         }
     }
 

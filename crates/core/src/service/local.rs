@@ -94,10 +94,10 @@ impl LocalApi {
         req: &ExecRequest,
         env: &BTreeMap<String, String>,
     ) -> Option<ExecTap> {
-        let journal = self.journal(info).await?;
         let journals = self.journals.as_ref()?;
-        let tap = ExecTap::start(journal, Some(&caller.actor), operation, req, env);
-        Some(tap.recorded(journals.recorder(&info.id, req.tty)))
+        journals
+            .exec_tap(info, Some(&caller.actor), operation, req, env)
+            .await
     }
 
     /// The journals, or not found when this host keeps none.
@@ -478,21 +478,7 @@ impl SandboxApi for LocalApi {
             run_capped_observed(&channel, req, stdin, limit, OverCap::Drop, None, record).await;
         metrics.exec_finished(started.elapsed());
         if let Some(mut tap) = tap {
-            match &result {
-                Ok(c) => {
-                    tap.output(0, &c.stdout);
-                    tap.output(1, &c.stderr);
-                    let extra = Event::default()
-                        .attr("hutch.process.stdout.dropped", c.dropped[0])
-                        .attr("hutch.process.stderr.dropped", c.dropped[1])
-                        .attr("hutch.process.timed_out", c.timed_out);
-                    tap.end(Some(c.status), extra);
-                }
-                Err(e) => tap.end(
-                    None,
-                    Event::default().attr(attr::ERROR_MESSAGE, e.to_string()),
-                ),
-            }
+            tap.end_capped(&result);
         }
         Ok(result?)
     }

@@ -336,7 +336,8 @@ pub trait SandboxApi: Send + Sync {
     async fn task_changeset(&self, caller: &Caller, id: &str) -> Result<Vec<u8>>;
     /// A task's changes as a unified diff (admin only).
     async fn task_diff(&self, caller: &Caller, id: &str) -> Result<String>;
-    /// Whether a task's record carries a valid host signature (admin only).
+    /// Whether a task is as its attestation says: its signatures, the stored files and the
+    /// record's attested facts (admin only).
     async fn task_signature(&self, caller: &Caller, id: &str) -> Result<SignatureCheck>;
     /// A task's attestation: an in-toto statement in a DSSE envelope signed by its sandbox's
     /// key and the host key (admin only; not found for a task stored before attestations).

@@ -209,3 +209,77 @@ async fn output_past_the_cap_is_cut_with_a_marker_while_the_exec_keeps_all() {
         .await
         .unwrap();
 }
+
+const STORE_SECRET: &str = "store-secret-value-3141";
+const SPEC_SECRET: &str = "spec-secret-value-2718";
+const EXEC_SECRET: &str = "exec-secret-value-1618";
+
+#[tokio::test]
+async fn secret_values_are_redacted_from_recordings_even_split_across_writes() {
+    let w = World::new().await;
+    let api = surface(&w, 1 << 20);
+    let admin = Caller::admin();
+    let secret = hutch_core::secrets::SetSecret {
+        name: "api-key".into(),
+        value: hutch_core::secrets::SecretValue::new(STORE_SECRET.as_bytes().to_vec()),
+        env: None,
+        bindings: Some(vec![hutch_types::SecretBinding {
+            host: "api.example.test".into(),
+            port: 443,
+            path: None,
+            methods: vec![],
+            at: hutch_types::SecretLocation::Bearer,
+            fetch_only: false,
+        }]),
+        labels: Default::default(),
+        ssh_allowed_host_keys: None,
+    };
+    api.set_secret(&admin, secret).await.unwrap();
+    let mut spec = spec(NetworkPolicy::None);
+    spec.env.insert("SPEC_VAR".into(), SPEC_SECRET.into());
+    let req = Create {
+        spec,
+        idempotency_key: None,
+    };
+    let id: SandboxId = api.create(&admin, req).await.unwrap().0.id.parse().unwrap();
+    // The store's value in two writes, apart in time (so in two chunks of output), on both
+    // streams; the sandbox's variable and the exec's own.
+    let (head, tail) = STORE_SECRET.split_at(9);
+    let script = format!(
+        "printf 'a={head}'; sleep 0.3; printf '{tail}!\\n'; \
+         printf 'b={head}' >&2; sleep 0.3; printf '{tail}\\n' >&2; \
+         echo \"c=$SPEC_VAR d=$EXEC_VAR\"; printf 'e={head}'"
+    );
+    let mut cmd = sh(&script);
+    cmd.env.insert("EXEC_VAR".into(), EXEC_SECRET.into());
+    let out = api.exec(&admin, &id, cmd, None, 1 << 20).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(STORE_SECRET) && stdout.contains(SPEC_SECRET),
+        "the exec itself gets its output whole: {stdout:?}"
+    );
+
+    let ends = ends(&api, &id).await;
+    let (_, _, events) = recorded(&api, &id, &ends[0]).await;
+    let shown = output(&events);
+    for line in [
+        "a=[REDACTED]!\n",
+        "b=[REDACTED]\n",
+        "c=[REDACTED] d=[REDACTED]\n",
+    ] {
+        assert!(shown.contains(line), "no {line:?} in {shown:?}");
+    }
+    // The start of a secret that never came is output like any other.
+    assert!(shown.ends_with(&format!("e={head}")), "{shown:?}");
+    let rec = api
+        .recording(&admin, &id, text(&ends[0], attr::EXEC_ID))
+        .await
+        .unwrap();
+    let file = String::from_utf8_lossy(&rec.cast);
+    for secret in [STORE_SECRET, SPEC_SECRET, EXEC_SECRET] {
+        assert!(!file.contains(secret), "{secret} in the recording");
+    }
+    api.lifecycle(&admin, &id, Lifecycle::Destroy)
+        .await
+        .unwrap();
+}
