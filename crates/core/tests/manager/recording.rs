@@ -243,11 +243,13 @@ async fn secret_values_are_redacted_from_recordings_even_split_across_writes() {
     };
     let id: SandboxId = api.create(&admin, req).await.unwrap().0.id.parse().unwrap();
     // The store's value in two writes, apart in time (so in two chunks of output), on both
-    // streams; the sandbox's variable and the exec's own.
+    // streams; the sandbox's variable and the exec's own. Each stream's redaction holds back
+    // its own unfinished tail, so a write to the other stream is kept apart in time too: the
+    // two pipes are read in whatever order their data is ready.
     let (head, tail) = STORE_SECRET.split_at(9);
     let script = format!(
-        "printf 'a={head}'; sleep 0.3; printf '{tail}!\\n'; \
-         printf 'b={head}' >&2; sleep 0.3; printf '{tail}\\n' >&2; \
+        "printf 'a={head}'; sleep 0.3; printf '{tail}!\\n'; sleep 0.3; \
+         printf 'b={head}' >&2; sleep 0.3; printf '{tail}\\n' >&2; sleep 0.3; \
          echo \"c=$SPEC_VAR d=$EXEC_VAR\"; printf 'e={head}'"
     );
     let mut cmd = sh(&script);
