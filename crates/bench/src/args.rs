@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// Exec round trip through E2B's Python SDK on the daemon's E2B-compatible API vs its
     /// HTTP API, same sandbox.
     E2b(crate::e2b::BenchE2bArgs),
+    /// The secret broker from a namespace stand-in of a guest: substituted vs spliced vs
+    /// direct, small-request latency (kept alive, new connection) and bulk throughput.
+    Secrets(crate::secrets::BenchSecretsArgs),
 }
 
 /// `hutch-bench boot`.

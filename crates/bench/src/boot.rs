@@ -49,6 +49,7 @@ pub async fn bench(home: &Home, cmd: BenchCommand) -> Result<i32, BenchError> {
         BenchCommand::Task(a) => crate::task::task(home, a).await,
         BenchCommand::Mcp(a) => crate::mcp::mcp(home, a).await,
         BenchCommand::E2b(a) => crate::e2b::e2b(home, a).await,
+        BenchCommand::Secrets(a) => crate::secrets::secrets(a).await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! `hutch-bench`: Hutch's benchmarks, out of the production CLI. Boot latency and exec round
-//! trip, the daemon's overhead, clones and pools, agent tasks, Firecracker's own timings. Each
-//! run prints its figures and ratios; nothing is asserted on time.
+//! trip, the daemon's overhead, clones and pools, agent tasks, Firecracker's own timings, the
+//! secret broker. Each run prints its figures and ratios; nothing is asserted on time.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +12,7 @@ mod error;
 mod firecracker;
 mod launch;
 mod mcp;
+mod secrets;
 mod task;
 
 use clap::Parser;

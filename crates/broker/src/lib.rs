@@ -46,6 +46,7 @@ mod secret;
 mod splice;
 pub mod ssh;
 mod target;
+mod websocket;
 
 use std::io;
 use std::sync::{Arc, RwLock};

@@ -25,7 +25,7 @@ use crate::config::{Dial, DnsOracle, EgressCheck, EventSink};
 use crate::hello::{self, Hello};
 use crate::policy::{self, Dest, Req};
 use crate::scrub::{self, Filtered, Needle};
-use crate::{target, AttachedSecret};
+use crate::{target, websocket, AttachedSecret};
 
 /// A boxed error for bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -390,7 +390,7 @@ async fn terminate(
         async move { Ok::<_, Infallible>(conn.request(req).await) }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
         .await
         .map_err(io::Error::other)
 }
@@ -440,7 +440,9 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 impl Conn {
-    async fn request(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    async fn request(&self, mut req: Request<Incoming>) -> Response<BoxBody> {
+        // The guest's side of a WebSocket upgrade, taken before the request is consumed.
+        let upgrade = websocket::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let secrets = self.shared.secrets();
         let facts = Facts {
             host: self.host.clone(),
@@ -465,12 +467,18 @@ impl Conn {
             }
         }
         let path = facts.path.clone().unwrap_or_default();
-        let upstream = match self.upstream_request(req, &path, fwd, &secrets, &facts) {
-            Ok(r) => r,
-            Err(reason) => return reply(StatusCode::BAD_GATEWAY, &reason),
-        };
-        match self.send(upstream).await {
-            Ok(resp) => self.response(resp, &facts),
+        let upstream =
+            match self.upstream_request(req, &path, fwd, &secrets, &facts, upgrade.is_some()) {
+                Ok(r) => r,
+                Err(reason) => return reply(StatusCode::BAD_GATEWAY, &reason),
+            };
+        match self.send(upstream, upgrade.is_some()).await {
+            Ok(resp) => match upgrade {
+                Some(guest) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    self.join_upgrade(guest, resp, &facts)
+                }
+                _ => self.response(resp, &facts),
+            },
             Err(e) => {
                 tracing::debug!(host = %self.host, error = %e, "upstream request failed");
                 reply(StatusCode::BAD_GATEWAY, "upstream request failed")
@@ -549,7 +557,8 @@ impl Conn {
     }
 
     /// The request as it goes upstream: HTTP/1.1, the normalised target, substituted headers,
-    /// identity encoding, and a body watched for placeholders.
+    /// identity encoding, and a body watched for placeholders. A WebSocket upgrade keeps its
+    /// upgrade headers but offers no extension (so frames can be scrubbed).
     fn upstream_request(
         &self,
         req: Request<Incoming>,
@@ -557,6 +566,7 @@ impl Conn {
         fwd: policy::Forward,
         secrets: &[AttachedSecret],
         facts: &Facts,
+        websocket: bool,
     ) -> Result<Request<BoxBody>, String> {
         let (mut parts, body) = req.into_parts();
         let query = fwd.query.or(parts.uri.query().map(str::to_string));
@@ -568,6 +578,15 @@ impl Conn {
         parts.version = Version::HTTP_11;
         for h in HOP_BY_HOP {
             parts.headers.remove(*h);
+        }
+        if websocket {
+            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         let host = match self.dst.port() {
             443 => self.host.clone(),
@@ -602,25 +621,42 @@ impl Conn {
         Ok(Request::from_parts(parts, body))
     }
 
-    /// The upstream response as the guest gets it: scrubbed once a substitution happened here.
-    fn response(&self, resp: Response<Incoming>, facts: &Facts) -> Response<BoxBody> {
-        let needles = self
-            .needles
+    /// The needles of the values that went out on this connection (none: nothing to scrub).
+    fn needles(&self) -> Vec<Needle> {
+        self.needles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (mut parts, body) = resp.into_parts();
-        let body = body.map_err(BoxError::from).boxed_unsync();
-        if needles.is_empty() {
-            return Response::from_parts(parts, body);
-        }
-        let mut header_scrub = scrub::Scrubber::new(needles.clone());
-        for value in parts.headers.values_mut() {
+            .clone()
+    }
+
+    /// Scrubs a response's headers, recording each secret found.
+    fn scrub_headers(&self, headers: &mut hyper::HeaderMap, needles: &[Needle], facts: &Facts) {
+        let mut header_scrub = scrub::Scrubber::new(needles.to_vec());
+        for value in headers.values_mut() {
             let clean = header_scrub.all(value.as_bytes());
             if clean != value.as_bytes() {
                 *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static(""));
             }
         }
+        for name in &header_scrub.hits {
+            self.shared.record(
+                facts,
+                name,
+                BrokerDecision::Scrubbed,
+                Some("in a response header".into()),
+            );
+        }
+    }
+
+    /// The upstream response as the guest gets it: scrubbed once a substitution happened here.
+    fn response(&self, resp: Response<Incoming>, facts: &Facts) -> Response<BoxBody> {
+        let needles = self.needles();
+        let (mut parts, body) = resp.into_parts();
+        let body = body.map_err(BoxError::from).boxed_unsync();
+        if needles.is_empty() {
+            return Response::from_parts(parts, body);
+        }
+        self.scrub_headers(&mut parts.headers, &needles, facts);
         let gunzip = match parts
             .headers
             .get(header::CONTENT_ENCODING)
@@ -638,14 +674,6 @@ impl Conn {
         parts.headers.remove(header::CONTENT_ENCODING);
         parts.headers.remove(header::CONTENT_LENGTH);
         let (shared, facts) = (self.shared.clone(), facts.clone());
-        for name in &header_scrub.hits {
-            shared.record(
-                &facts,
-                name,
-                BrokerDecision::Scrubbed,
-                Some("in a response header".into()),
-            );
-        }
         let on_hit = Box::new(move |name: &str| {
             let reason = Some("in the response body".into());
             shared.record(&facts, name, BrokerDecision::Scrubbed, reason);
@@ -654,8 +682,72 @@ impl Conn {
         Response::from_parts(parts, body)
     }
 
-    /// Sends on an idle upstream connection, or a new one.
-    async fn send(&self, req: Request<BoxBody>) -> Result<Response<Incoming>, BoxError> {
+    /// The origin accepted a WebSocket upgrade: the guest gets the 101 (headers scrubbed),
+    /// and a task joins the two upgraded streams, the origin's frames scrubbed once a value
+    /// went out on this connection.
+    fn join_upgrade(
+        &self,
+        guest: hyper::upgrade::OnUpgrade,
+        mut resp: Response<Incoming>,
+        facts: &Facts,
+    ) -> Response<BoxBody> {
+        let origin = hyper::upgrade::on(&mut resp);
+        let needles = self.needles();
+        let (mut parts, _) = resp.into_parts();
+        self.scrub_headers(&mut parts.headers, &needles, facts);
+        let (shared, facts) = (self.shared.clone(), facts.clone());
+        tokio::spawn(async move {
+            let (guest, origin) = match tokio::join!(guest, origin) {
+                (Ok(g), Ok(o)) => (TokioIo::new(g), TokioIo::new(o)),
+                (g, o) => {
+                    let (g, o) = (g.err(), o.err());
+                    tracing::debug!(guest = ?g, origin = ?o, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            let (mut guest_r, mut guest_w) = tokio::io::split(guest);
+            let (mut origin_r, mut origin_w) = tokio::io::split(origin);
+            let up = async {
+                let _ = tokio::io::copy(&mut guest_r, &mut origin_w).await;
+                let _ = origin_w.shutdown().await;
+            };
+            let down = async {
+                let ended = if needles.is_empty() {
+                    let copied = tokio::io::copy(&mut origin_r, &mut guest_w).await;
+                    let _ = guest_w.shutdown().await;
+                    copied.map(drop)
+                } else {
+                    let mut reported = std::collections::BTreeSet::new();
+                    let on_hit = |name: &str| {
+                        if reported.insert(name.to_string()) {
+                            let reason = Some("in a WebSocket message".into());
+                            shared.record(&facts, name, BrokerDecision::Scrubbed, reason);
+                        }
+                    };
+                    websocket::scrub_frames(origin_r, guest_w, needles, on_hit).await
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "WebSocket from the origin ended");
+                }
+            };
+            tokio::join!(up, down);
+        });
+        let empty = http_body_util::Empty::new()
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        Response::from_parts(parts, empty)
+    }
+
+    /// Sends on an idle upstream connection, or a new one; an upgrade always on a new one,
+    /// which is not kept (it becomes the upgraded stream).
+    async fn send(
+        &self,
+        req: Request<BoxBody>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, BoxError> {
+        if upgrade {
+            return Ok(self.connect().await?.send_request(req).await?);
+        }
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut sender = match idle {
             Some(mut s) => match s.ready().await {
@@ -682,7 +774,7 @@ impl Conn {
             .await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });

@@ -270,6 +270,23 @@ impl Body for Filtered {
         this.report();
         out
     }
+
+    /// An empty body stays known to be empty (a GET is not sent chunked; a WebSocket upgrade
+    /// has no body at all).
+    fn is_end_stream(&self) -> bool {
+        self.done
+            || (self.inner.is_end_stream()
+                && self.gunzip.is_none()
+                && self.scrubber.held.is_empty())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.is_end_stream() {
+            hyper::body::SizeHint::with_exact(0)
+        } else {
+            hyper::body::SizeHint::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The broker against real curl in a guest namespace and HTTPS origins in an "internet"
 //! namespace (root only; prints SKIP otherwise).
 
-mod support;
+use hutch_testkit::broker_world as support;
 
 use base64::Engine;
 use hutch_types::{BrokerDecision, SecretBinding, SecretLocation};
@@ -508,4 +508,120 @@ async fn broker_substitutes_only_at_bindings_and_never_reflects() {
             assert!(!text.contains(secret), "event leaks: {text}");
         }
     }
+}
+
+/// The payload of the next text or binary message.
+async fn next_payload<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match ws.next().await.unwrap().unwrap() {
+        Message::Text(t) => t.as_str().as_bytes().to_vec(),
+        Message::Binary(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A WebSocket client in the guest namespace (tokio-tungstenite over rustls trusting `root`):
+/// upgrades `wss://{host}/v1/ws` at `dst` with `x-api-key: {key}`, then returns the origin's
+/// greeting and its echoes of a text message and a 200 KB binary one.
+async fn websocket(
+    w: &World,
+    dst: &str,
+    host: &str,
+    root: &rustls::pki_types::CertificateDer<'static>,
+    key: &str,
+    text: &str,
+) -> (String, String, Vec<u8>) {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let tcp = support::connect_in(&w.guest, dst.parse().unwrap())
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(host.to_string().try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut req = format!("wss://{host}/v1/ws").into_client_request().unwrap();
+    req.headers_mut().insert("x-api-key", key.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let greeting = String::from_utf8(next_payload(&mut ws).await).unwrap();
+    ws.send(Message::text(text)).await.unwrap();
+    let echo = String::from_utf8(next_payload(&mut ws).await).unwrap();
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big)).await.unwrap();
+    let back = next_payload(&mut ws).await;
+    ws.close(None).await.unwrap();
+    (greeting, echo, back)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_reach_bound_hosts_scrubbed_and_unbound_hosts_spliced() {
+    if !support::can_run("websockets_reach_bound_hosts_scrubbed_and_unbound_hosts_spliced") {
+        return;
+    }
+    let w = World::new("t2", secrets()).await;
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let text = format!("a message quoting {KEY_PH} goes as it is");
+
+    // A bound host: the upgrade carries the value upstream; the origin's greeting quotes it
+    // back and the guest reads the placeholder there; messages go both ways unchanged.
+    let (seen0, ev0) = (w.seen_count(), w.event_count());
+    let api = format!("{API_IP}:443");
+    let (greeting, echo, back) = websocket(
+        &w,
+        &api,
+        "api.example.test",
+        &w.sandbox_ca_der,
+        KEY_PH,
+        &text,
+    )
+    .await;
+    assert_eq!(greeting, format!("x-api-key: {KEY_PH}"));
+    assert_eq!(echo, text);
+    assert!(back == big, "the binary echo differs");
+    let seen = w.seen_since(seen0);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let headers = header_map(&seen[0]);
+    assert_eq!(headers["x-api-key"], KEY);
+    assert_eq!(headers["upgrade"], "websocket");
+    assert!(
+        !headers.contains_key("transfer-encoding") && !headers.contains_key("content-length"),
+        "an upgrade has no body: {headers:?}"
+    );
+    let events = w.events_since(ev0);
+    assert!(
+        events.iter().any(|e| e.decision == BrokerDecision::Scrubbed
+            && e.reason.as_deref() == Some("in a WebSocket message")),
+        "{events:?}"
+    );
+
+    // An unbound host is spliced: its own certificate, no substitution, the echo intact.
+    let seen0 = w.seen_count();
+    let other = format!("{}:443", support::OTHER_IP);
+    let (greeting, echo, back) = websocket(
+        &w,
+        &other,
+        "other.example.test",
+        &w.test_root_der,
+        KEY_PH,
+        &text,
+    )
+    .await;
+    assert_eq!(greeting, format!("x-api-key: {KEY_PH}"));
+    assert_eq!(echo, text);
+    assert!(back == big, "the binary echo differs");
+    assert_eq!(header_map(&w.seen_since(seen0)[0])["x-api-key"], KEY_PH);
 }

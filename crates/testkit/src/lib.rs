@@ -17,11 +17,13 @@
 //!
 //! For the secret broker's tests (namespaces or real VMs): [`origin`] (HTTPS origins under a
 //! test root CA that record and echo what they get) and [`serve_dns`] (the test internet's
-//! authoritative DNS).
+//! authoritative DNS); [`broker_world`] (guest, sandbox and internet namespaces around a
+//! serving broker, for its namespace tests and `hutch-bench secrets`).
 
 #![forbid(unsafe_code)]
 
 mod agent;
+pub mod broker_world;
 mod dns;
 mod failing;
 mod images;

@@ -201,16 +201,72 @@ impl GitServer {
     }
 }
 
+/// The text a WebSocket echo greets its client with: the `x-api-key` it was upgraded with.
+pub const WS_GREETING: &str = "x-api-key: ";
+
+/// A WebSocket echo on an upgraded connection: greets with [`WS_GREETING`] and the request's
+/// `x-api-key` (a reflection, as an error message may quote it), then sends back every text
+/// and binary message until the client closes.
+async fn websocket_echo(upgrade: hyper::upgrade::OnUpgrade, key: String) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+    let Ok(upgraded) = upgrade.await else {
+        return;
+    };
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        None,
+    )
+    .await;
+    if ws
+        .send(Message::text(format!("{WS_GREETING}{key}")))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    while let Some(Ok(m)) = ws.next().await {
+        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade request.
+fn websocket_accept(head: &hyper::http::request::Parts) -> Response<Full<Bytes>> {
+    let key = head
+        .headers
+        .get("sec-websocket-key")
+        .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", key)
+        .body(Full::default())
+        .unwrap()
+}
+
 /// The origins' one handler: paths into a repository (`….git/…`) go to the [`GitServer`] if
 /// there is one, `/reflect` answers 401 quoting `x-api-key` in its body and a header, `/gzip`
-/// answers the echo gzipped whatever was asked, `/big/N` answers N bytes, every other path
-/// echoes the request (target, headers and body). Every request is recorded.
+/// answers the echo gzipped whatever was asked, `/big/N` answers N bytes, `/ws` with a
+/// WebSocket upgrade is a WebSocket echo ([`WS_GREETING`]), every other path echoes the
+/// request (target, headers and body). Every request is recorded. HTTP/2 is served where the
+/// client's ALPN offers it.
 async fn origin(
-    req: Request<hyper::body::Incoming>,
+    mut req: Request<hyper::body::Incoming>,
     local: IpAddr,
     seen: SeenLog,
     git: Option<Arc<GitServer>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let websocket = (req.uri().path().ends_with("/ws")
+        && req
+            .headers()
+            .get("upgrade")
+            .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")))
+    .then(|| hyper::upgrade::on(&mut req));
     let target = format!("{} {}", req.method(), req.uri());
     let path = req.uri().path().to_string();
     let mut headers = String::new();
@@ -237,6 +293,10 @@ async fn origin(
         headers,
         body,
     });
+    if let Some(upgrade) = websocket {
+        tokio::spawn(websocket_echo(upgrade, key));
+        return Ok(websocket_accept(&head));
+    }
     if let Some(git) = git.filter(|_| GitServer::serves(&path)) {
         return Ok(git.serve(&head, raw).await);
     }
@@ -289,9 +349,15 @@ pub fn serve_origins_with_git(
                         let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
                             return;
                         };
-                        builder.serve_connection(TokioIo::new(s), svc).await
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                            .await
                     }
-                    None => builder.serve_connection(TokioIo::new(tcp), svc).await,
+                    None => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                            .await
+                    }
                 };
             });
         }

@@ -22,6 +22,63 @@ const OTHER: &str = "203.0.113.30";
 /// The test internet's DNS server (on the internet side of the host namespace's uplink).
 const DNS: &str = "198.51.100.2:53";
 
+/// A WebSocket client on the guest's python3 (standard library only): `python3 - HOST KEY
+/// TEXT verify|insecure` upgrades `wss://HOST/v1/ws` with `x-api-key: KEY`, prints the status
+/// line, the origin's greeting, the echo of TEXT, and whether a 200 KB binary message came
+/// back intact.
+const WS_CLIENT: &str = r#"
+import base64, os, socket, ssl, struct, sys
+
+host, key, text, verify = sys.argv[1:5]
+ctx = ssl.create_default_context()
+if verify == "insecure":
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+tls = ctx.wrap_socket(socket.create_connection((host, 443), timeout=20), server_hostname=host)
+nonce = base64.b64encode(os.urandom(16)).decode()
+tls.sendall((f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+             f"Sec-WebSocket-Version: 13\r\nx-api-key: {key}\r\n\r\n").encode())
+f = tls.makefile("rb")
+print(f.readline().decode().strip())
+while f.readline() not in (b"\r\n", b""):
+    pass
+
+def send(data, opcode):
+    n, mask = len(data), os.urandom(4)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack(">Q", n)
+    tls.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+def recv():
+    data = b""
+    while True:
+        b0, b1 = f.read(2)
+        n = b1 & 0x7f
+        if n == 126:
+            n = struct.unpack(">H", f.read(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", f.read(8))[0]
+        payload = f.read(n)
+        if b0 & 0x08:
+            continue
+        data += payload
+        if b0 & 0x80:
+            return data
+
+print(recv().decode())
+send(text.encode(), 1)
+print(recv().decode())
+big = bytes(i % 251 for i in range(200000))
+send(big, 2)
+print("binary echo", "ok" if recv() == big else "differs")
+send(b"", 8)
+"#;
+
 fn binding(host: &str, at: &str, path: Option<&str>) -> SecretBinding {
     SecretBinding {
         host: host.into(),
@@ -163,34 +220,47 @@ fn seen_since(seen: &SeenLog, from: usize) -> Vec<Seen> {
     seen.lock().unwrap()[from..].to_vec()
 }
 
-pub fn a_real_guest_reaches_bound_hosts_only_through_the_broker() -> Result {
-    let world = World::bare("sec");
-    let ip = |rest: &str| {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["-n", &world.inet]).args(rest.split_whitespace());
-        cmd.output()
-    };
-    check(
-        ip(&format!("addr add {OTHER}/32 dev lo"))?.status.success(),
-        "add the third origin's address",
-    )?;
-    let dir = tempfile::tempdir()?;
-    let (tls, _, root) = origin::origin_tls(dir.path());
-    let secrets = secrets();
-    let git = Arc::new(origin::GitServer {
-        root: dir.path().join("git"),
-        password: secrets.iter().find(|s| s.0 == "e2e-git").unwrap().3.clone(),
-    });
-    seed_repository(&git.root.join("org/repo.git"))?;
-    let seen: SeenLog = Arc::new(Mutex::new(Vec::new()));
-    {
-        let (inet, seen) = (world.inet.clone(), seen.clone());
+/// The test internet of these cases: namespaces (`World::bare(tag)`), the three HTTPS origins
+/// (git smart HTTP on `api`'s address, with `git_password`) and the authoritative DNS server,
+/// served on the suite's runtime until the world goes.
+struct TestInternet {
+    world: World,
+    dir: tempfile::TempDir,
+    /// The test root's PEM file (the daemon's extra upstream roots).
+    root: String,
+    seen: SeenLog,
+}
+
+impl TestInternet {
+    fn new(tag: &str, git_password: String) -> Result<TestInternet> {
+        let world = World::bare(tag);
+        let added = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &world.inet,
+                "addr",
+                "add",
+                &format!("{OTHER}/32"),
+                "dev",
+                "lo",
+            ])
+            .output()?;
+        check(added.status.success(), "add the third origin's address")?;
+        let dir = tempfile::tempdir()?;
+        let (tls, _, root) = origin::origin_tls(dir.path());
+        let git = Arc::new(origin::GitServer {
+            root: dir.path().join("git"),
+            password: git_password,
+        });
+        seed_repository(&git.root.join("org/repo.git"))?;
+        let seen: SeenLog = Arc::new(Mutex::new(Vec::new()));
+        let (inet, seen_by) = (world.inet.clone(), seen.clone());
         on_rt(async move {
             let tls = Arc::new(tls);
             for addr in [INET, INET2, OTHER] {
                 let l = origin::listen_in(&inet, &format!("{addr}:443"));
                 let git = (addr == INET).then(|| git.clone());
-                origin::serve_origins_with_git(l, Some(tls.clone()), seen.clone(), git);
+                origin::serve_origins_with_git(l, Some(tls.clone()), seen_by.clone(), git);
             }
             let names: HashMap<String, std::net::Ipv4Addr> = [
                 ("api.example.test", INET),
@@ -202,48 +272,77 @@ pub fn a_real_guest_reaches_bound_hosts_only_through_the_broker() -> Result {
             .collect();
             hutch_testkit::serve_dns(&inet, DNS.parse().unwrap(), names);
         });
+        Ok(TestInternet {
+            world,
+            dir,
+            root,
+            seen,
+        })
     }
-    let mut daemon = Daemon::start_with(
-        common::private_home(),
-        &[
-            "--net-host-netns",
-            &world.host,
-            "--net-dns-upstream",
-            DNS,
-            "--secrets-upstream-roots",
-            &root,
-        ],
-    );
+
+    /// A daemon on a private home whose sandboxes reach this internet, its DNS and its root.
+    fn daemon(&self) -> Daemon {
+        Daemon::start_with(
+            common::private_home(),
+            &[
+                "--net-host-netns",
+                &self.world.host,
+                "--net-dns-upstream",
+                DNS,
+                "--secrets-upstream-roots",
+                &self.root,
+            ],
+        )
+    }
+}
+
+/// Stops `daemon` and checks that nothing of it, nor the sandbox namespaces of `ids`, is left.
+fn stop_and_check_leaks(mut daemon: Daemon, ids: &[String]) -> Result {
     let home = daemon.home.path().to_path_buf();
-    let home_of_case = home.clone();
+    sigterm(&mut daemon);
+    let leaks = common::leaks(&home);
+    check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    for id in ids {
+        check(
+            !namespaces.contains(&format!("hutch-{id}")),
+            format!("the namespace of {id} is left"),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn a_real_guest_reaches_bound_hosts_only_through_the_broker() -> Result {
+    let secrets = secrets();
+    let git_password = secrets.iter().find(|s| s.0 == "e2e-git").unwrap().3.clone();
+    let net = TestInternet::new("sec", git_password)?;
+    let daemon = net.daemon();
+    let home = daemon.home.path().to_path_buf();
     let client = daemon.client();
+    let seen = net.seen.clone();
     let result = on_rt(async move {
-        let ran = run_case(&client, home_of_case, secrets, seen).await;
+        let ran = run_case(&client, home, secrets, seen).await;
         // Whatever happened, nothing of this case may outlive it.
         let destroyed = destroy_all(&client).await;
         let id = ran?;
         destroyed?;
         Ok::<_, Failed>(id)
     });
-    sigterm(&mut daemon);
-    let leaks = common::leaks(&home);
-    let id = result?;
-    check(leaks.is_empty(), format!("left behind: {leaks:?}"))?;
+    let ids: Vec<String> = result.iter().cloned().collect();
+    let stopped = stop_and_check_leaks(daemon, &ids);
+    result?;
+    stopped?;
     let commits = std::process::Command::new("git")
         .arg("-C")
-        .arg(dir.path().join("git/org/repo.git"))
+        .arg(net.dir.path().join("git/org/repo.git"))
         .args(["rev-list", "--count", "--all"])
         .output()?;
     check(
         String::from_utf8_lossy(&commits.stdout).trim() == "1",
         "a push reached the repository",
-    )?;
-    let namespaces = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()?;
-    check(
-        !String::from_utf8_lossy(&namespaces.stdout).contains(&format!("hutch-{id}")),
-        "the sandbox's namespace is left",
     )
 }
 
@@ -371,6 +470,100 @@ async fn run_case(
             .any(|s| s.headers.contains(&value("e2e-key"))),
         "reflect: the origin did not get the value",
     )?;
+
+    // A gzip answer quoting the key (the origin gzips whatever was asked): upstream was
+    // asked for identity, the broker gunzipped and scrubbed it, the guest reads the placeholder.
+    let key_ph = placeholder(&env, "e2e-key")?;
+    let from = seen.lock().unwrap().len();
+    let (rc, status, body, err) = curl_in(
+        c,
+        id,
+        "--compressed -H \"x-api-key: $E2E_KEY\" https://api.example.test/v1/gzip",
+    )
+    .await?;
+    check(
+        rc == 0 && status == 200 && body.contains(&format!("x-api-key: {key_ph}")),
+        format!("gzip: curl {rc} status {status}: {err}{body}"),
+    )?;
+    clean("gzip", &body)?;
+    let got = seen_since(&seen, from);
+    check(
+        got.len() == 1
+            && got[0]
+                .headers
+                .contains(&format!("x-api-key: {}", value("e2e-key")))
+            && got[0].headers.contains("accept-encoding: identity"),
+        format!("gzip: the origin got {got:?}"),
+    )?;
+
+    // HTTP/2 from the guest: the broker speaks h2 to it (ALPN) and substitutes as over 1.1.
+    let from = seen.lock().unwrap().len();
+    let out = sh(
+        c,
+        id,
+        "curl -sS --http2 --max-time 20 -o /tmp/h2 -w '%{http_version} %{http_code}\\n' \
+         -H \"x-api-key: $E2E_KEY\" https://api.example.test/v1/echo && cat /tmp/h2",
+    )
+    .await?;
+    let (line, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+    check(
+        line == "2 200" && body.contains(&format!("x-api-key: {key_ph}")),
+        format!("h2: {out}"),
+    )?;
+    clean("h2", body)?;
+    check(
+        seen_since(&seen, from).iter().any(|s| {
+            s.headers
+                .contains(&format!("x-api-key: {}", value("e2e-key")))
+        }),
+        "h2: the origin did not get the value",
+    )?;
+
+    // WebSocket (a small client on the guest's python3: its curl has no WebSocket): through
+    // the broker the upgrade carries the value and the origin's greeting quoting it comes
+    // back with the placeholder; spliced to an unbound host it goes as it is.
+    for (host, verify, substituted) in [
+        ("api.example.test", "verify", true),
+        ("other.example.test", "insecure", false),
+    ] {
+        let from = seen.lock().unwrap().len();
+        let out = c
+            .exec(
+                id,
+                &ExecBody {
+                    argv: vec![
+                        "sh".into(),
+                        "-c".into(),
+                        format!(
+                            "python3 - {host} \"$E2E_KEY\" \"a message quoting $E2E_KEY\" {verify}"
+                        ),
+                    ],
+                    stdin: Some(WS_CLIENT.into()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let want = format!(
+            "HTTP/1.1 101 Switching Protocols\nx-api-key: {key_ph}\na message quoting {key_ph}\nbinary echo ok\n"
+        );
+        check(
+            out.exit_code == Some(0) && out.stdout == want,
+            format!(
+                "WebSocket to {host}: {:?}\n{}{}",
+                out.exit_code, out.stdout, out.stderr
+            ),
+        )?;
+        let got = seen_since(&seen, from);
+        let sent = if substituted {
+            value("e2e-key")
+        } else {
+            key_ph.clone()
+        };
+        check(
+            got.len() == 1 && got[0].headers.contains(&format!("x-api-key: {sent}")),
+            format!("WebSocket to {host}: the origin got {got:?}"),
+        )?;
+    }
 
     // Refusals: none of them lets a value out.
     let mut refusals = vec![
@@ -540,4 +733,152 @@ async fn run_case(
     )?;
     c.destroy(id).await?;
     Ok(ids)
+}
+
+/// Where the guest agent installs the sandbox's broker CA.
+const GUEST_CA: &str = "/usr/local/share/ca-certificates/hutch-sandbox.crt";
+
+pub fn clones_and_pool_hand_outs_get_their_own_ca_and_placeholders() -> Result {
+    let net = TestInternet::new("scl", "unused".into())?;
+    let daemon = net.daemon();
+    let home = daemon.home.path().to_path_buf();
+    let client = daemon.client();
+    let seen = net.seen.clone();
+    let result = on_rt(async move {
+        let ran = clone_case(&client, &home, seen).await;
+        let destroyed = destroy_all(&client).await;
+        let _ = client.set_pool(CLONE_TEMPLATE, 0).await;
+        let removed = client.remove_template(CLONE_TEMPLATE).await;
+        let ids = ran?;
+        destroyed?;
+        removed.map_err(|e| format!("template rm: {e}"))?;
+        Ok::<_, Failed>(ids)
+    });
+    let ids: Vec<String> = result.iter().flatten().cloned().collect();
+    let stopped = stop_and_check_leaks(daemon, &ids);
+    result?;
+    stopped
+}
+
+/// The template of the clone case.
+const CLONE_TEMPLATE: &str = "sec-tpl";
+
+/// Two clones of one template and a pooled clone handed out, each with a secret: each has its
+/// own placeholder and CA, and its own broker substitutes the value for it. Returns their ids.
+async fn clone_case(c: &Client, home: &std::path::Path, seen: SeenLog) -> Result<Vec<String>> {
+    let value = format!("real-clone-{:016x}", crate::secrets::rand_u64());
+    c.set_secret(
+        "clone-key",
+        &SetSecretBody {
+            value: value.clone(),
+            env: Some("CLONE_KEY".into()),
+            bindings: Some(vec![binding("api.example.test", "header:x-api-key", None)]),
+            labels: Default::default(),
+            ssh_allowed_host_keys: None,
+        },
+    )
+    .await?;
+    c.create_template(&hutch_types::TemplateSpec {
+        name: CLONE_TEMPLATE.into(),
+        image: "default".into(),
+        cpus: 1,
+        memory_mib: 256,
+        disk_mib: 256,
+        provision: None,
+        network: NetworkPolicy::None,
+    })
+    .await
+    .map_err(|e| format!("template create: {e}"))?;
+    let from_template = CreateSandbox {
+        spec: SandboxSpec {
+            template: Some(CLONE_TEMPLATE.into()),
+            network: NetworkPolicy::Open,
+            secrets: vec!["clone-key".into()],
+            ..Default::default()
+        },
+        idempotency_key: None,
+    };
+    // (id, placeholder, CA) of each clone, each checked through its own broker.
+    let mut clones: Vec<(String, String, String)> = Vec::new();
+    let mut check_clone = async |id: String| -> Result {
+        let ph = sh(c, &id, "printf %s \"$CLONE_KEY\"").await?;
+        check(
+            ph.starts_with(PLACEHOLDER_PREFIX),
+            format!("{id}: CLONE_KEY={ph}"),
+        )?;
+        let ca = sh(c, &id, &format!("cat {GUEST_CA}")).await?;
+        check(
+            ca.contains("BEGIN CERTIFICATE"),
+            format!("{id}: no CA: {ca}"),
+        )?;
+        let from = seen.lock().unwrap().len();
+        let (rc, status, body, err) = curl_in(
+            c,
+            &id,
+            "-H \"x-api-key: $CLONE_KEY\" https://api.example.test/v1/echo",
+        )
+        .await?;
+        check(
+            rc == 0 && status == 200 && body.contains(&format!("x-api-key: {ph}")),
+            format!("{id}: curl {rc} status {status}: {err}{body}"),
+        )?;
+        check(
+            !body.contains(&value),
+            format!("{id}: the guest saw the value"),
+        )?;
+        let got = seen_since(&seen, from);
+        check(
+            got.len() == 1 && got[0].headers.contains(&format!("x-api-key: {value}")),
+            format!("{id}: the origin got {got:?}"),
+        )?;
+        clones.push((id, ph, ca));
+        Ok(())
+    };
+    for _ in 0..2 {
+        let id = c.create(&from_template).await?.id;
+        check_clone(id).await?;
+    }
+    // A pool of 1: its clone waits restored (no secrets yet); a create with the secret hands
+    // it out, with a CA and placeholder minted then.
+    c.set_pool(CLONE_TEMPLATE, 1)
+        .await
+        .map_err(|e| format!("pool: {e}"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let pooled = loop {
+        let ready = c
+            .templates()
+            .await?
+            .iter()
+            .find(|t| t.spec.name == CLONE_TEMPLATE)
+            .map_or(0, |t| t.pool_ready);
+        let pooled = crate::templates::unowned_run_dirs(c, home).await?;
+        if ready == 1 && pooled.len() == 1 {
+            break pooled;
+        }
+        check(
+            std::time::Instant::now() < deadline,
+            format!("the pool holds {pooled:?}"),
+        )?;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let handed = c.create(&from_template).await?.id;
+    check(
+        pooled.contains(&handed),
+        format!("{handed} is not the pooled {pooled:?}"),
+    )?;
+    check_clone(handed).await?;
+    drop(check_clone);
+    for (i, a) in clones.iter().enumerate() {
+        for b in &clones[i + 1..] {
+            check(
+                a.1 != b.1,
+                format!("{} and {} share a placeholder", a.0, b.0),
+            )?;
+            check(a.2 != b.2, format!("{} and {} share a CA", a.0, b.0))?;
+        }
+    }
+    c.set_pool(CLONE_TEMPLATE, 0)
+        .await
+        .map_err(|e| format!("pool: {e}"))?;
+    Ok(clones.into_iter().map(|(id, _, _)| id).collect())
 }

@@ -191,6 +191,7 @@ fn trials() -> Vec<libtest_mimic::Trial> {
         a_second_daemon_on_the_same_home_refuses_and_touches_nothing,
         a_guest_holds_placeholders_and_the_ca_never_the_value,
         a_real_guest_reaches_bound_hosts_only_through_the_broker,
+        clones_and_pool_hand_outs_get_their_own_ca_and_placeholders,
         guests_get_tokens_pyjwt_verifies_and_metrics_move,
         mcp_clients_drive_sandboxes_over_stdio_and_http,
         the_e2b_sdk_runs_unchanged_against_hutch,

@@ -1,21 +1,22 @@
 //! The broker's test world: a guest namespace whose TCP 80/443 is redirected by nft to the
 //! broker in a sandbox namespace, and an "internet" namespace whose HTTPS origins (RFC 5737
-//! addresses) are signed by a test root CA. Origins record every request they receive.
+//! addresses) are signed by a test root CA. Origins record every request they receive. The
+//! broker's namespace tests and `hutch-bench secrets` use it (root only: [`can_run`]).
 
-// Test fixtures: namespace setup is short synchronous commands, origins run their own threads.
-#![allow(clippy::disallowed_methods, dead_code)]
+// Test fixtures: namespace setup is a few short synchronous commands, run once per world.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+pub use crate::origin::Seen;
+use crate::origin::{listen_in as listen, origin_tls, serve_origins};
 use hutch_broker::{
     AttachedSecret, Broker, BrokerConfig, Dial, DialFuture, DnsOracle, EgressCheck, EventSink,
     SandboxCa, SecretValue,
 };
-pub use hutch_testkit::origin::Seen;
-use hutch_testkit::origin::{listen_in as listen, origin_tls, serve_origins};
 use hutch_types::{BrokerEvent, SecretBinding};
 use rustls::pki_types::CertificateDer;
 
@@ -32,7 +33,7 @@ pub const BROKER_PORT: u16 = 15001;
 
 /// True when this process may make namespaces and the tools exist; prints SKIP otherwise.
 pub fn can_run(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
+    let root = rustix::process::geteuid().is_root();
     let tools = ["ip", "nft", "curl"].iter().all(|t| {
         Command::new("sh")
             .args(["-c", &format!("command -v {t}")])
@@ -60,7 +61,7 @@ pub struct World {
     pub guest: String,
     sandbox: String,
     inet: String,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     /// What the origins received.
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// What the broker recorded.
@@ -247,19 +248,7 @@ EOF"
         let sandbox_ca_der = ca.cert_der().clone();
         let broker = Broker::new(BrokerConfig {
             sandbox_id: format!("sb-{tag}"),
-            secrets: secrets
-                .into_iter()
-                .map(|t| AttachedSecret {
-                    name: t.name.into(),
-                    value: SecretValue::new(t.value.as_bytes().to_vec()),
-                    placeholder: t.placeholder.into(),
-                    bindings: t
-                        .bindings
-                        .into_iter()
-                        .map(|b| b.normalised().unwrap())
-                        .collect(),
-                })
-                .collect(),
+            secrets: secrets.into_iter().map(TestSecret::attached).collect(),
             ca,
             upstream_roots: Arc::new(roots),
             dns: Arc::new(Answers),
@@ -279,7 +268,7 @@ EOF"
             guest: g,
             sandbox: s,
             inet: i,
-            dir,
+            _dir: dir,
             seen,
             events,
             sandbox_ca: sandbox_ca.display().to_string(),
