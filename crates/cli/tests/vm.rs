@@ -855,6 +855,13 @@ fn shares_read_only_writable_and_no_escape() -> Result {
                 let (code, err) = attempt(&ch, script).await?;
                 check(code != 0, format!("the guest made {what} on the host: {err}"))?;
             }
+            // Nothing saves virtiofsd's state: a snapshot (template, fork, suspend) is refused.
+            sb.vm().pause().await.map_err(|e| e.to_string())?;
+            let snap_dir = tempfile::tempdir()?;
+            let refused = sb.vm().snapshot(&snap_dir.path().join("s")).await;
+            let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+            check(why.contains("shared folders"), format!("snapshot: {why:?}"))?;
+            sb.vm().resume().await.map_err(|e| e.to_string())?;
             Ok::<_, Failed>(())
         }
         .await;

@@ -1175,6 +1175,35 @@ mod tests {
     }
 
     #[test]
+    fn shares_get_shared_memory_modern_mmio_and_a_device_each() {
+        let mut spec = spec("/r/x");
+        spec.shares = vec![crate::VmShare {
+            tag: "hutch-share-0".into(),
+            host_dir: "/srv/s".into(),
+            writable: false,
+        }];
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-object memory-backend-memfd,id=ram,size=512M,share=on",
+            "-global virtio-mmio.force-legacy=false",
+            "-chardev socket,id=fs0,path=/r/x/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=hutch-share-0",
+        ] {
+            assert!(args.contains(want), "{want:?} missing in {args}");
+        }
+        spec.shares.clear();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
+            .unwrap()
+            .join(" ");
+        assert!(
+            !args.contains("force-legacy") && !args.contains("memfd"),
+            "{args}"
+        );
+    }
+
+    #[test]
     fn nic_is_a_tap_netdev_with_the_inherited_fd() {
         let spec = spec("/r/x");
         let paths = RunPaths::new(&spec.run_dir).unwrap();
