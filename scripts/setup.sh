@@ -10,7 +10,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Host packages: the VMM, the image pipeline's tools, and the Debian archive key.
-packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs dpkg apt debian-archive-keyring ca-certificates xz-utils zstd nftables iproute2)
+# qemu-system-common carries virtiofsd (/usr/lib/qemu/virtiofsd), which serves shared folders.
+packages=(qemu-system-x86 qemu-system-common qemu-utils debootstrap e2fsprogs dpkg apt debian-archive-keyring ca-certificates xz-utils zstd nftables iproute2)
 # `hutch setup firecracker` downloads with curl; `hutch image kernel --from-source` compiles a
 # kernel (only with HUTCH_KERNEL_TOOLS=1: a compiler toolchain most hosts do not need).
 packages+=(curl tar)

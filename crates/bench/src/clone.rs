@@ -156,6 +156,7 @@ async fn vmm_restore(
     let image = &launcher.options.image;
     let id = hutch_core::new_id();
     let spec = VmSpec {
+        shares: Vec::new(),
         id: id.clone(),
         kernel: hutch_core::kernel_for(&*launcher.vmm, image),
         initrd: image.initrd.clone(),

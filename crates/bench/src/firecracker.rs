@@ -96,6 +96,7 @@ pub async fn firecracker(home: &Home, args: BenchFirecrackerArgs) -> Result<i32,
     let vmm = FirecrackerVmm::with_binary(&fc);
     let kernel = hutch_core::kernel_for(&vmm, &image);
     let spec = |name: &str| VmSpec {
+        shares: Vec::new(),
         id: name.to_string(),
         kernel: kernel.clone(),
         initrd: image.initrd.clone(),

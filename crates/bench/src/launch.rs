@@ -34,6 +34,7 @@ pub async fn prepare(home: &Home, vm: &VmArgs) -> Result<Launcher, BenchError> {
         detached: false,
         network: None,
         memory: hutch_vmm::GuestMemory::Anonymous,
+        shares: Vec::new(),
     };
     Ok(Launcher {
         vmm: backend.vmm,

@@ -156,6 +156,9 @@ pub struct CreateArgs {
     /// Attach a secret (repeatable): every command sees its placeholder, never its value.
     #[arg(long = "secret", value_name = "NAME")]
     pub secrets: Vec<String>,
+    /// Shared folders.
+    #[command(flatten)]
+    pub shares: ShareArgs,
     /// Print the sandbox as JSON.
     #[arg(long)]
     pub json: bool,
@@ -367,6 +370,9 @@ pub struct RunArgs {
     /// placeholder, never its value.
     #[arg(long = "secret", value_name = "NAME")]
     pub secrets: Vec<String>,
+    /// Shared folders.
+    #[command(flatten)]
+    pub shares: ShareArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -409,6 +415,24 @@ pub struct ImageBuildArgs {
     /// The guest agent binary (default: next to `hutch`, or $HUTCH_AGENT).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
+}
+
+/// `--share`: host directories mounted into the sandbox (QEMU only).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ShareArgs {
+    /// Share a host directory at GUEST_DIR (repeatable); read-only unless `:rw`. A relative
+    /// HOST_DIR is taken from the current directory. A read-write share has no quota yet.
+    #[arg(long = "share", value_name = "HOST_DIR:GUEST_DIR[:ro|:rw]", value_parser = parse_share)]
+    pub shares: Vec<hutch_types::ShareSpec>,
+}
+
+fn parse_share(s: &str) -> Result<hutch_types::ShareSpec, String> {
+    let (host, rest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST_DIR:GUEST_DIR[:ro|:rw]"))?;
+    let host = std::path::absolute(host).map_err(|e| format!("{host:?}: {e}"))?;
+    let host = host.to_str().ok_or("the host directory is not UTF-8")?;
+    hutch_types::ShareSpec::parse(&format!("{host}:{rest}")).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -52,6 +52,8 @@ pub async fn doctor(home: &Home) -> Result<i32, CliError> {
             agent_bin::find(None).map(|p| p.display().to_string()).map_err(|e| e.to_string()),
         ),
     ];
+    // Shares are optional too: only their own sandboxes need them.
+    checks.push(Check::new("shares", host.shares.clone()));
     let bin = home.bin();
     checks.push(Check::new(
         "firecracker",

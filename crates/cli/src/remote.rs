@@ -52,6 +52,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<i32, CliError> 
                 .transpose()?,
             template: args.template,
             secrets: args.secrets,
+            shares: args.shares.shares,
             ..SandboxSpec::default()
         },
         idempotency_key: args.idempotency_key,

@@ -65,6 +65,7 @@ async fn run_remote(client: &Client, args: RunArgs) -> Result<i32, CliError> {
 
 /// The create request (TTL as a safety net) and the exec for `hutch run`'s flags.
 fn remote_request(args: RunArgs) -> (CreateSandbox, ExecStart) {
+    let shares = args.shares.shares;
     let ttl = args.timeout.map_or(DEFAULT_TTL.as_secs(), |t| {
         t.saturating_add(args.vm.boot_timeout).saturating_add(60)
     });
@@ -76,6 +77,7 @@ fn remote_request(args: RunArgs) -> (CreateSandbox, ExecStart) {
             disk_mib: args.vm.disk,
             ttl_secs: Some(ttl.min(hutch_types::bounds::MAX_TTL_SECS)),
             secrets: args.secrets,
+            shares,
             ..SandboxSpec::default()
         },
         idempotency_key: None,

@@ -117,6 +117,7 @@ fn main() {
             detached: false,
             network: None,
             memory: hutch_vmm::GuestMemory::Anonymous,
+            shares: Vec::new(),
         };
         let shared = rt.block_on({
             let (vmm, options) = (vmm.clone(), options.clone());
@@ -245,6 +246,8 @@ fn trials(backends: &[&'static str]) -> Vec<Trial> {
         cli_64mib_stdout_intact_with_bounded_memory,
         cli_bad_input_gives_one_line_errors,
         cli_ctrl_c_removes_everything,
+        shares_read_only_writable_and_no_escape,
+        cli_run_with_a_share,
     ];
     let mut out = Vec::new();
     for (i, backend) in backends.iter().enumerate() {
@@ -733,4 +736,256 @@ fn cli_ctrl_c_removes_everything() -> Result {
     )?;
     let left = leaks(home.path());
     check(left.is_empty(), format!("left after SIGINT: {left:?}"))
+}
+
+// ---------------------------------------------------------------- shared folders
+
+/// Host files of a shares case: a read-only share holding `a.txt`, an empty writable one.
+struct ShareDirs {
+    _tmp: tempfile::TempDir,
+    ro: PathBuf,
+    rw: PathBuf,
+}
+
+fn share_dirs() -> std::result::Result<ShareDirs, Failed> {
+    let tmp = tempfile::tempdir()?;
+    let (ro, rw) = (tmp.path().join("ro"), tmp.path().join("rw"));
+    std::fs::create_dir(&ro)?;
+    std::fs::create_dir(&rw)?;
+    std::fs::write(ro.join("a.txt"), "from the host\n")?;
+    Ok(ShareDirs { _tmp: tmp, ro, rw })
+}
+
+fn boot_share(
+    tag: &str,
+    dir: &std::path::Path,
+    writable: bool,
+    guest: &str,
+) -> hutch_core::BootShare {
+    hutch_core::BootShare {
+        share: hutch_vmm::VmShare {
+            tag: tag.into(),
+            host_dir: dir.into(),
+            writable,
+        },
+        guest_dir: guest.into(),
+    }
+}
+
+/// The guest runs `script`; its exit code and stderr.
+async fn attempt(ch: &Channel, script: &str) -> std::result::Result<(i32, String), Failed> {
+    let (_, err, info) = output(ch, ExecRequest::shell(script)).await?;
+    Ok((
+        info.status.shell_code(),
+        String::from_utf8_lossy(&err).into_owned(),
+    ))
+}
+
+/// A read-only share cannot be written even after the guest remounts it read-write; a
+/// writable one takes writes; a guest-made symlink to `/etc` leads the guest to its own `/etc`,
+/// never the host's; device nodes, FIFOs and set-id modes are refused on the host; each
+/// share's virtiofsd dies with the VM. Firecracker refuses shares, naming task workspaces.
+fn shares_read_only_writable_and_no_escape() -> Result {
+    let s = suite();
+    let dirs = share_dirs()?;
+    let mut options = s.options.clone();
+    options.id = hutch_core::new_id();
+    options.shares = vec![
+        boot_share("hutch-share-0", &dirs.ro, false, "/mnt/ro"),
+        boot_share("hutch-share-1", &dirs.rw, true, "/mnt/rw"),
+    ];
+    if s.backend == "firecracker" {
+        let err = on_rt(async move {
+            match Sandbox::boot(&*s.vmm, &options).await {
+                Ok(sb) => {
+                    let _ = sb.destroy().await;
+                    Err("firecracker booted a VM with shares".to_string())
+                }
+                Err(e) => Ok(hutch_core::chain(&e)),
+            }
+        })?;
+        return check(
+            err.contains("virtio-fs") && err.contains("task workspace"),
+            format!("error {err:?}"),
+        );
+    }
+    let etc_before = std::fs::read("/etc/passwd")?;
+    let (ro, rw) = (dirs.ro.clone(), dirs.rw.clone());
+    let result = on_rt(async move {
+        let sb = Sandbox::boot(&*s.vmm, &options)
+            .await
+            .map_err(|e| hutch_core::chain(&e))?;
+        let helpers = sb.vm().helpers();
+        let ch = sb.channel().clone();
+        let run = async {
+            check(helpers.len() == 2, format!("helpers {helpers:?}"))?;
+            let read = stdout_of(&ch, "cat /mnt/ro/a.txt").await?;
+            check(read == "from the host", format!("read {read:?}"))?;
+            // The guest may remount its side read-write: the host's mount still refuses.
+            let (code, err) = attempt(
+                &ch,
+                "mount -o remount,rw /mnt/ro && echo x > /mnt/ro/new || exit 9",
+            )
+            .await?;
+            check(
+                code == 9 && err.contains("Read-only file system"),
+                format!("write to the ro share: {code} {err}"),
+            )?;
+            let (code, _) = attempt(&ch, "echo y > /mnt/ro/a.txt || rm /mnt/ro/a.txt").await?;
+            check(code != 0, "the ro share's file was changed or removed")?;
+            stdout_of(&ch, "echo data > /mnt/rw/f && mkdir /mnt/rw/d && echo in > /mnt/rw/d/g").await?;
+            // A symlink the guest makes is resolved by the guest, into its own tree.
+            let (code, err) = attempt(
+                &ch,
+                "ln -s /etc /mnt/rw/etc && ln -s /etc/passwd /mnt/rw/pw && \
+                 echo escaped > /mnt/rw/etc/hutch-share-escape && echo escaped >> /mnt/rw/pw && \
+                 test -e /etc/hutch-share-escape",
+            )
+            .await?;
+            check(code == 0, format!("symlink writes in the guest: {code} {err}"))?;
+            for (script, what) in [
+                ("mkfifo /mnt/rw/fifo", "a FIFO"),
+                ("mknod /mnt/rw/null c 1 3", "a character device"),
+                ("mknod /mnt/rw/disk b 8 0", "a block device"),
+                ("touch /mnt/rw/suid && chmod u+s /mnt/rw/suid", "a setuid file"),
+                ("chmod g+s /mnt/rw/f", "a setgid file"),
+                ("chmod 2755 /mnt/rw/d", "a setgid directory"),
+                ("python3 -c 'import os; os.open(\"/mnt/rw/s2\", os.O_CREAT|os.O_WRONLY, 0o4755)'", "a file created setuid"),
+            ] {
+                let (code, err) = attempt(&ch, script).await?;
+                check(code != 0, format!("the guest made {what} on the host: {err}"))?;
+            }
+            // Nothing saves virtiofsd's state: a snapshot (template, fork, suspend) is refused.
+            sb.vm().pause().await.map_err(|e| e.to_string())?;
+            let snap_dir = tempfile::tempdir()?;
+            let refused = sb.vm().snapshot(&snap_dir.path().join("s")).await;
+            let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+            check(why.contains("shared folders"), format!("snapshot: {why:?}"))?;
+            sb.vm().resume().await.map_err(|e| e.to_string())?;
+            Ok::<_, Failed>(())
+        }
+        .await;
+        let destroyed = sb.destroy().await.map_err(|e| hutch_core::chain(&e));
+        run?;
+        destroyed?;
+        for (pid, start) in helpers {
+            check(
+                !hutch_vmm::kill_recorded(pid, start).map_err(|e| e.to_string())?,
+                format!("virtiofsd {pid} outlived its VM"),
+            )?;
+        }
+        Ok::<_, Failed>(())
+    });
+    result?;
+    // The host's side of it all.
+    check(
+        std::fs::read("/etc/passwd")? == etc_before,
+        "the host's /etc/passwd changed",
+    )?;
+    check(
+        !std::path::Path::new("/etc/hutch-share-escape").exists(),
+        "a file appeared in the host's /etc",
+    )?;
+    check(
+        std::fs::read_to_string(ro.join("a.txt"))? == "from the host\n",
+        "ro file changed",
+    )?;
+    let ro_entries = std::fs::read_dir(&ro)?.count();
+    check(
+        ro_entries == 1,
+        format!("{ro_entries} entries in the ro share"),
+    )?;
+    check(
+        std::fs::read_to_string(rw.join("f"))? == "data\n",
+        "rw file missing",
+    )?;
+    check(
+        std::fs::read_to_string(rw.join("d/g"))? == "in\n",
+        "rw subdir file missing",
+    )?;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let link = std::fs::read_link(rw.join("etc"))?;
+    check(
+        link == std::path::Path::new("/etc"),
+        format!("link {link:?}"),
+    )?;
+    check(
+        !rw.join("pw").exists()
+            || std::fs::symlink_metadata(rw.join("pw"))?
+                .file_type()
+                .is_symlink(),
+        "pw became a file",
+    )?;
+    for name in ["fifo", "null", "disk", "s2"] {
+        let m = std::fs::symlink_metadata(rw.join(name));
+        check(
+            m.as_ref().map_or(true, |m| {
+                !(m.file_type().is_fifo()
+                    || m.file_type().is_char_device()
+                    || m.file_type().is_block_device())
+            }),
+            format!("{name} is a special file on the host"),
+        )?;
+        check(
+            m.as_ref()
+                .map_or(true, |m| m.permissions().mode() & 0o6000 == 0),
+            format!("{name} has a set-id bit on the host"),
+        )?;
+    }
+    for name in ["suid", "f", "d"] {
+        let mode = std::fs::symlink_metadata(rw.join(name))?
+            .permissions()
+            .mode();
+        check(
+            mode & 0o6000 == 0,
+            format!("{name} has mode {mode:o} on the host"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `hutch run --share` through the manager: a writable share's file reaches the host, a bad
+/// share is a one-line error, and on Firecracker `--share` names the alternative.
+fn cli_run_with_a_share() -> Result {
+    let dirs = share_dirs()?;
+    let share = format!("{}:/work:rw", dirs.rw.display());
+    let out = hutch()
+        .args([
+            "run",
+            "--share",
+            &share,
+            "--",
+            "sh",
+            "-c",
+            "echo made-in-guest > /work/out && cat /work/out",
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if suite().backend == "firecracker" {
+        return check(
+            out.status.code() != Some(0)
+                && stderr.contains("virtio-fs")
+                && stderr.contains("hutch task run --workspace"),
+            format!("status {:?}, stderr {stderr}", out.status),
+        );
+    }
+    check(
+        out.status.code() == Some(0),
+        format!("status {:?}, stderr {stderr}", out.status),
+    )?;
+    check(
+        std::fs::read_to_string(dirs.rw.join("out"))? == "made-in-guest\n",
+        "the guest's file is not on the host",
+    )?;
+    let missing = format!("{}/nope:/x", dirs.rw.display());
+    let out = hutch()
+        .args(["run", "--share", &missing, "--", "true"])
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(
+        out.status.code() != Some(0) && stderr.contains("nope") && !stderr.contains("panicked"),
+        format!("missing share dir: {:?} {stderr}", out.status),
+    )
 }

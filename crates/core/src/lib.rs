@@ -29,5 +29,5 @@ pub use clones::MAX_FORK;
 pub use host::{HostNetwork, ImageDir, ImageSource, Intercepted};
 pub use manager::{chain, now_ms, CoreError, Limits, Manager, ManagerConfig, ReconcileReport};
 pub use pool::MAX_POOL;
-pub use sandbox::{kernel_for, new_id, BootOptions, Sandbox, SandboxError};
+pub use sandbox::{kernel_for, new_id, BootOptions, BootShare, Sandbox, SandboxError};
 pub use template::{TemplateError, TemplateRecord, Templates};

@@ -18,7 +18,7 @@ use hutch_net::{FlowEvent, NetError, WireGuardConfig};
 use hutch_protocol::host::{Channel, ChannelError};
 use hutch_store::{AsyncStore, HostObject, ListFilter, ObjectKind, Store, StoreError};
 use hutch_types::{ErrorCode, NetworkPolicy, SandboxInfo, SandboxSpec, SandboxState, SpecError};
-use hutch_vmm::{GuestMemory, Snapshot, Vmm, VmmError};
+use hutch_vmm::{GuestMemory, Snapshot, VmShare, Vmm, VmmError};
 
 use crate::{
     blocking::{off_worker, remove_tree},
@@ -314,6 +314,7 @@ impl Manager {
             None => None,
         };
         spec.validate()?;
+        self.check_shares(&mut spec).await?;
         let plan = self.plan_network(&spec, snapshot.as_ref())?;
         if let Some(key) = idempotency_key {
             if let Some(existing) = self.store.by_idempotency_key(key).await? {
@@ -353,6 +354,41 @@ impl Manager {
         }
         self.metrics.created(path, started.elapsed());
         Ok((self.info(&id).await?, true))
+    }
+
+    /// Refuses shares the backend cannot serve, and makes each share's host directory
+    /// canonical (symlinks resolved once, by the admin's path; the guest never names it) and
+    /// checks that it is a directory.
+    async fn check_shares(&self, spec: &mut SandboxSpec) -> Result<(), CoreError> {
+        if spec.shares.is_empty() {
+            return Ok(());
+        }
+        if !self.vmm.supports_shares() {
+            let why = hutch_vmm::VmmError::NoShares {
+                backend: self.vmm.name(),
+            };
+            return Err(SpecError(why.to_string()).into());
+        }
+        let dirs: Vec<String> = spec.shares.iter().map(|s| s.host_dir.clone()).collect();
+        let canonical = off_worker(move || {
+            dirs.iter()
+                .map(|d| match std::fs::canonicalize(d) {
+                    Ok(c) if c.is_dir() => c
+                        .to_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("share {d}: its real path is not UTF-8")),
+                    Ok(_) => Err(format!("share {d} is not a directory")),
+                    Err(e) => Err(format!("share {d}: {e}")),
+                })
+                .collect::<Result<Vec<String>, String>>()
+        })
+        .await
+        .map_err(SpecError)?;
+        for (share, dir) in spec.shares.iter_mut().zip(canonical) {
+            share.host_dir = dir;
+        }
+        spec.validate()?;
+        Ok(())
     }
 
     /// Records that a sandbox's run dir (and network) are about to be created.
@@ -426,6 +462,7 @@ impl Manager {
             detached: self.cfg.detached,
             network,
             memory: GuestMemory::Anonymous,
+            shares: boot_shares(spec),
         };
         let vmm = self.vmm.as_ref();
         let started = match snapshot {
@@ -569,6 +606,20 @@ impl Manager {
         Ok(())
     }
 
+    /// The VM's processes: the VMM, then its helpers (a share's virtiofsd).
+    fn process_objects(id: &str, vm: &dyn hutch_vmm::Vm) -> Vec<HostObject> {
+        std::iter::once((vm.pid(), vm.start_time()))
+            .chain(vm.helpers())
+            .map(|(pid, start)| HostObject {
+                sandbox_id: id.to_string(),
+                kind: ObjectKind::VmProcess,
+                name: pid.to_string(),
+                detail: start.to_string(),
+                confirmed: true,
+            })
+            .collect()
+    }
+
     fn run_dir_object(&self, id: &str, confirmed: bool) -> HostObject {
         HostObject {
             sandbox_id: id.to_string(),
@@ -583,20 +634,14 @@ impl Manager {
     /// store fails, the VM is discarded (a detached VM's handle would leave it running,
     /// perhaps unrecorded) and the caller removes what is recorded.
     pub(crate) async fn record_running(&self, id: &str, sandbox: Sandbox) -> Result<(), CoreError> {
-        let vm = sandbox.vm();
-        let process = HostObject {
-            sandbox_id: id.to_string(),
-            kind: ObjectKind::VmProcess,
-            name: vm.pid().to_string(),
-            detail: vm.start_time().to_string(),
-            confirmed: true,
-        };
         let mut recorded = self
             .store
             .confirm_object(&self.run_dir_object(id, true))
             .await;
-        if recorded.is_ok() {
-            recorded = self.store.confirm_object(&process).await;
+        for process in Self::process_objects(id, sandbox.vm()) {
+            if recorded.is_ok() {
+                recorded = self.store.confirm_object(&process).await;
+            }
         }
         if let Err(e) = recorded {
             let _ = sandbox.discard().await;
@@ -1060,4 +1105,20 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+/// The shares of `spec` as its VM boots with them, tagged `hutch-share-<n>`.
+fn boot_shares(spec: &SandboxSpec) -> Vec<crate::BootShare> {
+    spec.shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| crate::BootShare {
+            share: VmShare {
+                tag: format!("hutch-share-{i}"),
+                host_dir: s.host_dir.clone().into(),
+                writable: s.writable,
+            },
+            guest_dir: s.guest_dir.clone(),
+        })
+        .collect()
 }

@@ -11,8 +11,10 @@ use hutch_protocol::{
     host::{Channel, ChannelError},
     GuestIdentity, NetworkConfig, Setup,
 };
-use hutch_vmm::{GuestMemory, Lifetime, Nic, Snapshot, Vm, VmSpec, Vmm, VmmError};
+use hutch_vmm::{GuestMemory, Lifetime, Nic, Snapshot, Vm, VmShare, VmSpec, Vmm, VmmError};
 use rand::RngCore;
+
+use crate::exec::OverCap;
 
 /// How long a clean shutdown through the agent may take before the VM is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -44,6 +46,14 @@ pub enum SandboxError {
     /// Connecting to the channel or the handshake failed.
     #[error("cannot talk to the guest agent")]
     Channel(#[source] ChannelError),
+    /// A shared folder could not be mounted in the guest.
+    #[error("cannot mount the share {guest_dir} in the guest: {detail}")]
+    Mount {
+        /// Where it was to be mounted.
+        guest_dir: String,
+        /// What went wrong (the guest's words are guest-controlled text, capped).
+        detail: String,
+    },
     /// The VMM failed to stop the VM cleanly.
     #[error("cannot destroy the VM")]
     Destroy(#[source] VmmError),
@@ -72,6 +82,17 @@ pub struct BootOptions {
     pub network: Option<(Nic, NetworkConfig)>,
     /// Where the guest's RAM lives (a template boots with it in a shared file).
     pub memory: GuestMemory,
+    /// Host directories shared into the guest, mounted once the agent answers.
+    pub shares: Vec<BootShare>,
+}
+
+/// A shared folder as a sandbox boots with it.
+#[derive(Debug, Clone)]
+pub struct BootShare {
+    /// The VM's side: tag, host directory, writable or not.
+    pub share: VmShare,
+    /// Where the guest mounts it.
+    pub guest_dir: String,
 }
 
 /// A fresh sandbox id: `sb-` and 10 random hex digits.
@@ -97,7 +118,12 @@ impl Sandbox {
             .start_with_nic(&vm_spec(vmm, opts), nic)
             .await
             .map_err(SandboxError::Start)?;
-        Sandbox::finish(vm, opts, started).await
+        let sandbox = Sandbox::finish(vm, opts, started).await?;
+        if let Err(e) = mount_shares(&sandbox.channel, &opts.shares).await {
+            let _ = sandbox.discard().await;
+            return Err(e);
+        }
+        Ok(sandbox)
     }
 
     /// Restores a VM from `snapshot` (a template or a fork) and makes it a sandbox of its own:
@@ -223,6 +249,7 @@ pub fn kernel_for(vmm: &dyn Vmm, image: &hutch_image::Image) -> PathBuf {
 /// The VM for a sandbox.
 fn vm_spec(vmm: &dyn Vmm, opts: &BootOptions) -> VmSpec {
     VmSpec {
+        shares: opts.shares.iter().map(|s| s.share.clone()).collect(),
         id: opts.id.clone(),
         kernel: kernel_for(vmm, &opts.image),
         initrd: opts.image.initrd.clone(),
@@ -239,6 +266,43 @@ fn vm_spec(vmm: &dyn Vmm, opts: &BootOptions) -> VmSpec {
         },
         memory: opts.memory.clone(),
     }
+}
+
+/// Mounts each share at its guest directory (`mount -t virtiofs`, read-only in the guest for
+/// a read-only share: the host's virtiofsd enforces it whatever the guest does).
+async fn mount_shares(channel: &Channel, shares: &[BootShare]) -> Result<(), SandboxError> {
+    for s in shares {
+        let opts = if s.share.writable { "rw" } else { "ro" };
+        let argv = [
+            "sh",
+            "-c",
+            r#"mkdir -p -- "$3" && mount -t virtiofs -o "$2" -- "$1" "$3""#,
+            "mount-share",
+            &s.share.tag,
+            opts,
+            &s.guest_dir,
+        ];
+        let req = hutch_protocol::ExecRequest {
+            timeout_ms: Some(30_000),
+            ..hutch_protocol::ExecRequest::new(argv.map(String::from).to_vec())
+        };
+        let failed = |detail: String| SandboxError::Mount {
+            guest_dir: s.guest_dir.clone(),
+            detail,
+        };
+        let out = crate::exec::run_capped(channel, req, None, 2048, OverCap::Drop, None)
+            .await
+            .map_err(|e| failed(crate::chain(&e.into_channel())))?;
+        if out.status != hutch_protocol::ExitStatus::Code(0) {
+            let said: String = String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(300)
+                .collect();
+            return Err(failed(format!("{:?}: {said}", out.status)));
+        }
+    }
+    Ok(())
 }
 
 /// Connects, handshakes and sends the boot facts, failing fast if the VM dies meanwhile.

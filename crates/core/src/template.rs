@@ -276,6 +276,7 @@ impl Templates {
                 } else {
                     GuestMemory::Anonymous
                 },
+                shares: Vec::new(),
             };
             let sandbox = Sandbox::boot(vmm, &opts).await?;
             let saved = provision_and_save(&sandbox, spec, &staging).await;

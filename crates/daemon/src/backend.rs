@@ -365,6 +365,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let vmm = firecracker_vmm(fc.clone(), Some(jailer), d.path().join("jail"));
         let spec = hutch_vmm::VmSpec {
+            shares: Vec::new(),
             id: "cli-jail".into(),
             kernel: image.vmlinux.clone().unwrap(),
             initrd: image.initrd.clone(),

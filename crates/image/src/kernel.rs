@@ -21,7 +21,8 @@ use crate::apt::PrivateApt;
 use crate::{elf, tools, ImageError};
 
 /// Modules the guest agent needs, by module name; built-ins are skipped. virtio-mmio, -blk,
-/// -rng and vsock serve both VMMs (Firecracker's channel is vsock; QEMU's is virtio-console).
+/// -rng and vsock serve both VMMs (Firecracker's channel is vsock; QEMU's is virtio-console);
+/// virtiofs (and fuse under it) mounts QEMU's shared folders.
 pub const REQUIRED_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
@@ -33,6 +34,8 @@ pub const REQUIRED_MODULES: &[&str] = &[
     "virtio_rng",
     "overlay",
     "ext4",
+    "fuse",
+    "virtiofs",
 ];
 
 /// What the kernel artifact records about itself.

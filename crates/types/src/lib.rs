@@ -14,6 +14,7 @@ mod civil;
 mod id;
 mod scope;
 mod secret;
+mod share;
 pub use civil::civil_from_days;
 pub use id::{
     check_host_id, valid_sandbox_id, InvalidSandboxId, SandboxId, MAX_HOST_ID_LEN,
@@ -25,6 +26,7 @@ pub use secret::{
     SecretBinding, SecretInfo, SecretLocation, SshKeyInfo, MAX_SECRET_NAME_LEN,
     NEVER_SUBSTITUTED_HEADERS, PLACEHOLDER_PREFIX,
 };
+pub use share::{ShareSpec, MAX_SHARES};
 
 /// Labels attached to a sandbox: `key=value` pairs used for filtering and token scoping.
 pub type Labels = BTreeMap<String, String>;
@@ -86,6 +88,10 @@ pub struct SandboxSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(ignore)]
     pub placeholders: BTreeMap<String, String>,
+    /// Host directories shared into the sandbox (QEMU only; admin callers only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 16)]
+    pub shares: Vec<ShareSpec>,
 }
 
 /// A restored sandbox's lineage.
@@ -236,6 +242,7 @@ impl Default for SandboxSpec {
             origin: None,
             secrets: Vec::new(),
             placeholders: BTreeMap::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -295,6 +302,12 @@ impl SandboxSpec {
         }
         check_map("labels", &self.labels, valid_label_key)?;
         check_map("env", &self.env, valid_env_name)?;
+        share::check_shares(&self.shares)?;
+        if self.template.is_some() && !self.shares.is_empty() {
+            return bad(
+                "shares cannot be combined with a template: a restored VM has no shares".into(),
+            );
+        }
         self.check_secrets()
     }
 

@@ -27,6 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("accel: {} ({})", report.accel, report.reason);
     let vm = QemuVmm::new(report.accel)?
         .start(&VmSpec {
+            shares: Vec::new(),
             id: format!("smoke-{}", std::process::id()),
             kernel,
             initrd,

@@ -13,6 +13,32 @@ pub enum VmmError {
     #[error("qemu-system-x86_64 not found: install it with apt-get install qemu-system-x86")]
     QemuNotFound,
 
+    /// virtiofsd (for shared folders) is not installed.
+    #[error("virtiofsd not found at /usr/lib/qemu/virtiofsd (or $HUTCH_VIRTIOFSD): shared folders need it; install it with apt-get install qemu-system-common")]
+    NoVirtiofsd,
+
+    /// The backend has no virtio-fs, so no shared folders.
+    #[error("shared folders need virtio-fs, which {backend} does not have: run the daemon with --backend qemu, or give the sandbox host files as a task workspace (hutch task run --workspace DIR)")]
+    NoShares {
+        /// The backend's name.
+        backend: &'static str,
+    },
+
+    /// A share's virtiofsd exited while starting.
+    #[error("virtiofsd for {dir} exited ({status}): {stderr}")]
+    VirtiofsdExited {
+        /// The shared directory.
+        dir: PathBuf,
+        /// Its exit status.
+        status: String,
+        /// Its stderr, condensed.
+        stderr: String,
+    },
+
+    /// Hutch's seccomp filter for virtiofsd could not be built.
+    #[error("cannot build the seccomp filter for virtiofsd")]
+    Seccomp(#[source] seccompiler::BackendError),
+
     /// `mkfs.ext4` is not installed.
     #[error("mkfs.ext4 not found: install it with apt-get install e2fsprogs")]
     MkfsNotFound,

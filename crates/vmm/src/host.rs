@@ -39,6 +39,9 @@ pub struct HostReport {
     pub host_kernel: String,
     /// The host TSC as a TCG guest will see it (see [`crate::timer`]).
     pub tsc: Option<HostTsc>,
+    /// Whether shared folders work here (virtiofsd, and QEMU's `vhost-user-fs-device`): what
+    /// was found, or what is missing.
+    pub shares: Result<String, String>,
 }
 
 /// Collects the [`HostReport`]. Blocking: runs `qemu-system-x86_64 --version` and measures the
@@ -50,7 +53,12 @@ pub fn host_report() -> HostReport {
             Ok(version) => Ok(QemuInfo { path, version }),
             Err(e) => Err(format!("{e}")),
         });
+    let shares = match &qemu {
+        Ok(q) => share_support(&q.path),
+        Err(_) => Err("no QEMU".into()),
+    };
     HostReport {
+        shares,
         qemu,
         kvm: kvm_status(),
         host_kernel: host_kernel_release(),
@@ -87,6 +95,29 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// The first line of `<qemu> --version`.
+/// Whether `qemu` and this host can serve shared folders: virtiofsd is installed and QEMU has
+/// the virtio-mmio `vhost-user-fs-device`.
+#[allow(clippy::disallowed_methods)] // Blocking by design: callers use the blocking pool.
+pub fn share_support(qemu: &Path) -> Result<String, String> {
+    let virtiofsd = crate::find_virtiofsd().ok_or_else(|| VmmError::NoVirtiofsd.to_string())?;
+    let out = std::process::Command::new(qemu)
+        .args(["-device", "help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {} -device help: {e}", qemu.display()))?;
+    let devices = String::from_utf8_lossy(&out.stdout);
+    if !devices.contains("\"vhost-user-fs-device\"") {
+        return Err(format!(
+            "{} has no vhost-user-fs-device (virtio-fs for microvm)",
+            qemu.display()
+        ));
+    }
+    Ok(format!(
+        "virtiofsd {} and QEMU's vhost-user-fs-device (QEMU backend only)",
+        virtiofsd.display()
+    ))
+}
+
 #[allow(clippy::disallowed_methods)] // Blocking by design: callers use the blocking pool.
 pub(crate) fn qemu_version(qemu: &Path) -> Result<String, VmmError> {
     let out = std::process::Command::new(qemu)

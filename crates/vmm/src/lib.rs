@@ -31,6 +31,7 @@ mod proc;
 mod qemu;
 mod qmp;
 mod scratch;
+mod share;
 mod snapshot;
 mod spawn;
 pub mod timer;
@@ -44,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::VmmError;
 pub use firecracker::{FirecrackerVm, FirecrackerVmm};
-pub use host::{find_qemu, host_report, HostReport, KvmStatus, QemuInfo};
+pub use host::{find_qemu, host_report, share_support, HostReport, KvmStatus, QemuInfo};
 pub use probe::{
     probe_accel, probe_accel_with, AccelOverride, AccelReport, ProbeKey, PROBE_MARKER,
     PROBE_TIMEOUT,
@@ -53,6 +54,7 @@ pub use proc::kill_recorded;
 pub use qemu::{
     format_mac, QemuVm, QemuVmm, CHANNEL_PORT_NAME, CONSOLE_LOG_LIMIT, NIC_NETDEV_ID, SCRATCH_LABEL,
 };
+pub use share::{find_virtiofsd, VmShare, VIRTIOFSD_PATH};
 pub use snapshot::copy_sparse;
 
 /// Everything needed to boot one VM.
@@ -87,6 +89,10 @@ pub struct VmSpec {
     pub lifetime: Lifetime,
     /// Where the guest's RAM lives.
     pub memory: GuestMemory,
+    /// Host directories shared into the guest (QEMU only: one virtiofsd each, and guest RAM
+    /// shared with them; such a VM cannot be snapshotted or restored). Backends without
+    /// virtio-fs refuse a spec with any.
+    pub shares: Vec<VmShare>,
 }
 
 /// Where a VM's guest RAM lives.
@@ -306,6 +312,11 @@ pub trait Vmm: Send + Sync {
         false
     }
 
+    /// Whether VMs can have shared folders ([`VmSpec::shares`]): QEMU's virtio-fs.
+    fn supports_shares(&self) -> bool {
+        false
+    }
+
     /// Whether the backend takes a NIC's TAP by name ([`Tap::Named`]: it enters the TAP's
     /// namespace and opens the TAP itself, so the caller must not hold it open) rather than as
     /// an open descriptor ([`Tap::Fd`]). Each backend refuses the other form.
@@ -384,6 +395,12 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// When the VMM process started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
     /// With [`Vm::pid`] it names the process exactly: record both to find or kill it later.
     fn start_time(&self) -> u64;
+
+    /// The VM's helper processes (a share's virtiofsd), each as (pid, start time): they die
+    /// with the VM; record them beside [`Vm::pid`] to find or kill them after a crash.
+    fn helpers(&self) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
 
     /// The accelerator the VM runs under.
     fn accel(&self) -> Accel;

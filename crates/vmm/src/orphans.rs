@@ -2,7 +2,9 @@
 //!
 //! A VMM belongs to Hutch if its command line names a run dir under `runs_dir` (the run dir's
 //! name is the sandbox id), or if a run dir's `identity.json` records it (pid and start time:
-//! a jailed VMM's command line names only paths inside its chroot). Its jail, if any, is
+//! a jailed VMM's command line names only paths inside its chroot). A share's virtiofsd is found
+//! the same two ways (`identity.json`'s `helpers`, its `--socket-path` under the run dir). Its
+//! jail, if any, is
 //! `<jails_dir>/<exec>/<id>`. Nothing outside `runs_dir` and `jails_dir` is ever touched.
 
 use std::path::{Path, PathBuf};
@@ -32,12 +34,20 @@ pub fn kill_unowned_vmms(runs_dir: &Path, owned: &[String]) -> usize {
     by_record + kill_named(runs_dir, owned)
 }
 
-/// Kills the process a run dir's `identity.json` records, if it still runs; whether it did.
+/// Kills the processes a run dir's `identity.json` records (the VMM, then its helpers), if
+/// they still run; whether it killed the VMM.
 fn kill_recorded_in(run_dir: &Path) -> bool {
     #[derive(serde::Deserialize)]
-    struct Recorded {
+    struct Process {
         pid: u32,
         start_time: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Recorded {
+        #[serde(flatten)]
+        vmm: Process,
+        #[serde(default)]
+        helpers: Vec<Process>,
     }
     let Some(r) = std::fs::read(run_dir.join("identity.json"))
         .ok()
@@ -45,15 +55,24 @@ fn kill_recorded_in(run_dir: &Path) -> bool {
     else {
         return false;
     };
-    match crate::kill_recorded(r.pid, r.start_time) {
+    let killed = kill_one(r.vmm.pid, r.vmm.start_time, run_dir);
+    for h in r.helpers {
+        kill_one(h.pid, h.start_time, run_dir);
+    }
+    killed
+}
+
+/// Kills one recorded process of `run_dir` if it is still the one recorded; whether it did.
+fn kill_one(pid: u32, start_time: u64, run_dir: &Path) -> bool {
+    match crate::kill_recorded(pid, start_time) {
         Ok(killed) => {
             if killed {
-                tracing::warn!(pid = r.pid, dir = %run_dir.display(), "killed a VMM no sandbox owns");
+                tracing::warn!(pid, dir = %run_dir.display(), "killed a VMM process no sandbox owns");
             }
             killed
         }
         Err(e) => {
-            tracing::warn!(pid = r.pid, error = %e, "could not kill a VMM no sandbox owns");
+            tracing::warn!(pid, error = %e, "could not kill a VMM process no sandbox owns");
             false
         }
     }
@@ -88,9 +107,9 @@ fn kill_named(runs_dir: &Path, owned: &[String]) -> usize {
 /// The sandbox a VMM command line `args` names under `prefix`, if it is a VMM's and that
 /// sandbox is not in `owned`.
 fn unowned_sandbox(args: &[String], prefix: &str, owned: &[String]) -> Option<String> {
-    let vmm = args
-        .first()
-        .is_some_and(|a| a.contains("qemu-system") || a.contains("firecracker"));
+    let vmm = args.first().is_some_and(|a| {
+        a.contains("qemu-system") || a.contains("firecracker") || a.contains("virtiofsd")
+    });
     let id = args.iter().find_map(|a| sandbox_of(a, prefix))?;
     (vmm && !owned.contains(&id)).then_some(id)
 }

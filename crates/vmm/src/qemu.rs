@@ -277,6 +277,24 @@ pub(crate) fn qemu_args(
         ]);
     }
     push(&["-device", "virtio-rng-device"]);
+    if !spec.shares.is_empty() {
+        // libvhost-user (virtiofsd) serves only virtio 1.0 devices; QEMU's virtio-mmio is
+        // legacy (0.9) unless told otherwise. Only VMs with shares change: snapshots of the
+        // others keep their devices' shape.
+        push(&["-global", "virtio-mmio.force-legacy=false"]);
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        let id = format!("fs{i}");
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id={id},path={}",
+                opt_path(&crate::share::socket(&paths.dir, i))?
+            ),
+            "-device",
+            &format!("vhost-user-fs-device,chardev={id},tag={}", share.tag),
+        ]);
+    }
     if let Some((fd, mac)) = nic {
         push(&[
             "-netdev",
@@ -337,6 +355,10 @@ fn memory_object(spec: &VmSpec, restore: Option<&Snapshot>) -> Result<String, Vm
             SnapshotMemory::InState => None,
         },
         (None, GuestMemory::SharedFile(path)) => Some((path, "on")),
+        // virtiofsd maps guest RAM to serve the guest's buffers: it must be shared memory.
+        (None, GuestMemory::Anonymous) if !spec.shares.is_empty() => {
+            return Ok(format!("memory-backend-memfd,id=ram,{size},share=on"))
+        }
         (None, GuestMemory::Anonymous) => None,
     };
     Ok(match file {
@@ -392,6 +414,12 @@ impl QemuVmm {
         check_readable("kernel", &spec.kernel)?;
         check_readable("initrd", &spec.initrd)?;
         check_readable("rootfs", &spec.rootfs)?;
+        crate::share::check(&spec.shares)?;
+        if restore.is_some() && !spec.shares.is_empty() {
+            return Err(VmmError::InvalidSpec(
+                "a VM restored from a snapshot cannot have shared folders".into(),
+            ));
+        }
         let paths = RunPaths::new(&spec.run_dir)?;
         let tsc = if self.accel == Accel::Tcg && self.timer_args {
             tokio::task::spawn_blocking(host_tsc).await.ok().flatten()
@@ -432,15 +460,23 @@ impl QemuVmm {
             }
             None => {}
         }
+        // Each share's virtiofsd listens before QEMU connects to it.
+        let mut shares = crate::share::start_all(&spec.shares, &paths.dir, spec.lifetime).await?;
 
         tracing::debug!(id = %spec.id, qemu = %self.qemu.display(), ?args, "starting qemu");
         let started = Instant::now();
-        let mut child = spawn(
+        let mut child = match spawn(
             &self.qemu,
             &args,
             spec.lifetime,
             tap.as_ref().map(|t| t.as_fd()),
-        )?;
+        ) {
+            Ok(child) => child,
+            Err(e) => {
+                crate::share::kill_all(&mut shares).await;
+                return Err(e);
+            }
+        };
         drop(tap);
         let pid = child.id().unwrap_or(0);
         // The child is not reaped yet, so this pid is exactly it. 0 if it is gone already: then
@@ -463,9 +499,11 @@ impl QemuVmm {
             pid,
             start_time,
             shape: Some(shape.clone()),
+            helpers: shares.iter().map(|s| s.helper.clone()).collect(),
         };
         if let Err(e) = write_identity(&paths.identity, &identity) {
             kill_and_reap(&mut child).await;
+            crate::share::kill_all(&mut shares).await;
             return Err(e);
         }
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -491,6 +529,7 @@ impl QemuVmm {
                     if let Some(t) = console_task {
                         t.abort();
                     }
+                    crate::share::kill_all(&mut shares).await;
                     return Err(VmmError::QemuExited {
                         status: status.to_string(),
                         stderr: stderr.one_line(),
@@ -531,6 +570,7 @@ impl QemuVmm {
         tasks.extend(console_task);
         if let Err(e) = ready {
             kill_and_reap(&mut child).await;
+            crate::share::kill_all(&mut shares).await;
             tasks.iter().for_each(JoinHandle::abort);
             return Err(e);
         }
@@ -548,6 +588,7 @@ impl QemuVmm {
             accel: self.accel,
             paths,
             shape: Some(shape),
+            shares,
         }))
     }
 }
@@ -559,6 +600,10 @@ impl Vmm for QemuVmm {
     }
 
     fn shares_memory_files(&self) -> bool {
+        true
+    }
+
+    fn supports_shares(&self) -> bool {
         true
     }
 
@@ -614,14 +659,16 @@ impl Vmm for QemuVmm {
                 path: paths.console_sock.clone(),
                 source,
             })?;
+        let shares = crate::share::adopt(&identity.helpers, &paths.dir).map_err(gone)?;
         let copier = spawn_copier(console, &paths.console, CONSOLE_LOG_LIMIT, true)?;
-        tracing::info!(id, pid, %accel, "adopted qemu");
+        tracing::info!(id, pid, %accel, shares = shares.len(), "adopted qemu");
         let core = VmCore::adopted(id, &paths.dir, identity.start_time, found, vec![copier]);
         Ok(Box::new(QemuVm {
             core,
             accel,
             paths,
             shape: identity.shape,
+            shares,
         }))
     }
 }
@@ -714,6 +761,9 @@ struct Identity {
     /// Absent in records written before snapshots existed.
     #[serde(default)]
     shape: Option<Shape>,
+    /// The VM's virtiofsd processes, one per share (absent before shares existed).
+    #[serde(default)]
+    helpers: Vec<crate::share::Helper>,
 }
 
 /// What a snapshot of the VM must record about it, kept so an adopted VM can be snapshotted.
@@ -736,6 +786,8 @@ pub struct QemuVm {
     paths: RunPaths,
     /// `None` for a VM adopted from a record older than snapshots (it cannot be snapshotted).
     shape: Option<Shape>,
+    /// The shares' virtiofsd processes (killed after QEMU).
+    shares: Vec<crate::share::ShareProc>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -896,6 +948,13 @@ impl Vm for QemuVm {
         self.accel
     }
 
+    fn helpers(&self) -> Vec<(u32, u64)> {
+        self.shares
+            .iter()
+            .map(|s| (s.helper.pid, s.helper.start_time))
+            .collect()
+    }
+
     async fn connect_channel(&self) -> Result<tokio::net::UnixStream, VmmError> {
         self.core.check_running()?;
         tokio::net::UnixStream::connect(&self.paths.channel)
@@ -923,6 +982,13 @@ impl Vm for QemuVm {
     }
 
     async fn snapshot(&self, dir: &Path) -> Result<Snapshot, VmmError> {
+        if !self.shares.is_empty() {
+            return Err(self.snapshot_error(
+                "it has shared folders: virtiofsd's state (the guest's open files) cannot be \
+                 saved, so a sandbox with shares cannot be templated, forked or suspended"
+                    .into(),
+            ));
+        }
         let shape = self.shape.clone().ok_or_else(|| {
             self.snapshot_error(
                 "the VM was started by an older Hutch that did not record its shape".into(),
@@ -950,6 +1016,7 @@ impl Vm for QemuVm {
             }
         };
         self.core.end(quit, QUIT_TIMEOUT).await?;
+        crate::share::kill_all(&mut self.shares).await;
         remove_run_dir(&self.paths.dir)
     }
 }
@@ -959,6 +1026,7 @@ impl Drop for QemuVm {
     /// Detached: releases the handle only (stops copying the console); the VM keeps running.
     fn drop(&mut self) {
         if self.core.release() {
+            crate::share::kill_all_blocking(&mut self.shares);
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         }
     }
@@ -970,6 +1038,7 @@ mod tests {
 
     fn spec(run_dir: &str) -> VmSpec {
         VmSpec {
+            shares: Vec::new(),
             id: "sbx-1".into(),
             kernel: "/k/vmlinuz".into(),
             initrd: "/k/initrd.img".into(),
@@ -987,6 +1056,7 @@ mod tests {
     /// A minimal spec whose kernel, initrd and rootfs are all the readable file `f`.
     fn file_spec(f: &Path, run_dir: &Path) -> VmSpec {
         VmSpec {
+            shares: Vec::new(),
             id: "t".into(),
             kernel: f.into(),
             initrd: f.into(),
@@ -1102,6 +1172,35 @@ mod tests {
         let child = args(&spec, Some(&snap));
         assert!(child.contains("memory-backend-ram,id=ram"), "{child}");
         assert!(!child.contains("id=scratch"), "{child}");
+    }
+
+    #[test]
+    fn shares_get_shared_memory_modern_mmio_and_a_device_each() {
+        let mut spec = spec("/r/x");
+        spec.shares = vec![crate::VmShare {
+            tag: "hutch-share-0".into(),
+            host_dir: "/srv/s".into(),
+            writable: false,
+        }];
+        let paths = RunPaths::new(&spec.run_dir).unwrap();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-object memory-backend-memfd,id=ram,size=512M,share=on",
+            "-global virtio-mmio.force-legacy=false",
+            "-chardev socket,id=fs0,path=/r/x/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=hutch-share-0",
+        ] {
+            assert!(args.contains(want), "{want:?} missing in {args}");
+        }
+        spec.shares.clear();
+        let args = qemu_args(&spec, &paths, Accel::Tcg, "console=ttyS0", None, None)
+            .unwrap()
+            .join(" ");
+        assert!(
+            !args.contains("force-legacy") && !args.contains("memfd"),
+            "{args}"
+        );
     }
 
     #[test]
@@ -1279,6 +1378,7 @@ mod tests {
                 pid,
                 start_time,
                 shape: None,
+                helpers: Vec::new(),
             };
             std::fs::write(
                 run_dir.join("identity.json"),

@@ -233,6 +233,7 @@ mod tests {
 
     fn spec_in(images: &Path) -> VmSpec {
         VmSpec {
+            shares: Vec::new(),
             id: "t".into(),
             kernel: images.join("kernel-1/vmlinuz"),
             initrd: images.join("initramfs-1/initrd"),

@@ -22,6 +22,7 @@ const HELPER_ENV: &str = "HUTCH_VMM_TEST_SPAWNER";
 
 fn spec(kernel: &Path, initrd: &Path, rootfs: &Path, id: String, run_dir: PathBuf) -> VmSpec {
     VmSpec {
+        shares: Vec::new(),
         id,
         kernel: kernel.into(),
         initrd: initrd.into(),

@@ -41,6 +41,7 @@ fn firecracker_or_skip(test: &str) -> Option<PathBuf> {
 
 fn spec(kernel: &Path, initrd: &Path, rootfs: &Path, run_dir: &Path) -> VmSpec {
     VmSpec {
+        shares: Vec::new(),
         id: "fc-test".into(),
         kernel: kernel.into(),
         initrd: initrd.into(),

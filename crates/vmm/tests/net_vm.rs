@@ -248,6 +248,7 @@ async fn vm_on_a_sandbox_network(test: &str, tag: &str, lifetime: Lifetime) {
         .unwrap();
     let run_dir = dir.path().join(&id);
     let spec = VmSpec {
+        shares: Vec::new(),
         id: id.clone(),
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),

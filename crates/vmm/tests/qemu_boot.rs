@@ -17,6 +17,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(90);
 
 fn spec(fx: &common::Fixture, id: &str) -> VmSpec {
     VmSpec {
+        shares: Vec::new(),
         id: format!("{id}-{}", std::process::id()),
         kernel: fx.kernel.clone(),
         initrd: fx.initrd.clone(),

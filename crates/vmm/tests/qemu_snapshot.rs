@@ -31,6 +31,7 @@ fn image() -> Result<hutch_image::Image, String> {
 
 fn spec(image: &hutch_image::Image, id: &str, run_dir: PathBuf, memory: GuestMemory) -> VmSpec {
     VmSpec {
+        shares: Vec::new(),
         id: id.into(),
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),

@@ -149,7 +149,7 @@ pub fn hutch_netns() -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// Live QEMU and Firecracker processes: (pid, command line). Zombies have an empty command
+/// Live QEMU, Firecracker and virtiofsd processes: (pid, command line). Zombies have an empty command
 /// line and are not listed.
 pub fn vmm_processes() -> Vec<(u32, String)> {
     let mut out = Vec::new();
@@ -162,7 +162,10 @@ pub fn vmm_processes() -> Vec<(u32, String)> {
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         let program = cmdline.split(' ').next().unwrap_or("");
-        if cmdline.starts_with("qemu-system") || program.ends_with("/firecracker") {
+        if cmdline.starts_with("qemu-system")
+            || program.ends_with("/firecracker")
+            || program.ends_with("/virtiofsd")
+        {
             out.push((pid, cmdline));
         }
     }

@@ -62,6 +62,7 @@ fn prerequisites() -> Result<(PathBuf, PathBuf, PathBuf, PathBuf), String> {
 
 fn spec(id: &str, image: &(PathBuf, PathBuf, PathBuf, PathBuf), dir: &Path) -> VmSpec {
     VmSpec {
+        shares: Vec::new(),
         id: id.into(),
         kernel: image.0.clone(),
         initrd: image.1.clone(),

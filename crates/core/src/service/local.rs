@@ -287,6 +287,9 @@ impl SandboxApi for LocalApi {
         } = req;
         caller.label(&mut spec)?;
         self.check_secret_scope(caller, &spec.secrets)?;
+        if !spec.shares.is_empty() {
+            caller.require_admin("shared folders expose host directories: admin tokens only")?;
+        }
         let (manager, journals) = (self.manager.clone(), self.journals.clone());
         let actor = caller.actor.clone();
         let (info, created) = completed(async move {

@@ -244,6 +244,11 @@ impl FirecrackerVmm {
         opts: &LaunchOptions,
     ) -> Result<FirecrackerVm, VmmError> {
         validate_id(&spec.id)?;
+        if !spec.shares.is_empty() {
+            return Err(VmmError::NoShares {
+                backend: "firecracker",
+            });
+        }
         if !(1..=32).contains(&spec.cpus) {
             return Err(VmmError::InvalidSpec("cpus must be 1 to 32".into()));
         }

@@ -452,6 +452,7 @@ mod tests {
 
     fn spec_for(dir: &Path) -> VmSpec {
         VmSpec {
+            shares: Vec::new(),
             id: "fc-clone".into(),
             kernel: dir.join("k"),
             initrd: dir.join("i"),
@@ -595,6 +596,7 @@ mod tests {
         let vmm = FirecrackerVmm::with_binary("/nonexistent/firecracker");
         let run = d.path().join("vm");
         let spec = VmSpec {
+            shares: Vec::new(),
             id: "fc-restore".into(),
             kernel: d.path().join("k"),
             initrd: d.path().join("i"),
