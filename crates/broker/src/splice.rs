@@ -4,12 +4,15 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per splice call (a pipe's default capacity).
+/// A pipe's default capacity: the most one splice moves if a bigger pipe is refused.
 const CHUNK: usize = 64 * 1024;
+/// The pipe capacity asked for: 1 MiB (the default `fs.pipe-max-size`), so that one wakeup
+/// moves all the socket holds instead of 64 KiB at a time.
+const PIPE_SIZE: usize = 1 << 20;
 
 /// Copies both ways until both directions reached end of stream; each end of stream is passed
 /// on as a half-close.
@@ -21,11 +24,13 @@ pub(crate) async fn both_ways(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
     let (pipe_r, pipe_w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let size = fcntl(pipe_w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+        .map_or(CHUNK, |n| n as usize);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let n = from
             .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags)
+                splice(from.as_fd(), None, pipe_w.as_fd(), None, size, flags)
                     .map_err(io::Error::from)
             })
             .await?;

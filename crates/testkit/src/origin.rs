@@ -339,6 +339,9 @@ pub fn serve_origins_with_git(
         while let Ok((tcp, _)) = listener.accept().await {
             let (tls, seen, git) = (tls.clone(), seen.clone(), git.clone());
             let local = tcp.local_addr().unwrap().ip();
+            // As real servers do (nginx, Go, Node): without it, a response written after the
+            // TLS session tickets waits for the client's delayed ACK (40 ms).
+            let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |r| {
                     origin(r, local, seen.clone(), git.clone())

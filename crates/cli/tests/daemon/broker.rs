@@ -867,7 +867,6 @@ async fn clone_case(c: &Client, home: &std::path::Path, seen: SeenLog) -> Result
         format!("{handed} is not the pooled {pooled:?}"),
     )?;
     check_clone(handed).await?;
-    drop(check_clone);
     for (i, a) in clones.iter().enumerate() {
         for b in &clones[i + 1..] {
             check(
