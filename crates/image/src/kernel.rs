@@ -383,6 +383,8 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/
 kernel/net/vmw_vsock/vsock.ko:
 kernel/drivers/char/hw_random/virtio-rng.ko.zst: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/fs/overlayfs/overlay.ko:
+kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/fs/fuse/fuse.ko:
 kernel/fs/unrelated.ko:
 ";
     const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\nkernel/fs/mbcache.ko\n";
@@ -407,6 +409,8 @@ kernel/fs/unrelated.ko:
                 "vmw_vsock_virtio_transport",
                 "virtio_rng",
                 "overlay",
+                "fuse",
+                "virtiofs",
             ]
         );
         // Every module comes after all of its dependencies.

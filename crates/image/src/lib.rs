@@ -211,11 +211,15 @@ fn resolve(spec: &BuildSpec) -> Result<Resolved, ImageError> {
     })
 }
 
+/// What a kernel artifact is built from. The module list is one of them: the artifact holds
+/// the modules it names, so a Hutch that needs another module (say `virtiofs` for shares) gets
+/// a new artifact instead of a cached one without it.
 fn kernel_inputs(r: &Resolved) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("suite".into(), r.suite.clone()),
         ("mirror".into(), r.mirror.clone()),
         ("kernel_package".into(), r.kernel_package.clone()),
+        ("modules".into(), kernel::REQUIRED_MODULES.join(" ")),
     ])
 }
 
