@@ -22,22 +22,27 @@ packages+=(protobuf-compiler)
 if [ "${HUTCH_KERNEL_TOOLS:-0}" = 1 ]; then
     packages+=(make gcc flex bison bc libelf-dev)
 fi
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+# The packages of the list that are not installed.
+not_installed() {
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+    done
+}
+mapfile -t missing < <(not_installed)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup.sh: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# A host with a newer qemu-utils from backports (and no QEMU yet) loses it when apt installs
-# Debian's qemu-system-x86 beside it: their common files conflict, and apt resolves that by
-# removing qemu-utils. Clones and pools need qemu-img, so put back the one that matches.
-if ! command -v qemu-img >/dev/null; then
-    echo "setup.sh: qemu-img went missing; installing Debian's qemu-utils"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+    # apt may remove a listed package to resolve a conflict with one it installs: a host with
+    # a newer qemu-utils from backports and no QEMU loses qemu-utils (and so qemu-img, which
+    # clones and pools need) when Debian's qemu-system-x86 comes in. Put back what went, in
+    # the versions that match what is now installed.
+    mapfile -t removed < <(not_installed)
+    if [ ${#removed[@]} -gt 0 ]; then
+        echo "setup.sh: apt removed ${removed[*]}; installing them again"
+        apt-get install -y -qq --no-install-recommends "${removed[@]}" >/dev/null
+    fi
 fi
 
 if ! command -v cargo >/dev/null; then
