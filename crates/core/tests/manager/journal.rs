@@ -330,7 +330,8 @@ async fn measure_exec_round_trip_with_and_without_the_journal() {
 const STORE_SECRET: &str = "store-secret-value-789";
 const ROTATED_SECRET: &str = "rotated-secret-value-012";
 
-fn set_secret(value: &str) -> hutch_core::secrets::SetSecret {
+/// The secret `api-key` with `value`, bound as a bearer token to `api.example.test`.
+pub(crate) fn set_secret(value: &str) -> hutch_core::secrets::SetSecret {
     hutch_core::secrets::SetSecret {
         name: "api-key".into(),
         value: hutch_core::secrets::SecretValue::new(value.as_bytes().to_vec()),

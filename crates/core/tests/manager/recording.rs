@@ -219,22 +219,9 @@ async fn secret_values_are_redacted_from_recordings_even_split_across_writes() {
     let w = World::new().await;
     let api = surface(&w, 1 << 20);
     let admin = Caller::admin();
-    let secret = hutch_core::secrets::SetSecret {
-        name: "api-key".into(),
-        value: hutch_core::secrets::SecretValue::new(STORE_SECRET.as_bytes().to_vec()),
-        env: None,
-        bindings: Some(vec![hutch_types::SecretBinding {
-            host: "api.example.test".into(),
-            port: 443,
-            path: None,
-            methods: vec![],
-            at: hutch_types::SecretLocation::Bearer,
-            fetch_only: false,
-        }]),
-        labels: Default::default(),
-        ssh_allowed_host_keys: None,
-    };
-    api.set_secret(&admin, secret).await.unwrap();
+    api.set_secret(&admin, crate::journal::set_secret(STORE_SECRET))
+        .await
+        .unwrap();
     let mut spec = spec(NetworkPolicy::None);
     spec.env.insert("SPEC_VAR".into(), SPEC_SECRET.into());
     let req = Create {
