@@ -92,6 +92,25 @@ fn reconciler(fleet: &Fleet, cache: &Arc<FleetCache>, id: &str, grace: Duration)
     Reconciler::start(fleet.clone(), cache.clone(), id.into(), TTL, grace)
 }
 
+/// A fence for `host` at the incarnations `incarnation` gives, over a [`FakeOwner`] the
+/// caller can look into.
+fn fence(
+    fleet: &Fleet,
+    cache: &Arc<FleetCache>,
+    host: &str,
+    incarnation: watch::Receiver<u64>,
+) -> (Fence, Arc<FakeOwner>) {
+    let owner = Arc::new(FakeOwner::default());
+    let fence = Fence::start(
+        fleet.clone(),
+        cache.clone(),
+        host.into(),
+        incarnation,
+        owner.clone(),
+    );
+    (fence, owner)
+}
+
 fn state_of(cache: &FleetCache, sandbox: &str) -> Option<PlacementState> {
     cache.placement(sandbox).map(|p| p.state)
 }
@@ -184,14 +203,7 @@ async fn a_vanished_host_goes_unreachable_then_lost_and_stops_the_vm_when_it_ret
     // h1 comes back (a new incarnation): its fence stops the lost VM and frees the slot.
     let (back, _c1) = join(&fleet, "h1").await;
     assert_eq!(back.incarnation(), 2);
-    let owner = Arc::new(FakeOwner::default());
-    let _fence = Fence::start(
-        fleet.clone(),
-        cache.clone(),
-        "h1".into(),
-        back.incarnations(),
-        owner.clone(),
-    );
+    let (_fence, owner) = fence(&fleet, &cache, "h1", back.incarnations());
     assert!(
         cache
             .wait_for(SOON, |s| !s.placements.contains_key("sb-1")
@@ -202,9 +214,8 @@ async fn a_vanished_host_goes_unreachable_then_lost_and_stops_the_vm_when_it_ret
     );
     assert_eq!(*owner.stopped.lock().unwrap(), ["sb-1"]);
     // h2's own fence has nothing to stop.
-    let other = Arc::new(FakeOwner::default());
     let (_tx, rx) = watch::channel(5);
-    let _fence2 = Fence::start(fleet.clone(), cache.clone(), "h2".into(), rx, other.clone());
+    let (_fence2, other) = fence(&fleet, &cache, "h2", rx);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(other.stopped.lock().unwrap().is_empty());
 }
@@ -224,14 +235,7 @@ async fn a_host_back_within_the_grace_period_gets_its_sandboxes_back_as_running(
     );
 
     let (back, _c1) = join(&fleet, "h1").await;
-    let owner = Arc::new(FakeOwner::default());
-    let _fence = Fence::start(
-        fleet.clone(),
-        cache.clone(),
-        "h1".into(),
-        back.incarnations(),
-        owner.clone(),
-    );
+    let (_fence, owner) = fence(&fleet, &cache, "h1", back.incarnations());
     assert!(
         cache
             .wait_for(SOON, |s| s.placements["sb-1"].state
